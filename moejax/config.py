@@ -1,0 +1,303 @@
+"""Frozen, validated configuration dataclasses.
+
+Configs enter the program as ml_collections ConfigDicts (experiments/*.py) and are turned into
+the frozen dataclasses here at the boundary; model code only ever sees these dataclasses.
+Every error is one line that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Mapping
+
+ATTENTION_TYPES = ("mla", "gqa")
+SCORE_FUNCS = ("softmax", "sigmoid")
+MOE_IMPLS = ("dense", "capacity", "dropless")
+ROPE_TYPES = ("default", "yarn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be honoured. The message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DeepSeek-style MoE transformer (also Mixtral and Qwen3-MoE).
+
+    Field names follow Hugging Face's DeepseekV3Config where one exists.
+    """
+
+    # Shape of the trunk.
+    vocab_size: int = 4096
+    hidden_size: int = 256  # D
+    num_layers: int = 4  # L
+    num_heads: int = 4  # N
+    intermediate_size: int = 512  # F of dense (non-MoE) FFN layers
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    # Attention.
+    attention_type: str = "mla"  # 'mla' (DeepSeek) or 'gqa' (Mixtral, Qwen3)
+    # MLA.
+    q_lora_rank: int = 96  # 0 means a plain query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # GQA.
+    num_kv_heads: int = 0  # 0 means num_heads (plain MHA)
+    head_dim: int = 0  # 0 means hidden_size // num_heads
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    attention_bias: bool = False
+
+    # Rotary embeddings.
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True  # pairs (x0,x1),(x2,x3) as DeepSeek; False = half-split (Llama)
+    rope_type: str = "default"  # 'default' or 'yarn'
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int = 4096
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
+
+    # Mixture of experts.
+    n_routed_experts: int = 8  # E; 0 makes every layer dense
+    num_experts_per_tok: int = 2  # K
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 128  # F of each routed expert
+    first_k_dense_replace: int = 1  # the first k layers use a dense FFN
+    decoder_sparse_step: int = 1  # Qwen: layer i is MoE when (i + 1) % step == 0
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen: explicit dense layers
+    score_func: str = "sigmoid"  # 'softmax' (V2, Mixtral, Qwen) or 'sigmoid' (V3)
+    n_group: int = 1  # G for group-limited routing; 1 disables it
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    use_score_correction_bias: bool = True  # aux-loss-free balancing bias (V3)
+    router_jitter: float = 0.0  # Switch-style multiplicative noise on router inputs (train only)
+    aux_loss_coef: float = 0.0  # Switch-style load-balancing loss
+    seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-wise balance loss (alpha)
+    router_z_loss_coef: float = 0.0
+    bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update
+    moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
+    capacity_factor: float = 1.25
+
+    # Multi-token prediction.
+    mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
+    mtp_loss_weight: float = 0.3  # lambda
+
+    # Numerics and memory.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | Any) -> "ModelConfig":
+        """Builds a validated config from a dict or ConfigDict; unknown keys are an error."""
+        if hasattr(d, "to_dict"):
+            d = d.to_dict()
+        return cls(**coerce_fields(cls, dict(d), "model"))
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
+        return out
+
+    def __post_init__(self):
+        self._validate()
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.gqa_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(head dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek)."""
+        dim = self.qk_head_dim if self.attention_type == "mla" else self.gqa_head_dim
+        scale = dim**-0.5
+        if self.rope_type == "yarn" and self.rope_mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """'dense' or 'moe' for each of the num_layers layers."""
+        kinds = []
+        for i in range(self.num_layers):
+            moe = (
+                self.n_routed_experts > 0
+                and i >= self.first_k_dense_replace
+                and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0
+            )
+            kinds.append("moe" if moe else "dense")
+        return tuple(kinds)
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self):
+        def fail(field, msg):
+            raise ConfigError(f"model.{field}: {msg}")
+
+        def choice(field, allowed):
+            v = getattr(self, field)
+            if v not in allowed:
+                fail(field, f"got {v!r}, allowed: {', '.join(map(repr, allowed))}")
+
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+            if getattr(self, f) < 1:
+                fail(f, f"must be >= 1, got {getattr(self, f)}")
+        choice("attention_type", ATTENTION_TYPES)
+        choice("score_func", SCORE_FUNCS)
+        choice("moe_impl", MOE_IMPLS)
+        choice("rope_type", ROPE_TYPES)
+        choice("remat_policy", REMAT_POLICIES)
+        choice("param_dtype", DTYPES)
+        choice("compute_dtype", DTYPES)
+        if self.attention_type == "mla":
+            for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, f) < 1:
+                    fail(f, f"must be >= 1 for MLA, got {getattr(self, f)}")
+            if self.q_lora_rank < 0:
+                fail("q_lora_rank", f"must be >= 0 (0 = plain query projection), got {self.q_lora_rank}")
+        else:
+            if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+                fail("num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+            if not self.head_dim and self.hidden_size % self.num_heads:
+                fail("head_dim", f"is 0, so num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.rope_dim % 2:
+            fail("qk_rope_head_dim" if self.attention_type == "mla" else "head_dim", f"rotary dim must be even, got {self.rope_dim}")
+        if self.rope_type == "yarn":
+            if self.rope_factor < 1.0:
+                fail("rope_factor", f"must be >= 1 with yarn, got {self.rope_factor}")
+            if self.rope_original_max_position_embeddings < 1:
+                fail("rope_original_max_position_embeddings", "must be >= 1 with yarn")
+        if self.n_routed_experts < 0:
+            fail("n_routed_experts", f"must be >= 0, got {self.n_routed_experts}")
+        if self.n_routed_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                fail("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                fail("moe_intermediate_size", f"must be >= 1, got {self.moe_intermediate_size}")
+            if self.n_group < 1 or self.n_routed_experts % self.n_group:
+                fail("n_group", f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                fail("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.n_group > 1 and self.topk_group * per_group < self.num_experts_per_tok:
+                fail("topk_group", f"topk_group * experts per group = {self.topk_group * per_group} < num_experts_per_tok={self.num_experts_per_tok}")
+            if self.n_group > 1 and self.use_score_correction_bias and per_group < 2:
+                fail("n_group", "with a correction bias the group score is a top-2 sum, so each group needs >= 2 experts")
+            if self.capacity_factor <= 0:
+                fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        if self.n_shared_experts < 0:
+            fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        if self.first_k_dense_replace < 0:
+            fail("first_k_dense_replace", f"must be >= 0, got {self.first_k_dense_replace}")
+        if self.decoder_sparse_step < 1:
+            fail("decoder_sparse_step", f"must be >= 1, got {self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            fail("mlp_only_layers", f"layer indices must be in [0, {self.num_layers}), got {bad}")
+        if self.mtp_depth < 0:
+            fail("mtp_depth", f"must be >= 0, got {self.mtp_depth}")
+        for f in ("router_jitter", "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef", "bias_update_rate"):
+            if getattr(self, f) < 0:
+                fail(f, f"must be >= 0, got {getattr(self, f)}")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction, 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ---------------------------------------------------------------------- generic coercion
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce_fields(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Checks keys against a dataclass's fields and converts values to the declared types.
+
+    Raises ConfigError naming `prefix.key` for an unknown key or a value of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key}: unknown key; known keys: {', '.join(sorted(names))}")
+        out[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return out
+
+
+def _coerce(value, tp, where):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a tuple, got {type(value).__name__} {value!r}")
+        (elem, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, elem, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected bool, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected int, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected str, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,132 @@
+"""Attention: DeepSeek's Multi-head Latent Attention (MLA) and standard MHA/GQA (+ Qwen3 QK-norm).
+
+Both take x [B, T, D], rotary cos/sin [B, T, P] and a boolean mask [B, 1, T, S] and return
+[B, T, D]. Softmax runs in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax.config import ModelConfig
+from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, rms_norm
+
+
+def attention_mask(segment_ids):
+    """Causal mask that also forbids attention across packed documents.
+
+    Args:
+      segment_ids: int [B, T]; tokens attend only to earlier tokens with the same id.
+    Returns:
+      bool [B, 1, T, T].
+    """
+    T = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    return (causal[None] & same)[:, None]
+
+
+def attend(q, k, v, mask, scale: float):
+    """Softmax attention with grouped heads.
+
+    Args:
+      q: [B, T, N, H] queries; k: [B, S, Nkv, H]; v: [B, S, Nkv, Hv]; N a multiple of Nkv.
+      mask: bool [B, 1, T, S].
+    Returns:
+      [B, T, N, Hv] in v's dtype.
+    """
+    B, T, N, H = q.shape
+    Nkv = k.shape[2]
+    q = q.reshape(B, T, Nkv, N // Nkv, H)  # [B, T, Nkv, Q, H]
+    logits = jnp.einsum("BTNQH,BSNH->BNQTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BNQTS,BSNH->BTNQH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, v.shape[-1]).astype(v.dtype)
+
+
+class MLA(nnx.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3).
+
+    Queries go through a low-rank bottleneck (q_lora_rank; 0 = a plain projection). Keys and
+    values are rebuilt from one compressed latent of rank kv_lora_rank, and a decoupled rotary key
+    of qk_rope_head_dim is shared by all heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N = cfg.hidden_size, cfg.num_heads
+        R, Hn, Hr, Hv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.cfg = cfg
+        if cfg.q_lora_rank:
+            self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), cfg)  # [D, Rq]
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs)
+            self.wq_b = param(rngs, (cfg.q_lora_rank, N, Hn + Hr), ("q_lora", "heads", "head_dim"), cfg)
+        else:
+            self.wq = param(rngs, (D, N, Hn + Hr), ("embed", "heads", "head_dim"), cfg)  # [D, N, H]
+        self.wkv_a = param(rngs, (D, R + Hr), ("embed", "kv_lora"), cfg)  # [D, R + Hr]
+        self.kv_norm = RMSNorm(R, cfg, rngs=rngs)
+        self.wkv_b = param(rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg)  # [R, N, Hn+Hv]
+        self.wo = param(rngs, (N, Hv, D), ("heads", "head_dim", "embed"), cfg)  # [N, Hv, D]
+
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.cfg
+        cd = dtype_of(cfg.compute_dtype)
+        R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        x = x.astype(cd)
+        if cfg.q_lora_rank:
+            q_lat = jnp.einsum("BTD,DR->BTR", x, self.wq_a[...].astype(cd), preferred_element_type=jnp.float32)
+            q_lat = self.q_norm(q_lat).astype(cd)
+            q = jnp.einsum("BTR,RNH->BTNH", q_lat, self.wq_b[...].astype(cd), preferred_element_type=jnp.float32)
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
+        q = q.astype(cd)
+        q_nope, q_rope = q[..., :Hn], q[..., Hn:]
+
+        kv_a = jnp.einsum("BTD,DR->BTR", x, self.wkv_a[...].astype(cd), preferred_element_type=jnp.float32)
+        kv_lat, k_rope = kv_a[..., :R], kv_a[..., R:]  # [B, T, R], [B, T, Hr]
+        kv_lat = self.kv_norm(kv_lat).astype(cd)
+        kv = jnp.einsum("BSR,RNH->BSNH", kv_lat, self.wkv_b[...].astype(cd), preferred_element_type=jnp.float32)
+        kv = kv.astype(cd)
+        k_nope, v = kv[..., :Hn], kv[..., Hn:]  # [B, S, N, Hn], [B, S, N, Hv]
+
+        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
+        k_rope = apply_rope(k_rope[:, :, None, :].astype(cd), cos, sin, cfg.rope_interleave)  # [B, S, 1, Hr]
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
+        out = attend(q, k, v, mask, cfg.softmax_scale)  # [B, T, N, Hv]
+        out = checkpoint_name(out, "attn_out")
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+
+
+class GQA(nnx.Module):
+    """Multi-head / grouped-query attention with optional per-head QK RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, Nkv, H = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.gqa_head_dim
+        self.cfg = cfg
+        self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
+        self.wk = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wv = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)
+        self.wo = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qk_norm:
+            self.q_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
+            self.k_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
+
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.cfg
+        cd = dtype_of(cfg.compute_dtype)
+        x = x.astype(cd)
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
+        k = jnp.einsum("BSD,DNH->BSNH", x, self.wk[...].astype(cd), preferred_element_type=jnp.float32)
+        v = jnp.einsum("BSD,DNH->BSNH", x, self.wv[...].astype(cd), preferred_element_type=jnp.float32)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
+        k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
+        out = attend(q, k, v.astype(cd), mask, cfg.softmax_scale)
+        out = checkpoint_name(out, "attn_out")
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)

@@ -1,0 +1,137 @@
+"""Building blocks: parameters with logical axes, RMSNorm, SwiGLU MLP, rotary embeddings (+YaRN)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.config import ModelConfig
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+    """A parameter in cfg.param_dtype that records its logical axis names (used by sharding).
+
+    init: 'normal' (std = cfg.initializer_range, as Hugging Face does), 'ones' or 'zeros'.
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    dtype = dtype_of(cfg.param_dtype)
+    if init == "normal":
+        value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm computed in float32; returns float32."""
+    x = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return weight.astype(jnp.float32) * (x * jax.lax.rsqrt(var + eps))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.eps = cfg.rms_norm_eps
+        self.weight = param(rngs, (dim,), (axis_name,), cfg, init="ones")
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def swiglu(gate_up):
+    """silu(gate) * up in float32, for gate_up [..., 2, F] -> [..., F]."""
+    gate_up = gate_up.astype(jnp.float32)
+    return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.w_gate_up = param(rngs, (D, 2, hidden), ("embed", None, "mlp"), cfg)  # [D, 2, F]
+        self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)  # [F, D]
+
+    def __call__(self, x):
+        cd = self.compute_dtype
+        h = jnp.einsum("...D,DXF->...XF", x.astype(cd), self.w_gate_up[...].astype(cd),
+                       preferred_element_type=jnp.float32)
+        h = swiglu(h).astype(cd)
+        return jnp.einsum("...F,FD->...D", h, self.w_down[...].astype(cd),
+                          preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [P] for the rotary dims and the cos/sin scale (YaRN's attention factor).
+
+    Follows Hugging Face's `_compute_yarn_parameters` exactly (truncate=True), so parity holds.
+    """
+    dim = cfg.rope_dim
+    base = cfg.rope_theta
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    inv_freq = (1.0 / pos_freqs).astype(np.float32)
+    if cfg.rope_type == "default":
+        return inv_freq, 1.0
+    factor = cfg.rope_factor
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        from moejax.config import yarn_mscale
+
+        attention_factor = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(factor, cfg.rope_mscale_all_dim)
+    else:
+        attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    orig = cfg.rope_original_max_position_embeddings
+
+    def correction_dim(rotations):
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp  # 1 keeps the original frequency, 0 interpolates by `factor`
+    inv = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions, cfg: ModelConfig):
+    """cos, sin [B, T, P] in float32 (already scaled by YaRN's attention factor)."""
+    inv_freq, scale = rope_inv_freq(cfg)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, P]
+    return jnp.cos(freqs) * scale, jnp.sin(freqs) * scale
+
+
+def apply_rope(x, cos, sin, interleave: bool):
+    """Rotates x [B, T, N, 2P] by positions.
+
+    interleave=True rotates pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints are laid out;
+    False rotates (x_i, x_{i+P}) as Llama, Mixtral and Qwen do. Either way the output is returned
+    in half-split order: q and k pass through the same map, so q.k is unchanged.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, T, N, P] each
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    cos = cos[:, :, None, :]  # [B, T, 1, P]
+    sin = sin[:, :, None, :]
+    x1 = x1.astype(jnp.float32)
+    x2 = x2.astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,119 @@
+"""Top-k routing (float32): softmax or sigmoid scores, group-limited selection, correction bias.
+
+The selection rule follows DeepSeek-V2/V3 (and their Hugging Face ports) exactly:
+  scores = softmax(logits) or sigmoid(logits)                              [M, E]
+  choice = scores + bias        (bias: aux-loss-free balancing, selection only)
+  groups: score of a group = max(choice) without a bias, sum of its top-2 with one;
+          keep the topk_group best groups, mask the rest to -inf
+  top-k experts by choice; weights gathered from the *unbiased* scores
+  norm_topk_prob: weights /= (sum + 1e-20); then weights *= routed_scaling_factor
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moejax.config import ModelConfig
+
+
+class Routing(NamedTuple):
+    expert_ids: jax.Array  # int32 [M, K]
+    weights: jax.Array  # float32 [M, K]
+    scores: jax.Array  # float32 [M, E], unbiased
+    logits: jax.Array  # float32 [M, E]
+
+
+def route(logits, bias, cfg: ModelConfig) -> Routing:
+    """Selects cfg.num_experts_per_tok experts per row.
+
+    Args:
+      logits: float32 [M, E] router logits.
+      bias: float32 [E] correction bias added for selection only, or None.
+    """
+    M, E = logits.shape
+    logits = logits.astype(jnp.float32)
+    if cfg.score_func == "softmax":
+        scores = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)[None]
+    if cfg.n_group > 1:
+        G = cfg.n_group
+        grouped = choice.reshape(M, G, E // G)  # [M, G, E/G]
+        if bias is None:
+            group_scores = grouped.max(axis=-1)  # [M, G]
+        else:
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [M, topk_group]
+        group_mask = jnp.zeros((M, G), bool).at[jnp.arange(M)[:, None], top_groups].set(True)
+        expert_mask = jnp.repeat(group_mask, E // G, axis=1)  # [M, E]
+        choice = jnp.where(expert_mask, choice, -jnp.inf)
+    _, expert_ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [M, K]
+    weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    weights = weights * cfg.routed_scaling_factor
+    return Routing(expert_ids.astype(jnp.int32), weights, scores, logits)
+
+
+def expert_counts(expert_ids, num_experts: int, token_mask=None):
+    """Tokens assigned to each expert, float32 [E]; rows with token_mask == 0 do not count."""
+    onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32).sum(axis=1)  # [M, E]
+    if token_mask is not None:
+        onehot = onehot * token_mask[:, None]
+    return onehot.sum(axis=0)
+
+
+def balance_probs(routing: Routing, cfg: ModelConfig):
+    """Per-token probabilities over experts used by the balance losses: the softmax scores, or
+    sigmoid scores normalised to sum to one (DeepSeek-V3's s'_{i,t})."""
+    if cfg.score_func == "softmax":
+        return routing.scores
+    return routing.scores / (routing.scores.sum(axis=-1, keepdims=True) + 1e-20)
+
+
+def switch_loss(routing: Routing, cfg: ModelConfig, token_mask):
+    """Switch Transformer balance loss E * sum_i f_i P_i, with f_i the fraction of the M*K
+    assignments that go to expert i and P_i the mean routing probability; 1 when balanced."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    n = jnp.maximum(token_mask.sum(), 1.0)
+    f = expert_counts(routing.expert_ids, E, token_mask) / (n * K)
+    p = (balance_probs(routing, cfg) * token_mask[:, None]).sum(axis=0) / n
+    return E * jnp.sum(f * p)
+
+
+def sequence_balance_loss(routing: Routing, cfg: ModelConfig, token_mask, batch: int):
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i averaged over sequences, with
+    f_i = E / (K T) * count_i and P_i = mean_t s'_{i,t} per sequence (1 when balanced)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    M = token_mask.shape[0]
+    T = M // batch
+    mask = token_mask.reshape(batch, T)
+    ntok = jnp.maximum(mask.sum(axis=1), 1.0)  # [B]
+    onehot = jax.nn.one_hot(routing.expert_ids, E, dtype=jnp.float32).sum(axis=1)  # [M, E]
+    counts = (onehot.reshape(batch, T, E) * mask[..., None]).sum(axis=1)  # [B, E]
+    f = counts * E / (K * ntok[:, None])
+    p = (balance_probs(routing, cfg).reshape(batch, T, E) * mask[..., None]).sum(axis=1) / ntok[:, None]
+    per_seq = jnp.sum(f * p, axis=-1)  # [B]
+    has_tokens = (mask.sum(axis=1) > 0).astype(jnp.float32)
+    return jnp.sum(per_seq * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+
+
+def router_z_loss(routing: Routing, token_mask):
+    """ST-MoE router z-loss: mean of logsumexp(logits)^2."""
+    z = jax.nn.logsumexp(routing.logits, axis=-1)
+    return jnp.sum(jnp.square(z) * token_mask) / jnp.maximum(token_mask.sum(), 1.0)
+
+
+def update_router_bias(bias, counts, rate: float):
+    """Auxiliary-loss-free balancing: b_i += rate * sign(mean_load - load_i).
+
+    Args:
+      bias: float32 [..., E]; counts: [..., E] token counts over the whole global batch.
+    """
+    counts = counts.astype(jnp.float32)
+    mean = counts.mean(axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean - counts)

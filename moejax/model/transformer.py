@@ -1,0 +1,227 @@
+"""The decoder: embeddings, stacked blocks run with a scan, final norm, LM head, and MTP.
+
+Layers are grouped into segments of consecutive layers of one kind ('dense' or 'moe'); each
+segment's parameters are stacked on a leading layer axis and applied with `jax.lax.scan`, so
+compile time does not grow with depth. DeepSeek-V3 is two segments: first_k_dense_replace dense
+layers, then the MoE layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.model import router as router_lib
+from moejax.model.attention import GQA, MLA, attention_mask
+from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
+from moejax.model.moe import MoE, RouterBias
+
+MOE_STATS = ("aux_loss", "switch_loss", "seq_aux_loss", "z_loss", "expert_counts", "drop_fraction")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)); ffn dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        self.kind = kind
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.attn = MLA(cfg, rngs=rngs) if cfg.attention_type == "mla" else GQA(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.ffn = MoE(cfg, rngs=rngs) if kind == "moe" else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def __call__(self, x, cos, sin, mask, token_mask, rng=None):
+        """x [B, T, D] -> (x, aux); aux is {} for dense layers."""
+        cd = self.compute_dtype
+        with jax.named_scope("attention"):
+            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, mask)
+        x = (x.astype(jnp.float32) + h).astype(cd)
+        with jax.named_scope("ffn"):
+            hn = self.ffn_norm(x).astype(cd)
+            if self.kind == "moe":
+                h, aux = self.ffn(hn, token_mask, rng)
+            else:
+                h, aux = self.ffn(hn), {}
+        return (x.astype(jnp.float32) + h).astype(cd), aux
+
+
+def make_stack(cfg: ModelConfig, kind: str, n: int, rngs: nnx.Rngs) -> Block:
+    """n Blocks with parameters stacked on a leading layer axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
+    def create(r):
+        return Block(cfg, kind, rngs=r)
+
+    return create(rngs)
+
+
+def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """Runs of consecutive layers of one kind, e.g. [('dense', 1), ('moe', 26)]."""
+    return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
+
+
+def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig):
+    """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0."""
+    graphdef, state = nnx.split(stack)
+    rngs = None if rng is None else jax.random.split(rng, n)
+
+    def body(h, xs):
+        layer_state, layer_rng = xs
+        block = nnx.merge(graphdef, layer_state)
+        return block(h, cos, sin, mask, token_mask, layer_rng)
+
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, (state, rngs))
+    auxs = []
+    for i in range(n):
+        x, aux = body(x, jax.tree.map(lambda a: a[i], (state, rngs)))
+        auxs.append(aux)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+
+
+class MTPModule(nnx.Module):
+    """One multi-token-prediction depth (DeepSeek-V3): [enorm(emb(t_{i+k})); hnorm(h_i)] -> eh_proj
+    -> one decoder block -> final norm; embedding and LM head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg, rngs=rngs)
+        self.hnorm = RMSNorm(D, cfg, rngs=rngs)
+        self.eh_proj = param(rngs, (2 * D, D), (None, "embed"), cfg)  # [2D, D]
+        self.block = Block(cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs)
+        self.norm = RMSNorm(D, cfg, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V3-style decoder (also Mixtral, Qwen3-MoE, DeepSeek-V2 by config).
+
+    `logits, aux = model(input_ids)` gives float32 logits [B, T, V]. aux holds `aux_loss` (the
+    weighted balance losses summed over MoE layers), per-MoE-layer stats stacked on a leading axis
+    (`expert_counts` [L_moe, E], `drop_fraction` [L_moe], ...), and `mtp_logits` [depth, B, T, V]
+    when called with return_mtp=True (MTP depth k at position i predicts token i + k + 1).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
+        self.segments = nnx.List([make_stack(cfg, kind, n, rngs) for kind, n in segments_of(cfg)])
+        self.norm = RMSNorm(D, cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (D, V), ("embed", "vocab"), cfg)  # [D, V]
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
+
+    # ---------------------------------------------------------------------------------------
+
+    def embed_tokens(self, ids):
+        return jnp.take(self.embed[...], ids, axis=0).astype(dtype_of(self.cfg.compute_dtype))
+
+    def head(self, h):
+        """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
+        cd = dtype_of(self.cfg.compute_dtype)
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("BTD,DV->BTV", h.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, rng=None, return_mtp=False,
+                 return_hidden=False):
+        """Forward pass.
+
+        Args:
+          input_ids: int [B, T].
+          positions: int [B, T] rotary positions (default 0..T-1; restart per packed document).
+          segment_ids: int [B, T] document ids of packed rows; 0 marks padding (default all 1).
+          rng: a PRNG key for training-time randomness (router jitter); None is deterministic.
+          return_mtp: also compute the multi-token-prediction logits.
+        Returns:
+          logits float32 [B, T, V] and the aux dict.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        token_mask = (segment_ids > 0).astype(jnp.float32)
+        mask = attention_mask(segment_ids)
+        cos, sin = rope_cos_sin(positions, cfg)
+        rngs = [None] * (len(self.segments) + len(self.mtp)) if rng is None else list(
+            jax.random.split(rng, len(self.segments) + len(self.mtp)))
+
+        x = self.embed_tokens(input_ids)
+        moe_aux = []
+        for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
+            with jax.named_scope(f"segment_{i}_{kind}"):
+                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg)
+            if kind == "moe":
+                moe_aux.append(aux)
+        h = self.norm(x)
+        logits = self.head(h)
+
+        out = {}
+        mtp_logits = []
+        if return_mtp and self.mtp:
+            prev = h
+            for k, m in enumerate(self.mtp, start=1):
+                with jax.named_scope(f"mtp_{k}"):
+                    shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((B, k), input_ids.dtype)], axis=1)
+                    e = m.enorm(self.embed_tokens(shifted))
+                    cd = dtype_of(cfg.compute_dtype)
+                    z = jnp.concatenate([e, m.hnorm(prev)], axis=-1).astype(cd)  # [B, T, 2D]
+                    z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32)
+                    prev, aux = m.block(z.astype(cd), cos, sin, mask, token_mask, rngs[len(self.segments) + k - 1])
+                    if aux:
+                        moe_aux.append(jax.tree.map(lambda a: a[None], aux))
+                    mtp_logits.append(self.head(m.norm(prev)))
+            out["mtp_logits"] = jnp.stack(mtp_logits)
+        if moe_aux:
+            stats = {k: jnp.concatenate([a[k] for a in moe_aux]) for k in MOE_STATS}
+            out.update(stats)
+            out["aux_loss"] = stats["aux_loss"].sum()
+        else:
+            out["aux_loss"] = jnp.zeros((), jnp.float32)
+        if return_hidden:
+            out["hidden"] = h
+        return logits, out
+
+    # ---------------------------------------------------------------------------------------
+
+    def num_moe_layers(self) -> int:
+        return sum(n for kind, n in segments_of(self.cfg) if kind == "moe")
+
+    def update_router_biases(self, expert_counts):
+        """Aux-loss-free balancing step for every MoE layer (main stack first, then MTP blocks).
+
+        Args:
+          expert_counts: [L_moe (+ MTP MoE blocks), E] token counts over the whole global batch,
+            as returned in aux['expert_counts'].
+        """
+        if not self.cfg.use_score_correction_bias or not self.cfg.n_routed_experts:
+            return
+        rate = self.cfg.bias_update_rate
+        i = 0
+        for (kind, n), stack in zip(segments_of(self.cfg), self.segments):
+            if kind == "moe":
+                stack.ffn.bias[...] = router_lib.update_router_bias(stack.ffn.bias[...], expert_counts[i:i + n], rate)
+                i += n
+        if expert_counts.shape[0] > i:  # counts include the MTP blocks
+            for m in self.mtp:
+                m.block.ffn.bias[...] = router_lib.update_router_bias(m.block.ffn.bias[...], expert_counts[i], rate)
+                i += 1
+
+
+def router_bias_state(model: Transformer) -> nnx.State:
+    return nnx.state(model, RouterBias)

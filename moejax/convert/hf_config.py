@@ -1,0 +1,197 @@
+"""Hugging Face config.json <-> ModelConfig, for deepseek_v3, deepseek_v2, mixtral and qwen3_moe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moejax.config import ModelConfig
+
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral", "qwen3_moe")
+
+# Keys that carry no architecture (or that we derive), accepted and ignored.
+_IGNORED = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "output_router_logits",
+    "pretraining_tp", "auto_map", "head_dim", "qk_head_dim", "num_key_value_heads", "router_aux_loss_coef",
+    "ep_size", "moe_layer_freq", "aux_loss_alpha", "seq_aux", "generation_config", "quantization_config",
+    "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave", "use_sliding_window", "sliding_window",
+    "max_window_layers", "hidden_act", "attention_bias", "mlp_bias", "router_jitter_noise", "num_nextn_predict_layers",
+    "scoring_func", "topk_method", "n_group", "topk_group", "id2label", "label2id", "_name_or_path",
+}
+
+
+class UnsupportedConfig(ValueError):
+    pass
+
+
+def _rope(d: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Reads rope settings from rope_parameters (transformers v5) or rope_theta + rope_scaling."""
+    params = dict(d.get("rope_parameters") or {})
+    if not params:
+        params = dict(d.get("rope_scaling") or {})
+        params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0)))}
+    problems = []
+    if rope_type == "yarn":
+        out.update(
+            rope_type="yarn",
+            rope_factor=float(params["factor"]),
+            rope_original_max_position_embeddings=int(params.get("original_max_position_embeddings")
+                                                      or d.get("max_position_embeddings", 4096)),
+            rope_beta_fast=float(params.get("beta_fast") or 32),
+            rope_beta_slow=float(params.get("beta_slow") or 1),
+            rope_mscale=float(params.get("mscale") or 0.0),
+            rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        )
+        if params.get("attention_factor") is not None:
+            problems.append("rope_parameters.attention_factor")
+        if params.get("truncate", True) is not True:
+            problems.append("rope_parameters.truncate")
+    elif rope_type != "default":
+        problems.append(f"rope_parameters.rope_type={rope_type!r}")
+    return out, problems
+
+
+def from_hf_config(d: dict[str, Any]) -> ModelConfig:
+    """Maps a Hugging Face config.json dict to a ModelConfig.
+
+    Raises UnsupportedConfig listing every key whose value moejax cannot honour.
+    """
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise UnsupportedConfig(f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+    problems: list[str] = []
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={d.get('hidden_act')!r} (only 'silu')")
+    if d.get("attention_bias"):
+        problems.append("attention_bias=true")
+    if d.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if d.get("sliding_window") and d.get("use_sliding_window", mt == "mixtral"):
+        problems.append(f"sliding_window={d.get('sliding_window')}")
+    rope, rope_problems = _rope(d)
+    problems += rope_problems
+    c: dict[str, Any] = dict(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
+        max_position_embeddings=d.get("max_position_embeddings", 4096), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        initializer_range=d.get("initializer_range", 0.02), **rope,
+        aux_loss_coef=0.0, seq_aux_loss_coef=0.0, router_z_loss_coef=0.0, router_jitter=0.0,
+    )
+    if mt in ("deepseek_v3", "deepseek_v2"):
+        c.update(
+            attention_type="mla", q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
+            v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True)),
+            n_routed_experts=d["n_routed_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+            n_shared_experts=d.get("n_shared_experts") or 0, moe_intermediate_size=d["moe_intermediate_size"],
+            first_k_dense_replace=d.get("first_k_dense_replace", 0),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        )
+        if d.get("moe_layer_freq", 1) != 1:
+            problems.append(f"moe_layer_freq={d['moe_layer_freq']}")
+        if mt == "deepseek_v3":
+            method = d.get("topk_method", "noaux_tc")
+            if method != "noaux_tc":
+                problems.append(f"topk_method={method!r} (deepseek_v3 uses 'noaux_tc')")
+            c.update(score_func=d.get("scoring_func", "sigmoid"), n_group=d.get("n_group") or 1,
+                     topk_group=d.get("topk_group") or 1, norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                     use_score_correction_bias=True, mtp_depth=d.get("num_nextn_predict_layers", 0) or 0)
+        else:
+            method = d.get("topk_method", "greedy")
+            if method not in ("greedy", "group_limited_greedy"):
+                problems.append(f"topk_method={method!r} (deepseek_v2: 'greedy' or 'group_limited_greedy')")
+            grouped = method == "group_limited_greedy"
+            c.update(score_func=d.get("scoring_func", "softmax"), n_group=(d.get("n_group") or 1) if grouped else 1,
+                     topk_group=(d.get("topk_group") or 1) if grouped else 1,
+                     norm_topk_prob=bool(d.get("norm_topk_prob", False)), use_score_correction_bias=False)
+            if c["norm_topk_prob"]:
+                problems.append("norm_topk_prob=true (transformers' deepseek_v2 ignores it)")
+    else:
+        n_experts = d.get("num_local_experts", d.get("num_experts"))
+        nkv = d.get("num_key_value_heads") or d["num_attention_heads"]
+        c.update(
+            attention_type="gqa", num_kv_heads=nkv, head_dim=d.get("head_dim") or 0,
+            rope_interleave=False, n_routed_experts=n_experts, num_experts_per_tok=d["num_experts_per_tok"],
+            n_shared_experts=0, score_func="softmax", n_group=1, topk_group=1, use_score_correction_bias=False,
+            routed_scaling_factor=1.0, first_k_dense_replace=0,
+        )
+        if mt == "mixtral":
+            c.update(moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, qk_norm=False)
+        else:
+            c.update(moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                     qk_norm=True, decoder_sparse_step=d.get("decoder_sparse_step", 1),
+                     mlp_only_layers=tuple(d.get("mlp_only_layers") or ()))
+    if problems:
+        raise UnsupportedConfig(f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}")
+    return ModelConfig.from_dict(c)
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture a moejax config exports to."""
+    if cfg.attention_type == "mla":
+        return "deepseek_v3" if cfg.use_score_correction_bias else "deepseek_v2"
+    return "qwen3_moe" if cfg.qk_norm else "mixtral"
+
+
+def _rope_out(cfg: ModelConfig) -> dict[str, Any]:
+    p: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    if cfg.rope_type == "yarn":
+        p.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+                 beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
+                 mscale_all_dim=cfg.rope_mscale_all_dim)
+    return p
+
+
+def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
+    """The config.json for cfg; raises UnsupportedConfig if the architecture cannot express it."""
+    mt = model_type or hf_model_type(cfg)
+    problems = []
+    arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
+    d: dict[str, Any] = dict(
+        architectures=[arch], model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range, hidden_act="silu",
+        rope_parameters=_rope_out(cfg), num_experts_per_tok=cfg.num_experts_per_tok, dtype="float32",
+    )
+    if mt in ("deepseek_v3", "deepseek_v2"):
+        if cfg.attention_type != "mla":
+            problems.append("attention_type must be 'mla'")
+        if any(k == "dense" for k in cfg.layer_kinds()[cfg.first_k_dense_replace:]):
+            problems.append("dense layers after first_k_dense_replace")
+        d.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, head_dim=cfg.qk_rope_head_dim,
+                 num_key_value_heads=cfg.num_heads, n_routed_experts=cfg.n_routed_experts,
+                 n_shared_experts=cfg.n_shared_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+                 first_k_dense_replace=cfg.first_k_dense_replace, routed_scaling_factor=cfg.routed_scaling_factor,
+                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob)
+        if mt == "deepseek_v3":
+            if cfg.score_func != "sigmoid":
+                problems.append("score_func must be 'sigmoid' for transformers' deepseek_v3")
+            d.update(rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=cfg.mtp_depth,
+                     scoring_func="sigmoid", topk_method="noaux_tc")
+        else:
+            if cfg.score_func != "softmax" or cfg.norm_topk_prob or not cfg.rope_interleave:
+                problems.append("deepseek_v2 needs score_func='softmax', norm_topk_prob=False, rope_interleave=True")
+            d.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy")
+    else:
+        if cfg.rope_interleave:
+            problems.append("rope_interleave must be False")
+        d.update(num_key_value_heads=cfg.kv_heads, head_dim=cfg.gqa_head_dim, num_local_experts=cfg.n_routed_experts)
+        if mt == "mixtral":
+            if cfg.moe_intermediate_size != cfg.intermediate_size or "dense" in cfg.layer_kinds() or cfg.qk_norm:
+                problems.append("mixtral needs every layer MoE with moe_intermediate_size == intermediate_size, no qk_norm")
+        else:
+            d.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                     decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+            if cfg.first_k_dense_replace:
+                problems.append("qwen3_moe has no first_k_dense_replace (use mlp_only_layers)")
+        if cfg.n_shared_experts or cfg.score_func != "softmax" or cfg.n_group > 1 or cfg.routed_scaling_factor != 1.0:
+            problems.append(f"{mt} routing is plain softmax top-k without shared experts, groups or scaling")
+    if problems:
+        raise UnsupportedConfig(f"cannot export to {mt}: {'; '.join(problems)}")
+    return d

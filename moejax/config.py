@@ -55,7 +55,6 @@ class ModelConfig:
     num_kv_heads: int = 0  # 0 means num_heads (plain MHA)
     head_dim: int = 0  # 0 means hidden_size // num_heads
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
-    attention_bias: bool = False
 
     # Rotary embeddings.
     rope_theta: float = 10000.0
@@ -301,3 +300,114 @@ def _coerce(value, tp, where):
             return value
         raise ConfigError(f"{where}: expected str, got {type(value).__name__} {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------- training side
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin"  # 'builtin' (Python stdlib corpus) or a prepared dataset directory
+    seq_len: int = 256  # tokens per packed row
+    cache_dir: str = ""  # where the built-in corpus is built ('' = ~/.cache/moejax)
+    max_files: int = 0  # cap on stdlib files read by the built-in corpus (0 = all)
+    val_fraction: float = 0.05  # share of files held out for validation
+    tokenizer_sample_bytes: int = 20_000_000  # text used to train the sentencepiece model
+    num_workers: int = 0  # Grain worker processes (0 = in-process)
+    shuffle_seed: int = 0
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len: must be >= 2, got {self.seq_len}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # 'cosine' (warmup, cosine decay), 'wsd' (warmup-stable-decay), 'constant'
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms: bool = False  # apply weight decay to norm scales
+    decay_embeddings: bool = False  # ... to the embedding and LM head
+    decay_biases: bool = False  # ... to biases
+    clip_norm: float = 1.0  # global gradient-norm clip (0 disables)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule: got {self.schedule!r}, allowed: {', '.join(map(repr, SCHEDULES))}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"optim.clip_norm: must be >= 0, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 8  # global batch, in packed rows of data.seq_len tokens
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # validation loss every N steps (0 = only at the end)
+    eval_batches: int = 4
+    ckpt_every: int = 200  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = 3
+    logit_z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
+    max_nonfinite_steps: int = 5  # stop after this many skipped non-finite steps in a row
+    num_samples: int = 3  # continuations printed at the end
+    sample_tokens: int = 48
+    temperature: float = 0.8
+    profile_peak: bool = True  # measure the CPU matmul peak once for MFU
+
+    def __post_init__(self):
+        for f in ("steps", "batch_size", "microbatches", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"train.{f}: must be >= 1, got {getattr(self, f)}")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"train.microbatches: must divide train.batch_size={self.batch_size}, got {self.microbatches}")
+        for f in ("eval_every", "ckpt_every", "eval_batches", "num_samples", "sample_tokens"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"train.{f}: must be >= 0, got {getattr(self, f)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run: built once from the ConfigDict in experiments/*.py."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+    @classmethod
+    def from_dict(cls, d) -> "Config":
+        if hasattr(d, "to_dict"):
+            d = d.to_dict()
+        d = dict(d)
+        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}")
+        return cls(**{name: sc(**coerce_fields(sc, dict(d.get(name, {})), name)) for name, sc in sections.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "optim": dataclasses.asdict(self.optim), "train": dataclasses.asdict(self.train)}

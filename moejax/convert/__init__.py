@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def _buffers(cfg: ModelConfig):
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    flat = dict(state.flat_state())
+    flat = dict(nnx.to_flat_state(state))
     buffers = {path: np.zeros(v.get_value().shape, np.float32) for path, v in flat.items()}
     return graphdef, state, buffers
 
@@ -106,7 +106,7 @@ def from_hf(path: str, **overrides) -> tuple[Transformer, ModelConfig]:
         cfg = cfg.replace(**overrides)
     graphdef, state, buffers = load_hf_state(path, cfg, hf["model_type"])
     dtype = jnp.dtype(cfg.param_dtype)
-    for p, v in state.flat_state():
+    for p, v in nnx.to_flat_state(state):
         v.set_value(jnp.asarray(buffers.pop(p), dtype=v.get_value().dtype if hasattr(v.get_value(), "dtype") else dtype))
     return nnx.merge(graphdef, state), cfg
 
@@ -122,7 +122,7 @@ def to_hf(model: Transformer, config: ModelConfig, path: str, *, model_type: str
     hf_cfg = to_hf_config(config, mt)
     hf_cfg["dtype"] = dtype
     state = nnx.state(model)
-    arrays = {p: v.get_value() for p, v in state.flat_state()}
+    arrays = {p: v.get_value() for p, v in nnx.to_flat_state(state)}
     entries = W.hf_entries(config, mt, fused=False)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
     parent = os.path.dirname(os.path.abspath(path)) or "."

@@ -1,0 +1,46 @@
+"""Qwen3-30B-A3B (30.5B total, 3.3B activated): GQA with QK-norm, 128 experts top-8, no shared experts."""
+
+from moejax.experiment import base_config
+
+
+def model_overrides(m):
+    m.vocab_size = 151936
+    m.hidden_size = 2048
+    m.num_layers = 48
+    m.num_heads = 32
+    m.intermediate_size = 6144
+    m.max_position_embeddings = 40960
+    m.rms_norm_eps = 1e-6
+    m.attention_type = "gqa"
+    m.num_kv_heads = 4
+    m.head_dim = 128
+    m.qk_norm = True
+    m.rope_theta = 1e6
+    m.rope_interleave = False
+    m.rope_type = "default"
+    m.n_routed_experts = 128
+    m.num_experts_per_tok = 8
+    m.n_shared_experts = 0
+    m.moe_intermediate_size = 768
+    m.first_k_dense_replace = 0
+    m.decoder_sparse_step = 1
+    m.score_func = "softmax"
+    m.n_group = 1
+    m.topk_group = 1
+    m.norm_topk_prob = True
+    m.routed_scaling_factor = 1.0
+    m.use_score_correction_bias = False
+    m.aux_loss_coef = 0.001
+    m.seq_aux_loss_coef = 0.0
+    m.mtp_depth = 0
+    m.compute_dtype = "bfloat16"
+    m.remat_policy = "full"
+
+
+def get_config():
+    c = base_config()
+    model_overrides(c.model)
+    c.data.seq_len = 4096
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 2000
+    return c

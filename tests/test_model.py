@@ -1,0 +1,136 @@
+"""Transformer-level checks: config errors, presets, scan/remat equivalence, packing, MTP."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.config import ConfigError, ModelConfig
+from moejax.experiment import load_config_file, resolve
+from moejax.model import Transformer
+from moejax.model.stats import param_counts
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48, q_lora_rank=16,
+                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                   num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1, mtp_depth=1,
+                   seq_aux_loss_coef=1e-3)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(n_group=2, topk_group=3), "model.topk_group"),
+    (dict(num_experts_per_tok=9), "model.num_experts_per_tok"),
+    (dict(score_func="relu"), "model.score_func"),
+    (dict(moe_impl="fast"), "model.moe_impl"),
+    (dict(n_group=3), "model.n_group"),
+    (dict(attention_type="gqa", num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**overrides)
+    msg = str(e.value)
+    assert msg.startswith(field) and "\n" not in msg
+
+
+def test_config_is_hashable_and_round_trips():
+    assert hash(TINY) == hash(ModelConfig.from_dict(TINY.to_dict()))
+
+
+PUBLISHED = {  # (total, activated) in billions, from the model cards / papers
+    "deepseek_v3": (671, 37), "deepseek_v2": (236, 21), "deepseek_v2_lite": (15.7, 2.4),
+    "mixtral_8x7b": (46.7, 12.9), "qwen3_moe_30b_a3b": (30.5, 3.3),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_full_size_preset_parameter_counts(preset):
+    cfg = resolve(load_config_file(os.path.join(ROOT, "experiments", preset + ".py"))).model
+    c = param_counts(cfg)  # abstract: nothing allocated
+    total, active = PUBLISHED[preset]
+    assert c.total / 1e9 == pytest.approx(total, rel=0.01)
+    # Activated figures are rounded and differ on whether the input embedding counts.
+    assert active * 0.97 <= c.activated / 1e9 <= active * 1.12
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))))
+def test_every_experiment_resolves(path):
+    resolve(load_config_file(path))
+
+
+@nnx.jit(static_argnames=("return_mtp",))
+def apply(model, ids, positions=None, segment_ids=None, return_mtp=False):
+    return model(ids, positions, segment_ids, return_mtp=return_mtp)
+
+
+def _logits(cfg, ids, **kw):
+    return apply(Transformer(cfg, rngs=nnx.Rngs(0)), ids, **kw)
+
+
+def _loss_and_grads(cfg, ids):
+    model = Transformer(cfg, rngs=nnx.Rngs(0))  # same seed: same parameters for every variant
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def f(params):
+        logits, aux = nnx.merge(graphdef, params, rest)(ids, return_mtp=True)
+        return jnp.mean(logits ** 2) + jnp.mean(aux["mtp_logits"] ** 2) + aux["aux_loss"]
+
+    return jax.value_and_grad(f)(params)
+
+
+def test_scan_unrolled_and_remat_agree():
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 0, TINY.vocab_size)
+    ref_val, ref_grad = _loss_and_grads(TINY, ids)
+    for over in (dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")):
+        val, grad = _loss_and_grads(TINY.replace(**over), ids)
+        assert float(val) == pytest.approx(float(ref_val), rel=1e-6), over
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ["mla", "gqa"])
+def test_packed_documents_do_not_attend_across(attention_type):
+    cfg = TINY.replace(attention_type=attention_type, num_kv_heads=1, mtp_depth=0)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    a = jax.random.randint(jax.random.key(1), (1, 5), 1, cfg.vocab_size)
+    b = jax.random.randint(jax.random.key(2), (1, 7), 1, cfg.vocab_size)
+    packed = jnp.concatenate([a, b], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    got, _ = apply(model, packed, pos, seg)
+    alone_b, _ = apply(model, b)
+    alone_a, _ = apply(model, a)
+    np.testing.assert_allclose(got[:, 5:], alone_b, atol=1e-5)
+    np.testing.assert_allclose(got[:, :5], alone_a, atol=1e-5)
+
+
+def test_mtp_outputs_and_router_bias_update():
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(0), (2, 10), 0, TINY.vocab_size)
+    logits, aux = apply(model, ids, return_mtp=True)
+    assert logits.shape == (2, 10, TINY.vocab_size) and logits.dtype == jnp.float32
+    assert aux["mtp_logits"].shape == (1, 2, 10, TINY.vocab_size)
+    n_moe = TINY.layer_kinds().count("moe")
+    assert aux["expert_counts"].shape == (n_moe + 1, 4)  # + the MTP block
+    np.testing.assert_allclose(aux["expert_counts"].sum(-1), 2 * 10 * 2)
+    before = np.asarray(model.segments[1].ffn.bias[...])
+    model.update_router_biases(aux["expert_counts"])
+    after = np.asarray(model.segments[1].ffn.bias[...])
+    counts = np.asarray(aux["expert_counts"][:n_moe])
+    np.testing.assert_allclose(after - before, TINY.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts))
+    assert not np.allclose(np.asarray(model.mtp[0].block.ffn.bias[...]), 0)
+
+
+def test_bfloat16_compute_close_to_float32():
+    cfg = TINY.replace(mtp_depth=0)
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    f32, _ = _logits(cfg, ids)
+    bf16, _ = _logits(cfg.replace(compute_dtype="bfloat16"), ids)
+    assert bf16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.05

@@ -1,0 +1,153 @@
+"""The three expert strategies agree; routing follows DeepSeek's rules; balance losses and bias."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.model import moe as moe_lib
+from moejax.model import router as router_lib
+
+E, D, F, M, K = 6, 16, 8, 40, 2
+
+
+def _weights(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (0.3 * jax.random.normal(k1, (E, D, 2, F)), 0.3 * jax.random.normal(k2, (E, F, D)))
+
+
+def _routings():
+    rng = np.random.default_rng(0)
+    random_ids = np.stack([rng.choice(E, K, replace=False) for _ in range(M)])
+    random_ids[random_ids == 4] = 5  # expert 4 gets nothing
+    all_to_one = np.stack([np.full(M, 2), rng.integers(3, E, M)], axis=1)  # every token uses expert 2
+    yield "random_with_empty_expert", random_ids
+    yield "all_tokens_to_one_expert", all_to_one
+
+
+@pytest.mark.parametrize("name,ids", list(_routings()))
+def test_strategies_agree_forward_and_grad(name, ids):
+    wgu, wd = _weights()
+    x = jax.random.normal(jax.random.key(1), (M, D))
+    ids = jnp.asarray(ids, jnp.int32)
+    w = jax.random.uniform(jax.random.key(2), (M, K), minval=0.1, maxval=1.0)
+    mask = jnp.ones((M,))
+
+    def run(impl, x, w, wgu, wd):
+        if impl == "dense":
+            return moe_lib.experts_dense(x, ids, w, wgu, wd, jnp.float32)
+        if impl == "capacity":  # capacity for every assignment: nothing may drop
+            y, drop = moe_lib.experts_capacity(x, ids, w, wgu, wd, jnp.float32, float(E), mask)
+            assert float(drop) == 0.0
+            return y
+        return moe_lib.experts_dropless(x, ids, w, wgu, wd, jnp.float32)
+
+    ref = run("dense", x, w, wgu, wd)
+    ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run("dense", *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
+    for impl in ("capacity", "dropless"):
+        np.testing.assert_allclose(run(impl, x, w, wgu, wd), ref, atol=1e-5, rtol=1e-5, err_msg=impl)
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=impl)
+
+
+def test_capacity_drops_lowest_weight_first():
+    wgu, wd = _weights()
+    x = jax.random.normal(jax.random.key(1), (M, D))
+    ids = jnp.zeros((M, 1), jnp.int32)  # all rows to expert 0
+    w = jnp.asarray(np.random.default_rng(3).permutation(M) + 1.0)[:, None] / M
+    cf = 10 / M * E  # capacity = 10 rows for expert 0
+    y, drop = moe_lib.experts_capacity(x, ids, w, wgu, wd, jnp.float32, cf, jnp.ones((M,)))
+    assert moe_lib.capacity(M, E, cf) == 10
+    assert float(drop) == pytest.approx(1 - 10 / M)
+    full = moe_lib.experts_dense(x, ids, w, wgu, wd, jnp.float32)
+    kept = np.argsort(-np.asarray(w[:, 0]))[:10]
+    dropped = np.setdiff1d(np.arange(M), kept)
+    np.testing.assert_allclose(y[kept], full[kept], atol=1e-5)
+    np.testing.assert_allclose(y[dropped], 0.0, atol=0)
+
+
+def _route_reference(scores, bias, cfg):
+    """Literal per-row transcription of DeepSeek's selection rule."""
+    Mr, Er = scores.shape
+    out_ids, out_w = [], []
+    for m in range(Mr):
+        choice = scores[m] + (0 if bias is None else bias)
+        per = Er // cfg.n_group
+        groups = choice.reshape(cfg.n_group, per)
+        gscore = groups.max(1) if bias is None else np.sort(groups, axis=1)[:, -2:].sum(1)
+        keep = np.argsort(-gscore, kind="stable")[: cfg.topk_group]
+        allowed = np.full(Er, -np.inf)
+        for g in keep:
+            allowed[g * per:(g + 1) * per] = choice[g * per:(g + 1) * per]
+        ids = np.argsort(-allowed, kind="stable")[: cfg.num_experts_per_tok]
+        w = scores[m, ids]
+        if cfg.norm_topk_prob:
+            w = w / (w.sum() + 1e-20)
+        out_ids.append(ids)
+        out_w.append(w * cfg.routed_scaling_factor)
+    return np.array(out_ids), np.array(out_w)
+
+
+@pytest.mark.parametrize("score_func,use_bias,norm", itertools.product(["softmax", "sigmoid"], [False, True], [False, True]))
+def test_group_limited_routing_matches_reference(score_func, use_bias, norm):
+    cfg = ModelConfig(n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, score_func=score_func,
+                      use_score_correction_bias=use_bias, norm_topk_prob=norm, routed_scaling_factor=2.5)
+    logits = jax.random.normal(jax.random.key(0), (64, 16))
+    bias = 0.1 * jax.random.normal(jax.random.key(1), (16,)) if use_bias else None
+    r = router_lib.route(logits, bias, cfg)
+    ids, w = _route_reference(np.asarray(r.scores), None if bias is None else np.asarray(bias), cfg)
+    np.testing.assert_array_equal(np.sort(np.asarray(r.expert_ids), 1), np.sort(ids, 1))
+    np.testing.assert_allclose(np.sort(np.asarray(r.weights), 1), np.sort(w, 1), rtol=1e-6)
+    # selected experts always lie in topk_group groups
+    groups = np.asarray(r.expert_ids) // 4
+    assert max(len(set(g)) for g in groups) <= 2
+
+
+def test_bias_affects_selection_only():
+    cfg = ModelConfig(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, score_func="sigmoid",
+                      norm_topk_prob=False)
+    logits = jax.random.normal(jax.random.key(0), (32, 8))
+    bias = jnp.zeros(8).at[5].set(10.0)  # expert 5 always chosen, weight stays sigmoid(logit)
+    r = router_lib.route(logits, bias, cfg)
+    assert np.all(np.any(np.asarray(r.expert_ids) == 5, axis=1))
+    sel = np.asarray(r.expert_ids) == 5
+    np.testing.assert_allclose(np.asarray(r.weights)[sel], np.asarray(jax.nn.sigmoid(logits[:, 5])), rtol=1e-6)
+
+
+def test_bias_update_rule():
+    counts = jnp.array([[10.0, 0.0, 5.0, 5.0]])
+    new = router_lib.update_router_bias(jnp.zeros((1, 4)), counts, 0.01)
+    np.testing.assert_allclose(new, [[-0.01, 0.01, 0.0, 0.0]])
+
+
+def test_balance_losses_are_one_when_balanced():
+    cfg = ModelConfig(n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, score_func="softmax")
+    # 8 tokens, expert i chosen by tokens 2i, 2i+1, with uniform probabilities
+    logits = jnp.zeros((8, 4))
+    r = router_lib.route(logits, None, cfg)._replace(expert_ids=jnp.repeat(jnp.arange(4), 2)[:, None])
+    mask = jnp.ones(8)
+    assert float(router_lib.switch_loss(r, cfg, mask)) == pytest.approx(1.0)
+    assert float(router_lib.sequence_balance_loss(r, cfg, mask, batch=1)) == pytest.approx(1.0)
+    assert float(router_lib.router_z_loss(r, mask)) == pytest.approx(np.log(4) ** 2, rel=1e-6)
+
+
+def test_moe_layer_aux_and_padding():
+    cfg = ModelConfig(hidden_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      n_group=1, topk_group=1, aux_loss_coef=0.01, seq_aux_loss_coef=0.001, router_z_loss_coef=1e-3,
+                      moe_impl="capacity", capacity_factor=0.5)
+    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+    token_mask = jnp.ones((2, 8)).at[1, 4:].set(0)
+    y, aux = layer(x, token_mask)
+    assert y.shape == x.shape
+    assert float(aux["expert_counts"].sum()) == 12 * 2  # padding does not count
+    assert 0 < float(aux["drop_fraction"]) < 1
+    expected = 0.01 * aux["switch_loss"] + 0.001 * aux["seq_aux_loss"] + 1e-3 * aux["z_loss"]
+    assert float(aux["aux_loss"]) == pytest.approx(float(expected))

@@ -44,11 +44,11 @@ def get_config():
 
     c.data.seq_len = 256
     c.train.batch_size = 8  # rows of 256 tokens: 2048 tokens per step
-    c.train.steps = 600
+    c.train.steps = 240
     c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.ckpt_every = 200
+    c.train.eval_every = 80
+    c.train.ckpt_every = 80
     c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
+    c.optim.warmup_steps = 20
     c.optim.schedule = "cosine"
     return c

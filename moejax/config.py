@@ -361,7 +361,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600  # optimizer steps
+    steps: int = 240  # optimizer steps
     batch_size: int = 8  # global batch, in packed rows of data.seq_len tokens
     microbatches: int = 1  # gradient accumulation: batch_size is split into this many
     seed: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -35,6 +36,12 @@ def _buffers(cfg: ModelConfig):
     flat = dict(nnx.to_flat_state(state))
     buffers = {path: np.zeros(v.get_value().shape, np.float32) for path, v in flat.items()}
     return graphdef, state, buffers
+
+
+def _experts_prefix(name: str) -> str | None:
+    """'a.b.experts.3.w1.weight' -> 'a.b.experts' (None for tensors that are not per-expert)."""
+    m = re.match(r"(.*\.experts)\.\d+\.", name)
+    return m.group(1) if m else None
 
 
 def load_hf_state(path: str, cfg: ModelConfig, model_type: str):
@@ -73,14 +80,10 @@ def load_hf_state(path: str, cfg: ModelConfig, model_type: str):
         raise ValueError(f"FP8 tensors without weight_scale_inv: {W.describe_missing(sorted(pending_fp8))}")
     if unexpected:
         log.warning("ignored %d tensors moejax has no place for: %s", len(unexpected), W.describe_missing(unexpected))
-    # A checkpoint may use either layout for the experts; the rest must all be there.
-    missing = []
-    for layout in (disk, fused):
-        gaps = [n for n in layout if n not in filled]
-        if not gaps:
-            missing = []
-            break
-        missing = missing or gaps
+    # Each MoE layer's experts may come per expert (on disk) or fused (in memory).
+    fused_done = {n.rsplit(".", 1)[0] for n in fused if n.endswith("experts.gate_up_proj") and n in filled
+                  and n.replace("gate_up_proj", "down_proj") in filled}
+    missing = [n for n in disk if n not in filled and _experts_prefix(n) not in fused_done]
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors: {W.describe_missing(missing)}")
     return graphdef, state, buffers

@@ -72,6 +72,18 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         problems.append(f"sliding_window={d.get('sliding_window')}")
     rope, rope_problems = _rope(d)
     problems += rope_problems
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "num_experts_per_tok"]
+    if mt.startswith("deepseek"):
+        required += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                     "moe_intermediate_size"]
+    elif mt == "qwen3_moe":
+        required += ["moe_intermediate_size"]
+    problems += [f"{k} is missing" for k in required if d.get(k) is None]
+    if mt in ("mixtral", "qwen3_moe") and d.get("num_local_experts", d.get("num_experts")) is None:
+        problems.append("num_local_experts is missing")
+    if problems:
+        raise UnsupportedConfig(f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}")
     c: dict[str, Any] = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],

@@ -12,7 +12,8 @@ from jax.experimental import checkify
 
 from moejax.kernels.gmm.reference import gmm_reference
 
-IMPLS = ("ragged_dot", "reference")
+IMPLS = ("tiled", "ragged_dot", "reference")
+DEFAULT_TILE = 128
 
 
 def _check_args(lhs, rhs, group_sizes):
@@ -49,7 +50,51 @@ def _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype):
     return out.astype(out_dtype)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, impl=None, validate=False):
+def _clipped_sizes(group_sizes, num_rows):
+    """Sizes with negatives as 0 and the total clipped to the rows that exist, int32 [G_total]."""
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    return ends - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+
+
+def _tiled(lhs, rhs, group_sizes, group_offset, out_dtype, tile):
+    """Grouped matmul as one batched matmul over row tiles (the megablox layout in plain XLA).
+
+    Each local group's rows are scattered into a buffer where the group starts on a tile boundary
+    (padding each group to a multiple of `tile` rows), so every tile belongs to one group; the tiles
+    are multiplied by their group's weight in a single batched einsum and gathered back.
+    Padding is bounded statically: at most G_local * (tile - 1) rows.
+    """
+    M, K = lhs.shape
+    G, _, N = rhs.shape
+    Gt = group_sizes.shape[0]
+    sizes = _clipped_sizes(group_sizes, M)
+    gidx = jnp.arange(Gt)
+    local = (gidx >= group_offset) & (gidx < group_offset + G)
+    padded = jnp.where(local, (sizes + tile - 1) // tile * tile, 0)  # [Gt]
+    pad_start = jnp.cumsum(padded) - padded
+    row_start = jnp.cumsum(sizes) - sizes
+    row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(M, dtype=jnp.int32), side="right")  # [M]
+    g = jnp.minimum(row_group, Gt - 1)
+    valid = (row_group < Gt) & local[g]
+    P = -(-(M + min(G, M) * (tile - 1)) // tile) * tile  # static bound on padded rows
+    dest = jnp.where(valid, pad_start[g] + jnp.arange(M) - row_start[g], P)  # [M]; P = spare row
+    # Gather (not scatter) the buffer: the source row of every padded row, or none for padding.
+    p = jnp.arange(P, dtype=jnp.int32)
+    p_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), p, side="right"), Gt - 1)  # [P]
+    offset = p - pad_start[p_group]
+    p_valid = local[p_group] & (offset < sizes[p_group])
+    src = jnp.where(p_valid, row_start[p_group] + offset, 0)
+    buf = jnp.where(p_valid[:, None], jnp.take(lhs, src, axis=0), 0).reshape(P // tile, tile, K)  # [I, tile, K]
+    tile_local = jnp.clip(p_group[::tile] - group_offset, 0, G - 1)  # [I]; tiles past the end hold zeros
+    w = jnp.take(rhs, tile_local, axis=0)  # [I, K, N]
+    out = jnp.einsum("IRK,IKN->IRN", buf, w, preferred_element_type=jnp.float32).reshape(P, N)
+    res = jnp.where(valid[:, None], jnp.take(out, jnp.minimum(dest, P - 1), axis=0), 0.0)
+    return res.astype(out_dtype)
+
+
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, impl=None, validate=False,
+        tile=None):
     """Grouped matmul [M, K] x [G, K, N] -> [M, N]; see moejax/kernels/gmm/reference.py for semantics.
 
     Args:
@@ -60,10 +105,11 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, i
       preferred_element_type: output dtype (accumulation is always float32); default lhs.dtype.
       impl: backend name, one of IMPLS; default picks the fastest for the platform.
       validate: raise (via checkify) if sizes are negative or sum past M.
+      tile: rows per tile of the 'tiled' backend (default 128).
     """
     _check_args(lhs, rhs, group_sizes)
     out_dtype = preferred_element_type or lhs.dtype
-    impl = impl or "ragged_dot"
+    impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"gmm: impl must be one of {IMPLS}, got {impl!r}")
     if validate:
@@ -71,4 +117,11 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, i
         checkify.check(jnp.sum(group_sizes) <= lhs.shape[0], "gmm: group_sizes sum past the number of rows")
     if impl == "reference":
         return gmm_reference(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype)
+    if impl == "tiled":
+        return _tiled(lhs, rhs, group_sizes, group_offset, out_dtype, tile or DEFAULT_TILE)
     return _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype)
+
+
+def default_impl() -> str:
+    """ragged_dot where XLA has a native grouped matmul (GPU, TPU); the tiled einsum elsewhere."""
+    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "tiled"

@@ -1,0 +1,61 @@
+"""One tokenizer interface shared by training, evaluation and generation (sentencepiece-backed)."""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable, Protocol, Sequence
+
+import sentencepiece as spm
+
+# Fixed ids of the special tokens in every sentencepiece model moejax trains.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str):
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def train_sentencepiece(lines: Iterable[str], model_file: str, vocab_size: int, model_type: str = "bpe",
+                        user_symbols: Sequence[str] = (), num_threads: int = 2) -> SentencePieceTokenizer:
+    """Trains a byte-fallback model that keeps whitespace as is (code indentation survives).
+
+    Writes `model_file` (a .model path) and returns the loaded tokenizer.
+    """
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+        split_by_whitespace=True, max_sentence_length=8192, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        eos_id=EOS_ID, user_defined_symbols=list(user_symbols), num_threads=num_threads, minloglevel=2,
+        train_extremely_large_corpus=False,
+    )
+    with open(model_file, "wb") as f:
+        f.write(buf.getvalue())
+    return SentencePieceTokenizer(model_file)

@@ -1,0 +1,227 @@
+"""Pretraining entry point.
+
+  python -m moejax.train --config experiments/moe.py [--config.train.steps=N ...] [--workdir DIR]
+
+Re-running with the same workdir resumes from its latest complete checkpoint. SIGTERM or SIGINT
+saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from moejax.config import Config
+from moejax.data import dataset
+from moejax.model.stats import param_counts, train_flops_per_token
+from moejax.trainer import metrics as metrics_lib
+from moejax.trainer.checkpoint import Checkpointer, abstract_like
+from moejax.trainer.optim import make_optimizer
+from moejax.trainer.sample import sample
+from moejax.trainer.step import init_state, make_eval_step, make_train_step
+
+PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails before any compilation if the workdir cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def evaluate(eval_step, state, data_dir: str, cfg: Config) -> float:
+    """Mean validation cross-entropy over the first eval_batches batches (always the same ones)."""
+    batches = dataset.Batches(data_dir, "validation", cfg.train.batch_size, seed=0, shuffle=False,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+    total = count = 0.0
+    for _ in range(max(cfg.train.eval_batches, 1)):
+        loss, ntok = jax.device_get(eval_step(state["params"], state["router"], next(batches)))
+        total += float(loss) * float(ntok)
+        count += float(ntok)
+    return total / max(count, 1.0)
+
+
+def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None) -> dict:
+    """Trains cfg in workdir (resuming if it holds checkpoints). Returns the last logged metrics.
+
+    max_steps_this_run stops (with a checkpoint) after that many steps: used by tests to
+    simulate interruption.
+    """
+    check_workdir(workdir)
+    t_start = time.time()
+    data_dir = dataset.resolve(cfg.data, cfg.model.vocab_size)
+    tokenizer = dataset.tokenizer(data_dir)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data_dir} has "
+                            f"{tokenizer.vocab_size} pieces")
+    batches = dataset.Batches(data_dir, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              num_workers=cfg.data.num_workers)
+
+    from flax import nnx
+
+    from moejax.model import Transformer
+
+    abstract_params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
+    tx, sched = make_optimizer(cfg.optim, abstract_params, cfg.train.steps)
+    graphdef, rest, state = init_state(cfg, tx)
+
+    ckpt = Checkpointer(workdir, cfg)
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt.check_compatible(latest)
+        state, data_state = ckpt.restore(latest, abstract_like(state))
+        batches.restore(data_state)
+        start = int(state["step"])
+        print(f"[train] resumed from {ckpt.dir} at step {start}", flush=True)
+
+    counts = param_counts(cfg.model)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, peak_src = metrics_lib.device_peak_flops(cfg.model.compute_dtype, measure=cfg.train.profile_peak)
+    if not quiet:
+        print(f"[train] {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M activated, "
+              f"+{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; peak "
+              f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
+              flush=True)
+
+    train_step = make_train_step(graphdef, rest, tx, sched, cfg)
+    eval_step = make_eval_step(graphdef, rest, cfg)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    last: dict = {}
+    end = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=quiet, dynamic_ncols=True, desc="train")
+    t_last, steps_since = None, 0
+    try:
+        with Preemption() as pre:
+            step = start
+            while step < end:
+                batch = next(batches)
+                state, m = train_step(state, batch)
+                step += 1
+                steps_since += 1
+                bar.update(1)
+                if t_last is None:  # the first step compiles; time from its end
+                    jax.block_until_ready(state["step"])
+                    t_last, steps_since = time.perf_counter(), 0
+                if step % cfg.train.log_every == 0 or step == end:
+                    host = metrics_lib.to_host(m)
+                    now = time.perf_counter()
+                    if steps_since:
+                        dt = (now - t_last) / steps_since
+                        host.update(step_time=dt, tokens_per_sec=tokens_per_step / dt,
+                                    mfu=flops_per_token * tokens_per_step / dt / peak)
+                    else:
+                        host.update(step_time=float("nan"), tokens_per_sec=float("nan"), mfu=float("nan"))
+                    t_last, steps_since = now, 0
+                    host["perplexity"] = float(np.exp(min(host["ce_loss"], 50.0)))
+                    writer.write(step, host)
+                    last = host
+                    bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_sec']:.0f}",
+                                    mfu=f"{host['mfu']:.1%}")
+                    nonfinite = int(jax.device_get(state["nonfinite"]))
+                    if nonfinite >= cfg.train.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
+                            f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                    val = evaluate(eval_step, state, data_dir, cfg)
+                    writer.write(step, {"val_loss": val})
+                    bar.write(f"[train] step {step}: val_loss {val:.4f}")
+                if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    ckpt.save(step, state, batches.state())
+                if pre.requested:
+                    ckpt.save(step, state, batches.state(), force=True)
+                    ckpt.wait()
+                    bar.write(f"[train] {pre.requested}: saved step {step} to {ckpt.dir}; exiting")
+                    return last
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, batches.state(), force=True)
+            ckpt.wait()
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+
+    if step >= cfg.train.steps:
+        val = evaluate(eval_step, state, data_dir, cfg)
+        writer = metrics_lib.MetricWriter(workdir, resume_step=step)
+        writer.write(step, {"val_loss": val})
+        writer.close()
+        last["val_loss"] = val
+        if not quiet:
+            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
+                  f"outputs in {os.path.abspath(workdir)}", flush=True)
+        if cfg.train.num_samples and not quiet:
+            outs = sample(graphdef, state["params"], state["router"], rest, tokenizer,
+                          PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
+                          seed=cfg.train.seed)
+            for p, o in zip(PROMPTS, outs):
+                print(f"\n----- sample -----\n{p}{o}", flush=True)
+    return last
+
+
+def main(argv):
+    from absl import flags
+
+    cfg = Config.from_dict(flags.FLAGS.config)
+    try:
+        run(cfg, flags.FLAGS.workdir)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _entry():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
+    flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and TensorBoard events go")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,1 @@
+"""Training: optimizer, pure train step, checkpoints, metrics, sampling."""

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the whole run: train state, data iterator position and resolved config.
+
+Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when
+finished, so an interrupted save never looks complete and the previous one stays the latest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from moejax.config import Config
+
+
+class IncompatibleCheckpoint(ValueError):
+    pass
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, cfg: Config):
+        self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(self.cfg.to_dict())), force=force)
+
+    def check_compatible(self, step: int) -> None:
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        mine = self.cfg.to_dict()
+        diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {v!r}"
+                 for k, v in mine["model"].items() if saved["model"].get(k) != v]
+        for section, keys in (("data", ("seq_len", "source")), ("train", ("batch_size", "seed"))):
+            diffs += [f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config {mine[section][k]!r}"
+                      for k in keys if saved[section].get(k) != mine[section][k]]
+        if diffs:
+            raise IncompatibleCheckpoint(
+                f"{self.dir} holds a checkpoint (step {step}) from an incompatible config: " + "; ".join(diffs[:6])
+                + ". Use a new --workdir, or the original config.")
+
+    def restore(self, step: int, abstract_state):
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -1,0 +1,150 @@
+"""Conversion without transformers: MTP round trip, FP8 dequantization, bad input, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from moejax.config import ModelConfig
+from moejax.convert import UnsupportedConfig, from_hf, from_hf_config, to_hf
+from moejax.convert.checkpoint import load_model, save_model
+from moejax.convert.weights import dequantize_fp8
+from moejax.model import Transformer
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, q_lora_rank=16,
+                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1, mtp_depth=1)
+
+
+def _params(model):
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _randomize_bias(model):
+    model.segments[1].ffn.bias[...] = jax.random.normal(jax.random.key(3), model.segments[1].ffn.bias[...].shape)
+    model.mtp[0].block.ffn.bias[...] = jnp.arange(4.0)
+
+
+def test_deepseek_v3_round_trip_keeps_every_tensor_including_mtp(tmp_path):
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    _randomize_bias(model)
+    to_hf(model, CFG, str(tmp_path / "hf"))
+    names = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    assert "model.layers.2.eh_proj.weight" in names and "model.layers.2.mlp.experts.3.up_proj.weight" in names
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+    back, cfg = from_hf(str(tmp_path / "hf"))
+    assert cfg == CFG
+    a, b = _params(model), _params(back)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+def test_sharded_export_and_fused_layout(tmp_path):
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    to_hf(model, CFG, str(tmp_path / "hf"), shard_bytes=20_000)
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    back, _ = from_hf(str(tmp_path / "hf"))
+    # Rewrite the experts in transformers' fused in-memory layout and load that too.
+    tensors = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(str(tmp_path / "hf" / f)))
+    pre = "model.layers.1.mlp.experts"
+    gate_up = np.stack([np.concatenate([tensors.pop(f"{pre}.{e}.gate_proj.weight"), tensors.pop(f"{pre}.{e}.up_proj.weight")])
+                        for e in range(4)])  # [E, 2F, D]
+    down = np.stack([tensors.pop(f"{pre}.{e}.down_proj.weight") for e in range(4)])  # [E, D, F]
+    tensors[f"{pre}.gate_up_proj"], tensors[f"{pre}.down_proj"] = gate_up, down
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file(tensors, str(fused / "model.safetensors"))
+    (fused / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    again, _ = from_hf(str(fused))
+    for k, v in _params(back).items():
+        np.testing.assert_array_equal(v, _params(again)[k])
+
+
+def test_fp8_block_dequantization(tmp_path):
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    to_hf(model, CFG, str(tmp_path / "hf"))
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    name = "model.layers.1.self_attn.kv_b_proj.weight"  # [N*(Hn+Hv)=32, R=16]
+    w = tensors[name]
+    scale = np.array([[0.5]], np.float32)  # one 128x128 block covers it
+    q = (w / 0.5).astype(ml_dtypes.float8_e4m3fn)
+    tensors[name] = q
+    tensors[name + "_scale_inv"] = scale
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    back, _ = from_hf(str(tmp_path / "hf"))
+    got = np.asarray(back.segments[1].attn.wkv_b[0]).reshape(16, 32).T
+    np.testing.assert_allclose(got, q.astype(np.float32) * 0.5)
+    # block structure: scales apply per 128x128 tile, edges cropped
+    big = np.ones((130, 260), np.float32)
+    s = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    d = dequantize_fp8(big.astype(ml_dtypes.float8_e4m3fn), s)
+    assert d[0, 0] == 1 and d[0, 128] == 2 and d[0, 259] == 3 and d[129, 0] == 4 and d[129, 259] == 6
+
+
+def test_missing_tensor_and_shape_mismatch_are_named(tmp_path):
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    to_hf(model, CFG, str(tmp_path / "hf"))
+    path = str(tmp_path / "hf" / "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj.weight"):
+        from_hf(str(tmp_path / "hf"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((5, 7), np.float32)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight: shape \(5, 7\)"):
+        from_hf(str(tmp_path / "hf"))
+
+
+def test_unsupported_config_lists_every_key():
+    d = {"model_type": "deepseek_v3", "hidden_act": "gelu", "attention_bias": True,
+         "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0}}
+    with pytest.raises(UnsupportedConfig) as e:
+        from_hf_config(d)
+    msg = str(e.value)
+    assert "hidden_act" in msg and "attention_bias" in msg and "dynamic" in msg
+    with pytest.raises(UnsupportedConfig, match="model_type='llama'"):
+        from_hf_config({"model_type": "llama"})
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    import moejax.convert as conv
+
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    dst = tmp_path / "out"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(conv, "save_file", boom)
+    with pytest.raises(OSError):
+        to_hf(model, CFG, str(dst))
+    assert not dst.exists() and os.listdir(tmp_path) == []
+
+
+def test_moejax_checkpoint_and_cli(tmp_path):
+    from moejax.convert.__main__ import main
+
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    _randomize_bias(model)
+    save_model(model, CFG, str(tmp_path / "mj"))
+    main(["moejax-to-hf", "--src", str(tmp_path / "mj"), "--dst", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    main(["hf-to-moejax", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "mj2")])
+    back, cfg = load_model(str(tmp_path / "mj2"))
+    assert cfg == CFG
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(v, _params(back)[k])

@@ -204,7 +204,10 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
 
     cfg = Config.from_dict(flags.FLAGS.config)
     try:

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import pytest  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory):
+    """One built-in corpus (tiny settings) shared by every training test."""
+    return str(tmp_path_factory.mktemp("corpus"))

@@ -30,8 +30,10 @@ def decay_mask(params: nnx.State, cfg: OptimConfig):
     excluded unless the config says otherwise."""
 
     def wants_decay(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
-        leaf = names[-1] if names[-1] not in ("value",) else names[-2]
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names[-1] == "value":  # nnx Variables flatten to their value attribute
+            names = names[:-1]
+        leaf = names[-1]
         joined = "/".join(names)
         if "norm" in joined and not cfg.decay_norms:
             return False

@@ -116,7 +116,7 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config):
             metrics = {k: (v if k == "tokens" else v / n_micro) for k, v in metrics.items()}
             stats = {"expert_counts": stats["expert_counts"], "drop_fraction": stats["drop_fraction"] / n_micro} \
                 if stats else stats
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

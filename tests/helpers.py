@@ -1,0 +1,42 @@
+"""Shared tiny configurations for the tests (small enough to compile in seconds)."""
+
+from __future__ import annotations
+
+import os
+
+from moejax.config import Config
+from moejax.experiment import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_OVERRIDES = {
+    "model": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, q_lora_rank=32,
+                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1),
+    "data": dict(seq_len=64, max_files=60, tokenizer_sample_bytes=2_000_000),
+    "train": dict(batch_size=4, steps=8, log_every=1, eval_every=0, eval_batches=1, ckpt_every=4, num_samples=0,
+                  profile_peak=False),
+    "optim": dict(warmup_steps=2),
+}
+
+
+def tiny_config_dict(cache_dir: str = ""):
+    cd = load_config_file(os.path.join(ROOT, "experiments", "moe.py"))
+    for section, values in TINY_OVERRIDES.items():
+        for k, v in values.items():
+            cd[section][k] = v
+    if cache_dir:
+        cd.data.cache_dir = cache_dir
+    return cd
+
+
+def tiny_config(cache_dir: str = "") -> Config:
+    return Config.from_dict(tiny_config_dict(cache_dir))
+
+
+def override_flags(cache_dir: str) -> list[str]:
+    """The same tiny config as --config.* flags for `python -m moejax.train`."""
+    out = []
+    for section, values in TINY_OVERRIDES.items():
+        out += [f"--config.{section}.{k}={v}" for k, v in values.items()]
+    return out + [f"--config.data.cache_dir={cache_dir}"]

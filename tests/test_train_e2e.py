@@ -1,0 +1,144 @@
+"""The training entry point end to end: outputs, exact resume after SIGKILL, preemption, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from moejax.config import Config
+from moejax.train import TrainingError, run
+from moejax.trainer.checkpoint import IncompatibleCheckpoint
+
+from .helpers import ROOT, override_flags, tiny_config
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def _losses(workdir):
+    return {m["step"]: m["loss"] for m in _metrics(workdir) if "loss" in m}
+
+
+def _final_params(workdir, cfg: Config):
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(cfg.train.steps), "state")
+    with ocp.StandardCheckpointer() as c:
+        tree = c.restore(path)
+    return tree
+
+
+def _spawn(workdir, cache, *extra):
+    cmd = [sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
+           "--workdir", str(workdir), *override_flags(cache), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        if os.path.exists(path):
+            steps = [m["step"] for m in _metrics(workdir)]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_cache):
+    cfg = tiny_config(corpus_cache)
+    wd = str(tmp_path_factory.mktemp("uninterrupted"))
+    last = run(cfg, wd, quiet=True)
+    return cfg, wd, last
+
+
+def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
+    cfg, wd, last = uninterrupted
+    ms = _metrics(wd)
+    steps = [m["step"] for m in ms if "loss" in m]
+    assert steps == list(range(1, cfg.train.steps + 1))
+    for key in ("loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "moe/load_cv", "moe/bias_range"):
+        assert key in ms[-2], key
+    losses = [m["loss"] for m in ms if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5
+    assert "val_loss" in ms[-1] and np.isfinite(ms[-1]["val_loss"])
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(wd, "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == steps
+    assert "moe/load_cv/layer_0" in acc.Tags()["scalars"]
+
+
+def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, corpus_cache):
+    cfg, wd_a, _ = uninterrupted
+    wd_b = tmp_path / "killed"
+    proc = _spawn(wd_b, corpus_cache)
+    _wait_for_step(wd_b, 6, proc)  # a checkpoint at step 4 exists, and steps 5-6 are past it
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_losses(wd_b)) < cfg.train.steps
+    run(cfg, str(wd_b), quiet=True)  # resumes from the latest complete checkpoint
+    assert _losses(wd_b) == _losses(wd_a)  # every per-step loss, bit for bit
+    a, b = _final_params(wd_a, cfg), _final_params(wd_b, cfg)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus_cache):
+    wd = tmp_path / "preempted"
+    proc = _spawn(wd, corpus_cache, "--config.train.steps=200", "--config.train.ckpt_every=100")
+    _wait_for_step(wd, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved step" in out
+    saved = [int(x) for x in os.listdir(wd / "checkpoints") if x.isdigit()]
+    assert saved and 2 <= max(saved) < 100
+
+
+def test_incompatible_checkpoint_is_refused(uninterrupted):
+    cfg, wd, _ = uninterrupted
+    other = dataclasses.replace(cfg, model=cfg.model.replace(hidden_size=96))
+    with pytest.raises(IncompatibleCheckpoint, match="model.hidden_size: checkpoint 64 vs config 96"):
+        run(other, wd, quiet=True)
+
+
+def test_unwritable_workdir_fails_first(tmp_path, corpus_cache):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TrainingError, match="not writable"):
+        run(tiny_config(corpus_cache), str(blocker / "run"), quiet=True)
+
+
+def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):
+    cfg = tiny_config(corpus_cache)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30, clip_norm=0.0, warmup_steps=0),
+                              train=dataclasses.replace(cfg.train, steps=20, max_nonfinite_steps=3, ckpt_every=0))
+    with pytest.raises(TrainingError, match="consecutive steps had a non-finite loss"):
+        run(cfg, str(tmp_path / "nan"), quiet=True)
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "20")

@@ -313,7 +313,6 @@ class DataConfig:
     max_files: int = 0  # cap on stdlib files read by the built-in corpus (0 = all)
     val_fraction: float = 0.05  # share of files held out for validation
     tokenizer_sample_bytes: int = 20_000_000  # text used to train the sentencepiece model
-    num_workers: int = 0  # Grain worker processes (0 = in-process)
     shuffle_seed: int = 0
 
     def __post_init__(self):
@@ -321,8 +320,6 @@ class DataConfig:
             raise ConfigError(f"data.seq_len: must be >= 2, got {self.seq_len}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
 
 
 SCHEDULES = ("cosine", "wsd", "constant")

@@ -93,8 +93,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data_dir} has "
                             f"{tokenizer.vocab_size} pieces")
     batches = dataset.Batches(data_dir, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              num_workers=cfg.data.num_workers)
+                              process_index=jax.process_index(), process_count=jax.process_count())
 
     from flax import nnx
 

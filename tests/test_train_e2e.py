@@ -96,6 +96,10 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, corpus_cache):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(_losses(wd_b)) < cfg.train.steps
+    # A save that never finished (as a crash mid-write leaves it) must not count as complete.
+    partial = wd_b / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "junk").write_text("half written")
     run(cfg, str(wd_b), quiet=True)  # resumes from the latest complete checkpoint
     assert _losses(wd_b) == _losses(wd_a)  # every per-step loss, bit for bit
     a, b = _final_params(wd_a, cfg), _final_params(wd_b, cfg)

@@ -54,7 +54,7 @@ class Batches:
     """
 
     def __init__(self, path: str, split: str, global_batch: int, seed: int, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1, num_workers: int = 0):
+                 process_index: int = 0, process_count: int = 1):
         manifest = read_manifest(path)
         self.seq_len = manifest["seq_len"]
         if global_batch % process_count:
@@ -73,7 +73,6 @@ class Batches:
         ds = ds.map(lambda r: decode_row(r, seq_len)).batch(global_batch)
         ds = ds.map(lambda b: {k: v[lo:hi] for k, v in b.items()})
         self._ds = ds
-        self._num_workers = num_workers
         self._it = iter(ds)
 
     def __iter__(self):

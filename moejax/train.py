@@ -16,11 +16,11 @@ import time
 import jax
 import numpy as np
 
-from moejax.config import Config
+from moejax.config import Config, ConfigError
 from moejax.data import dataset
 from moejax.model.stats import param_counts, train_flops_per_token
 from moejax.trainer import metrics as metrics_lib
-from moejax.trainer.checkpoint import Checkpointer, abstract_like
+from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint, abstract_like
 from moejax.trainer.optim import make_optimizer
 from moejax.trainer.sample import sample
 from moejax.trainer.step import init_state, make_eval_step, make_train_step
@@ -207,18 +207,55 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
-
-    cfg = Config.from_dict(flags.FLAGS.config)
+    try:
+        cfg = Config.from_dict(flags.FLAGS.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         run(cfg, flags.FLAGS.workdir)
-    except TrainingError as e:
+    except (TrainingError, IncompatibleCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_override_keys(argv: list[str]) -> str | None:
+    """One-line error for a --config.a.b=v override naming a key the config file lacks (absl would
+    otherwise print a traceback)."""
+    from moejax.experiment import load_config_file
+
+    path = "experiments/moe.py"
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    try:
+        cd = load_config_file(path)
+    except (OSError, SyntaxError) as e:
+        return f"--config {path}: cannot load ({e})"
+    for a in argv:
+        if not a.startswith("--config.") or a.startswith("--config="):
+            continue
+        keys = a[len("--config."):].split("=", 1)[0].split(".")
+        node = cd
+        for depth, k in enumerate(keys):
+            if not hasattr(node, "keys") or k not in node.keys():
+                where = ".".join(keys[:depth]) or "config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                return f"--config.{'.'.join(keys)}: unknown key {k!r} in {where}; known: {known}"
+            node = node[k]
+    return None
 
 
 def _entry():
     from absl import app, flags
     from ml_collections import config_flags
+
+    problem = check_override_keys(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
     flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and TensorBoard events go")

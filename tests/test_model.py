@@ -134,3 +134,25 @@ def test_bfloat16_compute_close_to_float32():
     bf16, _ = _logits(cfg.replace(compute_dtype="bfloat16"), ids)
     assert bf16.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.05
+
+
+def test_tied_embeddings_use_the_embedding_as_head():
+    cfg = TINY.replace(tie_word_embeddings=True, mtp_depth=0)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert not hasattr(model, "lm_head")
+    logits, aux = model(jnp.array([[1, 2, 3]]), return_hidden=True)
+    np.testing.assert_allclose(logits, aux["hidden"] @ model.embed[...].T, atol=1e-5)
+
+
+def test_router_jitter_only_with_an_rng():
+    cfg = ModelConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                      n_group=1, topk_group=1, router_jitter=0.5)
+    from moejax.model.moe import MoE
+
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+    y0, a0 = layer(x)
+    y1, a1 = layer(x)
+    np.testing.assert_array_equal(y0, y1)  # deterministic without an rng
+    y2, a2 = layer(x, rng=jax.random.key(1))
+    assert not np.allclose(y0, y2)  # jitter changes routing weights/choices in training

@@ -20,6 +20,9 @@ from moejax.trainer.checkpoint import IncompatibleCheckpoint
 from .helpers import ROOT, override_flags, tiny_config
 
 
+RESUME_STEPS = 40  # long enough that the killed run is always stopped part-way
+
+
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(x) for x in f if x.strip()]
@@ -63,6 +66,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus_cache):
     cfg = tiny_config(corpus_cache)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=RESUME_STEPS))
     wd = str(tmp_path_factory.mktemp("uninterrupted"))
     last = run(cfg, wd, quiet=True)
     return cfg, wd, last
@@ -78,7 +82,7 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
     losses = [m["loss"] for m in ms if "loss" in m]
     assert losses[-1] < losses[0] - 0.5
     assert "val_loss" in ms[-1] and np.isfinite(ms[-1]["val_loss"])
-    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == ["32", "36", "40"]  # keep 3
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -91,13 +95,13 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
 def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, corpus_cache):
     cfg, wd_a, _ = uninterrupted
     wd_b = tmp_path / "killed"
-    proc = _spawn(wd_b, corpus_cache)
-    _wait_for_step(wd_b, 6, proc)  # a checkpoint at step 4 exists, and steps 5-6 are past it
+    proc = _spawn(wd_b, corpus_cache, f"--config.train.steps={RESUME_STEPS}")
+    _wait_for_step(wd_b, 10, proc)  # checkpoints at 4 and 8 exist; the kill lands wherever the run is
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(_losses(wd_b)) < cfg.train.steps
     # A save that never finished (as a crash mid-write leaves it) must not count as complete.
-    partial = wd_b / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
+    partial = wd_b / "checkpoints" / f"{RESUME_STEPS - 1}.orbax-checkpoint-tmp-1234"
     partial.mkdir()
     (partial / "junk").write_text("half written")
     run(cfg, str(wd_b), quiet=True)  # resumes from the latest complete checkpoint
@@ -146,3 +150,15 @@ def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):
     with pytest.raises(TrainingError, match="consecutive steps had a non-finite loss"):
         run(cfg, str(tmp_path / "nan"), quiet=True)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "20")
+
+
+@pytest.mark.parametrize("flag,msg", [
+    ("--config.model.foo=1", "--config.model.foo: unknown key 'foo' in model"),
+    ("--config.model.score_func=relu", "error: model.score_func: got 'relu', allowed: 'softmax', 'sigmoid'"),
+    ("--config.train.steps=abc", "--config.train.steps=abc: invalid literal for int()"),
+])
+def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
+                        flag, "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import jax
@@ -134,7 +135,7 @@ def main(argv=None):
             try:
                 import torch
 
-                torch.set_num_threads(max(1, jax.local_device_count() and len(__import__("os").sched_getaffinity(0))))
+                torch.set_num_threads(len(os.sched_getaffinity(0)))
                 best = min((time_hf(cfg, args.steps, impl), impl) for impl in ("eager", "grouped_mm"))
                 rows.append((f"transformers ({best[1]})", best[0]))
             except ImportError:

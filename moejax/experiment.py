@@ -25,14 +25,18 @@ def base_config() -> ml_collections.ConfigDict:
     return cd
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Runs an experiments/*.py file's get_config() (for tests and tools without absl flags)."""
+def _load_module(path: str, name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Runs an experiments/*.py file's get_config() (for tests and tools without absl flags)."""
+    return _load_module(path, os.path.splitext(os.path.basename(path))[0]).get_config()
 
 
 def resolve(cd: ml_collections.ConfigDict) -> Config:
@@ -41,10 +45,4 @@ def resolve(cd: ml_collections.ConfigDict) -> Config:
 
 def sibling(file: str, name: str):
     """Imports experiments/<name>.py next to `file` (presets build on each other this way)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py")
-    spec = importlib.util.spec_from_file_location(f"moejax_experiment_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_module(os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py"), f"moejax_experiment_{name}")

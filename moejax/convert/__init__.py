@@ -108,9 +108,8 @@ def from_hf(path: str, **overrides) -> tuple[Transformer, ModelConfig]:
     if overrides:
         cfg = cfg.replace(**overrides)
     graphdef, state, buffers = load_hf_state(path, cfg, hf["model_type"])
-    dtype = jnp.dtype(cfg.param_dtype)
-    for p, v in nnx.to_flat_state(state):
-        v.set_value(jnp.asarray(buffers.pop(p), dtype=v.get_value().dtype if hasattr(v.get_value(), "dtype") else dtype))
+    for p, v in nnx.to_flat_state(state):  # one parameter at a time: never two host copies
+        v.set_value(jnp.asarray(buffers.pop(p), dtype=v.get_value().dtype))
     return nnx.merge(graphdef, state), cfg
 
 

@@ -201,16 +201,6 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK)
     return w.astype(np.float32) * s
 
 
-def read_one(files: list[str], name: str) -> np.ndarray:
-    for file in files:
-        header, offset = _raw_header(file)
-        if name in header:
-            for n, arr, _ in iter_tensors([file]):
-                if n == name:
-                    return np.array(arr)
-    raise KeyError(name)
-
-
 def assign(buffers: dict[tuple, np.ndarray], slot: Slot, x: np.ndarray, name: str):
     target = buffers[slot.path]
     view_shape = target[slot.index].shape

@@ -386,6 +386,17 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh degrees (moejax.sharding); one axis may be -1 to take the remaining devices."""
+
+    data: int = 1  # pure data parallelism (parameters replicated)
+    fsdp: int = -1  # ZeRO-3: parameters, gradients and optimizer state sharded, batch split
+    expert: int = 1  # expert parallelism (experts split, batch split)
+    tensor: int = 1  # tensor parallelism (heads, FFN hidden, vocab split)
+    stage: int = 1  # pipeline stages (stacked layers split)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
 
@@ -393,13 +404,15 @@ class Config:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    mesh: MeshConfig = MeshConfig()
 
     @classmethod
     def from_dict(cls, d) -> "Config":
         if hasattr(d, "to_dict"):
             d = d.to_dict()
         d = dict(d)
-        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+                    "mesh": MeshConfig}
         unknown = set(d) - set(sections)
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}")
@@ -407,4 +420,5 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "optim": dataclasses.asdict(self.optim), "train": dataclasses.asdict(self.train)}
+                "optim": dataclasses.asdict(self.optim), "train": dataclasses.asdict(self.train),
+                "mesh": dataclasses.asdict(self.mesh)}

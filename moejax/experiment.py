@@ -11,11 +11,12 @@ import os
 
 import ml_collections
 
-from moejax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from moejax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
-    sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig()}
+    sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig(),
+                "mesh": MeshConfig()}
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():
         values = dataclasses.asdict(dc)

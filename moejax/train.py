@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+from moejax import sharding
 from moejax.config import Config, ConfigError
 from moejax.data import dataset
 from moejax.model.stats import param_counts, train_flops_per_token
@@ -102,6 +103,12 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     abstract_params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
     tx, sched = make_optimizer(cfg.optim, abstract_params, cfg.train.steps)
     graphdef, rest, state = init_state(cfg, tx)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state_sh = sharding.tree_shardings(state, mesh)
+    sharding.check_divisible(state, state_sh, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    sharding.check_batch(cfg.train.batch_size, batch_sh)
+    state = jax.device_put(state, state_sh)
 
     ckpt = Checkpointer(workdir, cfg)
     start = 0
@@ -122,7 +129,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
               f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
               flush=True)
 
-    train_step = make_train_step(graphdef, rest, tx, sched, cfg)
+    train_step = make_train_step(graphdef, rest, tx, sched, cfg, state_sh, batch_sh)
     eval_step = make_eval_step(graphdef, rest, cfg)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -137,7 +144,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         with Preemption() as pre:
             step = start
             while step < end:
-                batch = next(batches)
+                batch = jax.device_put(next(batches), batch_sh)
                 state, m = train_step(state, batch)
                 step += 1
                 steps_since += 1
@@ -214,7 +221,7 @@ def main(argv):
         sys.exit(2)
     try:
         run(cfg, flags.FLAGS.workdir)
-    except (TrainingError, IncompatibleCheckpoint) as e:
+    except (TrainingError, IncompatibleCheckpoint, sharding.ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -90,8 +90,8 @@ def _tree_select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def make_train_step(graphdef, rest, tx, sched, cfg: Config):
-    """Returns the jitted, state-donating train step."""
+def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None, batch_sharding=None):
+    """Returns the jitted, state-donating train step; with shardings, the state keeps them."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True)
     n_micro = cfg.train.microbatches
 
@@ -138,7 +138,11 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config):
             metrics.update(moe_stats(stats, router))
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated))
 
 
 def moe_stats(stats, router):

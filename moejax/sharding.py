@@ -1,0 +1,129 @@
+"""Meshes and logical-axis sharding rules.
+
+Every parameter records logical axis names (`nnx.Param(..., logical_axes=(...))`); stacked layers
+add a leading 'layers' axis. A rule table maps each logical name to mesh axes; the mesh has the
+axes data, fsdp, expert, tensor, stage. The same table serves every parallelism layout: a mesh
+axis of size 1 simply does nothing, so presets differ only in the mesh shape (and in a few rules).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
+
+# logical name -> mesh axis (or tuple of axes), MaxText-style. Batch spreads over every data-like axis.
+DEFAULT_RULES: dict[str, object] = {
+    "batch": ("data", "fsdp", "expert"),
+    "layers": "stage",
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "q_lora": "fsdp",  # used only where embed (also fsdp) is absent: wq_b
+    "kv_lora": "fsdp",  # likewise wkv_b
+    "norm": None,
+    "expert": "expert",
+    "expert_mlp": "tensor",
+}
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes for num_devices devices; -1 takes what the other axes leave."""
+    sizes = {a: getattr(shape, a) for a in MESH_AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ShardingError(f"mesh: only one axis may be -1, got {fill}")
+    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise ShardingError(f"mesh.{bad[0]}: must be >= 1 or -1, got {sizes[bad[0]]}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {fixed}")
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ShardingError(f"mesh: axes multiply to {total} but there are {num_devices} devices")
+    return sizes
+
+
+def make_mesh(shape: MeshConfig, devices: Sequence | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh(shape, len(devices))
+    arr = np.array(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh) -> P:
+    """PartitionSpec for logical axis names; a mesh axis is used at most once per array."""
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def logical_axes_of(variable, value) -> tuple:
+    """The variable's logical names, with 'layers' prepended for each stacking axis."""
+    names = tuple(variable.get_metadata().get("logical_axes", ()) or ())
+    extra = value.ndim - len(names)
+    return ("layers",) * extra + names if extra >= 0 else (None,) * value.ndim
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
+    """NamedShardings for a pytree holding nnx Variables (params, optimizer moments, ...): each
+    Variable is sharded by its logical axes, every other leaf is replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            return x.replace(NamedSharding(mesh, spec_for(logical_axes_of(x, value), rules, mesh)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_divisible(tree, shardings, mesh: Mesh) -> None:
+    """One-line error for a dimension its mesh axes do not divide (experts vs the expert axis,
+    heads vs tensor, ...)."""
+    flat_v = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, value), sharding in zip(flat_v, flat_s):
+        for dim, axes in zip(np.shape(value), sharding.spec):
+            if axes is None:
+                continue
+            n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            if dim % n:
+                name = jax.tree_util.keystr(path)
+                raise ShardingError(f"{name}: dimension {dim} is not divisible by mesh axes {axes} (size {n})")
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
+    """Rows of a [B, T] batch split over the data-like axes."""
+    return NamedSharding(mesh, spec_for(("batch", None), rules, mesh))
+
+
+def check_batch(batch_size: int, sharding: NamedSharding) -> None:
+    axes = sharding.spec[0]
+    n = 1 if axes is None else math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if batch_size % n:
+        raise ShardingError(f"train.batch_size={batch_size} is not divisible by the batch axes {axes} (size {n})")

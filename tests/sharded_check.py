@@ -1,0 +1,81 @@
+"""Run in a process with 8 CPU devices (see test_sharding.py): each mesh preset's train step must
+match the single-device step, keep the shardings the rules give, and not replicate parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax import sharding
+from moejax.config import MeshConfig
+from moejax.model import Transformer
+from moejax.trainer.optim import make_optimizer
+from moejax.trainer.step import init_state, make_train_step
+
+from tests.helpers import tiny_config
+
+PRESETS = {
+    "fsdp": MeshConfig(fsdp=8),
+    "data": MeshConfig(data=8, fsdp=1),
+    "fsdp_tensor": MeshConfig(fsdp=4, tensor=2),
+    "expert_fsdp": MeshConfig(expert=4, fsdp=2),
+    "expert_tensor": MeshConfig(expert=4, fsdp=1, tensor=2),
+}
+
+
+def one_step(cfg, mesh):
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
+    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
+    graphdef, rest, state = init_state(cfg, tx)
+    sh = sharding.tree_shardings(state, mesh)
+    sharding.check_divisible(state, sh, mesh)
+    bsh = sharding.batch_sharding(mesh)
+    state = jax.device_put(state, sh)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
+             "segment_ids": np.repeat(np.array([[1] * (T // 2) + [2] * (T - T // 2)], np.int32), B, 0),
+             "positions": np.tile(np.concatenate([np.arange(T // 2), np.arange(T - T // 2)]).astype(np.int32), (B, 1))}
+    step = make_train_step(graphdef, rest, tx, sched, cfg, sh, bsh)
+    state, m = step(state, jax.device_put(batch, bsh))
+    state, m = step(state, jax.device_put(batch, bsh))  # a second step exercises the optimizer state
+    return state, m, sh
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    base = tiny_config()
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=8),
+                              model=base.model.replace(num_heads=4, mtp_depth=1))
+    ref_state, ref_m, _ = one_step(cfg, sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
+    results = {}
+    for name, mc in PRESETS.items():
+        mesh = sharding.make_mesh(mc)
+        state, m, sh = one_step(cfg, mesh)
+        np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=2e-4, err_msg=name)
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=3e-5, rtol=1e-4, err_msg=name)
+        for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(ref_state["router"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        # every parameter and Adam moment ends with the sharding the rules give
+        want = jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        got = jax.tree.leaves(state)
+        assert all(g.sharding.is_equivalent_to(w, g.ndim) for g, w in zip(got, want)), name
+        total = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+        per_device = max(sum(s.data.nbytes for x in jax.tree.leaves(state["params"])
+                             for s in x.addressable_shards if s.device == d) for d in jax.devices())
+        w = state["params"]["segments"][1]["ffn"]["w_gate_up"].get_value()
+        results[name] = {"param_bytes_per_device": per_device, "param_bytes_total": total,
+                         "w_gate_up_spec": str(w.sharding.spec)}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Sharding: mesh/rule errors here; the 8-device equivalence runs in a subprocess (device count is
+fixed when jax starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moejax import sharding
+from moejax.config import MeshConfig
+
+from .helpers import ROOT
+
+
+def test_mesh_resolution_and_errors():
+    assert sharding.resolve_mesh(MeshConfig(fsdp=-1, tensor=2), 8)["fsdp"] == 4
+    with pytest.raises(sharding.ShardingError, match="axes multiply to 4 but there are 8 devices"):
+        sharding.resolve_mesh(MeshConfig(fsdp=2, tensor=2), 8)
+    with pytest.raises(sharding.ShardingError, match="only one axis may be -1"):
+        sharding.resolve_mesh(MeshConfig(fsdp=-1, data=-1), 8)
+
+
+def test_indivisible_experts_name_the_parameter():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    from moejax.model.moe import MoE
+    from tests.helpers import tiny_config
+
+    layer = nnx.eval_shape(lambda: MoE(tiny_config().model.replace(n_routed_experts=6, n_group=1), rngs=nnx.Rngs(0)))
+    state = nnx.state(layer, nnx.Param)
+    mesh = Mesh(np.array(jax.devices()[:1] * 1).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)
+    fake = type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}})()
+    spec = sharding.spec_for(("expert", "embed", None, "expert_mlp"), sharding.DEFAULT_RULES, mesh)
+    assert spec == jax.sharding.PartitionSpec(None, None, None, None)  # size-1 axes are dropped
+    sh = jax.tree.map(lambda v: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")),
+                      nnx.to_pure_dict(state))
+    vals = jax.tree.map(lambda v: jnp.zeros(v.shape), nnx.to_pure_dict(state))
+    with pytest.raises(sharding.ShardingError, match=r"w_down.*dimension 6 is not divisible by mesh axes expert"):
+        sharding.check_divisible({"w_down": vals["w_down"]}, {"w_down": sh["w_down"]}, fake)
+
+
+def test_presets_on_8_devices_match_one_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-m", "tests.sharded_check"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(results) == {"fsdp", "data", "fsdp_tensor", "expert_fsdp", "expert_tensor"}
+    for name, res in results.items():
+        ratio = res["param_bytes_per_device"] / res["param_bytes_total"]
+        if name == "data":
+            assert ratio == 1.0  # pure data parallelism replicates by design
+        else:
+            assert ratio < 0.6, (name, ratio)  # nothing large is accidentally replicated
+    assert results["fsdp"]["param_bytes_per_device"] < 0.2 * results["fsdp"]["param_bytes_total"]
+    assert "expert" in results["expert_fsdp"]["w_gate_up_spec"] and "fsdp" in results["expert_fsdp"]["w_gate_up_spec"]
+    assert "tensor" in results["fsdp_tensor"]["w_gate_up_spec"]

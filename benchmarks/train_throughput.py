@@ -131,7 +131,7 @@ def main(argv=None):
             dt = time_moejax(dataclasses.replace(cfg, model=cfg.model.replace(**over)), args.steps)
             rows.append((label, dt))
         base = rows[0][1]
-        if not args.no_hf and name == "tiny":
+        if not args.no_hf:
             try:
                 import torch
 

@@ -31,16 +31,20 @@ def _check_args(lhs, rhs, group_sizes):
         raise ValueError(f"gmm: lhs and rhs dtypes differ ({lhs.dtype} vs {rhs.dtype})")
 
 
+def _clipped_sizes(group_sizes, num_rows):
+    """Sizes with negatives as 0 and the total clipped to the rows that exist, int32 [G_total]."""
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    return ends - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+
+
 def _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype):
     """Frames the local groups with two zero-weight groups (rows before them and rows after),
     so that any sizes map every row to some weight and nothing is read out of bounds."""
     M = lhs.shape[0]
     G = rhs.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), M)  # clip to the rows that exist
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    clipped = ends - starts  # [G_total]
-    before = jnp.sum(jnp.where(jnp.arange(sizes.shape[0]) < group_offset, clipped, 0))
+    clipped = _clipped_sizes(group_sizes, M)  # [G_total]
+    before = jnp.sum(jnp.where(jnp.arange(clipped.shape[0]) < group_offset, clipped, 0))
     local = jax.lax.dynamic_slice_in_dim(clipped, group_offset, G)
     after = M - before - local.sum()
     ext_sizes = jnp.concatenate([before[None], local, after[None]]).astype(jnp.int32)  # [G + 2]
@@ -48,13 +52,6 @@ def _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype):
     ext_rhs = jnp.concatenate([zero, rhs, zero])  # [G + 2, K, N]
     out = jax.lax.ragged_dot(lhs, ext_rhs, ext_sizes, preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
-
-
-def _clipped_sizes(group_sizes, num_rows):
-    """Sizes with negatives as 0 and the total clipped to the rows that exist, int32 [G_total]."""
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    return ends - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
 
 
 def _tiled(lhs, rhs, group_sizes, group_offset, out_dtype, tile):

@@ -47,3 +47,42 @@ def resolve(cd: ml_collections.ConfigDict) -> Config:
 def sibling(file: str, name: str):
     """Imports experiments/<name>.py next to `file` (presets build on each other this way)."""
     return _load_module(os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py"), f"moejax_experiment_{name}")
+
+
+def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A preset's architecture family and routing rules at CPU size (the *_tiny.py experiments):
+    same attention type, scoring, groups, bias, scaling, YaRN and MTP, tiny widths."""
+    m = c.model
+    moe_equals_dense = m.moe_intermediate_size == m.intermediate_size  # Mixtral: one FFN width
+    m.vocab_size = 4096
+    m.hidden_size = 128
+    m.num_layers = 3
+    m.num_heads = 4
+    m.intermediate_size = 64 if moe_equals_dense else 256
+    m.max_position_embeddings = 4096
+    if m.attention_type == "mla":
+        m.q_lora_rank = 48 if m.q_lora_rank else 0
+        m.kv_lora_rank = 32
+        m.qk_nope_head_dim = 16
+        m.qk_rope_head_dim = 8
+        m.v_head_dim = 16
+        m.rope_factor = 4.0
+        m.rope_original_max_position_embeddings = 256
+        m.n_routed_experts = 16
+        m.num_experts_per_tok = 4
+        m.moe_intermediate_size = 32
+        m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
+        m.n_group = min(m.n_group, 4)
+        m.topk_group = min(m.topk_group, 2)
+    else:
+        m.num_kv_heads = 2
+        m.head_dim = 32
+        m.n_routed_experts = 8 if m.n_routed_experts <= 8 else 16
+        m.moe_intermediate_size = 64 if moe_equals_dense else 32
+        m.num_experts_per_tok = min(m.num_experts_per_tok, 4)
+    m.compute_dtype = "float32"
+    m.remat_policy = "none"
+    c.data.seq_len = 128
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 20
+    return c

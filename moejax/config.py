@@ -16,6 +16,7 @@ from typing import Any, Mapping
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
+GMM_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "tiled", "ragged_dot", "reference")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,6 +89,7 @@ class ModelConfig:
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
     capacity_factor: float = 1.25
+    gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
 
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
@@ -177,6 +179,7 @@ class ModelConfig:
         choice("attention_type", ATTENTION_TYPES)
         choice("score_func", SCORE_FUNCS)
         choice("moe_impl", MOE_IMPLS)
+        choice("gmm_impl", GMM_IMPLS)
         choice("rope_type", ROPE_TYPES)
         choice("remat_policy", REMAT_POLICIES)
         choice("param_dtype", DTYPES)

@@ -58,6 +58,71 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
     np.testing.assert_allclose(np.asarray(g_got[1], np.float32), tg, atol=tol * 4, rtol=TOL[dtype])
 
 
+# Pallas kernels: compiled on their own platform, Pallas interpret mode elsewhere (pltpu.InterpretParams for
+# the Mosaic TPU kernels, interpret=True for the Triton GPU kernels). Shapes give several row tiles with a
+# partial last one, and (GPU) partial K and N tiles; (TPU) several K and N tiles.
+PALLAS_SHAPES = {"pallas_tpu": ((37, 256, 256), (16, 128, 128)), "pallas_gpu": ((37, 40, 36), (16, 16, 16))}
+ALIGNED_GPU_SHAPE = ((37, 32, 48), (16, 16, 16))  # K and N multiples of their tiles: the unmasked loads
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """References use jnp.dot, which is TF32 on GPUs by default; compare against exact float32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["random_with_empty", "one_group_all_rows", "short_sum"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_gmm_matches_reference_forward_and_grads(impl, kind, dtype):
+    rng = np.random.default_rng(abs(hash((impl, kind))) % 2**32)
+    (M, K, N), tiles = ALIGNED_GPU_SHAPE if (impl, kind) == ("pallas_gpu", "one_group_all_rows") else PALLAS_SHAPES[impl]
+    G, offset, local = 5, 1, 3
+    sizes = jnp.asarray(_group_sizes(rng, M, G, kind), jnp.int32)
+    lhs = jnp.asarray(rng.normal(size=(M, K)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(local, K, N)) / np.sqrt(K), dtype)
+
+    def f(impl):
+        return jax.jit(lambda a, b: kernels.gmm(a, b, sizes, group_offset=offset, preferred_element_type=jnp.float32,
+                                                impl=impl, tiles=tiles))
+
+    tol = TOL[dtype] * 4
+    np.testing.assert_allclose(f(impl)(lhs, rhs), f("reference")(lhs, rhs), atol=tol, rtol=TOL[dtype])
+    cot = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
+    g_ref = jax.vjp(f("reference"), lhs, rhs)[1](cot)
+    g_got = jax.vjp(f(impl), lhs, rhs)[1](cot)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4,
+                                   rtol=TOL[dtype] * 2)
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "tiled", "ragged_dot"])
+def test_tgmm_matches_reference_with_empty_and_remote_groups(impl):
+    rng = np.random.default_rng(7)
+    (M, K, N), tiles = PALLAS_SHAPES.get(impl, ((37, 24, 20), None))
+    sizes = jnp.asarray([5, 0, 19, 0, 9, 4], jnp.int32)  # empty groups inside the local range; 37 - 37 rows
+    lhs = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
+    grad = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
+    got = kernels.tgmm(lhs, grad, sizes, group_offset=1, num_groups=4, impl=impl, tiles=tiles)
+    ref = kernels.tgmm_reference(lhs, grad, sizes, group_offset=1, num_groups=4)
+    assert got.shape == (4, K, N)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)  # the empty group's gradient is exactly zero
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_gmm_bad_sizes_stay_in_bounds(impl):
+    """Negative sizes and sizes summing past M behave as the reference (and interpret mode raises on any
+    out-of-bounds read, so none happens)."""
+    (M, K, N), tiles = PALLAS_SHAPES[impl]
+    lhs = jnp.ones((M, K))
+    rhs = jnp.ones((2, K, N))
+    sizes = jnp.array([-3, 5, 200], jnp.int32)
+    got = kernels.gmm(lhs, rhs, sizes, group_offset=1, impl=impl, tiles=tiles)
+    np.testing.assert_allclose(got, kernels.gmm(lhs, rhs, sizes, group_offset=1, impl="reference"))
+
+
 def test_gmm_bad_sizes_never_read_out_of_bounds_and_checked_mode_raises():
     lhs = jnp.ones((8, 4))
     rhs = jnp.ones((2, 4, 3))

@@ -130,7 +130,8 @@ class MoE(nnx.Module):
                 y, drop = experts_capacity(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd,
                                            cfg.capacity_factor, mask)
             else:
-                y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd)
+                impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
+                y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd, impl)
         if cfg.n_shared_experts:
             y = y + self.shared(xf)
         aux = self.losses(r, mask, B)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
+EP_EXCHANGES = ("dropless", "capacity")
 GMM_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "tiled", "ragged_dot", "reference")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
@@ -90,6 +91,7 @@ class ModelConfig:
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
     capacity_factor: float = 1.25
     gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
+    ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' (worst-case buffer) or 'capacity'
 
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
@@ -180,6 +182,7 @@ class ModelConfig:
         choice("score_func", SCORE_FUNCS)
         choice("moe_impl", MOE_IMPLS)
         choice("gmm_impl", GMM_IMPLS)
+        choice("ep_exchange", EP_EXCHANGES)
         choice("rope_type", ROPE_TYPES)
         choice("remat_policy", REMAT_POLICIES)
         choice("param_dtype", DTYPES)

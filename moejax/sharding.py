@@ -8,6 +8,7 @@ axis of size 1 simply does nothing, so presets differ only in the mesh shape (an
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -40,6 +41,29 @@ DEFAULT_RULES: dict[str, object] = {
 
 class ShardingError(ValueError):
     pass
+
+
+_ACTIVE: list[tuple[Mesh, Mapping[str, object]]] = []
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
+    """While tracing inside this context, layers that shard by hand (the expert-parallel MoE's shard_map)
+    use this mesh and rule table. The train step enters it around its body."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def active() -> tuple[Mesh, Mapping[str, object]] | None:
+    """(mesh, rules) of the innermost `activate`, or None outside one (single device semantics)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def axes_of(spec_entry) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
 def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:

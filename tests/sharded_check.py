@@ -48,8 +48,43 @@ def one_step(cfg, mesh):
     return state, m, sh
 
 
+def check_capacity_exchange():
+    """The expert-parallel MoE layer with the capacity exchange: with room for every row it equals the
+    single-device layer (forward and input gradient); with too little room it drops rows and says so."""
+    from moejax.model.moe import MoE
+
+    mesh = sharding.make_mesh(MeshConfig(expert=4, fsdp=2))
+    out = {}
+    for cf, name in ((4.0, "roomy"), (0.5, "tight")):
+        cfg = tiny_config().model.replace(ep_exchange="capacity", capacity_factor=cf, moe_impl="dropless")
+        layer = MoE(cfg, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (8, 16, cfg.hidden_size))
+        graphdef, state = nnx.split(layer)
+
+        def f(state, x, meshed):
+            def run():
+                y, aux = nnx.merge(graphdef, state)(x)
+                return jnp.sum(y ** 2), aux["drop_fraction"]
+            if meshed:
+                with sharding.activate(mesh):
+                    return run()
+            return run()
+
+        (ref, _), g_ref = jax.value_and_grad(f, argnums=1, has_aux=True)(state, x, False)
+        (got, drop), g_got = jax.jit(jax.value_and_grad(f, argnums=1, has_aux=True), static_argnums=2)(state, x, True)
+        out[name] = (float(got), float(ref), float(drop))
+        if name == "roomy":
+            np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_ref), atol=1e-5, rtol=1e-4)
+            assert float(drop) == 0.0
+        else:
+            assert 0.0 < float(drop) < 1.0, out
+    return out
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
+    check_capacity_exchange()
     base = tiny_config()
     cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=8),
                               model=base.model.replace(num_heads=4, mtp_depth=1))

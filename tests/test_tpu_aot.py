@@ -23,6 +23,9 @@ TOPOLOGIES = ["v5e:2x2", "v5p:2x2x1"]
 
 @pytest.fixture(scope="module", params=TOPOLOGIES)
 def mesh(request):
+    from moejax import pod
+
+    pod.tpu_devices("v5e:1x1")  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads
     topo = topologies.get_topology_desc(topology_name=request.param, platform="tpu")
     return jax.sharding.Mesh(np.array(topo.devices).reshape(-1), ("data",))
 

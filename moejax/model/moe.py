@@ -7,7 +7,8 @@ Strategies (cfg.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each to
   dense     every expert on every token, masked: the readable reference
   capacity  GShard/Switch buffers of C = ceil(capacity_factor * M * K / E) rows per expert; the
             lowest-weight assignments are dropped first
-  dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm)
+  dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm); on a mesh (inside
+            the train step) the experts run in shard_map with an all-to-all over 'expert' (moe_ep.py)
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import kernels
+from moejax import kernels, sharding
 from moejax.config import ModelConfig
+from moejax.model import moe_ep
 from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
 
@@ -131,7 +133,16 @@ class MoE(nnx.Module):
                                            cfg.capacity_factor, mask)
             else:
                 impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
-                y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd, impl)
+                active = sharding.active()
+                if active and moe_ep.can_shard(*active, B, cfg.n_routed_experts):
+                    k = r.expert_ids.shape[-1]
+                    y, drop = moe_ep.experts_ep(
+                        x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), self.w_gate_up[...],
+                        self.w_down[...], cd, mesh=active[0], rules=active[1], exchange=cfg.ep_exchange,
+                        capacity_factor=cfg.capacity_factor, gmm_impl=impl)
+                    y = y.reshape(B * T, D)
+                else:
+                    y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd, impl)
         if cfg.n_shared_experts:
             y = y + self.shared(xf)
         aux = self.losses(r, mask, B)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moejax import sharding
 from moejax.config import Config
 from moejax.model import RouterBias, Transformer
 
@@ -140,8 +141,14 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
 
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+    mesh = batch_sharding.mesh
+
+    def meshed_step(state, batch):
+        with sharding.activate(mesh):
+            return train_step(state, batch)
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(meshed_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated))
 
 

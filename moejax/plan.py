@@ -1,0 +1,206 @@
+"""Plan a run before renting the chips: parameters, FLOPs, memory per device by component, time and cost.
+
+    python -m moejax.plan --config experiments/deepseek_v3.py --topology v5p-1024 \\
+        --config.mesh.expert=32 --config.train.batch_size=1024 --tokens 14.8e12 --mfu 0.4
+
+Nothing is compiled or allocated: parameter and optimizer bytes are exact (the abstract train state
+sharded by the config's mesh and rules), activations are an estimate from the shapes under the remat
+policy (see `activation_bytes`), and time and cost follow from FLOPs per token at an assumed MFU and
+price per chip-hour. `python -m moejax.compile` gives the compiler's own figure to check it against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from moejax.config import Config
+
+GiB = 1024**3
+
+
+def _shard_bytes(tree, mesh_shape, rules) -> int:
+    """Per-device bytes of a tree of (abstract) nnx Variables / arrays under the rules."""
+    from flax import nnx
+
+    from moejax import sharding
+
+    class _Shape:  # spec_for only reads mesh.shape
+        shape = mesh_shape
+
+    total = 0
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for leaf in leaves:
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            spec = sharding.spec_for(sharding.logical_axes_of(leaf, value), rules, _Shape)
+        else:
+            value, spec = leaf, ()
+        shape = list(value.shape)
+        for i, entry in enumerate(spec):
+            shape[i] = -(-shape[i] // math.prod(mesh_shape[a] for a in sharding.axes_of(entry)))
+        total += math.prod(shape) * jnp.dtype(value.dtype).itemsize
+    return total
+
+
+def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
+    """Estimated activation memory per device at the peak of the backward pass.
+
+    Per layer the forward keeps (remat 'none') the attention inputs and outputs, the float32 softmax
+    probabilities [B, H, T, T], the MoE dispatch rows (k per token, expert-parallel send and receive
+    buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's float32 input is kept and
+    one layer's set is rebuilt (plus its gradients) during its backward pass. Logits are float32 [B, T, V]
+    per output head (main + MTP), kept with their gradient.
+    """
+    from moejax import sharding
+
+    m = cfg.model
+    n_batch = math.prod(mesh_shape[a] for a in sharding.axes_of(sharding.spec_for(("batch",), sharding.DEFAULT_RULES,
+                                                                                    type("S", (), {"shape": mesh_shape}))[0]))
+    tp = mesh_shape.get("tensor", 1)
+    n_ep = mesh_shape.get("expert", 1)
+    cb = jnp.dtype(m.compute_dtype).itemsize
+    B = cfg.train.batch_size / max(1, n_batch) / cfg.train.microbatches
+    T, D, H = cfg.data.seq_len, m.hidden_size, m.num_heads / tp
+    tokens = B * T
+    if m.attention_type == "mla":
+        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        proj = tokens * ((m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim) * cb
+    else:
+        qk = v = m.head_dim or D // m.num_heads
+        proj = 0
+    attn = tokens * H * (2 * qk + 2 * v) * cb + proj + B * H * T * T * 4 + 2 * tokens * D * cb
+    kinds = m.layer_kinds()
+    A = tokens * m.num_experts_per_tok
+    if m.n_routed_experts:
+        Fl = m.moe_intermediate_size / tp
+        if m.moe_impl == "dropless" and (n_ep > 1 or math.prod(mesh_shape.values()) > 1):
+            buf = A * D * cb * (1 if m.ep_exchange == "dropless" and n_ep == 1 else
+                                (n_ep if m.ep_exchange == "dropless" else m.capacity_factor))
+            exchange = 4 * buf  # send, receive, results back, combine
+        elif m.moe_impl == "capacity":
+            exchange = 2 * A * m.capacity_factor * D * cb
+        else:
+            exchange = 2 * A * D * cb
+        moe = exchange + A * Fl * (2 * 4 + cb) + tokens * m.n_routed_experts * 4 * 3
+        moe += tokens * m.n_shared_experts * m.moe_intermediate_size / tp * (2 * 4 + cb)
+    else:
+        moe = 0
+    dense = tokens * m.intermediate_size / tp * (2 * 4 + cb)
+    per_layer = {"moe": attn + moe + tokens * D * 4 * 2, "dense": attn + dense + tokens * D * 4 * 2}
+    layers = [per_layer[k] for k in kinds] + [per_layer["moe" if m.n_routed_experts else "dense"]] * m.mtp_depth
+    if m.remat_policy == "full":
+        kept = tokens * D * 4 * len(layers) + 2 * max(layers)
+    elif m.remat_policy == "none":
+        kept = sum(layers)
+    else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
+        kept = sum(layers) - len(layers) * B * H * T * T * 4 + 2 * max(layers)
+    logits = tokens * m.vocab_size / tp * 4 * 2 * (1 + m.mtp_depth)
+    return {"activations": int(kept), "logits": int(logits)}
+
+
+def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen: str = "v5p",
+         tokens: float = 0.0, mfu: float = 0.4, price: float | None = None) -> dict:
+    from flax import nnx
+
+    from moejax import pod, sharding
+    from moejax.model import Transformer
+    from moejax.model.stats import param_counts, train_flops_per_token
+    from moejax.trainer.optim import make_optimizer
+    from moejax.trainer.step import init_state
+
+    if topology:
+        gen, chips, _ = pod.parse_topology(topology)
+    chip = pod.CHIPS[gen]
+    chips = chips or 1
+    mesh_shape = sharding.resolve_mesh(cfg.mesh, chips)
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
+    tx, _ = make_optimizer(cfg.optim, params, cfg.train.steps)
+    state = jax.eval_shape(lambda: init_state(cfg, tx)[2])
+    rules = sharding.DEFAULT_RULES
+    comp = {
+        "params": _shard_bytes(state["params"], mesh_shape, rules),
+        "optimizer": _shard_bytes(state["opt_state"], mesh_shape, rules),
+        "router": _shard_bytes(state["router"], mesh_shape, rules),
+    }
+    comp["grads"] = comp["params"]
+    comp.update(activation_bytes(cfg, mesh_shape))
+    total = sum(comp.values())
+    counts = param_counts(cfg.model)
+    fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    step_s = fpt * tokens_per_step / (chips * chip.bf16_flops * mfu)
+    price = chip.price_per_hour if price is None else price
+    out = {"chip": chip.name, "chips": chips, "mesh": mesh_shape, "components": comp, "total": total,
+           "hbm": chip.hbm_bytes, "fits": total <= chip.hbm_bytes, "params_total": counts.total + counts.mtp,
+           "params_activated": counts.activated, "flops_per_token": fpt, "tokens_per_step": tokens_per_step,
+           "step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
+    if tokens:
+        hours = tokens / out["tokens_per_s"] / 3600
+        out.update(train_tokens=tokens, hours=hours, chip_hours=hours * chips, cost=hours * chips * price,
+                   price=price, mfu=mfu)
+    return out
+
+
+def report(p: dict, cfg: Config) -> str:
+    mesh = " ".join(f"{a}={n}" for a, n in p["mesh"].items() if n > 1) or "single device"
+    lines = [
+        f"[plan] {p['chips']} x {p['chip']}; mesh {mesh}; remat {cfg.model.remat_policy}; "
+        f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens",
+        f"[plan] parameters {p['params_total'] / 1e9:.2f}B total, {p['params_activated'] / 1e9:.2f}B activated; "
+        f"{p['flops_per_token'] / 1e9:.1f} GFLOPs per trained token",
+        "[plan] memory per device:",
+    ]
+    for k, v in p["components"].items():
+        lines.append(f"  {k:<12} {v / GiB:9.2f} GiB")
+    lines.append(f"  {'total':<12} {p['total'] / GiB:9.2f} GiB = {100 * p['total'] / p['hbm']:.0f}% of "
+                 f"{p['hbm'] / GiB:.0f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    lines.append(f"[plan] at {100 * p.get('mfu', 0.4):.0f}% MFU: {p['step_s']:.2f} s per step, "
+                 f"{p['tokens_per_s'] / 1e6:.2f}M tokens/s")
+    if "train_tokens" in p:
+        lines.append(f"[plan] {p['train_tokens'] / 1e12:.2f}T tokens: {p['hours'] / 24:.1f} days, "
+                     f"{p['chip_hours'] / 1e6:.3f}M chip-hours, ${p['cost'] / 1e6:.2f}M at ${p['price']:.2f}/chip-hour")
+    return "\n".join(lines)
+
+
+def main(argv):
+    from absl import flags
+
+    from moejax import pod, sharding
+    from moejax.config import ConfigError
+
+    F = flags.FLAGS
+    try:
+        cfg = Config.from_dict(F.config)
+        p = plan(cfg, F.topology, tokens=F.tokens, mfu=F.mfu, price=F.price)
+    except (ConfigError, pod.TopologyError, sharding.ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report(p, cfg))
+
+
+def _entry():
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from moejax.train import check_override_keys
+
+    problem = check_override_keys(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
+    flags.DEFINE_string("topology", "v5p-8", "v5p-512 (Cloud naming) or v5p:8x8x4 (chips per dimension)")
+    flags.DEFINE_float("tokens", 0.0, "training tokens for the time and cost estimate (e.g. 14.8e12)")
+    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilization")
+    flags.DEFINE_float("price", None, "USD per chip-hour (default: the chip table's list price)")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _entry()

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from moejax import sharding
+from moejax import distributed, sharding
 from moejax.config import Config, ConfigError
 from moejax.data import dataset
 from moejax.model.stats import param_counts, train_flops_per_token
@@ -68,13 +68,27 @@ class Preemption:
             signal.signal(sig, old)
 
 
-def evaluate(eval_step, state, data_dir: str, cfg: Config) -> float:
+def global_batch(local: dict, batch_sh) -> dict:
+    """This process's rows -> one global array per field, laid out by the batch sharding."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+
+class _NullWriter:
+    def write(self, step, values):
+        pass
+
+    def close(self):
+        pass
+
+
+def evaluate(eval_step, state, data_dir: str, cfg: Config, batch_sh) -> float:
     """Mean validation cross-entropy over the first eval_batches batches (always the same ones)."""
     batches = dataset.Batches(data_dir, "validation", cfg.train.batch_size, seed=0, shuffle=False,
                               process_index=jax.process_index(), process_count=jax.process_count())
     total = count = 0.0
     for _ in range(max(cfg.train.eval_batches, 1)):
-        loss, ntok = jax.device_get(eval_step(state["params"], state["router"], next(batches)))
+        batch = global_batch(next(batches), batch_sh)
+        loss, ntok = jax.device_get(eval_step(state["params"], state["router"], batch))
         total += float(loss) * float(ntok)
         count += float(ntok)
     return total / max(count, 1.0)
@@ -88,6 +102,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     """
     check_workdir(workdir)
     t_start = time.time()
+    primary = jax.process_index() == 0
+    show = not quiet
+    quiet = quiet or not primary  # one process reports
     data_dir = dataset.resolve(cfg.data, cfg.model.vocab_size)
     tokenizer = dataset.tokenizer(data_dir)
     if tokenizer.vocab_size != cfg.model.vocab_size:
@@ -130,8 +147,8 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
               flush=True)
 
     train_step = make_train_step(graphdef, rest, tx, sched, cfg, state_sh, batch_sh)
-    eval_step = make_eval_step(graphdef, rest, cfg)
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    eval_step = make_eval_step(graphdef, rest, cfg, mesh)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start) if primary else _NullWriter()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last: dict = {}
     end = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
@@ -144,7 +161,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         with Preemption() as pre:
             step = start
             while step < end:
-                batch = jax.device_put(next(batches), batch_sh)
+                batch = global_batch(next(batches), batch_sh)
                 state, m = train_step(state, batch)
                 step += 1
                 steps_since += 1
@@ -173,7 +190,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                             f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
                             f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    val = evaluate(eval_step, state, data_dir, cfg)
+                    val = evaluate(eval_step, state, data_dir, cfg, batch_sh)
                     writer.write(step, {"val_loss": val})
                     bar.write(f"[train] step {step}: val_loss {val:.4f}")
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
@@ -192,20 +209,22 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         writer.close()
 
     if step >= cfg.train.steps:
-        val = evaluate(eval_step, state, data_dir, cfg)
-        writer = metrics_lib.MetricWriter(workdir, resume_step=step)
+        val = evaluate(eval_step, state, data_dir, cfg, batch_sh)
+        writer = metrics_lib.MetricWriter(workdir, resume_step=step) if primary else _NullWriter()
         writer.write(step, {"val_loss": val})
         writer.close()
         last["val_loss"] = val
         if not quiet:
             print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
-        if cfg.train.num_samples and not quiet:
-            outs = sample(graphdef, state["params"], state["router"], rest, tokenizer,
-                          PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
-                          seed=cfg.train.seed)
+        if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
+            with sharding.activate(mesh):
+                outs = sample(graphdef, state["params"], state["router"], rest, tokenizer,
+                              PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
+                              seed=cfg.train.seed)
             for p, o in zip(PROMPTS, outs):
-                print(f"\n----- sample -----\n{p}{o}", flush=True)
+                if primary:
+                    print(f"\n----- sample -----\n{p}{o}", flush=True)
     return last
 
 
@@ -220,6 +239,7 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
+        distributed.initialize()
         run(cfg, flags.FLAGS.workdir)
     except (TrainingError, IncompatibleCheckpoint, sharding.ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)

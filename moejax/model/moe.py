@@ -142,6 +142,8 @@ class MoE(nnx.Module):
                         capacity_factor=cfg.capacity_factor, gmm_impl=impl)
                     y = y.reshape(B * T, D)
                 else:
+                    if active and impl is None and kernels.default_impl().startswith("pallas"):
+                        impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
                     y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd, impl)
         if cfg.n_shared_experts:
             y = y + self.shared(xf)

@@ -168,9 +168,15 @@ def moe_stats(stats, router):
     return out
 
 
-def make_eval_step(graphdef, rest, cfg: Config):
+def make_eval_step(graphdef, rest, cfg: Config, mesh=None):
+    """Validation loss; with a mesh, traced with it active (the expert-parallel MoE path)."""
+
     def eval_step(params, router, batch):
-        loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
+        if mesh is None:
+            loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
+        else:
+            with sharding.activate(mesh):
+                loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
         return metrics["ce_loss"], metrics["tokens"]
 
     return jax.jit(eval_step)

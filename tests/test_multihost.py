@@ -1,0 +1,94 @@
+"""Two local processes (127.0.0.1, CPU collectives) train as one job: a 2-process x 2-device mesh, data
+split by process, a checkpoint written by both and restored by both; then killing one process makes the
+other exit with an error within a bounded time instead of hanging in a collective."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from moejax.data import dataset
+from tests.helpers import ROOT, override_flags, tiny_config
+
+HEARTBEAT_S = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, cache, steps):
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2", MOEJAX_PROCESS_ID=str(i),
+                   MOEJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
+               *override_flags(cache), f"--workdir={workdir}", f"--config.train.steps={steps}",
+               "--config.train.ckpt_every=4", "--config.mesh.fsdp=2", "--config.mesh.expert=2"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env))
+    return procs
+
+
+class _Reader(threading.Thread):
+    """Collects a process's output lines as they come."""
+
+    def __init__(self, proc):
+        super().__init__(daemon=True)
+        self.proc, self.lines = proc, []
+        self.start()
+
+    def run(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self):
+        return "".join(self.lines)
+
+
+def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_cache):
+    cfg = tiny_config(corpus_cache)
+    dataset.resolve(cfg.data, cfg.model.vocab_size)  # build the corpus once, before two processes want it
+    wd = str(tmp_path / "run")
+
+    procs = _launch(wd, corpus_cache, steps=4)
+    readers = [_Reader(p) for p in procs]
+    for p in procs:
+        p.wait(timeout=600)
+    for p, r in zip(procs, readers):
+        r.join(timeout=10)
+        assert p.returncode == 0, r.text()[-4000:]
+    assert "val_loss" in readers[0].text()
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4"]
+
+    procs = _launch(wd, corpus_cache, steps=400)
+    readers = [_Reader(p) for p in procs]
+    deadline = time.time() + 600
+    while "resumed from" not in readers[0].text() or "train:" not in readers[0].text()[-400:]:
+        assert time.time() < deadline and procs[0].poll() is None, readers[0].text()[-4000:]
+        time.sleep(0.5)
+    assert "at step 4" in readers[0].text()
+    time.sleep(2)  # a few steps past the restore
+    procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    try:
+        procs[0].wait(timeout=HEARTBEAT_S * 6 + 60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the surviving process hung after its peer was killed:\n" + readers[0].text()[-3000:])
+    waited = time.time() - t_kill
+    assert procs[0].returncode != 0, readers[0].text()[-3000:]
+    readers[0].join(timeout=10)
+    assert "error" in readers[0].text()[-6000:].lower(), readers[0].text()[-3000:]  # the coordination service says why
+    print(f"survivor exited with {procs[0].returncode} after {waited:.0f} s")

@@ -29,7 +29,7 @@ from tests.helpers import tiny_config  # noqa: E402
 
 LAYOUTS = {
     "1 device": (MeshConfig(fsdp=1), 1),
-    "expert=8": (MeshConfig(fsdp=1, expert=8), 8),
+    "expert=4 data=2": (MeshConfig(data=2, fsdp=1, expert=4), 8),
     "expert=4 fsdp=2": (MeshConfig(fsdp=2, expert=4), 8),
     "expert=4 tensor=2": (MeshConfig(fsdp=1, expert=4, tensor=2), 8),
     "fsdp=8": (MeshConfig(fsdp=8), 8),

@@ -91,6 +91,7 @@ class ModelConfig:
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
     capacity_factor: float = 1.25
     gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
+    pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 means the number of stages
     ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' (worst-case buffer) or 'capacity'
 
     # Multi-token prediction.

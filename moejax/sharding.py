@@ -58,8 +58,19 @@ def activate(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
 
 
 def active() -> tuple[Mesh, Mapping[str, object]] | None:
-    """(mesh, rules) of the innermost `activate`, or None outside one (single device semantics)."""
+    """(mesh, rules) of the innermost `activate`, or None outside one (single device semantics).
+    Inside a pipeline stage (a manual 'stage' region) it is (None, None): no nested shard_map."""
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def manual_region():
+    """Marks code traced inside a shard_map over some axes (the pipeline's stages)."""
+    _ACTIVE.append((None, None))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
 
 
 def axes_of(spec_entry) -> tuple[str, ...]:

@@ -134,7 +134,7 @@ class MoE(nnx.Module):
             else:
                 impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
                 active = sharding.active()
-                if active and moe_ep.can_shard(*active, B, cfg.n_routed_experts):
+                if active and active[0] is not None and moe_ep.can_shard(*active, B, cfg.n_routed_experts):
                     k = r.expert_ids.shape[-1]
                     y, drop = moe_ep.experts_ep(
                         x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), self.w_gate_up[...],

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
+from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model import router as router_lib
 from moejax.model.attention import GQA, MLA, attention_mask
@@ -73,7 +76,15 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
 
 
 def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig):
-    """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0."""
+    """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
+    On a mesh with a 'stage' axis (inside the train step) the layers run as a pipeline."""
+    active = sharding.active()
+    if active and active[0] is not None and active[0].shape.get("stage", 1) > 1:
+        return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, active[0])
+    return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg)
+
+
+def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig):
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
 
@@ -91,6 +102,86 @@ def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: Mod
         x, aux = body(x, jax.tree.map(lambda a: a[i], (state, rngs)))
         auxs.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+
+
+def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh):
+    """GPipe-style pipeline over the mesh's 'stage' axis.
+
+    The stacked layers are already split over 'stage' (rule layers -> stage): stage s holds layers
+    [s*n/S, (s+1)*n/S). The batch is cut into M microbatches (cfg.pipeline_microbatches, default S);
+    in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside [0, M)), then passes
+    its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back to every
+    stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered into [n, ...].
+    Per-microbatch aux values that are means (losses, drop fraction) are averaged over the microbatches,
+    as gradient accumulation does. Inside a stage the MoE layer runs without the nested expert-parallel
+    shard_map (GSPMD partitions it over the other axes).
+    """
+    S = mesh.shape["stage"]
+    M = cfg.pipeline_microbatches or S
+    B = x.shape[0]
+    if n % S:
+        raise ValueError(f"pipeline: a segment of {n} layers does not split over stage={S}")
+    if B % M:
+        raise ValueError(f"pipeline: the batch of {B} rows does not split into pipeline_microbatches={M}")
+    graphdef, state = nnx.split(stack)
+    rngs = None if rng is None else jax.random.split(rng, n)
+    per_mb = (x, cos, sin, mask, token_mask)
+    per_mb = jax.tree.map(lambda a: a.reshape((M, B // M) + a.shape[1:]), per_mb)
+    out_dtype = x.dtype
+
+    def stage(state, rngs, per_mb):
+        xs, cos, sin, mask, token_mask = per_mb
+        s = jax.lax.axis_index("stage")
+        local = n // S
+
+        def run_layers(h, i):
+            args = jax.tree.map(lambda a: a[i], (cos, sin, mask, token_mask))
+            sub = nnx.merge(graphdef, state)
+            with sharding.manual_region():
+                if rngs is None:
+                    return _scan_stack(sub, local, h, *args, None, cfg)
+                return _scan_stack_rngs(sub, local, h, *args, rngs, cfg)
+
+        aux_shape = jax.eval_shape(run_layers, xs[0], 0)[1]
+        aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+        init = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs), aux0)
+
+        def step(t, carry):
+            buf, outs, aux_acc = carry
+            i = t - s
+            valid = (i >= 0) & (i < M)
+            ic = jnp.clip(i, 0, M - 1)
+            h_in = jnp.where(s == 0, xs[jnp.clip(t, 0, M - 1)], buf)
+            h, aux = run_layers(h_in, ic)
+            aux_acc = jax.tree.map(lambda acc, a: acc + jnp.where(valid, a, 0).astype(acc.dtype), aux_acc, aux)
+            outs = jnp.where((s == S - 1) & valid, jax.lax.dynamic_update_index_in_dim(outs, h, ic, 0), outs)
+            buf = jax.lax.ppermute(h, "stage", [(j, (j + 1) % S) for j in range(S)])
+            return buf, outs, aux_acc
+
+        _, outs, aux_acc = jax.lax.fori_loop(0, M + S - 1, step, init)
+        outs = jax.lax.psum(jnp.where(s == S - 1, outs, 0).astype(jnp.float32), "stage").astype(out_dtype)
+        aux_acc = jax.tree.map(lambda a: jax.lax.all_gather(a, "stage", tiled=True), aux_acc)
+        return outs, aux_acc
+
+    stage_spec = jax.tree.map(lambda _: P("stage"), state)
+    rng_spec = None if rngs is None else P("stage")
+    outs, aux = jax.shard_map(stage, mesh=mesh, in_specs=(stage_spec, rng_spec, P()), out_specs=(P(), P()),
+                              axis_names={"stage"}, check_vma=False)(state, rngs, per_mb)
+    aux = {k: (v if k == "expert_counts" else v / M) for k, v in aux.items()}
+    return outs.reshape((B,) + outs.shape[2:]), aux
+
+
+def _scan_stack_rngs(stack, n, x, cos, sin, mask, token_mask, rngs, cfg):
+    """_scan_stack with one key per layer given (the pipeline splits the segment's keys by stage)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, xs):
+        layer_state, layer_rng = xs
+        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, token_mask, layer_rng)
+
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    return jax.lax.scan(body, x, (state, rngs))
 
 
 class MTPModule(nnx.Module):

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
-EP_EXCHANGES = ("dropless", "capacity")
+EP_EXCHANGES = ("dropless", "capacity", "ragged")
 GMM_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "tiled", "ragged_dot", "reference")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
@@ -92,7 +92,7 @@ class ModelConfig:
     capacity_factor: float = 1.25
     gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
     pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 means the number of stages
-    ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' (worst-case buffer) or 'capacity'
+    ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
 
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
@@ -401,6 +401,16 @@ class MeshConfig:
     expert: int = 1  # expert parallelism (experts split, batch split)
     tensor: int = 1  # tensor parallelism (heads, FFN hidden, vocab split)
     stage: int = 1  # pipeline stages (stacked layers split)
+    # Degrees across slices / nodes (dcn; the fields above are within one, ici). Each mesh axis has
+    # ici x dcn devices; the dcn product must equal the number of slices (TPU) or processes (GPU/CPU).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
+    dcn_stage: int = 1
+    # Logical -> mesh axis rule overrides on moejax.sharding.DEFAULT_RULES, e.g.
+    # "embed=fsdp+expert,expert_mlp=none" ('+' joins axes, 'none' replicates).
+    rules: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,7 +59,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     from moejax import sharding
 
     m = cfg.model
-    n_batch = math.prod(mesh_shape[a] for a in sharding.axes_of(sharding.spec_for(("batch",), sharding.DEFAULT_RULES,
+    n_batch = math.prod(mesh_shape[a] for a in sharding.axes_of(sharding.spec_for(("batch",), sharding.rules_for(cfg.mesh),
                                                                                     type("S", (), {"shape": mesh_shape}))[0]))
     tp = mesh_shape.get("tensor", 1)
     n_ep = mesh_shape.get("expert", 1)
@@ -121,7 +121,7 @@ def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
     tx, _ = make_optimizer(cfg.optim, params, cfg.train.steps)
     state = jax.eval_shape(lambda: init_state(cfg, tx)[2])
-    rules = sharding.DEFAULT_RULES
+    rules = sharding.rules_for(cfg.mesh)
     comp = {
         "params": _shard_bytes(state["params"], mesh_shape, rules),
         "optimizer": _shard_bytes(state["opt_state"], mesh_shape, rules),

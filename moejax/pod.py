@@ -105,9 +105,9 @@ def abstract_train_step(cfg: Config, mesh):
     graphdef, params, _, rest = split_model(abstract_model)
     tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
     state = jax.eval_shape(lambda: init_state(cfg, tx)[2])
-    state_sh = sharding.tree_shardings(state, mesh)
+    state_sh = sharding.tree_shardings(state, mesh, sharding.rules_for(cfg.mesh))
     sharding.check_divisible(state, state_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
     sharding.check_batch(cfg.train.batch_size, batch_sh)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh)

@@ -77,8 +77,52 @@ def axes_of(spec_entry) -> tuple[str, ...]:
     return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
+# Named layouts (mesh degrees; the rule table is the same for all of them). -1 takes the rest.
+PRESETS: dict[str, MeshConfig] = {
+    "fsdp": MeshConfig(fsdp=-1),  # ZeRO-3: parameters, gradients and optimizer state sharded
+    "fsdp_tensor": MeshConfig(fsdp=-1, tensor=2),
+    "expert_fsdp": MeshConfig(fsdp=-1, expert=4),
+    "expert_tensor": MeshConfig(fsdp=1, expert=-1, tensor=2),
+    "pipeline": MeshConfig(fsdp=-1, expert=2, stage=2),
+}
+
+
+def rules_for(shape: MeshConfig) -> dict[str, object]:
+    """DEFAULT_RULES with the config's overrides ("logical=axis+axis,other=none"), validated."""
+    rules = dict(DEFAULT_RULES)
+    for item in filter(None, (p.strip() for p in shape.rules.split(","))):
+        name, sep, target = item.partition("=")
+        name, target = name.strip(), target.strip()
+        if not sep or name not in DEFAULT_RULES:
+            raise ShardingError(f"mesh.rules: {item!r} must be logical=axes with logical one of "
+                                f"{', '.join(sorted(DEFAULT_RULES))}")
+        axes = () if target.lower() in ("none", "") else tuple(a.strip() for a in target.split("+"))
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ShardingError(f"mesh.rules: {name}={target}: unknown mesh axis {bad[0]!r}; axes: {', '.join(MESH_AXES)}")
+        rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return rules
+
+
+def dcn_sizes(shape: MeshConfig) -> dict[str, int]:
+    sizes = {a: getattr(shape, f"dcn_{a}") for a in MESH_AXES}
+    bad = [a for a, n in sizes.items() if n < 1]
+    if bad:
+        raise ShardingError(f"mesh.dcn_{bad[0]}: must be >= 1, got {sizes[bad[0]]}")
+    return sizes
+
+
 def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Axis sizes for num_devices devices; -1 takes what the other axes leave."""
+    """Axis sizes (ici x dcn) for num_devices devices; -1 takes what the other axes leave."""
+    dcn = dcn_sizes(shape)
+    granules = math.prod(dcn.values())
+    if num_devices % granules:
+        raise ShardingError(f"mesh: the dcn degrees multiply to {granules}, which does not divide {num_devices} devices")
+    ici = _resolve_ici(shape, num_devices // granules)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def _resolve_ici(shape: MeshConfig, num_devices: int) -> dict[str, int]:
     sizes = {a: getattr(shape, a) for a in MESH_AXES}
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
@@ -98,9 +142,24 @@ def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(shape: MeshConfig, devices: Sequence | None = None) -> Mesh:
+    """The device mesh. With dcn degrees, a hybrid mesh: each axis's dcn part spans slices (TPU
+    multi-slice) or processes (GPU nodes, local CPU processes), its ici part stays inside one."""
     devices = list(devices if devices is not None else jax.devices())
+    dcn = dcn_sizes(shape)
     sizes = resolve_mesh(shape, len(devices))
-    arr = np.array(devices).reshape([sizes[a] for a in MESH_AXES])
+    if math.prod(dcn.values()) == 1:
+        arr = np.array(devices).reshape([sizes[a] for a in MESH_AXES])
+        return Mesh(arr, MESH_AXES)
+    from jax.experimental import mesh_utils
+
+    ici = [sizes[a] // dcn[a] for a in MESH_AXES]
+    by_slice = getattr(devices[0], "slice_index", None) is not None and len({d.slice_index for d in devices}) > 1
+    try:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, [dcn[a] for a in MESH_AXES], devices,
+                                                   process_is_granule=not by_slice)
+    except (ValueError, AssertionError) as e:
+        granule = "slices" if by_slice else "processes"
+        raise ShardingError(f"mesh: dcn degrees {dcn} do not match the {granule} of these devices ({e})") from None
     return Mesh(arr, MESH_AXES)
 
 

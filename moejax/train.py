@@ -121,9 +121,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     tx, sched = make_optimizer(cfg.optim, abstract_params, cfg.train.steps)
     graphdef, rest, state = init_state(cfg, tx)
     mesh = sharding.make_mesh(cfg.mesh)
-    state_sh = sharding.tree_shardings(state, mesh)
+    state_sh = sharding.tree_shardings(state, mesh, sharding.rules_for(cfg.mesh))
     sharding.check_divisible(state, state_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
     sharding.check_batch(cfg.train.batch_size, batch_sh)
     state = jax.device_put(state, state_sh)
 
@@ -218,7 +218,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
             print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
         if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
-            with sharding.activate(mesh):
+            with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
                 outs = sample(graphdef, state["params"], state["router"], rest, tokenizer,
                               PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
                               seed=cfg.train.seed)

@@ -20,13 +20,10 @@ from moejax.trainer.step import init_state, make_train_step
 
 from tests.helpers import tiny_config
 
-PRESETS = {
-    "fsdp": MeshConfig(fsdp=8),
-    "data": MeshConfig(data=8, fsdp=1),
-    "fsdp_tensor": MeshConfig(fsdp=4, tensor=2),
-    "expert_fsdp": MeshConfig(expert=4, fsdp=2),
-    "expert_tensor": MeshConfig(expert=4, fsdp=1, tensor=2),
-}
+# The named layouts of moejax.sharding (the pipeline one is checked with its own config below), plus
+# pure data parallelism.
+PRESETS = {name: mc for name, mc in sharding.PRESETS.items() if name != "pipeline"}
+PRESETS["data"] = MeshConfig(data=8, fsdp=1)
 
 
 def one_step(cfg, mesh):
@@ -49,14 +46,16 @@ def one_step(cfg, mesh):
 
 
 def check_capacity_exchange():
-    """The expert-parallel MoE layer with the capacity exchange: with room for every row it equals the
-    single-device layer (forward and input gradient); with too little room it drops rows and says so."""
+    """The expert-parallel MoE layer with the capacity and ragged exchanges (ragged_all_to_all emulated on
+    CPU): with room for every row it equals the single-device layer (forward and input gradient); with
+    too little room the capacity exchange drops rows and says so."""
     from moejax.model.moe import MoE
 
     mesh = sharding.make_mesh(MeshConfig(expert=4, fsdp=2))
     out = {}
-    for cf, name in ((4.0, "roomy"), (0.5, "tight")):
-        cfg = tiny_config().model.replace(ep_exchange="capacity", capacity_factor=cf, moe_impl="dropless")
+    for cf, name, exchange in ((4.0, "roomy", "capacity"), (0.5, "tight", "capacity"), (4.0, "ragged", "ragged"),
+                               (0.5, "ragged_tight", "ragged")):
+        cfg = tiny_config().model.replace(ep_exchange=exchange, capacity_factor=cf, moe_impl="dropless")
         layer = MoE(cfg, rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (8, 16, cfg.hidden_size))
         graphdef, state = nnx.split(layer)
@@ -73,12 +72,16 @@ def check_capacity_exchange():
         (ref, _), g_ref = jax.value_and_grad(f, argnums=1, has_aux=True)(state, x, False)
         (got, drop), g_got = jax.jit(jax.value_and_grad(f, argnums=1, has_aux=True), static_argnums=2)(state, x, True)
         out[name] = (float(got), float(ref), float(drop))
-        if name == "roomy":
+        if name in ("roomy", "ragged"):
             np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
             np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_ref), atol=1e-5, rtol=1e-4)
             assert float(drop) == 0.0
-        else:
+        elif name == "tight":
             assert 0.0 < float(drop) < 1.0, out
+        else:  # ragged with a receive buffer of 1x the local rows: exact where nothing was dropped
+            assert 0.0 <= float(drop) < 1.0, out
+            if float(drop) == 0.0:
+                np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
     return out
 
 
@@ -96,7 +99,7 @@ def check_pipeline():
     real = transformer.run_stack_pipelined
     transformer.run_stack_pipelined = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     try:
-        state, m, sh = one_step(cfg, sharding.make_mesh(MeshConfig(stage=2, expert=2, fsdp=2)))
+        state, m, sh = one_step(cfg, sharding.make_mesh(sharding.PRESETS["pipeline"]))
     finally:
         transformer.run_stack_pipelined = real
     assert calls == [2, 2], calls  # both segments (2 dense, 2 MoE layers) ran as pipelines
@@ -115,6 +118,9 @@ def main():
     assert jax.device_count() == 8, jax.devices()
     if "--pipeline-only" in sys.argv:
         print(check_pipeline())
+        return
+    if "--exchange-only" in sys.argv:
+        print(check_capacity_exchange())
         return
     check_capacity_exchange()
     check_pipeline()

@@ -1,4 +1,5 @@
-"""Two local processes (127.0.0.1, CPU collectives) train as one job: a 2-process x 2-device mesh, data
+"""Two local processes (127.0.0.1, CPU collectives) train as one job: a hybrid mesh (fsdp over the 2
+processes as dcn, expert over each one's 2 devices as ici), data
 split by process, a checkpoint written by both and restored by both; then killing one process makes the
 other exit with an error within a bounded time instead of hanging in a collective."""
 
@@ -35,7 +36,8 @@ def _launch(workdir, cache, steps):
                    MOEJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
                *override_flags(cache), f"--workdir={workdir}", f"--config.train.steps={steps}",
-               "--config.train.ckpt_every=4", "--config.mesh.fsdp=2", "--config.mesh.expert=2"]
+               "--config.train.ckpt_every=4", "--config.mesh.fsdp=1", "--config.mesh.dcn_fsdp=2",
+               "--config.mesh.expert=2"]  # a hybrid mesh: fsdp across the processes, expert within each
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=env))
     return procs

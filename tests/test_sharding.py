@@ -4,6 +4,7 @@ fixed when jax starts)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,3 +64,21 @@ def test_presets_on_8_devices_match_one_device():
     assert results["fsdp"]["param_bytes_per_device"] < 0.2 * results["fsdp"]["param_bytes_total"]
     assert "expert" in results["expert_fsdp"]["w_gate_up_spec"] and "fsdp" in results["expert_fsdp"]["w_gate_up_spec"]
     assert "tensor" in results["fsdp_tensor"]["w_gate_up_spec"]
+
+
+def test_rules_from_the_config_and_hybrid_mesh_sizes():
+    from moejax.config import MeshConfig
+
+    rules = sharding.rules_for(MeshConfig(rules="embed=fsdp+expert, expert_mlp=none"))
+    assert rules["embed"] == ("fsdp", "expert") and rules["expert_mlp"] is None and rules["vocab"] == "tensor"
+    with pytest.raises(sharding.ShardingError, match="unknown mesh axis 'fsdq'"):
+        sharding.rules_for(MeshConfig(rules="embed=fsdq"))
+    with pytest.raises(sharding.ShardingError, match="logical one of"):
+        sharding.rules_for(MeshConfig(rules="hidden=fsdp"))
+    # ici x dcn: 2 slices of 8 devices, fsdp filling each slice and data across them
+    assert sharding.resolve_mesh(MeshConfig(fsdp=-1, tensor=2, dcn_data=2), 16) == \
+        {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2, "stage": 1}
+    with pytest.raises(sharding.ShardingError, match="dcn degrees multiply to 3"):
+        sharding.resolve_mesh(MeshConfig(dcn_data=3), 16)
+    for name, preset in sharding.PRESETS.items():
+        assert math.prod(sharding.resolve_mesh(preset, 8).values()) == 8, name

@@ -16,7 +16,6 @@ from moejax.config import ModelConfig
 from moejax.model.moe import MoE
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
-from jax.experimental import topologies  # noqa: E402
 
 TOPOLOGIES = ["v5e:2x2", "v5p:2x2x1"]
 
@@ -25,9 +24,8 @@ TOPOLOGIES = ["v5e:2x2", "v5p:2x2x1"]
 def mesh(request):
     from moejax import pod
 
-    pod.tpu_devices("v5e:1x1")  # sets ALLOW_MULTIPLE_LIBTPU_LOAD before libtpu loads
-    topo = topologies.get_topology_desc(topology_name=request.param, platform="tpu")
-    return jax.sharding.Mesh(np.array(topo.devices).reshape(-1), ("data",))
+    _, devices = pod.tpu_devices(request.param)  # (also lets several processes load libtpu)
+    return jax.sharding.Mesh(np.array(devices).reshape(-1), ("data",))
 
 
 def _abstract(shape, dtype, mesh, spec):
@@ -82,3 +80,33 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu(mesh):
     n = mesh.devices.size
     text = _compile(step, state, _abstract((2 * n, 128, 256), jnp.float32, mesh, P("data")))
     assert text.count("moejax_gmm") >= 2 and "moejax_tgmm" in text  # forward, input and weight gradients
+
+
+@pytest.mark.parametrize("exchange", ["ragged"])  # the fixed-buffer exchanges compile in test_pod
+def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(mesh, exchange):
+    """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert' axis,
+    jax.lax.ragged_all_to_all (not its CPU emulation) for the ragged exchange."""
+    from moejax import sharding
+    from moejax.config import MeshConfig
+
+    ep_mesh = sharding.make_mesh(MeshConfig(fsdp=1, expert=-1), list(mesh.devices.flat))
+    cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=256, n_shared_experts=0, moe_impl="dropless", compute_dtype="bfloat16",
+                      ep_exchange=exchange, capacity_factor=2.0)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+
+    def step(state, x):
+        def loss(state, x):
+            with sharding.activate(ep_mesh):
+                y, aux = nnx.merge(graphdef, state)(x)
+            return jnp.mean(y.astype(jnp.float32) ** 2) + aux["drop_fraction"]
+        return jax.grad(loss)(state, x)
+
+    shardings = sharding.tree_shardings(abstract_state, ep_mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    n = ep_mesh.devices.size
+    x = jax.ShapeDtypeStruct((2 * n, 128, 256), jnp.float32, sharding=sharding.batch_sharding(ep_mesh).update(
+        spec=P(sharding.batch_sharding(ep_mesh).spec[0], None, None)))
+    text = _compile(step, state, x)
+    assert ("ragged-all-to-all" in text) == (exchange == "ragged")
+    assert "all-to-all" in text and "moejax_gmm" in text

@@ -144,7 +144,7 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
     mesh = batch_sharding.mesh
 
     def meshed_step(state, batch):
-        with sharding.activate(mesh):
+        with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
             return train_step(state, batch)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -175,7 +175,7 @@ def make_eval_step(graphdef, rest, cfg: Config, mesh=None):
         if mesh is None:
             loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
         else:
-            with sharding.activate(mesh):
+            with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
                 loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
         return metrics["ce_loss"], metrics["tokens"]
 

@@ -199,6 +199,11 @@ def target_platform(platform: str):
         _TARGET.pop()
 
 
+def targets_accelerator() -> bool:
+    """Whether code is being built for a TPU or GPU (by the backend or by `target_platform`)."""
+    return _platform() in ("tpu", "gpu", "cuda", "rocm")
+
+
 def _platform() -> str:
     return _TARGET[-1] if _TARGET else jax.default_backend()
 

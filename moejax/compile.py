@@ -92,20 +92,11 @@ def main(argv):
 
 
 def _entry():
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; TPU devices come from the topology
-    from absl import app, flags
-    from ml_collections import config_flags
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host plans/compiles; TPU devices come from the topology
+    from moejax.experiment import config_cli
 
-    from moejax.train import check_override_keys
-
-    problem = check_override_keys(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
-    flags.DEFINE_string("topology", "v5p-8", "TPU topology: v5p-512 (Cloud naming) or v5p:8x8x4 (chips)")
-    app.run(main)
-
+    config_cli(main, lambda flags: flags.DEFINE_string(
+        "topology", "v5p-8", "TPU topology: v5p-512 (Cloud naming) or v5p:8x8x4 (chips)"))
 
 if __name__ == "__main__":
     _entry()

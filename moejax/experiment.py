@@ -86,3 +86,48 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 20
     return c
+
+
+def check_override_keys(argv: list[str]) -> str | None:
+    """One-line error for a --config.a.b=v override naming a key the config file lacks (absl would
+    otherwise print a traceback)."""
+    path = "experiments/moe.py"
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    try:
+        cd = load_config_file(path)
+    except (OSError, SyntaxError) as e:
+        return f"--config {path}: cannot load ({e})"
+    for a in argv:
+        if not a.startswith("--config.") or a.startswith("--config="):
+            continue
+        keys = a[len("--config."):].split("=", 1)[0].split(".")
+        node = cd
+        for depth, k in enumerate(keys):
+            if not hasattr(node, "keys") or k not in node.keys():
+                where = ".".join(keys[:depth]) or "config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                return f"--config.{'.'.join(keys)}: unknown key {k!r} in {where}; known: {known}"
+            node = node[k]
+    return None
+
+
+def config_cli(main, define_flags=None) -> None:
+    """The shared entry of the config-driven commands (train, plan, compile): a one-line error for an
+    unknown --config.* key, the --config file flag, the command's own flags, then absl's app.run."""
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    problem = check_override_keys(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
+    if define_flags:
+        define_flags(flags)
+    app.run(main)

@@ -184,23 +184,16 @@ def main(argv):
 
 
 def _entry():
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import app, flags
-    from ml_collections import config_flags
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host plans/compiles; TPU devices come from the topology
+    from moejax.experiment import config_cli
 
-    from moejax.train import check_override_keys
+    def define(flags):
+        flags.DEFINE_string("topology", "v5p-8", "v5p-512 (Cloud naming) or v5p:8x8x4 (chips per dimension)")
+        flags.DEFINE_float("tokens", 0.0, "training tokens for the time and cost estimate (e.g. 14.8e12)")
+        flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilization")
+        flags.DEFINE_float("price", None, "USD per chip-hour (default: the chip table's list price)")
 
-    problem = check_override_keys(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
-    flags.DEFINE_string("topology", "v5p-8", "v5p-512 (Cloud naming) or v5p:8x8x4 (chips per dimension)")
-    flags.DEFINE_float("tokens", 0.0, "training tokens for the time and cost estimate (e.g. 14.8e12)")
-    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilization")
-    flags.DEFINE_float("price", None, "USD per chip-hour (default: the chip table's list price)")
-    app.run(main)
-
+    config_cli(main, define)
 
 if __name__ == "__main__":
     _entry()

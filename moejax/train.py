@@ -246,47 +246,11 @@ def main(argv):
         sys.exit(1)
 
 
-def check_override_keys(argv: list[str]) -> str | None:
-    """One-line error for a --config.a.b=v override naming a key the config file lacks (absl would
-    otherwise print a traceback)."""
-    from moejax.experiment import load_config_file
-
-    path = "experiments/moe.py"
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-    try:
-        cd = load_config_file(path)
-    except (OSError, SyntaxError) as e:
-        return f"--config {path}: cannot load ({e})"
-    for a in argv:
-        if not a.startswith("--config.") or a.startswith("--config="):
-            continue
-        keys = a[len("--config."):].split("=", 1)[0].split(".")
-        node = cd
-        for depth, k in enumerate(keys):
-            if not hasattr(node, "keys") or k not in node.keys():
-                where = ".".join(keys[:depth]) or "config"
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
-                return f"--config.{'.'.join(keys)}: unknown key {k!r} in {where}; known: {known}"
-            node = node[k]
-    return None
-
-
 def _entry():
-    from absl import app, flags
-    from ml_collections import config_flags
+    from moejax.experiment import config_cli
 
-    problem = check_override_keys(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-
-    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
-    flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and TensorBoard events go")
-    app.run(main)
+    config_cli(main, lambda flags: flags.DEFINE_string("workdir", "runs/default",
+                                                       "where checkpoints, metrics and TensorBoard events go"))
 
 
 if __name__ == "__main__":

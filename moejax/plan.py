@@ -37,7 +37,8 @@ def _shard_bytes(tree, mesh_shape, rules) -> int:
     for leaf in leaves:
         if isinstance(leaf, nnx.Variable):
             value = leaf.get_value()
-            spec = sharding.spec_for(sharding.logical_axes_of(leaf, value), rules, _Shape)
+            names = sharding.stage_fallback(sharding.logical_axes_of(leaf, value), value.shape, rules, mesh_shape)
+            spec = sharding.spec_for(names, rules, _Shape)
         else:
             value, spec = leaf, ()
         shape = list(value.shape)

@@ -190,10 +190,21 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES
     def one(x):
         if isinstance(x, nnx.Variable):
             value = x.get_value()
-            return x.replace(NamedSharding(mesh, spec_for(logical_axes_of(x, value), rules, mesh)))
+            names = stage_fallback(logical_axes_of(x, value), value.shape, rules, mesh.shape)
+            return x.replace(NamedSharding(mesh, spec_for(names, rules, mesh)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def stage_fallback(names: tuple, shape: tuple, rules: Mapping[str, object], mesh_shape) -> tuple:
+    """A layer stack whose depth the pipeline stages do not divide (e.g. DeepSeek-V3's 3 dense layers
+    on 2 stages) is replicated over them instead, and runs outside the pipeline (run_stack)."""
+    if "layers" not in names:
+        return names
+    n_stage = math.prod(mesh_shape[a] for a in axes_of(rules.get("layers")))
+    i = names.index("layers")
+    return names if shape[i] % n_stage == 0 else names[:i] + (None,) + names[i + 1:]
 
 
 def check_divisible(tree, shardings, mesh: Mesh) -> None:

@@ -79,7 +79,8 @@ def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: Mod
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
     On a mesh with a 'stage' axis (inside the train step) the layers run as a pipeline."""
     active = sharding.active()
-    if active and active[0] is not None and active[0].shape.get("stage", 1) > 1:
+    stages = active[0].shape.get("stage", 1) if active and active[0] is not None else 1
+    if stages > 1 and n % stages == 0:  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
         return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, active[0])
     return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg)
 
@@ -119,8 +120,6 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     S = mesh.shape["stage"]
     M = cfg.pipeline_microbatches or S
     B = x.shape[0]
-    if n % S:
-        raise ValueError(f"pipeline: a segment of {n} layers does not split over stage={S}")
     if B % M:
         raise ValueError(f"pipeline: the batch of {B} rows does not split into pipeline_microbatches={M}")
     graphdef, state = nnx.split(stack)

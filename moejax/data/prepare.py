@@ -41,6 +41,7 @@ class Counters:
         self.reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.examples: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
         self.changes = collections.Counter()  # transforms: e.g. pii replacements
+        self.seconds = collections.Counter()  # wall time per stage
 
     def seen(self, stage, doc):
         self.docs_in[stage] += 1
@@ -61,48 +62,71 @@ def clean(docs, st: dict, counters: Counters, seed: int):
     near = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
         if st["near_dedup"] else None
     rng = np.random.default_rng(seed)
-    for doc in docs:
+    tick = time.perf_counter
+    docs = iter(docs)
+    while True:
+        t = tick()
+        doc = next(docs, None)
+        counters.seconds["read"] += tick() - t
+        if doc is None:
+            break
         code = bool(doc.lang)
+        t = tick()
         counters.seen("normalize", doc)
         doc.text = stages.normalize(doc.text, st["normalization"], code)
         if not code and st["boilerplate_lines"]:
             doc.text, n = stages.drop_boilerplate_lines(doc.text)
             counters.changes["boilerplate lines dropped"] += n
+        t = _lap(counters, "normalize", t)
         if not doc.text.strip():
             counters.remove("normalize", "empty after cleanup", doc)
             continue
         counters.seen("quality", doc)
         reason = stages.code_reason(doc.text, doc.lang, st) if code else stages.quality_reason(doc.text, st)
+        t = _lap(counters, "quality", t)
         if reason:
             counters.remove("quality", reason, doc)
             continue
         counters.seen("harmful", doc)
         reason = harmful.reason(doc.text)
+        t = _lap(counters, "harmful", t)
         if reason:
             counters.remove("harmful", reason, doc)
             continue
         if st["exact_dedup"]:
             counters.seen("exact_dedup", doc)
             h = stages.content_hash(doc.text)
-            if h in exact:
+            dup = h in exact
+            exact.add(h)
+            t = _lap(counters, "exact_dedup", t)
+            if dup:
                 counters.remove("exact_dedup", "exact duplicate", doc)
                 continue
-            exact.add(h)
         if near is not None:
             counters.seen("near_dedup", doc)
-            if near.add(doc.text) is not None:
+            dup = near.add(doc.text) is not None
+            t = _lap(counters, "near_dedup", t)
+            if dup:
                 counters.remove("near_dedup", "near duplicate", doc)
                 continue
         if st["pii"]:
             counters.seen("pii", doc)
             doc.text, n = stages.scrub_pii(doc.text)
             counters.changes["pii replacements"] += n
+            t = _lap(counters, "pii", t)
         if code and st["fim_rate"] and rng.random() < st["fim_rate"]:
             doc.text = stages.fim(doc.text, rng, st["fim_spm_rate"])
             counters.changes["fim documents"] += 1
+            _lap(counters, "fim", t)
         yield doc
     if near is not None:
         counters.cluster_sizes = near.cluster_sizes()
+
+
+def _lap(counters: Counters, stage: str, t0: float) -> float:
+    now = time.perf_counter()
+    counters.seconds[stage] += now - t0
+    return now
 
 
 def _tokenize(args):
@@ -170,6 +194,7 @@ def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
                                       user_symbols=tuple(tcfg.get("user_symbols", ())) + (
                                           stages.FIM_TOKENS if st["fim_rate"] else ()))
         splits = {}
+        t_tok = time.perf_counter()
         workers = max(1, int(cfg.get("workers", 1)))
         for split, docs in kept.items():
             texts = [d.text for d in docs]
@@ -184,6 +209,7 @@ def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
             splits[split] = {"documents": len(texts), "tokens": sum(len(e) + 2 for e in encoded), "rows": rows,
                              "bytes": sum(len(t.encode()) for t in texts),
                              "lengths": [len(e) for e in encoded]}
+        counters.seconds["tokenize + pack"] += time.perf_counter() - t_tok
         report = write_report(tmp, counters, skips, splits, time.time() - t0)
         manifest = {"name": cfg.get("name", os.path.basename(out)), "seq_len": seq_len, "vocab_size": tok.vocab_size,
                     "splits": {s: {k: v for k, v in c.items() if k != "lengths"} for s, c in splits.items()},
@@ -240,7 +266,8 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, summary = [], {"skipped_inputs": dict(skips.counts), "stages": {}, "changes": dict(c.changes)}
+    rows, summary = [], {"skipped_inputs": dict(skips.counts), "stages": {}, "changes": dict(c.changes),
+                         "seconds": {k: round(v, 2) for k, v in c.seconds.items()}}
     for s in STAGE_ORDER[1:]:
         if not c.docs_in[s]:
             continue
@@ -248,12 +275,17 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
         kept_bytes = c.bytes_in[s] - c.bytes_removed[s]
         summary["stages"][s] = {"docs_in": c.docs_in[s], "removed": c.removed[s], "bytes_in": c.bytes_in[s],
                                 "bytes_removed": c.bytes_removed[s], "reasons": dict(c.reasons[s])}
-        rows.append(f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | {kept_bytes:,} |")
+        mbs = c.bytes_in[s] / 1e6 / c.seconds[s] if c.seconds[s] else float("inf")
+        rows.append(f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | {kept_bytes:,} "
+                    f"| {c.seconds[s]:.2f} | {mbs:.1f} |")
     md = ["# Data preparation report", "", f"Built in {seconds:.1f} s.", "",
           "## Skipped inputs", "", "| reason | count | examples |", "| --- | --- | --- |"]
     md += [f"| {r} | {n} | {'; '.join(skips.examples[r])} |" for r, n in skips.counts.most_common()] or ["| none | 0 | |"]
-    md += ["", "## Stages", "", "| stage | docs in | kept | removed | bytes in | bytes kept |", "| --- | --- | --- | --- | --- | --- |"]
+    md += ["", "## Stages", "", "| stage | docs in | kept | removed | bytes in | bytes kept | seconds | MB/s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += rows
+    md += ["", "Time outside the stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items()
+                                                    if k in ("read", "tokenize + pack"))]
     md += ["", "## Top removal reasons", "", "| stage | reason | count | examples |", "| --- | --- | --- | --- |"]
     for s in STAGE_ORDER[1:]:
         for r, n in c.reasons[s].most_common(10):

@@ -81,7 +81,7 @@ def experts_ep(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, *, mesh
 def _local(x, ids, w, wgu, wd, E, ep_axis, tp_axis, exchange, capacity_factor, gmm_impl):
     M, k = ids.shape
     A = M * k
-    El, D, _, Fl = wgu.shape
+    El, D = wgu.shape[:2]
     n = E // El
     xs, order, sizes = kernels.permute(x, ids, E)  # [A, D] by expert; sizes [E]
     starts = jnp.cumsum(sizes) - sizes
@@ -112,12 +112,7 @@ def _local(x, ids, w, wgu, wd, E, ep_axis, tp_axis, exchange, capacity_factor, g
     perm = jnp.argsort(expert_of.reshape(n * C), stable=True)
     rows = jnp.take(recv.reshape(n * C, D), perm, axis=0)
     group_sizes = recv_sizes.sum(0).astype(jnp.int32)  # [El]
-    h = kernels.gmm(rows, wgu.reshape(El, D, 2 * Fl), group_sizes, preferred_element_type=jnp.float32,
-                    impl=gmm_impl)
-    h = swiglu(h.reshape(-1, 2, Fl)).astype(x.dtype)
-    y = kernels.gmm(h, wd, group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl)  # [n*C, D]
-    if tp_axis:
-        y = jax.lax.psum(y, tp_axis)
+    y = _experts(rows, group_sizes, wgu, wd, tp_axis, gmm_impl)  # [n*C, D] float32
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(n * C, dtype=perm.dtype))
     back = jnp.take(y, inv, axis=0).reshape(n, C, D)
     if ep_axis:

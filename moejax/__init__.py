@@ -11,6 +11,12 @@ Dimension letters used in einsum strings and parameter names across the project:
 
 __version__ = "0.1.0"
 
-from moejax.config import ModelConfig  # noqa: E402
-
 __all__ = ["ModelConfig", "__version__"]
+
+
+def __getattr__(name):  # lazy, so that `moejax.data` worker processes do not import jax
+    if name == "ModelConfig":
+        from moejax.config import ModelConfig
+
+        return ModelConfig
+    raise AttributeError(f"module 'moejax' has no attribute {name!r}")

@@ -314,15 +314,19 @@ def _coerce(value, tp, where):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # 'builtin' (Python stdlib corpus) or a prepared dataset directory
+    source: str = "builtin"  # 'builtin' (Python stdlib corpus), a prepared dataset directory, or a mixture
+    #                          of prepared datasets 'dirA=0.7,dirB=0.3' (python -m moejax.data.prepare)
     seq_len: int = 256  # tokens per packed row
     cache_dir: str = ""  # where the built-in corpus is built ('' = ~/.cache/moejax)
     max_files: int = 0  # cap on stdlib files read by the built-in corpus (0 = all)
     val_fraction: float = 0.05  # share of files held out for validation
     tokenizer_sample_bytes: int = 20_000_000  # text used to train the sentencepiece model
     shuffle_seed: int = 0
+    workers: int = 0  # Grain worker processes decoding batches (0: in the training process)
 
     def __post_init__(self):
+        if self.workers < 0:
+            raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len: must be >= 2, got {self.seq_len}")
         if not 0 < self.val_fraction < 1:

@@ -81,9 +81,9 @@ class _NullWriter:
         pass
 
 
-def evaluate(eval_step, state, data_dir: str, cfg: Config, batch_sh) -> float:
+def evaluate(eval_step, state, data, cfg: Config, batch_sh) -> float:
     """Mean validation cross-entropy over the first eval_batches batches (always the same ones)."""
-    batches = dataset.Batches(data_dir, "validation", cfg.train.batch_size, seed=0, shuffle=False,
+    batches = dataset.Batches(data, "validation", cfg.train.batch_size, seed=0, shuffle=False,
                               process_index=jax.process_index(), process_count=jax.process_count())
     total = count = 0.0
     for _ in range(max(cfg.train.eval_batches, 1)):
@@ -105,13 +105,20 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     primary = jax.process_index() == 0
     show = not quiet
     quiet = quiet or not primary  # one process reports
-    data_dir = dataset.resolve(cfg.data, cfg.model.vocab_size)
-    tokenizer = dataset.tokenizer(data_dir)
+    try:
+        data = dataset.resolve(cfg.data, cfg.model.vocab_size)
+        tokenizer = dataset.tokenizer(data)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
     if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data_dir} has "
+        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data[0][0]} has "
                             f"{tokenizer.vocab_size} pieces")
-    batches = dataset.Batches(data_dir, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        batches = dataset.Batches(data, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  workers=cfg.data.workers)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
     from flax import nnx
 
@@ -190,7 +197,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                             f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
                             f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    val = evaluate(eval_step, state, data_dir, cfg, batch_sh)
+                    val = evaluate(eval_step, state, data, cfg, batch_sh)
                     writer.write(step, {"val_loss": val})
                     bar.write(f"[train] step {step}: val_loss {val:.4f}")
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
@@ -209,7 +216,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         writer.close()
 
     if step >= cfg.train.steps:
-        val = evaluate(eval_step, state, data_dir, cfg, batch_sh)
+        val = evaluate(eval_step, state, data, cfg, batch_sh)
         writer = metrics_lib.MetricWriter(workdir, resume_step=step) if primary else _NullWriter()
         writer.write(step, {"val_loss": val})
         writer.close()

@@ -75,9 +75,14 @@ def _config(root, **stage_overrides):
     }
 
 
-def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(raw, tmp_path):
-    out = tmp_path / "ds"
-    manifest = prepare.prepare(_config(raw), str(out), quiet=True)
+@pytest.fixture(scope="module")
+def built(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "ds"
+    return out, prepare.prepare(_config(raw), str(out), quiet=True)
+
+
+def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(built):
+    out, manifest = built
     counts = manifest["counts"]
     skipped = counts["skipped_inputs"]
     for reason in ("binary file", "empty file", "invalid UTF-8", "malformed JSON line",
@@ -103,21 +108,52 @@ def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(raw,
     assert "<EMAIL>" in "".join(tok.decode(r) for r in batch["tokens"].tolist()) or manifest["splits"]["train"]["rows"]
 
 
-def test_an_interrupted_prepare_leaves_nothing_complete_and_a_rerun_works(raw, tmp_path, monkeypatch):
+def _shards(path):
+    return {s: (path / dataset.shard_name(s)).read_bytes() for s in dataset.SPLITS}
+
+
+def test_an_interrupted_prepare_resumes_and_a_changed_config_starts_over(raw, built, tmp_path, monkeypatch):
+    ref, ref_manifest = built
     out = tmp_path / "ds"
+    building = tmp_path / ".ds.building"
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "write_report", boom)
+    # killed while training the tokenizer: every source is cleaned, nothing looks complete
+    monkeypatch.setattr(prepare.tokenizers, "train_sentencepiece", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(_config(raw), str(out), quiet=True)
-    assert not out.exists() and not any(p.name.startswith(".ds.building") for p in tmp_path.iterdir())
+    assert not out.exists() and not dataset.is_complete(str(building))
+    assert json.loads((building / prepare.PROGRESS).read_text())["sources_done"] == 3
     monkeypatch.undo()
-    prepare.prepare(_config(raw), str(out), quiet=True)
-    assert dataset.is_complete(str(out))
+    # the rerun resumes: no source is read again, and the result is what an uninterrupted run gives
+    monkeypatch.setattr(prepare, "clean", boom)
+    manifest = prepare.prepare(_config(raw), str(out), quiet=True)
+    monkeypatch.undo()
+    assert dataset.is_complete(str(out)) and not building.exists()
+    assert manifest["counts"]["stages"] == ref_manifest["counts"]["stages"]
+    assert manifest["splits"] == ref_manifest["splits"] and _shards(out) == _shards(ref)
     with pytest.raises(FileExistsError):
         prepare.prepare(_config(raw), str(out), quiet=True)
+
+    # killed after the shards; a rerun with a changed stage threshold starts over (it cleans again)
+    monkeypatch.setattr(prepare, "write_report", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(_config(raw), str(tmp_path / "ds2"), quiet=True)
+    monkeypatch.undo()
+    calls = []
+    real_clean = prepare.clean
+    monkeypatch.setattr(prepare, "clean", lambda *a, **k: (calls.append(1), (yield from real_clean(*a, **k)))[1])
+    m2 = prepare.prepare(_config(raw, min_words=10), str(tmp_path / "ds2"), quiet=True)
+    assert len(calls) == 3 and m2["stages"]["min_words"] == 10
+
+
+def test_worker_processes_give_the_same_dataset(raw, built, tmp_path):
+    ref, one = built
+    two = prepare.prepare(dict(_config(raw), workers=2), str(tmp_path / "two"), quiet=True)
+    assert one["counts"]["stages"] == two["counts"]["stages"] and one["splits"] == two["splits"]
+    assert _shards(ref) == _shards(tmp_path / "two")
 
 
 def test_stage_units():
@@ -135,3 +171,114 @@ def test_stage_units():
     assert nd.cluster_sizes() == [2]
     with pytest.raises(ValueError, match="divisible"):
         stages.NearDedup(100, 16, 0.7, 5)
+
+
+def _rows(path, split="train"):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    r = ArrayRecordReader(str(path / dataset.shard_name(split)))
+    try:
+        return set(r.read(list(range(r.num_records()))))
+    finally:
+        r.close()
+
+
+def _jsonl_only(raw, **tokenizer):
+    cfg = _config(raw)
+    cfg["sources"] = [s for s in cfg["sources"] if s["name"] == "jsonl"]
+    cfg["tokenizer"] = tokenizer
+    return cfg
+
+
+def _fresh_jsonl(tmp_path, **tokenizer):
+    """A config over 8 new documents (none shared with `raw`)."""
+    rng = np.random.default_rng(9)
+    (tmp_path / "fresh.jsonl").write_text("\n".join(json.dumps({"text": _doc(rng)}) for _ in range(8)))
+    cfg = _config(tmp_path)
+    cfg["sources"] = [{"name": "fresh", "path": str(tmp_path / "fresh.jsonl"), "format": "jsonl"}]
+    cfg["tokenizer"] = tokenizer
+    return cfg
+
+
+def test_loader_mixes_datasets_by_weight_resumes_and_runs_in_workers(raw, built, tmp_path):
+    ref, _ = built
+    other = tmp_path / "other"
+    prepare.prepare(_fresh_jsonl(tmp_path, model=str(ref / dataset.TOKENIZER)), str(other), quiet=True)
+    rows_ref, rows_other = _rows(ref), _rows(other)
+    assert not rows_ref & rows_other
+    mix = f"{ref}=3,{other}=1"
+    b = dataset.Batches(mix, "train", 8, seed=0)
+    drawn = []
+    for _ in range(50):
+        batch = next(b)
+        rows = np.stack([batch[k] for k in ("tokens", "segment_ids", "positions")], 1)  # as stored
+        drawn += [r.astype(np.int32).tobytes() for r in rows]
+    share = sum(r in rows_other for r in drawn) / len(drawn)
+    assert all(r in rows_ref or r in rows_other for r in drawn) and 0.15 < share < 0.35, share
+    state = b.state()
+    expect = next(b)
+    b.restore(state)
+    assert all((expect[k] == v).all() for k, v in next(b).items())
+    # Grain worker processes give the same batches
+    a, w = dataset.Batches(mix, "train", 4, seed=1), dataset.Batches(mix, "train", 4, seed=1, workers=1)
+    for _ in range(3):
+        x, y = next(a), next(w)
+        assert all((x[k] == y[k]).all() for k in x)
+    # a dataset with another tokenizer cannot join the mixture
+    alien = tmp_path / "alien"
+    prepare.prepare(_jsonl_only(raw, vocab_size=320, sample_bytes=100_000), str(alien), quiet=True)
+    with pytest.raises(ValueError, match="tokenized differently"):
+        dataset.Batches(f"{ref}=1,{alien}=1", "train", 4, seed=0)
+    with pytest.raises(ValueError, match="mixture weight"):
+        dataset.parse_sources(f"{ref}=x")
+
+
+def test_a_hugging_face_tokenizer_json_prepares_and_reads(raw, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer.eos"):
+        prepare.prepare(_jsonl_only(raw, hf=str(tmp_path / "tokenizer.json")), str(tmp_path / "bad"), quiet=True)
+    out = tmp_path / "hf"
+    manifest = prepare.prepare(_jsonl_only(raw, hf=str(tmp_path / "tokenizer.json"), bos="<s>", eos="</s>",
+                                           pad="<pad>"), str(out), quiet=True)
+    t = dataset.tokenizer(str(out))
+    assert type(t).__name__ == "HFTokenizer" and (t.bos_id, t.eos_id, t.pad_id) == (2, 3, 0)
+    assert manifest["vocab_size"] == t.vocab_size
+    batch = next(dataset.Batches(str(out), "train", 2, seed=0, shuffle=False))
+    assert batch["tokens"][0, 0] == t.bos_id and (batch["tokens"] == t.eos_id).any()
+    assert " the " in t.decode(batch["tokens"][0].tolist())
+
+
+def test_chunk_statistics_match_the_per_document_reference():
+    """quality_reasons (numpy over a chunk) against quality_reason (Python per document), and the batched
+    MinHash / exact hashes against one document at a time."""
+    rng = np.random.default_rng(3)
+    docs = [_doc(rng, int(rng.integers(5, 200))) for _ in range(60)]
+    docs += ["The Cat the cat THE CAT with of and " * 12, "a b a b c d c d the and " * 15,  # 2-gram ties, case
+             "café au lait the and with " * 20, "x\x1cy the and of " * 30, "x123456789 y987654321 the and " * 20,
+             "- item with the\n" * 60, "word the and... \n" * 60, "y" * 3000, "", "  \n ", "### ... the and " * 20,
+             "naïve résumé the and of " * 15]
+    cfg = dict(stages.DEFAULTS, min_words=20)
+    words = stages.WordHashes(docs)
+    got = stages.quality_reasons(docs, words, cfg, range(len(docs)))
+    ref = [stages.quality_reason(d, cfg) for d in docs]
+    assert [got[k] for k in range(len(docs))] == ref
+    assert {"repeated 2-grams", "too few words", "digit ratio", "mostly bullet lines"} <= set(ref)
+    hasher = stages.MinHasher(128, 3, seed=0)
+    batch = hasher.signatures(docs)
+    for k in (0, 5, 61, 68):
+        assert (hasher.signatures([docs[k]])[0] == batch[k]).all()
+    assert stages.exact_hashes(words)[0] == stages.content_hash(docs[0].upper().replace(" ", "  \n"))
+    assert len(set(stages.exact_hashes(words)[:60])) == 60
+
+
+def test_a_validation_document_is_kept_even_when_the_fraction_draws_none(raw, tmp_path):
+    cfg = _fresh_jsonl(tmp_path, vocab_size=320, sample_bytes=100_000)
+    cfg["val_fraction"] = 1e-6  # no document's hash falls below this
+    m = prepare.prepare(cfg, str(tmp_path / "ds"), quiet=True)
+    assert m["splits"]["validation"]["documents"] == 1 and m["splits"]["train"]["documents"] == 7

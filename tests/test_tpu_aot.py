@@ -17,15 +17,18 @@ from moejax.model.moe import MoE
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
 
-TOPOLOGIES = ["v5e:2x2", "v5p:2x2x1"]
+# Each test compiles for one topology (both TPU generations are covered across the tests; a compile
+# here takes 10-40 s on 2 cores, so not every test for every topology).
+_MESHES = {}
 
 
-@pytest.fixture(scope="module", params=TOPOLOGIES)
-def mesh(request):
+def _mesh(topology: str):
     from moejax import pod
 
-    _, devices = pod.tpu_devices(request.param)  # (also lets several processes load libtpu)
-    return jax.sharding.Mesh(np.array(devices).reshape(-1), ("data",))
+    if topology not in _MESHES:
+        _, devices = pod.tpu_devices(topology)  # (also lets several processes load libtpu)
+        _MESHES[topology] = jax.sharding.Mesh(np.array(devices).reshape(-1), ("data",))
+    return _MESHES[topology]
 
 
 def _abstract(shape, dtype, mesh, spec):
@@ -41,7 +44,8 @@ def _compile(fn, *args):
     return text
 
 
-def test_gmm_and_tgmm_compile_for_tpu(mesh):
+def test_gmm_and_tgmm_compile_for_tpu():
+    mesh = _mesh("v5e:2x2")
     M, K, N, G = 512, 256, 384, 8  # per device: 512 rows, lane-aligned K and N
 
     def step(lhs, rhs, sizes):
@@ -61,7 +65,8 @@ def test_gmm_and_tgmm_compile_for_tpu(mesh):
     assert "moejax_gmm" in text and "moejax_tgmm" in text  # the Mosaic kernels, not an XLA fallback
 
 
-def test_dropless_moe_layer_forward_backward_compiles_for_tpu(mesh):
+def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
+    mesh = _mesh("v5p:2x2x1")
     cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=256, n_shared_experts=1, n_group=2, topk_group=1,
                       moe_impl="dropless", compute_dtype="bfloat16", seq_aux_loss_coef=1e-3)
@@ -83,9 +88,10 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu(mesh):
 
 
 @pytest.mark.parametrize("exchange", ["ragged"])  # the fixed-buffer exchanges compile in test_pod
-def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(mesh, exchange):
+def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange):
     """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert' axis,
     jax.lax.ragged_all_to_all (not its CPU emulation) for the ragged exchange."""
+    mesh = _mesh("v5p:2x2x1")
     from moejax import sharding
     from moejax.config import MeshConfig
 

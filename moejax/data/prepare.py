@@ -4,30 +4,43 @@
 
 The output directory has the layout training reads (`data.source=DIR`; see moejax.data.dataset):
 ArrayRecord shards per split, the tokenizer, manifest.json (sources, input hashes, counts, the config)
-and report.md with plots. It is built in a temporary sibling directory and renamed into place only when
-every shard and the manifest are written, so an interrupted run leaves nothing that looks complete; a
-rerun starts over cleanly (and removes the leftover).
+and report.md with plots.
+
+Work runs in three phases, each recorded in a build directory next to the output (`.<name>.building`):
+1. clean, one source at a time: the main process reads documents and sends chunks to `workers`
+   processes that normalize, filter, hash, compute MinHash signatures and scrub PII; the main process
+   takes the deduplication decisions in document order (so the result does not depend on the worker
+   count) and appends the survivors to `cleaned/<n>.jsonl`; after each source the counters and the
+   deduplication index are saved;
+2. the tokenizer: trained with sentencepiece on a sample of the cleaned training text, or copied;
+3. tokenize and pack each split over the workers into ArrayRecord shards.
+A rerun with the same config and inputs resumes after the last finished source or phase; with anything
+changed it starts over. The build directory is renamed to the output only when every shard and the
+manifest are written, so nothing incomplete ever looks complete.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from moejax.data import dataset, sources, stages
-from moejax.data.packing import pack, write_rows
-from moejax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from moejax.data import tokenizer as tokenizers
+from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
 
 STAGE_ORDER = ("read", "normalize", "quality", "harmful", "exact_dedup", "near_dedup", "pii", "fim")
+CHUNK = 128  # documents per task sent to a worker
+PROGRESS = "progress.json"
 
 
 class Counters:
@@ -41,97 +54,219 @@ class Counters:
         self.reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.examples: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
         self.changes = collections.Counter()  # transforms: e.g. pii replacements
-        self.seconds = collections.Counter()  # wall time per stage
+        self.seconds = collections.Counter()  # per stage: seconds summed over the workers
+        self.wall = collections.Counter()  # per phase: wall seconds
+        self.cluster_sizes: list[int] = []
+        self.split_docs = collections.Counter()  # cleaned documents per split
 
-    def seen(self, stage, doc):
+    def seen(self, stage: str, nbytes: int):
         self.docs_in[stage] += 1
-        self.bytes_in[stage] += len(doc.text.encode())
+        self.bytes_in[stage] += nbytes
 
-    def remove(self, stage, reason, doc):
+    def remove(self, stage: str, reason: str, doc, nbytes: int, text: str):
         self.removed[stage] += 1
-        self.bytes_removed[stage] += len(doc.text.encode())
+        self.bytes_removed[stage] += nbytes
         self.reasons[stage][reason] += 1
         if len(self.examples[(stage, reason)]) < 3:
-            self.examples[(stage, reason)].append(f"{doc.path}: {doc.text[:80]!r}")
+            self.examples[(stage, reason)].append(f"{doc.path}: {text[:80]!r}")
 
 
-def clean(docs, st: dict, counters: Counters, seed: int):
-    """The stages in order; yields the documents that survive, transformed."""
-    harmful = stages.HarmfulFilter(st["harmful_categories"], st["harmful_classifier"])
-    exact: set[bytes] = set()
-    near = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
+# ------------------------------------------------------------------------------ per-document work
+
+
+_WORKER: dict = {}
+
+
+def _init_cleaner(st: dict, seed: int):
+    _WORKER["st"] = st
+    _WORKER["harmful"] = stages.HarmfulFilter(st["harmful_categories"], st["harmful_classifier"])
+    _WORKER["hasher"] = stages.MinHasher(st["num_perm"], st["shingle_size"], seed) if st["near_dedup"] else None
+    _WORKER["lsh"] = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
         if st["near_dedup"] else None
-    rng = np.random.default_rng(seed)
+
+
+def _clean_chunk(chunk: list[tuple[str, str]]):
+    """Everything but the deduplication decisions, for (text, lang) pairs. Per document: (stage that
+    removed it or None, reason, text, raw bytes, cleaned bytes, content hash, boilerplate lines dropped,
+    PII replacements); plus the MinHash signatures and band keys of the survivors, and seconds per stage."""
+    st, harmful, hasher = _WORKER["st"], _WORKER["harmful"], _WORKER["hasher"]
+    secs = collections.Counter()
     tick = time.perf_counter
-    docs = iter(docs)
-    while True:
-        t = tick()
-        doc = next(docs, None)
-        counters.seconds["read"] += tick() - t
-        if doc is None:
-            break
-        code = bool(doc.lang)
-        t = tick()
-        counters.seen("normalize", doc)
-        doc.text = stages.normalize(doc.text, st["normalization"], code)
+    t = tick()
+    out = []
+    for text, lang in chunk:
+        raw = len(text.encode())
+        code = bool(lang)
+        text = stages.normalize(text, st["normalization"], code)
+        boiler = 0
         if not code and st["boilerplate_lines"]:
-            doc.text, n = stages.drop_boilerplate_lines(doc.text)
-            counters.changes["boilerplate lines dropped"] += n
-        t = _lap(counters, "normalize", t)
-        if not doc.text.strip():
-            counters.remove("normalize", "empty after cleanup", doc)
-            continue
-        counters.seen("quality", doc)
-        reason = stages.code_reason(doc.text, doc.lang, st) if code else stages.quality_reason(doc.text, st)
-        t = _lap(counters, "quality", t)
-        if reason:
-            counters.remove("quality", reason, doc)
-            continue
-        counters.seen("harmful", doc)
-        reason = harmful.reason(doc.text)
-        t = _lap(counters, "harmful", t)
-        if reason:
-            counters.remove("harmful", reason, doc)
-            continue
-        if st["exact_dedup"]:
-            counters.seen("exact_dedup", doc)
-            h = stages.content_hash(doc.text)
-            dup = h in exact
-            exact.add(h)
-            t = _lap(counters, "exact_dedup", t)
-            if dup:
-                counters.remove("exact_dedup", "exact duplicate", doc)
-                continue
-        if near is not None:
-            counters.seen("near_dedup", doc)
-            dup = near.add(doc.text) is not None
-            t = _lap(counters, "near_dedup", t)
-            if dup:
-                counters.remove("near_dedup", "near duplicate", doc)
-                continue
-        if st["pii"]:
-            counters.seen("pii", doc)
-            doc.text, n = stages.scrub_pii(doc.text)
-            counters.changes["pii replacements"] += n
-            t = _lap(counters, "pii", t)
-        if code and st["fim_rate"] and rng.random() < st["fim_rate"]:
-            doc.text = stages.fim(doc.text, rng, st["fim_spm_rate"])
-            counters.changes["fim documents"] += 1
-            _lap(counters, "fim", t)
-        yield doc
-    if near is not None:
-        counters.cluster_sizes = near.cluster_sizes()
+            text, boiler = stages.drop_boilerplate_lines(text)
+        rec = [None, "", text, raw, len(text.encode()), b"", boiler, 0]
+        if not text.strip():
+            rec[:2] = "normalize", "empty after cleanup"
+        out.append(rec)
+    t = _lap(secs, "normalize", t)
+    texts = [r[2] for r in out]
+    words = stages.WordHashes(texts)  # shared by the quality statistics and both deduplications
+    t = _lap(secs, "word hashes", t)
+    prose = [k for k, r in enumerate(out) if r[0] is None and not chunk[k][1]]
+    reasons = stages.quality_reasons(texts, words, st, prose)
+    for k, r in enumerate(out):
+        if r[0] is None:
+            reason = reasons[k] if k in reasons else stages.code_reason(r[2], chunk[k][1], st)
+            if reason:
+                r[:2] = "quality", reason
+    t = _lap(secs, "quality", t)
+    for r in out:
+        if r[0] is None:
+            reason = harmful.reason(r[2])
+            if reason:
+                r[:2] = "harmful", reason
+    t = _lap(secs, "harmful", t)
+    keep = [k for k, r in enumerate(out) if r[0] is None]
+    if st["exact_dedup"] and keep:
+        hashes = stages.exact_hashes(words)
+        for k in keep:
+            out[k][5] = hashes[k]
+        t = _lap(secs, "exact_dedup", t)
+    sigs = None
+    if hasher is not None and keep:
+        sig = hasher.signatures(None, words)[keep]
+        sigs = (sig, _WORKER["lsh"].band_keys(sig))
+        t = _lap(secs, "near_dedup", t)
+    if st["pii"]:
+        for k in keep:
+            out[k][2], out[k][7] = stages.scrub_pii(out[k][2])
+        _lap(secs, "pii", t)
+    return out, sigs, secs
 
 
-def _lap(counters: Counters, stage: str, t0: float) -> float:
+def _lap(secs, stage: str, t0: float) -> float:
     now = time.perf_counter()
-    counters.seconds[stage] += now - t0
+    secs[stage] += now - t0
     return now
 
 
-def _tokenize(args):
-    model_file, texts = args
-    return SentencePieceTokenizer(model_file).encode_batch(texts)
+def _init_encoder(path: str, special: dict):
+    _WORKER["tok"] = tokenizers.load(path, special)
+
+
+def _encode_chunk(texts: list[str]):
+    enc = _WORKER["tok"].encode_batch(texts)
+    lengths = np.fromiter(map(len, enc), np.int64, len(enc))
+    return np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(lengths.sum())), lengths
+
+
+class _Workers:
+    """A process pool (or the calling process when workers <= 1) with a bounded, ordered map."""
+
+    def __init__(self, workers: int, init, initargs):
+        self.pool = None
+        if workers > 1:
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, init, initargs)
+        else:
+            init(*initargs)
+        self.depth = 2 * max(1, workers)
+
+    def map(self, fn, items):
+        """Yields (meta, fn(payload)) for (meta, payload) items in order, at most `depth` in flight."""
+        if self.pool is None:
+            for meta, payload in items:
+                yield meta, fn(payload)
+            return
+        pending = collections.deque()
+        for meta, payload in items:
+            pending.append((meta, self.pool.apply_async(fn, (payload,))))
+            if len(pending) >= self.depth:
+                meta, res = pending.popleft()
+                yield meta, res.get()
+        while pending:
+            meta, res = pending.popleft()
+            yield meta, res.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _chunks(docs, size: int, counters: Counters):
+    batch = []
+    t = time.perf_counter()
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            counters.seconds["read"] += time.perf_counter() - t
+            yield batch, [(d.text, d.lang) for d in batch]
+            batch = []
+            t = time.perf_counter()
+    counters.seconds["read"] += time.perf_counter() - t
+    if batch:
+        yield batch, [(d.text, d.lang) for d in batch]
+
+
+class Dedup:
+    """The order-dependent decisions: exact hashes seen, the near-duplicate LSH index, the FIM coin."""
+
+    def __init__(self, st: dict, seed: int):
+        self.exact: set[bytes] = set()
+        self.near = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
+            if st["near_dedup"] else None
+        self.rng = np.random.default_rng(seed)
+
+
+def clean(docs, st: dict, counters: Counters, seed: int, workers: int = 1, dedup: Dedup | None = None,
+          pool: _Workers | None = None):
+    """The stages in order; yields the documents that survive, transformed."""
+    dedup = dedup or Dedup(st, seed)
+    own = pool is None
+    pool = pool or _Workers(workers, _init_cleaner, (st, seed))
+    tick = time.perf_counter
+    try:
+        for batch, (results, sigs, secs) in pool.map(_clean_chunk, _chunks(docs, CHUNK, counters)):
+            counters.seconds.update(secs)
+            t = tick()
+            k = 0
+            for doc, (stage, reason, text, raw, nbytes, h, boiler, npii) in zip(batch, results):
+                counters.seen("normalize", raw)
+                counters.changes["boilerplate lines dropped"] += boiler
+                if stage == "normalize":
+                    counters.remove(stage, reason, doc, raw, text)
+                    continue
+                for s in ("quality", "harmful"):
+                    counters.seen(s, nbytes)
+                    if stage == s:
+                        counters.remove(s, reason, doc, nbytes, text)
+                        break
+                if stage is not None:
+                    continue
+                sig, keys = (sigs[0][k], sigs[1][k]) if sigs is not None else (None, None)
+                k += 1
+                if st["exact_dedup"]:
+                    counters.seen("exact_dedup", nbytes)
+                    if h in dedup.exact:
+                        counters.remove("exact_dedup", "exact duplicate", doc, nbytes, text)
+                        continue
+                    dedup.exact.add(h)
+                if dedup.near is not None:
+                    counters.seen("near_dedup", nbytes)
+                    if dedup.near.add_signature(sig, keys) is not None:
+                        counters.remove("near_dedup", "near duplicate", doc, nbytes, text)
+                        continue
+                if st["pii"]:
+                    counters.seen("pii", nbytes)
+                    counters.changes["pii replacements"] += npii
+                doc.text = text
+                if doc.lang and st["fim_rate"] and dedup.rng.random() < st["fim_rate"]:
+                    doc.text = stages.fim(doc.text, dedup.rng, st["fim_spm_rate"])
+                    counters.changes["fim documents"] += 1
+                yield doc
+            counters.seconds["decisions"] += tick() - t
+    finally:
+        if own:
+            pool.close()
+    if dedup.near is not None:
+        counters.cluster_sizes = dedup.near.cluster_sizes()
 
 
 def _file_hash(path: str) -> str:
@@ -145,85 +280,257 @@ def _file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _input_key(cfg: dict, files: dict) -> str:
+    """What a resumed build must agree on: the config (less overwrite / workers) and the input files'
+    names, sizes and modification times."""
+    stat = {}
+    for name, fs in files.items():
+        for f in fs:
+            try:
+                s = os.stat(f)
+                stat[f] = (s.st_size, s.st_mtime_ns)
+            except OSError:
+                stat[f] = None
+    c = {k: v for k, v in cfg.items() if k not in ("overwrite", "workers")}
+    return hashlib.sha256(json.dumps([_jsonable(c), stat], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _save_pickle(path: str, obj) -> None:
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".tmp", path)
+
+
+def _load_pickle(path: str):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def _cleaned_docs(build: str, n_sources: int, split: str | None = None):
+    """(text, path, split, source) of the cleaned documents, sources in order. They are stored as a
+    stream of pickled lists (no escaping, unlike JSON)."""
+    for i in range(n_sources):
+        with open(os.path.join(build, "cleaned", f"{i}.pkl"), "rb") as f:
+            while True:
+                try:
+                    chunk = pickle.load(f)
+                except EOFError:
+                    break
+                for d in chunk:
+                    if split is None or d[2] == split:
+                        yield d
+
+
+def _write_cleaned(f, docs, seed: int, val_fraction: float, source: int, counts: collections.Counter,
+                   chunk: int = 256):
+    batch = []
+    for doc in docs:
+        split = "validation" if _hash_fraction(doc.path, seed) < val_fraction else "train"
+        counts[split] += 1
+        batch.append((doc.text, doc.path, split, source))
+        if len(batch) == chunk:
+            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+            batch = []
+    if batch:
+        pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
-    """Runs the pipeline for a data config (see experiments/data/example.py); returns the manifest."""
+    """Runs the pipeline for a data config (see experiments/data/*.py); returns the manifest.
+
+    Holds an exclusive lock (`.<name>.lock` next to the output) while it runs, so that processes started
+    together (several hosts on a shared disk) build once: the others then find the complete output."""
+    import fcntl
+
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare(cfg, out, quiet)
+
+
+def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     from tqdm import tqdm
 
     st = dict(stages.DEFAULTS, **cfg.get("stages", {}))
     unknown = set(cfg.get("stages", {})) - set(stages.DEFAULTS)
     if unknown:
         raise ValueError(f"stages.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(stages.DEFAULTS))}")
+    tcfg = dict(cfg.get("tokenizer", {}))
+    known_tok = {"vocab_size", "model_type", "sample_bytes", "user_symbols", "model", "hf", "bos", "eos", "pad"}
+    if set(tcfg) - known_tok:
+        raise ValueError(f"tokenizer.{sorted(set(tcfg) - known_tok)[0]}: unknown key; known: {', '.join(sorted(known_tok))}")
+    if not cfg.get("sources"):
+        raise ValueError("sources: the config names no sources")
     seed, seq_len = cfg.get("seed", 0), cfg["seq_len"]
+    workers = max(1, int(cfg.get("workers", 1)))
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    for leftover in os.listdir(parent):  # a previous interrupted run of this output
-        if leftover.startswith(f".{os.path.basename(out)}.building-"):
-            shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
     if os.path.exists(out):
         if dataset.is_complete(out) and not cfg.get("overwrite", False):
             raise FileExistsError(f"{out} is already a complete dataset (set overwrite=True to rebuild it)")
-        shutil.rmtree(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    files = {src["name"]: sources.files(src, sources.SkipLog()) for src in cfg["sources"]}
+    key = _input_key(cfg, files)
+    build = os.path.join(parent, f".{os.path.basename(out)}.building")
+    progress = {}
+    if os.path.exists(os.path.join(build, PROGRESS)):
+        with open(os.path.join(build, PROGRESS)) as f:
+            progress = json.load(f)
+    if progress.get("key") != key:  # a different config or changed inputs: start over
+        shutil.rmtree(build, ignore_errors=True)
+        progress = {"key": key, "sources_done": 0, "tokenizer": False, "splits": {}}
+    elif not quiet:
+        print(f"[prepare] resuming {build}: {progress['sources_done']} sources cleaned, "
+              f"tokenizer {'done' if progress['tokenizer'] else 'not done'}, splits done {sorted(progress['splits'])}")
+    os.makedirs(os.path.join(build, "cleaned"), exist_ok=True)
+    save_progress = lambda: _save_json(os.path.join(build, PROGRESS), progress)  # noqa: E731
+    save_progress()
     t0 = time.time()
+    state_file = os.path.join(build, "state.pkl")
+    if progress["sources_done"]:
+        counters, skips, dedup, inputs, elapsed = _load_pickle(state_file)
+        t0 -= elapsed
+    else:
+        counters, skips, dedup, inputs = Counters(), sources.SkipLog(), Dedup(st, seed), {}
+
+    # ---- phase 1: clean, one source at a time
+    pool = None
     try:
-        counters, skips = Counters(), sources.SkipLog()
-        kept: dict[str, list[sources.Document]] = {"train": [], "validation": []}
-        inputs = {}
-        for src in cfg["sources"]:
-            files = sources.expand(src["path"], sources.SkipLog())
-            inputs[src["name"]] = {"path": src["path"], "files": len(files),
-                                   "sha256": {os.path.relpath(f, parent): _file_hash(f) for f in files[:1000]}}
-            docs = sources.documents(src, skips)
-            bar = tqdm(docs, desc=f"read {src['name']}", disable=quiet, unit="doc", mininterval=2.0)
-            weight = float(src.get("weight", 1.0))
-            for doc in clean(bar, st, counters, seed):
-                split = "validation" if _hash_fraction(doc.path, seed) < cfg.get("val_fraction", 0.01) else "train"
-                for _ in range(_copies(weight, doc.path, seed) if split == "train" else 1):
-                    kept[split].append(doc)
-        if not kept["train"]:
-            raise ValueError("no training documents survived the stages; see the counts:\n" + _counts_text(counters, skips))
-        tok_file = os.path.join(tmp, dataset.TOKENIZER)
-        tcfg = cfg.get("tokenizer", {})
-        if tcfg.get("model"):
+        for i, src in enumerate(cfg["sources"]):
+            if i < progress["sources_done"]:
+                continue
+            pool = pool or _Workers(workers, _init_cleaner, (st, seed))
+            fs = files[src["name"]]
+            inputs[src["name"]] = {"path": src["path"], "files": len(fs), "weight": float(src.get("weight", 1.0)),
+                                   "sha256": {os.path.relpath(f, parent): _file_hash(f) for f in fs[:1000]}}
+            bar = tqdm(sources.documents(src, skips), desc=f"clean {src['name']}", disable=quiet, unit="doc",
+                       mininterval=2.0)
+            t = time.time()
+            with open(os.path.join(build, "cleaned", f"{i}.pkl"), "wb") as f:
+                _write_cleaned(f, clean(bar, st, counters, seed, dedup=dedup, pool=pool), seed,
+                               cfg.get("val_fraction", 0.01), i, counters.split_docs)
+            counters.wall["clean"] += time.time() - t
+            _save_pickle(state_file, (counters, skips, dedup, inputs, time.time() - t0))
+            progress["sources_done"] = i + 1
+            save_progress()
+    finally:
+        if pool is not None:
+            pool.close()
+    if dedup.near is not None:
+        counters.cluster_sizes = dedup.near.cluster_sizes()
+    n_src = len(cfg["sources"])
+    weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
+    train_bytes = counters.bytes_in["pii"] if st["pii"] else None
+
+    # ---- phase 2: the tokenizer
+    special = {k: tcfg[k] for k in ("bos", "eos", "pad") if tcfg.get(k)}
+    tok_file = os.path.join(build, dataset.HF_TOKENIZER if tcfg.get("hf") else dataset.TOKENIZER)
+    if not progress["tokenizer"]:
+        t = time.time()
+        if tcfg.get("hf"):
+            shutil.copy(os.path.expanduser(tcfg["hf"]), tok_file)
+        elif tcfg.get("model"):
             shutil.copy(os.path.expanduser(tcfg["model"]), tok_file)
-            tok = SentencePieceTokenizer(tok_file)
         else:
-            tok = train_sentencepiece(_sample_lines(kept["train"], tcfg.get("sample_bytes", 20_000_000), seed),
-                                      tok_file, tcfg.get("vocab_size", 8192), tcfg.get("model_type", "bpe"),
-                                      user_symbols=tuple(tcfg.get("user_symbols", ())) + (
-                                          stages.FIM_TOKENS if st["fim_rate"] else ()))
-        splits = {}
-        t_tok = time.perf_counter()
-        workers = max(1, int(cfg.get("workers", 1)))
-        for split, docs in kept.items():
-            texts = [d.text for d in docs]
-            chunks = [texts[i:i + 512] for i in range(0, len(texts), 512)]
-            if workers > 1 and len(chunks) > 1:
-                with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                    encoded = [e for part in pool.imap(_tokenize, [(tok_file, c) for c in chunks]) for e in part]
-            else:
-                encoded = tok.encode_batch(texts)
-            rows = write_rows(os.path.join(tmp, dataset.shard_name(split)),
-                              pack(encoded, seq_len, tok.bos_id, tok.eos_id))
-            splits[split] = {"documents": len(texts), "tokens": sum(len(e) + 2 for e in encoded), "rows": rows,
-                             "bytes": sum(len(t.encode()) for t in texts),
-                             "lengths": [len(e) for e in encoded]}
-        counters.seconds["tokenize + pack"] += time.perf_counter() - t_tok
-        report = write_report(tmp, counters, skips, splits, time.time() - t0)
-        manifest = {"name": cfg.get("name", os.path.basename(out)), "seq_len": seq_len, "vocab_size": tok.vocab_size,
-                    "splits": {s: {k: v for k, v in c.items() if k != "lengths"} for s, c in splits.items()},
-                    "sources": inputs, "config": _jsonable(cfg), "stages": _jsonable(st),
-                    "counts": report, "seconds": round(time.time() - t0, 1)}
-        dataset.write_manifest(tmp, manifest)  # last: marks the directory complete
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if not any(True for _ in _cleaned_docs(build, n_src, "train")):
+                raise ValueError("no training documents survived the stages; see the counts:\n"
+                                 + _counts_text(counters, skips))
+            sample = _sample_lines(_cleaned_docs(build, n_src, "train"), tcfg.get("sample_bytes", 20_000_000),
+                                   train_bytes, seed)
+            tokenizers.train_sentencepiece(sample, tok_file, tcfg.get("vocab_size", 8192), tcfg.get("model_type", "bpe"),
+                                           user_symbols=tuple(tcfg.get("user_symbols", ())) + (
+                                               stages.FIM_TOKENS if st["fim_rate"] else ()), num_threads=workers)
+        counters.wall["tokenizer"] += time.time() - t
+        progress["tokenizer"] = True
+        save_progress()
+    tok = tokenizers.load(tok_file, special)
+
+    # ---- phase 3: tokenize and pack each split
+    promoted = ""  # with a validation fraction but no document drawn for it: the train document nearest
+    if cfg.get("val_fraction", 0.01) > 0 and not counters.split_docs["validation"] and counters.split_docs["train"] > 1:
+        promoted = min((d[1] for d in _cleaned_docs(build, n_src, "train")), key=lambda p: _hash_fraction(p, seed))
+
+    def split_of(d):
+        return "validation" if d[1] == promoted else d[2]
+
+    splits = dict(progress["splits"])
+    t = time.time()
+    enc_pool = None
+    try:
+        for split in dataset.SPLITS:
+            if split in splits:
+                continue
+            enc_pool = enc_pool or _Workers(workers, _init_encoder, (tok_file, special))
+            stats = {"documents": 0, "tokens": 0, "rows": 0, "bytes": 0, "lengths": []}
+            packer = Packer(seq_len, tok.bos_id, tok.eos_id)
+            shard = os.path.join(build, dataset.shard_name(split))
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            writer = ArrayRecordWriter(shard + ".tmp", WRITER_OPTIONS)
+            try:
+                texts = (d[0] for d in _cleaned_docs(build, n_src) if split_of(d) == split
+                         for _ in range(_copies(weights[d[3]], d[1], seed) if split == "train" else 1))
+                bar = tqdm(desc=f"tokenize {split}", disable=quiet, unit="doc", mininterval=2.0)
+                for texts_chunk, (flat, lengths) in enc_pool.map(_encode_chunk, _text_chunks(texts, 512)):
+                    bar.update(len(texts_chunk))
+                    stats["documents"] += len(texts_chunk)
+                    stats["bytes"] += sum(len(x.encode()) for x in texts_chunk)
+                    stats["tokens"] += int(lengths.sum()) + 2 * len(lengths)
+                    stats["lengths"] += lengths.tolist()
+                    for row in packer.add(flat, lengths):
+                        writer.write(encode_row(row))
+                        stats["rows"] += 1
+                for row in packer.finish():
+                    writer.write(encode_row(row))
+                    stats["rows"] += 1
+                bar.close()
+            finally:
+                writer.close()
+            os.replace(shard + ".tmp", shard)
+            splits[split] = stats
+            progress["splits"][split] = stats
+            save_progress()
+    finally:
+        if enc_pool is not None:
+            enc_pool.close()
+    counters.wall["tokenize + pack"] += time.time() - t
+    if splits["train"]["documents"] == 0:
+        raise ValueError("no training documents survived the stages; see the counts:\n" + _counts_text(counters, skips))
+
+    report = write_report(build, counters, skips, splits, time.time() - t0)
+    manifest = {"name": cfg.get("name", os.path.basename(out)), "seq_len": seq_len, "vocab_size": tok.vocab_size,
+                "splits": {s: {k: v for k, v in c.items() if k != "lengths"} for s, c in splits.items()},
+                "sources": inputs, "config": _jsonable(cfg), "stages": _jsonable(st), "special_tokens": special,
+                "counts": report, "seconds": round(time.time() - t0, 1)}
+    shutil.rmtree(os.path.join(build, "cleaned"))
+    for f in (PROGRESS, "state.pkl"):
+        os.remove(os.path.join(build, f))
+    dataset.write_manifest(build, manifest)  # last: marks the directory complete
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(build, out)
     if not quiet:
         print(f"[prepare] {out}: " + ", ".join(f"{s} {c['tokens']:,} tokens in {c['rows']:,} rows"
                                                for s, c in manifest["splits"].items()) + f" ({manifest['seconds']} s)")
     return manifest
+
+
+def _text_chunks(texts, size: int):
+    batch = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch, batch
+            batch = []
+    if batch:
+        yield batch, batch
 
 
 def _hash_fraction(key: str, seed: int) -> float:
@@ -236,10 +543,14 @@ def _copies(weight: float, key: str, seed: int) -> int:
     return whole + (1 if _hash_fraction("w" + key, seed) < weight - whole else 0)
 
 
-def _sample_lines(docs, budget: int, seed: int):
-    order = np.random.default_rng(seed).permutation(len(docs))
-    for i in order:
-        for line in docs[i].text.splitlines():
+def _sample_lines(docs, budget: int, total_bytes: int | None, seed: int):
+    """Lines of a deterministic pseudo-random share of the documents (by a hash of their path), about
+    `budget` bytes in all, streamed."""
+    share = 1.0 if not total_bytes else min(1.0, 1.2 * budget / total_bytes)
+    for d in docs:
+        if share < 1.0 and _hash_fraction("s" + d[1], seed) >= share:
+            continue
+        for line in d[0].splitlines():
             if line.strip():
                 yield line
                 budget -= len(line)
@@ -267,7 +578,8 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
     import matplotlib.pyplot as plt
 
     rows, summary = [], {"skipped_inputs": dict(skips.counts), "stages": {}, "changes": dict(c.changes),
-                         "seconds": {k: round(v, 2) for k, v in c.seconds.items()}}
+                         "seconds": {k: round(v, 2) for k, v in c.seconds.items()},
+                         "wall": {k: round(v, 2) for k, v in c.wall.items()}}
     for s in STAGE_ORDER[1:]:
         if not c.docs_in[s]:
             continue
@@ -284,8 +596,9 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
     md += ["", "## Stages", "", "| stage | docs in | kept | removed | bytes in | bytes kept | seconds | MB/s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     md += rows
-    md += ["", "Time outside the stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items()
-                                                    if k in ("read", "tokenize + pack"))]
+    md += ["", "Seconds are summed over the worker processes (MB/s: one worker's rate). Main process: "
+           + ", ".join(f"{k} {c.seconds[k]:.1f} s" for k in ("read", "decisions")) + ". Wall time per phase: "
+           + ", ".join(f"{k} {v:.1f} s" for k, v in c.wall.items()) + "."]
     md += ["", "## Top removal reasons", "", "| stage | reason | count | examples |", "| --- | --- | --- | --- |"]
     for s in STAGE_ORDER[1:]:
         for r, n in c.reasons[s].most_common(10):
@@ -303,7 +616,7 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
     fig.savefig(os.path.join(path, "lengths.png"), dpi=100)
     plt.close(fig)
     md += ["", "![document lengths](lengths.png)"]
-    clusters = getattr(c, "cluster_sizes", [])
+    clusters = c.cluster_sizes
     if clusters:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.hist(clusters, bins=min(40, max(clusters)))

@@ -183,16 +183,28 @@ def _read_parquet(path, text_field, skips):
             skips.add("malformed parquet row", f"{path}[{i}]")
 
 
+SOURCE_KEYS = ("name", "path", "format", "text_field", "kind", "weight", "repair_utf8", "exclude", "max_files")
+
+
+def files(source: dict, skips: SkipLog) -> list[str]:
+    """The files of one source config, sorted: `path` expanded, `exclude` patterns dropped, the first
+    `max_files` (0 = all)."""
+    unknown = set(source) - set(SOURCE_KEYS)
+    if unknown:
+        raise ValueError(f"sources[{source.get('name', '?')}].{sorted(unknown)[0]}: unknown key; "
+                         f"known: {', '.join(SOURCE_KEYS)}")
+    exclude = list(source.get("exclude", ()))
+    out = [p for p in expand(source["path"], skips) if not (exclude and _excluded(p, exclude))]
+    return out[:source["max_files"]] if source.get("max_files") else out
+
+
 def documents(source: dict, skips: SkipLog, max_bytes: int = 256 << 20) -> Iterator[Document]:
     """Documents of one source config: name, path, format ('auto'), text_field ('text'), kind
     ('text' | 'code'), repair_utf8 (False), exclude (fnmatch patterns matched against each path
-    component and the whole path, e.g. ["site-packages", "test*"])."""
+    component and the whole path, e.g. ["site-packages", "test*"]), max_files (0 = all)."""
     name = source["name"]
     kind = source.get("kind", "text")
-    exclude = list(source.get("exclude", ()))
-    for path in expand(source["path"], skips):
-        if exclude and _excluded(path, exclude):
-            continue
+    for path in files(source, skips):
         ext = _base_ext(path)
         lang = CODE_EXTENSIONS.get(ext, "") if kind == "code" else ""
         if kind == "code" and not lang:

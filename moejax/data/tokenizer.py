@@ -1,4 +1,9 @@
-"""One tokenizer interface shared by training, evaluation and generation (sentencepiece-backed)."""
+"""One tokenizer interface shared by training, evaluation and generation.
+
+Two backends: a sentencepiece model (what `moejax.data.prepare` trains, or one you bring) and a Hugging
+Face `tokenizer.json` (the `tokenizers` library: the files that ship with Llama, Qwen, DeepSeek, ...).
+`load(path, special)` opens either by file name.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +44,49 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`. Special tokens are named by their text: `eos` is required, `bos`
+    defaults to the end-of-sequence token (GPT-2 style), `pad` to id 0. Encoding adds no special tokens
+    (packing adds BOS/EOS itself)."""
+
+    def __init__(self, json_file: str, bos: str = "", eos: str = "", pad: str = ""):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.model_file = json_file
+        self.tok = _Tokenizer.from_file(json_file)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.special = {"bos": bos, "eos": eos, "pad": pad}
+        if not eos:
+            raise ValueError("tokenizer.eos: a Hugging Face tokenizer needs the text of its end-of-sequence token "
+                             "(e.g. '</s>' or '<|endoftext|>')")
+        self.eos_id = self._id("eos", eos)
+        self.bos_id = self._id("bos", bos) if bos else self.eos_id
+        self.pad_id = self._id("pad", pad) if pad else 0
+
+    def _id(self, field: str, text: str) -> int:
+        i = self.tok.token_to_id(text)
+        if i is None:
+            raise ValueError(f"tokenizer.{field}={text!r} is not a token of {self.model_file}")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load(path: str, special: dict | None = None) -> Tokenizer:
+    """A `.json` file is a Hugging Face tokenizer (special tokens from `special`), anything else a
+    sentencepiece model."""
+    if path.endswith(".json"):
+        return HFTokenizer(path, **(special or {}))
+    return SentencePieceTokenizer(path)
 
 
 def train_sentencepiece(lines: Iterable[str], model_file: str, vocab_size: int, model_type: str = "bpe",

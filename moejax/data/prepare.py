@@ -135,8 +135,10 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
         sigs = (sig, _WORKER["lsh"].band_keys(sig))
         t = _lap(secs, "near_dedup", t)
     if st["pii"]:
+        # ASCII digit counts let scrub_pii skip the number patterns; non-ASCII text may hold other digits
+        digits = np.where(words.per_doc(stages.NON_ASCII_OR_FS) > 0, -1, words.per_doc(stages.DIGITS)).tolist()
         for k in keep:
-            out[k][2], out[k][7] = stages.scrub_pii(out[k][2])
+            out[k][2], out[k][7] = stages.scrub_pii(out[k][2], digits[k] if digits[k] >= 0 else None)
         _lap(secs, "pii", t)
     return out, sigs, secs
 

@@ -81,12 +81,14 @@ def normalize(text: str, form: str, code: bool) -> str:
     return text.strip("\n")
 
 
-def scrub_pii(text: str) -> tuple[str, int]:
+def scrub_pii(text: str, digits: int | None = None) -> tuple[str, int]:
+    """Emails, IPv4 addresses and phone numbers -> placeholders. `digits` (the document's count of ASCII
+    digits, when known) skips the number patterns below 4 (an IPv4 address has at least 4)."""
     n = 0
     if "@" in text:
         text, k = EMAIL.subn("<EMAIL>", text)
         n += k
-    if DIGIT_RUN.search(text):  # both patterns need digits; most prose has few
+    if (digits >= 4) if digits is not None else bool(DIGIT_RUN.search(text)):  # most prose has few digits
         for pattern, tag in ((IPV4, "<IP>"), (PHONE, "<PHONE>")):
             text, k = pattern.subn(tag, text)
             n += k
@@ -158,13 +160,9 @@ def quality_reasons(texts: list[str], words: "WordHashes", cfg: dict, which) -> 
     letters, stop words, digits and the top 2-gram come from numpy over the joined bytes instead of Python
     strings per word. Documents with non-ASCII text take the per-document path (the reference)."""
     b, st, en, doc, n_docs = words.bytes, words.starts, words.ends, words.doc, words.n
-    ds = words.doc_start  # documents (with their separator byte) tile the joined bytes
 
-    def per_doc(lut):  # bytes where the table is 1, per document
-        return np.add.reduceat(np.take(lut, b), ds, dtype=np.int64)
-
-    special = per_doc(_NON_ASCII_OR_FS) > 0
-    digits = per_doc(_DIGIT)
+    special = words.per_doc(NON_ASCII_OR_FS) > 0
+    digits = words.per_doc(DIGITS)
     n = words.count
     wl = en - st
     chars = np.bincount(doc, weights=wl, minlength=n_docs)
@@ -302,11 +300,11 @@ _WHITESPACE = np.zeros(256, bool)
 _WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True  # what bytes.split() splits on
 _LETTER = np.zeros(256, np.uint8)
 _LETTER[list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")] = 1
-_DIGIT = np.zeros(256, np.uint8)
-_DIGIT[list(b"0123456789")] = 1
-_NON_ASCII_OR_FS = np.zeros(256, np.uint8)  # bytes where str and bytes disagree on letters / whitespace
-_NON_ASCII_OR_FS[128:] = 1
-_NON_ASCII_OR_FS[list(b"\x1c\x1d\x1e\x1f")] = 1
+DIGITS = np.zeros(256, np.uint8)
+DIGITS[list(b"0123456789")] = 1
+NON_ASCII_OR_FS = np.zeros(256, np.uint8)  # bytes where str and bytes disagree on letters / whitespace
+NON_ASCII_OR_FS[128:] = 1
+NON_ASCII_OR_FS[list(b"\x1c\x1d\x1e\x1f")] = 1
 _P = 0x100000001B3  # odd, so invertible modulo 2**64
 _POW = {"n": 0, "p": np.ones(0, np.uint64), "inv": np.ones(0, np.uint64)}
 
@@ -351,6 +349,10 @@ class WordHashes:
         self.n = len(parts)
         self.bytes, self.starts, self.ends = b, starts, ends  # the joined lowercased text, word byte ranges
         self.doc_start, self.doc_end = doc_end - lens, doc_end - 1  # each document's bytes (no separator)
+
+    def per_doc(self, table: np.ndarray) -> np.ndarray:
+        """Per document, the number of bytes whose entry in a 256-entry 0/1 table is 1."""
+        return np.add.reduceat(np.take(table, self.bytes), self.doc_start, dtype=np.int64)
 
 
 def exact_hashes(words: WordHashes) -> list[bytes]:

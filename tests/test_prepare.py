@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from moejax.data import dataset, prepare, stages
+from moejax.data import dataset, prepare, sources, stages
 
 WORDS = ("the river ran past the old mill and the children watched the water with great interest while "
          "their parents talked about the harvest that had come early this year because of the warm weather "
@@ -45,7 +45,9 @@ def raw(tmp_path_factory):
     (root / "text" / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 100)
     (root / "text" / "empty.txt").write_text("")
     (root / "text" / "bad_utf8.txt").write_bytes(b"caf\xe9 " + _doc(rng).encode())
-    (root / "text" / "huge_line.txt").write_text("x" * 2_000_000)
+    (root / "text" / "huge_line.txt").write_text("x" * 100_000_000)  # a single 100 MB line
+    (root / "text" / "long_line.txt").write_text("y" * 2_000_000)
+    (root / "text" / "unreadable.txt").write_text(_doc(rng))  # made unreadable by the test (root reads all)
     os.symlink(root / "text", root / "text" / "loop")
     lines = [json.dumps({"text": _doc(rng)}) for _ in range(5)] + ["{not json", json.dumps({"other": 1})]
     (root / "data.jsonl").write_text("\n".join(lines))
@@ -75,6 +77,22 @@ def _config(root, **stage_overrides):
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def unreadable_file():
+    """What a permission error looks like for `unreadable.txt` (root may read anything, so it is
+    simulated), in every test of this module."""
+    real_open = sources._open_bytes
+
+    def deny(path):
+        if path.endswith("unreadable.txt"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path)
+
+    sources._open_bytes = deny
+    yield
+    sources._open_bytes = real_open
+
+
 @pytest.fixture(scope="module")
 def built(raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("built") / "ds"
@@ -86,7 +104,7 @@ def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(buil
     counts = manifest["counts"]
     skipped = counts["skipped_inputs"]
     for reason in ("binary file", "empty file", "invalid UTF-8", "malformed JSON line",
-                   "truncated or corrupt compressed file", "symlink loop"):
+                   "truncated or corrupt compressed file", "symlink loop", "unreadable file"):
         assert skipped.get(reason, 0) >= 1, (reason, skipped)
     st = counts["stages"]
     assert st["exact_dedup"]["reasons"] == {"exact duplicate": 1}
@@ -95,6 +113,7 @@ def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(buil
     assert q.get("too few words") and q.get("python that does not parse") == 1
     assert q.get("minified or data-like code") == 1 and q.get("generated code") == 1
     assert q.get("mean word length out of range", 0) + q.get("too few words", 0) >= 2  # the 2 MB line too
+    assert st["normalize"]["reasons"] == {"larger than stages.max_document_bytes": 1}  # the 100 MB line
     assert st["harmful"]["reasons"] == {"harmful: profanity": 1}
     assert counts["changes"]["pii replacements"] == 3
     assert dataset.is_complete(str(out)) and (out / "report.md").exists() and (out / "lengths.png").exists()

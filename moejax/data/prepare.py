@@ -96,6 +96,9 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
     out = []
     for text, lang in chunk:
         raw = len(text.encode())
+        if raw > st["max_document_bytes"]:  # before any stage touches it
+            out.append(["normalize", "larger than stages.max_document_bytes", text[:200], raw, raw, b"", 0, 0])
+            continue
         code = bool(lang)
         text = stages.normalize(text, st["normalization"], code)
         boiler = 0

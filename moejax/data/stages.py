@@ -26,6 +26,7 @@ DEFAULTS = dict(
     bands=32,  # 32 bands of 4 rows: a pair at Jaccard 0.6 shares a band with probability 0.99, at 0.3 0.23
     threshold=0.5,  # estimated Jaccard (3-word shingles) from which a later document is a near duplicate;
     #                 a 10% word-edited copy sits near 0.55, unrelated documents below 0.1
+    max_document_bytes=8_000_000,  # larger documents are removed before any stage (a 100 MB single line)
     min_words=50, max_words=100_000,
     min_mean_word_length=3.0, max_mean_word_length=10.0,
     max_symbol_word_ratio=0.1,  # '#' and '...' per word
@@ -310,9 +311,11 @@ _POW = {"n": 0, "p": np.ones(0, np.uint64), "inv": np.ones(0, np.uint64)}
 
 
 def _powers(n: int):
-    """P**j and P**-j modulo 2**64 for j < n (cached, grown by doubling)."""
+    """P**j and P**-j modulo 2**64 for j < n (cached, grown by doubling, up to 16M entries)."""
+    if n > 1 << 24:
+        return _geometric(_P, n), _geometric(pow(_P, -1, 1 << 64), n)
     if _POW["n"] < n:
-        m = max(n, 2 * _POW["n"], 1 << 16)
+        m = min(max(n, 2 * _POW["n"], 1 << 16), 1 << 24)
         _POW["p"], _POW["inv"] = _geometric(_P, m), _geometric(pow(_P, -1, 1 << 64), m)
         _POW["n"] = m
     return _POW["p"], _POW["inv"]

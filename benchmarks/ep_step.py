@@ -17,14 +17,11 @@ import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import time_fn  # noqa: E402
 from moejax import sharding  # noqa: E402
 from moejax.config import MeshConfig  # noqa: E402
-from moejax.model import Transformer  # noqa: E402
-from moejax.trainer.optim import make_optimizer  # noqa: E402
-from moejax.trainer.step import init_state, make_train_step  # noqa: E402
+from moejax.trainer import setup  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 LAYOUTS = {
@@ -37,19 +34,15 @@ LAYOUTS = {
 
 
 def step_time(cfg, mesh_cfg, n):
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
-    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
-    graphdef, rest, state = init_state(cfg, tx)
-    sh = sharding.tree_shardings(state, mesh)
-    bsh = sharding.batch_sharding(mesh)
-    state = jax.device_put(state, sh)
+    cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
+    ts = setup.build(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:n]))
+    state = ts.init_state()
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     batch = jax.device_put({"tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
                             "segment_ids": np.ones((B, T), np.int32),
-                            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}, bsh)
-    step = make_train_step(graphdef, rest, tx, sched, cfg, sh, bsh)
+                            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}, ts.batch_sharding)
+    step = ts.train_step()
     holder = {"state": state}
 
     def run(batch):

@@ -53,16 +53,13 @@ def batch(cfg: Config, seed: int = 0):
 
 
 def time_moejax(cfg: Config, steps: int) -> float:
-    from flax import nnx
+    from moejax import sharding
+    from moejax.config import MeshConfig
+    from moejax.trainer import setup
 
-    from moejax.model import Transformer
-    from moejax.trainer.optim import make_optimizer
-    from moejax.trainer.step import init_state, make_train_step
-
-    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
-    graphdef, rest, state = init_state(cfg, tx)
-    step = make_train_step(graphdef, rest, tx, sched, cfg)
+    ts = setup.build(cfg, sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
+    state = ts.init_state()
+    step = ts.train_step()
     b = jax.tree.map(jnp.asarray, batch(cfg))
     state, m = step(state, b)
     jax.block_until_ready(m)

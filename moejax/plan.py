@@ -23,29 +23,9 @@ from moejax.config import Config
 GiB = 1024**3
 
 
-def _shard_bytes(tree, mesh_shape, rules) -> int:
-    """Per-device bytes of a tree of (abstract) nnx Variables / arrays under the rules."""
-    from flax import nnx
-
-    from moejax import sharding
-
-    class _Shape:  # spec_for only reads mesh.shape
-        shape = mesh_shape
-
-    total = 0
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    for leaf in leaves:
-        if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value()
-            names = sharding.stage_fallback(sharding.logical_axes_of(leaf, value), value.shape, rules, mesh_shape)
-            spec = sharding.spec_for(names, rules, _Shape)
-        else:
-            value, spec = leaf, ()
-        shape = list(value.shape)
-        for i, entry in enumerate(spec):
-            shape[i] = -(-shape[i] // math.prod(mesh_shape[a] for a in sharding.axes_of(entry)))
-        total += math.prod(shape) * jnp.dtype(value.dtype).itemsize
-    return total
+def _shard_bytes(tree) -> int:
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
@@ -106,27 +86,21 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
 
 def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen: str = "v5p",
          tokens: float = 0.0, mfu: float = 0.4, price: float | None = None) -> dict:
-    from flax import nnx
-
     from moejax import pod, sharding
-    from moejax.model import Transformer
     from moejax.model.stats import param_counts, train_flops_per_token
-    from moejax.trainer.optim import make_optimizer
-    from moejax.trainer.step import init_state
+    from moejax.trainer import setup
 
     if topology:
         gen, chips, _ = pod.parse_topology(topology)
     chip = pod.CHIPS[gen]
     chips = chips or 1
-    mesh_shape = sharding.resolve_mesh(cfg.mesh, chips)
-    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    tx, _ = make_optimizer(cfg.optim, params, cfg.train.steps)
-    state = jax.eval_shape(lambda: init_state(cfg, tx)[2])
-    rules = sharding.rules_for(cfg.mesh)
+    mesh = sharding.abstract_mesh(cfg.mesh, chips)
+    mesh_shape = dict(mesh.shape)
+    state = setup.build(cfg, mesh).abstract  # the same abstract state `moejax.train` creates
     comp = {
-        "params": _shard_bytes(state["params"], mesh_shape, rules),
-        "optimizer": _shard_bytes(state["opt_state"], mesh_shape, rules),
-        "router": _shard_bytes(state["router"], mesh_shape, rules),
+        "params": _shard_bytes(state["params"]),
+        "optimizer": _shard_bytes(state["opt_state"]),
+        "router": _shard_bytes(state["router"]),
     }
     comp["grads"] = comp["params"]
     comp.update(activation_bytes(cfg, mesh_shape))

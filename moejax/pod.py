@@ -93,28 +93,11 @@ def tpu_devices(topology: str):
 
 def abstract_train_step(cfg: Config, mesh):
     """(jitted train step, abstract state, abstract batch) with the shardings the real run uses, built
-    without allocating a parameter."""
-    from flax import nnx
+    without allocating a parameter: the same setup path as `moejax.train` (moejax.trainer.setup)."""
+    from moejax.trainer import setup
 
-    from moejax import sharding
-    from moejax.model import Transformer
-    from moejax.trainer.optim import make_optimizer
-    from moejax.trainer.step import init_state, make_train_step, split_model
-
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, params, _, rest = split_model(abstract_model)
-    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
-    state = jax.eval_shape(lambda: init_state(cfg, tx)[2])
-    state_sh = sharding.tree_shardings(state, mesh, sharding.rules_for(cfg.mesh))
-    sharding.check_divisible(state, state_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
-    sharding.check_batch(cfg.train.batch_size, batch_sh)
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh)
-             for k in ("tokens", "positions", "segment_ids")}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
-    step = make_train_step(graphdef, rest, tx, sched, cfg, state_sh, batch_sh)
-    return step, state, batch
+    ts = setup.build(cfg, mesh)
+    return ts.train_step(), ts.abstract, ts.abstract_batch()
 
 
 def tree_bytes_per_device(tree) -> int:

@@ -8,9 +8,9 @@ axis of size 1 simply does nothing, so presets differ only in the mesh shape (an
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -43,34 +43,65 @@ class ShardingError(ValueError):
     pass
 
 
-_ACTIVE: list[tuple[Mesh, Mapping[str, object]]] = []
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The mesh and rule table a model is built for. Modules keep it (a static, hashable attribute) to
+    pin their activations to the layout the rules give, so that XLA never guesses one between ops."""
+
+    mesh: Any  # jax.sharding.Mesh or AbstractMesh, more than one device
+    rules: tuple  # freeze_rules(...)
+
+    @property
+    def rule_table(self) -> dict[str, object]:
+        return dict(self.rules)
+
+    def constrain(self, x, logical: Sequence[str | None]):
+        """x laid out by its logical axis names (one per dim). Inside a shard_map region (the pipeline's
+        stages) only the axes that are still automatic are named; where the mesh does not divide a dim
+        (sampling 3 prompts on 8 devices) x is left to XLA."""
+        mesh, nested = self.region()
+        if nested and not any(n > 1 and a not in mesh.manual_axes for a, n in mesh.shape.items()):
+            return x  # every axis is manual here (inside the expert-parallel shard_map)
+        spec = spec_for(logical, self.rule_table, self.mesh, exclude=mesh.manual_axes if nested else ())
+        for dim, axes in zip(x.shape, spec):
+            if dim % math.prod(mesh.shape[a] for a in axes_of(axes)):
+                return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
-    """While tracing inside this context, layers that shard by hand (the expert-parallel MoE's shard_map)
-    use this mesh and rule table. The train step enters it around its body."""
-    _ACTIVE.append((mesh, rules))
+    def region(self):
+        """(mesh to name shardings with, whether some axes are manual): the layout's own mesh, or inside a
+        shard_map region the context's abstract mesh, whose manual axes must not be named."""
+        ctx = jax.sharding.get_abstract_mesh()
+        if ctx.manual_axes:
+            return ctx, True
+        return self.mesh, False
+
+
+def layout(mesh, rules: Mapping[str, object] | None = None) -> Layout | None:
+    """The Layout of a model on `mesh` (None for no mesh or one device: nothing to lay out)."""
+    if mesh is None or mesh.size == 1:
+        return None
+    return Layout(mesh, freeze_rules(rules or DEFAULT_RULES))
+
+
+def constrain(x, layout: Layout | None, logical: Sequence[str | None]):
+    """`layout.constrain(x, logical)`, or x itself without a layout."""
+    return x if layout is None else layout.constrain(x, logical)
+
+
+def freeze_rules(rules: Mapping[str, object]) -> tuple:
+    """A rule table as a hashable tuple (models keep it as a static attribute)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(rules).items()))
+
+
+def context_mesh():
+    """The mesh of an enclosing `jax.set_mesh(...)` (abstract inside jit), or None."""
     try:
-        yield
-    finally:
-        _ACTIVE.pop()
-
-
-def active() -> tuple[Mesh, Mapping[str, object]] | None:
-    """(mesh, rules) of the innermost `activate`, or None outside one (single device semantics).
-    Inside a pipeline stage (a manual 'stage' region) it is (None, None): no nested shard_map."""
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
-@contextlib.contextmanager
-def manual_region():
-    """Marks code traced inside a shard_map over some axes (the pipeline's stages)."""
-    _ACTIVE.append((None, None))
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
+        mesh = jax.sharding.get_mesh()
+    except ValueError:  # inside jit: only the abstract mesh is known
+        mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def axes_of(spec_entry) -> tuple[str, ...]:
@@ -163,9 +194,16 @@ def make_mesh(shape: MeshConfig, devices: Sequence | None = None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
-def spec_for(logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh) -> P:
-    """PartitionSpec for logical axis names; a mesh axis is used at most once per array."""
-    used: set[str] = set()
+def abstract_mesh(shape: MeshConfig, num_devices: int) -> jax.sharding.AbstractMesh:
+    """The mesh's axis sizes without devices (planning a pod from a laptop)."""
+    sizes = resolve_mesh(shape, num_devices)
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def spec_for(logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh, exclude=()) -> P:
+    """PartitionSpec for logical axis names; a mesh axis is used at most once per array. Axes in
+    `exclude` (manual axes of an enclosing shard_map) are never named."""
+    used: set[str] = set(exclude)
     out = []
     for name in logical:
         target = rules.get(name) if name is not None else None
@@ -225,6 +263,25 @@ def check_divisible(tree, shardings, mesh: Mesh) -> None:
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
     """Rows of a [B, T] batch split over the data-like axes."""
     return NamedSharding(mesh, spec_for(("batch", None), rules, mesh))
+
+
+def batch_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch, in the order the batch sharding nests them."""
+    return axes_of(spec_for(("batch",), rules, mesh)[0])
+
+
+def expert_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
+    """The mesh axes the routed experts are split over (the rule for logical 'expert', as the expert
+    weights are actually sharded). The expert-parallel exchange runs over exactly these axes, so they
+    must also split the batch: a device exchanges its own tokens. Anything else is refused here."""
+    axes = axes_of(spec_for(("expert", "embed", None, "expert_mlp"), rules, mesh)[0])
+    stray = [a for a in axes if a not in batch_axes(mesh, rules)]
+    if stray:
+        raise ShardingError(
+            f"mesh.rules: the logical 'expert' axis maps to {'+'.join(axes)}, but {stray[0]!r} does not split the "
+            f"batch (batch={'+'.join(batch_axes(mesh, rules)) or 'none'}); the expert-parallel exchange needs expert "
+            f"axes that are batch axes: map 'expert' onto some of them, or add {stray[0]!r} to 'batch'")
+    return axes
 
 
 def check_batch(batch_size: int, sharding: NamedSharding) -> None:

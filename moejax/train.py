@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -21,10 +22,8 @@ from moejax.config import Config, ConfigError
 from moejax.data import dataset
 from moejax.model.stats import param_counts, train_flops_per_token
 from moejax.trainer import metrics as metrics_lib
-from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint, abstract_like
-from moejax.trainer.optim import make_optimizer
+from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint
 from moejax.trainer.sample import sample
-from moejax.trainer.step import init_state, make_eval_step, make_train_step
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
 
@@ -37,7 +36,8 @@ def check_workdir(workdir: str) -> None:
     """Fails before any compilation if the workdir cannot be written."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write-probe")
+        # one probe per process: the processes of a multi-host job share the workdir
+        probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -82,14 +82,14 @@ class _NullWriter:
 
 
 def evaluate(eval_step, state, data, cfg: Config, batch_sh) -> float:
-    """Mean validation cross-entropy over the first eval_batches batches (always the same ones)."""
+    """Validation cross-entropy per token over the first eval_batches batches (always the same ones)."""
     batches = dataset.Batches(data, "validation", cfg.train.batch_size, seed=0, shuffle=False,
                               process_index=jax.process_index(), process_count=jax.process_count())
     total = count = 0.0
     for _ in range(max(cfg.train.eval_batches, 1)):
         batch = global_batch(next(batches), batch_sh)
-        loss, ntok = jax.device_get(eval_step(state["params"], state["router"], batch))
-        total += float(loss) * float(ntok)
+        loss_sum, ntok = jax.device_get(eval_step(state["params"], state["router"], batch))
+        total += float(loss_sum)
         count += float(ntok)
     return total / max(count, 1.0)
 
@@ -120,29 +120,21 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     except ValueError as e:
         raise TrainingError(str(e)) from None
 
-    from flax import nnx
+    from moejax.trainer import setup as setup_lib
 
-    from moejax.model import Transformer
-
-    abstract_params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    tx, sched = make_optimizer(cfg.optim, abstract_params, cfg.train.steps)
-    graphdef, rest, state = init_state(cfg, tx)
-    mesh = sharding.make_mesh(cfg.mesh)
-    state_sh = sharding.tree_shardings(state, mesh, sharding.rules_for(cfg.mesh))
-    sharding.check_divisible(state, state_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh, sharding.rules_for(cfg.mesh))
-    sharding.check_batch(cfg.train.batch_size, batch_sh)
-    state = jax.device_put(state, state_sh)
-
+    ts = setup_lib.build(cfg)  # abstract: nothing allocated yet
     ckpt = Checkpointer(workdir, cfg)
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
         ckpt.check_compatible(latest)
-        state, data_state = ckpt.restore(latest, abstract_like(state))
+        state, data_state = ts.restore(ckpt, latest)  # straight into the shardings; nothing initialized
         batches.restore(data_state)
         start = int(state["step"])
         print(f"[train] resumed from {ckpt.dir} at step {start}", flush=True)
+    else:
+        state = ts.init_state()  # one jitted program: each device computes its own shards
+    batch_sh = ts.batch_sharding
 
     counts = param_counts(cfg.model)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -153,8 +145,8 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
               f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
               flush=True)
 
-    train_step = make_train_step(graphdef, rest, tx, sched, cfg, state_sh, batch_sh)
-    eval_step = make_eval_step(graphdef, rest, cfg, mesh)
+    train_step = ts.train_step()
+    eval_step = ts.eval_step()
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if primary else _NullWriter()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last: dict = {}
@@ -225,10 +217,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
             print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
         if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
-            with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
-                outs = sample(graphdef, state["params"], state["router"], rest, tokenizer,
-                              PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
-                              seed=cfg.train.seed)
+            outs = sample(ts.graphdef, state["params"], state["router"], ts.rest, tokenizer,
+                          PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
+                          seed=cfg.train.seed)
             for p, o in zip(PROMPTS, outs):
                 if primary:
                     print(f"\n----- sample -----\n{p}{o}", flush=True)

@@ -65,12 +65,48 @@ def test_capacity_drops_lowest_weight_first():
     cf = 10 / M * E  # capacity = 10 rows for expert 0
     y, drop = moe_lib.experts_capacity(x, ids, w, wgu, wd, jnp.float32, cf, jnp.ones((M,)))
     assert moe_lib.capacity(M, E, cf) == 10
-    assert float(drop) == pytest.approx(1 - 10 / M)
+    assert float(drop) == M - 10  # a count of real assignments
     full = moe_lib.experts_dense(x, ids, w, wgu, wd, jnp.float32)
     kept = np.argsort(-np.asarray(w[:, 0]))[:10]
     dropped = np.setdiff1d(np.arange(M), kept)
     np.testing.assert_allclose(y[kept], full[kept], atol=1e-5)
     np.testing.assert_allclose(y[dropped], 0.0, atol=0)
+
+
+def test_capacity_never_dispatches_padding():
+    wgu, wd = _weights()
+    x = jax.random.normal(jax.random.key(1), (M, D))
+    ids = jnp.zeros((M, 1), jnp.int32)
+    w = jnp.linspace(1.0, 0.1, M)[:, None]  # padding rows get the highest weights
+    mask = jnp.ones((M,)).at[:5].set(0)
+    y, drop = moe_lib.experts_capacity(x, ids, w, wgu, wd, jnp.float32, 10 / M * E, mask)
+    full = moe_lib.experts_dense(x, ids, w, wgu, wd, jnp.float32)
+    np.testing.assert_allclose(y[:5], 0.0, atol=0)  # padding takes no slot ...
+    np.testing.assert_allclose(y[5:15], full[5:15], atol=1e-5)  # ... the next 10 real rows do
+    assert float(drop) == M - 5 - 10  # and is not counted as dropped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capacity_keep_radix_select_matches_the_sort(seed):
+    """moe_ep.capacity_keep (radix select, as the expert-parallel exchanges run it) keeps exactly the
+    assignments experts_capacity's sort keeps: ties by position, padding never, experts under capacity whole."""
+    from moejax.model import moe_ep
+
+    rng = np.random.default_rng(seed)
+    A, Ex = 500, 7
+    ids = rng.integers(0, Ex, A)
+    ids[ids == 6] = 5  # expert 6 empty
+    tied = rng.choice(np.array([0.25, 0.5, 1e-8, 3.0, 0.125], np.float32), A)  # many exact ties ...
+    w = np.where(rng.random(A) < 0.5, tied, rng.random(A).astype(np.float32))  # ... among distinct weights
+    valid = rng.random(A) > 0.1
+    for cap in (1, 13, 60, 400):
+        keep = np.asarray(moe_ep.capacity_keep(jnp.asarray(ids, jnp.int32), jnp.asarray(w), jnp.asarray(valid), Ex, cap))
+        want = np.zeros(A, bool)
+        for e in range(Ex):
+            rows = [a for a in range(A) if ids[a] == e and valid[a]]
+            rows.sort(key=lambda a: (-w[a], a))
+            want[rows[:cap]] = True
+        np.testing.assert_array_equal(keep, want, err_msg=f"cap={cap}")
 
 
 def _route_reference(scores, bias, cfg):

@@ -31,7 +31,8 @@ def _launch(workdir, cache, steps):
     port = _free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
                    MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2", MOEJAX_PROCESS_ID=str(i),
                    MOEJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), PYTHONUNBUFFERED="1",
                    TPU_SKIP_MDS_QUERY="1")  # libtpu (the `tpu` extra) must not wait on a cloud metadata server

@@ -40,6 +40,7 @@ def test_plan_components_scale_with_the_mesh():
     from moejax.config import MeshConfig
 
     cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=8))  # rows for 8 chips
     one = plan(cfg, chips=1)
     cfg8 = dataclasses.replace(cfg, mesh=MeshConfig(fsdp=-1, expert=4))
     eight = plan(cfg8, chips=8, tokens=1e9)

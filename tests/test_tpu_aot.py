@@ -99,12 +99,11 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange):
     cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=256, n_shared_experts=0, moe_impl="dropless", compute_dtype="bfloat16",
                       ep_exchange=exchange, capacity_factor=2.0)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=sharding.layout(ep_mesh))))
 
     def step(state, x):
         def loss(state, x):
-            with sharding.activate(ep_mesh):
-                y, aux = nnx.merge(graphdef, state)(x)
+            y, aux = nnx.merge(graphdef, state)(x)
             return jnp.mean(y.astype(jnp.float32) ** 2) + aux["drop_fraction"]
         return jax.grad(loss)(state, x)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, rms_norm
 
@@ -61,10 +62,11 @@ class MLA(nnx.Module):
     of qk_rope_head_dim is shared by all heads.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
         D, N = cfg.hidden_size, cfg.num_heads
         R, Hn, Hr, Hv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.cfg = cfg
+        self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), cfg)  # [D, Rq]
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs)
@@ -81,20 +83,22 @@ class MLA(nnx.Module):
         cd = dtype_of(cfg.compute_dtype)
         R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         x = x.astype(cd)
+        rows, heads = ("batch", None, None), ("batch", None, "heads", None)
         if cfg.q_lora_rank:
             q_lat = jnp.einsum("BTD,DR->BTR", x, self.wq_a[...].astype(cd), preferred_element_type=jnp.float32)
-            q_lat = self.q_norm(q_lat).astype(cd)
+            q_lat = sharding.constrain(self.q_norm(sharding.constrain(q_lat, self.layout, rows)).astype(cd), self.layout, rows)
             q = jnp.einsum("BTR,RNH->BTNH", q_lat, self.wq_b[...].astype(cd), preferred_element_type=jnp.float32)
         else:
             q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
-        q = q.astype(cd)
+        q = sharding.constrain(q.astype(cd), self.layout, heads)
         q_nope, q_rope = q[..., :Hn], q[..., Hn:]
 
         kv_a = jnp.einsum("BTD,DR->BTR", x, self.wkv_a[...].astype(cd), preferred_element_type=jnp.float32)
+        kv_a = sharding.constrain(kv_a, self.layout, rows)
         kv_lat, k_rope = kv_a[..., :R], kv_a[..., R:]  # [B, T, R], [B, T, Hr]
-        kv_lat = self.kv_norm(kv_lat).astype(cd)
+        kv_lat = sharding.constrain(self.kv_norm(kv_lat).astype(cd), self.layout, rows)
         kv = jnp.einsum("BSR,RNH->BSNH", kv_lat, self.wkv_b[...].astype(cd), preferred_element_type=jnp.float32)
-        kv = kv.astype(cd)
+        kv = sharding.constrain(kv.astype(cd), self.layout, heads)
         k_nope, v = kv[..., :Hn], kv[..., Hn:]  # [B, S, N, Hn], [B, S, N, Hv]
 
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
@@ -102,16 +106,18 @@ class MLA(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
         out = attend(q, k, v, mask, cfg.softmax_scale)  # [B, T, N, Hv]
-        out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        return sharding.constrain(y, self.layout, rows)
 
 
 class GQA(nnx.Module):
     """Multi-head / grouped-query attention with optional per-head QK RMSNorm (Qwen3)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
         D, N, Nkv, H = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.gqa_head_dim
         self.cfg = cfg
+        self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
         self.wk = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)
         self.wv = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)
@@ -127,11 +133,16 @@ class GQA(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
         k = jnp.einsum("BSD,DNH->BSNH", x, self.wk[...].astype(cd), preferred_element_type=jnp.float32)
         v = jnp.einsum("BSD,DNH->BSNH", x, self.wv[...].astype(cd), preferred_element_type=jnp.float32)
+        heads, kv_heads = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+        q = sharding.constrain(q, self.layout, heads)
+        k = sharding.constrain(k, self.layout, kv_heads)
+        v = sharding.constrain(v, self.layout, kv_heads)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
         k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
         out = attend(q, k, v.astype(cd), mask, cfg.softmax_scale)
-        out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        return sharding.constrain(y, self.layout, ("batch", None, None))

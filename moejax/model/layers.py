@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import sharding
 from moejax.config import ModelConfig
 
 
@@ -59,19 +60,23 @@ def swiglu(gate_up):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs, layout=None):
         D = cfg.hidden_size
         self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.w_gate_up = param(rngs, (D, 2, hidden), ("embed", None, "mlp"), cfg)  # [D, 2, F]
         self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)  # [F, D]
 
     def __call__(self, x):
+        """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32."""
         cd = self.compute_dtype
+        rows = ("batch",) + (None,) * (x.ndim - 2)
         h = jnp.einsum("...D,DXF->...XF", x.astype(cd), self.w_gate_up[...].astype(cd),
                        preferred_element_type=jnp.float32)
+        h = sharding.constrain(h, self.layout, rows + (None, "mlp"))  # [..., 2, F]
         h = swiglu(h).astype(cd)
-        return jnp.einsum("...F,FD->...D", h, self.w_down[...].astype(cd),
-                          preferred_element_type=jnp.float32)
+        y = jnp.einsum("...F,FD->...D", h, self.w_down[...].astype(cd), preferred_element_type=jnp.float32)
+        return sharding.constrain(y, self.layout, rows + (None,))
 
 
 # ------------------------------------------------------------------------------- rotary

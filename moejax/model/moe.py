@@ -1,19 +1,18 @@
 """DeepSeekMoE layer: fine-grained routed experts + shared experts, three dispatch strategies.
 
 `MoE.__call__` returns `(y, aux)`. aux holds the weighted balance loss (`aux_loss`), each loss
-unweighted, the per-expert token counts (`expert_counts` [E]) and `drop_fraction`.
+unweighted, the per-expert token counts (`expert_counts` [E]), `drop_fraction`, and the sums and counts
+behind them (SUM_STATS), from which a caller combines microbatches exactly.
 
 Strategies (cfg.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each token:
   dense     every expert on every token, masked: the readable reference
   capacity  GShard/Switch buffers of C = ceil(capacity_factor * M * K / E) rows per expert; the
-            lowest-weight assignments are dropped first
-  dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm); on a mesh (inside
-            the train step) the experts run in shard_map with an all-to-all over 'expert' (moe_ep.py)
+            lowest-weight assignments are dropped first, padding never dispatched
+  dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm); on a mesh of several
+            devices the experts run in shard_map with an all-to-all over the expert axes (moe_ep.py)
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from moejax.config import ModelConfig
 from moejax.model import moe_ep
 from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
+from moejax.model.moe_ep import capacity
 
 
 class RouterBias(nnx.Variable):
@@ -41,14 +41,14 @@ def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
     return jnp.einsum("MED,ME->MD", out, combine)
 
 
-def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
-    return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
-
-
 def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, capacity_factor, token_mask):
-    """Token-dropping dispatch into per-expert buffers [E, C, D].
+    """Token-dropping dispatch into per-expert buffers [E, C, D]: the reference capacity policy.
 
-    Returns y [M, D] float32 and the fraction of real (unmasked) assignments dropped.
+    Each expert takes at most C = ceil(capacity_factor * M * K / E) assignments, the highest routing
+    weights first (ties: the earlier assignment); padding (token_mask == 0) is never dispatched and never
+    counted. The expert-parallel exchanges apply exactly this policy over the global batch (moe_ep).
+
+    Returns y [M, D] float32 and the number of real assignments dropped (float32).
     """
     M, K = expert_ids.shape
     E, D = w_gate_up.shape[0], x.shape[1]
@@ -57,15 +57,15 @@ def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, c
     flat_e = expert_ids.reshape(A)
     flat_w = weights.reshape(A)
     valid = jnp.repeat(token_mask > 0, K)  # [A]
-    # Priority: real assignments by weight, highest first; padding last.
-    priority = jnp.where(valid, flat_w, -1.0)
+    # Priority: real assignments by weight, highest first; padding last (and never kept).
+    priority = jnp.where(valid, flat_w, -jnp.inf)
     by_priority = jnp.argsort(-priority, stable=True)  # [A]
     order = by_priority[jnp.argsort(flat_e[by_priority], stable=True)]  # by expert, then priority
     counts = jnp.bincount(flat_e, length=E)
     starts = jnp.cumsum(counts) - counts  # [E]
     pos_sorted = jnp.arange(A) - starts[flat_e[order]]  # rank within its expert
     position = jnp.zeros((A,), jnp.int32).at[order].set(pos_sorted.astype(jnp.int32))  # [A]
-    keep = position < C
+    keep = valid & (position < C)
     slot = jnp.where(keep, flat_e * C + position, E * C)  # dropped -> a spare row
     tokens = jnp.arange(A) // K
     buf = jnp.zeros((E * C + 1, D), compute_dtype).at[slot].set(x[tokens].astype(compute_dtype))
@@ -75,8 +75,7 @@ def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, c
     out = jnp.einsum("ECF,EFD->ECD", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32)
     out = jnp.concatenate([out.reshape(E * C, D), jnp.zeros((1, D), out.dtype)])  # [E*C+1, D]
     per_assignment = out[slot].reshape(M, K, D) * flat_w.reshape(M, K, 1)
-    n_valid = jnp.maximum(valid.sum(), 1)
-    dropped = jnp.sum(valid & ~keep) / n_valid
+    dropped = jnp.sum(valid & ~keep).astype(jnp.float32)
     return per_assignment.sum(axis=1), dropped
 
 
@@ -92,12 +91,52 @@ def experts_dropless(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, g
     return kernels.unpermute(ys, order, weights)
 
 
-class MoE(nnx.Module):
-    """Routed experts [E, D, 2, F] / [E, F, D], a float32 router [D, E], optional shared experts."""
+# Per-layer statistics of one MoE call. Sums add up exactly over microbatches and pipeline microbatches;
+# the Switch loss (a product of two batch means) cannot be split and is averaged over microbatches.
+SUM_STATS = ("expert_counts", "seq_aux_sum", "seq_count", "z_sum", "token_count", "dropped")
+MEAN_STATS = ("switch_loss",)
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+def _per_layer_loss(stats, cfg: ModelConfig, sequences, tokens, switch_weight=1.0):
+    total = cfg.aux_loss_coef * switch_weight * stats["switch_loss"]
+    total = total + cfg.seq_aux_loss_coef * stats["seq_aux_sum"] / jnp.maximum(sequences, 1.0)
+    return total + cfg.router_z_loss_coef * stats["z_sum"] / jnp.maximum(tokens, 1.0)
+
+
+def balance_loss(stats, cfg: ModelConfig, *, sequences, tokens, switch_weight=1.0):
+    """The weighted balance losses, summed over layers, from the per-layer stats (arrays [L] or scalars):
+    Switch loss x switch_weight, sequence-wise sums / `sequences`, router z sums / `tokens`."""
+    return jnp.sum(_per_layer_loss(stats, cfg, sequences, tokens, switch_weight))
+
+
+def with_means(stats, cfg: ModelConfig):
+    """Adds the per-layer means (seq_aux_loss, z_loss, drop_fraction) and this batch's weighted aux_loss."""
+    out = dict(stats)
+    out["seq_aux_loss"] = stats["seq_aux_sum"] / jnp.maximum(stats["seq_count"], 1.0)
+    out["z_loss"] = stats["z_sum"] / jnp.maximum(stats["token_count"], 1.0)
+    out["drop_fraction"] = stats["dropped"] / jnp.maximum(stats["token_count"] * cfg.num_experts_per_tok, 1.0)
+    out["aux_loss"] = _per_layer_loss(stats, cfg, stats["seq_count"], stats["token_count"])
+    return out
+
+
+DISPATCHES = ("dense", "capacity", "dropless", "expert_parallel")
+
+
+class MoE(nnx.Module):
+    """Routed experts [E, D, 2, F] / [E, F, D], a float32 router [D, E], optional shared experts.
+
+    The dispatch is chosen once, here: cfg.moe_impl, except that dropless on a mesh of several devices
+    runs expert-parallel (moe_ep.py) over the axes the rules give the logical 'expert' axis.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         self.cfg = cfg
+        self.layout = layout  # sharding.Layout (None: no mesh)
+        self.dispatch = cfg.moe_impl
+        if cfg.moe_impl == "dropless" and layout is not None:
+            sharding.expert_axes(layout.mesh, layout.rule_table)  # a rule the exchange cannot honour fails here
+            self.dispatch = "expert_parallel"
         self.w_router = nnx.Param(
             cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
             logical_axes=("embed", None))
@@ -106,7 +145,7 @@ class MoE(nnx.Module):
         self.w_gate_up = param(rngs, (E, D, 2, F), ("expert", "embed", None, "expert_mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), cfg)
         if cfg.n_shared_experts:
-            self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs)
+            self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs, layout=layout)
 
     def __call__(self, x, token_mask=None, rng=None):
         """x [B, T, D] -> (y [B, T, D] float32, aux). token_mask [B, T] marks real tokens;
@@ -115,7 +154,8 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         cd = dtype_of(cfg.compute_dtype)
         xf = x.reshape(B * T, D)  # [M, D]
-        mask = jnp.ones((B * T,), jnp.float32) if token_mask is None else token_mask.reshape(B * T).astype(jnp.float32)
+        mask2 = jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+        mask = mask2.reshape(B * T)
         router_in = xf.astype(jnp.float32)
         if rng is not None and cfg.router_jitter > 0:
             noise = jax.random.uniform(rng, router_in.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
@@ -124,44 +164,50 @@ class MoE(nnx.Module):
             logits = jnp.dot(router_in, self.w_router[...].astype(jnp.float32))  # [M, E]
             bias = self.bias[...] if cfg.use_score_correction_bias else None
             r = router_lib.route(logits, bias, cfg)
-        drop = jnp.zeros((), jnp.float32)
         with jax.named_scope("experts"):
-            if cfg.moe_impl == "dense":
-                y = experts_dense(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd)
-            elif cfg.moe_impl == "capacity":
-                y, drop = experts_capacity(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd,
-                                           cfg.capacity_factor, mask)
-            else:
-                impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
-                active = sharding.active()
-                if active and active[0] is not None and moe_ep.can_shard(*active, B, cfg.n_routed_experts):
-                    k = r.expert_ids.shape[-1]
-                    y, drop = moe_ep.experts_ep(
-                        x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), self.w_gate_up[...],
-                        self.w_down[...], cd, mesh=active[0], rules=active[1], exchange=cfg.ep_exchange,
-                        capacity_factor=cfg.capacity_factor, gmm_impl=impl)
-                    y = y.reshape(B * T, D)
-                else:
-                    if active and impl is None and kernels.default_impl().startswith("pallas"):
-                        impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
-                    y = experts_dropless(xf, r.expert_ids, r.weights, self.w_gate_up[...], self.w_down[...], cd, impl)
+            y, dropped = self._experts(x, xf, r, mask, mask2, cd)
         if cfg.n_shared_experts:
             y = y + self.shared(xf)
-        aux = self.losses(r, mask, B)
-        aux["drop_fraction"] = drop
-        return y.reshape(B, T, D), aux
+        stats = self.stats(r, mask, B)
+        stats["dropped"] = dropped
+        return y.reshape(B, T, D), with_means(stats, cfg)
 
-    def losses(self, r: router_lib.Routing, mask, batch: int):
+    def _experts(self, x, xf, r: router_lib.Routing, mask, mask2, cd):
+        """Routed experts by this layer's dispatch: (y [M, D] float32, real assignments dropped)."""
+        cfg, wgu, wd = self.cfg, self.w_gate_up[...], self.w_down[...]
+        zero = jnp.zeros((), jnp.float32)
+        if self.dispatch == "dense":
+            return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd), zero
+        if self.dispatch == "capacity":
+            return experts_capacity(xf, r.expert_ids, r.weights, wgu, wd, cd, cfg.capacity_factor, mask)
+        impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
+        B, T, D = x.shape
+        # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a pipeline
+        # stage (a shard_map over 'stage') the exchange is a shard_map nested over the remaining axes.
+        if (self.dispatch == "expert_parallel"
+                and moe_ep.can_shard(self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts)):
+            k = r.expert_ids.shape[-1]
+            mesh, _ = self.layout.region()
+            y, dropped = moe_ep.experts_ep(
+                x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), mask2, wgu, wd, cd,
+                mesh=mesh, rules=self.layout.rule_table, exchange=cfg.ep_exchange,
+                capacity_factor=cfg.capacity_factor, gmm_impl=impl)
+            return y.reshape(B * T, D), dropped
+        if self.dispatch == "expert_parallel" and impl is None and kernels.default_impl().startswith("pallas"):
+            impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
+        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl), zero
+
+    def stats(self, r: router_lib.Routing, mask, batch: int):
+        """This call's SUM_STATS and MEAN_STATS (without 'dropped', which the dispatch gives)."""
         cfg = self.cfg
         zero = jnp.zeros((), jnp.float32)
-        switch = router_lib.switch_loss(r, cfg, mask) if cfg.aux_loss_coef else zero
-        seq = router_lib.sequence_balance_loss(r, cfg, mask, batch) if cfg.seq_aux_loss_coef else zero
-        z = router_lib.router_z_loss(r, mask) if cfg.router_z_loss_coef else zero
-        total = cfg.aux_loss_coef * switch + cfg.seq_aux_loss_coef * seq + cfg.router_z_loss_coef * z
+        seq_sum, seq_count = router_lib.sequence_balance_terms(r, cfg, mask, batch)
+        z_sum, tokens = router_lib.router_z_terms(r, mask)
         return {
-            "aux_loss": total,
-            "switch_loss": switch,
-            "seq_aux_loss": seq,
-            "z_loss": z,
+            "switch_loss": router_lib.switch_loss(r, cfg, mask) if cfg.aux_loss_coef else zero,
+            "seq_aux_sum": seq_sum if cfg.seq_aux_loss_coef else zero,
+            "seq_count": seq_count,
+            "z_sum": z_sum if cfg.router_z_loss_coef else zero,
+            "token_count": tokens,
             "expert_counts": router_lib.expert_counts(r.expert_ids, cfg.n_routed_experts, mask),
         }

@@ -1,26 +1,33 @@
 """Expert parallelism: the routed experts inside shard_map, tokens exchanged with all-to-all.
 
-Each device holds the tokens of its batch shard and E / n_ep experts (n_ep = size of the 'expert'
-mesh axis). Per device:
+The routed experts are split over the *expert axes*: the mesh axes the rule for the logical 'expert'
+axis gives (default 'expert'; 'fsdp', 'expert+fsdp', ... work too, see `sharding.expert_axes`). Each
+device holds the tokens of its batch shard and E / n experts (n = product of the expert axes). Per device:
 
-  1. sort its (token, k) assignments by expert (moejax.kernels.permute); the rows bound for expert
-     shard j are then contiguous;
-  2. copy up to C rows per destination shard into a send buffer [n_ep, C, D] and all-to-all it over
-     'expert', with the per-expert row counts [n_ep, E_local];
-  3. order the received rows by local expert and run the two grouped matmuls (moejax.kernels.gmm,
+  1. choose which (token, k) assignments are kept (all of them, or the capacity policy below);
+  2. sort the kept assignments by expert (moejax.kernels.permute); the rows bound for expert shard j
+     are then contiguous;
+  3. send them to their shards over the expert axes (fixed-size all_to_all or ragged_all_to_all), with
+     the per-expert row counts [n, E_local];
+  4. order the received rows by local expert and run the two grouped matmuls (moejax.kernels.gmm,
      whichever backend the platform uses: the Mosaic TPU kernel compiles here because it sits inside
      shard_map);
-  4. send the results back with the inverse all-to-all and combine them per token with the routing
-     weights.
+  5. send the results back the same way and combine them per token with the routing weights.
 
 Exchange modes:
-  'capacity'  at most C = ceil(capacity_factor * rows / n_ep) rows go to each shard, in fixed [n_ep, C]
-              buffers (all_to_all); the rest are dropped (latest in expert order first) and counted
-  'dropless'  the same with C = every local row: nothing is ever dropped, at n_ep x buffer memory
-  'ragged'    exact-size transfers with jax.lax.ragged_all_to_all (TPU, GPU): each shard receives into
-              one buffer of capacity_factor x rows (set capacity_factor >= n_ep for a guarantee); rows
-              that do not fit are dropped and counted. XLA:CPU has no ragged all-to-all, so on CPU an
-              all_gather-based emulation with the same semantics runs instead (for tests, not speed).
+  'dropless'  every assignment travels, in fixed [n, A] buffers (A = local assignments): nothing is
+              ever dropped, at n x buffer memory
+  'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
+              C = ceil(capacity_factor * A_global / E) assignments of the *global* batch, the highest
+              routing weights first (ties: the earlier assignment), padding never dispatched nor counted.
+              The per-expert thresholds are found by a radix select whose histograms are summed over the
+              batch axes (8 rounds of an [E, 16] psum), so the result does not depend on the layout.
+              Transport in fixed buffers of min(A, E_local * C) rows per destination, which always hold
+              every kept row (a second, layout-dependent drop never happens)
+  'ragged'    the same policy, exact-size transfers with jax.lax.ragged_all_to_all (TPU, GPU) into one
+              receive buffer of E_local * C rows, the tightest bound the policy allows.
+              capacity_factor >= E / K drops nothing. XLA:CPU has no ragged all-to-all, so on CPU an
+              all_gather emulation with the same semantics runs instead (for tests, not speed).
 
 Tensor parallelism splits each expert's hidden size over 'tensor' (partial outputs are psum'd), FSDP's
 sharded embed dimension is gathered by shard_map's input resharding (and its gradient reduce-scattered),
@@ -40,122 +47,205 @@ from moejax import kernels, sharding
 from moejax.model.layers import swiglu
 
 
-def batch_axes(mesh, rules) -> tuple[str, ...]:
-    return sharding.axes_of(sharding.spec_for(("batch",), rules, mesh)[0])
-
-
 def can_shard(mesh, rules, batch: int, num_experts: int) -> bool:
-    """Whether this mesh and batch can run the expert-parallel path."""
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
-    n_ep = mesh.shape.get("expert", 1)
-    return mesh.size > 1 and batch % n_batch == 0 and num_experts % n_ep == 0
+    """Whether this batch can run the expert-parallel path on this mesh (rows divide the batch axes)."""
+    n_batch = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    n_ep = math.prod(mesh.shape[a] for a in sharding.expert_axes(mesh, rules))
+    return batch % n_batch == 0 and num_experts % n_ep == 0
 
 
-def experts_ep(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, *, mesh, rules, exchange: str,
-               capacity_factor: float, gmm_impl=None):
-    """x [B, T, D], expert_ids / weights [B, T, k], weights [E, D, 2, F] / [E, F, D] ->
-    (y [B, T, D] float32, fraction of assignments dropped)."""
-    bspec = sharding.spec_for(("batch", None, None), rules, mesh)
-    wgu_spec = sharding.spec_for(("expert", None, None, "expert_mlp"), rules, mesh)
-    wd_spec = sharding.spec_for(("expert", "expert_mlp", None), rules, mesh)
-    ep_axis = "expert" if mesh.shape.get("expert", 1) > 1 else None
-    tp_axis = sharding.axes_of(wgu_spec[3])
-    all_axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert may take: ceil(capacity_factor * assignments / experts)."""
+    return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
+
+
+def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dtype, *, mesh, rules,
+               exchange: str, capacity_factor: float, gmm_impl=None):
+    """Routed experts with the experts split over the expert axes.
+
+    Args:
+      x: [B, T, D]; expert_ids, weights: [B, T, K]; token_mask: [B, T] (0 = padding);
+      w_gate_up: [E, D, 2, F]; w_down: [E, F, D].
+    Returns:
+      y [B, T, D] float32 and the number of real assignments dropped (global, float32).
+    """
+    rules = dict(rules)
+    manual = tuple(getattr(mesh, "manual_axes", ()))  # inside a pipeline stage: 'stage' is taken
+    bspec = sharding.spec_for(("batch", None, None), rules, mesh, exclude=manual)
+    mspec = sharding.spec_for(("batch", None), rules, mesh, exclude=manual)
+    wgu_spec = sharding.spec_for(("expert", None, None, "expert_mlp"), rules, mesh, exclude=manual)
+    wd_spec = sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual)
+    ep_axes = sharding.expert_axes(mesh, rules)
+    tp_axes = sharding.axes_of(wgu_spec[3])
+    b_axes = sharding.batch_axes(mesh, rules)
     E = w_gate_up.shape[0]
+    B, T, K = expert_ids.shape
+    C = capacity(B * T * K, E, capacity_factor)
+    batch_sizes = tuple(mesh.shape[a] for a in b_axes)
 
-    def body(x, ids, w, wgu, wd):
+    def body(x, ids, w, mask, wgu, wd):
         Bl, T, D = x.shape
-        k = ids.shape[-1]
-        x, ids, w = x.reshape(Bl * T, D), ids.reshape(Bl * T, k), w.reshape(Bl * T, k)
-        y, dropped = _local(x.astype(compute_dtype), ids, w, wgu.astype(compute_dtype), wd.astype(compute_dtype),
-                            E, ep_axis, tp_axis, exchange, capacity_factor, gmm_impl)
-        dropped = jax.lax.psum(dropped, all_axes) if all_axes else dropped
+        x, ids, w = x.reshape(Bl * T, D), ids.reshape(Bl * T, K), w.reshape(Bl * T, K)
+        valid = jnp.repeat(mask.reshape(Bl * T) > 0, K)  # [A]
+        y, dropped = _local(x.astype(compute_dtype), ids, w, valid, wgu.astype(compute_dtype),
+                            wd.astype(compute_dtype), E=E, C=C, ep_axes=ep_axes, tp_axes=tp_axes, b_axes=b_axes,
+                            batch_sizes=batch_sizes, exchange=exchange, gmm_impl=gmm_impl)
         return y.reshape(Bl, T, D), dropped
 
-    y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(bspec, bspec, bspec, wgu_spec, wd_spec),
-                               out_specs=(bspec, P()), check_vma=False)(x, expert_ids, weights, w_gate_up, w_down)
-    total = expert_ids.size
-    return y, dropped / total
+    auto = {a for a in mesh.axis_names if a not in manual}
+    return jax.shard_map(body, mesh=mesh, in_specs=(bspec, bspec, bspec, mspec, wgu_spec, wd_spec),
+                         out_specs=(bspec, P()), axis_names=auto, check_vma=False)(
+        x, expert_ids, weights, token_mask, w_gate_up, w_down)
 
 
-def _local(x, ids, w, wgu, wd, E, ep_axis, tp_axis, exchange, capacity_factor, gmm_impl):
-    M, k = ids.shape
-    A = M * k
-    El, D = wgu.shape[:2]
+def _psum(x, axes):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, batch_sizes, exchange, gmm_impl):
+    """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped count)."""
+    M, K = ids.shape
+    A = M * K
+    El = wgu.shape[0]
     n = E // El
-    xs, order, sizes = kernels.permute(x, ids, E)  # [A, D] by expert; sizes [E]
-    starts = jnp.cumsum(sizes) - sizes
+    if exchange == "dropless":
+        keep = jnp.ones((A,), bool)
+    else:
+        keep = capacity_keep(ids.reshape(A), w.reshape(A), valid, E, C, b_axes, batch_sizes)
+    ids_kept = jnp.where(keep.reshape(M, K), ids, E)  # dropped assignments sort last, outside every group
+    xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
+    per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
+    experts = functools.partial(_experts, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl)
     if exchange == "ragged":
-        return _local_ragged(xs, order, sizes, w, wgu, wd, ep_axis, tp_axis, capacity_factor, gmm_impl)
-    if exchange == "capacity":
-        C = max(1, min(A, math.ceil(capacity_factor * A / n)))
+        ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
     else:
-        C = A
-    # -- send: up to C rows to each expert shard, in expert order
-    per_dst = sizes.reshape(n, El)
-    dst_count = per_dst.sum(1)  # [n]
-    dst_start = starts.reshape(n, El)[:, 0]  # [n]
-    slot = jnp.arange(C)
-    src_row = jnp.clip(dst_start[:, None] + slot[None], 0, A - 1)  # [n, C]
-    sent = slot[None] < jnp.minimum(dst_count, C)[:, None]  # [n, C]
-    send = jnp.where(sent[..., None], jnp.take(xs, src_row, axis=0), 0)  # [n, C, D]
-    cum = jnp.minimum(jnp.cumsum(per_dst, axis=1), C)
-    sent_sizes = cum - jnp.concatenate([jnp.zeros((n, 1), cum.dtype), cum[:, :-1]], axis=1)  # [n, El]
-    if ep_axis:
-        recv = jax.lax.all_to_all(send, ep_axis, 0, 0, tiled=True)  # [n (source), C, D]
-        recv_sizes = jax.lax.all_to_all(sent_sizes, ep_axis, 0, 0, tiled=True)  # [n (source), El]
-    else:
-        recv, recv_sizes = send, sent_sizes
-    # -- compute: order received rows by local expert (padding last), two grouped matmuls
-    ends = jnp.cumsum(recv_sizes, axis=1)  # [n, El]
-    expert_of = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [n, C]; El = padding
-    perm = jnp.argsort(expert_of.reshape(n * C), stable=True)
-    rows = jnp.take(recv.reshape(n * C, D), perm, axis=0)
-    group_sizes = recv_sizes.sum(0).astype(jnp.int32)  # [El]
-    y = _experts(rows, group_sizes, wgu, wd, tp_axis, gmm_impl)  # [n*C, D] float32
-    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(n * C, dtype=perm.dtype))
-    back = jnp.take(y, inv, axis=0).reshape(n, C, D)
-    if ep_axis:
-        back = jax.lax.all_to_all(back, ep_axis, 0, 0, tiled=True)  # [n (destination), C, D]
-    # -- combine: each sorted assignment reads its result, or zero if it was dropped
-    a = jnp.arange(A)
-    dst = jnp.searchsorted(jnp.cumsum(dst_count), a, side="right")  # [A]
-    dst = jnp.minimum(dst, n - 1)
-    c = a - dst_start[dst]
-    kept = c < C
-    ys = jnp.where(kept[:, None], back.reshape(n * C, D)[dst * C + jnp.minimum(c, C - 1)], 0.0)
-    out = kernels.unpermute(ys, order, w)
-    return out, jnp.sum(~kept).astype(jnp.float32)
+        rows = A if exchange == "dropless" else min(A, El * C)  # holds every kept row for one destination
+        ys = _exchange_fixed(xs, per_dst, experts, ep_axes, rows)
+    out = kernels.unpermute(ys, order, jnp.where(keep.reshape(M, K), w, 0.0))
+    dropped = _psum(jnp.sum(valid & ~keep).astype(jnp.float32), b_axes)
+    return out, dropped
 
 
-def _experts(rows, group_sizes, wgu, wd, tp_axis, gmm_impl):
+def _orderable_bits(w):
+    """float32 -> uint32 keys with the same order (negative floats flipped whole, others by the sign bit)."""
+    b = jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(1 << 31))
+
+
+def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(), axis_sizes=()):
+    """The capacity policy over the global batch: per expert, keep the `cap` valid assignments with the
+    highest weights (ties: lower global assignment index first); padding is never kept.
+
+    Args:
+      expert_ids, weights, valid: [A] this shard's assignments, in global order within the shard.
+      axes: the mesh axes the batch is split over (inside shard_map; () on one device), nesting order;
+        axis_sizes their sizes. Shard s holds global assignments [s * A, (s + 1) * A).
+    Returns:
+      keep bool [A]; identical to `moe.experts_capacity`'s choice on the gathered batch.
+    """
+    E = num_experts
+    A = expert_ids.shape[0]
+    key = _orderable_bits(weights)  # [A] uint32
+    eid = jnp.where(valid, expert_ids, E)  # padding -> a spare bucket
+    total = _psum(jnp.bincount(eid, length=E + 1)[:E], axes)  # [E] valid assignments per expert
+    # Radix select, 4 bits a round from the top: the exact key of each expert's cap-th largest weight.
+    prefix = jnp.zeros((E,), jnp.uint32)
+    need = jnp.full((E,), cap, jnp.int32)  # rows still to take at or below the prefix so far
+    for shift in range(28, -1, -4):
+        same_high = True if shift == 28 else (key >> (shift + 4)) == (prefix[jnp.minimum(eid, E - 1)] >> (shift + 4))
+        bucket = jnp.where(same_high, eid, E)
+        digit = ((key >> shift) & 15).astype(jnp.int32)
+        hist = jnp.zeros((E + 1, 16), jnp.int32).at[bucket, digit].add(1)[:E]  # [E, 16]
+        hist = _psum(hist, axes)
+        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [E, 16]: candidates with digit >= d
+        ok = at_least >= need[:, None]
+        d = jnp.where(ok.any(1), 15 - jnp.argmax(ok[:, ::-1], axis=1), 0)  # largest digit still reaching need
+        above = jnp.where(d < 15, jnp.take_along_axis(at_least, jnp.minimum(d + 1, 15)[:, None], 1)[:, 0], 0)
+        need = need - above
+        prefix = prefix | (d.astype(jnp.uint32) << shift)
+    e = jnp.minimum(eid, E - 1)
+    threshold, ties_wanted = prefix[e], need[e]  # [A]
+    tie = valid & (key == threshold)
+    # Rank of each tie among its expert's ties: here by local order, plus the ties of earlier shards.
+    tkey = jnp.where(tie, expert_ids, E)
+    o = jnp.argsort(tkey, stable=True)
+    per_expert = jnp.bincount(tkey, length=E + 1)  # [E + 1]
+    start = jnp.cumsum(per_expert) - per_expert
+    rank = jnp.zeros((A,), jnp.int32).at[o].set((jnp.arange(A) - start[tkey[o]]).astype(jnp.int32))
+    if axes:
+        s, n_shards = 0, math.prod(axis_sizes)
+        for a, size in zip(axes, axis_sizes):
+            s = s * size + jax.lax.axis_index(a)
+        table = jax.lax.psum(jnp.zeros((n_shards, E), jnp.int32).at[s].set(per_expert[:E]), axes)  # [shards, E]
+        earlier = jnp.where(jnp.arange(n_shards)[:, None] < s, table, 0).sum(0)  # [E]
+        rank = rank + earlier[e]
+    fits = total[e] <= cap
+    return valid & (fits | (key > threshold) | (tie & (rank < ties_wanted)))
+
+
+def _experts(rows, group_sizes, *, wgu, wd, tp_axes, gmm_impl):
     """The local experts on rows grouped by expert (rows past the groups give zeros)."""
     El, D, _, Fl = wgu.shape
     h = kernels.gmm(rows, wgu.reshape(El, D, 2 * Fl), group_sizes, preferred_element_type=jnp.float32,
                     impl=gmm_impl)
     h = swiglu(h.reshape(-1, 2, Fl)).astype(rows.dtype)
     y = kernels.gmm(h, wd, group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
-    return jax.lax.psum(y, tp_axis) if tp_axis else y
+    return _psum(y, tp_axes)
 
 
-def _local_ragged(xs, order, sizes, w, wgu, wd, ep_axis, tp_axis, capacity_factor, gmm_impl):
-    """Exact-size exchange: rows bound for shard j travel as one ragged slice, results come back the same way."""
+def _all_to_all(x, axes):
+    """Row j of x goes to expert shard j; row s of the result came from shard s."""
+    return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
+
+
+def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
+    """Fixed-size exchange: `rows` slots per destination shard ([n, rows, D] buffers).
+
+    xs [A, D] holds the kept rows sorted by expert first (per_dst [n, El] of them), dropped rows after.
+    Returns the expert outputs [A, D] float32 in the same order (zeros for dropped rows).
+    """
     A, D = xs.shape
-    El = wgu.shape[0]
-    n = sizes.shape[0] // El
-    R = max(1, math.ceil(max(capacity_factor, 1.0) * A))  # receive buffer rows
-    per_dst = sizes.reshape(n, El).astype(jnp.int32)  # rows I send to each shard, per its local expert
+    n, El = per_dst.shape
+    dst_count = per_dst.sum(1)  # [n]; <= rows by construction
+    dst_start = jnp.cumsum(dst_count) - dst_count
+    slot = jnp.arange(rows)
+    src_row = jnp.clip(dst_start[:, None] + slot[None], 0, A - 1)  # [n, rows]
+    sent = slot[None] < dst_count[:, None]
+    send = jnp.where(sent[..., None], jnp.take(xs, src_row, axis=0), 0)  # [n, rows, D]
+    recv = _all_to_all(send, axes)  # [n (source), rows, D]
+    recv_sizes = _all_to_all(per_dst, axes)  # [n (source), El]
+    # order the received rows by local expert (padding last), run the experts, restore arrival order
+    ends = jnp.cumsum(recv_sizes, axis=1)  # [n, El]
+    expert_of = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [n, rows]; El = padding
+    perm = jnp.argsort(expert_of.reshape(n * rows), stable=True)
+    y = experts(jnp.take(recv.reshape(n * rows, D), perm, axis=0), recv_sizes.sum(0).astype(jnp.int32))
+    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(n * rows, dtype=perm.dtype))
+    back = _all_to_all(jnp.take(y, inv, axis=0).reshape(n, rows, D), axes)  # [n (destination), rows, D]
+    # sorted row a < (rows kept) belongs to destination dst(a), at slot a - dst_start[dst]
+    a = jnp.arange(A)
+    dst = jnp.minimum(jnp.searchsorted(jnp.cumsum(dst_count), a, side="right"), n - 1)
+    c = jnp.clip(a - dst_start[dst], 0, rows - 1)
+    return jnp.where((a < dst_count.sum())[:, None], back.reshape(n * rows, D)[dst * rows + c], 0.0)
+
+
+def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
+    """Exact-size exchange: rows bound for shard j travel as one ragged slice into a receive buffer of
+    recv_rows rows; results come back the same way. Returns [A, D] float32 like `_exchange_fixed`."""
+    A, D = xs.shape
+    n, El = per_dst.shape
+    R = max(1, recv_rows)
+    per_dst = per_dst.astype(jnp.int32)
     send_count = per_dst.sum(1)
     send_start = (jnp.cumsum(send_count) - send_count).astype(jnp.int32)
-    a2a = functools.partial(_all_to_all, axis=ep_axis)
+    a2a = functools.partial(_all_to_all, axes=axis)
     recv_per_e = a2a(per_dst)  # [n (source), El]
     recv_count = recv_per_e.sum(1)
     recv_start = jnp.cumsum(recv_count) - recv_count
-    recv_keep = jnp.clip(R - recv_start, 0, recv_count).astype(jnp.int32)  # what fits in my buffer
+    recv_keep = jnp.clip(R - recv_start, 0, recv_count).astype(jnp.int32)  # all of it, by the policy's bound
     recv_start = jnp.minimum(recv_start, R).astype(jnp.int32)
     send_keep = a2a(recv_keep)  # how many of my rows each shard accepts
     land_at = a2a(recv_start)  # where my rows land in each shard's buffer
-    rows = _ragged_all_to_all(xs, jnp.zeros((R, D), xs.dtype), send_start, send_keep, land_at, recv_keep, ep_axis)
+    rows = _ragged_all_to_all(xs, jnp.zeros((R, D), xs.dtype), send_start, send_keep, land_at, recv_keep, axis)
     # order the received rows by local expert; rows past what arrived sort last (outside every group)
     r = jnp.arange(R)
     src = jnp.minimum(jnp.searchsorted(jnp.cumsum(recv_keep), r, side="right"), n - 1)
@@ -165,23 +255,17 @@ def _local_ragged(xs, order, sizes, w, wgu, wd, ep_axis, tp_axis, capacity_facto
     expert = jnp.where(arrived, jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends[src], c), El)
     perm = jnp.argsort(expert, stable=True)
     group_sizes = jnp.bincount(expert, length=El + 1)[:El].astype(jnp.int32)
-    y = _experts(jnp.take(rows, perm, axis=0), group_sizes, wgu, wd, tp_axis, gmm_impl)  # [R, D] float32
+    y = experts(jnp.take(rows, perm, axis=0), group_sizes)  # [R, D] float32
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(R, dtype=perm.dtype))
     y = jnp.take(y, inv, axis=0)  # back to arrival order
     # the results return to where each row came from: sender's offset send_start, as many as were kept
     back_at = a2a(send_start)
-    ys = _ragged_all_to_all(y, jnp.zeros((A, D), y.dtype), recv_start, recv_keep, back_at, send_keep, ep_axis)
-    out = kernels.unpermute(ys, order, w)
-    return out, (A - send_keep.sum()).astype(jnp.float32)
-
-
-def _all_to_all(x, axis):
-    """Row j of x goes to shard j; row s of the result came from shard s."""
-    return jax.lax.all_to_all(x, axis, 0, 0, tiled=True) if axis else x
+    out = _ragged_all_to_all(y, jnp.zeros((A, D), y.dtype), recv_start, recv_keep, back_at, send_keep, axis)
+    return jnp.where((jnp.arange(A) < send_keep.sum())[:, None], out, 0.0)
 
 
 def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
-    if axis is None:  # one shard: a local copy of the slice
+    if not axis:  # one shard: a local copy of the slice
         n_rows = send_sizes[0]
         idx = jnp.arange(output.shape[0])
         src = jnp.clip(input_offsets[0] + idx - output_offsets[0], 0, operand.shape[0] - 1)
@@ -196,7 +280,7 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, axis):
     """ragged_all_to_all's semantics from an all_gather (XLA:CPU lacks the op): every shard sees every
     shard's operand and slice tables and copies the slices addressed to it."""
-    me = jax.lax.axis_index(axis)
+    me = _linear_index(axis)
     ops = jax.lax.all_gather(operand, axis)  # [n, N, D]
     ins = jax.lax.all_gather(input_offsets, axis)  # [n, n]: row s = sender s's table
     sends = jax.lax.all_gather(send_sizes, axis)
@@ -208,3 +292,8 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
     got = inside.any(axis=0)
     row = jnp.clip(start[sender] + idx - at[sender], 0, operand.shape[0] - 1)
     return jnp.where(got[:, None], ops[sender, row], output)
+
+
+def _linear_index(axes):
+    """This device's index along a tuple of mesh axes (the order all_to_all and all_gather use)."""
+    return jax.lax.axis_index(axes)

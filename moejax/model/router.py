@@ -85,9 +85,10 @@ def switch_loss(routing: Routing, cfg: ModelConfig, token_mask):
     return E * jnp.sum(f * p)
 
 
-def sequence_balance_loss(routing: Routing, cfg: ModelConfig, token_mask, batch: int):
-    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i averaged over sequences, with
-    f_i = E / (K T) * count_i and P_i = mean_t s'_{i,t} per sequence (1 when balanced)."""
+def sequence_balance_terms(routing: Routing, cfg: ModelConfig, token_mask, batch: int):
+    """DeepSeek-V3's sequence-wise balance loss per sequence, sum_i f_i P_i with f_i = E / (K T) * count_i
+    and P_i = mean_t s'_{i,t} (1 when balanced). Returns (its sum over the sequences that hold tokens,
+    how many those are), so that microbatches and pipeline stages combine it exactly."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     M = token_mask.shape[0]
     T = M // batch
@@ -99,13 +100,25 @@ def sequence_balance_loss(routing: Routing, cfg: ModelConfig, token_mask, batch:
     p = (balance_probs(routing, cfg).reshape(batch, T, E) * mask[..., None]).sum(axis=1) / ntok[:, None]
     per_seq = jnp.sum(f * p, axis=-1)  # [B]
     has_tokens = (mask.sum(axis=1) > 0).astype(jnp.float32)
-    return jnp.sum(per_seq * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+    return jnp.sum(per_seq * has_tokens), has_tokens.sum()
+
+
+def sequence_balance_loss(routing: Routing, cfg: ModelConfig, token_mask, batch: int):
+    """The sequence-wise balance loss averaged over the sequences that hold tokens."""
+    total, count = sequence_balance_terms(routing, cfg, token_mask, batch)
+    return total / jnp.maximum(count, 1.0)
+
+
+def router_z_terms(routing: Routing, token_mask):
+    """ST-MoE router z-loss terms: (sum of logsumexp(logits)^2 over real tokens, their count)."""
+    z = jax.nn.logsumexp(routing.logits, axis=-1)
+    return jnp.sum(jnp.square(z) * token_mask), token_mask.sum()
 
 
 def router_z_loss(routing: Routing, token_mask):
     """ST-MoE router z-loss: mean of logsumexp(logits)^2."""
-    z = jax.nn.logsumexp(routing.logits, axis=-1)
-    return jnp.sum(jnp.square(z) * token_mask) / jnp.maximum(token_mask.sum(), 1.0)
+    total, count = router_z_terms(routing, token_mask)
+    return total / jnp.maximum(count, 1.0)
 
 
 def update_router_bias(bias, counts, rate: float):

@@ -21,9 +21,8 @@ from moejax.config import ModelConfig
 from moejax.model import router as router_lib
 from moejax.model.attention import GQA, MLA, attention_mask
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
+from moejax.model import moe as moe_lib
 from moejax.model.moe import MoE, RouterBias
-
-MOE_STATS = ("aux_loss", "switch_loss", "seq_aux_loss", "z_loss", "expert_counts", "drop_fraction")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing
@@ -36,12 +35,15 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)); ffn dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, layout=None):
         self.kind = kind
+        self.layout = layout  # sharding.Layout: the residual stream is pinned to it (None: no mesh)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-        self.attn = MLA(cfg, rngs=rngs) if cfg.attention_type == "mla" else GQA(cfg, rngs=rngs)
+        attention = MLA if cfg.attention_type == "mla" else GQA
+        self.attn = attention(cfg, rngs=rngs, layout=layout)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-        self.ffn = MoE(cfg, rngs=rngs) if kind == "moe" else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+        self.ffn = (MoE(cfg, rngs=rngs, layout=layout) if kind == "moe"
+                    else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout))
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
     def __call__(self, x, cos, sin, mask, token_mask, rng=None):
@@ -56,16 +58,19 @@ class Block(nnx.Module):
                 h, aux = self.ffn(hn, token_mask, rng)
             else:
                 h, aux = self.ffn(hn), {}
-        return (x.astype(jnp.float32) + h).astype(cd), aux
+        return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL), aux
 
 
-def make_stack(cfg: ModelConfig, kind: str, n: int, rngs: nnx.Rngs) -> Block:
+RESIDUAL = ("batch", None, None)  # logical axes of the residual stream [B, T, D]
+
+
+def make_stack(cfg: ModelConfig, kind: str, n: int, rngs: nnx.Rngs, layout=None) -> Block:
     """n Blocks with parameters stacked on a leading layer axis."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
     def create(r):
-        return Block(cfg, kind, rngs=r)
+        return Block(cfg, kind, rngs=r, layout=layout)
 
     return create(rngs)
 
@@ -75,13 +80,12 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
-def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig):
+def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh=None):
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
-    On a mesh with a 'stage' axis (inside the train step) the layers run as a pipeline."""
-    active = sharding.active()
-    stages = active[0].shape.get("stage", 1) if active and active[0] is not None else 1
+    On a mesh with a 'stage' axis the layers run as a pipeline."""
+    stages = mesh.shape.get("stage", 1) if mesh is not None else 1
     if stages > 1 and n % stages == 0:  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
-        return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, active[0])
+        return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, mesh)
     return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg)
 
 
@@ -113,8 +117,8 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside [0, M)), then passes
     its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back to every
     stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered into [n, ...].
-    Per-microbatch aux values that are means (losses, drop fraction) are averaged over the microbatches,
-    as gradient accumulation does. Inside a stage the MoE layer runs without the nested expert-parallel
+    The MoE statistics are sums (moe.SUM_STATS), exact over microbatches; the Switch loss, a per-batch
+    mean, is averaged over them. Inside a stage the MoE layer runs without the nested expert-parallel
     shard_map (GSPMD partitions it over the other axes).
     """
     S = mesh.shape["stage"]
@@ -125,7 +129,8 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
     per_mb = (x, cos, sin, mask, token_mask)
-    per_mb = jax.tree.map(lambda a: a.reshape((M, B // M) + a.shape[1:]), per_mb)
+    # microbatch j = rows j, j + M, ...: each keeps the batch sharding of its rows (no resharding)
+    per_mb = jax.tree.map(lambda a: a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1), per_mb)  # [M, B / M, ...]
     out_dtype = x.dtype
 
     def stage(state, rngs, per_mb):
@@ -136,10 +141,9 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
         def run_layers(h, i):
             args = jax.tree.map(lambda a: a[i], (cos, sin, mask, token_mask))
             sub = nnx.merge(graphdef, state)
-            with sharding.manual_region():
-                if rngs is None:
-                    return _scan_stack(sub, local, h, *args, None, cfg)
-                return _scan_stack_rngs(sub, local, h, *args, rngs, cfg)
+            if rngs is None:
+                return _scan_stack(sub, local, h, *args, None, cfg)
+            return _scan_stack_rngs(sub, local, h, *args, rngs, cfg)
 
         aux_shape = jax.eval_shape(run_layers, xs[0], 0)[1]
         aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
@@ -166,8 +170,10 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     rng_spec = None if rngs is None else P("stage")
     outs, aux = jax.shard_map(stage, mesh=mesh, in_specs=(stage_spec, rng_spec, P()), out_specs=(P(), P()),
                               axis_names={"stage"}, check_vma=False)(state, rngs, per_mb)
-    aux = {k: (v if k == "expert_counts" else v / M) for k, v in aux.items()}
-    return outs.reshape((B,) + outs.shape[2:]), aux
+    if aux:
+        aux = {k: aux[k] for k in moe_lib.SUM_STATS} | {k: aux[k] / M for k in moe_lib.MEAN_STATS}
+        aux = moe_lib.with_means(aux, cfg)
+    return outs.swapaxes(0, 1).reshape((B,) + outs.shape[2:]), aux
 
 
 def _scan_stack_rngs(stack, n, x, cos, sin, mask, token_mask, rngs, cfg):
@@ -187,12 +193,12 @@ class MTPModule(nnx.Module):
     """One multi-token-prediction depth (DeepSeek-V3): [enorm(emb(t_{i+k})); hnorm(h_i)] -> eh_proj
     -> one decoder block -> final norm; embedding and LM head are the main model's."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg, rngs=rngs)
         self.hnorm = RMSNorm(D, cfg, rngs=rngs)
         self.eh_proj = param(rngs, (2 * D, D), (None, "embed"), cfg)  # [2D, D]
-        self.block = Block(cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs)
+        self.block = Block(cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs, layout=layout)
         self.norm = RMSNorm(D, cfg, rngs=rngs)
 
 
@@ -203,22 +209,38 @@ class Transformer(nnx.Module):
     weighted balance losses summed over MoE layers), per-MoE-layer stats stacked on a leading axis
     (`expert_counts` [L_moe, E], `drop_fraction` [L_moe], ...), and `mtp_logits` [depth, B, T, V]
     when called with return_mtp=True (MTP depth k at position i predicts token i + k + 1).
+
+    `Transformer(cfg, rngs=..., mesh=mesh, rules=rules)` builds it for a device mesh (default: the mesh of
+    an enclosing `jax.set_mesh`, else none): activations are pinned to the layout the rules give and the
+    dropless MoE runs expert-parallel. The layout is fixed at construction (a static attribute).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh=None, rules=None):
         self.cfg = cfg
+        # the layout is fixed here, from the arguments or an enclosing jax.set_mesh(...)
+        layout = sharding.layout(mesh if mesh is not None else sharding.context_mesh(), rules)
+        self.layout = layout
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
-        self.segments = nnx.List([make_stack(cfg, kind, n, rngs) for kind, n in segments_of(cfg)])
+        self.segments = nnx.List([make_stack(cfg, kind, n, rngs, layout) for kind, n in segments_of(cfg)])
         self.norm = RMSNorm(D, cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (D, V), ("embed", "vocab"), cfg)  # [D, V]
-        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs, layout=layout) for _ in range(cfg.mtp_depth)])
+
+    @property
+    def mesh(self):
+        """The mesh the model was built for (None: one device)."""
+        return None if self.layout is None else self.layout.mesh
 
     # ---------------------------------------------------------------------------------------
 
     def embed_tokens(self, ids):
-        return jnp.take(self.embed[...], ids, axis=0).astype(dtype_of(self.cfg.compute_dtype))
+        """int [B, T] -> [B, T, D] in the compute dtype, sharded like the residual stream."""
+        # the table as the lookup reads it: D gathered (FSDP), vocab still split over 'tensor'
+        table = sharding.constrain(self.embed[...], self.layout, ("vocab", None))  # [V, D]
+        x = jnp.take(table, ids, axis=0).astype(dtype_of(self.cfg.compute_dtype))
+        return sharding.constrain(x, self.layout, RESIDUAL)
 
     def head(self, h):
         """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
@@ -255,7 +277,8 @@ class Transformer(nnx.Module):
         moe_aux = []
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
             with jax.named_scope(f"segment_{i}_{kind}"):
-                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg)
+                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg, self.mesh)
+                x = sharding.constrain(x, self.layout, RESIDUAL)  # (a pipeline's output has no layout of its own)
             if kind == "moe":
                 moe_aux.append(aux)
         h = self.norm(x)
@@ -272,13 +295,14 @@ class Transformer(nnx.Module):
                     cd = dtype_of(cfg.compute_dtype)
                     z = jnp.concatenate([e, m.hnorm(prev)], axis=-1).astype(cd)  # [B, T, 2D]
                     z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32)
+                    z = sharding.constrain(z, self.layout, RESIDUAL)
                     prev, aux = m.block(z.astype(cd), cos, sin, mask, token_mask, rngs[len(self.segments) + k - 1])
                     if aux:
                         moe_aux.append(jax.tree.map(lambda a: a[None], aux))
                     mtp_logits.append(self.head(m.norm(prev)))
             out["mtp_logits"] = jnp.stack(mtp_logits)
         if moe_aux:
-            stats = {k: jnp.concatenate([a[k] for a in moe_aux]) for k in MOE_STATS}
+            stats = {k: jnp.concatenate([a[k] for a in moe_aux]) for k in moe_aux[0]}
             out.update(stats)
             out["aux_loss"] = stats["aux_loss"].sum()
         else:

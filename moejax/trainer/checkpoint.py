@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from moejax.config import Config
@@ -59,6 +58,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def abstract_like(state):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

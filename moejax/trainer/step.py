@@ -2,7 +2,11 @@
 
 The train state is a pytree dict: step, params (nnx.State of Params, float32 master weights),
 router (nnx.State of the aux-loss-free biases), opt_state, rng (raw key data) and nonfinite
-(the count of consecutive skipped steps).
+(the count of consecutive skipped steps). moejax.trainer.setup builds it, sharded, from a config.
+
+Losses are token-weighted: each term is a sum over valid tokens divided once by the global count
+(`normalizers`), so gradient accumulation, pipeline microbatches and the data-parallel layout give the
+same loss and update as one pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moejax import sharding
 from moejax.config import Config
 from moejax.model import RouterBias, Transformer
+from moejax.model.moe import balance_loss
 
 
 def split_model(model: Transformer):
@@ -24,26 +28,10 @@ def split_model(model: Transformer):
     return nnx.split(model, nnx.Param, RouterBias, ...)
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation):
-    """Builds the model from cfg.train.seed and returns (graphdef, rest, state)."""
-    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-    graphdef, params, router, rest = split_model(model)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "router": router,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
-        "nonfinite": jnp.zeros((), jnp.int32),
-    }
-    return graphdef, rest, state
-
-
-def token_loss(logits, labels, valid):
-    """Mean cross-entropy over valid positions; logits [B, T, V] float32, labels/valid [B, T]."""
+def token_loss_sum(logits, labels, valid):
+    """Cross-entropy summed over valid positions; logits [B, T, V] float32, labels/valid [B, T]."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    valid = valid.astype(jnp.float32)
-    return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1.0), valid.sum()
+    return jnp.sum(ce * valid.astype(jnp.float32))
 
 
 def shifted_targets(batch, shift: int):
@@ -60,30 +48,58 @@ def shifted_targets(batch, shift: int):
     return labels, valid
 
 
-def loss_fn(params, router, rest, batch, rng, *, graphdef, cfg: Config):
+def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
+    """Global counts that every loss term is divided by, once, from the whole batch: valid next-token
+    targets (`tokens`), valid targets of each MTP depth (`mtp` [depth]), real tokens (`real`, for the
+    router z-loss), sequences holding tokens (`sequences`, the sequence-wise balance loss), and the
+    number of gradient-accumulation microbatches (the Switch loss, a batch mean, is averaged over them).
+    Computed on the global batch, they make the loss independent of how the batch is split."""
+    seg = batch["segment_ids"]
+    out = {"tokens": shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
+           "real": (seg > 0).sum().astype(jnp.float32),
+           "sequences": (seg > 0).any(axis=1).sum().astype(jnp.float32),
+           "microbatches": jnp.float32(microbatches)}
+    if cfg.model.mtp_depth:
+        out["mtp"] = jnp.stack([shifted_targets(batch, k + 2)[1].sum() for k in range(cfg.model.mtp_depth)]
+                               ).astype(jnp.float32)
+    return out
+
+
+def loss_fn(params, router, rest, batch, rng, norm, *, graphdef, cfg: Config):
+    """This batch's (or microbatch's) share of the global loss: every term is a sum over its tokens
+    (sequences) divided by the global count in `norm` (see `normalizers`), so that the shares of any
+    split of a batch add up to the loss of the whole batch, and so do their gradients.
+
+    Returns (loss, (metrics, stats)); metrics are shares too (sum them over microbatches).
+    """
     model = nnx.merge(graphdef, params, router, rest)
     mcfg = cfg.model
     logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng,
                         return_mtp=mcfg.mtp_depth > 0)
     labels, valid = shifted_targets(batch, 1)
-    ce, ntok = token_loss(logits, labels, valid)
-    loss = ce + aux["aux_loss"]
-    metrics = {"ce_loss": ce, "aux_loss": aux["aux_loss"], "tokens": ntok}
+    ntok = jnp.maximum(norm["tokens"], 1.0)
+    ce = token_loss_sum(logits, labels, valid) / ntok
+    aux_loss = jnp.zeros((), jnp.float32)
+    if "expert_counts" in aux:
+        aux_loss = balance_loss(aux, mcfg, sequences=norm["sequences"], tokens=norm["real"],
+                                switch_weight=1.0 / norm["microbatches"])
+    loss = ce + aux_loss
+    metrics = {"ce_loss": ce, "aux_loss": aux_loss, "tokens": valid.sum().astype(jnp.float32)}
     if mcfg.mtp_depth:
         mtp = []
         for k in range(mcfg.mtp_depth):
             lab, val = shifted_targets(batch, k + 2)
-            mtp.append(token_loss(aux["mtp_logits"][k], lab, val)[0])
+            mtp.append(token_loss_sum(aux["mtp_logits"][k], lab, val) / jnp.maximum(norm["mtp"][k], 1.0))
         mtp_loss = jnp.mean(jnp.stack(mtp))
         loss = loss + mcfg.mtp_loss_weight * mtp_loss
         metrics["mtp_loss"] = mtp_loss
     if cfg.train.logit_z_loss:
         z = jax.nn.logsumexp(logits, axis=-1)
-        zl = jnp.sum(jnp.square(z) * valid) / jnp.maximum(valid.sum(), 1.0)
+        zl = jnp.sum(jnp.square(z) * valid) / ntok
         loss = loss + cfg.train.logit_z_loss * zl
         metrics["logit_z_loss"] = zl
     metrics["loss"] = loss
-    stats = {k: aux[k] for k in ("expert_counts", "drop_fraction") if k in aux}
+    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
     return loss, (metrics, stats)
 
 
@@ -91,39 +107,52 @@ def _tree_select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def applied_lr(opt_state, sched):
+    """The learning rate the next update applies: the schedule at the optimizer's own step count (which
+    does not advance on a skipped non-finite step, unlike state['step'])."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(s, optax.ScaleByScheduleState)]
+    if not found:
+        raise ValueError("applied_lr: the optimizer has no schedule state (optax.scale_by_schedule)")
+    return sched(found[0].count)
+
+
 def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None, batch_sharding=None):
-    """Returns the jitted, state-donating train step; with shardings, the state keeps them."""
+    """Returns the jitted, state-donating train step; with shardings, the state keeps them. The model in
+    graphdef carries its mesh and rules (moejax.trainer.setup builds it so)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True)
     n_micro = cfg.train.microbatches
 
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params, router = state["params"], state["router"]
+        norm = normalizers(batch, cfg, n_micro)
         if n_micro == 1:
-            (_, (metrics, stats)), grads = grad_fn(params, router, rest, batch, rng)
+            (_, (metrics, stats)), grads = grad_fn(params, router, rest, batch, rng, norm)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
+            # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every microbatch
+            micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
+                                 batch)  # [n_micro, B / n_micro, T]
 
             def body(acc, xs):
                 mb, i = xs
-                (_, (m, s)), g = grad_fn(params, router, rest, mb, jax.random.fold_in(rng, i))
+                (_, (m, s)), g = grad_fn(params, router, rest, mb, jax.random.fold_in(rng, i), norm)
                 return jax.tree.map(jnp.add, acc, (g, m, s)), None
 
-            shapes = jax.eval_shape(grad_fn, params, router, rest, jax.tree.map(lambda x: x[0], micro), rng)
+            shapes = jax.eval_shape(grad_fn, params, router, rest, jax.tree.map(lambda x: x[0], micro), rng, norm)
             (_, (m_shape, s_shape)), g_shape = shapes
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (g_shape, m_shape, s_shape))
+            # every share is already divided by the global counts: the sums are the whole batch's values
             (grads, metrics, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
-            grads = jax.tree.map(lambda g: g / n_micro, grads)
-            metrics = {k: (v if k == "tokens" else v / n_micro) for k, v in metrics.items()}
-            stats = {"expert_counts": stats["expert_counts"], "drop_fraction": stats["drop_fraction"] / n_micro} \
-                if stats else stats
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_router = router
         if stats and cfg.model.use_score_correction_bias:
-            model = nnx.merge(graphdef, params, router, rest)
+            # merge a copy: the update writes into the merged model's Variables, which would otherwise be
+            # `router`'s own, and a skipped step must keep the old biases
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest)
             model.update_router_biases(stats["expert_counts"])
             new_router = nnx.state(model, RouterBias)
         new_state = {
@@ -134,32 +163,27 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
             "rng": state["rng"],
             "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
         }
-        metrics = dict(metrics, grad_norm=grad_norm, lr=sched(state["step"]), skipped=(~finite).astype(jnp.int32))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=applied_lr(state["opt_state"], sched),
+                       skipped=(~finite).astype(jnp.int32))
         if stats:
-            metrics.update(moe_stats(stats, router))
+            metrics.update(moe_stats(stats, router, cfg.model.num_experts_per_tok))
         return new_state, metrics
 
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)
-    mesh = batch_sharding.mesh
-
-    def meshed_step(state, batch):
-        with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
-            return train_step(state, batch)
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(meshed_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated))
 
 
-def moe_stats(stats, router):
+def moe_stats(stats, router, top_k: int):
     """Per MoE layer [L_moe]: max/mean load, coefficient of variation, drop fraction, bias range."""
     counts = stats["expert_counts"]
     mean = counts.mean(-1)
     out = {
         "moe/max_over_mean_load": counts.max(-1) / jnp.maximum(mean, 1e-9),
         "moe/load_cv": counts.std(-1) / jnp.maximum(mean, 1e-9),
-        "moe/drop_fraction": stats["drop_fraction"],
+        "moe/drop_fraction": stats["dropped"] / jnp.maximum(stats["token_count"] * top_k, 1.0),
     }
     biases = [v.get_value() for _, v in nnx.to_flat_state(router)]
     if biases:
@@ -168,15 +192,13 @@ def moe_stats(stats, router):
     return out
 
 
-def make_eval_step(graphdef, rest, cfg: Config, mesh=None):
-    """Validation loss; with a mesh, traced with it active (the expert-parallel MoE path)."""
+def make_eval_step(graphdef, rest, cfg: Config):
+    """Validation: (summed next-token cross-entropy, valid targets) of a batch; sum both over batches."""
 
     def eval_step(params, router, batch):
-        if mesh is None:
-            loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
-        else:
-            with sharding.activate(mesh, sharding.rules_for(cfg.mesh)):
-                loss, (metrics, _) = loss_fn(params, router, rest, batch, None, graphdef=graphdef, cfg=cfg)
-        return metrics["ce_loss"], metrics["tokens"]
+        model = nnx.merge(graphdef, params, router, rest)
+        logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        labels, valid = shifted_targets(batch, 1)
+        return token_loss_sum(logits, labels, valid), valid.sum().astype(jnp.float32)
 
     return jax.jit(eval_step)

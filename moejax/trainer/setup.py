@@ -1,0 +1,140 @@
+"""One setup path for every entry that builds a train state (train, compile, plan, finetune).
+
+    abstract model -> abstract state -> shardings -> state created by one jitted init whose outputs
+    are the shards (`out_shardings`), or restored from a checkpoint straight into those shardings.
+
+Nothing here allocates a parameter until `init_state` or `restore`, and then each device computes only
+its own shards: no device and no host ever holds more than its part of the model. `moejax.compile` and
+`moejax.plan` stop at the abstract state; `moejax.train` goes on to the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from moejax import sharding
+from moejax.config import Config
+from moejax.model import Transformer
+from moejax.trainer.optim import make_optimizer
+from moejax.trainer.step import make_eval_step, make_train_step, split_model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything a run needs to create, restore and step its state, built without allocating it."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: dict
+    graphdef: Any  # of the Transformer (it carries mesh and rules)
+    rest: Any  # model state that is neither a Param nor a RouterBias (empty today)
+    tx: optax.GradientTransformation
+    sched: optax.Schedule
+    abstract: Any  # the train state as ShapeDtypeStructs carrying their shardings
+    shardings: Any  # NamedShardings of the state (nnx Variables hold theirs)
+    batch_sharding: NamedSharding
+
+    # ------------------------------------------------------------------ the state
+
+    def init_state(self, params=None):
+        """The train state, created by one jitted program whose outputs are the shards.
+
+        params: optional parameters (an nnx.State already laid out as `shardings['params']`, e.g. a
+        Hugging Face base from moejax.convert.from_hf): they are used as they are (donated) and only the
+        rest of the state (optimizer moments, router biases, counters) is created.
+        """
+        if params is None:
+            init = jax.jit(functools.partial(_init, self.cfg, self.tx, self.mesh, self.rules),
+                           out_shardings=self.shardings)
+            with jax.set_mesh(self.mesh):
+                return init()
+        init = jax.jit(functools.partial(_init_around, self.cfg, self.tx, self.mesh, self.rules),
+                       in_shardings=(self.shardings["params"],), out_shardings=self.shardings, donate_argnums=0)
+        with jax.set_mesh(self.mesh):
+            return init(params)
+
+    def restore(self, checkpointer, step: int):
+        """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
+        checkpoint saved on another mesh). Nothing is initialized first."""
+        return checkpointer.restore(step, self.abstract)
+
+    # ------------------------------------------------------------------ the steps
+
+    def train_step(self):
+        return make_train_step(self.graphdef, self.rest, self.tx, self.sched, self.cfg, self.shardings,
+                               self.batch_sharding)
+
+    def eval_step(self):
+        return make_eval_step(self.graphdef, self.rest, self.cfg)
+
+    def abstract_batch(self):
+        """The [B, T] int32 batch fields as sharded ShapeDtypeStructs (for ahead-of-time lowering)."""
+        B, T = self.cfg.train.batch_size, self.cfg.data.seq_len
+        return {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=self.batch_sharding)
+                for k in ("tokens", "positions", "segment_ids")}
+
+    def state_bytes_per_device(self) -> int:
+        """Bytes of the train state one device holds."""
+        total = 0
+        for leaf in jax.tree.leaves(self.abstract):
+            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        return total
+
+
+def build_model(cfg: Config, mesh: Mesh | None, rules: dict | None, seed: int) -> Transformer:
+    return Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
+
+
+def _rest_of_state(cfg: Config, tx, params, router):
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "router": router,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+        "nonfinite": jnp.zeros((), jnp.int32),
+    }
+
+
+def _init(cfg: Config, tx, mesh, rules):
+    """The whole state from cfg.train.seed (traced under jit: each device computes its shards)."""
+    _, params, router, _ = split_model(build_model(cfg, mesh, rules, cfg.train.seed))
+    return _rest_of_state(cfg, tx, params, router)
+
+
+def _init_around(cfg: Config, tx, mesh, rules, params):
+    """The state around given parameters (router biases start at zero, as in a fresh model)."""
+    _, _, router, _ = split_model(nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed)))
+    router = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), router)
+    return _rest_of_state(cfg, tx, params, router)
+
+
+def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
+    """The setup of a run on `mesh` (default: the config's mesh over all devices). Allocates nothing.
+
+    Raises sharding.ShardingError for a mesh or rule the model cannot be laid out on (one line naming the
+    parameter and dimension).
+    """
+    if mesh is None:
+        mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_for(cfg.mesh)
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed))
+    graphdef, params, _, rest = split_model(abstract_model)
+    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
+    state = jax.eval_shape(functools.partial(_init, cfg, tx, mesh, rules))
+    shardings = sharding.tree_shardings(state, mesh, rules)
+    sharding.check_divisible(state, shardings, mesh)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    sharding.check_batch(cfg.train.batch_size, batch_sh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return TrainSetup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx, sched=sched,
+                      abstract=abstract, shardings=shardings, batch_sharding=batch_sh)

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from moejax.config import ModelConfig
 from moejax.convert import UnsupportedConfig, from_hf, from_hf_config, to_hf
 from moejax.convert.checkpoint import load_model, save_model
-from moejax.convert.weights import dequantize_fp8
+from moejax.convert.safetensors_io import dequantize_fp8
 from moejax.model import Transformer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, q_lora_rank=16,
@@ -121,7 +121,7 @@ def test_unsupported_config_lists_every_key():
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import moejax.convert as conv
+    import moejax.convert.export as conv
 
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     dst = tmp_path / "out"
@@ -129,7 +129,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(conv, "save_file", boom)
+    monkeypatch.setattr(conv, "write_safetensors", boom)
     with pytest.raises(OSError):
         to_hf(model, CFG, str(dst))
     assert not dst.exists() and os.listdir(tmp_path) == []

@@ -1,27 +1,24 @@
 """Tensor-by-tensor mapping between Hugging Face checkpoints and moejax parameters.
 
 Every Hugging Face tensor maps to one *slot*: a moejax parameter path, an index into it (layer of
-a stacked segment, expert, gate/up half) and a layout rule. Loading streams tensors one at a time
-into preallocated host buffers (one copy of the model); saving streams slots out shard by shard.
+a stacked segment, expert, gate/up half) and a layout rule. The parameter indexed by the slot is
+the slot's *view*. Each rule is a transpose of the Hugging Face tensor followed by a reshape that
+only splits axes (`layout`), so a region of the view maps back to a region of the tensor
+(moejax.convert.regions) and loading can read just the part of a tensor a device shard needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import struct
-from typing import Iterator
+import math
 
-import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from moejax.config import ModelConfig
 from moejax.model.transformer import segments_of
 
-FP8_BLOCK = 128
 _ALL = slice(None)
+RULES = ("copy", "linear", "linear2", "fused_gate_up", "fused_down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +28,55 @@ class Slot:
     rule: str  # 'copy' | 'linear' | 'linear2' | 'fused_gate_up' | 'fused_down'
 
 
-def to_slot(x: np.ndarray, rule: str, shape: tuple) -> np.ndarray:
-    """Hugging Face layout -> moejax slot of `shape`."""
+def layout(rule: str, view: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """How a Hugging Face tensor becomes a slot view of shape `view`: (perm, groups).
+
+    The view is `hf.transpose(perm).reshape(sum(groups, ()))`: transposed axis i (Hugging Face axis
+    perm[i]) splits into the view dims groups[i], so Hugging Face axis perm[i] has size prod(groups[i]).
+      copy           [*S] -> [*S]
+      linear         torch Linear [out, in] -> [in, *out]  (e.g. wq [D, N, H] from [N*H, D])
+      linear2        [out, in] -> [*in, out]               (wo [N, H, D] from [D, N*H])
+      fused_gate_up  [E, 2F, D] -> [E, D, 2, F]
+      fused_down     [E, D, F] -> [E, F, D]
+    """
+    v = tuple(view)
     if rule == "copy":
-        return x.reshape(shape)
-    if rule in ("linear", "linear2"):  # torch Linear [out, in] -> [in, *out] ('linear2': [*in, out])
-        return x.T.reshape(shape)
-    if rule == "fused_gate_up":  # [E, 2F, D] -> [E, D, 2, F]
-        return np.swapaxes(x, 1, 2).reshape(shape)
-    if rule == "fused_down":  # [E, D, F] -> [E, F, D]
-        return np.swapaxes(x, 1, 2)
-    raise ValueError(rule)
+        return tuple(range(len(v))), tuple((n,) for n in v)
+    if rule == "linear":
+        return (1, 0), (v[:1], v[1:])
+    if rule == "linear2":
+        return (1, 0), (v[:2], v[2:])
+    if rule == "fused_gate_up":
+        return (0, 2, 1), ((v[0],), (v[1],), v[2:])
+    if rule == "fused_down":
+        return (0, 2, 1), ((v[0],), (v[1],), (v[2],))
+    raise ValueError(f"unknown layout rule {rule!r}; known: {', '.join(RULES)}")
+
+
+def view_shape(param_shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    """Shape of param[index] for an index of ints and slices (no array needed)."""
+    out = []
+    for d, n in enumerate(param_shape):
+        s = index[d] if d < len(index) else _ALL
+        if not isinstance(s, int):
+            out.append(len(range(*s.indices(n))))
+    return tuple(out)
+
+
+def hf_shape(slot: Slot, view: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face tensor shape whose layout change gives a view of shape `view`."""
+    perm, groups = layout(slot.rule, view)
+    shape = [0] * len(perm)
+    for axis, g in zip(perm, groups):
+        shape[axis] = math.prod(g)
+    return tuple(shape)
+
+
+def export_tensor(slot: Slot, view: np.ndarray) -> np.ndarray:
+    """A slot view (param[slot.index]) -> its Hugging Face tensor, contiguous."""
+    perm, groups = layout(slot.rule, view.shape)
+    x = view.reshape([math.prod(g) for g in groups])  # [hf[perm[0]], hf[perm[1]], ...]
+    return np.ascontiguousarray(x.transpose(np.argsort(perm)))
 
 
 def _attention_entries(cfg: ModelConfig, hf: str, base: tuple, idx: tuple) -> dict[str, Slot]:
@@ -140,107 +175,6 @@ def ignorable(name: str, cfg: ModelConfig) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------------- reading
-
-
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory (sharded or not)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, x) for x in files]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    found = sorted(x for x in os.listdir(path) if x.endswith(".safetensors"))
-    if not found:
-        raise FileNotFoundError(f"no .safetensors files in {path}")
-    return [os.path.join(path, x) for x in found]
-
-
-def _raw_header(file: str) -> tuple[dict, int]:
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
-_RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
-FP8_DTYPES = tuple(np.dtype(t) for t in _RAW_DTYPES.values())
-
-
-def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yields (name, array, file) one tensor at a time. float8 tensors, which safetensors' numpy
-    backend cannot return, are memory-mapped from the file directly."""
-    for file in files:
-        header, offset = _raw_header(file)
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                info = header[name]
-                if info["dtype"] in _RAW_DTYPES:
-                    start, end = info["data_offsets"]
-                    arr = np.memmap(file, dtype=_RAW_DTYPES[info["dtype"]], mode="r", offset=offset + start,
-                                    shape=tuple(info["shape"]))
-                    yield name, arr, file
-                else:
-                    yield name, f.get_tensor(name), file
-
-
-def checkpoint_names(files: list[str]) -> set[str]:
-    """Every tensor name in the files, read from their headers only."""
-    names: set[str] = set()
-    for file in files:
-        names.update(k for k in _raw_header(file)[0] if k != "__metadata__")
-    return names
-
-
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """DeepSeek-V3 FP8 weights: w [out, in] * scale_inv broadcast over block x block tiles."""
-    out, inn = w.shape
-    s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, axis=0), block, axis=1)[:out, :inn]
-    return w.astype(np.float32) * s
-
-
-def assign(buffers: dict[tuple, np.ndarray], slot: Slot, x: np.ndarray, name: str):
-    target = buffers[slot.path]
-    view_shape = target[slot.index].shape
-    try:
-        value = to_slot(np.asarray(x, dtype=np.float32), slot.rule, view_shape)
-    except ValueError:
-        raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit moejax parameter "
-                         f"{'.'.join(map(str, slot.path))}{list(slot.index) if slot.index else ''} of shape {view_shape}") from None
-    if value.shape != view_shape:
-        raise ValueError(f"{name}: expected shape {view_shape} after layout change, got {value.shape}")
-    target[slot.index] = value.astype(target.dtype)
-
-
-def hf_shape(slot: Slot, buffers: dict[tuple, np.ndarray]) -> tuple:
-    view = buffers[slot.path][slot.index]
-    if slot.rule in ("linear", "linear2"):
-        n_in = 1 if slot.rule == "linear" else 2
-        return (int(np.prod(view.shape[n_in:])), int(np.prod(view.shape[:n_in])))
-    if slot.rule == "fused_gate_up":
-        E, D, _, F = view.shape
-        return (E, 2 * F, D)
-    if slot.rule == "fused_down":
-        E, F, D = view.shape
-        return (E, D, F)
-    return view.shape
-
-
-def export_tensor(slot: Slot, buffers: dict[tuple, np.ndarray]) -> np.ndarray:
-    view = buffers[slot.path][slot.index]
-    shp = hf_shape(slot, buffers)
-    if slot.rule in ("linear", "linear2"):
-        return np.ascontiguousarray(view.reshape(shp[1], shp[0]).T)
-    if slot.rule == "fused_gate_up":
-        return np.ascontiguousarray(np.swapaxes(view.reshape(view.shape[0], view.shape[1], -1), 1, 2))
-    if slot.rule == "fused_down":
-        return np.ascontiguousarray(np.swapaxes(view, 1, 2))
-    return np.ascontiguousarray(view)
-
-
 def describe_missing(missing: list[str], limit: int = 8) -> str:
     more = f" (+{len(missing) - limit} more)" if len(missing) > limit else ""
     return ", ".join(missing[:limit]) + more
-

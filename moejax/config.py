@@ -17,6 +17,7 @@ ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
 EP_EXCHANGES = ("dropless", "capacity", "ragged")
+CAPACITY_SCOPES = ("global", "group")
 GMM_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "tiled", "ragged_dot", "reference")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
@@ -93,6 +94,11 @@ class ModelConfig:
     gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
     pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 means the number of stages
     ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
+    # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole batch: the
+    # single-device answer on every layout) or 'group' (the tokens of one expert-parallel group: the ragged
+    # exchange then receives at most ~capacity_factor x its own rows, the bound a pod needs; equal to
+    # 'global' when the expert axes split the whole batch).
+    capacity_scope: str = "global"
 
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
@@ -184,6 +190,7 @@ class ModelConfig:
         choice("moe_impl", MOE_IMPLS)
         choice("gmm_impl", GMM_IMPLS)
         choice("ep_exchange", EP_EXCHANGES)
+        choice("capacity_scope", CAPACITY_SCOPES)
         choice("rope_type", ROPE_TYPES)
         choice("remat_policy", REMAT_POLICIES)
         choice("param_dtype", DTYPES)

@@ -124,50 +124,72 @@ RULES = {  # logical 'expert' axis onto various mesh axes of fsdp=2 x expert=4 (
     "expert_mlp=none": ("expert_mlp=none", MeshConfig(fsdp=1, expert=4, tensor=2)),
     "expert_tensor": ("", MeshConfig(fsdp=1, expert=4, tensor=2)),
     "data_expert": ("", MeshConfig(data=2, fsdp=1, expert=4)),
+    "expert8": ("", MeshConfig(fsdp=1, expert=8)),
 }
 
 
 def check_exchanges():
-    """Expert-parallel MoE layer vs the single-device layer, forward + gradients + drop fraction, on a
-    routing that overflows the capacity (capacity_factor 0.5) with padding rows."""
+    """Expert-parallel MoE layer vs the single-device layer, forward + gradients + dropped count, on a
+    routing that overflows the capacity (capacity_factor 0.5) with padding rows. The 'group' capacity scope
+    equals the single-device layer run on each expert-parallel group's rows."""
     base = tiny_config().model.replace(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
                                        hidden_size=32, moe_intermediate_size=16, n_shared_experts=1)
     x = jax.random.normal(jax.random.key(1), (8, 16, base.hidden_size))
     mask = jnp.ones((8, 16)).at[2, 5:].set(0).at[5, :].set(0)
-    refs = {}
+    _, state = nnx.split(MoE(base, rngs=nnx.Rngs(0)))
 
-    def grads_of(layer_cfg, mesh, rules, state):
+    def run(layer_cfg, mesh, rules, rows=slice(None)):
+        """((loss, (y, dropped)), (param grads, x grads)) of the layer on batch rows `rows`."""
         layout = sharding.layout(mesh, rules)
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: MoE(layer_cfg, rngs=nnx.Rngs(0), layout=layout)))
+        m = mask[rows]
 
         def f(state, x):
-            y, aux = nnx.merge(graphdef, state)(x, mask)
-            return jnp.sum(jnp.sin(y) * mask[..., None]), (y * mask[..., None], aux["drop_fraction"])
+            y, aux = nnx.merge(graphdef, state)(x, m)
+            return jnp.sum(jnp.sin(y) * m[..., None]), (y * m[..., None], aux["dropped"])
 
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x[rows])
 
-    _, state = nnx.split(MoE(base, rngs=nnx.Rngs(0)))
-    out = {}
-    for exchange, cf in (("dropless", 1.0), ("capacity", 0.5), ("ragged", 0.5), ("capacity", 8.0)):
+    def per_group(layer_cfg):  # the single-device layer on each half of the batch (fsdp=2's two groups)
+        (la, (ya, da)), (ga, xa) = run(layer_cfg, None, None, slice(0, 4))
+        (lb, (yb, db)), (gb, xb) = run(layer_cfg, None, None, slice(4, 8))
+        return ((la + lb, (jnp.concatenate([ya, yb]), da + db)),
+                (jax.tree.map(jnp.add, ga, gb), jnp.concatenate([xa, xb])))
+
+    refs, out = {}, {}
+
+    def check(tag, got, ref):
+        (_, (y, dropped)), (gs, gx) = got
+        (_, (ref_y, ref_dropped)), (ref_gs, ref_gx) = ref
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=2e-5, rtol=1e-4, err_msg=tag)
+        assert float(dropped) == float(ref_dropped), (tag, float(dropped), float(ref_dropped))
+        np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), atol=2e-5, rtol=1e-4, err_msg=tag)
+        for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(ref_gs)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4, err_msg=tag)
+        out[tag] = float(dropped)
+
+    for exchange, cf, scope in (("dropless", 1.0, "global"), ("capacity", 0.5, "global"), ("ragged", 0.5, "global"),
+                                ("capacity", 8.0, "global"), ("capacity", 0.5, "group"), ("ragged", 0.5, "group")):
         ref_cfg = base.replace(moe_impl="dropless" if exchange == "dropless" else "capacity", capacity_factor=cf)
-        if (ref_cfg.moe_impl, cf) not in refs:
-            refs[(ref_cfg.moe_impl, cf)] = grads_of(ref_cfg, None, None, state)
-        (ref_l, (ref_y, ref_drop)), (ref_gs, ref_gx) = refs[(ref_cfg.moe_impl, cf)]
-        cases = RULES if exchange == "capacity" and cf < 1 else {k: RULES[k] for k in ("default", "expert=expert+fsdp")}
+        if exchange == "capacity" and cf < 1 and scope == "global":
+            cases = RULES
+        elif scope == "group":
+            cases = {k: RULES[k] for k in ("default", "expert8")}
+        else:
+            cases = {k: RULES[k] for k in ("default", "expert=expert+fsdp")}
         for name, (rule_str, mc) in cases.items():
+            split = scope == "group" and mc.expert < 8  # two expert-parallel groups of 4 devices
+            key = (ref_cfg.moe_impl, cf, split)
+            if key not in refs:
+                refs[key] = per_group(ref_cfg) if split else run(ref_cfg, None, None)
             rules = sharding.rules_for(dataclasses.replace(mc, rules=rule_str))
-            mesh = sharding.make_mesh(mc)
-            cfg = base.replace(moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf)
-            (l, (y, drop)), (gs, gx) = grads_of(cfg, mesh, rules, state)
-            tag = f"{exchange} cf={cf} {name}"
-            np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=2e-5, rtol=1e-4, err_msg=tag)
-            np.testing.assert_allclose(float(drop), float(ref_drop), atol=1e-7, err_msg=tag)
-            np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), atol=2e-5, rtol=1e-4, err_msg=tag)
-            for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(ref_gs)):
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4, err_msg=tag)
-            out[tag] = float(drop)
-    assert out["capacity cf=0.5 default"] > 0.05  # the routing overflows
-    assert out["capacity cf=8.0 default"] == 0.0
+            cfg = base.replace(moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf, capacity_scope=scope)
+            check(f"{exchange} cf={cf} {scope} {name}", run(cfg, sharding.make_mesh(mc), rules), refs[key])
+    assert out["capacity cf=0.5 global default"] > 5  # the routing overflows
+    assert out["capacity cf=8.0 global default"] == 0.0
+    y_group, y_global = refs[("capacity", 0.5, True)][0][1][0], refs[("capacity", 0.5, False)][0][1][0]
+    # the two scopes keep different assignments
+    assert float(jnp.abs(y_group - y_global).max()) > 0.05 * float(jnp.abs(y_global).max())
     # a rule the exchange cannot honour is refused at construction, with one line
     try:
         MoE(base, rngs=nnx.Rngs(0), layout=sharding.layout(sharding.make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)),

@@ -75,7 +75,7 @@ def test_8_devices_match_one_device():
     assert "tensor" in results["fsdp_tensor"]["w_gate_up_spec"]
     assert "tensor" in results["restore"] and "expert" in results["restore"]
     assert out["init"]["init_temp_bytes_per_device"] < out["init"]["state_bytes_per_device"]
-    assert out["exchange"]["capacity cf=0.5 default"] > 0.05
+    assert out["exchange"]["capacity cf=0.5 global default"] > 5  # assignments dropped
     print(json.dumps(out["seconds"]))
 
 

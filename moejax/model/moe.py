@@ -191,7 +191,7 @@ class MoE(nnx.Module):
             y, dropped = moe_ep.experts_ep(
                 x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), mask2, wgu, wd, cd,
                 mesh=mesh, rules=self.layout.rule_table, exchange=cfg.ep_exchange,
-                capacity_factor=cfg.capacity_factor, gmm_impl=impl)
+                capacity_factor=cfg.capacity_factor, capacity_scope=cfg.capacity_scope, gmm_impl=impl)
             return y.reshape(B * T, D), dropped
         if self.dispatch == "expert_parallel" and impl is None and kernels.default_impl().startswith("pallas"):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map

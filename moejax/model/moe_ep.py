@@ -18,14 +18,17 @@ Exchange modes:
   'dropless'  every assignment travels, in fixed [n, A] buffers (A = local assignments): nothing is
               ever dropped, at n x buffer memory
   'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
-              C = ceil(capacity_factor * A_global / E) assignments of the *global* batch, the highest
-              routing weights first (ties: the earlier assignment), padding never dispatched nor counted.
-              The per-expert thresholds are found by a radix select whose histograms are summed over the
-              batch axes (8 rounds of an [E, 16] psum), so the result does not depend on the layout.
-              Transport in fixed buffers of min(A, E_local * C) rows per destination, which always hold
-              every kept row (a second, layout-dependent drop never happens)
+              C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing weights
+              first (ties: the earlier assignment), padding never dispatched nor counted. The scope
+              (model.capacity_scope) is the whole batch ('global': the single-device answer on every layout)
+              or one expert-parallel group ('group'). The per-expert thresholds come from a radix select
+              whose histograms are summed over the scope's axes (8 rounds of an [E, 16] psum). Transport in
+              fixed buffers of min(A, E_local * C) rows per destination, which always hold every kept row
+              (a second, layout-dependent drop never happens) but, as a fixed buffer must, size for the
+              worst case: with capacity_factor >= 1 that is the dropless buffer
   'ragged'    the same policy, exact-size transfers with jax.lax.ragged_all_to_all (TPU, GPU) into one
-              receive buffer of E_local * C rows, the tightest bound the policy allows.
+              receive buffer of E_local * C rows, the tightest bound the policy allows: with the 'group'
+              scope about capacity_factor x the local rows, the memory-bounded choice for a pod.
               capacity_factor >= E / K drops nothing. XLA:CPU has no ragged all-to-all, so on CPU an
               all_gather emulation with the same semantics runs instead (for tests, not speed).
 
@@ -60,8 +63,11 @@ def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> 
 
 
 def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dtype, *, mesh, rules,
-               exchange: str, capacity_factor: float, gmm_impl=None):
+               exchange: str, capacity_factor: float, capacity_scope: str = "global", gmm_impl=None):
     """Routed experts with the experts split over the expert axes.
+
+    capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or 'group'
+    (the devices of one expert-parallel exchange).
 
     Args:
       x: [B, T, D]; expert_ids, weights: [B, T, K]; token_mask: [B, T] (0 = padding);
@@ -80,8 +86,11 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
     b_axes = sharding.batch_axes(mesh, rules)
     E = w_gate_up.shape[0]
     B, T, K = expert_ids.shape
-    C = capacity(B * T * K, E, capacity_factor)
-    batch_sizes = tuple(mesh.shape[a] for a in b_axes)
+    # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one device
+    scope = b_axes if capacity_scope == "global" else tuple(a for a in b_axes if a in ep_axes)
+    scope_sizes = tuple(mesh.shape[a] for a in scope)
+    n_batch = math.prod(mesh.shape[a] for a in b_axes)
+    C = capacity(B * T * K * math.prod(scope_sizes) // n_batch, E, capacity_factor)
 
     def body(x, ids, w, mask, wgu, wd):
         Bl, T, D = x.shape
@@ -89,7 +98,7 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
         valid = jnp.repeat(mask.reshape(Bl * T) > 0, K)  # [A]
         y, dropped = _local(x.astype(compute_dtype), ids, w, valid, wgu.astype(compute_dtype),
                             wd.astype(compute_dtype), E=E, C=C, ep_axes=ep_axes, tp_axes=tp_axes, b_axes=b_axes,
-                            batch_sizes=batch_sizes, exchange=exchange, gmm_impl=gmm_impl)
+                            scope=scope, scope_sizes=scope_sizes, exchange=exchange, gmm_impl=gmm_impl)
         return y.reshape(Bl, T, D), dropped
 
     auto = {a for a in mesh.axis_names if a not in manual}
@@ -102,7 +111,7 @@ def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, batch_sizes, exchange, gmm_impl):
+def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, scope_sizes, exchange, gmm_impl):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped count)."""
     M, K = ids.shape
     A = M * K
@@ -111,7 +120,7 @@ def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, batch_s
     if exchange == "dropless":
         keep = jnp.ones((A,), bool)
     else:
-        keep = capacity_keep(ids.reshape(A), w.reshape(A), valid, E, C, b_axes, batch_sizes)
+        keep = capacity_keep(ids.reshape(A), w.reshape(A), valid, E, C, scope, scope_sizes)
     ids_kept = jnp.where(keep.reshape(M, K), ids, E)  # dropped assignments sort last, outside every group
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert

@@ -3,8 +3,9 @@
     python -m moejax.plan --config experiments/deepseek_v3.py --topology v5p-1024 \\
         --config.mesh.expert=32 --config.train.batch_size=1024 --tokens 14.8e12 --mfu 0.4
 
-Nothing is compiled or allocated: parameter and optimizer bytes are exact (the abstract train state
-sharded by the config's mesh and rules), activations are an estimate from the shapes under the remat
+Nothing is compiled or allocated: parameter and optimizer bytes are exact (the abstract train state of
+moejax.trainer.setup, sharded by the config's mesh and rules; a mesh, rule or batch size the run would
+refuse is refused here too), activations are an estimate from the shapes under the remat
 policy (see `activation_bytes`), and time and cost follow from FLOPs per token at an assumed MFU and
 price per chip-hour. `python -m moejax.compile` gives the compiler's own figure to check it against.
 """
@@ -40,10 +41,11 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     from moejax import sharding
 
     m = cfg.model
-    n_batch = math.prod(mesh_shape[a] for a in sharding.axes_of(sharding.spec_for(("batch",), sharding.rules_for(cfg.mesh),
-                                                                                    type("S", (), {"shape": mesh_shape}))[0]))
+    shape_only = type("S", (), {"shape": mesh_shape})  # the rule helpers read only mesh.shape
+    rules = sharding.rules_for(cfg.mesh)
+    n_batch = math.prod(mesh_shape[a] for a in sharding.batch_axes(shape_only, rules))
     tp = mesh_shape.get("tensor", 1)
-    n_ep = mesh_shape.get("expert", 1)
+    n_ep = math.prod(mesh_shape[a] for a in sharding.expert_axes(shape_only, rules))
     cb = jnp.dtype(m.compute_dtype).itemsize
     B = cfg.train.batch_size / max(1, n_batch) / cfg.train.microbatches
     T, D, H = cfg.data.seq_len, m.hidden_size, m.num_heads / tp
@@ -59,10 +61,14 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     A = tokens * m.num_experts_per_tok
     if m.n_routed_experts:
         Fl = m.moe_intermediate_size / tp
-        if m.moe_impl == "dropless" and (n_ep > 1 or math.prod(mesh_shape.values()) > 1):
-            buf = A * D * cb * (1 if m.ep_exchange == "dropless" and n_ep == 1 else
-                                (n_ep if m.ep_exchange == "dropless" else m.capacity_factor))
-            exchange = 4 * buf  # send, receive, results back, combine
+        if m.moe_impl == "dropless" and math.prod(mesh_shape.values()) > 1:  # expert-parallel (moe_ep.py)
+            n_scope = n_batch if m.capacity_scope == "global" else n_ep
+            kept = m.capacity_factor * A * n_scope / n_ep  # rows one device's experts may keep (E_local x C)
+            if m.ep_exchange == "ragged":  # send A rows, receive at most `kept`, and the results back
+                exchange = 2 * (A + min(n_ep * A, kept)) * D * cb
+            else:  # fixed [n_ep, rows] buffers: send, receive, results, results back
+                rows = A if m.ep_exchange == "dropless" else min(A, kept)
+                exchange = 4 * n_ep * rows * D * cb
         elif m.moe_impl == "capacity":
             exchange = 2 * A * m.capacity_factor * D * cb
         else:

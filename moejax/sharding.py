@@ -68,7 +68,6 @@ class Layout:
                 return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-
     def region(self):
         """(mesh to name shardings with, whether some axes are manual): the layout's own mesh, or inside a
         shard_map region the context's abstract mesh, whose manual axes must not be named."""

@@ -190,6 +190,7 @@ def check_exchanges():
     y_group, y_global = refs[("capacity", 0.5, True)][0][1][0], refs[("capacity", 0.5, False)][0][1][0]
     # the two scopes keep different assignments
     assert float(jnp.abs(y_group - y_global).max()) > 0.05 * float(jnp.abs(y_global).max())
+    out["ties across shards"] = check_capacity_ties()
     # a rule the exchange cannot honour is refused at construction, with one line
     try:
         MoE(base, rngs=nnx.Rngs(0), layout=sharding.layout(sharding.make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)),
@@ -200,6 +201,35 @@ def check_exchanges():
     else:
         raise AssertionError("expert=tensor was not refused")
     return out
+
+
+def check_capacity_ties():
+    """moe_ep.capacity_keep with the assignments split over 8 shards (both nesting orders of two axes) and
+    many exactly tied weights: the same choice as a sort of the whole batch by (weight desc, position)."""
+    from jax.sharding import PartitionSpec as P
+
+    from moejax.model import moe_ep
+
+    rng = np.random.default_rng(0)
+    A, Ex = 8 * 40, 5
+    ids = rng.integers(0, Ex, A).astype(np.int32)
+    w = rng.choice(np.array([0.5, 0.25, 1.0, 0.125], np.float32), A)
+    valid = rng.random(A) > 0.1
+    mesh = sharding.make_mesh(MeshConfig(fsdp=2, expert=4))
+    checked = 0
+    for axes in (("fsdp", "expert"), ("expert", "fsdp")):
+        sizes = tuple(mesh.shape[a] for a in axes)
+        for cap in (3, 17, 50):
+            f = jax.shard_map(lambda i, w, v: moe_ep.capacity_keep(i, w, v, Ex, cap, axes, sizes), mesh=mesh,
+                              in_specs=(P(axes),) * 3, out_specs=P(axes), check_vma=False)
+            keep = np.asarray(jax.jit(f)(ids, w, valid))
+            want = np.zeros(A, bool)
+            for e in range(Ex):
+                rows = sorted((a for a in range(A) if ids[a] == e and valid[a]), key=lambda a: (-w[a], a))
+                want[rows[:cap]] = True
+            np.testing.assert_array_equal(keep, want, err_msg=f"{axes} cap={cap}")
+            checked += 1
+    return checked
 
 
 # --------------------------------------------------------------------------------- pipeline, presets

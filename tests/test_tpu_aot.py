@@ -87,19 +87,22 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
     assert text.count("moejax_gmm") >= 2 and "moejax_tgmm" in text  # forward, input and weight gradients
 
 
-@pytest.mark.parametrize("exchange", ["ragged"])  # the fixed-buffer exchanges compile in test_pod
-def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange):
-    """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert' axis,
-    jax.lax.ragged_all_to_all (not its CPU emulation) for the ragged exchange."""
+@pytest.mark.parametrize("exchange,rule", [("ragged", ""), ("ragged", "expert=expert+fsdp")])
+def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule):
+    """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert' axis (or
+    over expert x fsdp, a tuple of axes), jax.lax.ragged_all_to_all (not its CPU emulation) for the ragged
+    exchange with the capacity policy's radix select."""
     mesh = _mesh("v5p:2x2x1")
     from moejax import sharding
     from moejax.config import MeshConfig
 
-    ep_mesh = sharding.make_mesh(MeshConfig(fsdp=1, expert=-1), list(mesh.devices.flat))
+    mesh_cfg = MeshConfig(fsdp=2, expert=2, rules=rule) if rule else MeshConfig(fsdp=1, expert=-1)
+    ep_mesh = sharding.make_mesh(mesh_cfg, list(mesh.devices.flat))
     cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=256, n_shared_experts=0, moe_impl="dropless", compute_dtype="bfloat16",
                       ep_exchange=exchange, capacity_factor=2.0)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=sharding.layout(ep_mesh))))
+    layout = sharding.layout(ep_mesh, sharding.rules_for(mesh_cfg))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout)))
 
     def step(state, x):
         def loss(state, x):
@@ -107,7 +110,7 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange):
             return jnp.mean(y.astype(jnp.float32) ** 2) + aux["drop_fraction"]
         return jax.grad(loss)(state, x)
 
-    shardings = sharding.tree_shardings(abstract_state, ep_mesh)
+    shardings = sharding.tree_shardings(abstract_state, ep_mesh, sharding.rules_for(mesh_cfg))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     n = ep_mesh.devices.size
     x = jax.ShapeDtypeStruct((2 * n, 128, 256), jnp.float32, sharding=sharding.batch_sharding(ep_mesh).update(

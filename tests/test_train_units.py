@@ -174,3 +174,49 @@ def test_logged_learning_rate_is_the_applied_one_after_a_skip():
     assert float(m2["lr"]) == pytest.approx(float(r1["lr"]))
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref["params"])):
         np.testing.assert_allclose(a, b, atol=1e-6)  # and it is the rate that was applied
+
+
+def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path):
+    """setup.init_state(params, router) from a Hugging Face base: the weights and the aux-loss-free biases
+    (DeepSeek-V3's e_score_correction_bias) are the loaded ones, the optimizer starts fresh, and it trains."""
+    from moejax.convert import from_hf, to_hf
+    from moejax.trainer.step import split_model
+
+    base = tiny_config()
+    model = Transformer(base.model, rngs=nnx.Rngs(3))
+    bias = model.segments[1].ffn.bias
+    bias[...] = jax.random.normal(jax.random.key(4), bias[...].shape)
+    to_hf(model, base.model, str(tmp_path / "hf"))
+    loaded, mcfg = from_hf(str(tmp_path / "hf"))
+    cfg = dataclasses.replace(base, model=mcfg)
+    ts = setup.build(cfg)
+    _, params, router, _ = split_model(loaded)
+    want_params, want_router = jax.tree.map(np.asarray, (params, router))
+    state = ts.init_state(params, router)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want_params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(want_router)):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(state["router"]["segments"][1]["ffn"]["bias"].get_value())).max() > 0.1
+    assert int(state["step"]) == 0 and all(not np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"]))
+    state, m = ts.train_step()(state, _batch(cfg))
+    assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    """A model field the saved config lacks (added since) compares as its default; a real change is named."""
+    import orbax.checkpoint as ocp
+
+    from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint
+
+    cfg = tiny_config()
+    old = cfg.to_dict()
+    del old["model"]["capacity_scope"]  # as written before the field existed
+    ck = Checkpointer(str(tmp_path), cfg)
+    ck.manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)}),
+                                               data=ocp.args.JsonSave({}), config=ocp.args.JsonSave(old)))
+    ck.close()
+    Checkpointer(str(tmp_path), cfg).check_compatible(1)
+    changed = dataclasses.replace(cfg, model=cfg.model.replace(capacity_scope="group"))
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.capacity_scope: checkpoint 'global' vs config 'group'"):
+        Checkpointer(str(tmp_path), changed).check_compatible(1)

@@ -119,9 +119,6 @@ def with_means(stats, cfg: ModelConfig):
     return out
 
 
-DISPATCHES = ("dense", "capacity", "dropless", "expert_parallel")
-
-
 class MoE(nnx.Module):
     """Routed experts [E, D, 2, F] / [E, F, D], a float32 router [D, E], optional shared experts.
 

@@ -83,7 +83,7 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
     wd_spec = sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual)
     ep_axes = sharding.expert_axes(mesh, rules)
     tp_axes = sharding.axes_of(wgu_spec[3])
-    b_axes = sharding.batch_axes(mesh, rules)
+    b_axes = sharding.axes_of(bspec[0])  # the batch axes still automatic here
     E = w_gate_up.shape[0]
     B, T, K = expert_ids.shape
     # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one device
@@ -289,7 +289,7 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, axis):
     """ragged_all_to_all's semantics from an all_gather (XLA:CPU lacks the op): every shard sees every
     shard's operand and slice tables and copies the slices addressed to it."""
-    me = _linear_index(axis)
+    me = jax.lax.axis_index(axis)  # over a tuple of axes: the order all_to_all and all_gather use
     ops = jax.lax.all_gather(operand, axis)  # [n, N, D]
     ins = jax.lax.all_gather(input_offsets, axis)  # [n, n]: row s = sender s's table
     sends = jax.lax.all_gather(send_sizes, axis)
@@ -301,8 +301,3 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
     got = inside.any(axis=0)
     row = jnp.clip(start[sender] + idx - at[sender], 0, operand.shape[0] - 1)
     return jnp.where(got[:, None], ops[sender, row], output)
-
-
-def _linear_index(axes):
-    """This device's index along a tuple of mesh axes (the order all_to_all and all_gather use)."""
-    return jax.lax.axis_index(axes)

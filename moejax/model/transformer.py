@@ -118,8 +118,8 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back to every
     stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered into [n, ...].
     The MoE statistics are sums (moe.SUM_STATS), exact over microbatches; the Switch loss, a per-batch
-    mean, is averaged over them. Inside a stage the MoE layer runs without the nested expert-parallel
-    shard_map (GSPMD partitions it over the other axes).
+    mean, is averaged over them. Inside a stage the expert-parallel exchange is a shard_map nested over
+    the remaining mesh axes (moe_ep.experts_ep).
     """
     S = mesh.shape["stage"]
     M = cfg.pipeline_microbatches or S

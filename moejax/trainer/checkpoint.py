@@ -10,7 +10,7 @@ import os
 
 import orbax.checkpoint as ocp
 
-from moejax.config import Config
+from moejax.config import Config, ModelConfig
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -36,8 +36,11 @@ class Checkpointer:
     def check_compatible(self, step: int) -> None:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         mine = self.cfg.to_dict()
-        diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r} vs config {v!r}"
-                 for k, v in mine["model"].items() if saved["model"].get(k) != v]
+        # a field newer than the checkpoint compares as its default (what the run that saved it had)
+        defaults = ModelConfig().to_dict()
+        saved_model = {k: saved["model"].get(k, defaults[k]) for k in mine["model"]}
+        diffs = [f"model.{k}: checkpoint {saved_model[k]!r} vs config {v!r}"
+                 for k, v in mine["model"].items() if saved_model[k] != v]
         for section, keys in (("data", ("seq_len", "source")), ("train", ("batch_size", "seed"))):
             diffs += [f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config {mine[section][k]!r}"
                       for k in keys if saved[section].get(k) != mine[section][k]]

@@ -45,22 +45,26 @@ class TrainSetup:
 
     # ------------------------------------------------------------------ the state
 
-    def init_state(self, params=None):
+    def init_state(self, params=None, router=None):
         """The train state, created by one jitted program whose outputs are the shards.
 
-        params: optional parameters (an nnx.State already laid out as `shardings['params']`, e.g. a
-        Hugging Face base from moejax.convert.from_hf): they are used as they are (donated) and only the
-        rest of the state (optimizer moments, router biases, counters) is created.
+        params, router: optional weights to start from (nnx.States laid out as `shardings['params']` and
+        `shardings['router']`, e.g. a Hugging Face base: `split_model(from_hf(path, mesh, rules)[0])`
+        with this setup's mesh and rules). They are used as they are (donated); the optimizer moments and
+        counters are created around them. Without `router`, the aux-loss-free biases start at zero.
         """
         if params is None:
             init = jax.jit(functools.partial(_init, self.cfg, self.tx, self.mesh, self.rules),
                            out_shardings=self.shardings)
             with jax.set_mesh(self.mesh):
                 return init()
-        init = jax.jit(functools.partial(_init_around, self.cfg, self.tx, self.mesh, self.rules),
-                       in_shardings=(self.shardings["params"],), out_shardings=self.shardings, donate_argnums=0)
+        if router is None:
+            router = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract["router"])
+        init = jax.jit(functools.partial(_rest_of_state, self.cfg, self.tx),
+                       in_shardings=(self.shardings["params"], self.shardings["router"]),
+                       out_shardings=self.shardings, donate_argnums=(0, 1))
         with jax.set_mesh(self.mesh):
-            return init(params)
+            return init(params, router)
 
     def restore(self, checkpointer, step: int):
         """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
@@ -108,13 +112,6 @@ def _rest_of_state(cfg: Config, tx, params, router):
 def _init(cfg: Config, tx, mesh, rules):
     """The whole state from cfg.train.seed (traced under jit: each device computes its shards)."""
     _, params, router, _ = split_model(build_model(cfg, mesh, rules, cfg.train.seed))
-    return _rest_of_state(cfg, tx, params, router)
-
-
-def _init_around(cfg: Config, tx, mesh, rules, params):
-    """The state around given parameters (router biases start at zero, as in a fresh model)."""
-    _, _, router, _ = split_model(nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed)))
-    router = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), router)
     return _rest_of_state(cfg, tx, params, router)
 
 

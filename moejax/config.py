@@ -387,9 +387,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     logit_z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
     max_nonfinite_steps: int = 5  # stop after this many skipped non-finite steps in a row
-    num_samples: int = 3  # continuations printed at the end
-    sample_tokens: int = 48
-    temperature: float = 0.8
+    num_samples: int = 3  # continuations printed at the end (moejax.infer.Generator)
+    sample_tokens: int = 48  # new tokens per sample
+    temperature: float = 0.8  # of the samples (0 = greedy)
+    sample_prompts: tuple[str, ...] = ()  # their prompts; empty: the openings of validation documents
+    sample_prompt_tokens: int = 12  # length of those openings, in tokens
     profile_peak: bool = True  # measure the CPU matmul peak once for MFU
 
     def __post_init__(self):
@@ -398,7 +400,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{f}: must be >= 1, got {getattr(self, f)}")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"train.microbatches: must divide train.batch_size={self.batch_size}, got {self.microbatches}")
-        for f in ("eval_every", "ckpt_every", "eval_batches", "num_samples", "sample_tokens"):
+        for f in ("eval_every", "ckpt_every", "eval_batches", "num_samples", "sample_tokens", "sample_prompt_tokens"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"train.{f}: must be >= 0, got {getattr(self, f)}")
 

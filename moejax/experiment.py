@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
         values = dataclasses.asdict(dc)
         if name == "model":
             values["mlp_only_layers"] = tuple(values["mlp_only_layers"])
+        if name == "train":
+            values["sample_prompts"] = tuple(values["sample_prompts"])
         cd[name] = ml_collections.ConfigDict(values)
     return cd
 

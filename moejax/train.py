@@ -23,9 +23,6 @@ from moejax.data import dataset
 from moejax.model.stats import param_counts, train_flops_per_token
 from moejax.trainer import metrics as metrics_lib
 from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint
-from moejax.trainer.sample import sample
-
-PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
 
 
 class TrainingError(RuntimeError):
@@ -92,6 +89,46 @@ def evaluate(eval_step, state, data, cfg: Config, batch_sh) -> float:
         total += float(loss_sum)
         count += float(ntok)
     return total / max(count, 1.0)
+
+
+def sample_prompts(cfg: Config, data) -> list:
+    """The samples' prompts: cfg.train.sample_prompts, else openings of sample_prompt_tokens validation tokens
+    (ids): document starts (from BOS) first, then the starts of rows (long documents span many rows), so a
+    run on plays or another language is prompted in kind."""
+    n = cfg.train.num_samples
+    if cfg.train.sample_prompts:
+        return list(cfg.train.sample_prompts[:n])
+    k = cfg.train.sample_prompt_tokens
+    bos = dataset.tokenizer(data).bos_id
+    batches = dataset.Batches(data, "validation", 16, seed=0, shuffle=False)
+    docs, rows = [], []
+    for _ in range(4):
+        b = next(batches)
+        for toks, seg, pos in zip(b["tokens"], b["segment_ids"], b["positions"]):
+            for s in np.flatnonzero((pos == 0) & (seg > 0)):  # a document or a row begins
+                if s + k <= len(toks) and (seg[s:s + k] == seg[s]).all():
+                    (docs if toks[s] == bos else rows).append(tuple(int(t) for t in toks[s:s + k]))
+    return [list(p) for p in dict.fromkeys(docs + rows)][:n]
+
+
+def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
+    """Continues the sample prompts with the KV-cache generator and prints them."""
+    from flax import nnx
+
+    from moejax.infer import Generator, SamplingParams
+
+    model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
+    prompts = sample_prompts(cfg, data)
+    params = [SamplingParams(temperature=cfg.train.temperature, top_p=0.95, max_new_tokens=cfg.train.sample_tokens,
+                             seed=cfg.train.seed + i) for i in range(len(prompts))]
+    gen = Generator(model, tokenizer)
+    outs = gen.generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        shown = p if isinstance(p, str) else tokenizer.decode([t for t in p if t != tokenizer.bos_id])
+        print(f"\n----- sample -----\n{shown}{o.text}", flush=True)
+    s = gen.last_stats
+    print(f"[train] samples: {s.generated_tokens} tokens in {s.prefill_seconds + s.decode_seconds:.1f}s "
+          "(compilation included)", flush=True)
 
 
 def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None) -> dict:
@@ -217,12 +254,7 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
             print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
         if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
-            outs = sample(ts.graphdef, state["params"], state["router"], ts.rest, tokenizer,
-                          PROMPTS[: cfg.train.num_samples], cfg.train.sample_tokens, cfg.train.temperature,
-                          seed=cfg.train.seed)
-            for p, o in zip(PROMPTS, outs):
-                if primary:
-                    print(f"\n----- sample -----\n{p}{o}", flush=True)
+            print_samples(cfg, ts, state, data, tokenizer)
     return last
 
 

@@ -46,11 +46,13 @@ def test_strategies_agree_forward_and_grad(name, ids):
             y, drop = moe_lib.experts_capacity(x, ids, w, wgu, wd, jnp.float32, float(E), mask)
             assert float(drop) == 0.0
             return y
+        if impl == "gather":
+            return moe_lib.experts_gather(x, ids, w, wgu, wd, jnp.float32)
         return moe_lib.experts_dropless(x, ids, w, wgu, wd, jnp.float32)
 
     ref = run("dense", x, w, wgu, wd)
     ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run("dense", *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
-    for impl in ("capacity", "dropless"):
+    for impl in ("capacity", "dropless", "gather"):
         np.testing.assert_allclose(run(impl, x, w, wgu, wd), ref, atol=1e-5, rtol=1e-5, err_msg=impl)
         grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
         for g, r in zip(grads, ref_grads):

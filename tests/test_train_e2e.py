@@ -162,3 +162,30 @@ def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
                         flag, "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_samples_and_the_generate_cli_from_a_workdir(uninterrupted, tmp_path, capsys):
+    """The run's samples are prompted with validation openings; `python -m moejax.generate` loads the
+    workdir's parameters (not its optimizer state) and writes JSONL; a bad request is one error line."""
+    from moejax.data import dataset
+    from moejax.generate import main
+    from moejax.train import sample_prompts
+
+    cfg, wd, _ = uninterrupted
+    data = dataset.resolve(cfg.data, cfg.model.vocab_size)
+    tok = dataset.tokenizer(data)
+    prompts = sample_prompts(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_samples=3)), data)
+    assert len(prompts) == 3 and all(len(p) == cfg.train.sample_prompt_tokens for p in prompts)
+    assert len({tuple(p) for p in prompts}) == 3 and prompts[0][0] == tok.bos_id  # document starts first
+
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text(json.dumps({"prompt_tokens": prompts[0], "max_new_tokens": 4}) + "\n"
+                    + json.dumps({"prompt": "def main(", "temperature": 0.8, "seed": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["--model", wd, "--prompts", str(reqs), "--max_new_tokens", "6", "--output", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [len(r["tokens"]) <= n for r, n in zip(rows, (4, 6))] == [True, True]
+    assert rows[1]["text"] == tok.decode(rows[1]["tokens"]) and rows[0]["finish_reason"] in ("length", "eos")
+    reqs.write_text('{"prompt": "x", "temprature": 1}\n')
+    assert main(["--model", wd, "--prompts", str(reqs)]) == 2
+    assert "unknown request field 'temprature'" in capsys.readouterr().err

@@ -9,7 +9,8 @@ Strategies (cfg.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each to
   capacity  GShard/Switch buffers of C = ceil(capacity_factor * M * K / E) rows per expert; the
             lowest-weight assignments are dropped first, padding never dispatched
   dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm); on a mesh of several
-            devices the experts run in shard_map with an all-to-all over the expert axes (moe_ep.py)
+            devices the experts run in shard_map with an all-to-all over the expert axes (moe_ep.py);
+            with at most E assignments (decoding) each gathers its expert's weights (experts_gather)
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def experts_dropless(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, g
     ys = kernels.gmm(h, w_down.astype(compute_dtype), group_sizes, preferred_element_type=jnp.float32,
                      impl=gmm_impl)  # [M*K, D]
     return kernels.unpermute(ys, order, weights)
+
+
+def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
+    """Each assignment gathers its expert's weights: x [M, D] -> [M, D] float32.
+
+    Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a few
+    tokens), where a grouped matmul's per-group fixed cost dominates. `MoE` picks it by that rule.
+    """
+    cd = compute_dtype
+    g = w_gate_up[expert_ids].astype(cd)  # [M, K, D, 2, F]
+    h = jnp.einsum("MD,MKDXF->MKXF", x.astype(cd), g, preferred_element_type=jnp.float32)
+    h = swiglu(h).astype(cd)  # [M, K, F]
+    out = jnp.einsum("MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32)
+    return jnp.einsum("MKD,MK->MD", out, weights.astype(jnp.float32))
 
 
 # Per-layer statistics of one MoE call. Sums add up exactly over microbatches and pipeline microbatches;
@@ -179,6 +194,8 @@ class MoE(nnx.Module):
             return experts_capacity(xf, r.expert_ids, r.weights, wgu, wd, cd, cfg.capacity_factor, mask)
         impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
         B, T, D = x.shape
+        if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
+            return experts_gather(xf, r.expert_ids, r.weights, wgu, wd, cd), zero  # a few tokens: decoding
         # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a pipeline
         # stage (a shard_map over 'stage') the exchange is a shard_map nested over the remaining axes.
         if (self.dispatch == "expert_parallel"

@@ -30,6 +30,13 @@ _NATIVE = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
 DEFAULT_TILE = 256  # rows per tile of 'tiled'; 256 beat 64/128/512 on the CPU MoE benchmark
 
 
+def default_tile(rows: int, groups: int) -> int:
+    """DEFAULT_TILE, or less when the groups average fewer rows (decoding: a few tokens), so that padding
+    every group to a tile does not multiply the work: the power of two >= rows / groups, at least 8."""
+    per_group = max(1, -(-rows // groups))
+    return min(DEFAULT_TILE, max(8, 1 << (per_group - 1).bit_length()))
+
+
 def _check_args(lhs, rhs, group_sizes):
     if lhs.ndim != 2:
         raise ValueError(f"gmm: lhs must be [M, K], got shape {lhs.shape}")
@@ -229,7 +236,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, i
       preferred_element_type: output dtype (accumulation is always float32); default lhs.dtype.
       impl: backend name, one of IMPLS; default picks the fastest for the platform.
       validate: raise (via checkify) if sizes are negative or sum past M.
-      tile: rows per tile of the 'tiled' backend (default DEFAULT_TILE).
+      tile: rows per tile of the 'tiled' backend (default: default_tile(M, G)).
       tiles: (tm, tk, tn) block sizes of a Pallas backend (default: the backend's DEFAULT_TILES).
       interpret: run a Pallas backend in interpret mode; default: when the platform is not its own.
     """
@@ -244,7 +251,8 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, i
     if impl == "reference":
         return gmm_reference(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype)
     if impl == "tiled":
-        return _tiled(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), out_dtype, tile or DEFAULT_TILE)
+        return _tiled(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), out_dtype,
+                      tile or default_tile(lhs.shape[0], rhs.shape[0]))
     return _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype)
 
 

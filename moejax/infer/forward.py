@@ -1,0 +1,248 @@
+"""The decoder run with a KV cache: prefill and decode steps, MLA decoded with absorbed weights.
+
+`forward(model, tokens, cache, ...)` runs new tokens [B, T] at positions cache.lengths[b] + t, writes
+their cache entries and attends over everything cached before them. Two phases:
+
+  prefill  (the cache is empty) attention stays inside the new block, MLA expanded as in training
+  decode   attention reads the cache; MLA either absorbed (default) or expanded
+
+Absorbed MLA (DeepSeek-V2 §2.1.3). With the cached latent c [S, R] and W_UK, W_UV the key and value
+halves of wkv_b [R, N, Hn + Hv], a head's nope score is q_nope . (c W_UK) = (q_nope W_UK^T) . c, and its
+output is softmax(.) (c W_UV) = (softmax(.) c) W_UV. So the query is projected into the latent space
+once per new token, scores and the weighted sum run over the R-wide latent shared by all heads, and the
+result is lifted by W_UV: per step O(S R N) work on a cache of R + Hr values per token instead of
+rebuilding N (Hn + Hv) values for each of the S cached tokens (expanded).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import sharding
+from moejax.infer import cache as cache_lib
+from moejax.infer.cache import KVCache
+from moejax.model.attention import MLA, attend, attention_mask
+from moejax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin
+from moejax.model.transformer import RESIDUAL, Block, Transformer, segments_of
+
+NEG = jnp.finfo(jnp.float32).min
+
+
+def _two_part_softmax(logits_c, logits_n):
+    """Softmax over cached and new keys together: ([..., S], [..., T]) -> the probabilities of each part."""
+    probs = jax.nn.softmax(jnp.concatenate([logits_c, logits_n], axis=-1), axis=-1)
+    return probs[..., :logits_c.shape[-1]], probs[..., logits_c.shape[-1]:]
+
+
+def _masks(start, T: int, S: int):
+    """Cached positions before the block ([B, 1, 1, S]: s < start[b]) and causal inside it ([1, 1, T, T])."""
+    cached = (jnp.arange(S)[None] < start[:, None])[:, None, None]
+    return cached, jnp.tril(jnp.ones((T, T), bool))[None, None]
+
+
+def attend_cached(q, k_c, v_c, k_n, v_n, start, scale: float):
+    """Grouped attention over the cache (k_c, v_c [B, Nkv, S, H], head-major: positions < start) and the new
+    block (k_n, v_n [B, T, Nkv, H], causal) without concatenating them: q [B, T, N, H] -> [B, T, N, Hv].
+
+    The einsums keep XLA's natural dot order (batch dims B, Nkv first), so the cache is never transposed.
+    """
+    B, T, N, H = q.shape
+    Nkv, S = k_c.shape[1], k_c.shape[2]
+    qg = q.reshape(B, T, Nkv, N // Nkv, H)  # [B, T, Nkv, Q, H]
+    cached, causal = _masks(start, T, S)  # [B, 1, 1, S], [1, 1, T, T]
+    lc = jnp.einsum("BTKQH,BKSH->BKTQS", qg, k_c, preferred_element_type=jnp.float32) * scale
+    ln = jnp.einsum("BTKQH,BUKH->BKTQU", qg, k_n, preferred_element_type=jnp.float32) * scale
+    pc, pn = _two_part_softmax(jnp.where(cached[..., None, :], lc, NEG),
+                               jnp.where(causal[:, :, :, None, :], ln, NEG))
+    out = (jnp.einsum("BKTQS,BKSH->BKTQH", pc.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+           + jnp.einsum("BKTQU,BUKH->BKTQH", pn.astype(v_n.dtype), v_n, preferred_element_type=jnp.float32))
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, v_c.shape[-1]).astype(v_c.dtype)
+
+
+# --------------------------------------------------------------------------------------------- MLA
+
+
+def _mla_project(attn: MLA, x, cos, sin):
+    """Queries and this block's cache entries, exactly as MLA.__call__ computes them."""
+    cfg = attn.cfg
+    cd = dtype_of(cfg.compute_dtype)
+    R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    if cfg.q_lora_rank:
+        q_lat = jnp.einsum("BTD,DR->BTR", x, attn.wq_a[...].astype(cd), preferred_element_type=jnp.float32)
+        q_lat = attn.q_norm(q_lat).astype(cd)
+        q = jnp.einsum("BTR,RNH->BTNH", q_lat, attn.wq_b[...].astype(cd), preferred_element_type=jnp.float32)
+    else:
+        q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(cd), preferred_element_type=jnp.float32)
+    q = q.astype(cd)
+    q_nope, q_rope = q[..., :Hn], apply_rope(q[..., Hn:], cos, sin, cfg.rope_interleave)
+    kv_a = jnp.einsum("BTD,DR->BTR", x, attn.wkv_a[...].astype(cd), preferred_element_type=jnp.float32)
+    latent = attn.kv_norm(kv_a[..., :R]).astype(cd)  # [B, T, R]
+    k_rope = apply_rope(kv_a[..., None, R:].astype(cd), cos, sin, cfg.rope_interleave)[:, :, 0]  # [B, T, Hr]
+    return q_nope, q_rope, {"latent": latent, "rope": k_rope}
+
+
+def _mla_keys_values(attn: MLA, latent, k_rope):
+    """Per-head keys and values rebuilt from latents [B, S, R] and rotary keys [B, S, Hr] (as in training)."""
+    cfg = attn.cfg
+    cd = dtype_of(cfg.compute_dtype)
+    kv = jnp.einsum("BSR,RNH->BSNH", latent, attn.wkv_b[...].astype(cd), preferred_element_type=jnp.float32)
+    kv = kv.astype(cd)
+    k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [B, S, N, Hn], [B, S, N, Hv]
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + k_rope.shape[-1:])
+    return jnp.concatenate([k_nope, k_rope], axis=-1), v
+
+
+def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
+    """Attention in the latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
+    cfg = attn.cfg
+    cd = dtype_of(cfg.compute_dtype)
+    Hn = cfg.qk_nope_head_dim
+    w_kv = attn.wkv_b[...].astype(cd)
+    w_uk, w_uv = w_kv[..., :Hn], w_kv[..., Hn:]  # [R, N, Hn], [R, N, Hv]
+    q_lat = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=jnp.float32).astype(cd)
+
+    def logits(part):
+        lat = jnp.einsum("BTNR,BSR->BNTS", q_lat, part["latent"], preferred_element_type=jnp.float32)
+        return (lat + jnp.einsum("BTNH,BSH->BNTS", q_rope, part["rope"], preferred_element_type=jnp.float32)
+                ) * cfg.softmax_scale
+
+    T, S = q_nope.shape[1], cached["latent"].shape[1]
+    in_cache, causal = _masks(start, T, S)
+    pc, pn = _two_part_softmax(jnp.where(in_cache, logits(cached), NEG), jnp.where(causal, logits(new), NEG))
+    # [B, N, T, R]: the dot's natural output order (a BTNR output makes XLA:CPU transpose inside the dot, 8x slower)
+    o_lat = (jnp.einsum("BNTS,BSR->BNTR", pc.astype(cd), cached["latent"], preferred_element_type=jnp.float32)
+             + jnp.einsum("BNTS,BSR->BNTR", pn.astype(cd), new["latent"], preferred_element_type=jnp.float32))
+    return jnp.einsum("BNTR,RNH->BTNH", o_lat.astype(cd), w_uv, preferred_element_type=jnp.float32).astype(cd)
+
+
+def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bool):
+    cfg = attn.cfg
+    cd = dtype_of(cfg.compute_dtype)
+    q_nope, q_rope, new = _mla_project(attn, x, cos, sin)
+    B, T = x.shape[:2]
+    if prefill:  # the cache holds nothing before this block: attend inside it, expanded as in training
+        k, v = _mla_keys_values(attn, new["latent"], new["rope"])
+        out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, attention_mask(jnp.ones((B, T), jnp.int32)),
+                     cfg.softmax_scale)
+    else:
+        cached = {name: cache_lib.read(cached, name, cd) for name in ("latent", "rope")}
+        if absorbed:
+            out = _mla_absorbed(attn, q_nope, q_rope, cached, new, start)
+        else:
+            k_c, v_c = (a.transpose(0, 2, 1, 3) for a in _mla_keys_values(attn, cached["latent"], cached["rope"]))
+            k_n, v_n = _mla_keys_values(attn, new["latent"], new["rope"])
+            out = attend_cached(jnp.concatenate([q_nope, q_rope], -1), k_c, v_c, k_n, v_n, start, cfg.softmax_scale)
+    y = jnp.einsum("BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32)
+    return y, new
+
+
+# --------------------------------------------------------------------------------------------- GQA
+
+
+def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
+    cfg = attn.cfg
+    cd = dtype_of(cfg.compute_dtype)
+    q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(cd), preferred_element_type=jnp.float32)
+    k = jnp.einsum("BSD,DNH->BSNH", x, attn.wk[...].astype(cd), preferred_element_type=jnp.float32)
+    v = jnp.einsum("BSD,DNH->BSNH", x, attn.wv[...].astype(cd), preferred_element_type=jnp.float32)
+    if cfg.qk_norm:
+        q = rms_norm(q, attn.q_norm[...], cfg.rms_norm_eps)
+        k = rms_norm(k, attn.k_norm[...], cfg.rms_norm_eps)
+    q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
+    k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
+    v = v.astype(cd)
+    B, T = x.shape[:2]
+    if prefill:
+        out = attend(q, k, v, attention_mask(jnp.ones((B, T), jnp.int32)), cfg.softmax_scale)
+    else:
+        kc, vc = cache_lib.read(cached, "k", cd), cache_lib.read(cached, "v", cd)
+        out = attend_cached(q, kc, vc, k, v, start, cfg.softmax_scale)
+    y = jnp.einsum("BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32)
+    return y, {"k": k, "v": v}
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def block_step(block: Block, x, cos, sin, token_mask, cached, start, prefill: bool, absorbed: bool):
+    """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B, T, ...]).
+    cached: this layer's cache {name: [B, S, ...]} (None with prefill)."""
+    cd = block.compute_dtype
+    h = block.attn_norm(x).astype(cd)
+    if isinstance(block.attn, MLA):
+        h, new = _mla_step(block.attn, h, cos, sin, cached, start, prefill, absorbed)
+    else:
+        h, new = _gqa_step(block.attn, h, cos, sin, cached, start, prefill)
+    x = (x.astype(jnp.float32) + h).astype(cd)
+    hn = block.ffn_norm(x).astype(cd)
+    h = block.ffn(hn, token_mask)[0] if block.kind == "moe" else block.ffn(hn)
+    return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), block.layout, RESIDUAL), new
+
+
+def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, prefill, absorbed):
+    """The stacked layers in a scan that reads each layer's cache slice and returns the new entries
+    [L, B, T, ...]; they are written after the scan, so a decode step reads the cache once and writes
+    only the new positions (in place: the cache is donated)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, xs):
+        layer_state, cached = xs
+        return block_step(nnx.merge(graphdef, layer_state), h, cos, sin, token_mask, cached, start, prefill,
+                          absorbed)
+
+    x, new = jax.lax.scan(body, x, (state, None if prefill else layers))
+    return x, cache_lib.write(layers, new, start)
+
+
+def _positions(start, T: int):
+    return start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
+
+
+def forward(model: Transformer, tokens, cache: KVCache, *, prefill: bool = False, absorbed: bool = True,
+            token_mask=None):
+    """Runs new tokens through the decoder with the cache.
+
+    Args:
+      tokens: int [B, T], row b's at positions cache.lengths[b] + t.
+      cache: the model's cache; with prefill=True it must be empty (lengths 0).
+      token_mask: [B, T] real tokens (right padding 0), for the MoE statistics only.
+    Returns:
+      hidden [B, T, D] after the final norm (float32; `model.head` gives logits, MTP drafts from it) and the
+      cache with the new entries written. `lengths` is left to the caller, which knows how many were kept.
+    """
+    cfg = model.cfg
+    B, T = tokens.shape
+    start = cache.lengths
+    cos, sin = rope_cos_sin(_positions(start, T), cfg)
+    token_mask = jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    x = model.embed_tokens(tokens)
+    segments = []
+    for (kind, n), stack, layers in zip(segments_of(cfg), model.segments, cache.segments):
+        with jax.named_scope(f"segment_{kind}"):
+            x, layers = _run_segment(stack, x, cos, sin, token_mask, layers, start, prefill, absorbed)
+        segments.append(layers)
+    return model.norm(x), cache._replace(segments=segments)
+
+
+def mtp_forward(model: Transformer, hidden, next_tokens, cache: KVCache, start, *, prefill: bool = False,
+                absorbed: bool = True):
+    """The first MTP depth run with its cache: position i combines the main model's final-normed hidden
+    h_i [B, T, D] with the embedding of token i + 1 (next_tokens [B, T]) and predicts token i + 2.
+
+    Returns the MTP hidden after its final norm [B, T, D] and the cache with the depth's entries written.
+    """
+    cfg = model.cfg
+    m = model.mtp[0]
+    B, T = next_tokens.shape
+    cd = dtype_of(cfg.compute_dtype)
+    cos, sin = rope_cos_sin(_positions(start, T), cfg)
+    e = m.enorm(model.embed_tokens(next_tokens))
+    z = jnp.concatenate([e, m.hnorm(hidden)], axis=-1).astype(cd)  # [B, T, 2D]
+    z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32).astype(cd)
+    layers = cache.mtp[0]
+    cached = None if prefill else jax.tree.map(lambda a: a[0], layers)
+    h, new = block_step(m.block, z, cos, sin, jnp.ones((B, T), jnp.float32), cached, start, prefill, absorbed)
+    layers = cache_lib.write(layers, jax.tree.map(lambda a: a[None], new), start)
+    return m.norm(h), cache._replace(mtp=[layers] + list(cache.mtp[1:]))

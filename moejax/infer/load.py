@@ -1,0 +1,99 @@
+"""Loading a model and its tokenizer for generation, from any of the three places a model lives:
+
+  a training workdir      runs/NAME (its latest checkpoint: parameters and router biases only, straight
+                          into their shardings; the optimizer state is never read), the run's tokenizer
+  a moejax checkpoint     config.json + state/ (moejax.convert.save_model)
+  a Hugging Face folder   config.json + *.safetensors (streamed onto the mesh), tokenizer.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from moejax.config import Config
+
+
+class LoadError(ValueError):
+    pass
+
+
+def _hf_tokenizer(path: str):
+    from moejax.data.tokenizer import HFTokenizer
+
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tj):
+        return None
+    special = {}
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            tc = json.load(f)
+        for field in ("bos", "eos"):
+            tok = tc.get(f"{field}_token")
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if tok:
+                special[field] = tok
+    if "eos" not in special:
+        raise LoadError(f"{cfg_file}: no eos_token; pass --tokenizer explicitly")
+    return HFTokenizer(tj, **special)
+
+
+def _train_workdir(path: str, mesh, rules):
+    import orbax.checkpoint as ocp
+
+    from moejax.data import dataset
+    from moejax.trainer import setup as setup_lib
+
+    manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data", "config"))
+    step = manager.latest_step()
+    if step is None:
+        raise LoadError(f"{path}/checkpoints holds no complete checkpoint")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    cfg = Config.from_dict(saved)
+    ts = setup_lib.build(cfg, mesh)
+    target = {k: ts.abstract[k] for k in ("params", "router")}
+    # parameters and router biases only, each device reading its shards; the optimizer state stays on disk
+    restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True)
+    state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+    manager.close()
+    model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
+    tokenizer = dataset.tokenizer(dataset.resolve(cfg.data, cfg.model.vocab_size))
+    return model, tokenizer
+
+
+def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None = None):
+    """(model, tokenizer or None) from a training workdir, a moejax checkpoint or a Hugging Face folder.
+
+    mesh / rules place the parameters (default: one device); dtype casts a checkpoint's parameters.
+    `tokenizer` (a .model or tokenizer.json file) overrides the one found with the model.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        if dtype is not None:
+            raise LoadError("--dtype applies to model checkpoints; a training workdir keeps its config's dtypes")
+        model, tok = _train_workdir(path, mesh, rules)
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
+        from moejax.convert.checkpoint import load_model
+
+        model, _ = load_model(path, mesh=mesh, rules=rules, **({"param_dtype": dtype} if dtype else {}))
+        tok = None
+    elif os.path.exists(os.path.join(path, "config.json")):
+        from moejax.convert import from_hf
+
+        model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype)
+        tok = _hf_tokenizer(path)
+    else:
+        raise LoadError(f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
+                        "or a Hugging Face folder (config.json + *.safetensors)")
+    if tokenizer:
+        from moejax.data import tokenizer as tokenizer_lib
+
+        tok = tokenizer_lib.load(tokenizer)
+    jax.block_until_ready(nnx.state(model))
+    return model, tok

@@ -73,6 +73,37 @@ def time_hf(hf, prompts, new: int):
     return t1, tn - t1, out[:, ids.shape[1]:].tolist()
 
 
+def quality(path: str, model, qmodel, batches: int = 4):
+    """Validation perplexity and logit change of the int8-weight model against float32, on the run's data."""
+    import jax.numpy as jnp
+
+    from moejax.data import dataset
+    from moejax.infer.load import workdir_config
+
+    cfg = workdir_config(path)
+    data = dataset.resolve(cfg.data, cfg.model.vocab_size)
+    it = dataset.Batches(data, "validation", 8, seed=0, shuffle=False)
+    f = jax.jit(lambda m, b: m(b["tokens"], b["positions"], b["segment_ids"])[0])
+    ce = {"float32": [0.0, 0.0], "int8": [0.0, 0.0]}
+    diffs, scale = [], []
+    for _ in range(batches):
+        b = {k: jnp.asarray(v) for k, v in next(it).items()}
+        valid = (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1]) & (b["segment_ids"][:, 1:] > 0)
+        logits = {}
+        for name, m in (("float32", model), ("int8", qmodel)):
+            logits[name] = f(m, b)
+            lp = jax.nn.log_softmax(logits[name][:, :-1], axis=-1)
+            nll = -jnp.take_along_axis(lp, b["tokens"][:, 1:, None], axis=-1)[..., 0]
+            ce[name][0] += float(jnp.sum(nll * valid))
+            ce[name][1] += float(jnp.sum(valid))
+        diffs.append(float(jnp.mean(jnp.abs(logits["int8"] - logits["float32"]))))
+        scale.append(float(jnp.mean(jnp.abs(logits["float32"]))))
+    ppl = {k: float(np.exp(s / n)) for k, (s, n) in ce.items()}
+    print(f"validation perplexity: float32 {ppl['float32']:.3f}, int8 weights {ppl['int8']:.3f} "
+          f"({ppl['int8'] / ppl['float32'] - 1:+.2%}); mean |logit change| {np.mean(diffs):.4f} "
+          f"({np.mean(diffs) / np.mean(scale):.2%} of mean |logit|), {batches * 8} rows")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="a training workdir or checkpoint (default: random init)")
@@ -98,8 +129,15 @@ def main(argv=None):
           f"{args.new} new tokens, greedy, float32")
     print(f"{'batch':>5s} {'engine':34s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'vs transformers':>16s}  notes")
     rng = np.random.default_rng(0)
+    from moejax.infer.quantize import quantize, weight_bytes
+
+    qmodel = quantize(model, "int8")
     plain = Generator(model, eos_ids=[])
     int8 = Generator(model, eos_ids=[], kv_int8=True)
+    wq = Generator(qmodel, eos_ids=[])
+    print(f"int8 weights: {weight_bytes(qmodel) / 2**20:.1f} MiB (float32: {weight_bytes(model) / 2**20:.1f} MiB)")
+    if args.model:
+        quality(args.model, model, qmodel)
     for B in (int(b) for b in args.batches.split(",")):
         prompts = rng.integers(4, cfg.vocab_size, (B, args.prompt_len)).tolist()
         rows = []
@@ -113,6 +151,9 @@ def main(argv=None):
         s8, o8 = time_moejax(int8, prompts, args.new)
         agree = np.mean([np.mean(np.array(a.tokens) == np.array(b)) for a, b in zip(o8, base_tokens)])
         rows.append(("moejax int8 KV cache", s8, f"greedy tokens equal: {agree:.0%}"))
+        sq, oq = time_moejax(wq, prompts, args.new)
+        agree = np.mean([np.mean(np.array(a.tokens) == np.array(b)) for a, b in zip(oq, base_tokens)])
+        rows.append(("moejax int8 weights", sq, f"greedy tokens equal: {agree:.0%}"))
         hf_decode = None
         if hf is not None:
             t1, td, hf_tokens = time_hf(hf, prompts, args.new)

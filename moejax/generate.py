@@ -49,7 +49,13 @@ def sampling_for(req: dict, base) -> object:
     kw = {k: req[k] for k in fields if k in req}
     if "stop" in kw:
         kw["stop"] = tuple([kw["stop"]] if isinstance(kw["stop"], str) else kw["stop"])
-    return dataclasses.replace(base, **kw)
+    try:
+        return dataclasses.replace(base, **kw)
+    except TypeError:  # a comparison in the validation met a wrong type
+        bad = next(k for k, v in kw.items() if not isinstance(v, type(getattr(base, k))) and
+                   not (isinstance(v, int) and isinstance(getattr(base, k), float)))
+        raise ValueError(f"request field {bad!r}: expected {type(getattr(base, bad)).__name__}, "
+                         f"got {kw[bad]!r}") from None
 
 
 def main(argv=None) -> int:
@@ -71,6 +77,11 @@ def main(argv=None) -> int:
     p.add_argument("--speculative", action="store_true", help="draft with the MTP head (model.mtp_depth >= 1)")
     p.add_argument("--kv_int8", action="store_true", help="int8 KV cache with per-token scales")
     p.add_argument("--expanded", action="store_true", help="decode MLA by rebuilding K/V (default: absorbed)")
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"],
+                   help="weight-only quantization with per-channel scales (experts included)")
+    p.add_argument("--safety", default="off", choices=["off", "block", "redact", "refuse"],
+                   help="content-safety filter on the outputs (moejax.infer.safety)")
+    p.add_argument("--safety_categories", default=None, help="JSON {category: [words or regexes]}")
     p.add_argument("--dtype", default=None, choices=_DTYPES, help="parameter dtype of a loaded checkpoint")
     p.add_argument("--mesh", default=None, help="device mesh degrees, e.g. 'fsdp=-1,expert=2'")
     p.add_argument("--rules", default="", help="logical-axis rule overrides")
@@ -95,9 +106,19 @@ def main(argv=None) -> int:
             rules = sharding.rules_for(shape)
             mesh = sharding.make_mesh(shape) if args.mesh is not None else None
         model, tok = load(args.model, mesh=mesh, rules=rules, dtype=args.dtype, tokenizer=args.tokenizer)
+        if args.quantize:
+            from moejax.infer.quantize import quantize
+
+            model = quantize(model, args.quantize)
         if tok is None and any("prompt" in r for r in reqs):
             raise ValueError(f"{args.model} has no tokenizer: pass --tokenizer, or prompt_tokens requests")
-        gen = Generator(model, tok, kv_int8=args.kv_int8, absorbed=not args.expanded)
+        safety = None
+        if args.safety != "off":
+            from moejax.infer.safety import SafetyFilter
+
+            safety = (SafetyFilter.from_file(args.safety_categories, action=args.safety) if args.safety_categories
+                      else SafetyFilter(action=args.safety))
+        gen = Generator(model, tok, kv_int8=args.kv_int8, absorbed=not args.expanded, safety=safety)
         prompts = [r["prompt"] if "prompt" in r else r["prompt_tokens"] for r in reqs]
         outs = gen.generate(prompts, params, speculative=args.speculative)
     except (ValueError, ConfigError, LoadError, FileNotFoundError, sharding.ShardingError) as e:
@@ -107,7 +128,8 @@ def main(argv=None) -> int:
     try:
         for r, o in zip(reqs, outs):
             f.write(json.dumps({"prompt": r.get("prompt", r.get("prompt_tokens")), "text": o.text, "tokens": o.tokens,
-                                "logprobs": [round(x, 5) for x in o.logprobs], "finish_reason": o.finish_reason})
+                                "logprobs": [round(x, 5) for x in o.logprobs], "finish_reason": o.finish_reason,
+                                "safety": o.safety})
                     + "\n")
     finally:
         if f is not sys.stdout:

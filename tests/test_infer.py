@@ -139,6 +139,20 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert abs(float(np.mean(accept)) - np.minimum(p, q).sum()) < 0.01
 
 
+def test_speculative_sampling_in_the_generator_keeps_the_distribution(models):
+    """Sampled tokens 2 and 3 (drawn by verified MTP drafts or their residuals) have the plain sampler's
+    distribution: 2000 seeds each, compared per token value."""
+    gen = Generator(models["spec"], eos_ids=[])
+    params = [SamplingParams(temperature=1.0, max_new_tokens=3, seed=s) for s in range(2000)]
+    plain = np.array([o.tokens for o in gen.generate([[1, 5, 7]] * 2000, params)])
+    spec = np.array([o.tokens for o in gen.generate([[1, 5, 7]] * 2000, params, speculative=True)])
+    assert gen.last_stats.accepted > 0 and gen.last_stats.drafted > gen.last_stats.accepted
+    V = SPEC.vocab_size
+    for t in (1, 2):
+        a, b = (np.bincount(x[:, t], minlength=V) / len(x) for x in (plain, spec))
+        assert np.abs(a - b).max() < 0.07, (t, a.round(3), b.round(3))  # > 4 standard errors
+
+
 def _rows(**kw):
     return sampling.rows([SamplingParams(**kw)])
 
@@ -211,3 +225,104 @@ def test_capacity_models_decode_dropless(models):
     got = Generator(capacity, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=6))
     assert [o.tokens for o in got] == [o.tokens for o in want]
     assert capacity.segments[1].ffn.dispatch == "capacity"  # the caller's model is unchanged
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.05), ("fp8", 0.3)])
+def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, tol):
+    from moejax.infer.quantize import QuantizedParam, quantize, weight_bytes
+    from moejax.model.moe import MoE
+
+    model = models["mla"]
+    q = quantize(model, fmt)
+    moes = [m for _, m in nnx.iter_modules(q) if isinstance(m, MoE)]
+    assert moes and all(isinstance(m.w_gate_up, QuantizedParam) and isinstance(m.w_down, QuantizedParam) for m in moes)
+    assert all(isinstance(m.w_router, nnx.Param) and not isinstance(m.w_router, QuantizedParam) for m in moes)
+    assert isinstance(q.lm_head, QuantizedParam) and isinstance(q.mtp[0].eh_proj, QuantizedParam)
+    assert not isinstance(model.lm_head, QuantizedParam)  # the caller's model is unchanged
+    assert weight_bytes(q) < 0.35 * weight_bytes(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, MLA.vocab_size, (2, 12)))
+    want, got = np.asarray(model(ids)[0]), np.asarray(q(ids)[0])
+    # mean error (a router choice can flip at a rare position, so not the max). This random model (init 0.3)
+    # amplifies weight error ~8x by its output: int8 (~0.4% per weight) lands near 3%, fp8 e4m3 near 15%;
+    # a scale over the wrong axes gives errors of order 100%.
+    assert np.abs(got - want).mean() < tol * np.abs(want).mean()
+    outs = Generator(q, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=4), speculative=True)
+    assert all(len(o.tokens) == 4 for o in outs)
+    with pytest.raises(ConfigError, match="quantize: format"):
+        quantize(model, "int4")
+
+
+def test_safety_filter_actions_on_planted_text():
+    from moejax.infer.safety import SafetyFilter
+
+    text = "Sure. First, BUILD A BOMB from parts; then build a pipe bomb. Also kill yourself."
+    block = SafetyFilter(action="block")
+    out, counts, filtered = block.apply(text)
+    assert out == "Sure. First, " and filtered and counts == {"weapons": 2, "self_harm": 1}
+    out, _, filtered = SafetyFilter(action="redact").apply(text)
+    assert out == "Sure. First, [redacted] from parts; then [redacted]. Also [redacted]." and not filtered
+    out, _, filtered = SafetyFilter(action="refuse", refusal="No.").apply(text)
+    assert (out, filtered) == ("No.", True)
+    # whole words and phrases, never inside a longer word
+    assert SafetyFilter().apply("Upskill yourself; rebuild a bombastic robot")[1] == {}
+    flag = SafetyFilter({}, classifier=lambda t: "toxic" if "idiot" in t else None, action="redact")
+    text = "you are an idiot"
+    assert flag.apply(text, [flag.classify(text, since=8)]) == ("you are [redacted]", {"toxic": 1}, False)
+    with pytest.raises(ConfigError, match="safety.action"):
+        SafetyFilter(action="warn")
+
+
+def test_safety_filter_while_generating(models):
+    """A planted 'harmful' word (a substring the model is known to produce) is acted on mid-generation."""
+    import re
+
+    from moejax.infer.safety import SafetyFilter
+
+    model = models["mla"]
+    params = SamplingParams(max_new_tokens=24)
+    free = Generator(model, CharTokenizer()).generate(["abc"], params)[0]
+    word = free.text[6:9]
+    cats = {"planted": [f"(?:{re.escape(word)})"]}  # a regex (not a bare word: no word boundaries needed)
+    first = free.text.find(word)
+    got = Generator(model, CharTokenizer(), chunk=4, safety=SafetyFilter(cats, action="block")).generate(["abc"],
+                                                                                                     params)[0]
+    assert got.finish_reason == "content_filter" and got.text == free.text[:first] and got.safety["planted"] >= 1
+    assert got.tokens == free.tokens[:first] and len(got.tokens) < 24  # stopped early, not at max_new_tokens
+    got = Generator(model, CharTokenizer(), safety=SafetyFilter(cats, action="redact")).generate(["abc"], params)[0]
+    assert got.text == free.text.replace(word, "[redacted]") and got.finish_reason == "length"
+    got = Generator(model, CharTokenizer(), safety=SafetyFilter(cats, action="refuse", refusal="No.")).generate(
+        ["abc"], params)[0]
+    assert (got.text, got.tokens, got.finish_reason) == ("No.", [], "content_filter")
+
+
+def test_generation_on_a_mesh_matches_one_device():
+    """tests/generate_mesh_check.py on 8 CPU devices (fsdp=2 x expert=4, experts expert-parallel)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    r = subprocess.run([sys.executable, "-m", "tests.generate_mesh_check"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for B, res in out.items():
+        assert res["equal"] and res["speculative_equal"], (B, res)
+        assert res["expert_shard_rows"] * 4 == res["experts"]  # the experts stayed split over 'expert'
+
+
+def test_set_params_reuses_the_compiled_programs(models):
+    """RL updates the policy every step: the Generator takes new parameters without recompiling, and
+    batches of 3 and 4 rows share one program (rows are padded to a power of two)."""
+    gen = Generator(models["mla"], eos_ids=[])
+    params = SamplingParams(max_new_tokens=5)
+    gen.generate(PROMPTS + [[4, 4]], params)
+    compiled = (gen._prefill._cache_size(), gen._decode._cache_size())
+    other = Transformer(MLA, rngs=nnx.Rngs(1))
+    gen.set_params(other)
+    got = gen.generate(PROMPTS, params)
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+    assert [o.tokens for o in got] == [o.tokens for o in Generator(other, eos_ids=[]).generate(PROMPTS, params)]
+    with pytest.raises(ValueError, match="structure"):
+        gen.set_params(models["gqa"])

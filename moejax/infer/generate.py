@@ -35,8 +35,9 @@ class Completion:
     prompt_tokens: list[int]
     tokens: list[int]  # generated, without the EOS token and anything from a stop string on
     logprobs: list[float]  # the model's log-probability of each generated token (unprocessed logits)
-    finish_reason: str  # 'eos' | 'stop' | 'length'
-    text: str | None = None  # decoded tokens (with a tokenizer)
+    finish_reason: str  # 'eos' | 'stop' | 'length' | 'content_filter'
+    text: str | None = None  # decoded tokens (with a tokenizer), after the safety filter's action
+    safety: dict = dataclasses.field(default_factory=dict)  # safety-filter matches per category
 
 
 @dataclasses.dataclass
@@ -64,13 +65,17 @@ def _bucket(n: int) -> int:
 
 
 def for_inference(model):
-    """A view of the model that never drops tokens: capacity MoE layers dispatch dropless (as DeepSeek
-    serves); the parameters are shared, the caller's model is unchanged."""
+    """A view of the model that never drops tokens: capacity MoE layers dispatch dropless and the
+    expert-parallel exchange is the dropless one (as DeepSeek serves); the parameters are shared, the
+    caller's model is unchanged."""
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     for _, m in nnx.iter_modules(view):
-        if isinstance(m, MoE) and m.dispatch == "capacity":
-            m.dispatch = "dropless"
+        if isinstance(m, MoE):
+            if m.dispatch == "capacity":
+                m.dispatch = "dropless"
+            if m.cfg.ep_exchange != "dropless":
+                m.cfg = m.cfg.replace(ep_exchange="dropless")
     return view
 
 
@@ -84,11 +89,13 @@ class Generator:
       add_bos: prepend the tokenizer's BOS to text prompts.
       cache_dtype: the cache's dtype (default: the compute dtype); kv_int8 stores int8 with per-token scales.
       absorbed: decode MLA with the up-projections absorbed (False: rebuild K and V from the latent cache).
-      chunk: decode steps per device call when stop strings are in play (the host checks them between).
+      chunk: decode steps per device call when stop strings or a safety filter are in play (the host checks
+        them between chunks).
+      safety: a moejax.infer.safety.SafetyFilter applied to every row's text as it is generated.
     """
 
     def __init__(self, model, tokenizer=None, *, eos_ids=None, add_bos: bool = True, cache_dtype=None,
-                 kv_int8: bool = False, absorbed: bool = True, chunk: int = 16):
+                 kv_int8: bool = False, absorbed: bool = True, chunk: int = 16, safety=None):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         if eos_ids is None:
@@ -100,27 +107,45 @@ class Generator:
         self.kv_int8 = kv_int8
         self.absorbed = absorbed
         self.chunk = chunk
+        self.safety = safety
+        if safety is not None and tokenizer is None:
+            raise ValueError("a safety filter reads text: give the Generator a tokenizer")
         self.graphdef, self.state = nnx.split(for_inference(model))
         self.last_stats = Stats()
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "spec", "penalty", "mode"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("spec", "penalty", "mode"), donate_argnums=(1,))
 
+    def set_params(self, model) -> None:
+        """Generate with another model of the same structure (e.g. the policy after an RL update): the
+        compiled programs are reused, nothing recompiles."""
+        graphdef, state = nnx.split(for_inference(model))
+        if graphdef != self.graphdef:
+            raise ValueError("set_params: the model's structure differs from the one this Generator compiled for")
+        self.state = state
+
     # ------------------------------------------------------------------------------ host side
 
-    def encode(self, prompt) -> list[int]:
+    def encode(self, prompt, add_bos: bool | None = None) -> list[int]:
+        """Token ids of a text prompt (BOS first when the tokenizer has one of its own) or of a token list."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead")
             ids = list(self.tokenizer.encode(prompt))
             bos = getattr(self.tokenizer, "bos_id", None)
-            if self.add_bos and bos is not None and bos >= 0:
+            # a Hugging Face tokenizer without a BOS token (Qwen) reports EOS as BOS: nothing is prepended
+            own_bos = getattr(self.tokenizer, "special", {}).get("bos", True)
+            if (self.add_bos if add_bos is None else add_bos) and own_bos and bos is not None and bos >= 0:
                 ids = [bos] + ids
             return ids
         return [int(t) for t in prompt]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams(), *,
-                 speculative: bool = False) -> list[Completion]:
-        """Completes each prompt (text or token ids). params: one for all, or one per prompt."""
+                 speculative: bool = False, on_chunk=None) -> list[Completion]:
+        """Completes each prompt (text or token ids). params: one for all, or one per prompt.
+
+        on_chunk(tokens, done): called between decode chunks with each row's tokens so far and whether it
+        is done (a streaming server sends text from it); giving it makes decoding chunked.
+        """
         if not prompts:
             return []
         encoded = [self.encode(p) for p in prompts]
@@ -132,20 +157,30 @@ class Generator:
             raise ValueError("empty prompt: give at least one token (e.g. add_bos=True with a BOS token)")
         if speculative and not self.cfg.mtp_depth:
             raise ConfigError("speculative decoding drafts with the MTP head; this model has model.mtp_depth=0")
+        n_real = B
+        stats = Stats(prompt_tokens=sum(len(e) for e in encoded))
+        # shapes compile in buckets: rows padded to a power of two with rows that finish at once, the output
+        # buffer to _bucket(max_new_tokens), prompts to _bucket(length); a server sees few distinct programs
+        B = 1 << (B - 1).bit_length()
+        encoded = encoded + [encoded[0][:1]] * (B - n_real)
+        plist = plist + [SamplingParams(max_new_tokens=1)] * (B - n_real)
         lengths = np.array([len(e) for e in encoded], np.int32)
-        max_new = max(p.max_new_tokens for p in plist)
+        max_new = _bucket(max(p.max_new_tokens for p in plist))
         T = _bucket(int(lengths.max()))
-        max_len = _round_up(int(lengths.max()) + max_new + 2, 64)
-        if max_len > self.cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({lengths.max()}) + max_new_tokens ({max_new}) exceeds "
-                             f"model.max_position_embeddings={self.cfg.max_position_embeddings}")
+        need = max(len(e) + p.max_new_tokens for e, p in zip(encoded, plist))  # the longest row
+        limit = self.cfg.max_position_embeddings
+        if need > limit:
+            i = max(range(B), key=lambda i: len(encoded[i]) + plist[i].max_new_tokens)
+            raise ValueError(f"prompt ({len(encoded[i])} tokens) + max_new_tokens ({plist[i].max_new_tokens}) exceeds "
+                             f"model.max_position_embeddings={limit}")
+        # (+2: a speculative step writes two positions; writes past the end are dropped, never kept)
+        max_len = min(_round_up(need + 2, 64), limit)
         tokens = np.zeros((B, T), np.int32)
         for i, e in enumerate(encoded):
             tokens[i, : len(e)] = e
         rows = sampling.rows(plist)
         penalty = bool(np.any(rows["penalty"] != 1.0))
         mode = sampling.mode(plist)
-        stats = Stats(prompt_tokens=int(lengths.sum()))
 
         t0 = time.perf_counter()
         carry = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), rows, jnp.asarray(self.eos_ids),
@@ -153,62 +188,93 @@ class Generator:
         jax.block_until_ready(carry["n_out"])
         stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stops = any(p.stop for p in plist)
+        checks = any(p.stop for p in plist) or self.safety is not None or on_chunk is not None
+        checked = [0] * B  # text length each row's safety classifier has seen
+        flags = [[] for _ in range(B)]  # classifier spans per row
         while True:
-            n = self.chunk if stops else max_new
+            n = self.chunk if checks else max_new  # (the while loop also ends when every row is done)
             carry = self._decode(self.state, carry, rows, jnp.asarray(self.eos_ids), jnp.int32(n), spec=speculative,
                                  penalty=penalty, mode=mode)
             done = np.asarray(carry["done"])
-            if stops and not done.all():
-                hit = self._stop_hits(carry, encoded, plist, done)
+            if checks and not done.all() and (self.safety is not None or any(p.stop for p in plist)):
+                hit = self._host_checks(carry, plist, done, checked, flags)
                 if hit.any():
                     carry["done"] = jnp.asarray(done | hit)
                     done = done | hit
+            if on_chunk is not None:
+                out, n_out = np.asarray(carry["out"]), np.asarray(carry["n_out"])
+                on_chunk([out[i, : n_out[i]].tolist() for i in range(n_real)], done[:n_real].tolist())
             if done.all():
                 break
         out, logp, n_out = (np.asarray(carry[k]) for k in ("out", "logp", "n_out"))
         stats.decode_seconds = time.perf_counter() - t0
         stats.steps = int(carry["steps"])
         stats.drafted, stats.accepted = int(carry["drafted"].sum()), int(carry["accepted"].sum())
-        results = [self._finish(encoded[i], out[i, : n_out[i]], logp[i, : n_out[i]], plist[i]) for i in range(B)]
+        results = [self._finish(encoded[i], out[i, : n_out[i]], logp[i, : n_out[i]], plist[i], checked[i], flags[i])
+                   for i in range(n_real)]
         stats.generated_tokens = sum(len(c.tokens) for c in results)
         self.last_stats = stats
         return results
 
-    def _decode_text(self, ids) -> str:
-        return self.tokenizer.decode([int(t) for t in ids])
+    def decode_text(self, ids) -> str:
+        """Text of generated ids (EOS tokens left out)."""
+        eos = set(self.eos_ids.tolist())
+        return self.tokenizer.decode([int(t) for t in ids if int(t) not in eos])
 
-    def _stop_hits(self, carry, encoded, plist, done) -> np.ndarray:
+    def _host_checks(self, carry, plist, done, checked, flags) -> np.ndarray:
+        """Rows that a stop string or the safety filter ends now (text checked between chunks)."""
         if self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         out, n_out = np.asarray(carry["out"]), np.asarray(carry["n_out"])
         hit = np.zeros(len(plist), bool)
         for i, p in enumerate(plist):
-            if p.stop and not done[i]:
-                text = self._decode_text(out[i, : n_out[i]])
-                hit[i] = any(s in text for s in p.stop)
+            if done[i]:
+                continue
+            text = self.decode_text(out[i, : n_out[i]])
+            hit[i] = any(s in text for s in p.stop)
+            if self.safety is not None:
+                flag = self.safety.classify(text, checked[i])
+                if flag is not None:
+                    flags[i].append(flag)
+                checked[i] = len(text)
+                hit[i] |= self.safety.stops(text, flags[i])
         return hit
 
-    def _finish(self, prompt, toks, logp, p: SamplingParams) -> Completion:
+    def _cut(self, toks, logp, chars: int):
+        """The longest token prefix whose text fits in `chars` characters (text grows with the prefix)."""
+        lo, hi = 0, len(toks)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.decode_text(toks[:mid])) <= chars:
+                lo = mid
+            else:
+                hi = mid - 1
+        return toks[:lo], logp[:lo]
+
+    def _finish(self, prompt, toks, logp, p: SamplingParams, checked: int = 0, flags=()) -> Completion:
         toks, logp = [int(t) for t in toks], [float(x) for x in logp]
         reason = "length"
         if toks and toks[-1] in set(self.eos_ids.tolist()):
             toks, logp, reason = toks[:-1], logp[:-1], "eos"
-        text = None
-        if self.tokenizer is not None:
-            text = self._decode_text(toks)
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            if cut >= 0:
-                # the longest token prefix whose text ends before the stop string (text grows with the prefix)
-                lo, hi = 0, len(toks)
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if len(self._decode_text(toks[:mid])) <= cut:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                toks, logp, text, reason = toks[:lo], logp[:lo], text[:cut], "stop"
-        return Completion(prompt, toks, logp, reason, text)
+        if self.tokenizer is None:
+            return Completion(prompt, toks, logp, reason)
+        text = self.decode_text(toks)
+        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+        if cut >= 0:
+            toks, logp = self._cut(toks, logp, cut)
+            text, reason = text[:cut], "stop"
+        counts = {}
+        if self.safety is not None:
+            last = self.safety.classify(text, checked)  # text generated after the last check
+            filtered_text, counts, filtered = self.safety.apply(text, list(flags) + ([last] if last else []))
+            if filtered:
+                if self.safety.action == "refuse":
+                    toks, logp = [], []
+                else:
+                    toks, logp = self._cut(toks, logp, len(filtered_text))
+                reason = "content_filter"
+            text = filtered_text
+        return Completion(prompt, toks, logp, reason, text, counts)
 
     # ------------------------------------------------------------------------------ device side
 
@@ -319,7 +385,7 @@ class Generator:
         p = sampling.distribution(l0, rows, mode)
         accept, y1 = sampling.speculative_accept(
             sampling.keys(rows["seed"], start + 1, salt=1), sampling.keys(rows["seed"], start + 1, salt=2), p, c["q"],
-            c["draft"], rows["temperature"] <= 0)
+            c["draft"], rows["temperature"] <= 0, all_greedy=mode == "greedy")
         c = c | {"cache": cache}
         c = self._emit(c, y1, sampling.token_logprob(raw[:, 0], y1), active, rows, eos)
         l1 = sampling.penalize(raw[:, 1], c["presence"], rows["penalty"]) if penalty else raw[:, 1]

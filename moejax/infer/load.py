@@ -21,10 +21,10 @@ class LoadError(ValueError):
     pass
 
 
-def _hf_tokenizer(path: str):
+def _hf_tokenizer(path: str, name: str = "tokenizer.json"):
     from moejax.data.tokenizer import HFTokenizer
 
-    tj = os.path.join(path, "tokenizer.json")
+    tj = os.path.join(path, name)
     if not os.path.exists(tj):
         return None
     special = {}
@@ -39,8 +39,28 @@ def _hf_tokenizer(path: str):
             if tok:
                 special[field] = tok
     if "eos" not in special:
-        raise LoadError(f"{cfg_file}: no eos_token; pass --tokenizer explicitly")
+        raise LoadError(f"{cfg_file}: no eos_token (the tokenizer's end-of-sequence text is needed)")
     return HFTokenizer(tj, **special)
+
+
+def _manager(path: str):
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data", "config"))
+    step = manager.latest_step()
+    if step is None:
+        raise LoadError(f"{path}/checkpoints holds no complete checkpoint")
+    return manager, step
+
+
+def workdir_config(path: str) -> Config:
+    """The config a training workdir's latest checkpoint was saved with."""
+    import orbax.checkpoint as ocp
+
+    manager, step = _manager(os.path.abspath(path))
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    manager.close()
+    return Config.from_dict(saved)
 
 
 def _train_workdir(path: str, mesh, rules):
@@ -49,12 +69,8 @@ def _train_workdir(path: str, mesh, rules):
     from moejax.data import dataset
     from moejax.trainer import setup as setup_lib
 
-    manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data", "config"))
-    step = manager.latest_step()
-    if step is None:
-        raise LoadError(f"{path}/checkpoints holds no complete checkpoint")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    cfg = Config.from_dict(saved)
+    cfg = workdir_config(path)
+    manager, step = _manager(path)
     ts = setup_lib.build(cfg, mesh)
     target = {k: ts.abstract[k] for k in ("params", "router")}
     # parameters and router biases only, each device reading its shards; the optimizer state stays on disk
@@ -87,11 +103,13 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
         from moejax.convert import from_hf
 
         model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype)
-        tok = _hf_tokenizer(path)
+        tok = None if tokenizer else _hf_tokenizer(path)
     else:
         raise LoadError(f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
                         "or a Hugging Face folder (config.json + *.safetensors)")
-    if tokenizer:
+    if tokenizer and tokenizer.endswith(".json"):  # its special tokens from the tokenizer_config.json beside it
+        tok = _hf_tokenizer(os.path.dirname(os.path.abspath(tokenizer)), os.path.basename(tokenizer))
+    elif tokenizer:
         from moejax.data import tokenizer as tokenizer_lib
 
         tok = tokenizer_lib.load(tokenizer)

@@ -6,9 +6,13 @@ its correction bias stay as they are.
 
 A quantized weight is a `QuantizedParam`: its state holds {'q': int8 [...], 'scale': float32 [...]} and
 reading it (`w[...]`, what every module does) returns q * scale, so the model code is unchanged and the
-dequantization happens inside the jitted step, next to the matmul that consumes it (XLA fuses it into the
-operand on TPU and GPU). Scales reduce over the contracted axes of each weight (named from the end, so a
-stacked layer axis in front does not matter); the same grouping serves the embedding lookup (per row).
+dequantization happens inside the jitted step, where the weight is used. What is saved is memory at
+rest (parameters 1/3.9 of float32); each weight is still expanded to a full-precision temporary before its
+matmul (XLA:CPU does not fuse the conversion into the dot, and the grouped-matmul kernels take one dtype),
+so a step is not faster. Feeding int8 tiles to the kernels with the scale applied after the matmul (the
+per-output-channel layout allows it) is the next step. Scales reduce over the contracted axes of each
+weight (named from the end, so a stacked layer axis in front does not matter); the same grouping serves the
+embedding lookup (per row).
 
 qwix quantizes dot_general / einsum calls, not jax.lax.ragged_dot or our grouped-matmul kernels, so it
 would leave the experts (most of a DeepSeek model's weights) in full precision; this module covers them.
@@ -61,8 +65,8 @@ def quantize_array(w, axes, fmt: str = "int8"):
 def quantize(model, fmt: str = "int8"):
     """A copy of the model whose projection weights are QuantizedParams (the caller's model is unchanged).
 
-    Sharded weights stay sharded: the quantization runs in one jitted program whose outputs keep the
-    weights' shardings (scales replicated along the reduced axes).
+    The quantization runs in one jitted program; on a mesh GSPMD places its outputs (q follows its weight's
+    sharding elementwise; not yet tested on a mesh).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"quantize: format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -101,7 +101,8 @@ def filtered(logits, r, mode: str = "full"):
         kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
         p = jax.nn.softmax(desc, axis=-1)
         before = jnp.cumsum(p, axis=-1) - p  # probability mass ranked above each token
-        keep = in_k & (before < r["top_p"][:, None])  # the first token is always kept
+        # the first token is always kept; top_p = 1 keeps all (a float32 cumsum can reach 1 before the tail)
+        keep = in_k & ((before < r["top_p"][:, None]) | (r["top_p"][:, None] >= 1.0))
         p_cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         cut = jnp.maximum(cut, jnp.maximum(kth, p_cut))
     return jnp.where(x >= cut, x, -jnp.inf)
@@ -131,18 +132,21 @@ def draw(key, probs):
     return jax.vmap(jax.random.categorical)(key, jnp.log(probs)).astype(jnp.int32)
 
 
-def speculative_accept(key_u, key_r, p, q, draft, greedy):
+def speculative_accept(key_u, key_r, p, q, draft, greedy, all_greedy: bool = False):
     """Speculative sampling's rule for one drafted token per row.
 
     The draft d [B] was drawn from q [B, V]; p [B, V] is the target distribution. Accept d with probability
     min(1, p(d) / q(d)); otherwise draw from max(p - q, 0) renormalized. The result is distributed as p
-    (Leviathan et al. 2023, Chen et al. 2023). Greedy rows (p one-hot) accept iff d is p's argmax.
+    (Leviathan et al. 2023, Chen et al. 2023). Greedy rows (p one-hot) accept iff d is p's argmax;
+    all_greedy (static) skips the random draws.
     Returns (accepted bool [B], token int32 [B]).
     """
+    best = jnp.argmax(p, axis=-1)
+    if all_greedy:  # no randomness to draw
+        return best == draft, best.astype(jnp.int32)
     p_d = jnp.take_along_axis(p, draft[:, None], axis=1)[:, 0]
     q_d = jnp.take_along_axis(q, draft[:, None], axis=1)[:, 0]
     u = jax.vmap(jax.random.uniform)(key_u)
-    best = jnp.argmax(p, axis=-1)
     accept = jnp.where(greedy, best == draft, u * q_d < p_d)
     residual = jnp.maximum(p - q, 0.0)
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)

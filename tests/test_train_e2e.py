@@ -182,7 +182,8 @@ def test_samples_and_the_generate_cli_from_a_workdir(uninterrupted, tmp_path, ca
     reqs.write_text(json.dumps({"prompt_tokens": prompts[0], "max_new_tokens": 4}) + "\n"
                     + json.dumps({"prompt": "def main(", "temperature": 0.8, "seed": 2}) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["--model", wd, "--prompts", str(reqs), "--max_new_tokens", "6", "--output", str(out)]) == 0
+    assert main(["--model", wd, "--prompts", str(reqs), "--max_new_tokens", "6", "--output", str(out),
+                 "--batch_size", "1"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [len(r["tokens"]) <= n for r, n in zip(rows, (4, 6))] == [True, True]
     assert rows[1]["text"] == tok.decode(rows[1]["tokens"]) and rows[0]["finish_reason"] in ("length", "eos")

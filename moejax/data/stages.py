@@ -262,12 +262,19 @@ def code_reason(text: str, lang: str, cfg: dict) -> str | None:
     return None
 
 
+def category_pattern(words) -> re.Pattern:
+    """One harmful-content category's alternation, case-insensitive. Every item matches as a whole word or
+    phrase (not inside a longer word: 'upskill yourself' is not 'kill yourself'); an item that starts or ends
+    with something other than a word character (e.g. '(?:...)') is used as the regex it is."""
+    parts = [rf"(?<!\w)(?:{w})(?!\w)" if re.match(r"\w", w) and re.search(r"\w$", w) else w for w in words]
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
 class HarmfulFilter:
     """Configurable categories of words / regexes, plus an optional classifier hook."""
 
     def __init__(self, categories: dict, classifier: str = ""):
-        self.patterns = {cat: re.compile("|".join(rf"\b{w}\b" if w.isalnum() else w for w in words), re.IGNORECASE)
-                         for cat, words in categories.items() if words}
+        self.patterns = {cat: category_pattern(words) for cat, words in categories.items() if words}
         self.classifier = None
         if classifier:
             import importlib

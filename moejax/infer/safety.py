@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import re
 from typing import Callable
 
 from moejax.config import ConfigError
+from moejax.data.stages import category_pattern
 
 ACTIONS = ("block", "redact", "refuse")
 
@@ -43,14 +43,6 @@ class Match:
     end: int
 
 
-def compile_category(words: list[str]) -> re.Pattern:
-    """One category's alternation, case-insensitive. Every item matches as a whole word or phrase (not inside
-    a longer word: 'upskill yourself' is not 'kill yourself'); an item that starts or ends with something
-    other than a word character (e.g. '(?:...)') is used as the regex it is."""
-    parts = [rf"(?<!\w)(?:{w})(?!\w)" if re.match(r"\w", w) and re.search(r"\w$", w) else w for w in words]
-    return re.compile("|".join(parts), re.IGNORECASE)
-
-
 class SafetyFilter:
     def __init__(self, categories: dict | None = None, classifier: str | Callable | None = None,
                  action: str = "block", refusal: str = "I can't help with that.", redaction: str = "[redacted]",
@@ -58,7 +50,7 @@ class SafetyFilter:
         if action not in ACTIONS:
             raise ConfigError(f"safety.action: must be one of {', '.join(ACTIONS)}, got {action!r}")
         self.categories = DEFAULT_CATEGORIES if categories is None else categories
-        self.patterns = {cat: compile_category(words) for cat, words in self.categories.items() if words}
+        self.patterns = {cat: category_pattern(words) for cat, words in self.categories.items() if words}
         if isinstance(classifier, str) and classifier:  # the data pipeline's hook: "module:function"
             module, _, fn = classifier.partition(":")
             classifier = getattr(importlib.import_module(module), fn)

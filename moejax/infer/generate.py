@@ -291,7 +291,8 @@ class Generator:
         h, cache = forward(model, tokens, cache, prefill=True, absorbed=self.absorbed, token_mask=real)
         cache = cache._replace(lengths=lengths)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-        logits = model.head(last)[:, 0]  # [B, V]
+        raw = model.head(last)[:, 0]  # [B, V]
+        logits = raw
         presence = None
         if penalty:
             presence = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], tokens].max(real)
@@ -300,8 +301,7 @@ class Generator:
         carry = {
             "cache": cache, "last": first,
             "out": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first),
-            "logp": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(sampling.token_logprob(model.head(last)[:, 0],
-                                                                                             first)),
+            "logp": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(sampling.token_logprob(raw, first)),
             "n_out": jnp.ones((B,), jnp.int32),
             "done": jnp.isin(first, eos) | (rows["max_new"] <= 1),
             "steps": jnp.zeros((), jnp.int32),

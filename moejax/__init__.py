@@ -7,6 +7,7 @@ Dimension letters used in einsum strings and parameter names across the project:
   K top-k            G groups              C capacity           V vocab
   R latent rank      L layers              M rows (flattened tokens, B*T or B*T*K)
   Q query heads per key/value head (GQA)   P rotary pairs (rope dim / 2)
+  Z rank of a LoRA adapter (moejax.finetune.lora)
 """
 
 __version__ = "0.1.0"

@@ -426,6 +426,44 @@ class MeshConfig:
     rules: str = ""
 
 
+SFT_LOSS_ON = ("assistant", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning data (moejax.finetune.data). Empty `data`: train on data.source as it is
+    (continual pretraining)."""
+
+    data: str = ""  # 'builtin' (instructions made from the stdlib's docstrings) or JSONL files 'a.jsonl,b.jsonl'
+    #                 with {"messages": [...]} or {"prompt", "completion"} rows
+    template: str = ""  # chat template: a jinja2 file or a tokenizer_config.json ('' = the base's, else built in)
+    loss_on: str = "assistant"  # 'assistant' (answers and completions only) or 'all'
+
+    def __post_init__(self):
+        if self.loss_on not in SFT_LOSS_ON:
+            raise ConfigError(f"sft.loss_on: got {self.loss_on!r}, allowed: {', '.join(map(repr, SFT_LOSS_ON))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (moejax.finetune.lora); rank 0 trains every parameter."""
+
+    rank: int = 0  # r
+    alpha: float = 16.0  # the update is (alpha / r) * A B
+    dropout: float = 0.0  # on the adapters' input
+    # regexes matched (re.search) against parameter paths such as 'segments/1/attn/wkv_b',
+    # 'segments/1/ffn/experts/w_gate_up' (routed experts), 'segments/1/ffn/shared/w_down', 'segments/0/ffn/w_down'
+    targets: tuple[str, ...] = ("attn/",)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank: must be >= 0, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.targets:
+            raise ConfigError("lora.targets: empty; name at least one parameter pattern")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
@@ -435,6 +473,13 @@ class Config:
     optim: OptimConfig
     train: TrainConfig
     mesh: MeshConfig = MeshConfig()
+    sft: SFTConfig = SFTConfig()
+    lora: LoRAConfig = LoRAConfig()
+    # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging Face folder
+    # ('' = random initialization, i.e. pretraining)
+    base: str = ""
+
+    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora")
 
     @classmethod
     def from_dict(cls, d) -> "Config":
@@ -442,13 +487,19 @@ class Config:
             d = d.to_dict()
         d = dict(d)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                    "mesh": MeshConfig}
-        unknown = set(d) - set(sections)
+                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig}
+        unknown = set(d) - set(sections) - {"base"}
         if unknown:
-            raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}")
-        return cls(**{name: sc(**coerce_fields(sc, dict(d.get(name, {})), name)) for name, sc in sections.items()})
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}, base")
+        base = d.get("base") or ""
+        if not isinstance(base, str):
+            raise ConfigError(f"base: expected a path (str), got {type(base).__name__} {base!r}")
+        return cls(**{name: sc(**coerce_fields(sc, dict(d.get(name, {})), name)) for name, sc in sections.items()},
+                   base=base)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "optim": dataclasses.asdict(self.optim), "train": dataclasses.asdict(self.train),
-                "mesh": dataclasses.asdict(self.mesh)}
+        out = {"model": self.model.to_dict(), "base": self.base}
+        for name in self.SECTIONS[1:]:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out["lora"]["targets"] = list(self.lora.targets)
+        return out

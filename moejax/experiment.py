@@ -11,12 +11,13 @@ import os
 
 import ml_collections
 
-from moejax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from moejax.config import (Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig, SFTConfig,
+                           TrainConfig)
 
 
 def base_config() -> ml_collections.ConfigDict:
     sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig(),
-                "mesh": MeshConfig()}
+                "mesh": MeshConfig(), "sft": SFTConfig(), "lora": LoRAConfig()}
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():
         values = dataclasses.asdict(dc)
@@ -24,7 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
             values["mlp_only_layers"] = tuple(values["mlp_only_layers"])
         if name == "train":
             values["sample_prompts"] = tuple(values["sample_prompts"])
+        if name == "lora":
+            values["targets"] = tuple(values["targets"])
         cd[name] = ml_collections.ConfigDict(values)
+    cd.base = ""  # fine-tuning's starting weights (moejax.finetune)
     return cd
 
 

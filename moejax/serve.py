@@ -21,13 +21,10 @@ import time
 import uuid
 
 from moejax.config import ConfigError
+from moejax.data import chat
+from moejax.data.chat import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template_of
 from moejax.infer.engine import Engine
 from moejax.infer.sampling import SamplingParams
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-DEFAULT_CHAT_STOP = ("<|user|>", "<|system|>")
 
 
 class BadRequest(ValueError):
@@ -37,34 +34,11 @@ class BadRequest(ValueError):
 
 
 def render_chat(template: str, messages: list[dict], *, bos: str = "", eos: str = "") -> str:
-    """Renders a Hugging Face chat template (sandboxed jinja2, trim_blocks / lstrip_blocks, raise_exception)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise TemplateError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    """The prompt of a chat request (moejax.data.chat.render_chat); a template failure is a 400."""
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
-                                                eos_token=eos)
-    except TemplateError as e:
-        raise BadRequest(f"chat template: {e}", "messages") from None
-
-
-def chat_template_of(path: str | None) -> str | None:
-    """The chat template in a model folder's tokenizer_config.json, if any."""
-    if not path:
-        return None
-    cfg = os.path.join(path, "tokenizer_config.json")
-    if not os.path.exists(cfg):
-        return None
-    with open(cfg) as f:
-        tpl = json.load(f).get("chat_template")
-    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"] if tpl else None)
-    return tpl
+        return chat.render_chat(template, messages, bos=bos, eos=eos)
+    except chat.TemplateFailure as e:
+        raise BadRequest(str(e), "messages") from None
 
 
 # ------------------------------------------------------------------------------------- requests

@@ -85,7 +85,7 @@ def evaluate(eval_step, state, data, cfg: Config, batch_sh) -> float:
     total = count = 0.0
     for _ in range(max(cfg.train.eval_batches, 1)):
         batch = global_batch(next(batches), batch_sh)
-        loss_sum, ntok = jax.device_get(eval_step(state["params"], state["router"], batch))
+        loss_sum, ntok = jax.device_get(eval_step(state["params"], state["router"], batch, state.get("frozen")))
         total += float(loss_sum)
         count += float(ntok)
     return total / max(count, 1.0)
@@ -104,9 +104,13 @@ def sample_prompts(cfg: Config, data) -> list:
     docs, rows = [], []
     for _ in range(4):
         b = next(batches)
-        for toks, seg, pos in zip(b["tokens"], b["segment_ids"], b["positions"]):
+        for i, (toks, seg, pos) in enumerate(zip(b["tokens"], b["segment_ids"], b["positions"])):
             for s in np.flatnonzero((pos == 0) & (seg > 0)):  # a document or a row begins
-                if s + k <= len(toks) and (seg[s:s + k] == seg[s]).all():
+                if "loss_mask" in b:  # fine-tuning rows: the example's prompt, up to its first answer token
+                    answer = np.flatnonzero((seg == seg[s]) & (b["loss_mask"][i] > 0))
+                    if len(answer):
+                        docs.append(tuple(int(t) for t in toks[s:answer[0]]))
+                elif s + k <= len(toks) and (seg[s:s + k] == seg[s]).all():
                     (docs if toks[s] == bos else rows).append(tuple(int(t) for t in toks[s:s + k]))
     return [list(p) for p in dict.fromkeys(docs + rows)][:n]
 
@@ -117,7 +121,11 @@ def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
 
     from moejax.infer import Generator, SamplingParams
 
-    model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
+    model = nnx.merge(ts.graphdef, state["params"], state["router"], state.get("frozen", ts.rest))
+    if cfg.lora.rank:
+        from moejax.finetune import lora
+
+        model = lora.merge(model)  # the generator decodes plain weights (absorbed MLA needs them merged)
     prompts = sample_prompts(cfg, data)
     params = [SamplingParams(temperature=cfg.train.temperature, top_p=0.95, max_new_tokens=cfg.train.sample_tokens,
                              seed=cfg.train.seed + i) for i in range(len(prompts))]
@@ -131,11 +139,14 @@ def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
           "(compilation included)", flush=True)
 
 
-def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None) -> dict:
+def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None,
+        start_from=None) -> dict:
     """Trains cfg in workdir (resuming if it holds checkpoints). Returns the last logged metrics.
 
     max_steps_this_run stops (with a checkpoint) after that many steps: used by tests to
-    simulate interruption.
+    simulate interruption. start_from (moejax.finetune) supplies the starting weights: its
+    `init(ts)` gives the first state of a new run, `resume(ts, state)` completes a restored one (LoRA:
+    the frozen base weights, which checkpoints do not hold).
     """
     check_workdir(workdir)
     t_start = time.time()
@@ -147,7 +158,8 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         tokenizer = dataset.tokenizer(data)
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer tokens)
+    if tokenizer.vocab_size > cfg.model.vocab_size or (not cfg.base and tokenizer.vocab_size != cfg.model.vocab_size):
         raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data[0][0]} has "
                             f"{tokenizer.vocab_size} pieces")
     try:
@@ -166,9 +178,13 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     if latest is not None:
         ckpt.check_compatible(latest)
         state, data_state = ts.restore(ckpt, latest)  # straight into the shardings; nothing initialized
+        if start_from is not None:
+            state = start_from.resume(ts, state)
         batches.restore(data_state)
         start = int(state["step"])
         print(f"[train] resumed from {ckpt.dir} at step {start}", flush=True)
+    elif start_from is not None:
+        state = start_from.init(ts)
     else:
         state = ts.init_state()  # one jitted program: each device computes its own shards
     batch_sh = ts.batch_sharding
@@ -181,6 +197,13 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
               f"+{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; peak "
               f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
               flush=True)
+        if ts.has_frozen:
+            import math
+
+            trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["params"]))
+            frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["frozen"]))
+            print(f"[train] LoRA rank {cfg.lora.rank}: {trainable / 1e6:.3f}M trainable adapter parameters, "
+                  f"{trainable / (trainable + frozen):.3%} of {(trainable + frozen) / 1e6:.2f}M", flush=True)
 
     train_step = ts.train_step()
     eval_step = ts.eval_step()

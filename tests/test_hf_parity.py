@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,9 @@ torch = pytest.importorskip("torch", reason="parity tests need the `hf` extra (t
 transformers = pytest.importorskip("transformers", reason="parity tests need the `hf` extra")
 
 import jax.numpy as jnp  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from moejax.convert import from_hf, to_hf  # noqa: E402
+from moejax.convert import from_hf, from_hf_config, to_hf  # noqa: E402
 
 TOL = 1e-4
 
@@ -121,3 +124,130 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     if mcfg.mtp_depth:
         spec = gen.generate(prompts, params, speculative=True)
         assert [o.tokens for o in spec] == [o.tokens for o in outs]
+
+
+# DeepSeekMoE v1 (model_type 'deepseek', deepseek-moe-16b) ships as remote code: transformers has no class for
+# it. The reference is assembled from transformers' own modules, which compute what modeling_deepseek.py does:
+# Llama attention, RMSNorm, half-split rope and decoder layers, with DeepseekV2's MoE (softmax, greedy top-k,
+# unnormalised weights, one fused shared MLP) in the MoE layers. The checkpoint is written in the remote code's
+# per-expert names, next to a config.json like the released one.
+_V1_NOT_ARCHITECTURE = ("auto_map", "use_cache", "bos_token_id", "eos_token_id", "pretraining_tp", "attention_dropout",
+                        "torch_dtype", "transformers_version")
+_V1 = dict(architectures=["DeepseekForCausalLM"], model_type="deepseek",
+           auto_map={"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                     "AutoModel": "modeling_deepseek.DeepseekModel",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+           vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+           n_shared_experts=2, num_experts_per_tok=3, norm_topk_prob=False, scoring_func="softmax",
+           aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu", max_position_embeddings=256, initializer_range=0.1,
+           rms_norm_eps=1e-6, use_cache=True, bos_token_id=0, eos_token_id=1, pretraining_tp=1,
+           tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=None, attention_bias=False,
+           attention_dropout=0.0, torch_dtype="bfloat16", transformers_version="4.36.0")
+DEEPSEEK_V1_CASES = {
+    # the deepseek-moe-16b shape: multi-head attention, first layer dense, then every layer MoE
+    "deepseek_moe_16b_shape": dict(_V1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                   first_k_dense_replace=1, moe_layer_freq=1),
+    # what else the remote code allows: grouped KV heads, MoE every 2nd layer from layer 0, another rope base,
+    # the Switch-style balance loss
+    "deepseek_gqa_every_2nd": dict(_V1, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   first_k_dense_replace=0, moe_layer_freq=2, rope_theta=50000.0, seq_aux=False),
+}
+
+
+def _deepseek_v1_reference(d):
+    """A transformers-built torch model computing what modeling_deepseek.py computes for config.json `d`."""
+    from transformers import DeepseekV2Config, LlamaConfig, LlamaForCausalLM
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    llama = LlamaConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d["num_key_value_heads"], rms_norm_eps=d["rms_norm_eps"],
+        max_position_embeddings=d["max_position_embeddings"], tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": d["rope_theta"]},
+        initializer_range=d["initializer_range"], attn_implementation="eager")
+    moe = DeepseekV2Config(
+        hidden_size=d["hidden_size"], moe_intermediate_size=d["moe_intermediate_size"],
+        n_routed_experts=d["n_routed_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+        n_shared_experts=d["n_shared_experts"], topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, experts_implementation="eager")
+    model = LlamaForCausalLM(llama)
+    for i, layer in enumerate(model.model.layers):
+        if i >= d["first_k_dense_replace"] and i % d["moe_layer_freq"] == 0:  # modeling_deepseek.py's rule
+            layer.mlp = DeepseekV2Moe(moe)
+            with torch.no_grad():
+                for p in layer.mlp.parameters():  # created empty (router: zeros)
+                    p.normal_(0.0, d["initializer_range"])
+    return model.eval()
+
+
+def _to_deepseek_names(state) -> dict[str, np.ndarray]:
+    """transformers' fused experts (gate_up_proj [E, 2F, D], down_proj [E, D, F]) -> per-expert names."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach()
+        if name.endswith(".experts.gate_up_proj"):
+            pre = name[: -len("gate_up_proj")]
+            gate, up = t.chunk(2, dim=1)  # [E, F, D] each
+            for j in range(t.shape[0]):
+                out[f"{pre}{j}.gate_proj.weight"], out[f"{pre}{j}.up_proj.weight"] = gate[j], up[j]
+        elif name.endswith(".experts.down_proj"):
+            for j in range(t.shape[0]):
+                out[f"{name[: -len('down_proj')]}{j}.down_proj.weight"] = t[j]
+        else:
+            out[name] = t
+    return {k: v.contiguous().numpy() for k, v in out.items()}
+
+
+def _load_deepseek_names(model, tensors):
+    """Per-expert names -> the reference's fused experts; every tensor must fit (strict)."""
+    state = {}
+    for name in model.state_dict():
+        if name.endswith(".experts.gate_up_proj"):
+            pre, e = name[: -len("gate_up_proj")], model.get_parameter(name).shape[0]
+            state[name] = np.stack([np.concatenate([tensors.pop(f"{pre}{j}.gate_proj.weight"),
+                                                    tensors.pop(f"{pre}{j}.up_proj.weight")]) for j in range(e)])
+        elif name.endswith(".experts.down_proj"):
+            pre, e = name[: -len("down_proj")], model.get_parameter(name).shape[0]
+            state[name] = np.stack([tensors.pop(f"{pre}{j}.down_proj.weight") for j in range(e)])
+        else:
+            state[name] = tensors.pop(name)
+    assert not tensors, sorted(tensors)
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("name", list(DEEPSEEK_V1_CASES))
+def test_deepseek_moe_v1_logit_parity_and_round_trip(name, tmp_path):
+    d = DEEPSEEK_V1_CASES[name]
+    torch.manual_seed(0)
+    ref = _deepseek_v1_reference(d)
+    src = tmp_path / "hf"
+    src.mkdir()
+    save_file(_to_deepseek_names(ref.state_dict()), str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(d))
+    ids = np.random.default_rng(0).integers(0, d["vocab_size"], size=(2, 24))
+    want = _hf_logits(ref, ids)
+
+    for impl in ("dense", "dropless", "capacity"):
+        model, mcfg = from_hf(str(src), moe_impl=impl, capacity_factor=64.0)
+        got, _ = model(jnp.asarray(ids))
+        err = float(np.abs(np.asarray(got) - want).max())
+        assert err <= TOL, f"{name} [{impl}] max |logit diff| = {err:.2e}"
+
+    # Round trip: the same tensors under the same names, the same architecture keys in config.json.
+    dst = tmp_path / "back"
+    to_hf(model, mcfg, str(dst))
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    assert sorted(after) == sorted(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    out = json.loads((dst / "config.json").read_text())
+    assert out["architectures"] == ["DeepseekForCausalLM"] and out["model_type"] == "deepseek"
+    keys = sorted(set(d) - set(_V1_NOT_ARCHITECTURE))
+    assert {k: out.get(k) for k in keys} == {k: d[k] for k in keys}
+    assert from_hf_config(out) == from_hf_config(d)
+    # and the reference, loaded from the export, gives the same logits
+    again = _load_deepseek_names(_deepseek_v1_reference(out), after)
+    err = float(np.abs(_hf_logits(again, ids) - want).max())
+    assert err <= TOL, f"{name} round trip: max |logit diff| = {err:.2e}"

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("direction", choices=["hf-to-moejax", "moejax-to-hf"])
     p.add_argument("--src", required=True, help="source directory")
     p.add_argument("--dst", required=True, help="destination directory (written atomically)")
-    p.add_argument("--model-type", default=None, help="moejax-to-hf: deepseek_v3|deepseek_v2|mixtral|qwen3_moe")
+    p.add_argument("--model-type", default=None,
+                   help="moejax-to-hf: deepseek_v3|deepseek_v2|deepseek|mixtral|qwen3_moe (default: from the config)")
     p.add_argument("--mesh", default=None,
                    help="device mesh degrees, e.g. 'fsdp=-1,expert=2' (MeshConfig fields; default: one device)")
     p.add_argument("--rules", default="", help="logical-axis rule overrides, e.g. 'embed=fsdp+expert' (MeshConfig.rules)")

@@ -131,7 +131,7 @@ def to_hf(model, config: ModelConfig, path: str, *, model_type: str | None = Non
     """
     mt = model_type or hf_model_type(config)
     hf_cfg = to_hf_config(config, mt)
-    hf_cfg["dtype"] = dtype
+    hf_cfg["torch_dtype" if "torch_dtype" in hf_cfg else "dtype"] = dtype  # remote-code configs: torch_dtype
     out_dtype = OUT_DTYPES[dtype]
     arrays = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     entries = W.hf_entries(config, mt, fused=False)

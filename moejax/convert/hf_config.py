@@ -1,4 +1,10 @@
-"""Hugging Face config.json <-> ModelConfig, for deepseek_v3, deepseek_v2, mixtral and qwen3_moe."""
+"""Hugging Face config.json <-> ModelConfig, for deepseek_v3, deepseek_v2, deepseek (DeepSeekMoE v1), mixtral
+and qwen3_moe.
+
+'deepseek' is deepseek-moe-16b's remote-code architecture (transformers has no class for it): Llama-style
+multi-head attention with half-split rope, softmax top-k over fine-grained routed experts plus one fused
+shared MLP, dense layers before first_k_dense_replace and between every moe_layer_freq-th layer.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from typing import Any
 
 from moejax.config import ModelConfig
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
 
 # Keys that carry no architecture (or that we derive), accepted and ignored.
 _IGNORED = {
@@ -74,9 +80,12 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     problems += rope_problems
     required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "num_experts_per_tok"]
-    if mt.startswith("deepseek"):
+    if mt in ("deepseek_v3", "deepseek_v2"):
         required += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
                      "moe_intermediate_size"]
+    elif mt == "deepseek":
+        required += ["n_routed_experts", "moe_intermediate_size"]
+        problems += _deepseek_v1_problems(d)
     elif mt == "qwen3_moe":
         required += ["moe_intermediate_size"]
     problems += [f"{k} is missing" for k in required if d.get(k) is None]
@@ -87,7 +96,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     c: dict[str, Any] = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
-        max_position_embeddings=d.get("max_position_embeddings", 4096), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=d.get("max_position_embeddings", 2048 if mt == "deepseek" else 4096),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         initializer_range=d.get("initializer_range", 0.02), **rope,
         aux_loss_coef=0.0, seq_aux_loss_coef=0.0, router_z_loss_coef=0.0, router_jitter=0.0,
@@ -121,6 +131,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
                      norm_topk_prob=bool(d.get("norm_topk_prob", False)), use_score_correction_bias=False)
             if c["norm_topk_prob"]:
                 problems.append("norm_topk_prob=true (transformers' deepseek_v2 ignores it)")
+    elif mt == "deepseek":
+        c.update(_deepseek_v1_fields(d))
     else:
         n_experts = d.get("num_local_experts", d.get("num_experts"))
         nkv = d.get("num_key_value_heads") or d["num_attention_heads"]
@@ -141,11 +153,68 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(c)
 
 
+def _deepseek_v1_problems(d: dict[str, Any]) -> list[str]:
+    """What modeling_deepseek.py (remote code) does that moejax cannot, beyond the common checks."""
+    problems = []
+    if d.get("scoring_func", "softmax") != "softmax":
+        problems.append(f"scoring_func={d.get('scoring_func')!r} (deepseek: only 'softmax')")
+    freq = d.get("moe_layer_freq", 1)
+    if not isinstance(freq, int) or freq < 1:
+        problems.append(f"moe_layer_freq={freq!r} (must be an integer >= 1)")
+    heads = d.get("num_attention_heads")
+    if heads and d.get("hidden_size") and d["hidden_size"] % heads:
+        problems.append(f"hidden_size={d['hidden_size']} is not a multiple of num_attention_heads={heads}")
+    return problems
+
+
+def _deepseek_v1_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a 'deepseek' config.json (checked by _deepseek_v1_problems).
+
+    Layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0; the dense layers after
+    first_k_dense_replace become mlp_only_layers. The gate normalises only when top-k > 1, has no scaling
+    factor, and its balance loss (aux_loss_alpha) is sequence-wise when seq_aux, else Switch-style.
+    """
+    L, k, freq = d["num_hidden_layers"], d.get("first_k_dense_replace") or 0, d.get("moe_layer_freq", 1)
+    alpha = float(d.get("aux_loss_alpha", 0.001) or 0.0)
+    seq_aux = bool(d.get("seq_aux", True))
+    top_k = d["num_experts_per_tok"]
+    return dict(
+        attention_type="gqa", num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d["hidden_size"] // d["num_attention_heads"], qk_norm=False, rope_interleave=False,
+        n_routed_experts=d["n_routed_experts"], num_experts_per_tok=top_k,
+        n_shared_experts=d.get("n_shared_experts") or 0, moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense_replace=k, mlp_only_layers=tuple(i for i in range(k, L) if i % freq),
+        score_func="softmax", n_group=1, topk_group=1, use_score_correction_bias=False, routed_scaling_factor=1.0,
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)) and top_k > 1,
+        seq_aux_loss_coef=alpha if seq_aux else 0.0, aux_loss_coef=0.0 if seq_aux else alpha,
+    )
+
+
+def _moe_layer_rule(cfg: ModelConfig) -> tuple[int, int] | None:
+    """(first_k_dense_replace, moe_layer_freq) whose rule (layer i is MoE when i >= k and i % freq == 0) gives
+    cfg's layer kinds, preferring cfg.first_k_dense_replace; None when no rule does."""
+    kinds = cfg.layer_kinds()
+    if "moe" not in kinds:
+        return None
+    for k in dict.fromkeys((cfg.first_k_dense_replace, kinds.index("moe"))):
+        for freq in range(1, cfg.num_layers + 1):
+            if all((kind == "moe") == (i >= k and i % freq == 0) for i, kind in enumerate(kinds)):
+                return k, freq
+    return None
+
+
+def _mixtral_expressible(cfg: ModelConfig) -> bool:
+    return (cfg.moe_intermediate_size == cfg.intermediate_size and "dense" not in cfg.layer_kinds()
+            and not cfg.n_shared_experts and cfg.norm_topk_prob)
+
+
 def hf_model_type(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a moejax config exports to."""
     if cfg.attention_type == "mla":
         return "deepseek_v3" if cfg.use_score_correction_bias else "deepseek_v2"
-    return "qwen3_moe" if cfg.qk_norm else "mixtral"
+    if cfg.qk_norm:
+        return "qwen3_moe"
+    return "mixtral" if _mixtral_expressible(cfg) else "deepseek"
 
 
 def _rope_out(cfg: ModelConfig) -> dict[str, Any]:
@@ -161,8 +230,10 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
     """The config.json for cfg; raises UnsupportedConfig if the architecture cannot express it."""
     mt = model_type or hf_model_type(cfg)
     problems = []
+    if mt not in MODEL_TYPES:
+        raise UnsupportedConfig(f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
     arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
+            "deepseek": "DeepseekForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
     d: dict[str, Any] = dict(
         architectures=[arch], model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -190,6 +261,8 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
             if cfg.score_func != "softmax" or cfg.norm_topk_prob or not cfg.rope_interleave:
                 problems.append("deepseek_v2 needs score_func='softmax', norm_topk_prob=False, rope_interleave=True")
             d.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy")
+    elif mt == "deepseek":
+        problems += _deepseek_v1_out(cfg, d)
     else:
         if cfg.rope_interleave:
             problems.append("rope_interleave must be False")
@@ -197,6 +270,8 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         if mt == "mixtral":
             if cfg.moe_intermediate_size != cfg.intermediate_size or "dense" in cfg.layer_kinds() or cfg.qk_norm:
                 problems.append("mixtral needs every layer MoE with moe_intermediate_size == intermediate_size, no qk_norm")
+            if not cfg.norm_topk_prob:
+                problems.append("mixtral renormalises the top-k weights (norm_topk_prob=False: export to 'deepseek')")
         else:
             d.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
                      decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
@@ -207,3 +282,36 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
     if problems:
         raise UnsupportedConfig(f"cannot export to {mt}: {'; '.join(problems)}")
     return d
+
+
+def _deepseek_v1_out(cfg: ModelConfig, d: dict[str, Any]) -> list[str]:
+    """Fills d with the remote-code DeepseekConfig keys of cfg (rope_theta / rope_scaling, which
+    modeling_deepseek.py reads, instead of rope_parameters); returns what it cannot express."""
+    problems = []
+    if cfg.attention_type != "gqa" or cfg.qk_norm:
+        problems.append("attention_type must be 'gqa' without qk_norm")
+    if cfg.rope_interleave or cfg.rope_type != "default":
+        problems.append("rope must be the default half-split rope (rope_interleave=False, rope_type='default')")
+    if cfg.num_heads * cfg.gqa_head_dim != cfg.hidden_size:
+        problems.append(f"head_dim={cfg.gqa_head_dim} must be hidden_size / num_heads")
+    if (cfg.score_func != "softmax" or cfg.n_group > 1 or cfg.routed_scaling_factor != 1.0
+            or cfg.use_score_correction_bias):
+        problems.append("routing must be plain softmax top-k (no groups, scaling or correction bias)")
+    if cfg.norm_topk_prob and cfg.num_experts_per_tok == 1:
+        problems.append("norm_topk_prob with top-1 (deepseek normalises only when top-k > 1)")
+    if cfg.mtp_depth:
+        problems.append("mtp_depth must be 0")
+    rule = _moe_layer_rule(cfg)
+    if rule is None:
+        problems.append("the MoE layers must be every moe_layer_freq-th layer from first_k_dense_replace on "
+                        f"(layer kinds: {', '.join(cfg.layer_kinds())})")
+    seq_aux = cfg.seq_aux_loss_coef > 0 or cfg.aux_loss_coef == 0
+    d.pop("rope_parameters")
+    d.pop("dtype")
+    d.update(num_key_value_heads=cfg.kv_heads, n_routed_experts=cfg.n_routed_experts,
+             n_shared_experts=cfg.n_shared_experts or None, moe_intermediate_size=cfg.moe_intermediate_size,
+             first_k_dense_replace=rule[0] if rule else cfg.first_k_dense_replace,
+             moe_layer_freq=rule[1] if rule else 1, norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax",
+             aux_loss_alpha=cfg.seq_aux_loss_coef if seq_aux else cfg.aux_loss_coef, seq_aux=seq_aux,
+             rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=False, torch_dtype="float32")
+    return problems

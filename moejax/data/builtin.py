@@ -1,4 +1,8 @@
-"""The built-in default corpus: the Python standard library's own sources (code and docstrings).
+"""The built-in default corpus: the Python standard library's own sources (code and docstrings); and a
+second built-in domain, `builtin-docs`: the English prose of Python's reference documentation (the `pydoc_data`
+topics that ship with the interpreter), tokenized with the default corpus's tokenizer, so that a model
+pretrained on the default corpus can continue on it (continual pretraining; `data.source=
+'builtin-docs=0.9,builtin=0.1'` replays 10% of the old data).
 
 It goes through the same pipeline as any dataset (`moejax.data.prepare`: code checks, exact and
 near-duplicate removal, PII placeholders, a sentencepiece BPE tokenizer with byte fallback trained on
@@ -58,5 +62,38 @@ def build(cfg: DataConfig, vocab_size: int) -> str:
     try:
         prepare.prepare(data_config(cfg, vocab_size), out, quiet=False)
     except FileExistsError:  # another process built it while this one waited for the lock
+        pass
+    return out
+
+
+DOCS_VERSION = 1
+
+
+def build_docs(cfg: DataConfig, vocab_size: int) -> str:
+    """The `builtin-docs` dataset directory (prepared on first use with the built-in corpus's tokenizer)."""
+    from moejax.data import prepare
+
+    code = build(cfg, vocab_size)
+    root = cfg.cache_dir or default_cache_dir()
+    key = hashlib.sha256(json.dumps({"v": DOCS_VERSION, "py": sys.version_info[:2], "code": os.path.basename(code),
+                                     "seq_len": cfg.seq_len, "val": cfg.val_fraction}).encode()).hexdigest()[:12]
+    out = os.path.join(root, f"pydoc-{key}")
+    if dataset.is_complete(out):
+        return out
+    import pydoc_data.topics
+
+    texts = os.path.join(root, f"pydoc-topics-py{sys.version_info[0]}.{sys.version_info[1]}")
+    os.makedirs(texts, exist_ok=True)
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        with open(os.path.join(texts, f"{name}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    print(f"[data] preparing builtin-docs (Python's reference documentation) into {out}", flush=True)
+    conf = {"name": "pydoc-topics", "seed": 0, "seq_len": cfg.seq_len, "val_fraction": max(cfg.val_fraction, 0.1),
+            "workers": 1, "sources": [{"name": "pydoc", "path": texts, "kind": "text"}],
+            "stages": {"near_dedup": True, "pii": False, "fim_rate": 0.0},
+            "tokenizer": {"model": os.path.join(code, dataset.TOKENIZER)}}
+    try:
+        prepare.prepare(conf, out, quiet=True)
+    except FileExistsError:
         pass
     return out

@@ -160,13 +160,13 @@ def tokenizer_digest(path: str) -> str:
 
 
 def resolve(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
-    """The datasets a config names, as [(directory, weight)]: the built-in corpus (prepared on first
-    use), a prepared directory, or a mixture `dirA=0.7,dirB=0.3`."""
-    if data_cfg.source == "builtin":
-        from moejax.data import builtin
+    """The datasets a config names, as [(directory, weight)]: a prepared directory, the built-in corpus
+    ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or a mixture of
+    them `dirA=0.7,builtin=0.3`."""
+    from moejax.data import builtin
 
-        return [(builtin.build(data_cfg, vocab_size), 1.0)]
-    mix = parse_sources(data_cfg.source)
+    named = {"builtin": builtin.build, "builtin-docs": builtin.build_docs}
+    mix = [(named[p](data_cfg, vocab_size) if p in named else p, w) for p, w in parse_sources(data_cfg.source)]
     for path, _ in mix:
         manifest = read_manifest(path)
         if manifest["seq_len"] != data_cfg.seq_len:

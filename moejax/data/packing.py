@@ -90,8 +90,9 @@ def encode_row(row: np.ndarray) -> bytes:
 
 
 def decode_row(data: bytes, seq_len: int) -> dict[str, np.ndarray]:
-    arr = np.frombuffer(data, np.int32).reshape(3, seq_len)
-    return {name: arr[i] for i, name in enumerate(FIELDS)}
+    """A row's fields: FIELDS, and `loss_mask` in fine-tuning rows (moejax.finetune.data), which hold 4."""
+    arr = np.frombuffer(data, np.int32).reshape(-1, seq_len)
+    return {name: arr[i] for i, name in enumerate(FIELDS + ("loss_mask",)[:arr.shape[0] - 3])}
 
 
 def write_rows(path: str, rows: Iterable[np.ndarray]) -> int:

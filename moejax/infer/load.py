@@ -21,7 +21,7 @@ class LoadError(ValueError):
     pass
 
 
-def _hf_tokenizer(path: str, name: str = "tokenizer.json"):
+def hf_tokenizer(path: str, name: str = "tokenizer.json"):
     from moejax.data.tokenizer import HFTokenizer
 
     tj = os.path.join(path, name)
@@ -78,7 +78,13 @@ def _train_workdir(path: str, mesh, rules):
                                      partial_restore=True)
     state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
     manager.close()
-    model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
+    if ts.has_frozen:  # a LoRA run: its checkpoints hold the adapters; the base weights are the base's
+        from moejax.finetune import lora
+
+        base, _ = load(cfg.base, mesh=ts.mesh, rules=ts.rules)
+        model = lora.merge(nnx.merge(ts.graphdef, state["params"], state["router"], ts.frozen_of(base)))
+    else:
+        model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
     tokenizer = dataset.tokenizer(dataset.resolve(cfg.data, cfg.model.vocab_size))
     return model, tokenizer
 
@@ -103,12 +109,12 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
         from moejax.convert import from_hf
 
         model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype)
-        tok = None if tokenizer else _hf_tokenizer(path)
+        tok = None if tokenizer else hf_tokenizer(path)
     else:
         raise LoadError(f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
                         "or a Hugging Face folder (config.json + *.safetensors)")
     if tokenizer and tokenizer.endswith(".json"):  # its special tokens from the tokenizer_config.json beside it
-        tok = _hf_tokenizer(os.path.dirname(os.path.abspath(tokenizer)), os.path.basename(tokenizer))
+        tok = hf_tokenizer(os.path.dirname(os.path.abspath(tokenizer)), os.path.basename(tokenizer))
     elif tokenizer:
         from moejax.data import tokenizer as tokenizer_lib
 

@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, rms_norm
+from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, rms_norm
 
 
 def attention_mask(segment_ids):
@@ -78,26 +78,27 @@ class MLA(nnx.Module):
         self.wkv_b = param(rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg)  # [R, N, Hn+Hv]
         self.wo = param(rngs, (N, Hv, D), ("heads", "head_dim", "embed"), cfg)  # [N, Hv, D]
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, rng=None):
+        """rng: LoRA dropout (training)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         x = x.astype(cd)
         rows, heads = ("batch", None, None), ("batch", None, "heads", None)
         if cfg.q_lora_rank:
-            q_lat = jnp.einsum("BTD,DR->BTR", x, self.wq_a[...].astype(cd), preferred_element_type=jnp.float32)
+            q_lat = project(self, "wq_a", "BTD,DR->BTR", x, cd, rng)
             q_lat = sharding.constrain(self.q_norm(sharding.constrain(q_lat, self.layout, rows)).astype(cd), self.layout, rows)
-            q = jnp.einsum("BTR,RNH->BTNH", q_lat, self.wq_b[...].astype(cd), preferred_element_type=jnp.float32)
+            q = project(self, "wq_b", "BTR,RNH->BTNH", q_lat, cd, rng)
         else:
-            q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
+            q = project(self, "wq", "BTD,DNH->BTNH", x, cd, rng)
         q = sharding.constrain(q.astype(cd), self.layout, heads)
         q_nope, q_rope = q[..., :Hn], q[..., Hn:]
 
-        kv_a = jnp.einsum("BTD,DR->BTR", x, self.wkv_a[...].astype(cd), preferred_element_type=jnp.float32)
+        kv_a = project(self, "wkv_a", "BTD,DR->BTR", x, cd, rng)
         kv_a = sharding.constrain(kv_a, self.layout, rows)
         kv_lat, k_rope = kv_a[..., :R], kv_a[..., R:]  # [B, T, R], [B, T, Hr]
         kv_lat = sharding.constrain(self.kv_norm(kv_lat).astype(cd), self.layout, rows)
-        kv = jnp.einsum("BSR,RNH->BSNH", kv_lat, self.wkv_b[...].astype(cd), preferred_element_type=jnp.float32)
+        kv = project(self, "wkv_b", "BSR,RNH->BSNH", kv_lat, cd, rng)
         kv = sharding.constrain(kv.astype(cd), self.layout, heads)
         k_nope, v = kv[..., :Hn], kv[..., Hn:]  # [B, S, N, Hn], [B, S, N, Hv]
 
@@ -107,7 +108,7 @@ class MLA(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
         out = attend(q, k, v, mask, cfg.softmax_scale)  # [B, T, N, Hv]
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, rows)
 
 
@@ -126,13 +127,14 @@ class GQA(nnx.Module):
             self.q_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
             self.k_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, rng=None):
+        """rng: LoRA dropout (training)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         x = x.astype(cd)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(cd), preferred_element_type=jnp.float32)
-        k = jnp.einsum("BSD,DNH->BSNH", x, self.wk[...].astype(cd), preferred_element_type=jnp.float32)
-        v = jnp.einsum("BSD,DNH->BSNH", x, self.wv[...].astype(cd), preferred_element_type=jnp.float32)
+        q = project(self, "wq", "BTD,DNH->BTNH", x, cd, rng)
+        k = project(self, "wk", "BSD,DNH->BSNH", x, cd, rng)
+        v = project(self, "wv", "BSD,DNH->BSNH", x, cd, rng)
         heads, kv_heads = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
         q = sharding.constrain(q, self.layout, heads)
         k = sharding.constrain(k, self.layout, kv_heads)
@@ -144,5 +146,5 @@ class GQA(nnx.Module):
         k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
         out = attend(q, k, v.astype(cd), mask, cfg.softmax_scale)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(cd), preferred_element_type=jnp.float32)
+        y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, ("batch", None, None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,57 @@ def swiglu(gate_up):
     return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
+# ------------------------------------------------------------------------------- LoRA
+
+LORA_RANK = "Z"  # the adapter rank's letter in the einsums below
+
+
+def lora_specs(spec: str) -> tuple[str, str]:
+    """The two einsums of a low-rank update of `spec` ('x,w->y'): x A [in..., Z] then B [Z, out...].
+
+    The weight's letters that x shares are its inputs, the rest its outputs, in the weight's order:
+    'BTD,DNH->BTNH' -> ('BTD,DZ->BTZ', 'BTZ,ZNH->BTNH').
+    """
+    lhs, out = spec.split("->")
+    x, w = lhs.split(",")
+    ins = "".join(c for c in w if c in x)
+    outs = "".join(c for c in w if c not in x)
+    mid = "".join(c for c in x if c not in ins) + LORA_RANK
+    return f"{x},{ins}{LORA_RANK}->{mid}", f"{mid},{LORA_RANK}{outs}->{out}"
+
+
+def lora_update(spec: str, x, a, b, scale: float, dropout: float = 0.0, rng=None):
+    """scale * (dropout(x) A) B for `spec`'s weight, float32; a [in..., Z], b [Z, out...]."""
+    if dropout > 0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    sa, sb = lora_specs(spec)
+    z = jnp.einsum(sa, x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    return scale * jnp.einsum(sb, z.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def adapters(module, name: str):
+    """(A, B, scale, dropout) of `module.<name>`'s LoRA adapter (moejax.finetune.lora adds them), or None."""
+    a = getattr(module, name + "_lora_a", None)
+    if a is None:
+        return None
+    return a[...], getattr(module, name + "_lora_b")[...], module.lora_scale, module.lora_dropout
+
+
+def project(module, name: str, spec: str, x, cd, rng=None):
+    """einsum(spec, x, module.<name>) in compute dtype cd with float32 accumulation, plus the weight's LoRA
+    update when it has one (rng: the adapter's dropout, training only)."""
+    x = x.astype(cd)
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(cd), preferred_element_type=jnp.float32)
+    lora = adapters(module, name)
+    if lora is not None:
+        a, b, scale, dropout = lora
+        if rng is not None:
+            rng = jax.random.fold_in(rng, zlib.crc32(name.encode()))
+        y = y + lora_update(spec, x, a.astype(cd), b.astype(cd), scale, dropout, rng)
+    return y
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
 
@@ -67,15 +119,14 @@ class MLP(nnx.Module):
         self.w_gate_up = param(rngs, (D, 2, hidden), ("embed", None, "mlp"), cfg)  # [D, 2, F]
         self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)  # [F, D]
 
-    def __call__(self, x):
-        """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32."""
+    def __call__(self, x, rng=None):
+        """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32. rng: LoRA dropout (training)."""
         cd = self.compute_dtype
         rows = ("batch",) + (None,) * (x.ndim - 2)
-        h = jnp.einsum("...D,DXF->...XF", x.astype(cd), self.w_gate_up[...].astype(cd),
-                       preferred_element_type=jnp.float32)
+        h = project(self, "w_gate_up", "...D,DXF->...XF", x, cd, rng)
         h = sharding.constrain(h, self.layout, rows + (None, "mlp"))  # [..., 2, F]
         h = swiglu(h).astype(cd)
-        y = jnp.einsum("...F,FD->...D", h, self.w_down[...].astype(cd), preferred_element_type=jnp.float32)
+        y = project(self, "w_down", "...F,FD->...D", h, cd, rng)
         return sharding.constrain(y, self.layout, rows + (None,))
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from moejax import kernels, sharding
 from moejax.config import ModelConfig
-from moejax.model import moe_ep
+from moejax.model import layers, moe_ep
 from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
 from moejax.model.moe_ep import capacity
@@ -80,29 +80,36 @@ def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, c
     return per_assignment.sum(axis=1), dropped
 
 
-def experts_dropless(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None):
-    """Sort by expert, grouped matmuls, weighted combine. x [M, D] -> [M, D] float32."""
-    E, D, _, F = w_gate_up.shape
+def experts_dropless(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None):
+    """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted combine.
+    x [M, D] -> [M, D] float32."""
+    E = w_gate_up.shape[0]
     xs, order, group_sizes = kernels.permute(x.astype(compute_dtype), expert_ids, E)  # [M*K, D]
-    h = kernels.gmm(xs, w_gate_up.reshape(E, D, 2 * F).astype(compute_dtype), group_sizes,
-                    preferred_element_type=jnp.float32, impl=gmm_impl)  # [M*K, 2F]
-    h = swiglu(h.reshape(-1, 2, F)).astype(compute_dtype)  # [M*K, F]
-    ys = kernels.gmm(h, w_down.astype(compute_dtype), group_sizes, preferred_element_type=jnp.float32,
-                     impl=gmm_impl)  # [M*K, D]
+    ys = moe_ep.expert_ffn(xs, group_sizes, w_gate_up.astype(compute_dtype), w_down.astype(compute_dtype),
+                           gmm_impl=gmm_impl, lora=lora)  # [M*K, D]
     return kernels.unpermute(ys, order, weights)
 
 
-def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
+def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None):
     """Each assignment gathers its expert's weights: x [M, D] -> [M, D] float32.
 
     Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a few
     tokens), where a grouped matmul's per-group fixed cost dominates. `MoE` picks it by that rule.
     """
     cd = compute_dtype
+    x = x.astype(cd)
     g = w_gate_up[expert_ids].astype(cd)  # [M, K, D, 2, F]
-    h = jnp.einsum("MD,MKDXF->MKXF", x.astype(cd), g, preferred_element_type=jnp.float32)
+    h = jnp.einsum("MD,MKDXF->MKXF", x, g, preferred_element_type=jnp.float32)
+    if lora is not None:  # the gathered adapters (no dropout: a few tokens are decoding, not training)
+        z = jnp.einsum("MD,MKDZ->MKZ", x, lora.a_gu[expert_ids].astype(cd), preferred_element_type=jnp.float32)
+        h = h + lora.scale * jnp.einsum("MKZ,MKZXF->MKXF", z.astype(cd), lora.b_gu[expert_ids].astype(cd),
+                                        preferred_element_type=jnp.float32)
     h = swiglu(h).astype(cd)  # [M, K, F]
     out = jnp.einsum("MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32)
+    if lora is not None:
+        z = jnp.einsum("MKF,MKFZ->MKZ", h, lora.a_d[expert_ids].astype(cd), preferred_element_type=jnp.float32)
+        out = out + lora.scale * jnp.einsum("MKZ,MKZD->MKD", z.astype(cd), lora.b_d[expert_ids].astype(cd),
+                                            preferred_element_type=jnp.float32)
     return jnp.einsum("MKD,MK->MD", out, weights.astype(jnp.float32))
 
 
@@ -177,17 +184,34 @@ class MoE(nnx.Module):
             bias = self.bias[...] if cfg.use_score_correction_bias else None
             r = router_lib.route(logits, bias, cfg)
         with jax.named_scope("experts"):
-            y, dropped = self._experts(x, xf, r, mask, mask2, cd)
+            y, dropped = self._experts(x, xf, r, mask, mask2, cd, rng)
         if cfg.n_shared_experts:
-            y = y + self.shared(xf)
+            y = y + self.shared(xf, None if rng is None else jax.random.fold_in(rng, 4))
         stats = self.stats(r, mask, B)
         stats["dropped"] = dropped
         return y.reshape(B, T, D), with_means(stats, cfg)
 
-    def _experts(self, x, xf, r: router_lib.Routing, mask, mask2, cd):
+    def expert_lora(self, rng=None) -> moe_ep.ExpertLoRA | None:
+        """The routed experts' LoRA adapters (moejax.finetune.lora adds them), or None."""
+        gu, dn = layers.adapters(self, "w_gate_up"), layers.adapters(self, "w_down")
+        if gu is None and dn is None:
+            return None
+        E, D, _, F = self.w_gate_up.shape[-4:]
+        z = (gu or dn)[0].shape[-1]
+        zeros = (jnp.zeros((E, D, z)), jnp.zeros((E, z, 2, F))) if gu is None else gu[:2]
+        zeros_d = (jnp.zeros((E, F, z)), jnp.zeros((E, z, D))) if dn is None else dn[:2]
+        scale, dropout = (gu or dn)[2:]
+        return moe_ep.ExpertLoRA(*zeros, *zeros_d, scale=scale, dropout=dropout,
+                                 rng=None if rng is None else jax.random.fold_in(rng, 3))
+
+    def _experts(self, x, xf, r: router_lib.Routing, mask, mask2, cd, rng=None):
         """Routed experts by this layer's dispatch: (y [M, D] float32, real assignments dropped)."""
         cfg, wgu, wd = self.cfg, self.w_gate_up[...], self.w_down[...]
+        lora = self.expert_lora(rng)
         zero = jnp.zeros((), jnp.float32)
+        if lora is not None and self.dispatch in ("dense", "capacity"):
+            wgu, wd = lora.merged(wgu, wd)  # the references run the merged weights (no adapter dropout)
+            lora = None
         if self.dispatch == "dense":
             return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd), zero
         if self.dispatch == "capacity":
@@ -195,7 +219,7 @@ class MoE(nnx.Module):
         impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
         B, T, D = x.shape
         if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-            return experts_gather(xf, r.expert_ids, r.weights, wgu, wd, cd), zero  # a few tokens: decoding
+            return experts_gather(xf, r.expert_ids, r.weights, wgu, wd, cd, lora), zero  # a few tokens: decoding
         # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a pipeline
         # stage (a shard_map over 'stage') the exchange is a shard_map nested over the remaining axes.
         if (self.dispatch == "expert_parallel"
@@ -205,11 +229,11 @@ class MoE(nnx.Module):
             y, dropped = moe_ep.experts_ep(
                 x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), mask2, wgu, wd, cd,
                 mesh=mesh, rules=self.layout.rule_table, exchange=cfg.ep_exchange,
-                capacity_factor=cfg.capacity_factor, capacity_scope=cfg.capacity_scope, gmm_impl=impl)
+                capacity_factor=cfg.capacity_factor, capacity_scope=cfg.capacity_scope, gmm_impl=impl, lora=lora)
             return y.reshape(B * T, D), dropped
         if self.dispatch == "expert_parallel" and impl is None and kernels.default_impl().startswith("pallas"):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
-        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl), zero
+        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora), zero
 
     def stats(self, r: router_lib.Routing, mask, batch: int):
         """This call's SUM_STATS and MEAN_STATS (without 'dropped', which the dispatch gives)."""

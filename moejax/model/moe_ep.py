@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> 
 
 
 def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dtype, *, mesh, rules,
-               exchange: str, capacity_factor: float, capacity_scope: str = "global", gmm_impl=None):
+               exchange: str, capacity_factor: float, capacity_scope: str = "global", gmm_impl=None,
+               lora: ExpertLoRA | None = None):
     """Routed experts with the experts split over the expert axes.
 
     capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or 'group'
@@ -92,26 +94,45 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
     n_batch = math.prod(mesh.shape[a] for a in b_axes)
     C = capacity(B * T * K * math.prod(scope_sizes) // n_batch, E, capacity_factor)
 
-    def body(x, ids, w, mask, wgu, wd):
+    # the adapters split like their experts: A's input axis and B's output axis like the weight's
+    lora_arrays, lora_specs = (), ()
+    if lora is not None:
+        lora_arrays = (lora.a_gu, lora.b_gu, lora.a_d, lora.b_d) + (() if lora.rng is None else (lora.rng,))
+        lora_specs = (sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual), wgu_spec,
+                      sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual),
+                      sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual))
+        lora_specs += () if lora.rng is None else (P(),)
+
+    def body(x, ids, w, mask, wgu, wd, *adapter):
         Bl, T, D = x.shape
         x, ids, w = x.reshape(Bl * T, D), ids.reshape(Bl * T, K), w.reshape(Bl * T, K)
         valid = jnp.repeat(mask.reshape(Bl * T) > 0, K)  # [A]
+        local_lora = None
+        if lora is not None:
+            rng = None
+            if lora.rng is not None:  # a different dropout mask on every device
+                rng = adapter[4]
+                for a in tuple(ep_axes) + tuple(b_axes):
+                    rng = jax.random.fold_in(rng, jax.lax.axis_index(a))
+            local_lora = lora._replace(a_gu=adapter[0], b_gu=adapter[1], a_d=adapter[2], b_d=adapter[3], rng=rng)
         y, dropped = _local(x.astype(compute_dtype), ids, w, valid, wgu.astype(compute_dtype),
                             wd.astype(compute_dtype), E=E, C=C, ep_axes=ep_axes, tp_axes=tp_axes, b_axes=b_axes,
-                            scope=scope, scope_sizes=scope_sizes, exchange=exchange, gmm_impl=gmm_impl)
+                            scope=scope, scope_sizes=scope_sizes, exchange=exchange, gmm_impl=gmm_impl,
+                            lora=local_lora)
         return y.reshape(Bl, T, D), dropped
 
     auto = {a for a in mesh.axis_names if a not in manual}
-    return jax.shard_map(body, mesh=mesh, in_specs=(bspec, bspec, bspec, mspec, wgu_spec, wd_spec),
+    return jax.shard_map(body, mesh=mesh, in_specs=(bspec, bspec, bspec, mspec, wgu_spec, wd_spec) + lora_specs,
                          out_specs=(bspec, P()), axis_names=auto, check_vma=False)(
-        x, expert_ids, weights, token_mask, w_gate_up, w_down)
+        x, expert_ids, weights, token_mask, w_gate_up, w_down, *lora_arrays)
 
 
 def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, scope_sizes, exchange, gmm_impl):
+def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, scope_sizes, exchange, gmm_impl,
+           lora=None):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped count)."""
     M, K = ids.shape
     A = M * K
@@ -124,7 +145,7 @@ def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, 
     ids_kept = jnp.where(keep.reshape(M, K), ids, E)  # dropped assignments sort last, outside every group
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
-    experts = functools.partial(_experts, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl)
+    experts = functools.partial(expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora)
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
     else:
@@ -192,13 +213,51 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
     return valid & (fits | (key > threshold) | (tie & (rank < ties_wanted)))
 
 
-def _experts(rows, group_sizes, *, wgu, wd, tp_axes, gmm_impl):
-    """The local experts on rows grouped by expert (rows past the groups give zeros)."""
+class ExpertLoRA(NamedTuple):
+    """Per-expert low-rank adapters of the routed experts (moejax.finetune.lora), applied on the rows inside
+    the grouped matmuls: h = x W_gu + scale (x A_gu) B_gu, y = h W_d + scale (h A_d) B_d."""
+
+    a_gu: jax.Array  # [E, D, Z]
+    b_gu: jax.Array  # [E, Z, 2, F]
+    a_d: jax.Array  # [E, F, Z]
+    b_d: jax.Array  # [E, Z, D]
+    scale: float
+    dropout: float = 0.0
+    rng: jax.Array | None = None  # dropout key (training)
+
+    def merged(self, wgu, wd):
+        """The base weights with the update added: (w_gate_up, w_down) for the dense / capacity references."""
+        return (wgu + self.scale * jnp.einsum("EDZ,EZXF->EDXF", self.a_gu, self.b_gu).astype(wgu.dtype),
+                wd + self.scale * jnp.einsum("EFZ,EZD->EFD", self.a_d, self.b_d).astype(wd.dtype))
+
+
+def _dropped_out(x, rate: float, rng):
+    if not rate or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def expert_ffn(rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: ExpertLoRA | None = None):
+    """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A, D] -> [A, D]
+    float32. With tensor-parallel experts (tp_axes) each device holds an F slice and the down projection's
+    partial sums (and the adapter's, which is linear in the slice) are summed once at the end."""
     El, D, _, Fl = wgu.shape
-    h = kernels.gmm(rows, wgu.reshape(El, D, 2 * Fl), group_sizes, preferred_element_type=jnp.float32,
-                    impl=gmm_impl)
-    h = swiglu(h.reshape(-1, 2, Fl)).astype(rows.dtype)
-    y = kernels.gmm(h, wd, group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
+    cd = rows.dtype
+
+    def gmm(x, w):
+        return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
+
+    h = gmm(rows, wgu.reshape(El, D, 2 * Fl))
+    if lora is not None:
+        r0, r1 = (None, None) if lora.rng is None else jax.random.split(lora.rng)
+        z = gmm(_dropped_out(rows, lora.dropout, r0), lora.a_gu).astype(cd)  # [A, Z]
+        h = h + lora.scale * gmm(z, lora.b_gu.reshape(El, -1, 2 * Fl))
+    h = swiglu(h.reshape(-1, 2, Fl)).astype(cd)
+    y = gmm(h, wd)
+    if lora is not None:
+        z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(cd)  # [A, Z] (a partial sum under tp)
+        y = y + lora.scale * gmm(z, lora.b_d)
     return _psum(y, tp_axes)
 
 

@@ -49,15 +49,17 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, token_mask, rng=None):
         """x [B, T, D] -> (x, aux); aux is {} for dense layers."""
         cd = self.compute_dtype
+        # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
+        attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
         with jax.named_scope("attention"):
-            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, mask)
+            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, mask, rng=attn_rng)
         x = (x.astype(jnp.float32) + h).astype(cd)
         with jax.named_scope("ffn"):
             hn = self.ffn_norm(x).astype(cd)
             if self.kind == "moe":
                 h, aux = self.ffn(hn, token_mask, rng)
             else:
-                h, aux = self.ffn(hn), {}
+                h, aux = self.ffn(hn, None if rng is None else jax.random.fold_in(rng, 2)), {}
         return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL), aux
 
 

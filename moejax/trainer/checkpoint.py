@@ -29,6 +29,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        """Saves the state without its frozen base weights (LoRA: they are the base's, read from there)."""
+        state = {k: v for k, v in state.items() if k != "frozen"}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(self.cfg.to_dict())), force=force)

@@ -45,19 +45,29 @@ class TrainSetup:
 
     # ------------------------------------------------------------------ the state
 
-    def init_state(self, params=None, router=None):
+    @property
+    def has_frozen(self) -> bool:
+        """The state holds frozen base weights (LoRA: cfg.lora.rank > 0) under 'frozen'."""
+        return "frozen" in self.abstract
+
+    def init_state(self, params=None, router=None, frozen=None):
         """The train state, created by one jitted program whose outputs are the shards.
 
         params, router: optional weights to start from (nnx.States laid out as `shardings['params']` and
         `shardings['router']`, e.g. a Hugging Face base: `split_model(from_hf(path, mesh, rules)[0])`
         with this setup's mesh and rules). They are used as they are (donated); the optimizer moments and
         counters are created around them. Without `router`, the aux-loss-free biases start at zero.
+        frozen: with LoRA, the base weights (laid out as `shardings['frozen']`, donated); the adapters and
+        their optimizer state are initialized around them (the random base the init would draw is never
+        computed: nothing uses it).
         """
         if params is None:
             init = jax.jit(functools.partial(_init, self.cfg, self.tx, self.mesh, self.rules),
-                           out_shardings=self.shardings)
+                           out_shardings=self.shardings,
+                           **({"in_shardings": (self.shardings["frozen"],), "donate_argnums": (0,)}
+                              if frozen is not None else {}))
             with jax.set_mesh(self.mesh):
-                return init()
+                return init(frozen) if frozen is not None else init()
         if router is None:
             router = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract["router"])
         init = jax.jit(functools.partial(_rest_of_state, self.cfg, self.tx),
@@ -68,8 +78,18 @@ class TrainSetup:
 
     def restore(self, checkpointer, step: int):
         """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
-        checkpoint saved on another mesh). Nothing is initialized first."""
-        return checkpointer.restore(step, self.abstract)
+        checkpoint saved on another mesh). Nothing is initialized first. With LoRA the checkpoint holds no
+        frozen base weights (they come from the base: `frozen_of`) and neither does the returned state."""
+        return checkpointer.restore(step, {k: v for k, v in self.abstract.items() if k != "frozen"})
+
+    def frozen_of(self, model):
+        """A base model's weights (a plain Transformer of this config's architecture, e.g. from
+        `moejax.infer.load`) as this setup's frozen state, in its shardings."""
+        from moejax.finetune import lora
+
+        lora.freeze(model)
+        frozen = nnx.state(model, lora.Frozen)
+        return jax.device_put(frozen, self.shardings["frozen"])
 
     # ------------------------------------------------------------------ the steps
 
@@ -95,11 +115,17 @@ class TrainSetup:
 
 
 def build_model(cfg: Config, mesh: Mesh | None, rules: dict | None, seed: int) -> Transformer:
-    return Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
+    """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0."""
+    model = Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
+    if cfg.lora.rank:
+        from moejax.finetune import lora
+
+        lora.apply(model, cfg.lora, nnx.Rngs(seed + 17))
+    return model
 
 
-def _rest_of_state(cfg: Config, tx, params, router):
-    return {
+def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "router": router,
@@ -107,12 +133,16 @@ def _rest_of_state(cfg: Config, tx, params, router):
         "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
         "nonfinite": jnp.zeros((), jnp.int32),
     }
+    if frozen is not None and jax.tree.leaves(frozen):
+        state["frozen"] = frozen  # LoRA: the base weights, not trained
+    return state
 
 
-def _init(cfg: Config, tx, mesh, rules):
-    """The whole state from cfg.train.seed (traced under jit: each device computes its shards)."""
-    _, params, router, _ = split_model(build_model(cfg, mesh, rules, cfg.train.seed))
-    return _rest_of_state(cfg, tx, params, router)
+def _init(cfg: Config, tx, mesh, rules, frozen=None):
+    """The whole state from cfg.train.seed (traced under jit: each device computes its shards); with LoRA
+    and `frozen`, around those base weights."""
+    _, params, router, rest = split_model(build_model(cfg, mesh, rules, cfg.train.seed))
+    return _rest_of_state(cfg, tx, params, router, rest if frozen is None else frozen)
 
 
 def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:

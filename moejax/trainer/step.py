@@ -35,16 +35,21 @@ def token_loss_sum(logits, labels, valid):
 
 
 def shifted_targets(batch, shift: int):
-    """Labels `shift` tokens ahead and where they are valid (same document, not padding).
+    """Labels `shift` tokens ahead and where they are valid (same document, not padding, and, in fine-tuning
+    batches, a token the batch's `loss_mask` trains on).
 
     Returns labels [B, T] and valid [B, T] (positions t + shift >= T are invalid).
     """
     tokens, seg = batch["tokens"], batch["segment_ids"]
     B, T = tokens.shape
-    pad = jnp.zeros((B, shift), tokens.dtype)
-    labels = jnp.concatenate([tokens[:, shift:], pad], axis=1)
-    seg_ahead = jnp.concatenate([seg[:, shift:], jnp.zeros((B, shift), seg.dtype)], axis=1)
-    valid = (seg > 0) & (seg_ahead == seg)
+
+    def ahead(x):  # [B, T] -> x[:, t + shift], zero past the end
+        return jnp.concatenate([x[:, shift:], jnp.zeros((B, shift), x.dtype)], axis=1)
+
+    labels = ahead(tokens)
+    valid = (seg > 0) & (ahead(seg) == seg)
+    if "loss_mask" in batch:
+        valid = valid & (ahead(batch["loss_mask"]) > 0)
     return labels, valid
 
 
@@ -126,9 +131,10 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params, router = state["params"], state["router"]
+        rest_ = state.get("frozen", rest)  # LoRA: the frozen base weights travel in the state
         norm = normalizers(batch, cfg, n_micro)
         if n_micro == 1:
-            (_, (metrics, stats)), grads = grad_fn(params, router, rest, batch, rng, norm)
+            (_, (metrics, stats)), grads = grad_fn(params, router, rest_, batch, rng, norm)
         else:
             # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every microbatch
             micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
@@ -136,10 +142,10 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
 
             def body(acc, xs):
                 mb, i = xs
-                (_, (m, s)), g = grad_fn(params, router, rest, mb, jax.random.fold_in(rng, i), norm)
+                (_, (m, s)), g = grad_fn(params, router, rest_, mb, jax.random.fold_in(rng, i), norm)
                 return jax.tree.map(jnp.add, acc, (g, m, s)), None
 
-            shapes = jax.eval_shape(grad_fn, params, router, rest, jax.tree.map(lambda x: x[0], micro), rng, norm)
+            shapes = jax.eval_shape(grad_fn, params, router, rest_, jax.tree.map(lambda x: x[0], micro), rng, norm)
             (_, (m_shape, s_shape)), g_shape = shapes
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (g_shape, m_shape, s_shape))
             # every share is already divided by the global counts: the sums are the whole batch's values
@@ -149,10 +155,10 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_router = router
-        if stats and cfg.model.use_score_correction_bias:
+        if stats and cfg.model.use_score_correction_bias and jax.tree.leaves(router):
             # merge a copy: the update writes into the merged model's Variables, which would otherwise be
             # `router`'s own, and a skipped step must keep the old biases
-            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest)
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest_)
             model.update_router_biases(stats["expert_counts"])
             new_router = nnx.state(model, RouterBias)
         new_state = {
@@ -163,6 +169,8 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
             "rng": state["rng"],
             "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
         }
+        if "frozen" in state:
+            new_state["frozen"] = state["frozen"]
         metrics = dict(metrics, grad_norm=grad_norm, lr=applied_lr(state["opt_state"], sched),
                        skipped=(~finite).astype(jnp.int32))
         if stats:
@@ -195,8 +203,8 @@ def moe_stats(stats, router, top_k: int):
 def make_eval_step(graphdef, rest, cfg: Config):
     """Validation: (summed next-token cross-entropy, valid targets) of a batch; sum both over batches."""
 
-    def eval_step(params, router, batch):
-        model = nnx.merge(graphdef, params, router, rest)
+    def eval_step(params, router, batch, frozen=None):
+        model = nnx.merge(graphdef, params, router, rest if frozen is None else frozen)
         logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         labels, valid = shifted_targets(batch, 1)
         return token_loss_sum(logits, labels, valid), valid.sum().astype(jnp.float32)

@@ -1,0 +1,87 @@
+"""The built-in instruction set: chat and prompt/completion examples made from the Python standard library.
+
+Every recipe runs offline on it. Three kinds of example, all with answers a person wrote (the docstrings):
+
+  chat     "Explain what this Python function does" + the function without its docstring -> its docstring
+  chat     a system turn, then "What is the `pkg.module` module for?" -> the module docstring's first paragraph
+  prompt   "Summarize `module.function` in one line:" -> the docstring's first line (prompt/completion format)
+
+The files are read with `ast` (nothing is imported), in sorted order, so the set is the same on every machine
+with the same Python; it is written once to `cache_dir/instructions-v<N>-py<X.Y>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+import sysconfig
+import textwrap
+
+VERSION = 1
+SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3", "turtledemo")
+SYSTEM = "You are a concise assistant for Python programmers."
+
+
+def _without_docstring(src_lines: list[str], fn: ast.FunctionDef) -> str | None:
+    doc = fn.body[0]
+    lines = src_lines[fn.lineno - 1:fn.end_lineno]
+    start, end = doc.lineno - fn.lineno, doc.end_lineno - fn.lineno + 1
+    code = textwrap.dedent("\n".join(lines[:start] + lines[end:]))
+    return code if code.strip() and len(fn.body) > 1 else None
+
+
+def examples_of(path: str, module: str, max_code_chars: int = 700) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        tree = ast.parse(src)
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    lines = src.splitlines()
+    out = []
+    mdoc = ast.get_docstring(tree)
+    if mdoc and 40 <= len(mdoc.split("\n\n")[0]) <= 600:
+        out.append({"messages": [{"role": "system", "content": SYSTEM},
+                                 {"role": "user", "content": f"What is the `{module}` module for?"},
+                                 {"role": "assistant", "content": mdoc.split("\n\n")[0].strip()}]})
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        if not doc or not 20 <= len(doc) <= 600:
+            continue
+        code = _without_docstring(lines, node)
+        if code is None or len(code) > max_code_chars:
+            continue
+        out.append({"messages": [
+            {"role": "user", "content": f"Explain what this Python function does:\n\n{code}"},
+            {"role": "assistant", "content": doc}]})
+        first = doc.strip().splitlines()[0].strip()
+        if len(first) >= 15:
+            out.append({"prompt": f"Summarize `{module}.{node.name}` in one line:\n", "completion": first})
+    return out
+
+
+def build(cache_dir: str, max_examples: int = 4000) -> str:
+    """The instruction set's JSONL file (written on first use)."""
+    path = os.path.join(cache_dir, f"instructions-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl")
+    if os.path.exists(path):
+        return path
+    root = sysconfig.get_paths()["stdlib"]
+    rows = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(d, name), root)[:-3].replace(os.sep, ".")
+                rows += examples_of(os.path.join(d, name), rel.removesuffix(".__init__"))
+    rows = rows[:max_examples]
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,243 @@
+"""Fine-tuning runs: a base model, instruction or new-domain data, the pretraining trainer.
+
+`run(cfg, workdir)` resolves the base (`cfg.base`: a training workdir, a moejax checkpoint or a Hugging Face
+folder), takes its architecture and tokenizer, prepares the SFT data with that tokenizer (or checks that the
+continual-pretraining data was tokenized by it), and hands everything to `moejax.train.run`: the same
+trainer, checkpoints, metrics, resume and preemption as pretraining. The base weights are read straight into
+the run's shardings (`moejax.infer.load`); with LoRA they stay frozen in the state and the checkpoints hold
+only the adapters and their optimizer state (a resumed run reads the base again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+
+from moejax.config import Config, ConfigError, ModelConfig
+from moejax.data import chat, dataset
+
+# How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
+RUN_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers", "moe_impl", "gmm_impl",
+              "capacity_factor", "ep_exchange", "capacity_scope", "pipeline_microbatches", "router_jitter",
+              "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef", "bias_update_rate", "mtp_loss_weight")
+
+
+class BaseError(ValueError):
+    pass
+
+
+def base_kind(path: str) -> str:
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    if os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
+        return "moejax"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    raise BaseError(f"base={path!r}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + "
+                    "state/) or a Hugging Face folder (config.json + *.safetensors)")
+
+
+def base_model_config(path: str) -> ModelConfig:
+    kind = base_kind(path)
+    if kind == "workdir":
+        from moejax.infer.load import workdir_config
+
+        return workdir_config(path).model
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    if kind == "moejax":
+        return ModelConfig.from_dict(d)
+    from moejax.convert.hf_config import from_hf_config
+
+    return from_hf_config(d)
+
+
+def base_tokenizer(path: str) -> tuple[str, dict]:
+    """(tokenizer file, special tokens) of a base: a workdir's data tokenizer, a folder's tokenizer.json or
+    tokenizer.model."""
+    if base_kind(path) == "workdir":
+        from moejax.infer.load import workdir_config
+
+        cfg = workdir_config(path)
+        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        hf = os.path.join(d, dataset.HF_TOKENIZER)
+        if os.path.exists(hf):
+            return hf, dataset.read_manifest(d).get("special_tokens", {})
+        return os.path.join(d, dataset.TOKENIZER), {}
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        from moejax.infer.load import hf_tokenizer
+
+        return os.path.join(path, "tokenizer.json"), hf_tokenizer(path).special
+    if os.path.exists(os.path.join(path, dataset.TOKENIZER)):
+        return os.path.join(path, dataset.TOKENIZER), {}
+    raise BaseError(f"base={path!r} has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def chat_template(cfg: Config) -> str | None:
+    """sft.template (a jinja2 file, or a tokenizer_config.json), else the base's, else None (built in)."""
+    t = cfg.sft.template
+    if t:
+        if not os.path.exists(t):
+            raise ConfigError(f"sft.template: no such file {t!r}")
+        if t.endswith(".json"):
+            tpl = chat.chat_template_of(t)
+            if not tpl:
+                raise ConfigError(f"sft.template: {t} has no chat_template")
+            return tpl
+        with open(t) as f:
+            return f.read()
+    return chat.chat_template_of(cfg.base) if cfg.base and base_kind(cfg.base) != "workdir" else None
+
+
+def _digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def resolve(cfg: Config) -> Config:
+    """The run's config: the base's architecture (RUN_FIELDS from the recipe) and the data source the run
+    reads (SFT data prepared, with the base's tokenizer, into the data cache). Raises BaseError/ConfigError."""
+    from moejax.data.builtin import default_cache_dir
+
+    cache = cfg.data.cache_dir or default_cache_dir()
+    if cfg.base:
+        base = base_model_config(cfg.base)
+        model = base.replace(**{f: getattr(cfg.model, f) for f in RUN_FIELDS})
+        cfg = dataclasses.replace(cfg, model=model)
+        tok_file, special = base_tokenizer(cfg.base)
+    elif cfg.sft.data:
+        # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining data
+        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        tok_file = os.path.join(d, dataset.HF_TOKENIZER if os.path.exists(os.path.join(d, dataset.HF_TOKENIZER))
+                                else dataset.TOKENIZER)
+        special = dataset.read_manifest(d).get("special_tokens", {})
+    if cfg.sft.data:
+        from moejax.finetune import data as sft_data, instructions
+
+        if cfg.sft.data == "builtin":
+            files = [instructions.build(cache)]
+        else:
+            files = [os.path.expanduser(f.strip()) for f in cfg.sft.data.split(",") if f.strip()]
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise ConfigError(f"sft.data: no such file {missing[0]!r}")
+        out = sft_data.cached(files, tok_file, cache, seq_len=cfg.data.seq_len, template=chat_template(cfg),
+                              loss_on=cfg.sft.loss_on, val_fraction=cfg.data.val_fraction, special=special)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=out))
+    if cfg.base:  # continual pretraining: the data must be the base's tokens
+        for path, _ in dataset.resolve(cfg.data, cfg.model.vocab_size):
+            if dataset.tokenizer_digest(path) != _digest(tok_file):
+                raise BaseError(f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
+                                f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
+                                "tokenizer.hf)")
+    return cfg
+
+
+class BaseStart:
+    """The starting weights of a fine-tuning run (moejax.train.run's `start_from`)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def _model(self, ts):
+        from moejax.infer.load import load
+
+        kind = base_kind(self.cfg.base)
+        dtype = None if kind == "workdir" else self.cfg.model.param_dtype
+        model, _ = load(self.cfg.base, mesh=ts.mesh, rules=ts.rules, dtype=dtype)
+        if kind == "workdir" and self.cfg.model.param_dtype != model.cfg.param_dtype:
+            raise BaseError(f"model.param_dtype={self.cfg.model.param_dtype!r} but the base workdir keeps "
+                            f"{model.cfg.param_dtype!r}")
+        return model
+
+    def init(self, ts):
+        from moejax.trainer.step import split_model
+
+        model = self._model(ts)
+        if ts.has_frozen:
+            return ts.init_state(frozen=ts.frozen_of(model))
+        _, params, router, _ = split_model(model)
+        params = jax.device_put(params, ts.shardings["params"])
+        router = jax.device_put(router, ts.shardings["router"])
+        return ts.init_state(params, router if jax.tree.leaves(router) else None)
+
+    def resume(self, ts, state):
+        if ts.has_frozen:
+            state = dict(state, frozen=ts.frozen_of(self._model(ts)))
+        return state
+
+
+def validation_loss(model, path: str, seq_len: int, batch_size: int, batches: int) -> float:
+    """Next-token cross-entropy per token of `model` on the first `batches` validation batches of one
+    prepared dataset (the same rows every call)."""
+    import jax.numpy as jnp
+
+    from moejax.trainer.step import shifted_targets, token_loss_sum
+
+    @jax.jit
+    def f(model, b):
+        logits, _ = model(b["tokens"], b["positions"], b["segment_ids"])
+        labels, valid = shifted_targets(b, 1)
+        return token_loss_sum(logits, labels, valid), valid.sum()
+
+    it = dataset.Batches(path, "validation", batch_size, seed=0, shuffle=False)
+    total = count = 0.0
+    for _ in range(batches):
+        s, n = jax.device_get(f(model, {k: jnp.asarray(v) for k, v in next(it).items()}))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def forgetting(cfg: Config, workdir: str, batches: int | None = None) -> dict:
+    """Validation loss on every source of the run's data mixture, for the base and for the run's last
+    checkpoint: {source: {"base": loss, "after": loss, "old": bool}}. The base's own training data (a workdir
+    base) is evaluated too, replayed or not: forgetting is the rise of the old domain's loss, the gain the
+    new domain's fall."""
+    from moejax.infer.load import load
+
+    sources = [p for p, _ in dataset.resolve(cfg.data, cfg.model.vocab_size)]
+    old = set()
+    if base_kind(cfg.base) == "workdir":  # the base's own data is the old domain, replayed or not
+        from moejax.infer.load import workdir_config
+
+        bcfg = workdir_config(cfg.base)
+        if bcfg.data.seq_len == cfg.data.seq_len:
+            old = {p for p, _ in dataset.resolve(bcfg.data, bcfg.model.vocab_size)}
+            sources += [p for p in sorted(old) if p not in sources]
+    n = batches or max(cfg.train.eval_batches, 1)
+    out = {}
+    for name, path in (("base", cfg.base), ("after", workdir)):
+        model, _ = load(path)
+        for src in sources:
+            loss = validation_loss(model, src, cfg.data.seq_len, cfg.train.batch_size, n)
+            out.setdefault(src, {"old": src in old})[name] = loss
+    return out
+
+
+def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None,
+        report_forgetting: bool | None = None) -> dict:
+    """Fine-tunes (or continues pretraining) per cfg in workdir; resumes if it holds checkpoints.
+
+    Continual pretraining (a base, no SFT data) ends with the per-domain losses (`forgetting`), logged as
+    `forgetting` in the returned metrics and printed."""
+    from moejax import train
+
+    cfg = resolve(cfg)
+    out = train.run(cfg, workdir, quiet=quiet, max_steps_this_run=max_steps_this_run,
+                    start_from=BaseStart(cfg) if cfg.base else None)
+    if report_forgetting is None:
+        report_forgetting = bool(cfg.base) and not cfg.sft.data and max_steps_this_run is None
+    if report_forgetting:
+        table = forgetting(cfg, workdir)
+        out["forgetting"] = table
+        if not quiet:
+            for src, v in table.items():
+                role = "old domain" if v["old"] else "new domain"
+                print(f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} (base) -> "
+                      f"{v['after']:.4f} ({v['after'] - v['base']:+.4f})", flush=True)
+    return out

@@ -252,6 +252,10 @@ def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: in
                       "seed": seed, "special": special}, sort_keys=True)
     out = os.path.join(cache_dir, "sft-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     if dataset.is_complete(out):
+        m = dataset.read_manifest(out)
+        sk = m.get("skipped", {})
+        print(f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped {sum(sk.values())}"
+              f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}", flush=True)
         return out
     os.makedirs(cache_dir, exist_ok=True)
     return prepare(files, tokenizer_file, out, seq_len=seq_len, template=template, loss_on=loss_on,

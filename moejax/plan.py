@@ -108,11 +108,16 @@ def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen
         "optimizer": _shard_bytes(state["opt_state"]),
         "router": _shard_bytes(state["router"]),
     }
+    if "frozen" in state:  # LoRA: the frozen base weights (no gradients, no moments)
+        comp["frozen"] = _shard_bytes(state["frozen"])
     comp["grads"] = comp["params"]
     comp.update(activation_bytes(cfg, mesh_shape))
     total = sum(comp.values())
     counts = param_counts(cfg.model)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    if "frozen" in state:
+        # frozen weights get no weight gradient: forward (2N) + input gradient (2N) of the 6N per token
+        fpt = fpt * 4 / 6
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step_s = fpt * tokens_per_step / (chips * chip.bf16_flops * mfu)
     price = chip.price_per_hour if price is None else price

@@ -149,6 +149,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     the frozen base weights, which checkpoints do not hold).
     """
     check_workdir(workdir)
+    if cfg.lora.rank and start_from is None:
+        raise TrainingError("lora.rank > 0 trains adapters on a base model: run python -m moejax.finetune with "
+                            "--config.base=")
     t_start = time.time()
     primary = jax.process_index() == 0
     show = not quiet

@@ -96,6 +96,29 @@ def test_chat_and_completion_examples_train_on_answers_only(tok):
     assert mask_all[1:].all()
 
 
+def test_sentencepiece_examples_are_tokenized_as_inference_encodes_them(tmp_path):
+    """Pieces are not encoded one by one: sentencepiece would give every piece a dummy-prefix space."""
+    from moejax.data.tokenizer import train_sentencepiece
+
+    spm = train_sentencepiece([" ".join(WORDS)] * 50 + ["<|user|> <|assistant|> é ü"] * 20,
+                              str(tmp_path / "t.model"), 300)
+    row = {"messages": [{"role": "user", "content": "add two numbers é"}, {"role": "assistant", "content": "It sums"},
+                        {"role": "user", "content": "more"}, {"role": "assistant", "content": "ü too"}]}
+    toks, mask = sft.tokenize_example(sft.example_pieces(row, chat.DEFAULT_CHAT_TEMPLATE), spm)
+    body = [t for t in toks[1:] if t != spm.eos_id]  # BOS and the inserted EOS ids aside
+    full = chat.render_chat(chat.DEFAULT_CHAT_TEMPLATE, row["messages"], add_generation_prompt=False)
+    assert body == spm.encode(full)  # the whole render, encoded once
+    answers = [spm.decode(toks[i:j]) for i, j in _runs(mask)]
+    assert answers == ["It sums\n", "ü too\n"]
+    prompt = chat.render_chat(chat.DEFAULT_CHAT_TEMPLATE, row["messages"][:1])
+    assert list(toks[1:np.flatnonzero(mask)[0]]) == spm.encode(prompt)  # what the generator is given
+
+
+def _runs(mask):
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
 def test_bad_examples_are_skipped_and_counted(tok, tmp_path):
     bad = [
         {"messages": [{"role": "user", "content": "no answer"}]},
@@ -237,12 +260,20 @@ def test_lora_grouped_matmul_gradients_match_the_merged_reference():
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-5)
 
 
-def test_lora_targets_that_match_nothing_are_an_error():
+def test_lora_bad_settings_are_clear_errors():
+    from moejax.finetune.runner import resolve
+
     model = Transformer(ModelConfig(num_layers=2), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="'attn/nope' matches no adaptable weight"):
         lora.apply(model, LoRAConfig(rank=2, targets=("attn/", "attn/nope")), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        lora.apply(model, LoRAConfig(rank=2, targets=("attn/[",)), nnx.Rngs(0))
     with pytest.raises(ConfigError, match="lora.rank"):
         LoRAConfig(rank=-1)
+    cd = tiny_config_dict()
+    cd.lora.rank = 4
+    with pytest.raises(ConfigError, match="needs|base"):
+        resolve(Config.from_dict(cd))
 
 
 def test_lora_training_changes_only_the_adapters(tmp_path):

@@ -6,6 +6,7 @@ model is trained on exactly the text it is later prompted with.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -19,21 +20,35 @@ class TemplateFailure(ValueError):
     """The template raised, or does not render as jinja2."""
 
 
-def render_chat(template: str, messages: list[dict], *, bos: str = "", eos: str = "",
-                add_generation_prompt: bool = True) -> str:
-    """Renders a Hugging Face chat template (sandboxed jinja2, trim_blocks / lstrip_blocks, raise_exception,
-    as transformers renders it). Raises TemplateFailure."""
+def _raise_exception(msg):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(msg)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled(template: str):
+    """The template compiled once (sandboxed jinja2, trim_blocks / lstrip_blocks, raise_exception, as
+    transformers renders it). Raises TemplateFailure for a template that does not parse."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(msg):
-        raise TemplateError(msg)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    env.globals["raise_exception"] = _raise_exception
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos, eos_token=eos)
+        return env.from_string(template)
+    except TemplateError as e:
+        raise TemplateFailure(f"chat template: {e}") from None
+
+
+def render_chat(template: str, messages: list[dict], *, bos: str = "", eos: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """Renders a Hugging Face chat template. Raises TemplateFailure."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos, eos_token=eos)
     except TemplateError as e:
         raise TemplateFailure(f"chat template: {e}") from None
 

@@ -45,6 +45,15 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """encode(text) and the character index where each token starts."""
+        import numpy as np
+
+        pieces = self.sp.encode(text, return_type="proto").pieces
+        char_byte = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # byte offset of each char start
+        starts = np.searchsorted(char_byte, [p.begin for p in pieces], side="right") - 1
+        return [p.id for p in pieces], [int(x) for x in starts]
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizer.json`. Special tokens are named by their text: `eos` is required, `bos`
@@ -79,6 +88,11 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """encode(text) and the character index where each token starts."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, [o[0] for o in enc.offsets]
 
 
 def load(path: str, special: dict | None = None) -> Tokenizer:

@@ -29,7 +29,8 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (BaseError, TrainingError, IncompatibleCheckpoint, sharding.ShardingError, FileNotFoundError) as e:
+    except (BaseError, TrainingError, IncompatibleCheckpoint, sharding.ShardingError, FileNotFoundError,
+            ValueError) as e:  # bad data files, tokenizer files or templates (LoadError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

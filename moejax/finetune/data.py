@@ -99,15 +99,28 @@ def example_pieces(row: dict, template: str, loss_on: str = "assistant") -> list
 
 
 def tokenize_example(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [n], loss_mask [n]): BOS, then each piece; a trained piece (an answer) ends with EOS."""
-    toks, mask = [tokenizer.bos_id], [0]
-    for text, trained in pieces:
-        ids = tokenizer.encode(text)
-        if trained and (not ids or ids[-1] != tokenizer.eos_id):
-            ids = ids + [tokenizer.eos_id]
-        toks += ids
-        mask += [int(trained)] * len(ids)
-    return np.asarray(toks, np.int32), np.asarray(mask, np.int32)
+    """(tokens [n], loss_mask [n]): BOS, then the pieces' text tokenized as one string (as inference encodes
+    a rendered conversation: no piece-boundary artifacts such as a second dummy-prefix space), a token
+    trained on when it starts inside a trained piece; each trained piece (an answer) ends with EOS."""
+    text = "".join(t for t, _ in pieces)
+    spans, at = [], 0
+    for t, trained in pieces:
+        if trained:
+            spans.append((at, at + len(t)))
+        at += len(t)
+    ids, starts = tokenizer.encode_offsets(text)
+    ids, starts = np.asarray(ids, np.int64), np.asarray(starts, np.int64)
+    trained = np.zeros(len(ids), bool)
+    eos_at = []  # token positions before which an answer's EOS goes
+    for a, b in spans:
+        trained |= (starts >= a) & (starts < b)
+        end = int(np.searchsorted(starts, b, side="left"))  # the first token starting at or after b
+        if end == 0 or ids[end - 1] != tokenizer.eos_id:
+            eos_at.append(end)
+    toks = np.insert(ids, eos_at, tokenizer.eos_id)
+    mask = np.insert(trained, eos_at, True)
+    return (np.concatenate([[tokenizer.bos_id], toks]).astype(np.int32),
+            np.concatenate([[0], mask]).astype(np.int32))
 
 
 class SFTPacker:
@@ -167,6 +180,10 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
     """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples counted."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"sft.loss_on: got {loss_on!r}, allowed: {', '.join(map(repr, LOSS_ON))}")
+    try:
+        chat.compiled(template)
+    except chat.TemplateFailure as e:
+        raise ValueError(f"sft.template: {e}") from None
     skipped: collections.Counter = collections.Counter()
     packers = {s: SFTPacker(seq_len) for s in dataset.SPLITS}
     out = {s: [] for s in dataset.SPLITS}
@@ -211,7 +228,7 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     for a, b in (("train", "validation"), ("validation", "train")):
         if not len(rows[a]):
             rows[a] = rows[b][:1]
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp{os.getpid()}"  # one per process: several hosts may prepare into shared storage
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     name = dataset.HF_TOKENIZER if tokenizer_file.endswith(".json") else dataset.TOKENIZER
@@ -225,6 +242,9 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
                 "fill": {s: tokens[s] / max(1, len(rows[s]) * seq_len) for s in rows}, **counts,
                 "special_tokens": dict(special or {})}
     dataset.write_manifest(tmp, manifest)
+    if dataset.is_complete(out):  # another process finished first: same inputs, same rows
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     if not quiet:

@@ -15,7 +15,7 @@ import sys
 FORMATS = ("hf", "moejax", "adapters")
 
 
-def export(workdir: str, out: str, fmt: str = "hf") -> str:
+def export(workdir: str, out: str, fmt: str = "hf", dtype: str = "float32") -> str:
     from flax import nnx
 
     from moejax.convert import to_hf
@@ -49,10 +49,29 @@ def export(workdir: str, out: str, fmt: str = "hf") -> str:
     if ts.has_frozen:
         model = lora.merge(model)
     if fmt == "hf":
-        to_hf(model, cfg.model, out)
+        to_hf(model, cfg.model, out, dtype=dtype)
     else:
         save_model(model, cfg.model, out)
+    _copy_tokenizer(cfg, out)
     return out
+
+
+def _copy_tokenizer(cfg, out: str) -> None:
+    """The run's tokenizer beside the export: the base folder's tokenizer files (chat template included), or
+    the training data's tokenizer."""
+    import shutil
+
+    from moejax.data import dataset
+
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", dataset.TOKENIZER)
+    src = [os.path.join(cfg.base, n) for n in names] if cfg.base and not os.path.isdir(
+        os.path.join(cfg.base, "checkpoints")) else []
+    if not any(os.path.exists(f) for f in src):
+        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        src = [os.path.join(d, n) for n in (dataset.HF_TOKENIZER, dataset.TOKENIZER)]
+    for f in src:
+        if os.path.exists(f):
+            shutil.copy(f, out)
 
 
 def main(argv=None) -> int:
@@ -60,9 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="hf", choices=FORMATS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf weights")
     args = p.parse_args(argv)
     try:
-        path = export(args.workdir, args.out, args.format)
+        path = export(args.workdir, args.out, args.format, args.dtype)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -57,6 +57,13 @@ def _path(path, name, module=None) -> str:
     return "/".join(str(p) for p in path + (name,))
 
 
+def _regex(pattern: str):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"lora.targets: {pattern!r} is not a regular expression ({e})") from None
+
+
 def targets(model, patterns) -> list[tuple[str, object, str]]:
     """(path, module, weight name) of every adaptable weight a pattern matches (re.search on the path).
     A pattern that matches none is an error naming it."""
@@ -67,7 +74,7 @@ def targets(model, patterns) -> list[tuple[str, object, str]]:
             if not isinstance(var, (nnx.Param, Frozen)) or isinstance(var, LoRAParam):
                 continue
             p = _path(path, name, module)
-            hits = [pat for pat in patterns if re.search(pat, p)]
+            hits = [pat for pat in patterns if _regex(pat).search(p)]
             if hits:
                 found.append((p, module, name))
                 used.update(hits)
@@ -107,9 +114,10 @@ def apply(model, cfg: LoRAConfig, rngs: nnx.Rngs):
         axes = tuple(w.get_metadata().get("logical_axes", ()) or ())
         a_shape, a_axes, b_shape, b_axes, fan_in = _factor_shapes(w, axes, name, cfg.rank)
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound).astype(w.dtype)
+        # float32 factors whatever the base's dtype (as PEFT keeps them); the matmuls run in compute_dtype
+        a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
         setattr(module, name + "_lora_a", LoRAParam(a, logical_axes=a_axes))
-        setattr(module, name + "_lora_b", LoRAParam(jnp.zeros(b_shape, w.dtype), logical_axes=b_axes))
+        setattr(module, name + "_lora_b", LoRAParam(jnp.zeros(b_shape, jnp.float32), logical_axes=b_axes))
         module.lora_scale = cfg.alpha / cfg.rank
         module.lora_dropout = cfg.dropout
     freeze(model)

@@ -105,7 +105,10 @@ def resolve(cfg: Config) -> Config:
     from moejax.data.builtin import default_cache_dir
 
     cache = cfg.data.cache_dir or default_cache_dir()
+    if cfg.lora.rank and not cfg.base:
+        raise ConfigError("base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base=")
     if cfg.base:
+        cfg = dataclasses.replace(cfg, base=os.path.abspath(os.path.expanduser(cfg.base)))  # resumable from anywhere
         base = base_model_config(cfg.base)
         model = base.replace(**{f: getattr(cfg.model, f) for f in RUN_FIELDS})
         cfg = dataclasses.replace(cfg, model=model)
@@ -138,6 +141,19 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+def load_base(cfg: Config, mesh=None, rules=None):
+    """The base model in the run's parameter dtype, on `mesh` (default: one device)."""
+    from moejax.infer.load import load
+
+    kind = base_kind(cfg.base)
+    dtype = None if kind == "workdir" else cfg.model.param_dtype
+    model, _ = load(cfg.base, mesh=mesh, rules=rules, dtype=dtype)
+    if kind == "workdir" and cfg.model.param_dtype != model.cfg.param_dtype:
+        raise BaseError(f"model.param_dtype={cfg.model.param_dtype!r} but the base workdir keeps "
+                        f"{model.cfg.param_dtype!r}")
+    return model
+
+
 class BaseStart:
     """The starting weights of a fine-tuning run (moejax.train.run's `start_from`)."""
 
@@ -145,15 +161,7 @@ class BaseStart:
         self.cfg = cfg
 
     def _model(self, ts):
-        from moejax.infer.load import load
-
-        kind = base_kind(self.cfg.base)
-        dtype = None if kind == "workdir" else self.cfg.model.param_dtype
-        model, _ = load(self.cfg.base, mesh=ts.mesh, rules=ts.rules, dtype=dtype)
-        if kind == "workdir" and self.cfg.model.param_dtype != model.cfg.param_dtype:
-            raise BaseError(f"model.param_dtype={self.cfg.model.param_dtype!r} but the base workdir keeps "
-                            f"{model.cfg.param_dtype!r}")
-        return model
+        return load_base(self.cfg, ts.mesh, ts.rules)
 
     def init(self, ts):
         from moejax.trainer.step import split_model
@@ -212,7 +220,7 @@ def forgetting(cfg: Config, workdir: str, batches: int | None = None) -> dict:
     n = batches or max(cfg.train.eval_batches, 1)
     out = {}
     for name, path in (("base", cfg.base), ("after", workdir)):
-        model, _ = load(path)
+        model = load_base(cfg) if name == "base" else load(path)[0]
         for src in sources:
             loss = validation_loss(model, src, cfg.data.seq_len, cfg.train.batch_size, n)
             out.setdefault(src, {"old": src in old})[name] = loss

@@ -81,7 +81,9 @@ def _train_workdir(path: str, mesh, rules):
     if ts.has_frozen:  # a LoRA run: its checkpoints hold the adapters; the base weights are the base's
         from moejax.finetune import lora
 
-        base, _ = load(cfg.base, mesh=ts.mesh, rules=ts.rules)
+        from moejax.finetune.runner import load_base
+
+        base = load_base(cfg, ts.mesh, ts.rules)
         model = lora.merge(nnx.merge(ts.graphdef, state["params"], state["router"], ts.frozen_of(base)))
     else:
         model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)

@@ -43,9 +43,14 @@ class Checkpointer:
         saved_model = {k: saved["model"].get(k, defaults[k]) for k in mine["model"]}
         diffs = [f"model.{k}: checkpoint {saved_model[k]!r} vs config {v!r}"
                  for k, v in mine["model"].items() if saved_model[k] != v]
-        for section, keys in (("data", ("seq_len", "source")), ("train", ("batch_size", "seed"))):
+        for section, keys in (("data", ("seq_len", "source")), ("train", ("batch_size", "seed")),
+                              ("lora", ("rank", "alpha", "targets"))):
+            if section not in saved:  # a checkpoint from before the section existed: its defaults
+                saved[section] = dict(self.cfg.to_dict()[section], **{"rank": 0} if section == "lora" else {})
             diffs += [f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config {mine[section][k]!r}"
                       for k in keys if saved[section].get(k) != mine[section][k]]
+        if saved.get("base", "") != mine["base"]:
+            diffs.append(f"base: checkpoint {saved.get('base', '')!r} vs config {mine['base']!r}")
         if diffs:
             raise IncompatibleCheckpoint(
                 f"{self.dir} holds a checkpoint (step {step}) from an incompatible config: " + "; ".join(diffs[:6])

@@ -464,6 +464,34 @@ class LoRAConfig:
             raise ConfigError("lora.targets: empty; name at least one parameter pattern")
 
 
+ALIGN_METHODS = ("", "dpo", "reward")
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Preference optimization (moejax.finetune.objectives); method '' is language modeling."""
+
+    method: str = ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model); the last two read
+    #                   {"prompt", "chosen", "rejected"} rows from sft.data
+    beta: float = 0.1  # DPO's inverse temperature (IPO: the regularization 1 / (2 beta) of the target margin)
+    dpo_loss: str = "sigmoid"  # 'sigmoid' (DPO) or 'ipo' (IPO, on per-token average log-ratios)
+    label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed flipped
+    max_pairs_per_row: int = 8  # pairs packed into one row at most (a static bound of the per-pair sums)
+
+    def __post_init__(self):
+        if self.method not in ALIGN_METHODS:
+            raise ConfigError(f"align.method: got {self.method!r}, allowed: {', '.join(map(repr, ALIGN_METHODS))}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ConfigError(f"align.dpo_loss: got {self.dpo_loss!r}, allowed: {', '.join(map(repr, DPO_LOSSES))}")
+        if self.beta <= 0:
+            raise ConfigError(f"align.beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"align.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.max_pairs_per_row < 1:
+            raise ConfigError(f"align.max_pairs_per_row: must be >= 1, got {self.max_pairs_per_row}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
@@ -475,11 +503,12 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     sft: SFTConfig = SFTConfig()
     lora: LoRAConfig = LoRAConfig()
+    align: AlignConfig = AlignConfig()
     # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging Face folder
     # ('' = random initialization, i.e. pretraining)
     base: str = ""
 
-    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora")
+    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align")
 
     @classmethod
     def from_dict(cls, d) -> "Config":
@@ -487,7 +516,7 @@ class Config:
             d = d.to_dict()
         d = dict(d)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig}
+                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig, "align": AlignConfig}
         unknown = set(d) - set(sections) - {"base"}
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}, base")

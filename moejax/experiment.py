@@ -11,13 +11,14 @@ import os
 
 import ml_collections
 
-from moejax.config import (Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig, SFTConfig,
-                           TrainConfig)
+from moejax.config import (AlignConfig, Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
+                           SFTConfig, TrainConfig)
 
 
 def base_config() -> ml_collections.ConfigDict:
     sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig(),
-                "mesh": MeshConfig(), "sft": SFTConfig(), "lora": LoRAConfig()}
+                "mesh": MeshConfig(), "sft": SFTConfig(), "lora": LoRAConfig(),
+                "align": AlignConfig()}
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():
         values = dataclasses.asdict(dc)

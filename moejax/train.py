@@ -78,17 +78,22 @@ class _NullWriter:
         pass
 
 
-def evaluate(eval_step, state, data, cfg: Config, batch_sh) -> float:
-    """Validation cross-entropy per token over the first eval_batches batches (always the same ones)."""
+def evaluate(eval_step, state, data, cfg: Config, batch_sh, metrics: dict | None = None) -> float:
+    """Validation loss over the first eval_batches batches (always the same ones): cross-entropy per token, or
+    (DPO) the loss per pair, whose held-out preference accuracy goes to metrics['val_accuracy']."""
     batches = dataset.Batches(data, "validation", cfg.train.batch_size, seed=0, shuffle=False,
                               process_index=jax.process_index(), process_count=jax.process_count())
-    total = count = 0.0
+    sums: dict = {}
     for _ in range(max(cfg.train.eval_batches, 1)):
         batch = global_batch(next(batches), batch_sh)
-        loss_sum, ntok = jax.device_get(eval_step(state["params"], state["router"], batch, state.get("frozen")))
-        total += float(loss_sum)
-        count += float(ntok)
-    return total / max(count, 1.0)
+        out = jax.device_get(eval_step(state["params"], state["router"], batch, state.get("frozen"),
+                                       state.get("reference")))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    count = max(sums["count"], 1.0)
+    if metrics is not None and "correct" in sums:
+        metrics["val_accuracy"] = sums["correct"] / count
+    return sums["loss"] / count
 
 
 def sample_prompts(cfg: Config, data) -> list:
@@ -149,6 +154,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     the frozen base weights, which checkpoints do not hold).
     """
     check_workdir(workdir)
+    if cfg.align.method and start_from is None:
+        raise TrainingError(f"align.method={cfg.align.method!r} optimizes a base model against itself: run python -m "
+                            "moejax.finetune with --config.base=")
     if cfg.lora.rank and start_from is None:
         raise TrainingError("lora.rank > 0 trains adapters on a base model: run python -m moejax.finetune with "
                             "--config.base=")
@@ -252,9 +260,11 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                             f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
                             f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    val = evaluate(eval_step, state, data, cfg, batch_sh)
-                    writer.write(step, {"val_loss": val})
-                    bar.write(f"[train] step {step}: val_loss {val:.4f}")
+                    extra: dict = {}
+                    val = evaluate(eval_step, state, data, cfg, batch_sh, extra)
+                    writer.write(step, {"val_loss": val, **extra})
+                    bar.write(f"[train] step {step}: val_loss {val:.4f}"
+                              + "".join(f"; {k} {v:.4f}" for k, v in extra.items()))
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     ckpt.save(step, state, batches.state())
                 if pre.requested:
@@ -271,13 +281,16 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         writer.close()
 
     if step >= cfg.train.steps:
-        val = evaluate(eval_step, state, data, cfg, batch_sh)
+        extra: dict = {}
+        val = evaluate(eval_step, state, data, cfg, batch_sh, extra)
         writer = metrics_lib.MetricWriter(workdir, resume_step=step) if primary else _NullWriter()
-        writer.write(step, {"val_loss": val})
+        writer.write(step, {"val_loss": val, **extra})
         writer.close()
         last["val_loss"] = val
+        last.update(extra)
         if not quiet:
-            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}; "
+            acc = f" (held-out preference accuracy {extra['val_accuracy']:.1%})" if "val_accuracy" in extra else ""
+            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}{acc}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
         if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
             print_samples(cfg, ts, state, data, tokenizer)

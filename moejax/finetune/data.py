@@ -98,6 +98,51 @@ def example_pieces(row: dict, template: str, loss_on: str = "assistant") -> list
     raise Skip("neither messages nor prompt/completion")
 
 
+def _completion(value) -> str:
+    """A preference completion: a string, or [{"role": "assistant", "content": ...}] (TRL's conversational form)."""
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+        return value[0]["content"]
+    raise Skip("chosen/rejected is not a string or one assistant message")
+
+
+def pair_pieces(row: dict, template: str) -> tuple[list, list]:
+    """A preference row {"prompt", "chosen", "rejected"} as the pieces of its two examples (chosen, rejected).
+    The prompt is a string (one user turn) or a list of messages; it is rendered with the chat template and
+    only the completions are trained on. Raises Skip."""
+    if not all(k in row for k in ("prompt", "chosen", "rejected")):
+        raise Skip("missing prompt, chosen or rejected")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        if not isinstance(prompt, list) or not prompt:
+            raise Skip("prompt is not a string or a list of messages")
+        for m in prompt:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise Skip("a message without string content")
+            if m.get("role") not in ROLES:
+                raise Skip("unknown role")
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    chosen, rejected = _completion(row["chosen"]), _completion(row["rejected"])
+    if chosen == rejected:
+        raise Skip("chosen equals rejected")
+    out = []
+    try:
+        before = chat.render_chat(template, messages, add_generation_prompt=True)
+        for answer in (chosen, rejected):
+            after = chat.render_chat(template, messages + [{"role": "assistant", "content": answer}],
+                                     add_generation_prompt=False)
+            if not after.startswith(before):
+                raise Skip("template renders turns inconsistently")
+            out.append([(before, False), (after[len(before):], True)])
+    except chat.TemplateFailure:
+        raise Skip("template failed") from None
+    return out[0], out[1]
+
+
 def tokenize_example(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [n], loss_mask [n]): BOS, then the pieces' text tokenized as one string (as inference encodes
     a rendered conversation: no piece-boundary artifacts such as a second dummy-prefix space), a token
@@ -127,24 +172,33 @@ class SFTPacker:
     """Whole examples into rows of seq_len (first fit over the last `window` open rows).
 
     `add(tokens, mask)` returns the rows it closed, int32 [k, 4, seq_len] (tokens, segment_ids, positions,
-    loss_mask); `finish()` the rest. Padding: token 0, segment 0, position 0, loss 0.
+    loss_mask); `finish()` the rest. Padding: token 0, segment 0, position 0, loss 0. `add_group(examples)`
+    keeps several examples together in one row, in consecutive segments (a preference pair: chosen, rejected).
     """
 
-    def __init__(self, seq_len: int, window: int = 16):
+    def __init__(self, seq_len: int, window: int = 16, max_segments: int = 0):
         self.L, self.window = seq_len, window
+        self.max_segments = max_segments or seq_len  # examples per row at most
         self.open: list[list[tuple[np.ndarray, np.ndarray]]] = []
         self.used: list[int] = []
 
     def add(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        n = len(tokens)
+        return self.add_group([(tokens, mask)])
+
+    def add_group(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        n, k = sum(len(t) for t, _ in examples), len(examples)
+
+        def full(j):
+            return self.used[j] == self.L or len(self.open[j]) == self.max_segments
+
         for i, used in enumerate(self.used):
-            if used + n <= self.L:
-                self.open[i].append((tokens, mask))
+            if used + n <= self.L and len(self.open[i]) + k <= self.max_segments:
+                self.open[i].extend(examples)
                 self.used[i] += n
-                return self._close(lambda j: self.used[j] == self.L)
-        self.open.append([(tokens, mask)])
+                return self._close(full)
+        self.open.append(list(examples))
         self.used.append(n)
-        closed = self._close(lambda j: self.used[j] == self.L)
+        closed = self._close(full)
         if len(self.open) > self.window:  # the fullest open row goes
             full = int(np.argmax(self.used))
             closed = np.concatenate([closed, self._close(lambda j: j == full)])
@@ -176,8 +230,11 @@ def _split_of(index: int, val_fraction: float, seed: int) -> str:
 
 
 def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, loss_on: str = "assistant",
-               val_fraction: float = 0.05, seed: int = 0):
-    """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples counted."""
+               val_fraction: float = 0.05, seed: int = 0, kind: str = "sft", max_pairs: int = 8):
+    """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples counted.
+
+    kind 'sft': one example per row of the file; 'preference': a pair per row, packed as two consecutive
+    segments (chosen first: odd segment ids), at most `max_pairs` pairs to a packed row."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"sft.loss_on: got {loss_on!r}, allowed: {', '.join(map(repr, LOSS_ON))}")
     try:
@@ -185,22 +242,26 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
     except chat.TemplateFailure as e:
         raise ValueError(f"sft.template: {e}") from None
     skipped: collections.Counter = collections.Counter()
-    packers = {s: SFTPacker(seq_len) for s in dataset.SPLITS}
+    cap = 2 * max_pairs if kind == "preference" else 0
+    packers = {s: SFTPacker(seq_len, max_segments=cap) for s in dataset.SPLITS}
     out = {s: [] for s in dataset.SPLITS}
     examples = collections.Counter()
     for i, row in enumerate(rows):
         try:
-            toks, mask = tokenize_example(example_pieces(row, template, loss_on), tokenizer)
-            if len(toks) > seq_len:
+            if kind == "preference":
+                group = [tokenize_example(p, tokenizer) for p in pair_pieces(row, template)]
+            else:
+                group = [tokenize_example(example_pieces(row, template, loss_on), tokenizer)]
+            if sum(len(t) for t, _ in group) > seq_len:
                 raise Skip(f"longer than seq_len={seq_len}")
-            if not mask[1:].any():
+            if not all(m[1:].any() for _, m in group):
                 raise Skip("nothing to train on")
         except Skip as e:
             skipped[str(e)] += 1
             continue
         split = _split_of(i, val_fraction, seed)
         examples[split] += 1
-        out[split].append(packers[split].add(toks, mask))
+        out[split].append(packers[split].add_group(group))
     for s in dataset.SPLITS:
         out[s].append(packers[s].finish())
         out[s] = np.concatenate(out[s]) if out[s] else np.zeros((0, 4, seq_len), np.int32)
@@ -209,7 +270,7 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
 
 def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, template: str | None = None,
             loss_on: str = "assistant", val_fraction: float = 0.05, seed: int = 0, special: dict | None = None,
-            quiet: bool = False) -> str:
+            quiet: bool = False, kind: str = "sft", max_pairs: int = 8) -> str:
     """Writes a packed SFT dataset directory (moejax.data.dataset layout, rows of FIELDS) and returns it.
 
     The directory appears complete (manifest last) or not at all; a split left empty (a tiny file) gets the
@@ -221,7 +282,7 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     template = template or chat.DEFAULT_CHAT_TEMPLATE
     skipped_lines: collections.Counter = collections.Counter()
     rows, counts = build_rows(read_jsonl(files, skipped_lines), tok, template, seq_len, loss_on=loss_on,
-                              val_fraction=val_fraction, seed=seed)
+                              val_fraction=val_fraction, seed=seed, kind=kind, max_pairs=max_pairs)
     counts["skipped"].update(skipped_lines)
     if not sum(len(r) for r in rows.values()):
         raise ValueError(f"sft data {files}: no usable example (skipped: {counts['skipped']})")
@@ -237,7 +298,7 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
         packing.write_rows(os.path.join(tmp, dataset.shard_name(split)), r)
     tokens = {s: int((r[:, 1] > 0).sum()) for s, r in rows.items()}
     trained = {s: int(r[:, 3].sum()) for s, r in rows.items()}
-    manifest = {"kind": "sft", "seq_len": seq_len, "fields": list(FIELDS), "sources": list(files),
+    manifest = {"kind": kind, "max_pairs": max_pairs if kind == "preference" else None, "seq_len": seq_len, "fields": list(FIELDS), "sources": list(files),
                 "rows": {s: len(r) for s, r in rows.items()}, "tokens": tokens, "trained_tokens": trained,
                 "fill": {s: tokens[s] / max(1, len(rows[s]) * seq_len) for s in rows}, **counts,
                 "special_tokens": dict(special or {})}
@@ -265,12 +326,13 @@ def _digest(path: str) -> str:
 
 
 def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: int, template: str | None,
-           loss_on: str, val_fraction: float, seed: int = 0, special: dict | None = None) -> str:
-    """`prepare` into cache_dir/sft-<key>, keyed by everything that shapes the rows; reused when complete."""
+           loss_on: str, val_fraction: float, seed: int = 0, special: dict | None = None, kind: str = "sft",
+           max_pairs: int = 8) -> str:
+    """`prepare` into cache_dir/<kind>-<key>, keyed by everything that shapes the rows; reused when complete."""
     key = json.dumps({"v": DATA_VERSION, "files": [_digest(f) for f in files], "tok": _digest(tokenizer_file),
                       "template": template, "seq_len": seq_len, "loss_on": loss_on, "val": val_fraction,
-                      "seed": seed, "special": special}, sort_keys=True)
-    out = os.path.join(cache_dir, "sft-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+                      "seed": seed, "special": special, "kind": kind, "pairs": max_pairs}, sort_keys=True)
+    out = os.path.join(cache_dir, f"{kind}-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     if dataset.is_complete(out):
         m = dataset.read_manifest(out)
         sk = m.get("skipped", {})
@@ -279,4 +341,4 @@ def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: in
         return out
     os.makedirs(cache_dir, exist_ok=True)
     return prepare(files, tokenizer_file, out, seq_len=seq_len, template=template, loss_on=loss_on,
-                   val_fraction=val_fraction, seed=seed, special=special)
+                   val_fraction=val_fraction, seed=seed, special=special, kind=kind, max_pairs=max_pairs)

@@ -8,6 +8,10 @@ Every recipe runs offline on it. Three kinds of example, all with answers a pers
 
 The files are read with `ast` (nothing is imported), in sorted order, so the set is the same on every machine
 with the same Python; it is written once to `cache_dir/instructions-v<N>-py<X.Y>.jsonl`.
+
+`build_preferences` makes preference pairs (DPO) from the same answers: chosen is the docstring, rejected the
+same words in a shuffled order (a fixed seed per example): a preference for well-formed text that a small
+model can learn, measured on held-out pairs.
 """
 
 from __future__ import annotations
@@ -82,6 +86,37 @@ def build(cache_dir: str, max_examples: int = 4000) -> str:
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
+    """The built-in preference pairs' JSONL file (written on first use)."""
+    import random
+
+    path = os.path.join(cache_dir, f"preferences-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl")
+    if os.path.exists(path):
+        return path
+    out = []
+    with open(build(cache_dir, max_examples)) as f:
+        for i, line in enumerate(f):
+            row = json.loads(line)
+            if "messages" in row:
+                prompt, answer = row["messages"][:-1], row["messages"][-1]["content"]
+            else:
+                prompt, answer = [{"role": "user", "content": row["prompt"]}], row["completion"]
+            words = answer.split()
+            if len(words) < 4:
+                continue
+            shuffled = words[:]
+            random.Random(i).shuffle(shuffled)
+            if shuffled == words:
+                continue
+            out.append({"prompt": prompt, "chosen": answer, "rejected": " ".join(shuffled)})
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in out:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
     return path

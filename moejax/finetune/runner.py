@@ -107,6 +107,11 @@ def resolve(cfg: Config) -> Config:
     cache = cfg.data.cache_dir or default_cache_dir()
     if cfg.lora.rank and not cfg.base:
         raise ConfigError("base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base=")
+    if cfg.align.method and not cfg.base:
+        raise ConfigError(f"base: align.method={cfg.align.method!r} needs the model to align (--config.base=)")
+    if cfg.align.method and not cfg.sft.data:
+        raise ConfigError(f"sft.data: {cfg.align.method} needs preference pairs (JSONL rows with prompt, chosen "
+                          "and rejected, or 'builtin')")
     if cfg.base:
         cfg = dataclasses.replace(cfg, base=os.path.abspath(os.path.expanduser(cfg.base)))  # resumable from anywhere
         base = base_model_config(cfg.base)
@@ -122,15 +127,17 @@ def resolve(cfg: Config) -> Config:
     if cfg.sft.data:
         from moejax.finetune import data as sft_data, instructions
 
+        kind = "preference" if cfg.align.method in ("dpo", "reward") else "sft"
         if cfg.sft.data == "builtin":
-            files = [instructions.build(cache)]
+            files = [instructions.build_preferences(cache) if kind == "preference" else instructions.build(cache)]
         else:
             files = [os.path.expanduser(f.strip()) for f in cfg.sft.data.split(",") if f.strip()]
             missing = [f for f in files if not os.path.exists(f)]
             if missing:
                 raise ConfigError(f"sft.data: no such file {missing[0]!r}")
         out = sft_data.cached(files, tok_file, cache, seq_len=cfg.data.seq_len, template=chat_template(cfg),
-                              loss_on=cfg.sft.loss_on, val_fraction=cfg.data.val_fraction, special=special)
+                              loss_on=cfg.sft.loss_on, val_fraction=cfg.data.val_fraction, special=special,
+                              kind=kind, max_pairs=cfg.align.max_pairs_per_row)
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=out))
     if cfg.base:  # continual pretraining: the data must be the base's tokens
         for path, _ in dataset.resolve(cfg.data, cfg.model.vocab_size):
@@ -169,6 +176,10 @@ class BaseStart:
         model = self._model(ts)
         if ts.has_frozen:
             return ts.init_state(frozen=ts.frozen_of(model))
+        if self.cfg.align.method == "reward":
+            from moejax.finetune import reward
+
+            reward.add_head(model, self.cfg.train.seed)  # the head is new; the trunk is the base's
         _, params, router, _ = split_model(model)
         params = jax.device_put(params, ts.shardings["params"])
         router = jax.device_put(router, ts.shardings["router"])
@@ -177,6 +188,10 @@ class BaseStart:
     def resume(self, ts, state):
         if ts.has_frozen:
             state = dict(state, frozen=ts.frozen_of(self._model(ts)))
+        if "reference" in ts.abstract:
+            from moejax.trainer.step import split_model
+
+            state = dict(state, reference=jax.device_put(split_model(self._model(ts))[1], ts.shardings["reference"]))
         return state
 
 

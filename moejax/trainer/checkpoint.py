@@ -29,8 +29,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Saves the state without its frozen base weights (LoRA: they are the base's, read from there)."""
-        state = {k: v for k, v in state.items() if k != "frozen"}
+        """Saves the state without the base's own weights (LoRA's frozen base, DPO's reference): a resumed run
+        reads them from the base again."""
+        state = {k: v for k, v in state.items() if k not in ("frozen", "reference")}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(self.cfg.to_dict())), force=force)
@@ -44,9 +45,9 @@ class Checkpointer:
         diffs = [f"model.{k}: checkpoint {saved_model[k]!r} vs config {v!r}"
                  for k, v in mine["model"].items() if saved_model[k] != v]
         for section, keys in (("data", ("seq_len", "source")), ("train", ("batch_size", "seed")),
-                              ("lora", ("rank", "alpha", "targets"))):
+                              ("lora", ("rank", "alpha", "targets")), ("align", ("method",))):
             if section not in saved:  # a checkpoint from before the section existed: its defaults
-                saved[section] = dict(self.cfg.to_dict()[section], **{"rank": 0} if section == "lora" else {})
+                saved[section] = dict(self.cfg.to_dict()[section], rank=0, method="")
             diffs += [f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config {mine[section][k]!r}"
                       for k in keys if saved[section].get(k) != mine[section][k]]
         if saved.get("base", "") != mine["base"]:

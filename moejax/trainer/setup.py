@@ -28,6 +28,10 @@ from moejax.trainer.optim import make_optimizer
 from moejax.trainer.step import make_eval_step, make_train_step, split_model
 
 
+# state entries that checkpoints do not hold: they are the base's weights, read from the base again on resume
+NOT_SAVED = ("frozen", "reference")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """Everything a run needs to create, restore and step its state, built without allocating it."""
@@ -80,7 +84,7 @@ class TrainSetup:
         """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
         checkpoint saved on another mesh). Nothing is initialized first. With LoRA the checkpoint holds no
         frozen base weights (they come from the base: `frozen_of`) and neither does the returned state."""
-        return checkpointer.restore(step, {k: v for k, v in self.abstract.items() if k != "frozen"})
+        return checkpointer.restore(step, {k: v for k, v in self.abstract.items() if k not in NOT_SAVED})
 
     def frozen_of(self, model):
         """A base model's weights (a plain Transformer of this config's architecture, e.g. from
@@ -115,12 +119,17 @@ class TrainSetup:
 
 
 def build_model(cfg: Config, mesh: Mesh | None, rules: dict | None, seed: int) -> Transformer:
-    """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0."""
+    """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0, and a reward head when
+    cfg.align.method == 'reward'."""
     model = Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
     if cfg.lora.rank:
         from moejax.finetune import lora
 
         lora.apply(model, cfg.lora, nnx.Rngs(seed + 17))
+    if cfg.align.method == "reward":
+        from moejax.finetune import reward
+
+        reward.add_head(model, seed)  # after LoRA's freeze: the head trains
     return model
 
 
@@ -135,6 +144,9 @@ def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
     }
     if frozen is not None and jax.tree.leaves(frozen):
         state["frozen"] = frozen  # LoRA: the base weights, not trained
+    if cfg.align.method == "dpo" and not cfg.lora.rank:
+        # DPO's reference model: the starting parameters, kept (with LoRA it is the base under zero adapters)
+        state["reference"] = jax.tree.map(jnp.copy, params)
     return state
 
 

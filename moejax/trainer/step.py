@@ -67,16 +67,63 @@ def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
     if cfg.model.mtp_depth:
         out["mtp"] = jnp.stack([shifted_targets(batch, k + 2)[1].sum() for k in range(cfg.model.mtp_depth)]
                                ).astype(jnp.float32)
+    if cfg.align.method in ("dpo", "reward"):
+        from moejax.finetune.objectives import count_pairs
+
+        out["pairs"] = count_pairs(batch, cfg.align.max_pairs_per_row)
     return out
 
 
-def loss_fn(params, router, rest, batch, rng, norm, *, graphdef, cfg: Config):
+def _moe_aux_loss(aux, cfg: Config, norm):
+    if "expert_counts" not in aux:
+        return jnp.zeros((), jnp.float32)
+    return balance_loss(aux, cfg.model, sequences=norm["sequences"], tokens=norm["real"],
+                        switch_weight=1.0 / norm["microbatches"])
+
+
+def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
+    """loss_fn for cfg.align.method == 'dpo': the policy and the reference on the same pair rows. The
+    reference is `ref` (a frozen copy of the base's parameters), or, with LoRA (ref None), the same model
+    with its adapters set to zero: exactly the frozen base."""
+    from moejax.finetune.objectives import dpo_share
+
+    model = nnx.merge(graphdef, params, router, rest)
+    tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
+    logits, aux = model(tokens, pos, seg, rng=rng)
+    ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
+    ref_logits, _ = nnx.merge(graphdef, ref_params, router, rest)(tokens, pos, seg)
+    loss, metrics = dpo_share(logits, jax.lax.stop_gradient(ref_logits), batch, norm["pairs"], cfg.align)
+    aux_loss = _moe_aux_loss(aux, cfg, norm)
+    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
+    metrics["loss"] = loss + aux_loss
+    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
+    return metrics["loss"], (metrics, stats)
+
+
+def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
+    """loss_fn for cfg.align.method == 'reward': Bradley-Terry on the pair rows (moejax.finetune.reward)."""
+    from moejax.finetune.reward import reward_share
+
+    model = nnx.merge(graphdef, params, router, rest)
+    loss, metrics, aux = reward_share(model, batch, norm["pairs"], cfg.align.max_pairs_per_row, rng)
+    aux_loss = _moe_aux_loss(aux, cfg, norm)
+    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
+    metrics["loss"] = loss + aux_loss
+    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
+    return metrics["loss"], (metrics, stats)
+
+
+def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
     """This batch's (or microbatch's) share of the global loss: every term is a sum over its tokens
     (sequences) divided by the global count in `norm` (see `normalizers`), so that the shares of any
     split of a batch add up to the loss of the whole batch, and so do their gradients.
 
     Returns (loss, (metrics, stats)); metrics are shares too (sum them over microbatches).
     """
+    if cfg.align.method == "dpo":
+        return dpo_loss_fn(params, router, rest, batch, rng, norm, ref, graphdef=graphdef, cfg=cfg)
+    if cfg.align.method == "reward":
+        return reward_loss_fn(params, router, rest, batch, rng, norm, graphdef=graphdef, cfg=cfg)
     model = nnx.merge(graphdef, params, router, rest)
     mcfg = cfg.model
     logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng,
@@ -84,10 +131,7 @@ def loss_fn(params, router, rest, batch, rng, norm, *, graphdef, cfg: Config):
     labels, valid = shifted_targets(batch, 1)
     ntok = jnp.maximum(norm["tokens"], 1.0)
     ce = token_loss_sum(logits, labels, valid) / ntok
-    aux_loss = jnp.zeros((), jnp.float32)
-    if "expert_counts" in aux:
-        aux_loss = balance_loss(aux, mcfg, sequences=norm["sequences"], tokens=norm["real"],
-                                switch_weight=1.0 / norm["microbatches"])
+    aux_loss = _moe_aux_loss(aux, cfg, norm)
     loss = ce + aux_loss
     metrics = {"ce_loss": ce, "aux_loss": aux_loss, "tokens": valid.sum().astype(jnp.float32)}
     if mcfg.mtp_depth:
@@ -132,9 +176,10 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params, router = state["params"], state["router"]
         rest_ = state.get("frozen", rest)  # LoRA: the frozen base weights travel in the state
+        ref = state.get("reference")  # DPO without LoRA: the base's parameters
         norm = normalizers(batch, cfg, n_micro)
         if n_micro == 1:
-            (_, (metrics, stats)), grads = grad_fn(params, router, rest_, batch, rng, norm)
+            (_, (metrics, stats)), grads = grad_fn(params, router, rest_, batch, rng, norm, ref)
         else:
             # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every microbatch
             micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
@@ -142,10 +187,11 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
 
             def body(acc, xs):
                 mb, i = xs
-                (_, (m, s)), g = grad_fn(params, router, rest_, mb, jax.random.fold_in(rng, i), norm)
+                (_, (m, s)), g = grad_fn(params, router, rest_, mb, jax.random.fold_in(rng, i), norm, ref)
                 return jax.tree.map(jnp.add, acc, (g, m, s)), None
 
-            shapes = jax.eval_shape(grad_fn, params, router, rest_, jax.tree.map(lambda x: x[0], micro), rng, norm)
+            shapes = jax.eval_shape(grad_fn, params, router, rest_, jax.tree.map(lambda x: x[0], micro), rng, norm,
+                                    ref)
             (_, (m_shape, s_shape)), g_shape = shapes
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (g_shape, m_shape, s_shape))
             # every share is already divided by the global counts: the sums are the whole batch's values
@@ -169,8 +215,9 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
             "rng": state["rng"],
             "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
         }
-        if "frozen" in state:
-            new_state["frozen"] = state["frozen"]
+        for k in ("frozen", "reference"):  # carried unchanged
+            if k in state:
+                new_state[k] = state[k]
         metrics = dict(metrics, grad_norm=grad_norm, lr=applied_lr(state["opt_state"], sched),
                        skipped=(~finite).astype(jnp.int32))
         if stats:
@@ -200,13 +247,29 @@ def moe_stats(stats, router, top_k: int):
     return out
 
 
+def _unit_counts():
+    one = jnp.float32(1.0)
+    return {"tokens": one, "real": one, "sequences": one, "microbatches": one}
+
+
 def make_eval_step(graphdef, rest, cfg: Config):
     """Validation: (summed next-token cross-entropy, valid targets) of a batch; sum both over batches."""
 
-    def eval_step(params, router, batch, frozen=None):
-        model = nnx.merge(graphdef, params, router, rest if frozen is None else frozen)
+    def eval_step(params, router, batch, frozen=None, reference=None):
+        """{'loss': summed loss, 'count': its count} (next-token: tokens; DPO: pairs, plus 'correct' pairs)."""
+        rest_ = rest if frozen is None else frozen
+        if cfg.align.method in ("dpo", "reward"):
+            norm = {"pairs": jnp.float32(1.0)}  # sums: divide by 1
+            fn = dpo_loss_fn if cfg.align.method == "dpo" else reward_loss_fn
+            _, (m, _) = fn(params, router, rest_, batch, None, dict(norm, **_unit_counts()), reference,
+                           graphdef=graphdef, cfg=cfg)
+            from moejax.finetune.objectives import count_pairs
+
+            return {"loss": m["ce_loss"], "count": count_pairs(batch, cfg.align.max_pairs_per_row),
+                    "correct": m[f"{cfg.align.method}/accuracy"]}
+        model = nnx.merge(graphdef, params, router, rest_)
         logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         labels, valid = shifted_targets(batch, 1)
-        return token_loss_sum(logits, labels, valid), valid.sum().astype(jnp.float32)
+        return {"loss": token_loss_sum(logits, labels, valid), "count": valid.sum().astype(jnp.float32)}
 
     return jax.jit(eval_step)

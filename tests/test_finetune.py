@@ -358,8 +358,10 @@ def test_lora_sft_from_a_converted_hf_base_exports_a_model_transformers_loads(hf
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(60)))
     cfg = _sft_config(hf_base, str(data), str(tmp_path / "cache"), rank=4, targets=TARGETS)
     wd = str(tmp_path / "run")
-    last = run(cfg, wd)
+    run(cfg, wd, max_steps_this_run=2)  # interrupted: the checkpoint holds adapters and moments only
+    last = run(cfg, wd)  # resumes: the frozen base is read from the base folder again
     out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out
     assert "LoRA rank 4" in out and "----- sample -----\n<s>" not in out and "User:" in out
     assert np.isfinite(last["loss"]) and np.isfinite(last["val_loss"])
     # the run's model is the base with its adapters merged; transformers reads the merged export

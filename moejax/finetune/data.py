@@ -59,15 +59,15 @@ def read_jsonl(paths: Iterable[str], skipped: collections.Counter) -> Iterator[d
                 yield row
 
 
-def _check_messages(messages) -> list[dict]:
+def _check_messages(messages, what: str = "messages", need_answer: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise Skip("messages is not a non-empty list")
+        raise Skip(f"{what} is not a non-empty list")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise Skip("a message without string content")
         if m.get("role") not in ROLES:
             raise Skip("unknown role")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise Skip("no assistant turn")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -118,14 +118,7 @@ def pair_pieces(row: dict, template: str) -> tuple[list, list]:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
-        if not isinstance(prompt, list) or not prompt:
-            raise Skip("prompt is not a string or a list of messages")
-        for m in prompt:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise Skip("a message without string content")
-            if m.get("role") not in ROLES:
-                raise Skip("unknown role")
-        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        messages = _check_messages(prompt, "prompt", need_answer=False)
     chosen, rejected = _completion(row["chosen"]), _completion(row["rejected"])
     if chosen == rejected:
         raise Skip("chosen equals rejected")

@@ -81,6 +81,15 @@ def _moe_aux_loss(aux, cfg: Config, norm):
                         switch_weight=1.0 / norm["microbatches"])
 
 
+def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
+    """A preference objective's (loss, (metrics, stats)) with the MoE balance loss added, as loss_fn returns."""
+    aux_loss = _moe_aux_loss(aux, cfg, norm)
+    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
+    metrics["loss"] = loss + aux_loss
+    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
+    return metrics["loss"], (metrics, stats)
+
+
 def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
     """loss_fn for cfg.align.method == 'dpo': the policy and the reference on the same pair rows. The
     reference is `ref` (a frozen copy of the base's parameters), or, with LoRA (ref None), the same model
@@ -93,11 +102,7 @@ def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, c
     ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
     ref_logits, _ = nnx.merge(graphdef, ref_params, router, rest)(tokens, pos, seg)
     loss, metrics = dpo_share(logits, jax.lax.stop_gradient(ref_logits), batch, norm["pairs"], cfg.align)
-    aux_loss = _moe_aux_loss(aux, cfg, norm)
-    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
-    metrics["loss"] = loss + aux_loss
-    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
-    return metrics["loss"], (metrics, stats)
+    return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
 
 
 def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
@@ -106,11 +111,7 @@ def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef
 
     model = nnx.merge(graphdef, params, router, rest)
     loss, metrics, aux = reward_share(model, batch, norm["pairs"], cfg.align.max_pairs_per_row, rng)
-    aux_loss = _moe_aux_loss(aux, cfg, norm)
-    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
-    metrics["loss"] = loss + aux_loss
-    stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
-    return metrics["loss"], (metrics, stats)
+    return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
 
 
 def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):

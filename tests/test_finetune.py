@@ -537,3 +537,12 @@ def test_reward_model_learns_to_rank_held_out_pairs(hf_base, tmp_path):
     last = run(Config.from_dict(cd), str(tmp_path / "rm"))
     # a ranking by vocabulary generalizes to held-out pairs within 30 steps of full fine-tuning
     assert last["val_accuracy"] > 0.8, last
+
+
+def test_a_workdir_base_is_pinned_to_its_step(tmp_path):
+    from moejax.infer.load import split_step
+
+    (tmp_path / "checkpoints").mkdir()
+    assert split_step(f"{tmp_path}@240") == (str(tmp_path), 240)
+    assert split_step(f"{tmp_path}@x") == (f"{tmp_path}@x", None)
+    assert split_step("/no/such/dir@3") == ("/no/such/dir@3", None)  # only a workdir takes a step

@@ -64,8 +64,10 @@ def _copy_tokenizer(cfg, out: str) -> None:
     from moejax.data import dataset
 
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", dataset.TOKENIZER)
-    src = [os.path.join(cfg.base, n) for n in names] if cfg.base and not os.path.isdir(
-        os.path.join(cfg.base, "checkpoints")) else []
+    from moejax.finetune.runner import base_dir
+
+    base = base_dir(cfg.base) if cfg.base else ""
+    src = [os.path.join(base, n) for n in names] if base and not os.path.isdir(os.path.join(base, "checkpoints")) else []
     if not any(os.path.exists(f) for f in src):
         d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
         src = [os.path.join(d, n) for n in (dataset.HF_TOKENIZER, dataset.TOKENIZER)]

@@ -30,6 +30,9 @@ class BaseError(ValueError):
 
 
 def base_kind(path: str) -> str:
+    from moejax.infer.load import split_step
+
+    path = split_step(path)[0]
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return "workdir"
     if os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
@@ -46,7 +49,7 @@ def base_model_config(path: str) -> ModelConfig:
         from moejax.infer.load import workdir_config
 
         return workdir_config(path).model
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(base_dir(path), "config.json")) as f:
         d = json.load(f)
     if kind == "moejax":
         return ModelConfig.from_dict(d)
@@ -67,6 +70,7 @@ def base_tokenizer(path: str) -> tuple[str, dict]:
         if os.path.exists(hf):
             return hf, dataset.read_manifest(d).get("special_tokens", {})
         return os.path.join(d, dataset.TOKENIZER), {}
+    path = base_dir(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from moejax.infer.load import hf_tokenizer
 
@@ -89,7 +93,14 @@ def chat_template(cfg: Config) -> str | None:
             return tpl
         with open(t) as f:
             return f.read()
-    return chat.chat_template_of(cfg.base) if cfg.base and base_kind(cfg.base) != "workdir" else None
+    return chat.chat_template_of(base_dir(cfg.base)) if cfg.base and base_kind(cfg.base) != "workdir" else None
+
+
+def base_dir(base: str) -> str:
+    """The base's directory (without a workdir's '@step')."""
+    from moejax.infer.load import split_step
+
+    return split_step(base)[0]
 
 
 def _digest(path: str) -> str:
@@ -113,7 +124,12 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"sft.data: {cfg.align.method} needs preference pairs (JSONL rows with prompt, chosen "
                           "and rejected, or 'builtin')")
     if cfg.base:
-        cfg = dataclasses.replace(cfg, base=os.path.abspath(os.path.expanduser(cfg.base)))  # resumable from anywhere
+        from moejax.infer.load import latest_step, split_step
+
+        path, step = split_step(os.path.abspath(os.path.expanduser(cfg.base)))  # absolute: resumable from anywhere
+        if base_kind(path) == "workdir" and step is None:
+            step = latest_step(path)  # pinned: a base run that goes on training does not move under the adapters
+        cfg = dataclasses.replace(cfg, base=path if step is None else f"{path}@{step}")
         base = base_model_config(cfg.base)
         model = base.replace(**{f: getattr(cfg.model, f) for f in RUN_FIELDS})
         cfg = dataclasses.replace(cfg, model=model)

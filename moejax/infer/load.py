@@ -43,34 +43,54 @@ def hf_tokenizer(path: str, name: str = "tokenizer.json"):
     return HFTokenizer(tj, **special)
 
 
-def _manager(path: str):
+def split_step(path: str) -> tuple[str, int | None]:
+    """'runs/x@240' -> ('runs/x', 240): a training workdir pinned to one checkpoint step; else (path, None)."""
+    head, sep, tail = path.rpartition("@")
+    if sep and tail.isdigit() and os.path.isdir(os.path.join(head, "checkpoints")):
+        return head, int(tail)
+    return path, None
+
+
+def _manager(path: str, step: int | None = None):
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data", "config"))
-    step = manager.latest_step()
+    steps = manager.all_steps()
     if step is None:
-        raise LoadError(f"{path}/checkpoints holds no complete checkpoint")
+        step = manager.latest_step()
+        if step is None:
+            raise LoadError(f"{path}/checkpoints holds no complete checkpoint")
+    elif step not in steps:
+        manager.close()
+        raise LoadError(f"{path}/checkpoints has no step {step} (it has {sorted(steps)})")
     return manager, step
 
 
+def latest_step(path: str) -> int:
+    manager, step = _manager(os.path.abspath(path))
+    manager.close()
+    return step
+
+
 def workdir_config(path: str) -> Config:
-    """The config a training workdir's latest checkpoint was saved with."""
+    """The config a training workdir's latest checkpoint (or its pinned step, 'path@step') was saved with."""
     import orbax.checkpoint as ocp
 
-    manager, step = _manager(os.path.abspath(path))
+    path, step = split_step(path)
+    manager, step = _manager(os.path.abspath(path), step)
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     manager.close()
     return Config.from_dict(saved)
 
 
-def _train_workdir(path: str, mesh, rules):
+def _train_workdir(path: str, mesh, rules, step: int | None = None):
     import orbax.checkpoint as ocp
 
     from moejax.data import dataset
     from moejax.trainer import setup as setup_lib
 
-    cfg = workdir_config(path)
-    manager, step = _manager(path)
+    cfg = workdir_config(path if step is None else f"{path}@{step}")
+    manager, step = _manager(path, step)
     ts = setup_lib.build(cfg, mesh)
     target = {k: ts.abstract[k] for k in ("params", "router")}
     # parameters and router biases only, each device reading its shards; the optimizer state stays on disk
@@ -92,16 +112,17 @@ def _train_workdir(path: str, mesh, rules):
 
 
 def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None = None):
-    """(model, tokenizer or None) from a training workdir, a moejax checkpoint or a Hugging Face folder.
+    """(model, tokenizer or None) from a training workdir (its latest step, or 'workdir@step'), a moejax
+    checkpoint or a Hugging Face folder.
 
     mesh / rules place the parameters (default: one device); dtype casts a checkpoint's parameters.
     `tokenizer` (a .model or tokenizer.json file) overrides the one found with the model.
     """
-    path = os.path.abspath(path)
+    path, step = split_step(os.path.abspath(path))
     if os.path.isdir(os.path.join(path, "checkpoints")):
         if dtype is not None:
             raise LoadError("--dtype applies to model checkpoints; a training workdir keeps its config's dtypes")
-        model, tok = _train_workdir(path, mesh, rules)
+        model, tok = _train_workdir(path, mesh, rules, step)
     elif os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
         from moejax.convert.checkpoint import load_model
 

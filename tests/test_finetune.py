@@ -546,3 +546,26 @@ def test_a_workdir_base_is_pinned_to_its_step(tmp_path):
     assert split_step(f"{tmp_path}@240") == (str(tmp_path), 240)
     assert split_step(f"{tmp_path}@x") == (f"{tmp_path}@x", None)
     assert split_step("/no/such/dir@3") == ("/no/such/dir@3", None)  # only a workdir takes a step
+
+
+def test_lora_init_around_a_base_never_draws_a_second_base():
+    """The init that puts adapters and moments around given frozen weights: its temporaries stay far below one
+    copy of the base (the random base the model constructor would draw is dead code and never computed), and its
+    outputs are the state itself (the frozen input is donated, not copied)."""
+    import functools
+    import math
+
+    from moejax.trainer import setup as setup_lib
+
+    cd = tiny_config_dict()
+    cd.lora.rank, cd.lora.targets = 4, TARGETS
+    cfg = Config.from_dict(cd)
+    ts = setup_lib.build(cfg)
+    init = jax.jit(functools.partial(setup_lib._init, cfg, ts.tx, ts.mesh, ts.rules),
+                   in_shardings=(ts.shardings["frozen"],), out_shardings=ts.shardings, donate_argnums=(0,))
+    with jax.set_mesh(ts.mesh):
+        mem = init.lower(ts.abstract["frozen"]).compile().memory_analysis()
+    frozen = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ts.abstract["frozen"]))
+    adapters = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(ts.abstract["params"]))
+    assert mem.temp_size_in_bytes < 0.25 * frozen, (mem.temp_size_in_bytes, frozen)
+    assert mem.output_size_in_bytes - mem.alias_size_in_bytes < frozen / 2 + 4 * adapters

@@ -310,7 +310,7 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     return out
 
 
-def _digest(path: str) -> str:
+def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -322,7 +322,7 @@ def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: in
            loss_on: str, val_fraction: float, seed: int = 0, special: dict | None = None, kind: str = "sft",
            max_pairs: int = 8) -> str:
     """`prepare` into cache_dir/<kind>-<key>, keyed by everything that shapes the rows; reused when complete."""
-    key = json.dumps({"v": DATA_VERSION, "files": [_digest(f) for f in files], "tok": _digest(tokenizer_file),
+    key = json.dumps({"v": DATA_VERSION, "files": [file_digest(f) for f in files], "tok": file_digest(tokenizer_file),
                       "template": template, "seq_len": seq_len, "loss_on": loss_on, "val": val_fraction,
                       "seed": seed, "special": special, "kind": kind, "pairs": max_pairs}, sort_keys=True)
     out = os.path.join(cache_dir, f"{kind}-" + hashlib.sha256(key.encode()).hexdigest()[:12])

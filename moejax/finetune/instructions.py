@@ -81,14 +81,18 @@ def build(cache_dir: str, max_examples: int = 4000) -> str:
             if name.endswith(".py"):
                 rel = os.path.relpath(os.path.join(d, name), root)[:-3].replace(os.sep, ".")
                 rows += examples_of(os.path.join(d, name), rel.removesuffix(".__init__"))
-    rows = rows[:max_examples]
     os.makedirs(cache_dir, exist_ok=True)
+    _write_jsonl(path, rows[:max_examples])
+    return path
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    """Writes rows to a temporary file renamed into place: a reader never sees a partial file."""
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
-    return path
 
 
 def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
@@ -114,9 +118,5 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
             if shuffled == words:
                 continue
             out.append({"prompt": prompt, "chosen": answer, "rejected": " ".join(shuffled)})
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in out:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    _write_jsonl(path, out)
     return path

@@ -18,6 +18,7 @@ import jax
 
 from moejax.config import Config, ConfigError, ModelConfig
 from moejax.data import chat, dataset
+from moejax.finetune.data import file_digest
 
 # How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
 RUN_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers", "moe_impl", "gmm_impl",
@@ -103,13 +104,6 @@ def base_dir(base: str) -> str:
     return split_step(base)[0]
 
 
-def _digest(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def resolve(cfg: Config) -> Config:
     """The run's config: the base's architecture (RUN_FIELDS from the recipe) and the data source the run
     reads (SFT data prepared, with the base's tokenizer, into the data cache). Raises BaseError/ConfigError."""
@@ -157,7 +151,7 @@ def resolve(cfg: Config) -> Config:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=out))
     if cfg.base:  # continual pretraining: the data must be the base's tokens
         for path, _ in dataset.resolve(cfg.data, cfg.model.vocab_size):
-            if dataset.tokenizer_digest(path) != _digest(tok_file):
+            if dataset.tokenizer_digest(path) != file_digest(tok_file):
                 raise BaseError(f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
                                 f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
                                 "tokenizer.hf)")

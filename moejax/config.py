@@ -434,7 +434,8 @@ class SFTConfig:
     """Supervised fine-tuning data (moejax.finetune.data). Empty `data`: train on data.source as it is
     (continual pretraining)."""
 
-    data: str = ""  # 'builtin' (instructions made from the stdlib's docstrings) or JSONL files 'a.jsonl,b.jsonl'
+    data: str = ""  # 'builtin' (instructions made from the stdlib's docstrings), 'arithmetic' (GRPO's built-in task
+    #                 answered, its held-out problems left out) or JSONL files 'a.jsonl,b.jsonl'
     #                 with {"messages": [...]} or {"prompt", "completion"} rows
     template: str = ""  # chat template: a jinja2 file or a tokenizer_config.json ('' = the base's, else built in)
     loss_on: str = "assistant"  # 'assistant' (answers and completions only) or 'all'
@@ -464,7 +465,7 @@ class LoRAConfig:
             raise ConfigError("lora.targets: empty; name at least one parameter pattern")
 
 
-ALIGN_METHODS = ("", "dpo", "reward")
+ALIGN_METHODS = ("", "dpo", "reward", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
@@ -472,8 +473,8 @@ DPO_LOSSES = ("sigmoid", "ipo")
 class AlignConfig:
     """Preference optimization (moejax.finetune.objectives); method '' is language modeling."""
 
-    method: str = ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model); the last two read
-    #                   {"prompt", "chosen", "rejected"} rows from sft.data
+    method: str = ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model), which read
+    #                   {"prompt", "chosen", "rejected"} rows from sft.data, or 'grpo' (on-policy RL: the grpo section)
     beta: float = 0.1  # DPO's inverse temperature (IPO: the regularization 1 / (2 beta) of the target margin)
     dpo_loss: str = "sigmoid"  # 'sigmoid' (DPO) or 'ipo' (IPO, on per-token average log-ratios)
     label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed flipped
@@ -492,6 +493,63 @@ class AlignConfig:
             raise ConfigError(f"align.max_pairs_per_row: must be >= 1, got {self.max_pairs_per_row}")
 
 
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (align.method='grpo', moejax.finetune.grpo). train.batch_size counts
+    completions: batch_size / group_size prompts per rollout."""
+
+    task: str = "arithmetic"  # 'arithmetic' (built in) or a JSONL file of {"prompt", "answer"} rows
+    max_value: int = 30  # arithmetic: operands in [0, max_value)
+    ops: str = "+-"  # arithmetic: operators
+    held_out: int = 256  # problems kept out of training, scored greedily at every evaluation (val_reward)
+    group_size: int = 8  # completions per prompt (G)
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # rollouts (evaluation is greedy)
+    top_p: float = 1.0
+    loss: str = "grpo"  # 'grpo' (per-sequence mean), 'dr_grpo' (no length or std normalization), 'dapo' (token mean)
+    epsilon: float = 0.2  # the ratio's clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float = 0.0  # the clip range above 1 (DAPO's clip-higher: 0.28); 0 = epsilon
+    beta: float = 0.04  # k3 KL penalty to the reference (the base); 0 skips the reference forward
+    iterations: int = 1  # optimizer steps on each batch of rollouts (mu)
+    rewards: tuple[str, ...] = ("exact_answer", "answer_format")  # moejax.finetune.rewards.REWARDS
+    reward_weights: tuple[float, ...] = (1.0, 0.1)
+    reward_model: str = ""  # a reward-model workdir (align.method='reward'): its score is added to the rewards
+    reward_model_weight: float = 1.0
+    routing_replay: bool = False  # MoE: the policy pass runs the experts the sampler chose (Rollout Routing Replay)
+
+    def __post_init__(self):
+        if self.loss not in GRPO_LOSSES:
+            raise ConfigError(f"grpo.loss: got {self.loss!r}, allowed: {', '.join(map(repr, GRPO_LOSSES))}")
+        if self.group_size < 2:
+            raise ConfigError(f"grpo.group_size: must be >= 2 (advantages compare completions), got {self.group_size}")
+        for name in ("max_new_tokens", "iterations", "max_value"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"grpo.{name}: must be >= 1, got {getattr(self, name)}")
+        checks = {"epsilon": (0 < self.epsilon < 1, "in (0, 1)"), "epsilon_high": (self.epsilon_high >= 0, ">= 0"),
+                  "beta": (self.beta >= 0, ">= 0"), "temperature": (self.temperature > 0, "> 0"),
+                  "top_p": (0 < self.top_p <= 1, "in (0, 1]"), "held_out": (self.held_out >= 0, ">= 0"),
+                  "reward_model_weight": (math.isfinite(self.reward_model_weight), "finite")}
+        for name, (ok, want) in checks.items():
+            if not ok:
+                raise ConfigError(f"grpo.{name}: must be {want}, got {getattr(self, name)}")
+        if not all(math.isfinite(w) for w in self.reward_weights):
+            raise ConfigError(f"grpo.reward_weights: must be finite, got {self.reward_weights}")
+        from moejax.finetune.rewards import REWARDS
+
+        unknown = [r for r in self.rewards if r not in REWARDS]
+        if unknown:
+            raise ConfigError(f"grpo.rewards: unknown {unknown[0]!r}; known: {', '.join(REWARDS)}")
+        if len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        if not self.rewards and not self.reward_model:
+            raise ConfigError("grpo.rewards: empty and no grpo.reward_model: nothing scores the completions")
+        if bad := [o for o in self.ops if o not in "+-*"]:
+            raise ConfigError(f"grpo.ops: {bad[0]!r} is not one of '+', '-', '*'")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
@@ -504,11 +562,12 @@ class Config:
     sft: SFTConfig = SFTConfig()
     lora: LoRAConfig = LoRAConfig()
     align: AlignConfig = AlignConfig()
+    grpo: GRPOConfig = GRPOConfig()
     # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging Face folder
     # ('' = random initialization, i.e. pretraining)
     base: str = ""
 
-    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align")
+    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align", "grpo")
 
     @classmethod
     def from_dict(cls, d) -> "Config":
@@ -516,7 +575,8 @@ class Config:
             d = d.to_dict()
         d = dict(d)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig, "align": AlignConfig}
+                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig, "align": AlignConfig,
+                    "grpo": GRPOConfig}
         unknown = set(d) - set(sections) - {"base"}
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}, base")
@@ -531,4 +591,6 @@ class Config:
         for name in self.SECTIONS[1:]:
             out[name] = dataclasses.asdict(getattr(self, name))
         out["lora"]["targets"] = list(self.lora.targets)
+        out["grpo"]["rewards"] = list(self.grpo.rewards)
+        out["grpo"]["reward_weights"] = list(self.grpo.reward_weights)
         return out

@@ -11,14 +11,14 @@ import os
 
 import ml_collections
 
-from moejax.config import (AlignConfig, Config, DataConfig, LoRAConfig, MeshConfig, ModelConfig, OptimConfig,
-                           SFTConfig, TrainConfig)
+from moejax.config import (AlignConfig, Config, DataConfig, GRPOConfig, LoRAConfig, MeshConfig, ModelConfig,
+                           OptimConfig, SFTConfig, TrainConfig)
 
 
 def base_config() -> ml_collections.ConfigDict:
     sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig(),
                 "mesh": MeshConfig(), "sft": SFTConfig(), "lora": LoRAConfig(),
-                "align": AlignConfig()}
+                "align": AlignConfig(), "grpo": GRPOConfig()}
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():
         values = dataclasses.asdict(dc)
@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
             values["sample_prompts"] = tuple(values["sample_prompts"])
         if name == "lora":
             values["targets"] = tuple(values["targets"])
+        if name == "grpo":
+            values["rewards"], values["reward_weights"] = tuple(values["rewards"]), tuple(values["reward_weights"])
         cd[name] = ml_collections.ConfigDict(values)
     cd.base = ""  # fine-tuning's starting weights (moejax.finetune)
     return cd

@@ -96,6 +96,16 @@ def evaluate(eval_step, state, data, cfg: Config, batch_sh, metrics: dict | None
     return sums["loss"] / count
 
 
+def validate(eval_step, state, data, cfg: Config, batch_sh, on_policy=None) -> dict:
+    """The held-out metrics logged at eval_every and at the end: val_loss (+ val_accuracy for preference
+    runs), or an on-policy run's own evaluation (GRPO: val_reward, val_format)."""
+    if on_policy is not None:
+        return on_policy.evaluate(state)
+    extra: dict = {}
+    val = evaluate(eval_step, state, data, cfg, batch_sh, extra)
+    return {"val_loss": val, **extra}
+
+
 def sample_prompts(cfg: Config, data) -> list:
     """The samples' prompts: cfg.train.sample_prompts, else openings of sample_prompt_tokens validation tokens
     (ids): document starts (from BOS) first, then the starts of rows (long documents span many rows), so a
@@ -164,25 +174,35 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     primary = jax.process_index() == 0
     show = not quiet
     quiet = quiet or not primary  # one process reports
-    try:
-        data = dataset.resolve(cfg.data, cfg.model.vocab_size)
-        tokenizer = dataset.tokenizer(data)
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainingError(str(e)) from None
+    # on-policy RL (GRPO): batches are generated from the state itself (moejax.finetune.grpo.Rollouts)
+    on_policy = getattr(start_from, "rollouts", None) if cfg.align.method == "grpo" else None
+    if cfg.align.method == "grpo" and on_policy is None:
+        raise TrainingError("align.method='grpo' generates its batches: run python -m moejax.finetune")
+    if on_policy is not None:
+        data, tokenizer, batches = None, on_policy.tokenizer, on_policy
+    else:
+        try:
+            data = dataset.resolve(cfg.data, cfg.model.vocab_size)
+            tokenizer = dataset.tokenizer(data)
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainingError(str(e)) from None
     # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer tokens)
     if tokenizer.vocab_size > cfg.model.vocab_size or (not cfg.base and tokenizer.vocab_size != cfg.model.vocab_size):
-        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of {data[0][0]} has "
-                            f"{tokenizer.vocab_size} pieces")
-    try:
-        batches = dataset.Batches(data, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  workers=cfg.data.workers)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
+        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of "
+                            f"{data[0][0] if data else cfg.base} has {tokenizer.vocab_size} pieces")
+    if on_policy is None:
+        try:
+            batches = dataset.Batches(data, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      workers=cfg.data.workers)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
     from moejax.trainer import setup as setup_lib
 
     ts = setup_lib.build(cfg)  # abstract: nothing allocated yet
+    if on_policy is not None:
+        on_policy.bind(ts, workdir)
     ckpt = Checkpointer(workdir, cfg)
     start = 0
     latest = ckpt.latest_step()
@@ -227,11 +247,15 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
 
     bar = tqdm(total=cfg.train.steps, initial=start, disable=quiet, dynamic_ncols=True, desc="train")
     t_last, steps_since = None, 0
+    if on_policy is not None and start == 0 and cfg.train.eval_every:  # the curve starts at the base's reward
+        shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
+        writer.write(0, shown)
+        bar.write("[train] step 0: " + "; ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     try:
         with Preemption() as pre:
             step = start
             while step < end:
-                batch = global_batch(next(batches), batch_sh)
+                batch = global_batch(batches.next(state) if on_policy else next(batches), batch_sh)
                 state, m = train_step(state, batch)
                 step += 1
                 steps_since += 1
@@ -250,6 +274,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                         host.update(step_time=float("nan"), tokens_per_sec=float("nan"), mfu=float("nan"))
                     t_last, steps_since = now, 0
                     host["perplexity"] = float(np.exp(min(host["ce_loss"], 50.0)))
+                    if on_policy is not None:
+                        host.update(on_policy.metrics())
+                        host.pop("perplexity")
                     writer.write(step, host)
                     last = host
                     bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_sec']:.0f}",
@@ -260,11 +287,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                             f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
                             f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    extra: dict = {}
-                    val = evaluate(eval_step, state, data, cfg, batch_sh, extra)
-                    writer.write(step, {"val_loss": val, **extra})
-                    bar.write(f"[train] step {step}: val_loss {val:.4f}"
-                              + "".join(f"; {k} {v:.4f}" for k, v in extra.items()))
+                    shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
+                    writer.write(step, shown)
+                    bar.write(f"[train] step {step}: " + "; ".join(f"{k} {v:.4f}" for k, v in shown.items()))
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     ckpt.save(step, state, batches.state())
                 if pre.requested:
@@ -281,18 +306,21 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         writer.close()
 
     if step >= cfg.train.steps:
-        extra: dict = {}
-        val = evaluate(eval_step, state, data, cfg, batch_sh, extra)
+        shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
         writer = metrics_lib.MetricWriter(workdir, resume_step=step) if primary else _NullWriter()
-        writer.write(step, {"val_loss": val, **extra})
+        writer.write(step, shown)
         writer.close()
-        last["val_loss"] = val
-        last.update(extra)
+        last.update(shown)
         if not quiet:
-            acc = f" (held-out preference accuracy {extra['val_accuracy']:.1%})" if "val_accuracy" in extra else ""
-            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; final val_loss {val:.4f}{acc}; "
+            if "val_loss" in shown:
+                acc = (f" (held-out preference accuracy {shown['val_accuracy']:.1%})" if "val_accuracy" in shown
+                       else "")
+                final = f"final val_loss {shown['val_loss']:.4f}{acc}"
+            else:
+                final = "held-out " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; {final}; "
                   f"outputs in {os.path.abspath(workdir)}", flush=True)
-        if cfg.train.num_samples and show and jax.process_count() == 1:  # host-local prompts: one process only
+        if cfg.train.num_samples and show and jax.process_count() == 1 and data is not None:  # host-local prompts
             print_samples(cfg, ts, state, data, tokenizer)
     return last
 

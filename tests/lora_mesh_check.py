@@ -8,7 +8,9 @@ a shard_map over the expert axes) with the per-expert adapters passed through it
      frozen base weights bit-identical before and after the steps on the mesh;
   3. the adapters took effect on the mesh: the loss differs from the B = 0 loss, also with only the routed
      experts' B factors nonzero (the expert-parallel path applied them), and that experts-only loss equals
-     one device's.
+     one device's;
+  4. a GRPO step (routing replay of recorded experts through the exchange, KL to the zero-adapter reference)
+     gives one device's loss, router disagreement and adapters.
 
 Prints one line "OK ..." with the largest differences.
 """
@@ -116,6 +118,44 @@ class Layout:
         return state, losses, norms
 
 
+def grpo_leg() -> str:
+    """GRPO with LoRA and routing replay (the recorded experts through the expert-parallel exchange) and a KL
+    reference: one step's loss, router disagreement and adapters on the mesh equal one device's."""
+    from moejax.config import AlignConfig, GRPOConfig
+    from moejax.finetune.grpo import _moe_layers
+
+    def cfg_of(mesh_cfg):
+        return dataclasses.replace(config(mesh_cfg), align=AlignConfig(method="grpo"),
+                                   grpo=GRPOConfig(routing_replay=True, beta=0.1, group_size=4, max_new_tokens=8))
+
+    c = cfg_of(ONE)
+    B, T, K = c.train.batch_size, c.data.seq_len, c.model.num_experts_per_tok
+    L = _moe_layers(c)
+    rng = np.random.default_rng(1)
+    batch = batch_of(c)
+    batch["loss_mask"] = (batch["positions"] >= 8).astype(np.int32)
+    batch["advantages"] = np.repeat(rng.normal(size=(B, 1)), T, 1).astype(np.float32)
+    batch["old_logps"] = (-rng.uniform(4, 8, (B, T))).astype(np.float32)
+    routes = np.stack([rng.choice(c.model.n_routed_experts, K, replace=False) for _ in range(B * T * L)])
+    routes = routes.reshape(B, T, L * K).astype(np.int32)
+    routes[:, -3:] = -1  # not recorded: the router's own choice
+    batch["routes"] = routes
+    out = {}
+    for name, mesh_cfg, devices in (("one", ONE, jax.devices()[:1]), ("mesh", MESH, None)):
+        ts = setup.build(cfg_of(mesh_cfg), sharding.make_mesh(mesh_cfg, devices))
+        state = ts.init_state()
+        state["params"] = set_b(state["params"])
+        state, m = ts.train_step()(state, jax.device_put(batch, ts.batch_sharding))
+        out[name] = (float(m["loss"]), float(m["grpo/router_disagreement"]), flat(state["params"]))
+    (l1, d1, p1), (l8, d8, p8) = out["one"], out["mesh"]
+    np.testing.assert_allclose(l8, l1, rtol=RTOL, err_msg="grpo loss")
+    np.testing.assert_allclose(d8, d1, rtol=RTOL, err_msg="router disagreement")
+    assert 0.3 < d1 < 1  # random recorded experts: most disagree with the router (replay has work to do)
+    for n in p1:
+        np.testing.assert_allclose(p8[n], p1[n], atol=ADAPTER_TOL * max(np.abs(p1[n]).max(), 1e-30), rtol=0, err_msg=n)
+    return f"grpo_loss_rel={abs(l8 - l1) / abs(l1):.2e} grpo_disagreement={d1:.3f}"
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
     t0 = time.perf_counter()
@@ -185,11 +225,12 @@ def main():
     assert effect_all > 10 * RTOL and effect_all > 100 * max(d_loss, d_exp), (loss8[0], loss_zero)
     assert effect_experts > 10 * RTOL and effect_experts > 100 * max(d_loss, d_exp), (loss_exp8, loss_zero)
     moe_ep.experts_ep = real_ep
+    grpo = grpo_leg()
     norms = "/".join(f"{d:.1e}" for d in d_norm)
     print(f"OK loss_rel={max(d_loss, d_exp):.2e} grad_norm_rel_per_step={norms} adapter_abs={d_abs:.2e} "
           f"adapter_rel={d_rel:.2e} frozen_bit_identical=1 adapted_vs_zero_B={effect_all:.2e} "
           f"experts_only_vs_zero_B={effect_experts:.2e} losses={loss8} adapters={len(f1)} "
-          f"ep_traces_with_lora={len(calls)} seconds={time.perf_counter() - t0:.1f}")
+          f"ep_traces_with_lora={len(calls)} {grpo} seconds={time.perf_counter() - t0:.1f}")
 
 
 if __name__ == "__main__":

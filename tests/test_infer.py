@@ -347,3 +347,31 @@ def test_decode_updates_the_cache_in_place_without_a_whole_copy(models):
     assert cache_bytes > 8e6
     assert mem.alias_size_in_bytes >= cache_bytes
     assert mem.temp_size_in_bytes < 0.5 * cache_bytes
+
+
+def test_recorded_routes_line_up_with_the_training_forward(models):
+    """The generator records every MoE layer's experts at every position; the training forward over prompt +
+    completion, given them, finds the same choices (float32: no mismatch) and the same token log-probabilities,
+    with or without replay; the EOS's log-probability is kept for RL."""
+    model = Transformer(MLA.replace(n_routed_experts=8, n_group=1, topk_group=1), rngs=nnx.Rngs(0))  # many routes
+    gen = Generator(model, eos_ids=[5], record_routes=True)
+    outs = gen.generate(PROMPTS, [SamplingParams(temperature=1.0, max_new_tokens=9, seed=s) for s in range(3)])
+    width = 32
+    for p, o in zip(PROMPTS, outs):
+        row = list(p) + o.tokens + ([5] if o.finish_reason == "eos" else [])
+        n = len(row)
+        assert o.routes.shape == (model.num_moe_layers(), n, MLA.num_experts_per_tok)
+        assert (o.routes[:, :-1] >= 0).all()  # every position a forward ran on (all but maybe the last)
+        toks = np.zeros((1, width), np.int32)
+        toks[0, :n] = row
+        routes = np.full((o.routes.shape[0], 1, width, o.routes.shape[2]), -1, np.int32)
+        routes[:, 0, :n] = o.routes
+        seg = (np.arange(width) < n)[None].astype(np.int32)
+        for replay in (False, True):
+            logits, aux = model(jnp.asarray(toks), segment_ids=jnp.asarray(seg), routes=jnp.asarray(routes),
+                                replay_routes=replay)
+            assert float(aux["route_mismatch"].sum()) == 0 and float(aux["route_count"].sum()) > 0
+            logp = jax.nn.log_softmax(logits[0, len(p) - 1:n - 1])
+            got = np.asarray(jnp.take_along_axis(logp, jnp.asarray(row[len(p):])[:, None], axis=1)[:, 0])
+            want = o.logprobs + ([o.eos_logprob] if o.finish_reason == "eos" else [])
+            np.testing.assert_allclose(got, want, atol=1e-4)

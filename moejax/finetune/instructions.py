@@ -120,3 +120,17 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
             out.append({"prompt": prompt, "chosen": answer, "rejected": " ".join(shuffled)})
     _write_jsonl(path, out)
     return path
+
+
+def build_arithmetic(cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64) -> str:
+    """SFT examples of the built-in arithmetic task (GRPO's starting point): every training problem of
+    `rewards.arithmetic_split` as a user turn answered by its '#### <answer>' line. The held-out problems,
+    which GRPO's evaluation scores, are left out."""
+    from moejax.finetune import rewards
+
+    path = os.path.join(cache_dir, f"arithmetic-v{VERSION}-{max_value}-{ops.encode().hex()}-{held_out}.jsonl")
+    if not os.path.exists(path):
+        train, _ = rewards.arithmetic_split(max_value, ops, held_out)
+        _write_jsonl(path, [{"messages": [{"role": "user", "content": p["prompt"]},
+                                          {"role": "assistant", "content": rewards.solution(p)}]} for p in train])
+    return path

@@ -43,6 +43,26 @@ def arithmetic_task(n: int, seed: int = 0, digits: int = 2, ops: str = "+-") -> 
     return out
 
 
+def arithmetic_split(max_value: int, ops: str = "+-", held_out: int = 64, seed: int = 0) -> tuple[list, list]:
+    """(train, held-out) problems {"prompt", "answer"} over every `a op b` with operands in [0, max_value),
+    shuffled by `seed`; the held-out ones never appear in training (SFT or RL)."""
+    problems = [(a, op, b) for op in ops for a in range(max_value) for b in range(max_value)]
+    if held_out >= len(problems):
+        from moejax.config import ConfigError
+
+        raise ConfigError(f"grpo.held_out={held_out} leaves no training problems (max_value={max_value}, ops={ops!r} "
+                         f"give {len(problems)})")
+    random.Random(seed).shuffle(problems)
+    out = [{"prompt": f"What is {a} {op} {b}? End with '#### <answer>'.", "answer": str(OPS[op](a, b))}
+           for a, op, b in problems]
+    return out[held_out:], out[:held_out]
+
+
+def solution(problem: dict) -> str:
+    """The answer an SFT example teaches: the final '#### <answer>' line."""
+    return f"#### {problem['answer']}"
+
+
 def extract_answer(completion: str) -> str | None:
     found = ANSWER.findall(completion)
     return found[-1].replace(",", "") if found else None

@@ -66,6 +66,8 @@ def base_tokenizer(path: str) -> tuple[str, dict]:
         from moejax.infer.load import workdir_config
 
         cfg = workdir_config(path)
+        if cfg.align.method == "grpo" and base_kind(cfg.base) != "workdir":  # RL on a folder: the folder's
+            return base_tokenizer(cfg.base)
         d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
         hf = os.path.join(d, dataset.HF_TOKENIZER)
         if os.path.exists(hf):
@@ -114,7 +116,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base=")
     if cfg.align.method and not cfg.base:
         raise ConfigError(f"base: align.method={cfg.align.method!r} needs the model to align (--config.base=)")
-    if cfg.align.method and not cfg.sft.data:
+    if cfg.align.method in ("dpo", "reward") and not cfg.sft.data:
         raise ConfigError(f"sft.data: {cfg.align.method} needs preference pairs (JSONL rows with prompt, chosen "
                           "and rejected, or 'builtin')")
     if cfg.base:
@@ -134,12 +136,23 @@ def resolve(cfg: Config) -> Config:
         tok_file = os.path.join(d, dataset.HF_TOKENIZER if os.path.exists(os.path.join(d, dataset.HF_TOKENIZER))
                                 else dataset.TOKENIZER)
         special = dataset.read_manifest(d).get("special_tokens", {})
+    if cfg.align.method == "grpo":  # rollouts, not a dataset: the tokenizer is the base's (GRPOStart)
+        if base_kind(cfg.base) == "workdir":  # the run's data names the base's tokenizer (loading the run finds it)
+            from moejax.infer.load import workdir_config
+
+            bdata = workdir_config(cfg.base).data
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(bdata, seq_len=cfg.data.seq_len))
+        return cfg
     if cfg.sft.data:
         from moejax.finetune import data as sft_data, instructions
 
         kind = "preference" if cfg.align.method in ("dpo", "reward") else "sft"
         if cfg.sft.data == "builtin":
             files = [instructions.build_preferences(cache) if kind == "preference" else instructions.build(cache)]
+        elif cfg.sft.data == "arithmetic":  # GRPO's task as SFT examples (its held-out problems left out)
+            if kind == "preference":
+                raise ConfigError("sft.data='arithmetic' is an SFT set, not preference pairs")
+            files = [instructions.build_arithmetic(cache, cfg.grpo.max_value, cfg.grpo.ops, cfg.grpo.held_out)]
         else:
             files = [os.path.expanduser(f.strip()) for f in cfg.sft.data.split(",") if f.strip()]
             missing = [f for f in files if not os.path.exists(f)]
@@ -205,6 +218,18 @@ class BaseStart:
         return state
 
 
+class GRPOStart(BaseStart):
+    """BaseStart for align.method='grpo', with the rollouts that stand in for the data iterator."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        from moejax.data import tokenizer as tokenizer_lib
+        from moejax.finetune.grpo import Rollouts
+
+        tok_file, special = base_tokenizer(cfg.base)
+        self.rollouts = Rollouts(cfg, tokenizer_lib.load(tok_file, special), chat_template(cfg))
+
+
 def validation_loss(model, path: str, seq_len: int, batch_size: int, batches: int) -> float:
     """Next-token cross-entropy per token of `model` on the first `batches` validation batches of one
     prepared dataset (the same rows every call)."""
@@ -261,10 +286,10 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     from moejax import train
 
     cfg = resolve(cfg)
-    out = train.run(cfg, workdir, quiet=quiet, max_steps_this_run=max_steps_this_run,
-                    start_from=BaseStart(cfg) if cfg.base else None)
+    start = (GRPOStart if cfg.align.method == "grpo" else BaseStart)(cfg) if cfg.base else None
+    out = train.run(cfg, workdir, quiet=quiet, max_steps_this_run=max_steps_this_run, start_from=start)
     if report_forgetting is None:
-        report_forgetting = bool(cfg.base) and not cfg.sft.data and max_steps_this_run is None
+        report_forgetting = bool(cfg.base) and not cfg.sft.data and not cfg.align.method and max_steps_this_run is None
     if report_forgetting:
         table = forgetting(cfg, workdir)
         out["forgetting"] = table

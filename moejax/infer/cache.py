@@ -26,7 +26,8 @@ from moejax.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    segments: list  # per layer segment: {name: [L, B, S, R] or [L, B, Nkv, S, H]} (+ name + '_scale' when int8)
+    segments: list  # per layer segment: {name: [L, B, S, R] or [L, B, Nkv, S, H]} (+ name + '_scale' when int8;
+    #                 + 'route' [L, B, S, K] when recording a MoE segment's expert choices)
     mtp: list  # per MTP depth: {name: [1, B, S, ...]}
     lengths: jax.Array  # int32 [B]: positions written per row
 
@@ -56,14 +57,23 @@ def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype,
     return out
 
 
+def route_dtype(cfg: ModelConfig):
+    return jnp.int16 if cfg.n_routed_experts < 2 ** 15 else jnp.int32
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, dtype=None, int8: bool = False,
-               mtp: bool = False) -> KVCache:
+               mtp: bool = False, routes: bool = False) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions (dtype: the compute dtype by default).
-    mtp=True adds a cache for each MTP depth (speculative decoding drafts with it)."""
+    mtp=True adds a cache for each MTP depth (speculative decoding drafts with it). routes=True also records
+    the experts each MoE layer chose for every position ('route' [L, B, S, K], routing replay for RL)."""
     from moejax.model.transformer import segments_of
 
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
     segs = [_layer_cache(cfg, n, batch, max_len, dtype, int8) for _, n in segments_of(cfg)]
+    if routes:
+        for seg, (kind, n) in zip(segs, segments_of(cfg)):
+            if kind == "moe":
+                seg["route"] = jnp.full((n, batch, max_len, cfg.num_experts_per_tok), -1, route_dtype(cfg))  # -1: none
     depths = [_layer_cache(cfg, 1, batch, max_len, dtype, int8) for _ in range(cfg.mtp_depth if mtp else 0)]
     return KVCache(segs, depths, jnp.zeros((batch,), jnp.int32))
 

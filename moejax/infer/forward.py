@@ -166,9 +166,11 @@ def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
 # --------------------------------------------------------------------------------------------- blocks
 
 
-def block_step(block: Block, x, cos, sin, token_mask, cached, start, prefill: bool, absorbed: bool):
+def block_step(block: Block, x, cos, sin, token_mask, cached, start, prefill: bool, absorbed: bool,
+               record: bool = False):
     """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B, T, ...]).
-    cached: this layer's cache {name: [B, S, ...]} (None with prefill)."""
+    cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE layer's expert choices
+    join the entries as 'route' [B, T, K]."""
     cd = block.compute_dtype
     h = block.attn_norm(x).astype(cd)
     if isinstance(block.attn, MLA):
@@ -177,7 +179,12 @@ def block_step(block: Block, x, cos, sin, token_mask, cached, start, prefill: bo
         h, new = _gqa_step(block.attn, h, cos, sin, cached, start, prefill)
     x = (x.astype(jnp.float32) + h).astype(cd)
     hn = block.ffn_norm(x).astype(cd)
-    h = block.ffn(hn, token_mask)[0] if block.kind == "moe" else block.ffn(hn)
+    if block.kind == "moe":
+        h, aux = block.ffn(hn, token_mask, record=record)
+        if record:
+            new = dict(new, route=aux["route"])
+    else:
+        h = block.ffn(hn)
     return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), block.layout, RESIDUAL), new
 
 
@@ -186,11 +193,12 @@ def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, pre
     [L, B, T, ...]; they are written after the scan, so a decode step reads the cache once and writes
     only the new positions (in place: the cache is donated)."""
     graphdef, state = nnx.split(stack)
+    record = "route" in layers  # the cache records this MoE segment's expert choices
 
     def body(h, xs):
         layer_state, cached = xs
         return block_step(nnx.merge(graphdef, layer_state), h, cos, sin, token_mask, cached, start, prefill,
-                          absorbed)
+                          absorbed, record)
 
     x, new = jax.lax.scan(body, x, (state, None if prefill else layers))
     return x, cache_lib.write(layers, new, start)

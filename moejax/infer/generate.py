@@ -38,6 +38,10 @@ class Completion:
     finish_reason: str  # 'eos' | 'stop' | 'length' | 'content_filter'
     text: str | None = None  # decoded tokens (with a tokenizer), after the safety filter's action
     safety: dict = dataclasses.field(default_factory=dict)  # safety-filter matches per category
+    eos_logprob: float | None = None  # the log-probability of the EOS that ended the row ('eos')
+    # record_routes: the experts each MoE layer of the main stack chose at every position of prompt + tokens
+    # (+ the EOS), int [L_moe, positions, K]; -1 where no forward ran on the position (a row's last token)
+    routes: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -92,10 +96,15 @@ class Generator:
       chunk: decode steps per device call when stop strings or a safety filter are in play (the host checks
         them between chunks).
       safety: a moejax.infer.safety.SafetyFilter applied to every row's text as it is generated.
+      record_routes: record every MoE layer's expert choices (Completion.routes; RL's routing replay).
+
+    A model with LoRA adapters generates as its merged weights: each device call merges them (temporaries)
+    and the model's own arrays are shared, never copied.
     """
 
     def __init__(self, model, tokenizer=None, *, eos_ids=None, add_bos: bool = True, cache_dtype=None,
-                 kv_int8: bool = False, absorbed: bool = True, chunk: int = 16, safety=None):
+                 kv_int8: bool = False, absorbed: bool = True, chunk: int = 16, safety=None,
+                 record_routes: bool = False):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         if eos_ids is None:
@@ -108,6 +117,7 @@ class Generator:
         self.absorbed = absorbed
         self.chunk = chunk
         self.safety = safety
+        self.record_routes = record_routes
         if safety is not None and tokenizer is None:
             raise ValueError("a safety filter reads text: give the Generator a tokenizer")
         self.graphdef, self.state = nnx.split(for_inference(model))
@@ -157,6 +167,8 @@ class Generator:
             raise ValueError("empty prompt: give at least one token (e.g. add_bos=True with a BOS token)")
         if speculative and not self.cfg.mtp_depth:
             raise ConfigError("speculative decoding drafts with the MTP head; this model has model.mtp_depth=0")
+        if speculative and self.record_routes:
+            raise ValueError("record_routes: not with speculative decoding (a verified draft's routing is not kept)")
         n_real = B
         stats = Stats(prompt_tokens=sum(len(e) for e in encoded))
         # shapes compile in buckets: rows padded to a power of two with rows that finish at once, the output
@@ -212,6 +224,12 @@ class Generator:
         stats.drafted, stats.accepted = int(carry["drafted"].sum()), int(carry["accepted"].sum())
         results = [self._finish(encoded[i], out[i, : n_out[i]], logp[i, : n_out[i]], plist[i], checked[i], flags[i])
                    for i in range(n_real)]
+        if self.record_routes:
+            routes = [np.asarray(seg["route"]) for seg in carry["cache"].segments if "route" in seg]
+            routes = np.concatenate(routes) if routes else None  # [L_moe, B, S, K]
+            for i, c in enumerate(results):
+                n = len(encoded[i]) + len(c.tokens) + (c.finish_reason == "eos")
+                c.routes = None if routes is None else routes[:, i, :n].astype(np.int32)
         stats.generated_tokens = sum(len(c.tokens) for c in results)
         self.last_stats = stats
         return results
@@ -253,11 +271,11 @@ class Generator:
 
     def _finish(self, prompt, toks, logp, p: SamplingParams, checked: int = 0, flags=()) -> Completion:
         toks, logp = [int(t) for t in toks], [float(x) for x in logp]
-        reason = "length"
+        reason, eos_logp = "length", None
         if toks and toks[-1] in set(self.eos_ids.tolist()):
-            toks, logp, reason = toks[:-1], logp[:-1], "eos"
+            toks, logp, reason, eos_logp = toks[:-1], logp[:-1], "eos", logp[-1]
         if self.tokenizer is None:
-            return Completion(prompt, toks, logp, reason)
+            return Completion(prompt, toks, logp, reason, eos_logprob=eos_logp)
         text = self.decode_text(toks)
         cut = min((text.find(s) for s in p.stop if s in text), default=-1)
         if cut >= 0:
@@ -274,21 +292,29 @@ class Generator:
                     toks, logp = self._cut(toks, logp, len(filtered_text))
                 reason = "content_filter"
             text = filtered_text
-        return Completion(prompt, toks, logp, reason, text, counts)
+        return Completion(prompt, toks, logp, reason, text, counts, eos_logprob=eos_logp if reason == "eos" else None)
 
     # ------------------------------------------------------------------------------ device side
 
     def _model(self, state):
-        return nnx.merge(self.graphdef, state)
+        model = nnx.merge(self.graphdef, state)
+        from moejax.finetune import lora
+
+        return lora.merge(model) if lora.has_adapters(model) else model
 
     def _prefill_fn(self, state, tokens, lengths, rows, eos, *, max_len, max_new, spec, penalty, mode):
         model = self._model(state)
         cfg = self.cfg
         B, T = tokens.shape
         V = cfg.vocab_size
-        cache = cache_lib.init_cache(cfg, B, max_len, dtype=self.cache_dtype, int8=self.kv_int8, mtp=spec)
+        cache = cache_lib.init_cache(cfg, B, max_len, dtype=self.cache_dtype, int8=self.kv_int8, mtp=spec,
+                                     routes=self.record_routes)
         real = jnp.arange(T)[None] < lengths[:, None]  # [B, T]
         h, cache = forward(model, tokens, cache, prefill=True, absorbed=self.absorbed, token_mask=real)
+        if self.record_routes:  # the padding after each prompt was routed too: not a position of the row
+            unwritten = (jnp.arange(max_len) >= lengths[:, None])[None, :, :, None]  # [1, B, S, 1]
+            cache = cache._replace(segments=[dict(s, route=jnp.where(unwritten, -1, s["route"])) if "route" in s
+                                             else s for s in cache.segments])
         cache = cache._replace(lengths=lengths)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         raw = model.head(last)[:, 0]  # [B, V]

@@ -107,6 +107,12 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
         model = lora.merge(nnx.merge(ts.graphdef, state["params"], state["router"], ts.frozen_of(base)))
     else:
         model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
+    if cfg.align.method == "grpo" and cfg.base and not os.path.isdir(os.path.join(split_step(cfg.base)[0],
+                                                                                  "checkpoints")):
+        from moejax.data import tokenizer as tokenizer_lib
+        from moejax.finetune.runner import base_tokenizer
+
+        return model, tokenizer_lib.load(*base_tokenizer(cfg.base))  # RL on a folder: the folder's tokenizer
     tokenizer = dataset.tokenizer(dataset.resolve(cfg.data, cfg.model.vocab_size))
     return model, tokenizer
 

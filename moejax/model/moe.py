@@ -166,9 +166,15 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs, layout=layout)
 
-    def __call__(self, x, token_mask=None, rng=None):
+    def __call__(self, x, token_mask=None, rng=None, route=None, replay: bool = False, record: bool = False):
         """x [B, T, D] -> (y [B, T, D] float32, aux). token_mask [B, T] marks real tokens;
-        rng enables router jitter (training)."""
+        rng enables router jitter (training).
+
+        route: int [B, T, K] experts chosen for these tokens elsewhere (the sampler's, for RL): aux then holds
+        `route_mismatch`, how many of those assignments this router does not make; with replay=True the layer
+        uses them (gate weights from this router's scores); `route_count` is how many were recorded (a token whose
+        row is -1 was not, and keeps this router's choice). record=True puts this call's choice in
+        aux['route'] [B, T, K]."""
         cfg = self.cfg
         B, T, D = x.shape
         cd = dtype_of(cfg.compute_dtype)
@@ -183,13 +189,23 @@ class MoE(nnx.Module):
             logits = jnp.dot(router_in, self.w_router[...].astype(jnp.float32))  # [M, E]
             bias = self.bias[...] if cfg.use_score_correction_bias else None
             r = router_lib.route(logits, bias, cfg)
+            if route is not None:
+                route = route.reshape(B * T, -1).astype(jnp.int32)
+                mismatch = router_lib.disagreement(r, route, mask)
+                if replay:
+                    r = router_lib.replayed(r, route, cfg)
         with jax.named_scope("experts"):
             y, dropped = self._experts(x, xf, r, mask, mask2, cd, rng)
         if cfg.n_shared_experts:
             y = y + self.shared(xf, None if rng is None else jax.random.fold_in(rng, 4))
         stats = self.stats(r, mask, B)
         stats["dropped"] = dropped
-        return y.reshape(B, T, D), with_means(stats, cfg)
+        aux = with_means(stats, cfg)
+        if route is not None:
+            aux["route_mismatch"], aux["route_count"] = mismatch
+        if record:
+            aux["route"] = r.expert_ids.reshape(B, T, -1)
+        return y.reshape(B, T, D), aux
 
     def expert_lora(self, rng=None) -> moe_ep.ExpertLoRA | None:
         """The routed experts' LoRA adapters (moejax.finetune.lora adds them), or None."""

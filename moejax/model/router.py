@@ -52,11 +52,32 @@ def route(logits, bias, cfg: ModelConfig) -> Routing:
         expert_mask = jnp.repeat(group_mask, E // G, axis=1)  # [M, E]
         choice = jnp.where(expert_mask, choice, -jnp.inf)
     _, expert_ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [M, K]
+    return Routing(expert_ids.astype(jnp.int32), gate_weights(scores, expert_ids, cfg), scores, logits)
+
+
+def gate_weights(scores, expert_ids, cfg: ModelConfig):
+    """The gate weights of the chosen experts [M, K]: their unbiased scores, normalized (norm_topk_prob) and
+    scaled by routed_scaling_factor."""
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    weights = weights * cfg.routed_scaling_factor
-    return Routing(expert_ids.astype(jnp.int32), weights, scores, logits)
+    return weights * cfg.routed_scaling_factor
+
+
+def replayed(r: Routing, expert_ids, cfg: ModelConfig) -> Routing:
+    """Routing replay (Rollout Routing Replay, arXiv 2510.11370): the experts chosen elsewhere (by the sampler,
+    expert_ids int [M, K]; a row of -1 was not recorded and keeps this router's choice) with gate weights
+    recomputed from this router's scores, so the router still learns through them."""
+    expert_ids = jnp.where((expert_ids >= 0).all(axis=-1, keepdims=True), expert_ids, r.expert_ids).astype(jnp.int32)
+    return r._replace(expert_ids=expert_ids, weights=gate_weights(r.scores, expert_ids, cfg))
+
+
+def disagreement(r: Routing, expert_ids, token_mask):
+    """(recorded assignments expert_ids [M, K] this routing does not make, recorded assignments), over real
+    tokens whose choice was recorded (a row of -1 was not)."""
+    recorded = (expert_ids >= 0).all(axis=-1).astype(jnp.float32) * token_mask  # [M]
+    same = (expert_ids[:, :, None] == r.expert_ids[:, None, :]).any(axis=-1)  # [M, K]
+    return jnp.sum((~same) * recorded[:, None]), jnp.sum(recorded) * expert_ids.shape[-1]
 
 
 def expert_counts(expert_ids, num_experts: int, token_mask=None):

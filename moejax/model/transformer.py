@@ -46,8 +46,8 @@ class Block(nnx.Module):
                     else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout))
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
-    def __call__(self, x, cos, sin, mask, token_mask, rng=None):
-        """x [B, T, D] -> (x, aux); aux is {} for dense layers."""
+    def __call__(self, x, cos, sin, mask, token_mask, rng=None, route=None, replay: bool = False):
+        """x [B, T, D] -> (x, aux); aux is {} for dense layers. route/replay: MoE.__call__'s (routing replay)."""
         cd = self.compute_dtype
         # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
         attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
@@ -57,7 +57,7 @@ class Block(nnx.Module):
         with jax.named_scope("ffn"):
             hn = self.ffn_norm(x).astype(cd)
             if self.kind == "moe":
-                h, aux = self.ffn(hn, token_mask, rng)
+                h, aux = self.ffn(hn, token_mask, rng, route=route, replay=replay)
             else:
                 h, aux = self.ffn(hn, None if rng is None else jax.random.fold_in(rng, 2)), {}
         return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL), aux
@@ -82,31 +82,36 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
-def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh=None):
+def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh=None, routes=None,
+              replay: bool = False):
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
-    On a mesh with a 'stage' axis the layers run as a pipeline."""
+    On a mesh with a 'stage' axis the layers run as a pipeline. routes: int [n, B, T, K] recorded expert choices
+    of these (MoE) layers, compared with the router's and, with replay, used (MoE.__call__)."""
     stages = mesh.shape.get("stage", 1) if mesh is not None else 1
     if stages > 1 and n % stages == 0:  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
+        if routes is not None:
+            raise ValueError("routing replay is not supported with a pipeline ('stage' mesh axis > 1)")
         return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, mesh)
-    return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg)
+    return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg, routes, replay)
 
 
-def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig):
+def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, routes=None,
+                replay: bool = False):
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
 
     def body(h, xs):
-        layer_state, layer_rng = xs
+        layer_state, layer_rng, layer_route = xs
         block = nnx.merge(graphdef, layer_state)
-        return block(h, cos, sin, mask, token_mask, layer_rng)
+        return block(h, cos, sin, mask, token_mask, layer_rng, layer_route, replay)
 
     if cfg.remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     if cfg.scan_layers:
-        return jax.lax.scan(body, x, (state, rngs))
+        return jax.lax.scan(body, x, (state, rngs, routes))
     auxs = []
     for i in range(n):
-        x, aux = body(x, jax.tree.map(lambda a: a[i], (state, rngs)))
+        x, aux = body(x, jax.tree.map(lambda a: a[i], (state, rngs, routes)))
         auxs.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
 
@@ -251,7 +256,7 @@ class Transformer(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", h.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, rng=None, return_mtp=False,
-                 return_hidden=False):
+                 return_hidden=False, routes=None, replay_routes: bool = False):
         """Forward pass.
 
         Args:
@@ -260,6 +265,9 @@ class Transformer(nnx.Module):
           segment_ids: int [B, T] document ids of packed rows; 0 marks padding (default all 1).
           rng: a PRNG key for training-time randomness (router jitter); None is deterministic.
           return_mtp: also compute the multi-token-prediction logits.
+          routes: int [L_moe, B, T, K] expert choices recorded for these tokens by the main stack's MoE layers
+            (the generator's, for RL): aux['route_mismatch'] [L_moe] counts the recorded assignments each
+            router does not make; replay_routes=True runs the experts on the recorded choices (routing replay).
         Returns:
           logits float32 [B, T, V] and the aux dict.
         """
@@ -277,9 +285,13 @@ class Transformer(nnx.Module):
 
         x = self.embed_tokens(input_ids)
         moe_aux = []
+        first = 0  # the first MoE layer of this segment, in `routes`
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
+            seg_routes = None if routes is None or kind != "moe" else routes[first:first + n]
+            first += n if kind == "moe" else 0
             with jax.named_scope(f"segment_{i}_{kind}"):
-                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg, self.mesh)
+                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg, self.mesh, seg_routes,
+                                   replay_routes)
                 x = sharding.constrain(x, self.layout, RESIDUAL)  # (a pipeline's output has no layout of its own)
             if kind == "moe":
                 moe_aux.append(aux)
@@ -304,7 +316,8 @@ class Transformer(nnx.Module):
                     mtp_logits.append(self.head(m.norm(prev)))
             out["mtp_logits"] = jnp.stack(mtp_logits)
         if moe_aux:
-            stats = {k: jnp.concatenate([a[k] for a in moe_aux]) for k in moe_aux[0]}
+            # (route_mismatch / route_count: the main stack's layers only; the MTP blocks are not replayed)
+            stats = {k: jnp.concatenate([a[k] for a in moe_aux if k in a]) for k in moe_aux[0]}
             out.update(stats)
             out["aux_loss"] = stats["aux_loss"].sum()
         else:

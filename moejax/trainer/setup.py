@@ -144,8 +144,9 @@ def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
     }
     if frozen is not None and jax.tree.leaves(frozen):
         state["frozen"] = frozen  # LoRA: the base weights, not trained
-    if cfg.align.method == "dpo" and not cfg.lora.rank:
-        # DPO's reference model: the starting parameters, kept (with LoRA it is the base under zero adapters)
+    if (cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)) and not cfg.lora.rank:
+        # DPO's (and GRPO's KL) reference model: the starting parameters, kept (with LoRA: the base under zero
+        # adapters)
         state["reference"] = jax.tree.map(jnp.copy, params)
     return state
 

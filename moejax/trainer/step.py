@@ -71,6 +71,10 @@ def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
         from moejax.finetune.objectives import count_pairs
 
         out["pairs"] = count_pairs(batch, cfg.align.max_pairs_per_row)
+    if cfg.align.method == "grpo":
+        from moejax.finetune.grpo import completion_counts
+
+        out.update(completion_counts(batch))
     return out
 
 
@@ -114,6 +118,27 @@ def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef
     return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
 
 
+def grpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
+    """loss_fn for cfg.align.method == 'grpo' (moejax.finetune.grpo): the policy over the rollout rows (on the
+    sampler's experts with grpo.routing_replay) and, for the KL penalty, the reference (as in DPO)."""
+    from moejax.finetune.grpo import grpo_share, split_routes
+
+    g = cfg.grpo
+    model = nnx.merge(graphdef, params, router, rest)
+    tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
+    # (a pipeline does not carry the records: no disagreement metric there, and replay is refused up front)
+    routes = None if cfg.mesh.stage > 1 else split_routes(batch.get("routes"), cfg.model.num_experts_per_tok)
+    logits, aux = model(tokens, pos, seg, rng=rng, routes=routes, replay_routes=g.routing_replay)
+    ref_logits = None
+    if g.beta > 0:
+        ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
+        ref_logits = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params, router, rest)(tokens, pos, seg)[0])
+    loss, metrics = grpo_share(logits, ref_logits, batch, norm, g, g.max_new_tokens)
+    if "route_mismatch" in aux:
+        metrics["grpo/router_disagreement"] = aux["route_mismatch"].sum() / jnp.maximum(norm["rl_routes"], 1.0)
+    return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
+
+
 def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
     """This batch's (or microbatch's) share of the global loss: every term is a sum over its tokens
     (sequences) divided by the global count in `norm` (see `normalizers`), so that the shares of any
@@ -125,6 +150,8 @@ def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: 
         return dpo_loss_fn(params, router, rest, batch, rng, norm, ref, graphdef=graphdef, cfg=cfg)
     if cfg.align.method == "reward":
         return reward_loss_fn(params, router, rest, batch, rng, norm, graphdef=graphdef, cfg=cfg)
+    if cfg.align.method == "grpo":
+        return grpo_loss_fn(params, router, rest, batch, rng, norm, ref, graphdef=graphdef, cfg=cfg)
     model = nnx.merge(graphdef, params, router, rest)
     mcfg = cfg.model
     logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng,

@@ -1,0 +1,248 @@
+"""GRPO: the loss against its formula, split invariance, rollout rows, the generator on a LoRA policy, and a
+short end-to-end run (SFT on the arithmetic task, then GRPO with routing replay, interrupted and resumed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.config import Config, ConfigError, GRPOConfig
+from moejax.finetune import grpo
+
+B, T, V = 4, 9, 11
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, V, (B, T)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[3, 6:] = 0  # padding
+    loss_mask = np.zeros((B, T), np.int32)
+    loss_mask[0, 3:] = 1
+    loss_mask[1, 5:] = 1
+    loss_mask[2, 2:4] = 1
+    loss_mask[3, 4:6] = 1
+    adv = np.repeat(rng.normal(size=(B, 1)), T, axis=1).astype(np.float32)
+    old = (-rng.uniform(0.5, 3.0, (B, T))).astype(np.float32)
+    return {"tokens": tokens, "segment_ids": seg, "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+            "loss_mask": loss_mask, "advantages": adv, "old_logps": old}
+
+
+def _expected(logits, ref_logits, b, cfg: GRPOConfig):
+    """The GRPO objective written out token by token in numpy."""
+    lp = np.asarray(jax.nn.log_softmax(logits, -1))
+    rp = np.asarray(jax.nn.log_softmax(ref_logits, -1))
+    rows = []
+    for i in range(B):
+        terms = []
+        for t in range(T - 1):
+            if not (b["segment_ids"][i, t] > 0 and b["segment_ids"][i, t + 1] == b["segment_ids"][i, t]
+                    and b["loss_mask"][i, t + 1]):
+                continue
+            tok = b["tokens"][i, t + 1]
+            ratio = np.exp(lp[i, t, tok] - b["old_logps"][i, t])
+            a = b["advantages"][i, t]
+            hi = cfg.epsilon_high or cfg.epsilon
+            pg = -min(ratio * a, np.clip(ratio, 1 - cfg.epsilon, 1 + hi) * a)
+            d = rp[i, t, tok] - lp[i, t, tok]
+            terms.append(pg + cfg.beta * (np.exp(d) - d - 1))
+        rows.append(terms)
+    rows = [r for r in rows if r]
+    if cfg.loss == "grpo":
+        return np.mean([np.mean(r) for r in rows])
+    if cfg.loss == "dr_grpo":
+        return sum(sum(r) for r in rows) / (len(rows) * cfg.max_new_tokens)
+    return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+
+
+@pytest.mark.parametrize("loss,eps_high,beta", [("grpo", 0.0, 0.04), ("dr_grpo", 0.0, 0.1), ("dapo", 0.28, 0.0)])
+def test_loss_matches_the_formula_and_any_split(loss, eps_high, beta):
+    cfg = GRPOConfig(loss=loss, epsilon_high=eps_high, beta=beta, max_new_tokens=7)
+    b = _batch()
+    logits = jax.random.normal(jax.random.key(0), (B, T, V)) * 2
+    ref = jax.random.normal(jax.random.key(1), (B, T, V))
+    whole = {k: jnp.asarray(v) for k, v in b.items()}
+    norm = grpo.completion_counts(whole)
+    got, metrics = grpo.grpo_share(logits, ref, whole, norm, cfg, cfg.max_new_tokens)
+    np.testing.assert_allclose(float(got), _expected(logits, ref, b, cfg), rtol=1e-5, atol=1e-6)
+    # shares of two halves (microbatches, data-parallel shards) divided by the global counts add up to the whole
+    halves = sum(float(grpo.grpo_share(logits[s], ref[s], {k: v[s] for k, v in whole.items()}, norm, cfg,
+                                       cfg.max_new_tokens)[0]) for s in (slice(0, 2), slice(2, 4)))
+    np.testing.assert_allclose(halves, float(got), rtol=1e-5, atol=1e-6)
+    # clipping happens here: some ratios leave [1 - eps, 1 + eps] (old log-probs are far from the policy's)
+    assert 0 < float(metrics["grpo/clip_fraction"]) < 1
+
+
+def test_gradient_of_an_unclipped_token_is_the_advantage_weighted_score():
+    """With old = current log-probs (ratio 1) and beta 0, d loss / d logits = -A/|o| * d log p: REINFORCE."""
+    cfg = GRPOConfig(loss="grpo", beta=0.0)
+    b = {k: jnp.asarray(v) for k, v in _batch().items()}
+    logits = jax.random.normal(jax.random.key(0), (B, T, V))
+    from moejax.finetune.objectives import token_logps
+
+    lp, valid = token_logps(logits, b)
+    b["old_logps"] = jnp.where(valid, lp, 0.0)
+    norm = grpo.completion_counts(b)
+    g = jax.grad(lambda x: grpo.grpo_share(x, None, b, norm, cfg, 8)[0])(logits)
+    n = valid.sum(1, keepdims=True)
+    w = jnp.where(valid, -b["advantages"] / n / norm["rl_rows"], 0.0)
+    want = jax.grad(lambda x: jnp.sum(w * token_logps(x, b)[0]))(logits)
+    np.testing.assert_allclose(g, want, atol=1e-6)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="grpo.loss"):
+        GRPOConfig(loss="ppo")
+    with pytest.raises(ConfigError, match="grpo.group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ConfigError, match="grpo.rewards"):
+        GRPOConfig(rewards=("nope",), reward_weights=(1.0,))
+    with pytest.raises(ConfigError, match="grpo.reward_weights"):
+        GRPOConfig(reward_weights=(1.0,))
+
+
+def test_generator_decodes_a_lora_policy_as_its_merged_weights():
+    """GRPO samples from the train state as it is (adapters and frozen base, no merged copy kept): the same
+    tokens and log-probabilities as the merged model."""
+    from moejax.config import LoRAConfig
+    from moejax.finetune import lora
+    from moejax.infer import Generator, SamplingParams
+    from moejax.model import Transformer
+    from tests.test_infer import MLA, PROMPTS
+
+    model = Transformer(MLA, rngs=nnx.Rngs(0))
+    lora.apply(model, LoRAConfig(rank=4, targets=("attn/", "ffn/experts/", "ffn/shared/")), nnx.Rngs(1))
+    for _, m in nnx.iter_modules(model):  # non-zero adapters
+        for name, v in list(vars(m).items()):
+            if name.endswith("_lora_b"):
+                v.set_value(0.3 * jax.random.normal(jax.random.key(len(name)), v.get_value().shape))
+    params = [SamplingParams(temperature=1.0, max_new_tokens=6, seed=i) for i in range(len(PROMPTS))]
+    got = Generator(model, eos_ids=[]).generate(PROMPTS, params)
+    want = Generator(lora.merge(model), eos_ids=[]).generate(PROMPTS, params)
+    assert [o.tokens for o in got] == [o.tokens for o in want]
+    np.testing.assert_allclose([o.logprobs for o in got], [o.logprobs for o in want], atol=1e-5)
+
+
+def test_rollout_rows_line_up_tokens_masks_old_logps_and_routes():
+    """A rollout row: prompt + completion (+ EOS when the row ended with it), the loss mask on the completion,
+    old log-probs at the position that predicts each token, routes [positions, L * K] (-1 past the row)."""
+    from types import SimpleNamespace
+
+    from moejax.infer.generate import Completion
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    L, K = grpo._moe_layers(cfg), cfg.model.num_experts_per_tok
+    r = grpo.Rollouts.__new__(grpo.Rollouts)
+    r.cfg, r.tokenizer = cfg, SimpleNamespace(eos_id=2)
+    def routes(n):
+        return np.arange(L * n * K).reshape(L, n, K) % 4
+
+    outs = [Completion([1, 7, 8], [9, 10], [-0.5, -0.25], "eos", eos_logprob=-0.125, routes=routes(6)),
+            Completion([1, 7], [11, 12, 13], [-1.0, -2.0, -3.0], "length", routes=routes(5))]
+    b = r._rows([o.prompt_tokens for o in outs], outs, np.array([1.5, -0.5], np.float32))
+    assert b["tokens"][0, :6].tolist() == [1, 7, 8, 9, 10, 2] and b["tokens"][0, 6:].sum() == 0
+    assert b["loss_mask"][0, :7].tolist() == [0, 0, 0, 1, 1, 1, 0]
+    assert b["old_logps"][0, :6].tolist() == [0, 0, -0.5, -0.25, -0.125, 0]
+    assert b["tokens"][1, :5].tolist() == [1, 7, 11, 12, 13] and b["loss_mask"][1, :6].tolist() == [0, 0, 1, 1, 1, 0]
+    assert b["old_logps"][1, :5].tolist() == [0, -1.0, -2.0, -3.0, 0]
+    assert b["segment_ids"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and b["positions"][1, :5].tolist() == list(range(5))
+    np.testing.assert_array_equal(b["advantages"][:, 0], [1.5, -0.5])
+    assert b["routes"].shape == (2, cfg.data.seq_len, L * K)
+    np.testing.assert_array_equal(grpo.split_routes(b["routes"], K)[:, 0, :6], routes(6))
+    assert (b["routes"][0, 6:] == -1).all() and (b["routes"][1, 5:] == -1).all()
+    # the loss reads old log-probs where token_logps puts the policy's: the positions its valid mask marks
+    from moejax.trainer.step import shifted_targets
+
+    _, valid = shifted_targets({k: jnp.asarray(v) for k, v in b.items()}, 1)
+    assert ((b["old_logps"] != 0) == np.asarray(valid)).all()
+
+
+def _cfg(tmp_path, **grpo_over):
+    from tests.helpers import tiny_config_dict
+
+    cd = tiny_config_dict(str(tmp_path / "cache"))
+    cd.grpo.max_value = 10
+    cd.grpo.held_out = 16
+    cd.grpo.max_new_tokens = 6
+    cd.grpo.group_size = 4
+    for k, v in grpo_over.items():
+        cd.grpo[k] = v
+    return cd
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
+    """A tiny model: SFT on the arithmetic task from scratch, then GRPO (LoRA, routing replay, 2 iterations per
+    round) interrupted inside its first round and resumed: rollout and policy metrics logged, held-out reward evaluated;
+    then full fine-tuning (KL to a reference copy) rewarded by a reward model trained on a few pairs."""
+    from moejax.finetune import runner
+
+    cd = _cfg(tmp_path)
+    cd.sft.data = "arithmetic"
+    cd.train.steps = 6
+    runner.run(Config.from_dict(cd), str(tmp_path / "sft"), quiet=True)
+
+    cd = _cfg(tmp_path, routing_replay=True, iterations=2)
+    cd.base = str(tmp_path / "sft")
+    cd.align.method = "grpo"
+    cd.lora.rank = 4
+    cd.lora.targets = ("attn/", "ffn/experts/")
+    cd.train.batch_size = 8
+    cd.train.steps = 4
+    cd.train.eval_every = 2
+    cfg = Config.from_dict(cd)
+    work = str(tmp_path / "grpo")
+    runner.run(cfg, work, quiet=True, max_steps_this_run=1)  # stopped inside the first round
+    out = runner.run(cfg, work, quiet=True)
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    for x in steps:
+        assert np.isfinite(x["loss"]) and 0 <= x["rollout/reward"] <= 1.1
+        assert 0 <= x["grpo/router_disagreement"] <= 1
+        assert "rollout/exact_answer" in x and "grpo/kl" in x
+    # the first step of a round is on-policy: the policy pass reproduces the sampler's log-probabilities (and, the
+    # sampler's experts replayed, exactly its routing); the second one has moved
+    for x in steps[0::2]:
+        assert x["grpo/logp_gap_to_sampler"] < 1e-3 and x["grpo/kl"] < 1e-3, x
+    assert any(x["grpo/logp_gap_to_sampler"] > 1e-4 for x in steps[1::2])
+    assert os.path.exists(os.path.join(work, "rollouts", "round.npz"))
+    # the resumed run finished round 0 on the rollouts generated before the interruption (not regenerated)
+    assert steps[1]["rollout/reward"] == steps[0]["rollout/reward"]
+    assert steps[1]["rollout/generate_seconds"] == steps[0]["rollout/generate_seconds"]
+    assert "val_reward" in out and 0 <= out["val_reward"] <= 1
+    assert any("val_reward" in x and x["step"] == 2 for x in lines)
+
+    # a reward model (trained on a few pairs) as the only reward; full fine-tuning with the KL reference
+    from moejax.finetune import rewards
+
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        f.writelines(json.dumps({"prompt": p["prompt"], "chosen": rewards.solution(p), "rejected": "no idea"}) + "\n"
+                     for p in rewards.arithmetic_split(10, "+-", 16)[0][:48])
+    rd = _cfg(tmp_path)
+    rd.base = str(tmp_path / "sft")
+    rd.sft.data = str(pairs)
+    rd.align.method = "reward"
+    rd.data.seq_len = 128  # a pair (two prompts and answers) in one row
+    rd.train.steps = 2
+    runner.run(Config.from_dict(rd), str(tmp_path / "rm"), quiet=True)
+    cd.lora.rank = 0
+    cd.grpo.routing_replay = False
+    cd.grpo.loss = "dr_grpo"
+    cd.grpo.rewards = ()
+    cd.grpo.reward_weights = ()
+    cd.grpo.reward_model = str(tmp_path / "rm")
+    cd.train.steps = 2
+    cd.train.eval_every = 0
+    out = runner.run(Config.from_dict(cd), str(tmp_path / "full"), quiet=True)
+    assert np.isfinite(out["loss"]) and "val_reward" in out
+    assert np.isfinite(out["rollout/reward_model"]) and out["rollout/reward"] == pytest.approx(out["rollout/reward_model"])

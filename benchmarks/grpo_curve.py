@@ -5,8 +5,9 @@
 Runs experiments/grpo.py twice (routing_replay False, then True; same seeds, same rollout prompts) and prints,
 per evaluation point, the held-out exact-match reward (greedy), and per window of steps the rollouts' exact-match
 rate, the router disagreement with the sampler (the share of the sampler's expert assignments the policy pass's
-router would change) and the mean |log pi - log pi_sampler| over completion tokens. The two runs go one after
-the other on this machine (never at once).
+router would change) and the mean |log pi - log pi_sampler| over completion tokens. Then two short runs in
+bfloat16 compute with one step per round (on-policy: every difference between the policy pass and the sampler
+is numerics and routing), without and with replay. The runs go one after the other (never at once).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _curves(workdir: str, window: int):
         for line in f:
             d = json.loads(line)
             if "val_reward" in d:
-                evals.append((d["step"], d["val_reward"]))
+                evals.append((d["step"], d["val_reward"], d.get("val_reward_sampled", float("nan"))))
             elif "loss" in d:
                 steps.append(d)
     def mean(w, k):  # (a dense model logs no router terms: nan)
@@ -67,6 +68,7 @@ def main(argv=None):
     p.add_argument("--out", default="/tmp/grpo_curve")
     p.add_argument("--window", type=int, default=5, help="logged steps averaged per row")
     p.add_argument("--set", action="append", default=[], help="section.field=JSON value (e.g. optim.lr=1e-4)")
+    p.add_argument("--bf16_steps", type=int, default=6, help="on-policy steps of the bfloat16 mismatch check (0: skip)")
     a = p.parse_args(argv)
     times, curves = {}, {}
     for replay in (False, True):
@@ -75,17 +77,30 @@ def main(argv=None):
         curves[name] = _curves(os.path.join(a.out, name), a.window)
     print(f"GRPO from {a.base}, {a.steps} steps; wall: no replay {times['no_replay']:.0f}s, "
           f"replay {times['replay']:.0f}s")
-    print("\nheld-out exact match (greedy):")
-    print("| step | no replay | replay |\n|---:|---:|---:|")
-    for (s, v0), (_, v1) in zip(curves["no_replay"][0], curves["replay"][0]):
-        print(f"| {s} | {v0:.3f} | {v1:.3f} |")
+    print("\nheld-out exact match, greedy and sampled (mean of grpo.eval_samples at the rollout temperature):")
+    print("| step | greedy, no replay | greedy, replay | sampled, no replay | sampled, replay |\n|---:|---:|---:|---:|---:|")
+    for (s, g0, s0), (_, g1, s1) in zip(curves["no_replay"][0], curves["replay"][0]):
+        print(f"| {s} | {g0:.3f} | {g1:.3f} | {s0:.3f} | {s1:.3f} |")
     print("\nrollouts (means over logged steps):")
     print("| steps | exact (no replay) | exact (replay) | router disagreement (no replay) | (replay) "
           "| logp gap (no replay) | (replay) |\n|---|---:|---:|---:|---:|---:|---:|")
     for w0, w1 in zip(curves["no_replay"][1], curves["replay"][1]):
         print(f"| {w0[0]}-{w0[1]} | {w0[2]:.3f} | {w1[2]:.3f} | {w0[3]:.4f} | {w1[3]:.4f} | {w0[4]:.4f} | {w1[4]:.4f} |")
+    # the sampler/trainer mismatch in bfloat16 compute, on-policy (one step per round): what replay removes
+    mismatch = {}
+    if a.bf16_steps:
+        for replay in (False, True):
+            name = f"bf16_{'replay' if replay else 'no_replay'}"
+            _run(a.base, a.bf16_steps, replay, os.path.join(a.out, name),
+                 a.set + ['model.compute_dtype="bfloat16"', "grpo.iterations=1", "train.eval_every=0"])
+            w = _curves(os.path.join(a.out, name), a.bf16_steps)[1][0]
+            mismatch[name] = {"router_disagreement": w[3], "logp_gap": w[4]}
+        print(f"\nbfloat16 compute, on-policy steps (1 per round), means over {a.bf16_steps} steps:")
+        print("| | router disagreement | mean abs(log pi - log pi_sampler) |\n|---|---:|---:|")
+        for name, m in mismatch.items():
+            print(f"| {name} | {m['router_disagreement']:.4f} | {m['logp_gap']:.4f} |")
     with open(os.path.join(a.out, "curves.json"), "w") as f:
-        json.dump({"times": times, "curves": curves}, f)
+        json.dump({"times": times, "curves": curves, "bf16": mismatch}, f)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def get_config():
     c.train.eval_every = 10
     c.train.ckpt_every = 20
     c.train.num_samples = 0
-    c.optim.lr = 5e-5  # RL moves a trained model gently (Adam's first steps move every weight by ~lr)
+    c.optim.lr = 3e-5  # RL moves a trained model gently (1e-4 lowered the held-out reward here)
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
     c.optim.weight_decay = 0.0

@@ -502,9 +502,11 @@ class GRPOConfig:
     completions: batch_size / group_size prompts per rollout."""
 
     task: str = "arithmetic"  # 'arithmetic' (built in) or a JSONL file of {"prompt", "answer"} rows
-    max_value: int = 30  # arithmetic: operands in [0, max_value)
+    max_value: int = 20  # arithmetic: operands in [0, max_value)
     ops: str = "+-"  # arithmetic: operators
-    held_out: int = 256  # problems kept out of training, scored greedily at every evaluation (val_reward)
+    held_out: int = 64  # problems kept out of training, scored at every evaluation (val_reward: greedy;
+    #                     val_reward_sampled: the mean of eval_samples completions at the rollout temperature)
+    eval_samples: int = 4
     group_size: int = 8  # completions per prompt (G)
     max_new_tokens: int = 16
     temperature: float = 1.0  # rollouts (evaluation is greedy)
@@ -525,7 +527,7 @@ class GRPOConfig:
             raise ConfigError(f"grpo.loss: got {self.loss!r}, allowed: {', '.join(map(repr, GRPO_LOSSES))}")
         if self.group_size < 2:
             raise ConfigError(f"grpo.group_size: must be >= 2 (advantages compare completions), got {self.group_size}")
-        for name in ("max_new_tokens", "iterations", "max_value"):
+        for name in ("max_new_tokens", "iterations", "max_value", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name}: must be >= 1, got {getattr(self, name)}")
         checks = {"epsilon": (0 < self.epsilon < 1, "in (0, 1)"), "epsilon_high": (self.epsilon_high >= 0, ">= 0"),

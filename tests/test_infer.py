@@ -3,6 +3,7 @@ int8 caches, sampling filters, stop strings and EOS."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -357,21 +358,26 @@ def test_recorded_routes_line_up_with_the_training_forward(models):
     gen = Generator(model, eos_ids=[5], record_routes=True)
     outs = gen.generate(PROMPTS, [SamplingParams(temperature=1.0, max_new_tokens=9, seed=s) for s in range(3)])
     width = 32
-    for p, o in zip(PROMPTS, outs):
-        row = list(p) + o.tokens + ([5] if o.finish_reason == "eos" else [])
-        n = len(row)
-        assert o.routes.shape == (model.num_moe_layers(), n, MLA.num_experts_per_tok)
+    rows = [list(p) + o.tokens + ([5] if o.finish_reason == "eos" else []) for p, o in zip(PROMPTS, outs)]
+    toks = np.zeros((len(rows), width), np.int32)
+    routes = np.full((model.num_moe_layers(), len(rows), width, MLA.num_experts_per_tok), -1, np.int32)
+    for i, (row, o) in enumerate(zip(rows, outs)):
+        assert o.routes.shape == routes[:, 0, :len(row)].shape
         assert (o.routes[:, :-1] >= 0).all()  # every position a forward ran on (all but maybe the last)
-        toks = np.zeros((1, width), np.int32)
-        toks[0, :n] = row
-        routes = np.full((o.routes.shape[0], 1, width, o.routes.shape[2]), -1, np.int32)
-        routes[:, 0, :n] = o.routes
-        seg = (np.arange(width) < n)[None].astype(np.int32)
-        for replay in (False, True):
-            logits, aux = model(jnp.asarray(toks), segment_ids=jnp.asarray(seg), routes=jnp.asarray(routes),
-                                replay_routes=replay)
-            assert float(aux["route_mismatch"].sum()) == 0 and float(aux["route_count"].sum()) > 0
-            logp = jax.nn.log_softmax(logits[0, len(p) - 1:n - 1])
-            got = np.asarray(jnp.take_along_axis(logp, jnp.asarray(row[len(p):])[:, None], axis=1)[:, 0])
+        toks[i, :len(row)], routes[:, i, :len(row)] = row, o.routes
+    seg = (np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def policy(replay, state):
+        logits, aux = nnx.merge(graphdef, state)(jnp.asarray(toks), segment_ids=jnp.asarray(seg),
+                                                 routes=jnp.asarray(routes), replay_routes=replay)
+        return jax.nn.log_softmax(logits), aux["route_mismatch"].sum(), aux["route_count"].sum()
+
+    for replay in (False, True):
+        logp, mismatch, count = policy(replay, state)
+        assert float(mismatch) == 0 and float(count) > 0
+        for i, (p, row, o) in enumerate(zip(PROMPTS, rows, outs)):
+            got = np.asarray(logp[i, np.arange(len(p) - 1, len(row) - 1), row[len(p):]])
             want = o.logprobs + ([o.eos_logprob] if o.finish_reason == "eos" else [])
             np.testing.assert_allclose(got, want, atol=1e-4)

@@ -349,21 +349,31 @@ class Rollouts:
         return out
 
     def evaluate(self, state) -> dict:
-        """Greedy completions of the held-out problems: exact-answer and format rates."""
+        """The held-out problems' exact-answer rate greedily (`val_reward`, with `val_format`) and as the mean
+        over grpo.eval_samples completions each at the rollout temperature (`val_reward_sampled`: the expected
+        reward GRPO optimizes, on prompts it never trained on; the same seeds at every evaluation)."""
         from moejax.finetune import rewards as rewards_lib
         from moejax.infer import SamplingParams
 
         if not self.held_out:
             return {}
         gen = self._generator(state)
-        outs = []
-        for i in range(0, len(self.eval_prompts), self.cfg.train.batch_size):
-            outs += gen.generate(self.eval_prompts[i:i + self.cfg.train.batch_size],
-                                 SamplingParams(max_new_tokens=self.g.max_new_tokens))
+        g, n = self.g, self.g.eval_samples
+        greedy = [SamplingParams(max_new_tokens=g.max_new_tokens)] * len(self.eval_prompts)
+        sampled = [SamplingParams(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                  seed=1_000_000 + j) for j in range(len(self.eval_prompts) * n)]
+        prompts = self.eval_prompts + [p for p in self.eval_prompts for _ in range(n)]
+        params, outs = greedy + sampled, []
+        for i in range(0, len(prompts), self.cfg.train.batch_size):
+            outs += gen.generate(prompts[i:i + self.cfg.train.batch_size], params[i:i + self.cfg.train.batch_size])
         texts = [o.text for o in outs]
         answers = [p["answer"] for p in self.held_out]
-        return {"val_reward": float(np.mean(rewards_lib.score([rewards_lib.exact_answer], [1.0], texts, answers))),
-                "val_format": float(np.mean(rewards_lib.score([rewards_lib.answer_format], [1.0], texts, answers)))}
+        answers = answers + [a for a in answers for _ in range(n)]
+        exact = rewards_lib.score([rewards_lib.exact_answer], [1.0], texts, answers)
+        fmt = rewards_lib.score([rewards_lib.answer_format], [1.0], texts[:len(self.held_out)], answers)
+        k = len(self.held_out)
+        return {"val_reward": float(exact[:k].mean()), "val_format": float(fmt.mean()),
+                "val_reward_sampled": float(exact[k:].mean())}
 
     def state(self) -> dict:
         return {"rounds": self.rounds, "counts": dict(self.counts)}

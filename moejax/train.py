@@ -273,10 +273,10 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                     else:
                         host.update(step_time=float("nan"), tokens_per_sec=float("nan"), mfu=float("nan"))
                     t_last, steps_since = now, 0
-                    host["perplexity"] = float(np.exp(min(host["ce_loss"], 50.0)))
-                    if on_policy is not None:
+                    if on_policy is not None:  # (its ce_loss is the policy objective, not a cross-entropy)
                         host.update(on_policy.metrics())
-                        host.pop("perplexity")
+                    else:
+                        host["perplexity"] = float(np.exp(min(host["ce_loss"], 50.0)))
                     writer.write(step, host)
                     last = host
                     bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_sec']:.0f}",

@@ -121,22 +121,16 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
         return rewards.arithmetic_split(g.max_value, g.ops, g.held_out)
     if not os.path.exists(g.task):
         raise ConfigError(f"grpo.task: no such file {g.task!r} (or 'arithmetic')")
-    rows, bad = [], 0
-    with open(g.task) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), (str, int, float)):
-                rows.append({"prompt": r["prompt"], "answer": str(r["answer"])})
-            else:
-                bad += 1
-    if bad:
-        print(f"[grpo] {g.task}: skipped {bad} rows without a string prompt and answer", flush=True)
+    from moejax.finetune.data import read_jsonl
+
+    rows, skipped = [], collections.Counter()
+    for r in read_jsonl([g.task], skipped):
+        if isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), (str, int, float)):
+            rows.append({"prompt": r["prompt"], "answer": str(r["answer"])})
+        else:
+            skipped["no string prompt and answer"] += 1
+    if skipped:
+        print(f"[grpo] {g.task}: skipped " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), flush=True)
     if len(rows) <= g.held_out:
         raise ConfigError(f"grpo.task: {len(rows)} usable rows in {g.task}, not more than grpo.held_out={g.held_out}")
     return rows[:-g.held_out] if g.held_out else rows, rows[-g.held_out:] if g.held_out else []
@@ -190,7 +184,6 @@ class Rollouts:
             self.counts["held-out prompts longer than data.seq_len - grpo.max_new_tokens (skipped)"] += \
                 len(self.held_out) - len(fits)
         self.held_out, self.eval_prompts = [p for p, _ in fits], [e for _, e in fits]
-        self.rounds = 0  # rollout rounds generated
         self._batch, self._batch_round, self._metrics = None, -1, {}
         self.gen = None
         self.reward_fns = _reward_functions(cfg)
@@ -228,11 +221,13 @@ class Rollouts:
         """The prompts of round r: an epoch-wise shuffled order of the training problems."""
         P = self.cfg.train.batch_size // self.g.group_size
         n = len(self.prompts)
+        orders = {}  # epoch -> its order (a round spans at most a few epochs)
         out = []
         for j in range(r * P, (r + 1) * P):
             epoch, i = divmod(j, n)
-            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
-            out.append(int(order[i]))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+            out.append(int(orders[epoch][i]))
         return out
 
     def next(self, state) -> dict:
@@ -246,7 +241,6 @@ class Rollouts:
                 self._batch, self._metrics = self._rollout(state, r)
                 self._save_round(r)
             self._batch_round = r
-            self.rounds = r + 1
         return self._batch
 
     def _round_file(self) -> str:
@@ -376,10 +370,10 @@ class Rollouts:
                 "val_reward_sampled": float(exact[k:].mean())}
 
     def state(self) -> dict:
-        return {"rounds": self.rounds, "counts": dict(self.counts)}
+        """What a checkpoint keeps: the bad-input counts (the round is the step's; its batch is on disk)."""
+        return {"counts": dict(self.counts)}
 
     def restore(self, saved: dict) -> None:
-        self.rounds = int(saved.get("rounds", 0))
         self.counts = collections.Counter(saved.get("counts", {}))
 
 

@@ -94,6 +94,14 @@ def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
     return metrics["loss"], (metrics, stats)
 
 
+def reference_logits(graphdef, params, router, rest, ref, batch):
+    """The reference model's logits on a batch, without gradient: `ref` (a frozen copy of the base's parameters),
+    or, with LoRA (ref None), the same model with its adapters set to zero: exactly the frozen base."""
+    ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
+    logits, _ = nnx.merge(graphdef, ref_params, router, rest)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return jax.lax.stop_gradient(logits)
+
+
 def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
     """loss_fn for cfg.align.method == 'dpo': the policy and the reference on the same pair rows. The
     reference is `ref` (a frozen copy of the base's parameters), or, with LoRA (ref None), the same model
@@ -103,9 +111,8 @@ def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, c
     model = nnx.merge(graphdef, params, router, rest)
     tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
     logits, aux = model(tokens, pos, seg, rng=rng)
-    ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
-    ref_logits, _ = nnx.merge(graphdef, ref_params, router, rest)(tokens, pos, seg)
-    loss, metrics = dpo_share(logits, jax.lax.stop_gradient(ref_logits), batch, norm["pairs"], cfg.align)
+    ref_logits = reference_logits(graphdef, params, router, rest, ref, batch)
+    loss, metrics = dpo_share(logits, ref_logits, batch, norm["pairs"], cfg.align)
     return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
 
 
@@ -129,10 +136,7 @@ def grpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, 
     # (a pipeline does not carry the records: no disagreement metric there, and replay is refused up front)
     routes = None if cfg.mesh.stage > 1 else split_routes(batch.get("routes"), cfg.model.num_experts_per_tok)
     logits, aux = model(tokens, pos, seg, rng=rng, routes=routes, replay_routes=g.routing_replay)
-    ref_logits = None
-    if g.beta > 0:
-        ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
-        ref_logits = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params, router, rest)(tokens, pos, seg)[0])
+    ref_logits = reference_logits(graphdef, params, router, rest, ref, batch) if g.beta > 0 else None
     loss, metrics = grpo_share(logits, ref_logits, batch, norm, g, g.max_new_tokens)
     if "route_mismatch" in aux:
         metrics["grpo/router_disagreement"] = aux["route_mismatch"].sum() / jnp.maximum(norm["rl_routes"], 1.0)

@@ -11,14 +11,19 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from moejax.kernels.attention import ops as attention_ops
+from moejax.kernels.gmm import ops as gmm_ops
 
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
 EP_EXCHANGES = ("dropless", "capacity", "ragged")
 CAPACITY_SCOPES = ("global", "group")
-GMM_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "tiled", "ragged_dot", "reference")
+GMM_IMPLS = ("auto",) + gmm_ops.IMPLS
+ATTENTION_IMPLS = ("auto",) + attention_ops.IMPLS
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,6 +97,10 @@ class ModelConfig:
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
     capacity_factor: float = 1.25
     gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
+    # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU, pallas_gpu on GPU;
+    # 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed rows.
+    attention_impl: str = "auto"
+    attention_block: int = 0  # query/key block rows of blockwise/splash/pallas_gpu; 0 = the backend's default
     pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 means the number of stages
     ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
     # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole batch: the
@@ -113,13 +122,13 @@ class ModelConfig:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | Any) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any] | Any) -> ModelConfig:
         """Builds a validated config from a dict or ConfigDict; unknown keys are an error."""
         if hasattr(d, "to_dict"):
             d = d.to_dict()
         return cls(**coerce_fields(cls, dict(d), "model"))
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +198,9 @@ class ModelConfig:
         choice("score_func", SCORE_FUNCS)
         choice("moe_impl", MOE_IMPLS)
         choice("gmm_impl", GMM_IMPLS)
+        choice("attention_impl", ATTENTION_IMPLS)
+        if self.attention_block < 0:
+            fail("attention_block", f"must be >= 0 (0 = the backend's default), got {self.attention_block}")
         choice("ep_exchange", EP_EXCHANGES)
         choice("capacity_scope", CAPACITY_SCOPES)
         choice("rope_type", ROPE_TYPES)
@@ -572,7 +584,7 @@ class Config:
     SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align", "grpo")
 
     @classmethod
-    def from_dict(cls, d) -> "Config":
+    def from_dict(cls, d) -> Config:
         if hasattr(d, "to_dict"):
             d = d.to_dict()
         d = dict(d)

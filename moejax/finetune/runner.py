@@ -22,6 +22,7 @@ from moejax.finetune.data import file_digest
 
 # How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
 RUN_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers", "moe_impl", "gmm_impl",
+              "attention_impl", "attention_block",
               "capacity_factor", "ep_exchange", "capacity_scope", "pipeline_microbatches", "router_jitter",
               "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef", "bias_update_rate", "mtp_loss_weight")
 

@@ -23,7 +23,7 @@ from flax import nnx
 from moejax import sharding
 from moejax.infer import cache as cache_lib
 from moejax.infer.cache import KVCache
-from moejax.model.attention import MLA, attend, attention_mask
+from moejax.model.attention import MLA
 from moejax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin
 from moejax.model.transformer import RESIDUAL, Block, Transformer, segments_of
 
@@ -121,11 +121,9 @@ def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bo
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
     q_nope, q_rope, new = _mla_project(attn, x, cos, sin)
-    B, T = x.shape[:2]
     if prefill:  # the cache holds nothing before this block: attend inside it, expanded as in training
         k, v = _mla_keys_values(attn, new["latent"], new["rope"])
-        out = attend(jnp.concatenate([q_nope, q_rope], -1), k, v, attention_mask(jnp.ones((B, T), jnp.int32)),
-                     cfg.softmax_scale)
+        out = attn._attend(jnp.concatenate([q_nope, q_rope], -1), k, v, None)
     else:
         cached = {name: cache_lib.read(cached, name, cd) for name in ("latent", "rope")}
         if absorbed:
@@ -153,9 +151,8 @@ def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
     q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
     k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
     v = v.astype(cd)
-    B, T = x.shape[:2]
     if prefill:
-        out = attend(q, k, v, attention_mask(jnp.ones((B, T), jnp.int32)), cfg.softmax_scale)
+        out = attn._attend(q, k, v, None)
     else:
         kc, vc = cache_lib.read(cached, "k", cd), cache_lib.read(cached, "v", cd)
         out = attend_cached(q, kc, vc, k, v, start, cfg.softmax_scale)

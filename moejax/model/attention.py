@@ -1,57 +1,27 @@
 """Attention: DeepSeek's Multi-head Latent Attention (MLA) and standard MHA/GQA (+ Qwen3 QK-norm).
 
-Both take x [B, T, D], rotary cos/sin [B, T, P] and a boolean mask [B, 1, T, S] and return
-[B, T, D]. Softmax runs in float32.
+Both take x [B, T, D], rotary cos/sin [B, T, P] and segment ids [B, T] (causal attention within
+each packed document) and return [B, T, D]. The attention itself is `moejax.kernels.attention`'s op,
+its backend chosen by `model.attention_impl`; softmax statistics are float32 on every backend.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
 from moejax.config import ModelConfig
+from moejax.kernels.attention import attention
 from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, rms_norm
 
 
-def attention_mask(segment_ids):
-    """Causal mask that also forbids attention across packed documents.
-
-    Args:
-      segment_ids: int [B, T]; tokens attend only to earlier tokens with the same id.
-    Returns:
-      bool [B, 1, T, T].
-    """
-    T = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-    return (causal[None] & same)[:, None]
-
-
-def attend(q, k, v, mask, scale: float):
-    """Softmax attention with grouped heads.
-
-    Args:
-      q: [B, T, N, H] queries; k: [B, S, Nkv, H]; v: [B, S, Nkv, Hv]; N a multiple of Nkv.
-      mask: bool [B, 1, T, S].
-    Returns:
-      [B, T, N, Hv] in v's dtype.
-    """
-    B, T, N, H = q.shape
-    Nkv = k.shape[2]
-    if Nkv == N:  # MHA / MLA: 4-D einsums are markedly faster than the grouped form on XLA:CPU
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("BNTS,BSNH->BTNH", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    q = q.reshape(B, T, Nkv, N // Nkv, H)  # [B, T, Nkv, Q, H]
-    logits = jnp.einsum("BTNQH,BSNH->BNQTS", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BNQTS,BSNH->BTNQH", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, v.shape[-1]).astype(v.dtype)
+def _attend(self, q, k, v, segment_ids):
+    """The configured attention backend on q [B, T, N, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv]."""
+    cfg = self.cfg
+    return attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl, layout=self.layout,
+                     block=cfg.attention_block or None)
 
 
 class MLA(nnx.Module):
@@ -78,8 +48,10 @@ class MLA(nnx.Module):
         self.wkv_b = param(rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg)  # [R, N, Hn+Hv]
         self.wo = param(rngs, (N, Hv, D), ("heads", "head_dim", "embed"), cfg)  # [N, Hv, D]
 
-    def __call__(self, x, cos, sin, mask, rng=None):
-        """rng: LoRA dropout (training)."""
+    _attend = _attend
+
+    def __call__(self, x, cos, sin, segment_ids, rng=None):
+        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
@@ -106,7 +78,7 @@ class MLA(nnx.Module):
         k_rope = apply_rope(k_rope[:, :, None, :].astype(cd), cos, sin, cfg.rope_interleave)  # [B, S, 1, Hr]
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
-        out = attend(q, k, v, mask, cfg.softmax_scale)  # [B, T, N, Hv]
+        out = self._attend(q, k, v, segment_ids)  # [B, T, N, Hv]
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, rows)
@@ -127,8 +99,10 @@ class GQA(nnx.Module):
             self.q_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
             self.k_norm = param(rngs, (H,), ("norm",), cfg, init="ones")
 
-    def __call__(self, x, cos, sin, mask, rng=None):
-        """rng: LoRA dropout (training)."""
+    _attend = _attend
+
+    def __call__(self, x, cos, sin, segment_ids, rng=None):
+        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         x = x.astype(cd)
@@ -144,7 +118,7 @@ class GQA(nnx.Module):
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
         k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
-        out = attend(q, k, v.astype(cd), mask, cfg.softmax_scale)
+        out = self._attend(q, k, v.astype(cd), segment_ids)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, ("batch", None, None))

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model import router as router_lib
-from moejax.model.attention import GQA, MLA, attention_mask
+from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from moejax.model import moe as moe_lib
 from moejax.model.moe import MoE, RouterBias
@@ -46,13 +46,13 @@ class Block(nnx.Module):
                     else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout))
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
-    def __call__(self, x, cos, sin, mask, token_mask, rng=None, route=None, replay: bool = False):
+    def __call__(self, x, cos, sin, segment_ids, token_mask, rng=None, route=None, replay: bool = False):
         """x [B, T, D] -> (x, aux); aux is {} for dense layers. route/replay: MoE.__call__'s (routing replay)."""
         cd = self.compute_dtype
         # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
         attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
         with jax.named_scope("attention"):
-            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, mask, rng=attn_rng)
+            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, segment_ids, rng=attn_rng)
         x = (x.astype(jnp.float32) + h).astype(cd)
         with jax.named_scope("ffn"):
             hn = self.ffn_norm(x).astype(cd)
@@ -82,7 +82,7 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
-def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh=None, routes=None,
+def run_stack(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh=None, routes=None,
               replay: bool = False):
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
     On a mesh with a 'stage' axis the layers run as a pipeline. routes: int [n, B, T, K] recorded expert choices
@@ -91,11 +91,11 @@ def run_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: Mod
     if stages > 1 and n % stages == 0:  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
         if routes is not None:
             raise ValueError("routing replay is not supported with a pipeline ('stage' mesh axis > 1)")
-        return run_stack_pipelined(stack, n, x, cos, sin, mask, token_mask, rng, cfg, mesh)
-    return _scan_stack(stack, n, x, cos, sin, mask, token_mask, rng, cfg, routes, replay)
+        return run_stack_pipelined(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, mesh)
+    return _scan_stack(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, routes, replay)
 
 
-def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, routes=None,
+def _scan_stack(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, routes=None,
                 replay: bool = False):
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
@@ -103,7 +103,7 @@ def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: M
     def body(h, xs):
         layer_state, layer_rng, layer_route = xs
         block = nnx.merge(graphdef, layer_state)
-        return block(h, cos, sin, mask, token_mask, layer_rng, layer_route, replay)
+        return block(h, cos, sin, segment_ids, token_mask, layer_rng, layer_route, replay)
 
     if cfg.remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -116,7 +116,7 @@ def _scan_stack(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: M
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
 
 
-def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng, cfg: ModelConfig, mesh):
+def run_stack_pipelined(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh):
     """GPipe-style pipeline over the mesh's 'stage' axis.
 
     The stacked layers are already split over 'stage' (rule layers -> stage): stage s holds layers
@@ -135,18 +135,18 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
         raise ValueError(f"pipeline: the batch of {B} rows does not split into pipeline_microbatches={M}")
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
-    per_mb = (x, cos, sin, mask, token_mask)
+    per_mb = (x, cos, sin, segment_ids, token_mask)
     # microbatch j = rows j, j + M, ...: each keeps the batch sharding of its rows (no resharding)
     per_mb = jax.tree.map(lambda a: a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1), per_mb)  # [M, B / M, ...]
     out_dtype = x.dtype
 
     def stage(state, rngs, per_mb):
-        xs, cos, sin, mask, token_mask = per_mb
+        xs, cos, sin, segment_ids, token_mask = per_mb
         s = jax.lax.axis_index("stage")
         local = n // S
 
         def run_layers(h, i):
-            args = jax.tree.map(lambda a: a[i], (cos, sin, mask, token_mask))
+            args = jax.tree.map(lambda a: a[i], (cos, sin, segment_ids, token_mask))
             sub = nnx.merge(graphdef, state)
             if rngs is None:
                 return _scan_stack(sub, local, h, *args, None, cfg)
@@ -183,13 +183,13 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, mask, token_mask, rng
     return outs.swapaxes(0, 1).reshape((B,) + outs.shape[2:]), aux
 
 
-def _scan_stack_rngs(stack, n, x, cos, sin, mask, token_mask, rngs, cfg):
+def _scan_stack_rngs(stack, n, x, cos, sin, segment_ids, token_mask, rngs, cfg):
     """_scan_stack with one key per layer given (the pipeline splits the segment's keys by stage)."""
     graphdef, state = nnx.split(stack)
 
     def body(h, xs):
         layer_state, layer_rng = xs
-        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, token_mask, layer_rng)
+        return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, token_mask, layer_rng)
 
     if cfg.remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -278,7 +278,6 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         token_mask = (segment_ids > 0).astype(jnp.float32)
-        mask = attention_mask(segment_ids)
         cos, sin = rope_cos_sin(positions, cfg)
         rngs = [None] * (len(self.segments) + len(self.mtp)) if rng is None else list(
             jax.random.split(rng, len(self.segments) + len(self.mtp)))
@@ -290,7 +289,7 @@ class Transformer(nnx.Module):
             seg_routes = None if routes is None or kind != "moe" else routes[first:first + n]
             first += n if kind == "moe" else 0
             with jax.named_scope(f"segment_{i}_{kind}"):
-                x, aux = run_stack(stack, n, x, cos, sin, mask, token_mask, rngs[i], cfg, self.mesh, seg_routes,
+                x, aux = run_stack(stack, n, x, cos, sin, segment_ids, token_mask, rngs[i], cfg, self.mesh, seg_routes,
                                    replay_routes)
                 x = sharding.constrain(x, self.layout, RESIDUAL)  # (a pipeline's output has no layout of its own)
             if kind == "moe":
@@ -310,7 +309,7 @@ class Transformer(nnx.Module):
                     z = jnp.concatenate([e, m.hnorm(prev)], axis=-1).astype(cd)  # [B, T, 2D]
                     z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32)
                     z = sharding.constrain(z, self.layout, RESIDUAL)
-                    prev, aux = m.block(z.astype(cd), cos, sin, mask, token_mask, rngs[len(self.segments) + k - 1])
+                    prev, aux = m.block(z.astype(cd), cos, sin, segment_ids, token_mask, rngs[len(self.segments) + k - 1])
                     if aux:
                         moe_aux.append(jax.tree.map(lambda a: a[None], aux))
                     mtp_logits.append(self.head(m.norm(prev)))

@@ -215,6 +215,11 @@ def _platform() -> str:
     return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
+def platform() -> str:
+    """The platform kernels are built for: `target_platform`'s, else jax.default_backend()."""
+    return _platform()
+
+
 def _resolve(impl, interpret):
     impl = impl or default_impl()
     if impl not in IMPLS:

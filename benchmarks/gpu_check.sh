@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: the kernel tests compiled (not interpreted) on the GPU, then gmm and the MoE layer timed
-# against ragged_dot and dense matmuls of equal FLOPs. Fits in about 8 minutes on an H100/H200.
+# GPU check: the kernel tests compiled (not interpreted) on the GPU, the attention backends checked and timed,
+# then gmm and the MoE layer timed against ragged_dot and dense matmuls of equal FLOPs. Fits in about 10
+# minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, on a machine with a GPU
 #
@@ -21,6 +22,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 echo "== kernel tests, compiled on the GPU (Mosaic TPU kernels are covered by the CPU interpret tests)"
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not pallas_tpu" 2>&1 | tee "$LOG/tests.txt" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== attention backends against the reference on the GPU (pallas_gpu compiled by Triton, blockwise)"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py -k "pallas_gpu or blockwise_matches" 2>&1 \
+  | tee "$LOG/attention_tests.txt" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== attention fwd+bwd: reference vs blockwise vs Triton vs cuDNN (bf16; V3's MLA dims 192/128 at 4K)"
+timeout 150 "$PY" -m benchmarks.attention --impls reference,blockwise,pallas_gpu,cudnn --dtype bfloat16 \
+  --shapes 1x4096x16x192x128,4x2048x16x128x128 2>&1 | grep -v "^W0\|^I0" | tee "$LOG/attention.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== gmm vs ragged_dot vs dense (bf16, float32 accumulation)"

@@ -124,7 +124,9 @@ def main(argv=None):
         tokens = cfg.train.batch_size * cfg.data.seq_len
         fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
         rows = []
-        for label, over in (("moejax dropless (tiled gmm)", {}), ("moejax capacity 1.25", dict(moe_impl="capacity"))):
+        for label, over in (("moejax dropless (tiled gmm)", {}),
+                            ("moejax dropless, reference attn", dict(attention_impl="reference")),
+                            ("moejax capacity 1.25", dict(moe_impl="capacity"))):
             dt = time_moejax(dataclasses.replace(cfg, model=cfg.model.replace(**over)), args.steps)
             rows.append((label, dt))
         base = rows[0][1]

@@ -29,11 +29,22 @@ def _shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def attention_score_bytes(m, B: float, H: float, T: int) -> float:
+    """What attention keeps per layer beyond its inputs and output, per device: the reference's float32
+    probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN; 'auto' picks
+    one on every platform) keep a float32 log-sum-exp [B, H, T] and hold one block pair's float32 scores,
+    probabilities and their gradient ([B, H, b, b] x 3) while they run."""
+    if m.attention_impl == "reference":
+        return B * H * T * T * 4
+    b = min(T, m.attention_block or 512)
+    return B * H * T * 4 + 3 * B * H * b * b * 4
+
+
 def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     """Estimated activation memory per device at the peak of the backward pass.
 
-    Per layer the forward keeps (remat 'none') the attention inputs and outputs, the float32 softmax
-    probabilities [B, H, T, T], the MoE dispatch rows (k per token, expert-parallel send and receive
+    Per layer the forward keeps (remat 'none') the attention inputs and outputs, the attention's own
+    residuals (attention_score_bytes), the MoE dispatch rows (k per token, expert-parallel send and receive
     buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's float32 input is kept and
     one layer's set is rebuilt (plus its gradients) during its backward pass. Logits are float32 [B, T, V]
     per output head (main + MTP), kept with their gradient.
@@ -56,7 +67,8 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     else:
         qk = v = m.head_dim or D // m.num_heads
         proj = 0
-    attn = tokens * H * (2 * qk + 2 * v) * cb + proj + B * H * T * T * 4 + 2 * tokens * D * cb
+    scores = attention_score_bytes(m, B, H, T)
+    attn = tokens * H * (2 * qk + 2 * v) * cb + proj + scores + 2 * tokens * D * cb
     kinds = m.layer_kinds()
     A = tokens * m.num_experts_per_tok
     if m.n_routed_experts:
@@ -85,7 +97,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     elif m.remat_policy == "none":
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
-        kept = sum(layers) - len(layers) * B * H * T * T * 4 + 2 * max(layers)
+        kept = sum(layers) - len(layers) * scores + 2 * max(layers)
     logits = tokens * m.vocab_size / tp * 4 * 2 * (1 + m.mtp_depth)
     return {"activations": int(kept), "logits": int(logits)}
 

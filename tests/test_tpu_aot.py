@@ -118,3 +118,32 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
     text = _compile(step, state, x)
     assert ("ragged-all-to-all" in text) == (exchange == "ragged")
     assert "all-to-all" in text and "moejax_gmm" in text
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,v_head_dim", [(4, 4, 192, 128), (8, 2, 128, 128)],
+                         ids=["mla-v3-dims", "gqa"])
+def test_splash_attention_forward_backward_compiles_for_tpu(heads, kv_heads, head_dim, v_head_dim):
+    """The attention op's TPU default (splash, inside shard_map over the layout's batch and head axes)
+    compiles forward + backward for v5e with packed segments, MLA's 192 / 128 head dims and GQA."""
+    from moejax import pod, sharding
+    from moejax.config import MeshConfig
+    from moejax.kernels.attention import attention, default_impl
+
+    shape = MeshConfig(fsdp=2, tensor=2)
+    _, devices = pod.tpu_devices("v5e:2x2")
+    mesh = sharding.make_mesh(shape, devices)
+    layout = sharding.layout(mesh, sharding.rules_for(shape))
+
+    def loss(q, k, v, seg):
+        out = attention(q, k, v, seg, scale=head_dim ** -0.5, layout=layout)
+        return jnp.mean(out.astype(jnp.float32) ** 2)
+
+    step = lambda q, k, v, seg: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
+    B, T = 4, 1024
+    with kernels.target_platform("tpu"):
+        assert default_impl() == "splash"
+    text = _compile(step, _abstract((B, T, heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+                    _abstract((B, T, kv_heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+                    _abstract((B, T, kv_heads, v_head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+                    _abstract((B, T), jnp.int32, mesh, P("fsdp")))
+    assert text.count("splash") >= 2  # the Mosaic forward and backward kernels, not an XLA fallback

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from moejax.kernels.attention import attention
 
+FAILED: list[str] = []  # impls that did not compile: the run exits 1 (gpu_check.sh counts it)
 DEFAULT_SHAPES = "8x256x4x48x32,8x512x8x96x64,2x2048x8x96x64"  # tiny's and small's attention, then 2K
 
 
@@ -43,8 +44,9 @@ def run(shape: str, impls: list[str], dtype, repeats: int, block: int | None) ->
         f = _fn(impl, seg, H ** -0.5, block)
         try:
             compiled = f.lower(q, k, v).compile()
-        except Exception as e:  # noqa: BLE001 (a backend this platform cannot run is reported, not fatal)
-            print(f"  {impl:<11} skipped: {str(e).splitlines()[0][:120]}")
+        except Exception as e:  # noqa: BLE001 (reported per shape; the run then exits 1)
+            print(f"  {impl:<11} FAILED: {str(e).splitlines()[0][:160]}")
+            FAILED.append(impl)
             continue
         mem = compiled.memory_analysis()
         temp[impl] = mem.temp_size_in_bytes if mem is not None else float("nan")
@@ -78,6 +80,8 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     for shape in a.shapes.split(","):
         run(shape, a.impls.split(","), jnp.dtype(a.dtype), a.repeats, a.block or None)
+    if FAILED:
+        raise SystemExit(f"failed: {', '.join(FAILED)}")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ def _shard_bytes(tree) -> int:
 def attention_score_bytes(m, B: float, H: float, T: int) -> float:
     """What attention keeps per layer beyond its inputs and output, per device: the reference's float32
     probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN; 'auto' picks
-    one on every platform) keep a float32 log-sum-exp [B, H, T] and hold one block pair's float32 scores,
-    probabilities and their gradient ([B, H, b, b] x 3) while they run."""
+    one on every platform) keep a float32 log-sum-exp [B, H, T] (their one block pair's transient scores
+    are too small to count against the activations)."""
     if m.attention_impl == "reference":
         return B * H * T * T * 4
-    b = min(T, m.attention_block or 512)
-    return B * H * T * 4 + 3 * B * H * b * b * 4
+    return B * H * T * 4
 
 
 def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:

@@ -275,9 +275,8 @@ class Transformer(nnx.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
-        token_mask = (segment_ids > 0).astype(jnp.float32)
+        # None stays None for attention (one document per row: cuDNN takes only that)
+        token_mask = jnp.ones((B, T), jnp.float32) if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
         cos, sin = rope_cos_sin(positions, cfg)
         rngs = [None] * (len(self.segments) + len(self.mtp)) if rng is None else list(
             jax.random.split(rng, len(self.segments) + len(self.mtp)))

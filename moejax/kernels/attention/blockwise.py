@@ -18,7 +18,6 @@ id, so no real query sees a padded key) and cut off again.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -168,8 +167,10 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
     """
     B, T, N, H = q.shape
     Nkv, Hv = k.shape[2], v.shape[-1]
-    bq, bk = min(block_q, T), min(block_kv, T)
-    step = math.lcm(bq, bk)
+    if max(block_q, block_kv) % min(block_q, block_kv):
+        raise ValueError(f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one another")
+    step = min(max(block_q, block_kv), -(-T // min(block_q, block_kv)) * min(block_q, block_kv))
+    bq, bk = min(block_q, step), min(block_kv, step)
     Tp = -(-T // step) * step
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     if Tp != T:

@@ -9,12 +9,12 @@ Backends (`impl=`):
 How each takes MLA's unequal head dims (q/k 192, v 128 at V3 shape) and GQA:
   reference, blockwise, splash: natively (splash's kernel has its own value head dim; GQA runs its MQA
     kernel once per KV head);
-  pallas_gpu: the value is zero-padded to the query head dim and the output cut back (the kernel needs
-    one head dim), KV heads repeated to the query heads;
-  cudnn: natively.
+  pallas_gpu: the narrower of q/k and v is zero-padded and the output cut back (the kernel needs one
+    head dim), KV heads repeated to the query heads;
+  cudnn: v zero-padded to the query head dim; bfloat16/float16 only.
 Every backend takes segment ids (tokens attend to earlier tokens of the same id) except cudnn, which
-refuses them. A Pallas backend on a platform that cannot run it natively runs in interpret mode (the
-tests), and on a mesh runs inside shard_map over the batch and head axes (GSPMD cannot partition a
+refuses them. A Pallas backend on a platform that cannot run it natively is refused unless interpret=True
+(the tests run it in Pallas interpret mode), and on a mesh runs inside shard_map over the batch and head axes (GSPMD cannot partition a
 Pallas call).
 """
 
@@ -75,7 +75,7 @@ def attention(q, k, v, segment_ids=None, *, scale: float, impl: str | None = Non
       impl: one of IMPLS; None or 'auto' picks by platform (default_impl).
       layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it.
       block: query/key block rows (blockwise, splash, pallas_gpu); None is the backend's default.
-      interpret: run a Pallas backend in interpret mode (None: when the platform cannot run it).
+      interpret: run a Pallas backend in Pallas interpret mode (any platform; for tests).
     Returns:
       [B, T, N, Hv] in v's dtype.
     """
@@ -91,24 +91,42 @@ def attention(q, k, v, segment_ids=None, *, scale: float, impl: str | None = Non
         return blockwise_attention(q, k, v, segment_ids, scale=scale, block_q=b, block_kv=b)
     native = platform() in _NATIVE[impl]
     if impl == "cudnn":
-        if not native:
-            raise ValueError(f"attention[cudnn]: needs a GPU, this platform is {platform()!r} for q {q.shape}; use "
-                             "impl='blockwise' (any platform) or 'pallas_gpu'")
-        if segment_ids is not None:
-            raise ValueError(f"attention[cudnn]: packed rows (segment_ids {segment_ids.shape}) are not supported; "
-                             "use impl='pallas_gpu' for packed data")
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-    interpret = (not native) if interpret is None else interpret
+        return _cudnn(q, k, v, segment_ids, scale, native)
+    if not native and not interpret:
+        alt = {"splash": "'pallas_gpu' on GPU", "pallas_gpu": "'splash' on TPU"}[impl]
+        raise ValueError(f"attention[{impl}]: cannot run on platform {platform()!r} (q {q.shape}); use "
+                         f"impl='blockwise' (any platform) or {alt}, or interpret=True (tests)")
+    interpret = bool(interpret)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     if impl == "splash":
-        fn = functools.partial(_splash, scale=scale, block=block or SPLASH_BLOCK, interpret=interpret)
+        b = -(-(block or SPLASH_BLOCK) // 128) * 128  # Mosaic blocks are multiples of 128 rows
+        fn = functools.partial(_splash, scale=scale, block=b, interpret=interpret)
     else:
-        fn = functools.partial(_pallas_gpu, scale=scale, block=block or GPU_BLOCK, interpret=interpret)
+        b = min(1 << ((block or GPU_BLOCK) - 1).bit_length(), 128)  # Triton blocks: a power of two, <= 128
+        fn = functools.partial(_pallas_gpu, scale=scale, block=b, interpret=interpret)
     out = _sharded(fn, q, k, v, segment_ids, layout, impl, strict=not auto)
     if out is None:  # 'auto' on a mesh that does not divide these shapes (e.g. sampling 3 prompts)
         return blockwise_attention(q, k, v, segment_ids, scale=scale, block_q=DEFAULT_BLOCK, block_kv=DEFAULT_BLOCK)
     return out
+
+
+def _cudnn(q, k, v, segment_ids, scale: float, native: bool):
+    """cuDNN flash attention: unpacked rows, 16-bit inputs; v zero-padded to the query head dim (MLA)."""
+    H, Hv = q.shape[-1], v.shape[-1]
+    if not native:
+        raise ValueError(f"attention[cudnn]: needs a GPU, this platform is {platform()!r} for q {q.shape}; use "
+                         "impl='blockwise' (any platform) or 'pallas_gpu'")
+    if segment_ids is not None:
+        raise ValueError(f"attention[cudnn]: packed rows (segment_ids {segment_ids.shape}) are not supported; "
+                         "use impl='pallas_gpu' for packed data")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 256 or Hv > H:
+        raise ValueError(f"attention[cudnn]: takes bfloat16/float16 with head dims multiples of 8, <= 256 and "
+                         f"v's <= q's; got {q.dtype} q {q.shape} v {v.shape}; use impl='pallas_gpu'")
+    if Hv < H:
+        v = jnp.pad(v, [(0, 0)] * 3 + [(0, H - Hv)])
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+    return out[..., :Hv]
 
 
 def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
@@ -128,6 +146,11 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
     kv_axis = "heads" if k.shape[2] == q.shape[2] else "kv_heads"
     kspec = sharding.spec_for(("batch", None, kv_axis, None), rules, mesh, exclude=manual)
     sspec = P(qspec[0], None)
+    if kspec[2] != qspec[2]:  # KV heads split otherwise than query heads: a shard's groups would not match
+        if not strict:
+            return None
+        raise ValueError(f"attention[{impl}]: query heads split by {qspec[2]} but KV heads by {kspec[2]} on mesh "
+                         f"{dict(mesh.shape)} (q {q.shape}, k {k.shape}); use impl='blockwise' for this layout")
     ways = lambda entry: math.prod(mesh.shape[a] for a in sharding.axes_of(entry))
     if any(dim % ways(e) for x, spec in ((q, qspec), (k, kspec)) for dim, e in zip(x.shape, spec)):
         if not strict:
@@ -160,13 +183,12 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
     Nkv = k.shape[2]
     b = min(block, -(-T // 128) * 128)
     Tp = -(-T // b) * b
-    q = _pad_to(q * jnp.asarray(scale, q.dtype), Tp)
+    q = _pad_to((q.astype(jnp.float32) * scale).astype(q.dtype), Tp)
     k, v = _pad_to(k, Tp), _pad_to(v, Tp)
     seg = _pad_to(segment_ids.astype(jnp.int32), Tp, value=-1)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     Q = N // Nkv
-    mask = sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q)
     if Nkv == N:
         kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * N), head_shards=1,
                                     q_seq_shards=1, block_sizes=sizes, interpret=interpret)
@@ -174,7 +196,7 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
         out = jax.vmap(run)(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)
         return out.transpose(0, 2, 1, 3)[:, :T].astype(v.dtype)  # [B, T, N, Hv]
     # GQA: the MQA kernel once per KV head on its Q query heads
-    kernel = sk.make_splash_mqa(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q), head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
     run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
     qg = q.reshape(B, Tp, Nkv, Q, H).transpose(0, 2, 3, 1, 4)  # [B, Nkv, Q, Tp, H]
     kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Nkv, Tp, H]
@@ -184,23 +206,23 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
 
 def _pallas_gpu(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
     """Triton flash attention. The kernel needs one head dim for q, k and v and as many KV heads as query
-    heads: v is zero-padded to H (the output's padded columns are zero and cut off), KV heads repeated."""
+    heads: the narrower of q/k and v is zero-padded (the output's padded columns are cut off), KV heads
+    repeated. Backward blocks are half the forward's (at most 32, as upstream's defaults) for MLA's dims."""
     from jax.experimental.pallas.ops.gpu import attention as triton_attention
 
     T, N, H = q.shape[1:]
     Nkv, Hv = k.shape[2], v.shape[-1]
     if Nkv != N:
         k, v = jnp.repeat(k, N // Nkv, axis=2), jnp.repeat(v, N // Nkv, axis=2)  # [B, T, N, .]
-    if Hv > H:
-        raise ValueError(f"attention[pallas_gpu]: value head dim {Hv} > query head dim {H}; use impl='cudnn' or "
-                         "'blockwise'")
-    v = jnp.pad(v, [(0, 0)] * 3 + [(0, H - Hv)])
+    Hp = max(H, Hv)  # one head dim for all three: zero columns change neither q.k nor the output's first Hv
+    q, k, v = (jnp.pad(a, [(0, 0)] * 3 + [(0, Hp - a.shape[-1])]) for a in (q, k, v))
     b = min(block, max(16, 1 << (T - 1).bit_length()))
     Tp = -(-T // b) * b
     q, k, v = _pad_to(q, Tp), _pad_to(k, Tp), _pad_to(v, Tp)
     seg = _pad_to(segment_ids.astype(jnp.int32), Tp, value=-1)
-    sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b, block_q_dq=b,
-                                        block_kv_dq=b)
+    bb = min(b, 32)
+    sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb,
+                                        block_kv_dq=bb)
     out = triton_attention.mha(q, k, v, seg, sm_scale=float(scale), causal=True, block_sizes=sizes,
                                interpret=interpret)
     return out[:, :T, :, :Hv].astype(v.dtype)

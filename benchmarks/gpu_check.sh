@@ -34,6 +34,11 @@ timeout 150 "$PY" -m benchmarks.attention --impls reference,blockwise,pallas_gpu
   --shapes 1x4096x16x192x128,4x2048x16x128x128 2>&1 | grep -v "^W0\|^I0" | tee "$LOG/attention.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== ~1B MoE (V2-Lite shapes, 2 layers) train step, bf16, 8 x 4096: tokens/s and MFU per attention backend"
+timeout 240 "$PY" -m benchmarks.gpu_train --attention pallas_gpu,blockwise 2>&1 | grep -v "^W0\|^I0" \
+  | tee "$LOG/gpu_train.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== gmm vs ragged_dot vs dense (bf16, float32 accumulation)"
 timeout 220 "$PY" -m benchmarks.gmm_kernels --sweep --impls pallas_gpu,ragged_dot 2>&1 | grep -v "^W0\|^I0" | tee "$LOG/gmm.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

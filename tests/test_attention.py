@@ -205,3 +205,13 @@ def test_pallas_backend_runs_in_shard_map_on_a_mesh():
                          timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "splash ok" in out.stdout and "blockwise ok" in out.stdout
+
+
+@pytest.mark.parametrize("T,blocks,want", [(3, (512, 512), 3), (300, (512, 128), 384), (1000, (512, 512), 1024),
+                                           (130, (64, 64), 192)])
+def test_blockwise_pads_no_further_than_its_blocks_need(T, blocks, want):
+    """A short row is one block of its own length (prefill of a 3-token prompt must not run 512 rows)."""
+    q, k, v, seg, _ = _inputs(1, T, 2, 2, 2, 2, jnp.float32, packed=True)  # every other dim <= 3
+    f = lambda q: blockwise_attention(q, k, v, seg, scale=0.25, block_q=blocks[0], block_kv=blocks[1])
+    longest = max(max(s, default=0) for s in _shapes(jax.make_jaxpr(f)(q).jaxpr))
+    assert longest == want

@@ -169,9 +169,11 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
     Nkv, Hv = k.shape[2], v.shape[-1]
     if max(block_q, block_kv) % min(block_q, block_kv):
         raise ValueError(f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one another")
-    step = min(max(block_q, block_kv), -(-T // min(block_q, block_kv)) * min(block_q, block_kv))
-    bq, bk = min(block_q, step), min(block_kv, step)
-    Tp = -(-T // step) * step
+    lo, hi = min(block_q, block_kv), max(block_q, block_kv)
+    # padded length: T itself when one block covers it, else a multiple of the smaller block (the larger
+    # cut to it) when that is within the larger block, else a multiple of the larger block
+    Tp = T if T <= lo else -(-T // lo) * lo if T <= hi else -(-T // hi) * hi
+    bq, bk = min(block_q, Tp), min(block_kv, Tp)
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     if Tp != T:
         pad = [(0, 0), (0, Tp - T)]

@@ -26,6 +26,13 @@ import numpy as np
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def pad_rows(x, T: int, value=0):
+    """x [B, T0, ...] padded along axis 1 to T rows of `value` (x itself when T0 == T)."""
+    if x.shape[1] == T:
+        return x
+    return jnp.pad(x, [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
 def _pairs(nq: int, nk: int, bq: int, bk: int, kv_major: bool) -> np.ndarray:
     """int32 [P, 3]: (query block i, key block j, first) for every pair whose key block starts at or
     before query block i's last row; `first` marks the first pair of its run (of i when query-major,
@@ -117,7 +124,8 @@ def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
         p = jnp.exp(s - lse_i[..., None])  # [B, K, Q, bq, bk]; 0 where masked
         dk_acc = jnp.where(first, 0.0, dk_acc)
         dv_acc = jnp.where(first, 0.0, dv_acc)
-        dv_acc = dv_acc + jnp.einsum(_e(g, "BKQTS,BTKQH->BSKH"), p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+        dv_acc = dv_acc + jnp.einsum(_e(g, "BKQTS,BTKQH->BSKH"), p.astype(do.dtype), doi,
+                                     preferred_element_type=jnp.float32)
         dp = jnp.einsum(_e(g, "BTKQH,BSKH->BKQTS"), doi, vj, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_i[..., None])).astype(q.dtype)
         dq_i = jnp.einsum(_e(g, "BKQTS,BSKH->BTKQH"), ds, kj, preferred_element_type=jnp.float32) * scale
@@ -175,10 +183,8 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
     Tp = T if T <= lo else -(-T // lo) * lo if T <= hi else -(-T // hi) * hi
     bq, bk = min(block_q, Tp), min(block_kv, Tp)
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    if Tp != T:
-        pad = [(0, 0), (0, Tp - T)]
-        q, k, v = (jnp.pad(a, pad + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
-        seg = jnp.pad(seg, pad, constant_values=-1)
+    q, k, v = (pad_rows(a, Tp) for a in (q, k, v))
+    seg = pad_rows(seg, Tp, value=-1)
     qg = q if N == Nkv else q.reshape(B, Tp, Nkv, N // Nkv, H)  # [B, Tp, Nkv, Q, H]: query heads grouped
     out = _flash(qg, k, v, seg, float(scale), bq, bk)  # [B, Tp, Nkv, (Q,) Hv]
     return out.reshape(B, Tp, N, Hv)[:, :T]

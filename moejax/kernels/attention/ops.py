@@ -13,9 +13,9 @@ How each takes MLA's unequal head dims (q/k 192, v 128 at V3 shape) and GQA:
     head dim), KV heads repeated to the query heads;
   cudnn: v zero-padded to the query head dim; bfloat16/float16 only.
 Every backend takes segment ids (tokens attend to earlier tokens of the same id) except cudnn, which
-refuses them. A Pallas backend on a platform that cannot run it natively is refused unless interpret=True
-(the tests run it in Pallas interpret mode), and on a mesh runs inside shard_map over the batch and head axes (GSPMD cannot partition a
-Pallas call).
+refuses them. A Pallas backend on a platform that cannot run it natively is refused unless
+interpret=True (the tests run it in Pallas interpret mode); on a mesh it runs inside shard_map over the
+batch and head axes (GSPMD cannot partition a Pallas call).
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.kernels.attention.blockwise import blockwise_attention
+from moejax.kernels.attention.blockwise import blockwise_attention, pad_rows
 from moejax.kernels.attention.reference import attention_reference
 from moejax.kernels.gmm.ops import platform
 
 IMPLS = ("reference", "blockwise", "splash", "pallas_gpu", "cudnn")
 _GPU = ("gpu", "cuda", "rocm")
 _NATIVE = {"splash": ("tpu",), "pallas_gpu": _GPU, "cudnn": _GPU}
-_PALLAS = ("splash", "pallas_gpu")
 DEFAULT_BLOCK = 512  # blockwise rows per block: fastest of 128-1024 at T = 512-2048 on the 2-core CPU
 SPLASH_BLOCK = 512  # splash block_q / block_kv (MaxText's default sa_block_* is 512)
 GPU_BLOCK = 64  # pallas_gpu block_q / block_k
@@ -135,9 +134,8 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
     when strict, else None."""
     if layout is None:
         return fn(q, k, v, segment_ids)
-    from moejax import (
-        sharding,  # here: moejax.config imports IMPLS from this module and sharding imports config
-    )
+    # imported here: moejax.config imports IMPLS from this module, and moejax.sharding imports config
+    from moejax import sharding
 
     mesh, nested = layout.region()
     manual = mesh.manual_axes if nested else ()
@@ -162,14 +160,6 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
                          check_vma=False)(q, k, v, segment_ids)
 
 
-def _pad_to(x, T: int, axis: int = 1, value=0):
-    if x.shape[axis] == T:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, T - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
     """TPU splash attention, per batch row (vmap). Rows are padded to a block multiple with segment id -1."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -183,9 +173,9 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
     Nkv = k.shape[2]
     b = min(block, -(-T // 128) * 128)
     Tp = -(-T // b) * b
-    q = _pad_to((q.astype(jnp.float32) * scale).astype(q.dtype), Tp)
-    k, v = _pad_to(k, Tp), _pad_to(v, Tp)
-    seg = _pad_to(segment_ids.astype(jnp.int32), Tp, value=-1)
+    q = pad_rows((q.astype(jnp.float32) * scale).astype(q.dtype), Tp)
+    k, v = pad_rows(k, Tp), pad_rows(v, Tp)
+    seg = pad_rows(segment_ids.astype(jnp.int32), Tp, value=-1)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     Q = N // Nkv
@@ -196,7 +186,8 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
         out = jax.vmap(run)(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)
         return out.transpose(0, 2, 1, 3)[:, :T].astype(v.dtype)  # [B, T, N, Hv]
     # GQA: the MQA kernel once per KV head on its Q query heads
-    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q), head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q), head_shards=1, q_seq_shards=1,
+                                block_sizes=sizes, interpret=interpret)
     run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
     qg = q.reshape(B, Tp, Nkv, Q, H).transpose(0, 2, 3, 1, 4)  # [B, Nkv, Q, Tp, H]
     kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Nkv, Tp, H]
@@ -218,8 +209,8 @@ def _pallas_gpu(q, k, v, segment_ids, *, scale: float, block: int, interpret: bo
     q, k, v = (jnp.pad(a, [(0, 0)] * 3 + [(0, Hp - a.shape[-1])]) for a in (q, k, v))
     b = min(block, max(16, 1 << (T - 1).bit_length()))
     Tp = -(-T // b) * b
-    q, k, v = _pad_to(q, Tp), _pad_to(k, Tp), _pad_to(v, Tp)
-    seg = _pad_to(segment_ids.astype(jnp.int32), Tp, value=-1)
+    q, k, v = pad_rows(q, Tp), pad_rows(k, Tp), pad_rows(v, Tp)
+    seg = pad_rows(segment_ids.astype(jnp.int32), Tp, value=-1)
     bb = min(b, 32)
     sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb,
                                         block_kv_dq=bb)

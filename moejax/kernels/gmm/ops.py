@@ -208,16 +208,12 @@ def target_platform(platform: str):
 
 def targets_accelerator() -> bool:
     """Whether code is being built for a TPU or GPU (by the backend or by `target_platform`)."""
-    return _platform() in ("tpu", "gpu", "cuda", "rocm")
-
-
-def _platform() -> str:
-    return _TARGET[-1] if _TARGET else jax.default_backend()
+    return platform() in ("tpu", "gpu", "cuda", "rocm")
 
 
 def platform() -> str:
     """The platform kernels are built for: `target_platform`'s, else jax.default_backend()."""
-    return _platform()
+    return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def _resolve(impl, interpret):
@@ -225,7 +221,7 @@ def _resolve(impl, interpret):
     if impl not in IMPLS:
         raise ValueError(f"gmm: impl must be one of {IMPLS}, got {impl!r}")
     if impl in _NATIVE and interpret is None:
-        interpret = _platform() not in _NATIVE[impl]
+        interpret = platform() not in _NATIVE[impl]
     return impl, interpret
 
 
@@ -305,7 +301,7 @@ def _validate(group_sizes, num_rows):
 
 def default_impl() -> str:
     """The Pallas kernels on TPU and GPU; the tiled einsum on CPU (6x faster than ragged_dot there)."""
-    backend = _platform()
+    backend = platform()
     if backend == "tpu":
         return "pallas_tpu"
     if backend in _NATIVE["pallas_gpu"]:

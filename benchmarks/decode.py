@@ -77,11 +77,11 @@ def quality(path: str, model, qmodel, batches: int = 4):
     """Validation perplexity and logit change of the int8-weight model against float32, on the run's data."""
     import jax.numpy as jnp
 
-    from moejax.data import dataset
+    from moejax.data import dataset, mixture
     from moejax.infer.load import workdir_config
 
     cfg = workdir_config(path)
-    data = dataset.resolve(cfg.data, cfg.model.vocab_size)
+    data = mixture.resolve(cfg.data, cfg.model.vocab_size)
     it = dataset.Batches(data, "validation", 8, seed=0, shuffle=False)
     f = jax.jit(lambda m, b: m(b["tokens"], b["positions"], b["segment_ids"])[0])
     ce = {"float32": [0.0, 0.0], "int8": [0.0, 0.0]}

@@ -65,14 +65,15 @@ def parse_topology(name: str) -> tuple[str, int, str]:
 
 
 def torus_shape(chips: int, dims: int) -> str:
-    """The most cubic power-of-two shape with `dims` dimensions, smallest first (e.g. 256 -> 4x8x8)."""
+    """The most cubic power-of-two shape with `dims` dimensions, smallest first but with unit dimensions
+    last, as Cloud TPU names slices (256 -> 4x8x8, 4 -> 2x2x1: libtpu's 2x2x1 host bounds must divide it)."""
     if chips < 1 or chips & (chips - 1):
         raise TopologyError(f"{chips} chips: slice sizes are powers of two")
     if dims == 0:
         return str(chips)
     e = int(math.log2(chips))
     parts = [e // dims + (1 if i < e % dims else 0) for i in range(dims)]
-    return "x".join(str(2**p) for p in sorted(parts))
+    return "x".join(str(2**p) for p in sorted(parts, key=lambda p: (p == 0, p)))
 
 
 def tpu_devices(topology: str):

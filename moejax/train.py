@@ -19,7 +19,7 @@ import numpy as np
 
 from moejax import distributed, sharding
 from moejax.config import Config, ConfigError
-from moejax.data import dataset
+from moejax.data import dataset, layout, mixture
 from moejax.model.stats import param_counts, train_flops_per_token
 from moejax.trainer import metrics as metrics_lib
 from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint
@@ -114,7 +114,7 @@ def sample_prompts(cfg: Config, data) -> list:
     if cfg.train.sample_prompts:
         return list(cfg.train.sample_prompts[:n])
     k = cfg.train.sample_prompt_tokens
-    bos = dataset.tokenizer(data).bos_id
+    bos = layout.tokenizer(data).bos_id
     batches = dataset.Batches(data, "validation", 16, seed=0, shuffle=False)
     docs, rows = [], []
     for _ in range(4):
@@ -182,8 +182,8 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         data, tokenizer, batches = None, on_policy.tokenizer, on_policy
     else:
         try:
-            data = dataset.resolve(cfg.data, cfg.model.vocab_size)
-            tokenizer = dataset.tokenizer(data)
+            data = mixture.resolve(cfg.data, cfg.model.vocab_size)
+            tokenizer = layout.tokenizer(data)
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(str(e)) from None
     # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer tokens)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from moejax.data import dataset
+from moejax.data import mixture
 from tests.helpers import ROOT, override_flags, tiny_config
 
 HEARTBEAT_S = 10
@@ -63,7 +63,7 @@ class _Reader(threading.Thread):
 
 def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_cache):
     cfg = tiny_config(corpus_cache)
-    dataset.resolve(cfg.data, cfg.model.vocab_size)  # build the corpus once, before two processes want it
+    mixture.resolve(cfg.data, cfg.model.vocab_size)  # build the corpus once, before two processes want it
     wd = str(tmp_path / "run")
 
     for attempt in range(2):

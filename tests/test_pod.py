@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("name,want", [
     ("v5p-512", ("v5p", 256, "4x8x8")),  # v5p counts TensorCores: 512 cores = 256 chips
-    ("v5p-8", ("v5p", 4, "1x2x2")),
+    ("v5p-8", ("v5p", 4, "2x2x1")),
     ("v5e-256", ("v5e", 256, "16x16")),
     ("v5p:8x8x16", ("v5p", 1024, "8x8x16")),
 ])
@@ -72,3 +72,17 @@ def test_compile_cli_names_a_bad_mesh():
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     last = r.stderr.strip().splitlines()[-1]  # libtpu prints its own warnings first
     assert r.returncode == 2 and last.startswith("error: mesh") and "divisible" in last, r.stderr[-2000:]
+
+
+def test_no_libtpu_noise_on_a_machine_without_tpus():
+    """With the `tpu` extra installed on a CPU-only machine, neither jax's backend probe nor describing a
+    TPU topology for AOT compilation prints libtpu's metadata warnings or an InitGoogle trace."""
+    pytest.importorskip("libtpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+    code = ("import moejax, jax; from moejax import pod; assert jax.devices()[0].platform != 'tpu'; "
+            "print(len(pod.tpu_devices('v5p-8')[1]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "4"
+    for noise in ("could not determine TPU", "InitGoogle", "Source Location Trace"):
+        assert noise not in r.stderr, r.stderr[-2000:]

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from moejax.data import dataset, prepare, sources, stages
+from moejax.data import dataset, layout, mixture, prepare, sources, stages
 
 WORDS = ("the river ran past the old mill and the children watched the water with great interest while "
          "their parents talked about the harvest that had come early this year because of the warm weather "
@@ -116,19 +116,19 @@ def test_prepare_counts_bad_inputs_and_plants_and_writes_a_readable_dataset(buil
     assert st["normalize"]["reasons"] == {"larger than stages.max_document_bytes": 1}  # the 100 MB line
     assert st["harmful"]["reasons"] == {"harmful: profanity": 1}
     assert counts["changes"]["pii replacements"] == 3
-    assert dataset.is_complete(str(out)) and (out / "report.md").exists() and (out / "lengths.png").exists()
+    assert layout.is_complete(str(out)) and (out / "report.md").exists() and (out / "lengths.png").exists()
     report = (out / "report.md").read_text()
     assert "exact duplicate" in report and "binary file" in report
     # training reads it: the tokenizer and packed rows with segment ids
     b = dataset.Batches(str(out), "train", 2, seed=0)
     batch = next(b)
     assert batch["tokens"].shape == (2, 64) and batch["segment_ids"].max() >= 1
-    tok = dataset.tokenizer(str(out))
+    tok = layout.tokenizer(str(out))
     assert "<EMAIL>" in "".join(tok.decode(r) for r in batch["tokens"].tolist()) or manifest["splits"]["train"]["rows"]
 
 
 def _shards(path):
-    return {s: (path / dataset.shard_name(s)).read_bytes() for s in dataset.SPLITS}
+    return {s: (path / layout.shard_name(s)).read_bytes() for s in layout.SPLITS}
 
 
 def test_an_interrupted_prepare_resumes_and_a_changed_config_starts_over(raw, built, tmp_path, monkeypatch):
@@ -143,14 +143,14 @@ def test_an_interrupted_prepare_resumes_and_a_changed_config_starts_over(raw, bu
     monkeypatch.setattr(prepare.tokenizers, "train_sentencepiece", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(_config(raw), str(out), quiet=True)
-    assert not out.exists() and not dataset.is_complete(str(building))
+    assert not out.exists() and not layout.is_complete(str(building))
     assert json.loads((building / prepare.PROGRESS).read_text())["sources_done"] == 3
     monkeypatch.undo()
     # the rerun resumes: no source is read again, and the result is what an uninterrupted run gives
     monkeypatch.setattr(prepare, "clean", boom)
     manifest = prepare.prepare(_config(raw), str(out), quiet=True)
     monkeypatch.undo()
-    assert dataset.is_complete(str(out)) and not building.exists()
+    assert layout.is_complete(str(out)) and not building.exists()
     assert manifest["counts"]["stages"] == ref_manifest["counts"]["stages"]
     assert manifest["splits"] == ref_manifest["splits"] and _shards(out) == _shards(ref)
     with pytest.raises(FileExistsError):
@@ -195,7 +195,7 @@ def test_stage_units():
 def _rows(path, split="train"):
     from array_record.python.array_record_module import ArrayRecordReader
 
-    r = ArrayRecordReader(str(path / dataset.shard_name(split)))
+    r = ArrayRecordReader(str(path / layout.shard_name(split)))
     try:
         return set(r.read(list(range(r.num_records()))))
     finally:
@@ -222,7 +222,7 @@ def _fresh_jsonl(tmp_path, **tokenizer):
 def test_loader_mixes_datasets_by_weight_resumes_and_runs_in_workers(raw, built, tmp_path):
     ref, _ = built
     other = tmp_path / "other"
-    prepare.prepare(_fresh_jsonl(tmp_path, model=str(ref / dataset.TOKENIZER)), str(other), quiet=True)
+    prepare.prepare(_fresh_jsonl(tmp_path, model=str(ref / layout.TOKENIZER)), str(other), quiet=True)
     rows_ref, rows_other = _rows(ref), _rows(other)
     assert not rows_ref & rows_other
     mix = f"{ref}=3,{other}=1"
@@ -249,7 +249,7 @@ def test_loader_mixes_datasets_by_weight_resumes_and_runs_in_workers(raw, built,
     with pytest.raises(ValueError, match="tokenized differently"):
         dataset.Batches(f"{ref}=1,{alien}=1", "train", 4, seed=0)
     with pytest.raises(ValueError, match="mixture weight"):
-        dataset.parse_sources(f"{ref}=x")
+        mixture.parse_sources(f"{ref}=x")
 
 
 def test_a_hugging_face_tokenizer_json_prepares_and_reads(raw, tmp_path):
@@ -265,7 +265,7 @@ def test_a_hugging_face_tokenizer_json_prepares_and_reads(raw, tmp_path):
     out = tmp_path / "hf"
     manifest = prepare.prepare(_jsonl_only(raw, hf=str(tmp_path / "tokenizer.json"), bos="<s>", eos="</s>",
                                            pad="<pad>"), str(out), quiet=True)
-    t = dataset.tokenizer(str(out))
+    t = layout.tokenizer(str(out))
     assert type(t).__name__ == "HFTokenizer" and (t.bos_id, t.eos_id, t.pad_id) == (2, 3, 0)
     assert manifest["vocab_size"] == t.vocab_size
     batch = next(dataset.Batches(str(out), "train", 2, seed=0, shuffle=False))
@@ -301,3 +301,58 @@ def test_a_validation_document_is_kept_even_when_the_fraction_draws_none(raw, tm
     cfg["val_fraction"] = 1e-6  # no document's hash falls below this
     m = prepare.prepare(cfg, str(tmp_path / "ds"), quiet=True)
     assert m["splits"]["validation"]["documents"] == 1 and m["splits"]["train"]["documents"] == 7
+
+
+def _data_imports() -> dict[str, set[str]]:
+    """moejax.data module -> the moejax.data modules it imports, at the top or inside a function."""
+    import ast
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moejax", "data")
+    names = {f[:-3] for f in os.listdir(root) if f.endswith(".py") and f != "__init__.py"}
+    graph = {}
+    for name in names:
+        with open(os.path.join(root, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "moejax.data":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("moejax.data."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("moejax.data.")}
+        graph[name] = deps & names - {name}
+    return graph
+
+
+def test_data_modules_import_without_a_cycle_and_each_alone():
+    """The on-disk format (layout) sits below both the reader (dataset) and source resolution (mixture,
+    builtin, prepare): no module of moejax.data reaches itself through imports, even lazy ones."""
+    import subprocess
+    import sys
+
+    graph = _data_imports()
+    assert graph["layout"] <= {"tokenizer"}, graph["layout"]
+    done, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, f"import cycle: {' -> '.join([*stack[stack.index(m):], m])}"
+        if m in done:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    # Each imports alone in a fresh interpreter, and the reader (imported by Grain's worker processes)
+    # pulls in neither jax nor the model config.
+    code = "; ".join(f"import moejax.data.{m}" for m in sorted(graph))
+    for m in sorted(graph):
+        probe = (f"import sys, moejax.data.{m}; "
+                 "assert 'jax' not in sys.modules or sys.argv[1] != 'dataset', sorted(sys.modules)")
+        r = subprocess.run([sys.executable, "-c", probe, m], capture_output=True, text=True)
+        assert r.returncode == 0, (m, r.stderr[-2000:])
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

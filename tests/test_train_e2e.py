@@ -167,13 +167,13 @@ def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
 def test_samples_and_the_generate_cli_from_a_workdir(uninterrupted, tmp_path, capsys):
     """The run's samples are prompted with validation openings; `python -m moejax.generate` loads the
     workdir's parameters (not its optimizer state) and writes JSONL; a bad request is one error line."""
-    from moejax.data import dataset
+    from moejax.data import layout, mixture
     from moejax.generate import main
     from moejax.train import sample_prompts
 
     cfg, wd, _ = uninterrupted
-    data = dataset.resolve(cfg.data, cfg.model.vocab_size)
-    tok = dataset.tokenizer(data)
+    data = mixture.resolve(cfg.data, cfg.model.vocab_size)
+    tok = layout.tokenizer(data)
     prompts = sample_prompts(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_samples=3)), data)
     assert len(prompts) == 3 and all(len(p) == cfg.train.sample_prompt_tokens for p in prompts)
     assert len({tuple(p) for p in prompts}) == 3 and prompts[0][0] == tok.bos_id  # document starts first

@@ -17,9 +17,12 @@ import json
 import os
 import sys
 import sysconfig
+from typing import TYPE_CHECKING
 
-from moejax.config import DataConfig
-from moejax.data import dataset
+from moejax.data import layout, prepare
+
+if TYPE_CHECKING:  # not at run time: Grain's worker processes import the reader, which must not import jax
+    from moejax.config import DataConfig
 
 SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3")
 CORPUS_VERSION = 2
@@ -52,11 +55,9 @@ def default_cache_dir() -> str:
 
 def build(cfg: DataConfig, vocab_size: int) -> str:
     """Returns the dataset directory, preparing it if it is not cached yet."""
-    from moejax.data import prepare
-
     root = cfg.cache_dir or default_cache_dir()
     out = os.path.join(root, f"stdlib-{cache_key(cfg, vocab_size)}")
-    if dataset.is_complete(out):
+    if layout.is_complete(out):
         return out
     print(f"[data] preparing the built-in corpus from {sysconfig.get_paths()['stdlib']} into {out}", flush=True)
     try:
@@ -71,14 +72,12 @@ DOCS_VERSION = 1
 
 def build_docs(cfg: DataConfig, vocab_size: int) -> str:
     """The `builtin-docs` dataset directory (prepared on first use with the built-in corpus's tokenizer)."""
-    from moejax.data import prepare
-
     code = build(cfg, vocab_size)
     root = cfg.cache_dir or default_cache_dir()
     key = hashlib.sha256(json.dumps({"v": DOCS_VERSION, "py": sys.version_info[:2], "code": os.path.basename(code),
                                      "seq_len": cfg.seq_len, "val": cfg.val_fraction}).encode()).hexdigest()[:12]
     out = os.path.join(root, f"pydoc-{key}")
-    if dataset.is_complete(out):
+    if layout.is_complete(out):
         return out
     import pydoc_data.topics
 
@@ -91,7 +90,7 @@ def build_docs(cfg: DataConfig, vocab_size: int) -> str:
     conf = {"name": "pydoc-topics", "seed": 0, "seq_len": cfg.seq_len, "val_fraction": max(cfg.val_fraction, 0.1),
             "workers": 1, "sources": [{"name": "pydoc", "path": texts, "kind": "text"}],
             "stages": {"near_dedup": True, "pii": False, "fim_rate": 0.0},
-            "tokenizer": {"model": os.path.join(code, dataset.TOKENIZER)}}
+            "tokenizer": {"model": os.path.join(code, layout.TOKENIZER)}}
     try:
         prepare.prepare(conf, out, quiet=True)
     except FileExistsError:

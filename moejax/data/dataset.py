@@ -1,73 +1,15 @@
-"""A prepared dataset directory and the Grain pipeline training reads it through.
-
-Layout:  manifest.json  tokenizer.model (or tokenizer.json)  train.arrayrecord  validation.arrayrecord
-The manifest is written last; a directory without it is incomplete and never read.
+"""The Grain pipeline training reads prepared datasets through (their on-disk format: `layout`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np  # noqa: F401  (batches are numpy dicts)
+import numpy as np
 
+from moejax.data.layout import read_manifest, shard_name, tokenizer_digest
+from moejax.data.mixture import parse_sources
 from moejax.data.packing import decode_row
-from moejax.data import tokenizer as tokenizers
-
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
-HF_TOKENIZER = "tokenizer.json"
-SPLITS = ("train", "validation")
-
-
-def shard_name(split: str) -> str:
-    return f"{split}.arrayrecord"
-
-
-def is_complete(path: str) -> bool:
-    return os.path.exists(os.path.join(path, MANIFEST))
-
-
-def write_manifest(path: str, manifest: dict) -> None:
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(path, MANIFEST))
-
-
-def read_manifest(path: str) -> dict:
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete moejax dataset (no {MANIFEST})")
-    with open(os.path.join(path, MANIFEST)) as f:
-        return json.load(f)
-
-
-def tokenizer(path) -> tokenizers.Tokenizer:
-    """The dataset's tokenizer: sentencepiece, or a Hugging Face tokenizer.json with the special tokens
-    the manifest names. `path` may be a mixture (its datasets share one tokenizer)."""
-    if not isinstance(path, str):
-        path = path[0][0]
-    hf = os.path.join(path, HF_TOKENIZER)
-    if os.path.exists(hf):
-        return tokenizers.HFTokenizer(hf, **read_manifest(path).get("special_tokens", {}))
-    return tokenizers.SentencePieceTokenizer(os.path.join(path, TOKENIZER))
-
-
-def parse_sources(source: str | list) -> list[tuple[str, float]]:
-    """`dir` or a mixture `dirA=0.7,dirB=0.3` (weights are relative) as [(path, weight)]."""
-    if not isinstance(source, str):
-        return [(p, float(w)) for p, w in source]
-    out = []
-    for part in source.split(","):
-        path, _, w = part.strip().rpartition("=") if "=" in part else (part.strip(), "", "1")
-        try:
-            weight = float(w)
-        except ValueError:
-            raise ValueError(f"data.source: mixture weight {w!r} of {path!r} is not a number") from None
-        if weight <= 0:
-            raise ValueError(f"data.source: mixture weight of {path!r} must be > 0, got {weight}")
-        out.append((os.path.expanduser(path), weight))
-    return out
 
 
 class _Decode:  # picklable (grain worker processes)
@@ -146,29 +88,3 @@ class Batches:
     def restore(self, state: dict) -> None:
         self._it = iter(self._ds)
         self._it.set_state(state)
-
-
-def tokenizer_digest(path: str) -> str:
-    import hashlib
-
-    for name in (HF_TOKENIZER, TOKENIZER):
-        f = os.path.join(path, name)
-        if os.path.exists(f):
-            with open(f, "rb") as fh:
-                return hashlib.sha256(fh.read()).hexdigest()
-    raise FileNotFoundError(f"{path}: no {TOKENIZER} or {HF_TOKENIZER}")
-
-
-def resolve(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
-    """The datasets a config names, as [(directory, weight)]: a prepared directory, the built-in corpus
-    ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or a mixture of
-    them `dirA=0.7,builtin=0.3`."""
-    from moejax.data import builtin
-
-    named = {"builtin": builtin.build, "builtin-docs": builtin.build_docs}
-    mix = [(named[p](data_cfg, vocab_size) if p in named else p, w) for p, w in parse_sources(data_cfg.source)]
-    for path, _ in mix:
-        manifest = read_manifest(path)
-        if manifest["seq_len"] != data_cfg.seq_len:
-            raise ValueError(f"data.seq_len={data_cfg.seq_len} but {path} was packed with seq_len={manifest['seq_len']}")
-    return mix

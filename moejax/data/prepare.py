@@ -2,7 +2,7 @@
 
     python -m moejax.data.prepare --config experiments/data/example.py --out DIR
 
-The output directory has the layout training reads (`data.source=DIR`; see moejax.data.dataset):
+The output directory has the layout training reads (`data.source=DIR`; see moejax.data.layout):
 ArrayRecord shards per split, the tokenizer, manifest.json (sources, input hashes, counts, the config)
 and report.md with plots.
 
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from moejax.data import dataset, sources, stages
+from moejax.data import layout, sources, stages
 from moejax.data import tokenizer as tokenizers
 from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
 
@@ -379,7 +379,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(out):
-        if dataset.is_complete(out) and not cfg.get("overwrite", False):
+        if layout.is_complete(out) and not cfg.get("overwrite", False):
             raise FileExistsError(f"{out} is already a complete dataset (set overwrite=True to rebuild it)")
     files = {src["name"]: sources.files(src, sources.SkipLog()) for src in cfg["sources"]}
     key = _input_key(cfg, files)
@@ -436,7 +436,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
 
     # ---- phase 2: the tokenizer
     special = {k: tcfg[k] for k in ("bos", "eos", "pad") if tcfg.get(k)}
-    tok_file = os.path.join(build, dataset.HF_TOKENIZER if tcfg.get("hf") else dataset.TOKENIZER)
+    tok_file = os.path.join(build, layout.HF_TOKENIZER if tcfg.get("hf") else layout.TOKENIZER)
     if not progress["tokenizer"]:
         t = time.time()
         if tcfg.get("hf"):
@@ -469,13 +469,13 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     t = time.time()
     enc_pool = None
     try:
-        for split in dataset.SPLITS:
+        for split in layout.SPLITS:
             if split in splits:
                 continue
             enc_pool = enc_pool or _Workers(workers, _init_encoder, (tok_file, special))
             stats = {"documents": 0, "tokens": 0, "rows": 0, "bytes": 0, "lengths": []}
             packer = Packer(seq_len, tok.bos_id, tok.eos_id)
-            shard = os.path.join(build, dataset.shard_name(split))
+            shard = os.path.join(build, layout.shard_name(split))
             from array_record.python.array_record_module import ArrayRecordWriter
 
             writer = ArrayRecordWriter(shard + ".tmp", WRITER_OPTIONS)
@@ -517,7 +517,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     shutil.rmtree(os.path.join(build, "cleaned"))
     for f in (PROGRESS, "state.pkl"):
         os.remove(os.path.join(build, f))
-    dataset.write_manifest(build, manifest)  # last: marks the directory complete
+    layout.write_manifest(build, manifest)  # last: marks the directory complete
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(build, out)

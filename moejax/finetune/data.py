@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from moejax.data import chat, dataset, packing
+from moejax.data import chat, layout, packing
 
 ROLES = ("system", "user", "assistant", "tool")
 LOSS_ON = ("assistant", "all")
@@ -236,8 +236,8 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
         raise ValueError(f"sft.template: {e}") from None
     skipped: collections.Counter = collections.Counter()
     cap = 2 * max_pairs if kind == "preference" else 0
-    packers = {s: SFTPacker(seq_len, max_segments=cap) for s in dataset.SPLITS}
-    out = {s: [] for s in dataset.SPLITS}
+    packers = {s: SFTPacker(seq_len, max_segments=cap) for s in layout.SPLITS}
+    out = {s: [] for s in layout.SPLITS}
     examples = collections.Counter()
     for i, row in enumerate(rows):
         try:
@@ -255,7 +255,7 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
         split = _split_of(i, val_fraction, seed)
         examples[split] += 1
         out[split].append(packers[split].add_group(group))
-    for s in dataset.SPLITS:
+    for s in layout.SPLITS:
         out[s].append(packers[s].finish())
         out[s] = np.concatenate(out[s]) if out[s] else np.zeros((0, 4, seq_len), np.int32)
     return out, {"examples": dict(examples), "skipped": dict(skipped)}
@@ -264,7 +264,7 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
 def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, template: str | None = None,
             loss_on: str = "assistant", val_fraction: float = 0.05, seed: int = 0, special: dict | None = None,
             quiet: bool = False, kind: str = "sft", max_pairs: int = 8) -> str:
-    """Writes a packed SFT dataset directory (moejax.data.dataset layout, rows of FIELDS) and returns it.
+    """Writes a packed SFT dataset directory (moejax.data.layout, rows of FIELDS) and returns it.
 
     The directory appears complete (manifest last) or not at all; a split left empty (a tiny file) gets the
     other split's first row, so that training and validation both run.
@@ -285,18 +285,18 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     tmp = f"{out}.tmp{os.getpid()}"  # one per process: several hosts may prepare into shared storage
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    name = dataset.HF_TOKENIZER if tokenizer_file.endswith(".json") else dataset.TOKENIZER
+    name = layout.HF_TOKENIZER if tokenizer_file.endswith(".json") else layout.TOKENIZER
     shutil.copy(tokenizer_file, os.path.join(tmp, name))
     for split, r in rows.items():
-        packing.write_rows(os.path.join(tmp, dataset.shard_name(split)), r)
+        packing.write_rows(os.path.join(tmp, layout.shard_name(split)), r)
     tokens = {s: int((r[:, 1] > 0).sum()) for s, r in rows.items()}
     trained = {s: int(r[:, 3].sum()) for s, r in rows.items()}
     manifest = {"kind": kind, "max_pairs": max_pairs if kind == "preference" else None, "seq_len": seq_len, "fields": list(FIELDS), "sources": list(files),
                 "rows": {s: len(r) for s, r in rows.items()}, "tokens": tokens, "trained_tokens": trained,
                 "fill": {s: tokens[s] / max(1, len(rows[s]) * seq_len) for s in rows}, **counts,
                 "special_tokens": dict(special or {})}
-    dataset.write_manifest(tmp, manifest)
-    if dataset.is_complete(out):  # another process finished first: same inputs, same rows
+    layout.write_manifest(tmp, manifest)
+    if layout.is_complete(out):  # another process finished first: same inputs, same rows
         shutil.rmtree(tmp, ignore_errors=True)
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -326,8 +326,8 @@ def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: in
                       "template": template, "seq_len": seq_len, "loss_on": loss_on, "val": val_fraction,
                       "seed": seed, "special": special, "kind": kind, "pairs": max_pairs}, sort_keys=True)
     out = os.path.join(cache_dir, f"{kind}-" + hashlib.sha256(key.encode()).hexdigest()[:12])
-    if dataset.is_complete(out):
-        m = dataset.read_manifest(out)
+    if layout.is_complete(out):
+        m = layout.read_manifest(out)
         sk = m.get("skipped", {})
         print(f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped {sum(sk.values())}"
               f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}", flush=True)

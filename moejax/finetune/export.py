@@ -61,16 +61,16 @@ def _copy_tokenizer(cfg, out: str) -> None:
     the training data's tokenizer."""
     import shutil
 
-    from moejax.data import dataset
+    from moejax.data import layout, mixture
 
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", dataset.TOKENIZER)
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", layout.TOKENIZER)
     from moejax.finetune.runner import base_dir
 
     base = base_dir(cfg.base) if cfg.base else ""
     src = [os.path.join(base, n) for n in names] if base and not os.path.isdir(os.path.join(base, "checkpoints")) else []
     if not any(os.path.exists(f) for f in src):
-        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
-        src = [os.path.join(d, n) for n in (dataset.HF_TOKENIZER, dataset.TOKENIZER)]
+        d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        src = [os.path.join(d, n) for n in (layout.HF_TOKENIZER, layout.TOKENIZER)]
     for f in src:
         if os.path.exists(f):
             shutil.copy(f, out)

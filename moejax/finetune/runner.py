@@ -17,7 +17,7 @@ import os
 import jax
 
 from moejax.config import Config, ConfigError, ModelConfig
-from moejax.data import chat, dataset
+from moejax.data import chat, dataset, layout, mixture
 from moejax.finetune.data import file_digest
 
 # How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
@@ -69,18 +69,18 @@ def base_tokenizer(path: str) -> tuple[str, dict]:
         cfg = workdir_config(path)
         if cfg.align.method == "grpo" and base_kind(cfg.base) != "workdir":  # RL on a folder: the folder's
             return base_tokenizer(cfg.base)
-        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
-        hf = os.path.join(d, dataset.HF_TOKENIZER)
+        d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        hf = os.path.join(d, layout.HF_TOKENIZER)
         if os.path.exists(hf):
-            return hf, dataset.read_manifest(d).get("special_tokens", {})
-        return os.path.join(d, dataset.TOKENIZER), {}
+            return hf, layout.read_manifest(d).get("special_tokens", {})
+        return os.path.join(d, layout.TOKENIZER), {}
     path = base_dir(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from moejax.infer.load import hf_tokenizer
 
         return os.path.join(path, "tokenizer.json"), hf_tokenizer(path).special
-    if os.path.exists(os.path.join(path, dataset.TOKENIZER)):
-        return os.path.join(path, dataset.TOKENIZER), {}
+    if os.path.exists(os.path.join(path, layout.TOKENIZER)):
+        return os.path.join(path, layout.TOKENIZER), {}
     raise BaseError(f"base={path!r} has no tokenizer (tokenizer.json or tokenizer.model)")
 
 
@@ -133,10 +133,10 @@ def resolve(cfg: Config) -> Config:
         tok_file, special = base_tokenizer(cfg.base)
     elif cfg.sft.data:
         # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining data
-        d = dataset.resolve(cfg.data, cfg.model.vocab_size)[0][0]
-        tok_file = os.path.join(d, dataset.HF_TOKENIZER if os.path.exists(os.path.join(d, dataset.HF_TOKENIZER))
-                                else dataset.TOKENIZER)
-        special = dataset.read_manifest(d).get("special_tokens", {})
+        d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
+        tok_file = os.path.join(d, layout.HF_TOKENIZER if os.path.exists(os.path.join(d, layout.HF_TOKENIZER))
+                                else layout.TOKENIZER)
+        special = layout.read_manifest(d).get("special_tokens", {})
     if cfg.align.method == "grpo":  # rollouts, not a dataset: the tokenizer is the base's (GRPOStart)
         if base_kind(cfg.base) == "workdir":  # the run's data names the base's tokenizer (loading the run finds it)
             from moejax.infer.load import workdir_config
@@ -164,8 +164,8 @@ def resolve(cfg: Config) -> Config:
                               kind=kind, max_pairs=cfg.align.max_pairs_per_row)
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=out))
     if cfg.base:  # continual pretraining: the data must be the base's tokens
-        for path, _ in dataset.resolve(cfg.data, cfg.model.vocab_size):
-            if dataset.tokenizer_digest(path) != file_digest(tok_file):
+        for path, _ in mixture.resolve(cfg.data, cfg.model.vocab_size):
+            if layout.tokenizer_digest(path) != file_digest(tok_file):
                 raise BaseError(f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
                                 f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
                                 "tokenizer.hf)")
@@ -259,14 +259,14 @@ def forgetting(cfg: Config, workdir: str, batches: int | None = None) -> dict:
     new domain's fall."""
     from moejax.infer.load import load
 
-    sources = [p for p, _ in dataset.resolve(cfg.data, cfg.model.vocab_size)]
+    sources = [p for p, _ in mixture.resolve(cfg.data, cfg.model.vocab_size)]
     old = set()
     if base_kind(cfg.base) == "workdir":  # the base's own data is the old domain, replayed or not
         from moejax.infer.load import workdir_config
 
         bcfg = workdir_config(cfg.base)
         if bcfg.data.seq_len == cfg.data.seq_len:
-            old = {p for p, _ in dataset.resolve(bcfg.data, bcfg.model.vocab_size)}
+            old = {p for p, _ in mixture.resolve(bcfg.data, bcfg.model.vocab_size)}
             sources += [p for p in sorted(old) if p not in sources]
     n = batches or max(cfg.train.eval_batches, 1)
     out = {}

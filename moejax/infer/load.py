@@ -86,7 +86,7 @@ def workdir_config(path: str) -> Config:
 def _train_workdir(path: str, mesh, rules, step: int | None = None):
     import orbax.checkpoint as ocp
 
-    from moejax.data import dataset
+    from moejax.data import layout, mixture
     from moejax.trainer import setup as setup_lib
 
     cfg = workdir_config(path if step is None else f"{path}@{step}")
@@ -113,7 +113,7 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
         from moejax.finetune.runner import base_tokenizer
 
         return model, tokenizer_lib.load(*base_tokenizer(cfg.base))  # RL on a folder: the folder's tokenizer
-    tokenizer = dataset.tokenizer(dataset.resolve(cfg.data, cfg.model.vocab_size))
+    tokenizer = layout.tokenizer(mixture.resolve(cfg.data, cfg.model.vocab_size))
     return model, tokenizer
 
 

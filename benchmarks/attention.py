@@ -20,14 +20,18 @@ import jax.numpy as jnp
 from moejax.kernels.attention import attention
 
 FAILED: list[str] = []  # impls that did not compile: the run exits 1 (gpu_check.sh counts it)
-DEFAULT_SHAPES = "8x256x4x48x32,8x512x8x96x64,2x2048x8x96x64"  # tiny's and small's attention, then 2K
+DEFAULT_SHAPES = (
+    "8x256x4x48x32,8x512x8x96x64,2x2048x8x96x64"  # tiny's and small's attention, then 2K
+)
 
 
 def _fn(impl: str, seg, scale: float, block: int | None):
     s = None if impl == "cudnn" else seg
 
     def loss(q, k, v):
-        return jnp.sum(attention(q, k, v, s, scale=scale, impl=impl, block=block).astype(jnp.float32) ** 2)
+        return jnp.sum(
+            attention(q, k, v, s, scale=scale, impl=impl, block=block).astype(jnp.float32) ** 2
+        )
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -41,7 +45,7 @@ def run(shape: str, impls: list[str], dtype, repeats: int, block: int | None) ->
     seg = jnp.cumsum(jax.random.bernoulli(ks[3], 4.0 / T, (B, T)), axis=1).astype(jnp.int32)
     fns, temp = {}, {}
     for impl in impls:
-        f = _fn(impl, seg, H ** -0.5, block)
+        f = _fn(impl, seg, H**-0.5, block)
         try:
             compiled = f.lower(q, k, v).compile()
         except Exception as e:  # noqa: BLE001 (reported per shape; the run then exits 1)
@@ -65,12 +69,16 @@ def run(shape: str, impls: list[str], dtype, repeats: int, block: int | None) ->
     for impl, ts in times.items():
         best = min(ts)
         ratio = f"x ref {base / best:5.2f}" if base else ""
-        print(f"  {impl:<11} fwd+bwd {best * 1e3:9.2f} ms  {flops / best / 1e9:8.1f} GFLOP/s  "
-              f"temp {temp[impl] / 2**20:9.1f} MiB  {ratio}")
+        print(
+            f"  {impl:<11} fwd+bwd {best * 1e3:9.2f} ms  {flops / best / 1e9:8.1f} GFLOP/s  "
+            f"temp {temp[impl] / 2**20:9.1f} MiB  {ratio}"
+        )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--impls", default="reference,blockwise")
     p.add_argument("--shapes", default=DEFAULT_SHAPES)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

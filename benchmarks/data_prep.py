@@ -28,7 +28,24 @@ import numpy as np
 
 from moejax.data import prepare, sources
 
-STOP = ["the", "of", "and", "to", "a", "in", "is", "that", "with", "for", "it", "as", "on", "be", "by", "have"]
+STOP = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "is",
+    "that",
+    "with",
+    "for",
+    "it",
+    "as",
+    "on",
+    "be",
+    "by",
+    "have",
+]
 
 
 def vocabulary(n: int = 20000) -> list[str]:
@@ -43,7 +60,10 @@ def vocabulary(n: int = 20000) -> list[str]:
                     with open(os.path.join(d, f), encoding="utf-8") as fh:
                         for line in fh:
                             if "#" in line:
-                                words.update(w.lower() for w in re.findall(r"[A-Za-z]{3,12}", line.split("#", 1)[1]))
+                                words.update(
+                                    w.lower()
+                                    for w in re.findall(r"[A-Za-z]{3,12}", line.split("#", 1)[1])
+                                )
                 except (OSError, UnicodeDecodeError):
                     pass
         if len(words) > n * 2:
@@ -58,8 +78,12 @@ class Generator:
         p = 1.0 / np.arange(1, len(self.vocab) + 1) ** 1.05
         self.cdf = np.cumsum(p / p.sum())
 
-    def words(self, n: int) -> np.ndarray:  # Zipf-distributed draws (rng.choice with p is 20x slower)
-        return self.vocab[np.minimum(np.searchsorted(self.cdf, self.rng.random(n)), len(self.vocab) - 1)]
+    def words(
+        self, n: int
+    ) -> np.ndarray:  # Zipf-distributed draws (rng.choice with p is 20x slower)
+        return self.vocab[
+            np.minimum(np.searchsorted(self.cdf, self.rng.random(n)), len(self.vocab) - 1)
+        ]
 
     def doc(self) -> str:
         paras = []
@@ -85,13 +109,18 @@ class Generator:
         if kind == 1:
             return "\n".join(["click here to subscribe now"] * 60)
         if kind == 2:
-            return "\n".join(" ".join(str(x) for x in self.rng.integers(0, 10**6, 8)) for _ in range(80))
+            return "\n".join(
+                " ".join(str(x) for x in self.rng.integers(0, 10**6, 8)) for _ in range(80)
+            )
         return "short note"
 
     def pii(self) -> str:
         text = self.doc()
-        return (text + f"\n\nContact: user{self.rng.integers(1e6)}@example.org, +1 212 555 {self.rng.integers(1000, 9999)}, "
-                f"server 10.{self.rng.integers(256)}.{self.rng.integers(256)}.{self.rng.integers(256)}.")
+        return (
+            text
+            + f"\n\nContact: user{self.rng.integers(1e6)}@example.org, +1 212 555 {self.rng.integers(1000, 9999)}, "
+            f"server 10.{self.rng.integers(256)}.{self.rng.integers(256)}.{self.rng.integers(256)}."
+        )
 
 
 def generate(out_dir: str, mb: float, seed: int) -> dict:
@@ -117,10 +146,12 @@ def generate(out_dir: str, mb: float, seed: int) -> dict:
         total += len(text.encode())
     per = max(1, len(docs) // 16)
     for i in range(0, len(docs), per):
-        name = os.path.join(out_dir, f"part{i // per:03d}.jsonl" + (".gz" if (i // per) % 2 else ""))
+        name = os.path.join(
+            out_dir, f"part{i // per:03d}.jsonl" + (".gz" if (i // per) % 2 else "")
+        )
         opener = gzip.open if name.endswith(".gz") else open
         with opener(name, "wt") as f:
-            for d in docs[i:i + per]:
+            for d in docs[i : i + per]:
                 f.write(json.dumps(d) + "\n")
     return {"labels": labels, "docs": docs, "bytes": total}
 
@@ -145,32 +176,56 @@ def main(argv=None):
     ap.add_argument("--mb", type=float, default=200.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sample-mb", type=float, default=10.0, help="text the tokenizer is trained on")
-    ap.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"),
-                    help="sentencepiece model (unigram encodes ~4x faster than bpe on this machine)")
+    ap.add_argument(
+        "--sample-mb", type=float, default=10.0, help="text the tokenizer is trained on"
+    )
+    ap.add_argument(
+        "--model-type",
+        default="unigram",
+        choices=("unigram", "bpe"),
+        help="sentencepiece model (unigram encodes ~4x faster than bpe on this machine)",
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw")
         os.makedirs(raw)
         t = time.time()
         corpus = generate(raw, args.mb, args.seed)
-        print(f"generated {corpus['bytes'] / 1e6:.0f} MB, {len(corpus['docs'])} documents in {time.time() - t:.0f} s")
-        cfg = {"name": "bench", "seed": 0, "seq_len": 1024, "val_fraction": 0.01, "workers": args.workers,
-               "sources": [{"name": "web", "path": os.path.join(raw, "*.jsonl*"), "format": "jsonl"}],
-               "stages": {"min_words": 30},
-               "tokenizer": {"vocab_size": 8192, "sample_bytes": int(args.sample_mb * 1_000_000),
-                             "model_type": args.model_type}}
+        print(
+            f"generated {corpus['bytes'] / 1e6:.0f} MB, {len(corpus['docs'])} documents in {time.time() - t:.0f} s"
+        )
+        cfg = {
+            "name": "bench",
+            "seed": 0,
+            "seq_len": 1024,
+            "val_fraction": 0.01,
+            "workers": args.workers,
+            "sources": [{"name": "web", "path": os.path.join(raw, "*.jsonl*"), "format": "jsonl"}],
+            "stages": {"min_words": 30},
+            "tokenizer": {
+                "vocab_size": 8192,
+                "sample_bytes": int(args.sample_mb * 1_000_000),
+                "model_type": args.model_type,
+            },
+        }
         t = time.time()
         manifest = prepare.prepare(cfg, os.path.join(tmp, "out"), quiet=True)
         wall = time.time() - t
         secs = manifest["counts"]["seconds"]
-        print(f"end to end (read, stages, tokenizer training, tokenization, packing): {wall:.0f} s, "
-              f"{corpus['bytes'] / 1e6 / wall:.2f} MB/s")
-        print("wall seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["counts"]["wall"].items()))
+        print(
+            f"end to end (read, stages, tokenizer training, tokenization, packing): {wall:.0f} s, "
+            f"{corpus['bytes'] / 1e6 / wall:.2f} MB/s"
+        )
+        print(
+            "wall seconds per phase: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in manifest["counts"]["wall"].items())
+        )
         print("| stage | seconds (summed over workers) | MB/s of its input per worker |")
         print("| --- | --- | --- |")
         for stage, s in secs.items():
-            mb_in = manifest["counts"]["stages"].get(stage, {}).get("bytes_in", corpus["bytes"]) / 1e6
+            mb_in = (
+                manifest["counts"]["stages"].get(stage, {}).get("bytes_in", corpus["bytes"]) / 1e6
+            )
             print(f"| {stage} | {s:.1f} | {mb_in / s if s else float('inf'):.1f} |")
         # quality of the decisions, from the same stages run in-process with the removals recorded
         st = dict(prepare.stages.DEFAULTS, **cfg["stages"])
@@ -180,15 +235,24 @@ def main(argv=None):
             pass
         labels = corpus["labels"]
         removed = rec.removed_ids
-        near_p, near_r = pr({i for i, s in removed.items() if s == "near_dedup"},
-                            {i for i, k in labels.items() if k == "near"})
-        dup_p, dup_r = pr({i for i, s in removed.items() if s in ("near_dedup", "exact_dedup")},
-                          {i for i, k in labels.items() if k in ("near", "exact")})
-        q_p, q_r = pr({i for i, s in removed.items() if s == "quality"}, {i for i, k in labels.items() if k == "low"})
-        print(f"near duplicates: precision {near_p:.3f} recall {near_r:.3f}; all duplicates: precision {dup_p:.3f} "
-              f"recall {dup_r:.3f}; quality filter: precision {q_p:.3f} recall {q_r:.3f}; "
-              f"pii replacements {manifest['counts']['changes'].get('pii replacements', 0)} "
-              f"(planted {3 * sum(k == 'pii' for k in labels.values())})")
+        near_p, near_r = pr(
+            {i for i, s in removed.items() if s == "near_dedup"},
+            {i for i, k in labels.items() if k == "near"},
+        )
+        dup_p, dup_r = pr(
+            {i for i, s in removed.items() if s in ("near_dedup", "exact_dedup")},
+            {i for i, k in labels.items() if k in ("near", "exact")},
+        )
+        q_p, q_r = pr(
+            {i for i, s in removed.items() if s == "quality"},
+            {i for i, k in labels.items() if k == "low"},
+        )
+        print(
+            f"near duplicates: precision {near_p:.3f} recall {near_r:.3f}; all duplicates: precision {dup_p:.3f} "
+            f"recall {dup_r:.3f}; quality filter: precision {q_p:.3f} recall {q_r:.3f}; "
+            f"pii replacements {manifest['counts']['changes'].get('pii replacements', 0)} "
+            f"(planted {3 * sum(k == 'pii' for k in labels.values())})"
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import dataclasses  # noqa: E402
 
@@ -39,9 +41,14 @@ def step_time(cfg, mesh_cfg, n):
     state = ts.init_state()
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
-    batch = jax.device_put({"tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
-                            "segment_ids": np.ones((B, T), np.int32),
-                            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}, ts.batch_sharding)
+    batch = jax.device_put(
+        {
+            "tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
+            "segment_ids": np.ones((B, T), np.int32),
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        },
+        ts.batch_sharding,
+    )
     step = ts.train_step()
     holder = {"state": state}
 
@@ -54,11 +61,16 @@ def step_time(cfg, mesh_cfg, n):
 
 def main():
     base = tiny_config()
-    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=16),
-                              data=dataclasses.replace(base.data, seq_len=128),
-                              model=base.model.replace(num_heads=4, mtp_depth=0))
-    print(f"tiny config: {cfg.model.n_routed_experts} experts top-{cfg.model.num_experts_per_tok}, hidden "
-          f"{cfg.model.hidden_size}, {cfg.model.num_layers} layers, batch {cfg.train.batch_size} x {cfg.data.seq_len}")
+    cfg = dataclasses.replace(
+        base,
+        train=dataclasses.replace(base.train, batch_size=16),
+        data=dataclasses.replace(base.data, seq_len=128),
+        model=base.model.replace(num_heads=4, mtp_depth=0),
+    )
+    print(
+        f"tiny config: {cfg.model.n_routed_experts} experts top-{cfg.model.num_experts_per_tok}, hidden "
+        f"{cfg.model.hidden_size}, {cfg.model.num_layers} layers, batch {cfg.train.batch_size} x {cfg.data.seq_len}"
+    )
     print("| layout | step ms | vs 1 device |")
     print("| --- | --- | --- |")
     base_t = None

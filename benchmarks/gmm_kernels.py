@@ -29,11 +29,17 @@ SHAPES = {  # name: (tokens, top_k, experts, K, N)
     "mixtral": (8192, 2, 8, 4096, 28672),
     "small": (4096, 2, 8, 512, 2048),
 }
-GPU_DEFAULTS = dict(tiles=pallas_gpu.DEFAULT_TILES, tgmm_tiles=pallas_gpu.TGMM_TILES,
-                    num_warps=pallas_gpu.DEFAULT_WARPS, num_stages=pallas_gpu.DEFAULT_STAGES)
+GPU_DEFAULTS = dict(
+    tiles=pallas_gpu.DEFAULT_TILES,
+    tgmm_tiles=pallas_gpu.TGMM_TILES,
+    num_warps=pallas_gpu.DEFAULT_WARPS,
+    num_stages=pallas_gpu.DEFAULT_STAGES,
+)
 GPU_SWEEP = [  # gmm (tm, tk, tn), tgmm (tm, tk, tn), warps, stages
-    ((128, 64, 128), (128, 64, 128), 4, 3), ((128, 64, 128), (64, 128, 128), 8, 3),
-    ((128, 128, 128), (64, 64, 128), 8, 3), ((64, 64, 256), (64, 64, 256), 4, 3),
+    ((128, 64, 128), (128, 64, 128), 4, 3),
+    ((128, 64, 128), (64, 128, 128), 8, 3),
+    ((128, 128, 128), (64, 64, 128), 8, 3),
+    ((64, 64, 256), (64, 64, 256), 4, 3),
 ]
 
 
@@ -75,15 +81,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     on_cpu = jax.default_backend() == "cpu"
     ap.add_argument("--shapes", default="small" if on_cpu else "v2lite,mixtral")
-    ap.add_argument("--impls", default=None, help="comma list (default: the platform's default and ragged_dot)")
+    ap.add_argument(
+        "--impls", default=None, help="comma list (default: the platform's default and ragged_dot)"
+    )
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--sweep", action="store_true", help="Pallas GPU tile/warp/stage variants (forward)")
+    ap.add_argument(
+        "--sweep", action="store_true", help="Pallas GPU tile/warp/stage variants (forward)"
+    )
     ap.add_argument("--iters", type=int, default=3 if on_cpu else 20)
     args = ap.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
-    impls = args.impls.split(",") if args.impls else list(dict.fromkeys([kernels.default_impl(), "ragged_dot"]))
+    impls = (
+        args.impls.split(",")
+        if args.impls
+        else list(dict.fromkeys([kernels.default_impl(), "ragged_dot"]))
+    )
     peak = matmul_peak(dtype)
-    print(f"device {device_name()}  jax {jax.__version__}  measured {args.dtype} matmul peak {peak / 1e12:.3g} TFLOP/s")
+    print(
+        f"device {device_name()}  jax {jax.__version__}  measured {args.dtype} matmul peak {peak / 1e12:.3g} TFLOP/s"
+    )
     print("| shape | impl | pass | ms | TFLOP/s | % peak | time vs dense |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.shapes.split(","):
@@ -91,24 +107,37 @@ def main(argv=None):
         dense = [time_fn(f, lhs, rhs, sizes, iters=args.iters) for f in _dense_fns()]
         rows = [("dense matmul", {})] + [(impl, {}) for impl in impls]
         if args.sweep and not on_cpu:
-            rows += [(f"pallas_gpu {t} tgmm {tt} w{w} s{s}", dict(tiles=t, tgmm_tiles=tt, num_warps=w, num_stages=s))
-                     for t, tt, w, s in GPU_SWEEP]
+            rows += [
+                (
+                    f"pallas_gpu {t} tgmm {tt} w{w} s{s}",
+                    dict(tiles=t, tgmm_tiles=tt, num_warps=w, num_stages=s),
+                )
+                for t, tt, w, s in GPU_SWEEP
+            ]
         for label, kw in rows:
             if label == "dense matmul":
                 times = dense
             else:
                 _set_gpu_defaults(**kw)
                 try:
-                    times = [time_fn(f, lhs, rhs, sizes, iters=args.iters) for f in _fns(label.split()[0])]
+                    times = [
+                        time_fn(f, lhs, rhs, sizes, iters=args.iters)
+                        for f in _fns(label.split()[0])
+                    ]
                 except Exception as e:  # a variant that does not compile is reported, not fatal
-                    print(f"| {name} | {label} | - | failed: {type(e).__name__}: {str(e)[:200]} | | | |")
+                    print(
+                        f"| {name} | {label} | - | failed: {type(e).__name__}: {str(e)[:200]} | | | |"
+                    )
                     continue
                 finally:
                     _set_gpu_defaults(**GPU_DEFAULTS)
             for pname, t, d, mult in zip(("fwd", "fwd+bwd"), times, dense, (1, 3)):
                 tf = mult * flops / t
-                print(f"| {name} | {label} | {pname} | {t * 1e3:.2f} | {tf / 1e12:.3g} | {100 * tf / peak:.0f}% "
-                      f"| {t / d:.2f}x |", flush=True)
+                print(
+                    f"| {name} | {label} | {pname} | {t * 1e3:.2f} | {tf / 1e12:.3g} | {100 * tf / peak:.0f}% "
+                    f"| {t / d:.2f}x |",
+                    flush=True,
+                )
 
 
 def _set_gpu_defaults(tiles=None, tgmm_tiles=None, num_warps=None, num_stages=None):

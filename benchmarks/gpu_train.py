@@ -26,7 +26,12 @@ from moejax.experiment import load_config_file
 from moejax.model.stats import train_flops_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense bf16 FLOP/s
+DATASHEET_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "B200": 2250e12,
+}  # dense bf16 FLOP/s
 
 
 def config(layers: int, batch: int, seq: int, attention: str, tiny: bool) -> Config:
@@ -47,9 +52,11 @@ def batch(cfg: Config):
     rng = np.random.default_rng(0)
     seg = np.repeat(np.arange(1, 5, dtype=np.int32), -(-T // 4))[:T]  # 4 documents per row
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in np.bincount(seg)[1:]])
-    return {"tokens": jnp.asarray(rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32)),
-            "segment_ids": jnp.asarray(np.broadcast_to(seg, (B, T)).copy()),
-            "positions": jnp.asarray(np.broadcast_to(pos, (B, T)).copy())}
+    return {
+        "tokens": jnp.asarray(rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32)),
+        "segment_ids": jnp.asarray(np.broadcast_to(seg, (B, T)).copy()),
+        "positions": jnp.asarray(np.broadcast_to(pos, (B, T)).copy()),
+    }
 
 
 def time_steps(cfg: Config, steps: int) -> tuple[float, int]:
@@ -73,30 +80,44 @@ def time_steps(cfg: Config, steps: int) -> tuple[float, int]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2, help="1 dense + (layers - 1) MoE layers (V2-Lite: 27)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--layers", type=int, default=2, help="1 dense + (layers - 1) MoE layers (V2-Lite: 27)"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--attention", default="auto", help="comma-separated attention backends, timed in turn")
-    p.add_argument("--tiny", action="store_true", help="small widths (a CPU smoke run of the same code)")
+    p.add_argument(
+        "--attention", default="auto", help="comma-separated attention backends, timed in turn"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="small widths (a CPU smoke run of the same code)"
+    )
     a = p.parse_args(argv)
     if a.tiny:
         a.seq, a.batch = min(a.seq, 256), min(a.batch, 2)
     peak = matmul_peak(jnp.bfloat16)
     kind = jax.devices()[0].device_kind
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in kind), None)
-    print(f"device {device_name()} ({jax.__version__}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s"
-          + (f", datasheet {sheet / 1e12:.0f}" if sheet else ""))
-    print(f"{'attention':12s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} {'MFU (measured)':>15s} "
-          f"{'MFU (datasheet)':>16s}")
+    print(
+        f"device {device_name()} ({jax.__version__}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s"
+        + (f", datasheet {sheet / 1e12:.0f}" if sheet else "")
+    )
+    print(
+        f"{'attention':12s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} {'MFU (measured)':>15s} "
+        f"{'MFU (datasheet)':>16s}"
+    )
     for attn in a.attention.split(","):
         cfg = config(a.layers, a.batch, a.seq, attn, a.tiny)
         dt, n = time_steps(cfg, a.steps)
         tokens = a.batch * a.seq
         flops = train_flops_per_token(cfg.model, a.seq) * tokens / dt
         mfu_sheet = f"{100 * flops / sheet:15.1f}%" if sheet else f"{'-':>16s}"
-        print(f"{attn:12s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} {100 * flops / peak:14.1f}% {mfu_sheet}")
+        print(
+            f"{attn:12s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} {100 * flops / peak:14.1f}% {mfu_sheet}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ def _run(base: str, steps: int, replay: bool, workdir: str, extra: list[str]) ->
     from moejax.experiment import load_config_file
     from moejax.finetune import runner
 
-    cd = load_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                       "experiments", "grpo.py"))
+    cd = load_config_file(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "grpo.py"
+        )
+    )
     cd.base = base
     cd.train.steps = steps
     cd.grpo.routing_replay = replay
@@ -47,17 +50,28 @@ def _curves(workdir: str, window: int):
         for line in f:
             d = json.loads(line)
             if "val_reward" in d:
-                evals.append((d["step"], d["val_reward"], d.get("val_reward_sampled", float("nan"))))
+                evals.append(
+                    (d["step"], d["val_reward"], d.get("val_reward_sampled", float("nan")))
+                )
             elif "loss" in d:
                 steps.append(d)
+
     def mean(w, k):  # (a dense model logs no router terms: nan)
         return sum(x.get(k, float("nan")) for x in w) / len(w)
 
     windows = []
     for i in range(0, len(steps), window):
-        w = steps[i:i + window]
-        windows.append((w[0]["step"], w[-1]["step"], mean(w, "rollout/exact_answer"),
-                        mean(w, "grpo/router_disagreement"), mean(w, "grpo/logp_gap_to_sampler"), mean(w, "grpo/kl")))
+        w = steps[i : i + window]
+        windows.append(
+            (
+                w[0]["step"],
+                w[-1]["step"],
+                mean(w, "rollout/exact_answer"),
+                mean(w, "grpo/router_disagreement"),
+                mean(w, "grpo/logp_gap_to_sampler"),
+                mean(w, "grpo/kl"),
+            )
+        )
     return evals, windows
 
 
@@ -67,35 +81,60 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default="/tmp/grpo_curve")
     p.add_argument("--window", type=int, default=5, help="logged steps averaged per row")
-    p.add_argument("--set", action="append", default=[], help="section.field=JSON value (e.g. optim.lr=1e-4)")
-    p.add_argument("--bf16_steps", type=int, default=6, help="on-policy steps of the bfloat16 mismatch check (0: skip)")
+    p.add_argument(
+        "--set", action="append", default=[], help="section.field=JSON value (e.g. optim.lr=1e-4)"
+    )
+    p.add_argument(
+        "--bf16_steps",
+        type=int,
+        default=6,
+        help="on-policy steps of the bfloat16 mismatch check (0: skip)",
+    )
     a = p.parse_args(argv)
     times, curves = {}, {}
     for replay in (False, True):
         name = "replay" if replay else "no_replay"
         times[name] = _run(a.base, a.steps, replay, os.path.join(a.out, name), a.set)
         curves[name] = _curves(os.path.join(a.out, name), a.window)
-    print(f"GRPO from {a.base}, {a.steps} steps; wall: no replay {times['no_replay']:.0f}s, "
-          f"replay {times['replay']:.0f}s")
-    print("\nheld-out exact match, greedy and sampled (mean of grpo.eval_samples at the rollout temperature):")
-    print("| step | greedy, no replay | greedy, replay | sampled, no replay | sampled, replay |\n|---:|---:|---:|---:|---:|")
+    print(
+        f"GRPO from {a.base}, {a.steps} steps; wall: no replay {times['no_replay']:.0f}s, "
+        f"replay {times['replay']:.0f}s"
+    )
+    print(
+        "\nheld-out exact match, greedy and sampled (mean of grpo.eval_samples at the rollout temperature):"
+    )
+    print(
+        "| step | greedy, no replay | greedy, replay | sampled, no replay | sampled, replay |\n|---:|---:|---:|---:|---:|"
+    )
     for (s, g0, s0), (_, g1, s1) in zip(curves["no_replay"][0], curves["replay"][0]):
         print(f"| {s} | {g0:.3f} | {g1:.3f} | {s0:.3f} | {s1:.3f} |")
     print("\nrollouts (means over logged steps):")
-    print("| steps | exact (no replay) | exact (replay) | router disagreement (no replay) | (replay) "
-          "| logp gap (no replay) | (replay) |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| steps | exact (no replay) | exact (replay) | router disagreement (no replay) | (replay) "
+        "| logp gap (no replay) | (replay) |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     for w0, w1 in zip(curves["no_replay"][1], curves["replay"][1]):
-        print(f"| {w0[0]}-{w0[1]} | {w0[2]:.3f} | {w1[2]:.3f} | {w0[3]:.4f} | {w1[3]:.4f} | {w0[4]:.4f} | {w1[4]:.4f} |")
+        print(
+            f"| {w0[0]}-{w0[1]} | {w0[2]:.3f} | {w1[2]:.3f} | {w0[3]:.4f} | {w1[3]:.4f} | {w0[4]:.4f} | {w1[4]:.4f} |"
+        )
     # the sampler/trainer mismatch in bfloat16 compute, on-policy (one step per round): what replay removes
     mismatch = {}
     if a.bf16_steps:
         for replay in (False, True):
             name = f"bf16_{'replay' if replay else 'no_replay'}"
-            _run(a.base, a.bf16_steps, replay, os.path.join(a.out, name),
-                 a.set + ['model.compute_dtype="bfloat16"', "grpo.iterations=1", "train.eval_every=0"])
+            _run(
+                a.base,
+                a.bf16_steps,
+                replay,
+                os.path.join(a.out, name),
+                a.set
+                + ['model.compute_dtype="bfloat16"', "grpo.iterations=1", "train.eval_every=0"],
+            )
             w = _curves(os.path.join(a.out, name), a.bf16_steps)[1][0]
             mismatch[name] = {"router_disagreement": w[3], "logp_gap": w[4]}
-        print(f"\nbfloat16 compute, on-policy steps (1 per round), means over {a.bf16_steps} steps:")
+        print(
+            f"\nbfloat16 compute, on-policy steps (1 per round), means over {a.bf16_steps} steps:"
+        )
         print("| | router disagreement | mean abs(log pi - log pi_sampler) |\n|---|---:|---:|")
         for name, m in mismatch.items():
             print(f"| {name} | {m['router_disagreement']:.4f} | {m['logp_gap']:.4f} |")

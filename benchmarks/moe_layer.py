@@ -28,10 +28,21 @@ EXPERT_CONFIGS = ((8, 2), (64, 6), (128, 8))  # (E, k)
 
 
 def _config(D, E, k, F, moe_impl, gmm_impl, dtype):
-    return ModelConfig(hidden_size=D, num_heads=4, n_routed_experts=E, num_experts_per_tok=k,
-                       moe_intermediate_size=F, n_shared_experts=0, score_func="softmax",
-                       use_score_correction_bias=False, moe_impl=moe_impl, gmm_impl=gmm_impl,
-                       capacity_factor=1.25, compute_dtype=dtype, param_dtype="float32")
+    return ModelConfig(
+        hidden_size=D,
+        num_heads=4,
+        n_routed_experts=E,
+        num_experts_per_tok=k,
+        moe_intermediate_size=F,
+        n_shared_experts=0,
+        score_func="softmax",
+        use_score_correction_bias=False,
+        moe_impl=moe_impl,
+        gmm_impl=gmm_impl,
+        capacity_factor=1.25,
+        compute_dtype=dtype,
+        param_dtype="float32",
+    )
 
 
 def _step(module, is_moe):
@@ -55,29 +66,40 @@ def main(argv=None):
     ap.add_argument("--configs", default="8x2,64x6,128x8", help="ExK list")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of rows to leave out (e.g. ragged_dot)")
-    ap.add_argument("--ragged-max-experts", type=int, default=None,
-                    help="ragged_dot rows only up to this E (default 8: beyond, XLA's ragged_dot takes minutes per "
-                         "step on CPU and materializes an [E, rows, N] buffer that runs out of memory on GPU)")
+    ap.add_argument(
+        "--ragged-max-experts",
+        type=int,
+        default=None,
+        help="ragged_dot rows only up to this E (default 8: beyond, XLA's ragged_dot takes minutes per "
+        "step on CPU and materializes an [E, rows, N] buffer that runs out of memory on GPU)",
+    )
     args = ap.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
     iters = args.iters or (1 if on_cpu else 10)
     T, D, KF = args.tokens, args.hidden, args.active_ffn
     default = kernels.default_impl()
-    print(f"device {device_name()}  jax {jax.__version__}  tokens {T}  D {D}  k*F {KF}  compute {args.dtype}"
-          f"  default gmm: {default}")
+    print(
+        f"device {device_name()}  jax {jax.__version__}  tokens {T}  D {D}  k*F {KF}  compute {args.dtype}"
+        f"  default gmm: {default}"
+    )
     x = jax.random.normal(jax.random.key(0), (1, T, D), jnp.float32)
     cot = jax.random.normal(jax.random.key(1), (1, T, D), jnp.float32)
     base_cfg = _config(D, 8, 2, KF // 2, "dropless", "auto", args.dtype)
     dense_t = time_fn(_step(MLP(base_cfg, KF, rngs=nnx.Rngs(0)), False), x, cot, iters=iters)
     fwd_bwd_flops = 3 * 2 * T * D * 3 * KF  # three matmuls of 2*T*D*kF, forward + 2x backward
-    print(f"dense SwiGLU F={KF}: {dense_t * 1e3:.1f} ms ({fwd_bwd_flops / dense_t / 1e9:.0f} GFLOP/s)")
+    print(
+        f"dense SwiGLU F={KF}: {dense_t * 1e3:.1f} ms ({fwd_bwd_flops / dense_t / 1e9:.0f} GFLOP/s)"
+    )
     print("| E | k | F | impl | ms | vs dense | vs E=8 same impl |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     first = {}
     ragged_max = args.ragged_max_experts or 8
     skip = set(filter(None, args.skip.split(",")))
-    rows = [(f"dropless ({default})", "dropless", "auto"), ("dropless (ragged_dot)", "dropless", "ragged_dot"),
-            ("capacity 1.25", "capacity", "auto")]
+    rows = [
+        (f"dropless ({default})", "dropless", "auto"),
+        ("dropless (ragged_dot)", "dropless", "ragged_dot"),
+        ("capacity 1.25", "capacity", "auto"),
+    ]
     for spec in args.configs.split(","):
         E, k = map(int, spec.split("x"))
         F = KF // k
@@ -87,8 +109,10 @@ def main(argv=None):
             cfg = _config(D, E, k, F, moe_impl, gmm_impl, args.dtype)
             t = time_fn(_step(MoE(cfg, rngs=nnx.Rngs(0)), True), x, cot, iters=iters)
             first.setdefault(label, t)
-            print(f"| {E} | {k} | {F} | {label} | {t * 1e3:.1f} | {t / dense_t:.2f}x | {t / first[label]:.2f}x |",
-                  flush=True)
+            print(
+                f"| {E} | {k} | {F} | {label} | {t * 1e3:.1f} | {t / dense_t:.2f}x | {t / first[label]:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -24,32 +24,80 @@ from moejax.model.stats import train_flops_per_token
 from moejax.trainer.metrics import measure_cpu_peak
 
 SHAPES = {
-    "tiny": dict(model=dict(hidden_size=256, num_layers=4, num_heads=4, q_lora_rank=96, kv_lora_rank=64,
-                            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
-                            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-                            moe_intermediate_size=128, intermediate_size=512, vocab_size=4096),
-                 batch=8, seq=256),
-    "small": dict(model=dict(hidden_size=512, num_layers=8, num_heads=8, q_lora_rank=192, kv_lora_rank=128,
-                             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
-                             num_experts_per_tok=4, n_group=1, topk_group=1, n_shared_experts=1,
-                             moe_intermediate_size=256, intermediate_size=1536, vocab_size=16384),
-                  batch=8, seq=512),
+    "tiny": dict(
+        model=dict(
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            q_lora_rank=96,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=128,
+            intermediate_size=512,
+            vocab_size=4096,
+        ),
+        batch=8,
+        seq=256,
+    ),
+    "small": dict(
+        model=dict(
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            q_lora_rank=192,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=1,
+            moe_intermediate_size=256,
+            intermediate_size=1536,
+            vocab_size=16384,
+        ),
+        batch=8,
+        seq=512,
+    ),
 }
 
 
 def moejax_config(name: str, **model_over) -> Config:
     s = SHAPES[name]
-    model = ModelConfig(**s["model"], first_k_dense_replace=1, score_func="sigmoid", use_score_correction_bias=True,
-                        norm_topk_prob=True, mtp_depth=0, max_position_embeddings=4096).replace(**model_over)
-    return Config(model=model, data=DataConfig(seq_len=s["seq"]), optim=OptimConfig(warmup_steps=1),
-                  train=TrainConfig(batch_size=s["batch"], steps=1000))
+    model = ModelConfig(
+        **s["model"],
+        first_k_dense_replace=1,
+        score_func="sigmoid",
+        use_score_correction_bias=True,
+        norm_topk_prob=True,
+        mtp_depth=0,
+        max_position_embeddings=4096,
+    ).replace(**model_over)
+    return Config(
+        model=model,
+        data=DataConfig(seq_len=s["seq"]),
+        optim=OptimConfig(warmup_steps=1),
+        train=TrainConfig(batch_size=s["batch"], steps=1000),
+    )
 
 
 def batch(cfg: Config, seed: int = 0):
     B, T = cfg.train.batch_size, cfg.data.seq_len
     ids = np.random.default_rng(seed).integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32)
-    return {"tokens": ids, "segment_ids": np.ones((B, T), np.int32),
-            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+    return {
+        "tokens": ids,
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+    }
 
 
 def time_moejax(cfg: Config, steps: int) -> float:
@@ -75,14 +123,29 @@ def hf_config(cfg: Config):
 
     m = cfg.model
     return DeepseekV3Config(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        moe_intermediate_size=m.moe_intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_heads, n_shared_experts=m.n_shared_experts, n_routed_experts=m.n_routed_experts,
-        num_experts_per_tok=m.num_experts_per_tok, n_group=m.n_group, topk_group=m.topk_group,
-        kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank, qk_rope_head_dim=m.qk_rope_head_dim,
-        qk_nope_head_dim=m.qk_nope_head_dim, v_head_dim=m.v_head_dim, first_k_dense_replace=m.first_k_dense_replace,
-        routed_scaling_factor=m.routed_scaling_factor, norm_topk_prob=m.norm_topk_prob,
-        max_position_embeddings=m.max_position_embeddings, num_nextn_predict_layers=0)
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        moe_intermediate_size=m.moe_intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        n_shared_experts=m.n_shared_experts,
+        n_routed_experts=m.n_routed_experts,
+        num_experts_per_tok=m.num_experts_per_tok,
+        n_group=m.n_group,
+        topk_group=m.topk_group,
+        kv_lora_rank=m.kv_lora_rank,
+        q_lora_rank=m.q_lora_rank,
+        qk_rope_head_dim=m.qk_rope_head_dim,
+        qk_nope_head_dim=m.qk_nope_head_dim,
+        v_head_dim=m.v_head_dim,
+        first_k_dense_replace=m.first_k_dense_replace,
+        routed_scaling_factor=m.routed_scaling_factor,
+        norm_topk_prob=m.norm_topk_prob,
+        max_position_embeddings=m.max_position_embeddings,
+        num_nextn_predict_layers=0,
+    )
 
 
 def time_hf(cfg: Config, steps: int, impl: str) -> float:
@@ -116,17 +179,23 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true")
     args = p.parse_args(argv)
     peak = measure_cpu_peak(jnp.float32, seconds=2.0)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured f32 matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s")
-    print(f"{'config':8s} {'impl':28s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} {'vs moejax':>10s}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; measured f32 matmul peak "
+        f"{peak / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"{'config':8s} {'impl':28s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} {'vs moejax':>10s}"
+    )
     for name in args.configs.split(","):
         cfg = moejax_config(name)
         tokens = cfg.train.batch_size * cfg.data.seq_len
         fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
         rows = []
-        for label, over in (("moejax dropless (tiled gmm)", {}),
-                            ("moejax dropless, reference attn", dict(attention_impl="reference")),
-                            ("moejax capacity 1.25", dict(moe_impl="capacity"))):
+        for label, over in (
+            ("moejax dropless (tiled gmm)", {}),
+            ("moejax dropless, reference attn", dict(attention_impl="reference")),
+            ("moejax capacity 1.25", dict(moe_impl="capacity")),
+        ):
             dt = time_moejax(dataclasses.replace(cfg, model=cfg.model.replace(**over)), args.steps)
             rows.append((label, dt))
         base = rows[0][1]
@@ -135,13 +204,18 @@ def main(argv=None):
                 import torch
 
                 torch.set_num_threads(len(os.sched_getaffinity(0)))
-                best = min((time_hf(cfg, args.steps, impl), impl) for impl in ("eager", "grouped_mm"))
+                best = min(
+                    (time_hf(cfg, args.steps, impl), impl) for impl in ("eager", "grouped_mm")
+                )
                 rows.append((f"transformers ({best[1]})", best[0]))
             except ImportError:
                 print("(transformers/torch not installed: skipping the comparison)")
         for label, dt in rows:
-            print(f"{name:8s} {label:28s} {dt:8.3f} {tokens / dt:10.0f} {fpt * tokens / dt / peak:7.1%} "
-                  f"{dt / base:9.2f}x", flush=True)
+            print(
+                f"{name:8s} {label:28s} {dt:8.3f} {tokens / dt:10.0f} {fpt * tokens / dt / peak:7.1%} "
+                f"{dt / base:9.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def model_overrides(m):
     m.num_experts_per_tok = 6  # K
     m.n_shared_experts = 2  # one fused shared MLP of width 2 x 1408
     m.moe_intermediate_size = 1408  # F of each routed (and each shared) expert
-    m.first_k_dense_replace = 1  # layer 0 keeps a dense FFN (moe_layer_freq 1: every later layer is MoE)
+    m.first_k_dense_replace = (
+        1  # layer 0 keeps a dense FFN (moe_layer_freq 1: every later layer is MoE)
+    )
     m.score_func = "softmax"
     m.n_group = 1  # plain top-k, no group-limited routing
     m.topk_group = 1
@@ -36,7 +38,9 @@ def model_overrides(m):
     m.routed_scaling_factor = 1.0
     m.use_score_correction_bias = False  # balanced by the auxiliary loss instead
     m.aux_loss_coef = 0.0
-    m.seq_aux_loss_coef = 0.001  # aux_loss_alpha with seq_aux: the expert-level balance factor of the paper
+    m.seq_aux_loss_coef = (
+        0.001  # aux_loss_alpha with seq_aux: the expert-level balance factor of the paper
+    )
     m.router_z_loss_coef = 0.0
     m.mtp_depth = 0  # no multi-token prediction
     m.compute_dtype = "bfloat16"

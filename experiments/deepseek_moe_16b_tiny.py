@@ -5,5 +5,7 @@ from moejax.experiment import shrink_to_cpu, sibling
 
 def get_config():
     c = shrink_to_cpu(sibling(__file__, "deepseek_moe_16b").get_config())
-    c.model.num_kv_heads = c.model.num_heads  # multi-head attention, as the full model (and its 'deepseek' export)
+    c.model.num_kv_heads = (
+        c.model.num_heads
+    )  # multi-head attention, as the full model (and its 'deepseek' export)
     return c

@@ -16,11 +16,19 @@ from moejax.experiment import base_config
 
 def get_config():
     c = base_config()
-    c.base = "runs/default"  # the starting weights (a training workdir, moejax checkpoint or HF folder)
-    c.sft.data = "builtin"  # or 'a.jsonl,b.jsonl': {"messages": [...]} or {"prompt", "completion"} rows
-    c.sft.template = ""  # '' = the base's tokenizer_config.json chat template, else the built-in one
+    c.base = (
+        "runs/default"  # the starting weights (a training workdir, moejax checkpoint or HF folder)
+    )
+    c.sft.data = (
+        "builtin"  # or 'a.jsonl,b.jsonl': {"messages": [...]} or {"prompt", "completion"} rows
+    )
+    c.sft.template = (
+        ""  # '' = the base's tokenizer_config.json chat template, else the built-in one
+    )
     c.sft.loss_on = "assistant"  # train on answers (and completions) only
-    c.data.seq_len = 256  # whole examples are packed into rows this long (longer ones are skipped, counted)
+    c.data.seq_len = (
+        256  # whole examples are packed into rows this long (longer ones are skipped, counted)
+    )
     c.model.seq_aux_loss_coef = 1e-4  # keep the base's light balance loss
     c.train.steps = 60
     c.train.batch_size = 8

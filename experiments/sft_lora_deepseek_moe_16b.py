@@ -15,9 +15,13 @@ from moejax.experiment import sibling
 
 def get_config():
     c = sibling(__file__, "sft_lora").get_config()
-    sibling(__file__, "deepseek_moe_16b").model_overrides(c.model)  # the architecture (the base's wins anyway)
+    sibling(__file__, "deepseek_moe_16b").model_overrides(
+        c.model
+    )  # the architecture (the base's wins anyway)
     c.base = ""  # required: --config.base=/path/to/deepseek-moe-16b-base
-    c.model.param_dtype = "bfloat16"  # frozen base weights in bf16 (32 GB); adapters train in bf16 + fp32 moments
+    c.model.param_dtype = (
+        "bfloat16"  # frozen base weights in bf16 (32 GB); adapters train in bf16 + fp32 moments
+    )
     c.model.compute_dtype = "bfloat16"
     c.model.remat_policy = "full"
     c.data.seq_len = 2048
@@ -33,5 +37,7 @@ def get_config():
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 30
     c.mesh.fsdp = -1
-    c.mesh.expert = 1  # e.g. --config.mesh.expert=8 with 8 devices: experts split, no weight gathers
+    c.mesh.expert = (
+        1  # e.g. --config.mesh.expert=8 with 8 devices: experts split, no weight gathers
+    )
     return c

@@ -36,39 +36,61 @@ def compile_for_topology(cfg, topology: str, *, quiet: bool = False) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    per_device = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
     result = {
-        "topology": topology, "chips": len(devices), "chip": chip.name, "hbm_bytes": chip.hbm_bytes,
-        "mesh": dict(mesh.shape), "argument_bytes": mem.argument_size_in_bytes,
-        "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
-        "temp_bytes": mem.temp_size_in_bytes, "code_bytes": mem.generated_code_size_in_bytes,
-        "per_device_bytes": per_device, "state_bytes": pod.tree_bytes_per_device(state),
+        "topology": topology,
+        "chips": len(devices),
+        "chip": chip.name,
+        "hbm_bytes": chip.hbm_bytes,
+        "mesh": dict(mesh.shape),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "code_bytes": mem.generated_code_size_in_bytes,
+        "per_device_bytes": per_device,
+        "state_bytes": pod.tree_bytes_per_device(state),
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "fits": per_device <= chip.hbm_bytes, "lower_s": t_lower, "compile_s": t_compile,
+        "fits": per_device <= chip.hbm_bytes,
+        "lower_s": t_lower,
+        "compile_s": t_compile,
     }
     if not quiet:
         mesh_s = " ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "single device"
-        print(f"[compile] {topology}: {len(devices)} x {chip.name} ({chip.hbm_bytes / GiB:.0f} GiB HBM); "
-              f"mesh {mesh_s}; remat {cfg.model.remat_policy}; batch {cfg.train.batch_size} x {cfg.data.seq_len}")
+        print(
+            f"[compile] {topology}: {len(devices)} x {chip.name} ({chip.hbm_bytes / GiB:.0f} GiB HBM); "
+            f"mesh {mesh_s}; remat {cfg.model.remat_policy}; batch {cfg.train.batch_size} x {cfg.data.seq_len}"
+        )
         print(f"[compile] lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
         print("[compile] per-device memory (memory_analysis):")
         for k in ("argument", "output", "alias", "temp", "code"):
             print(f"  {k:<9} {result[k + '_bytes'] / GiB:9.2f} GiB")
-        print(f"  {'total':<9} {per_device / GiB:9.2f} GiB  (arguments + outputs - aliased + temporaries) "
-              f"= {100 * per_device / chip.hbm_bytes:.0f}% of HBM: {'fits' if result['fits'] else 'DOES NOT FIT'}")
-        print(f"[compile] train state per device: {result['state_bytes'] / GiB:.2f} GiB; XLA cost_analysis: "
-              f"{result['flops_per_device'] / 1e12:.1f} TFLOPs per device per step (it counts a scanned layer once "
-              f"and nothing inside Pallas kernels; the planner's model FLOPs are the figure for MFU)")
+        print(
+            f"  {'total':<9} {per_device / GiB:9.2f} GiB  (arguments + outputs - aliased + temporaries) "
+            f"= {100 * per_device / chip.hbm_bytes:.0f}% of HBM: {'fits' if result['fits'] else 'DOES NOT FIT'}"
+        )
+        print(
+            f"[compile] train state per device: {result['state_bytes'] / GiB:.2f} GiB; XLA cost_analysis: "
+            f"{result['flops_per_device'] / 1e12:.1f} TFLOPs per device per step (it counts a scanned layer once "
+            f"and nothing inside Pallas kernels; the planner's model FLOPs are the figure for MFU)"
+        )
         from moejax.plan import plan
 
         p = plan(cfg, topology)
         c = p["components"]
         args_est = c["params"] + c["optimizer"] + c["router"]
         temp_est = c["grads"] + c["activations"] + c["logits"]
-        print(f"[compile] planner estimate (python -m moejax.plan): state {args_est / GiB:.2f} GiB "
-              f"({_pct(args_est, mem.argument_size_in_bytes)}), temporaries {temp_est / GiB:.2f} GiB "
-              f"({_pct(temp_est, mem.temp_size_in_bytes)}), total {p['total'] / GiB:.2f} GiB "
-              f"({_pct(p['total'], per_device)} vs the compiler)")
+        print(
+            f"[compile] planner estimate (python -m moejax.plan): state {args_est / GiB:.2f} GiB "
+            f"({_pct(args_est, mem.argument_size_in_bytes)}), temporaries {temp_est / GiB:.2f} GiB "
+            f"({_pct(temp_est, mem.temp_size_in_bytes)}), total {p['total'] / GiB:.2f} GiB "
+            f"({_pct(p['total'], per_device)} vs the compiler)"
+        )
     return result
 
 
@@ -92,11 +114,18 @@ def main(argv):
 
 
 def _entry():
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host plans/compiles; TPU devices come from the topology
+    os.environ.setdefault(
+        "JAX_PLATFORMS", "cpu"
+    )  # the host plans/compiles; TPU devices come from the topology
     from moejax.experiment import config_cli
 
-    config_cli(main, lambda flags: flags.DEFINE_string(
-        "topology", "v5p-8", "TPU topology: v5p-512 (Cloud naming) or v5p:8x8x4 (chips)"))
+    config_cli(
+        main,
+        lambda flags: flags.DEFINE_string(
+            "topology", "v5p-8", "TPU topology: v5p-512 (Cloud naming) or v5p:8x8x4 (chips)"
+        ),
+    )
+
 
 if __name__ == "__main__":
     _entry()

@@ -96,13 +96,21 @@ class ModelConfig:
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
     capacity_factor: float = 1.25
-    gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
+    gmm_impl: str = (
+        "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
+    )
     # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU, pallas_gpu on GPU;
     # 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed rows.
     attention_impl: str = "auto"
-    attention_block: int = 0  # query/key block rows of blockwise/splash/pallas_gpu; 0 = the backend's default
-    pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 means the number of stages
-    ep_exchange: str = "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
+    attention_block: int = (
+        0  # query/key block rows of blockwise/splash/pallas_gpu; 0 = the backend's default
+    )
+    pipeline_microbatches: int = (
+        0  # microbatches of the 'stage' pipeline; 0 means the number of stages
+    )
+    ep_exchange: str = (
+        "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
+    )
     # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole batch: the
     # single-device answer on every layout) or 'group' (the tokens of one expert-parallel group: the ragged
     # exchange then receives at most ~capacity_factor x its own rows, the bound a pod needs; equal to
@@ -191,7 +199,13 @@ class ModelConfig:
             if v not in allowed:
                 fail(field, f"got {v!r}, allowed: {', '.join(map(repr, allowed))}")
 
-        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, f) < 1:
                 fail(f, f"must be >= 1, got {getattr(self, f)}")
         choice("attention_type", ATTENTION_TYPES)
@@ -200,7 +214,10 @@ class ModelConfig:
         choice("gmm_impl", GMM_IMPLS)
         choice("attention_impl", ATTENTION_IMPLS)
         if self.attention_block < 0:
-            fail("attention_block", f"must be >= 0 (0 = the backend's default), got {self.attention_block}")
+            fail(
+                "attention_block",
+                f"must be >= 0 (0 = the backend's default), got {self.attention_block}",
+            )
         choice("ep_exchange", EP_EXCHANGES)
         choice("capacity_scope", CAPACITY_SCOPES)
         choice("rope_type", ROPE_TYPES)
@@ -212,14 +229,26 @@ class ModelConfig:
                 if getattr(self, f) < 1:
                     fail(f, f"must be >= 1 for MLA, got {getattr(self, f)}")
             if self.q_lora_rank < 0:
-                fail("q_lora_rank", f"must be >= 0 (0 = plain query projection), got {self.q_lora_rank}")
+                fail(
+                    "q_lora_rank",
+                    f"must be >= 0 (0 = plain query projection), got {self.q_lora_rank}",
+                )
         else:
             if self.num_kv_heads and self.num_heads % self.num_kv_heads:
-                fail("num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+                fail(
+                    "num_kv_heads",
+                    f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}",
+                )
             if not self.head_dim and self.hidden_size % self.num_heads:
-                fail("head_dim", f"is 0, so num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+                fail(
+                    "head_dim",
+                    f"is 0, so num_heads={self.num_heads} must divide hidden_size={self.hidden_size}",
+                )
         if self.rope_dim % 2:
-            fail("qk_rope_head_dim" if self.attention_type == "mla" else "head_dim", f"rotary dim must be even, got {self.rope_dim}")
+            fail(
+                "qk_rope_head_dim" if self.attention_type == "mla" else "head_dim",
+                f"rotary dim must be even, got {self.rope_dim}",
+            )
         if self.rope_type == "yarn":
             if self.rope_factor < 1.0:
                 fail("rope_factor", f"must be >= 1 with yarn, got {self.rope_factor}")
@@ -229,18 +258,30 @@ class ModelConfig:
             fail("n_routed_experts", f"must be >= 0, got {self.n_routed_experts}")
         if self.n_routed_experts > 0:
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                fail("num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}")
+                fail(
+                    "num_experts_per_tok",
+                    f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}",
+                )
             if self.moe_intermediate_size < 1:
                 fail("moe_intermediate_size", f"must be >= 1, got {self.moe_intermediate_size}")
             if self.n_group < 1 or self.n_routed_experts % self.n_group:
-                fail("n_group", f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
+                fail(
+                    "n_group",
+                    f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got {self.n_group}",
+                )
             if not 1 <= self.topk_group <= self.n_group:
                 fail("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
             per_group = self.n_routed_experts // self.n_group
             if self.n_group > 1 and self.topk_group * per_group < self.num_experts_per_tok:
-                fail("topk_group", f"topk_group * experts per group = {self.topk_group * per_group} < num_experts_per_tok={self.num_experts_per_tok}")
+                fail(
+                    "topk_group",
+                    f"topk_group * experts per group = {self.topk_group * per_group} < num_experts_per_tok={self.num_experts_per_tok}",
+                )
             if self.n_group > 1 and self.use_score_correction_bias and per_group < 2:
-                fail("n_group", "with a correction bias the group score is a top-2 sum, so each group needs >= 2 experts")
+                fail(
+                    "n_group",
+                    "with a correction bias the group score is a top-2 sum, so each group needs >= 2 experts",
+                )
             if self.capacity_factor <= 0:
                 fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
         if self.n_shared_experts < 0:
@@ -254,7 +295,13 @@ class ModelConfig:
             fail("mlp_only_layers", f"layer indices must be in [0, {self.num_layers}), got {bad}")
         if self.mtp_depth < 0:
             fail("mtp_depth", f"must be >= 0, got {self.mtp_depth}")
-        for f in ("router_jitter", "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef", "bias_update_rate"):
+        for f in (
+            "router_jitter",
+            "aux_loss_coef",
+            "seq_aux_loss_coef",
+            "router_z_loss_coef",
+            "bias_update_rate",
+        ):
             if getattr(self, f) < 0:
                 fail(f, f"must be >= 0, got {getattr(self, f)}")
 
@@ -283,7 +330,9 @@ def coerce_fields(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"{prefix}.{key}: unknown key; known keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{prefix}.{key}: unknown key; known keys: {', '.join(sorted(names))}"
+            )
         out[key] = _coerce(value, hints[key], f"{prefix}.{key}")
     return out
 
@@ -333,7 +382,9 @@ def _coerce(value, tp, where):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # 'builtin' (Python stdlib corpus), a prepared dataset directory, or a mixture
+    source: str = (
+        "builtin"  # 'builtin' (Python stdlib corpus), a prepared dataset directory, or a mixture
+    )
     #                          of prepared datasets 'dirA=0.7,dirB=0.3' (python -m moejax.data.prepare)
     seq_len: int = 256  # tokens per packed row
     cache_dir: str = ""  # where the built-in corpus is built ('' = ~/.cache/moejax)
@@ -358,7 +409,9 @@ SCHEDULES = ("cosine", "wsd", "constant")
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 3e-3  # peak learning rate
-    schedule: str = "cosine"  # 'cosine' (warmup, cosine decay), 'wsd' (warmup-stable-decay), 'constant'
+    schedule: str = (
+        "cosine"  # 'cosine' (warmup, cosine decay), 'wsd' (warmup-stable-decay), 'constant'
+    )
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
@@ -373,7 +426,9 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule: got {self.schedule!r}, allowed: {', '.join(map(repr, SCHEDULES))}")
+            raise ConfigError(
+                f"optim.schedule: got {self.schedule!r}, allowed: {', '.join(map(repr, SCHEDULES))}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -402,17 +457,35 @@ class TrainConfig:
     num_samples: int = 3  # continuations printed at the end (moejax.infer.Generator)
     sample_tokens: int = 48  # new tokens per sample
     temperature: float = 0.8  # of the samples (0 = greedy)
-    sample_prompts: tuple[str, ...] = ()  # their prompts; empty: the openings of validation documents
+    sample_prompts: tuple[
+        str, ...
+    ] = ()  # their prompts; empty: the openings of validation documents
     sample_prompt_tokens: int = 12  # length of those openings, in tokens
     profile_peak: bool = True  # measure the CPU matmul peak once for MFU
 
     def __post_init__(self):
-        for f in ("steps", "batch_size", "microbatches", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
+        for f in (
+            "steps",
+            "batch_size",
+            "microbatches",
+            "log_every",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, f) < 1:
                 raise ConfigError(f"train.{f}: must be >= 1, got {getattr(self, f)}")
         if self.batch_size % self.microbatches:
-            raise ConfigError(f"train.microbatches: must divide train.batch_size={self.batch_size}, got {self.microbatches}")
-        for f in ("eval_every", "ckpt_every", "eval_batches", "num_samples", "sample_tokens", "sample_prompt_tokens"):
+            raise ConfigError(
+                f"train.microbatches: must divide train.batch_size={self.batch_size}, got {self.microbatches}"
+            )
+        for f in (
+            "eval_every",
+            "ckpt_every",
+            "eval_batches",
+            "num_samples",
+            "sample_tokens",
+            "sample_prompt_tokens",
+        ):
             if getattr(self, f) < 0:
                 raise ConfigError(f"train.{f}: must be >= 0, got {getattr(self, f)}")
 
@@ -454,7 +527,9 @@ class SFTConfig:
 
     def __post_init__(self):
         if self.loss_on not in SFT_LOSS_ON:
-            raise ConfigError(f"sft.loss_on: got {self.loss_on!r}, allowed: {', '.join(map(repr, SFT_LOSS_ON))}")
+            raise ConfigError(
+                f"sft.loss_on: got {self.loss_on!r}, allowed: {', '.join(map(repr, SFT_LOSS_ON))}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,24 +560,38 @@ DPO_LOSSES = ("sigmoid", "ipo")
 class AlignConfig:
     """Preference optimization (moejax.finetune.objectives); method '' is language modeling."""
 
-    method: str = ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model), which read
+    method: str = (
+        ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model), which read
+    )
     #                   {"prompt", "chosen", "rejected"} rows from sft.data, or 'grpo' (on-policy RL: the grpo section)
-    beta: float = 0.1  # DPO's inverse temperature (IPO: the regularization 1 / (2 beta) of the target margin)
+    beta: float = (
+        0.1  # DPO's inverse temperature (IPO: the regularization 1 / (2 beta) of the target margin)
+    )
     dpo_loss: str = "sigmoid"  # 'sigmoid' (DPO) or 'ipo' (IPO, on per-token average log-ratios)
     label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed flipped
-    max_pairs_per_row: int = 8  # pairs packed into one row at most (a static bound of the per-pair sums)
+    max_pairs_per_row: int = (
+        8  # pairs packed into one row at most (a static bound of the per-pair sums)
+    )
 
     def __post_init__(self):
         if self.method not in ALIGN_METHODS:
-            raise ConfigError(f"align.method: got {self.method!r}, allowed: {', '.join(map(repr, ALIGN_METHODS))}")
+            raise ConfigError(
+                f"align.method: got {self.method!r}, allowed: {', '.join(map(repr, ALIGN_METHODS))}"
+            )
         if self.dpo_loss not in DPO_LOSSES:
-            raise ConfigError(f"align.dpo_loss: got {self.dpo_loss!r}, allowed: {', '.join(map(repr, DPO_LOSSES))}")
+            raise ConfigError(
+                f"align.dpo_loss: got {self.dpo_loss!r}, allowed: {', '.join(map(repr, DPO_LOSSES))}"
+            )
         if self.beta <= 0:
             raise ConfigError(f"align.beta: must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"align.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError(
+                f"align.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}"
+            )
         if self.max_pairs_per_row < 1:
-            raise ConfigError(f"align.max_pairs_per_row: must be >= 1, got {self.max_pairs_per_row}")
+            raise ConfigError(
+                f"align.max_pairs_per_row: must be >= 1, got {self.max_pairs_per_row}"
+            )
 
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -516,7 +605,9 @@ class GRPOConfig:
     task: str = "arithmetic"  # 'arithmetic' (built in) or a JSONL file of {"prompt", "answer"} rows
     max_value: int = 20  # arithmetic: operands in [0, max_value)
     ops: str = "+-"  # arithmetic: operators
-    held_out: int = 64  # problems kept out of training, scored at every evaluation (val_reward: greedy;
+    held_out: int = (
+        64  # problems kept out of training, scored at every evaluation (val_reward: greedy;
+    )
     #                     val_reward_sampled: the mean of eval_samples completions at the rollout temperature)
     eval_samples: int = 4
     group_size: int = 8  # completions per prompt (G)
@@ -530,22 +621,35 @@ class GRPOConfig:
     iterations: int = 1  # optimizer steps on each batch of rollouts (mu)
     rewards: tuple[str, ...] = ("exact_answer", "answer_format")  # moejax.finetune.rewards.REWARDS
     reward_weights: tuple[float, ...] = (1.0, 0.1)
-    reward_model: str = ""  # a reward-model workdir (align.method='reward'): its score is added to the rewards
+    reward_model: str = (
+        ""  # a reward-model workdir (align.method='reward'): its score is added to the rewards
+    )
     reward_model_weight: float = 1.0
-    routing_replay: bool = False  # MoE: the policy pass runs the experts the sampler chose (Rollout Routing Replay)
+    routing_replay: bool = (
+        False  # MoE: the policy pass runs the experts the sampler chose (Rollout Routing Replay)
+    )
 
     def __post_init__(self):
         if self.loss not in GRPO_LOSSES:
-            raise ConfigError(f"grpo.loss: got {self.loss!r}, allowed: {', '.join(map(repr, GRPO_LOSSES))}")
+            raise ConfigError(
+                f"grpo.loss: got {self.loss!r}, allowed: {', '.join(map(repr, GRPO_LOSSES))}"
+            )
         if self.group_size < 2:
-            raise ConfigError(f"grpo.group_size: must be >= 2 (advantages compare completions), got {self.group_size}")
+            raise ConfigError(
+                f"grpo.group_size: must be >= 2 (advantages compare completions), got {self.group_size}"
+            )
         for name in ("max_new_tokens", "iterations", "max_value", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name}: must be >= 1, got {getattr(self, name)}")
-        checks = {"epsilon": (0 < self.epsilon < 1, "in (0, 1)"), "epsilon_high": (self.epsilon_high >= 0, ">= 0"),
-                  "beta": (self.beta >= 0, ">= 0"), "temperature": (self.temperature > 0, "> 0"),
-                  "top_p": (0 < self.top_p <= 1, "in (0, 1]"), "held_out": (self.held_out >= 0, ">= 0"),
-                  "reward_model_weight": (math.isfinite(self.reward_model_weight), "finite")}
+        checks = {
+            "epsilon": (0 < self.epsilon < 1, "in (0, 1)"),
+            "epsilon_high": (self.epsilon_high >= 0, ">= 0"),
+            "beta": (self.beta >= 0, ">= 0"),
+            "temperature": (self.temperature > 0, "> 0"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "held_out": (self.held_out >= 0, ">= 0"),
+            "reward_model_weight": (math.isfinite(self.reward_model_weight), "finite"),
+        }
         for name, (ok, want) in checks.items():
             if not ok:
                 raise ConfigError(f"grpo.{name}: must be {want}, got {getattr(self, name)}")
@@ -557,9 +661,13 @@ class GRPOConfig:
         if unknown:
             raise ConfigError(f"grpo.rewards: unknown {unknown[0]!r}; known: {', '.join(REWARDS)}")
         if len(self.reward_weights) != len(self.rewards):
-            raise ConfigError(f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+            raise ConfigError(
+                f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+            )
         if not self.rewards and not self.reward_model:
-            raise ConfigError("grpo.rewards: empty and no grpo.reward_model: nothing scores the completions")
+            raise ConfigError(
+                "grpo.rewards: empty and no grpo.reward_model: nothing scores the completions"
+            )
         if bad := [o for o in self.ops if o not in "+-*"]:
             raise ConfigError(f"grpo.ops: {bad[0]!r} is not one of '+', '-', '*'")
 
@@ -588,17 +696,32 @@ class Config:
         if hasattr(d, "to_dict"):
             d = d.to_dict()
         d = dict(d)
-        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                    "mesh": MeshConfig, "sft": SFTConfig, "lora": LoRAConfig, "align": AlignConfig,
-                    "grpo": GRPOConfig}
+        sections = {
+            "model": ModelConfig,
+            "data": DataConfig,
+            "optim": OptimConfig,
+            "train": TrainConfig,
+            "mesh": MeshConfig,
+            "sft": SFTConfig,
+            "lora": LoRAConfig,
+            "align": AlignConfig,
+            "grpo": GRPOConfig,
+        }
         unknown = set(d) - set(sections) - {"base"}
         if unknown:
-            raise ConfigError(f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}, base")
+            raise ConfigError(
+                f"{sorted(unknown)[0]}: unknown section; known: {', '.join(sections)}, base"
+            )
         base = d.get("base") or ""
         if not isinstance(base, str):
             raise ConfigError(f"base: expected a path (str), got {type(base).__name__} {base!r}")
-        return cls(**{name: sc(**coerce_fields(sc, dict(d.get(name, {})), name)) for name, sc in sections.items()},
-                   base=base)
+        return cls(
+            **{
+                name: sc(**coerce_fields(sc, dict(d.get(name, {})), name))
+                for name, sc in sections.items()
+            },
+            base=base,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model.to_dict(), "base": self.base}

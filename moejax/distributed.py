@@ -24,15 +24,23 @@ _initialized = False
 def environment() -> dict | None:
     """jax.distributed.initialize keyword arguments for this environment, or None for one process."""
     env = os.environ
-    timeouts = {"heartbeat_timeout_seconds": int(env.get("MOEJAX_HEARTBEAT_TIMEOUT", "100")),
-                "initialization_timeout": int(env.get("MOEJAX_INIT_TIMEOUT", "300"))}
+    timeouts = {
+        "heartbeat_timeout_seconds": int(env.get("MOEJAX_HEARTBEAT_TIMEOUT", "100")),
+        "initialization_timeout": int(env.get("MOEJAX_INIT_TIMEOUT", "300")),
+    }
     if env.get("MOEJAX_COORDINATOR"):
         try:
-            kw = dict(coordinator_address=env["MOEJAX_COORDINATOR"], num_processes=int(env["MOEJAX_NUM_PROCESSES"]),
-                      process_id=int(env["MOEJAX_PROCESS_ID"]), **timeouts)
+            kw = dict(
+                coordinator_address=env["MOEJAX_COORDINATOR"],
+                num_processes=int(env["MOEJAX_NUM_PROCESSES"]),
+                process_id=int(env["MOEJAX_PROCESS_ID"]),
+                **timeouts,
+            )
         except (KeyError, ValueError) as e:
-            raise ValueError("MOEJAX_COORDINATOR is set, so MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID must be "
-                             f"integers too ({e})") from None
+            raise ValueError(
+                "MOEJAX_COORDINATOR is set, so MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID must be "
+                f"integers too ({e})"
+            ) from None
         if env.get("MOEJAX_LOCAL_DEVICE_IDS"):
             kw["local_device_ids"] = [int(i) for i in env["MOEJAX_LOCAL_DEVICE_IDS"].split(",")]
         return kw

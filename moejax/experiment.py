@@ -11,14 +11,32 @@ import os
 
 import ml_collections
 
-from moejax.config import (AlignConfig, Config, DataConfig, GRPOConfig, LoRAConfig, MeshConfig, ModelConfig,
-                           OptimConfig, SFTConfig, TrainConfig)
+from moejax.config import (
+    AlignConfig,
+    Config,
+    DataConfig,
+    GRPOConfig,
+    LoRAConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    SFTConfig,
+    TrainConfig,
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
-    sections = {"model": ModelConfig(), "data": DataConfig(), "optim": OptimConfig(), "train": TrainConfig(),
-                "mesh": MeshConfig(), "sft": SFTConfig(), "lora": LoRAConfig(),
-                "align": AlignConfig(), "grpo": GRPOConfig()}
+    sections = {
+        "model": ModelConfig(),
+        "data": DataConfig(),
+        "optim": OptimConfig(),
+        "train": TrainConfig(),
+        "mesh": MeshConfig(),
+        "sft": SFTConfig(),
+        "lora": LoRAConfig(),
+        "align": AlignConfig(),
+        "grpo": GRPOConfig(),
+    }
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():
         values = dataclasses.asdict(dc)
@@ -29,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         if name == "lora":
             values["targets"] = tuple(values["targets"])
         if name == "grpo":
-            values["rewards"], values["reward_weights"] = tuple(values["rewards"]), tuple(values["reward_weights"])
+            values["rewards"], values["reward_weights"] = (
+                tuple(values["rewards"]),
+                tuple(values["reward_weights"]),
+            )
         cd[name] = ml_collections.ConfigDict(values)
     cd.base = ""  # fine-tuning's starting weights (moejax.finetune)
     return cd
@@ -55,7 +76,10 @@ def resolve(cd: ml_collections.ConfigDict) -> Config:
 
 def sibling(file: str, name: str):
     """Imports experiments/<name>.py next to `file` (presets build on each other this way)."""
-    return _load_module(os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py"), f"moejax_experiment_{name}")
+    return _load_module(
+        os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py"),
+        f"moejax_experiment_{name}",
+    )
 
 
 def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -113,12 +137,14 @@ def check_override_keys(argv: list[str]) -> str | None:
     for a in argv:
         if not a.startswith("--config.") or a.startswith("--config="):
             continue
-        keys = a[len("--config."):].split("=", 1)[0].split(".")
+        keys = a[len("--config.") :].split("=", 1)[0].split(".")
         node = cd
         for depth, k in enumerate(keys):
             if not hasattr(node, "keys") or k not in node.keys():
                 where = ".".join(keys[:depth]) or "config"
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                known = (
+                    ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                )
                 return f"--config.{'.'.join(keys)}: unknown key {k!r} in {where}; known: {known}"
             node = node[k]
     return None
@@ -136,7 +162,9 @@ def config_cli(main, define_flags=None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    config_flags.DEFINE_config_file("config", "experiments/moe.py", "experiment config file", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", "experiments/moe.py", "experiment config file", lock_config=True
+    )
     if define_flags:
         define_flags(flags)
     app.run(main)

@@ -26,7 +26,10 @@ GiB = 1024**3
 
 def _shard_bytes(tree) -> int:
     """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
 
 
 def attention_score_bytes(m, B: float, H: float, T: int) -> float:
@@ -72,10 +75,16 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     A = tokens * m.num_experts_per_tok
     if m.n_routed_experts:
         Fl = m.moe_intermediate_size / tp
-        if m.moe_impl == "dropless" and math.prod(mesh_shape.values()) > 1:  # expert-parallel (moe_ep.py)
+        if (
+            m.moe_impl == "dropless" and math.prod(mesh_shape.values()) > 1
+        ):  # expert-parallel (moe_ep.py)
             n_scope = n_batch if m.capacity_scope == "global" else n_ep
-            kept = m.capacity_factor * A * n_scope / n_ep  # rows one device's experts may keep (E_local x C)
-            if m.ep_exchange == "ragged":  # send A rows, receive at most `kept`, and the results back
+            kept = (
+                m.capacity_factor * A * n_scope / n_ep
+            )  # rows one device's experts may keep (E_local x C)
+            if (
+                m.ep_exchange == "ragged"
+            ):  # send A rows, receive at most `kept`, and the results back
                 exchange = 2 * (A + min(n_ep * A, kept)) * D * cb
             else:  # fixed [n_ep, rows] buffers: send, receive, results, results back
                 rows = A if m.ep_exchange == "dropless" else min(A, kept)
@@ -90,7 +99,9 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
         moe = 0
     dense = tokens * m.intermediate_size / tp * (2 * 4 + cb)
     per_layer = {"moe": attn + moe + tokens * D * 4 * 2, "dense": attn + dense + tokens * D * 4 * 2}
-    layers = [per_layer[k] for k in kinds] + [per_layer["moe" if m.n_routed_experts else "dense"]] * m.mtp_depth
+    layers = [per_layer[k] for k in kinds] + [
+        per_layer["moe" if m.n_routed_experts else "dense"]
+    ] * m.mtp_depth
     if m.remat_policy == "full":
         kept = tokens * D * 4 * len(layers) + 2 * max(layers)
     elif m.remat_policy == "none":
@@ -101,8 +112,15 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     return {"activations": int(kept), "logits": int(logits)}
 
 
-def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen: str = "v5p",
-         tokens: float = 0.0, mfu: float = 0.4, price: float | None = None) -> dict:
+def plan(
+    cfg: Config,
+    topology: str | None = None,
+    chips: int | None = None,
+    gen: str = "v5p",
+    tokens: float = 0.0,
+    mfu: float = 0.4,
+    price: float | None = None,
+) -> dict:
     from moejax import pod, sharding
     from moejax.model.stats import param_counts, train_flops_per_token
     from moejax.trainer import setup
@@ -132,14 +150,31 @@ def plan(cfg: Config, topology: str | None = None, chips: int | None = None, gen
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step_s = fpt * tokens_per_step / (chips * chip.bf16_flops * mfu)
     price = chip.price_per_hour if price is None else price
-    out = {"chip": chip.name, "chips": chips, "mesh": mesh_shape, "components": comp, "total": total,
-           "hbm": chip.hbm_bytes, "fits": total <= chip.hbm_bytes, "params_total": counts.total + counts.mtp,
-           "params_activated": counts.activated, "flops_per_token": fpt, "tokens_per_step": tokens_per_step,
-           "step_s": step_s, "tokens_per_s": tokens_per_step / step_s}
+    out = {
+        "chip": chip.name,
+        "chips": chips,
+        "mesh": mesh_shape,
+        "components": comp,
+        "total": total,
+        "hbm": chip.hbm_bytes,
+        "fits": total <= chip.hbm_bytes,
+        "params_total": counts.total + counts.mtp,
+        "params_activated": counts.activated,
+        "flops_per_token": fpt,
+        "tokens_per_step": tokens_per_step,
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_step / step_s,
+    }
     if tokens:
         hours = tokens / out["tokens_per_s"] / 3600
-        out.update(train_tokens=tokens, hours=hours, chip_hours=hours * chips, cost=hours * chips * price,
-                   price=price, mfu=mfu)
+        out.update(
+            train_tokens=tokens,
+            hours=hours,
+            chip_hours=hours * chips,
+            cost=hours * chips * price,
+            price=price,
+            mfu=mfu,
+        )
     return out
 
 
@@ -154,13 +189,19 @@ def report(p: dict, cfg: Config) -> str:
     ]
     for k, v in p["components"].items():
         lines.append(f"  {k:<12} {v / GiB:9.2f} GiB")
-    lines.append(f"  {'total':<12} {p['total'] / GiB:9.2f} GiB = {100 * p['total'] / p['hbm']:.0f}% of "
-                 f"{p['hbm'] / GiB:.0f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'}")
-    lines.append(f"[plan] at {100 * p.get('mfu', 0.4):.0f}% MFU: {p['step_s']:.2f} s per step, "
-                 f"{p['tokens_per_s'] / 1e6:.2f}M tokens/s")
+    lines.append(
+        f"  {'total':<12} {p['total'] / GiB:9.2f} GiB = {100 * p['total'] / p['hbm']:.0f}% of "
+        f"{p['hbm'] / GiB:.0f} GiB HBM: {'fits' if p['fits'] else 'DOES NOT FIT'}"
+    )
+    lines.append(
+        f"[plan] at {100 * p.get('mfu', 0.4):.0f}% MFU: {p['step_s']:.2f} s per step, "
+        f"{p['tokens_per_s'] / 1e6:.2f}M tokens/s"
+    )
     if "train_tokens" in p:
-        lines.append(f"[plan] {p['train_tokens'] / 1e12:.2f}T tokens: {p['hours'] / 24:.1f} days, "
-                     f"{p['chip_hours'] / 1e6:.3f}M chip-hours, ${p['cost'] / 1e6:.2f}M at ${p['price']:.2f}/chip-hour")
+        lines.append(
+            f"[plan] {p['train_tokens'] / 1e12:.2f}T tokens: {p['hours'] / 24:.1f} days, "
+            f"{p['chip_hours'] / 1e6:.3f}M chip-hours, ${p['cost'] / 1e6:.2f}M at ${p['price']:.2f}/chip-hour"
+        )
     return "\n".join(lines)
 
 
@@ -181,16 +222,25 @@ def main(argv):
 
 
 def _entry():
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host plans/compiles; TPU devices come from the topology
+    os.environ.setdefault(
+        "JAX_PLATFORMS", "cpu"
+    )  # the host plans/compiles; TPU devices come from the topology
     from moejax.experiment import config_cli
 
     def define(flags):
-        flags.DEFINE_string("topology", "v5p-8", "v5p-512 (Cloud naming) or v5p:8x8x4 (chips per dimension)")
-        flags.DEFINE_float("tokens", 0.0, "training tokens for the time and cost estimate (e.g. 14.8e12)")
+        flags.DEFINE_string(
+            "topology", "v5p-8", "v5p-512 (Cloud naming) or v5p:8x8x4 (chips per dimension)"
+        )
+        flags.DEFINE_float(
+            "tokens", 0.0, "training tokens for the time and cost estimate (e.g. 14.8e12)"
+        )
         flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilization")
-        flags.DEFINE_float("price", None, "USD per chip-hour (default: the chip table's list price)")
+        flags.DEFINE_float(
+            "price", None, "USD per chip-hour (default: the chip table's list price)"
+        )
 
     config_cli(main, define)
+
 
 if __name__ == "__main__":
     _entry()

@@ -23,7 +23,9 @@ class Chip:
     hbm_bytes: int
     bf16_flops: float  # dense peak, per chip
     price_per_hour: float  # USD per chip-hour, list price assumption
-    cores_per_chip_in_name: int  # v4-N / v5p-N count TensorCores (2 per chip); v5e-N / v6e-N count chips
+    cores_per_chip_in_name: (
+        int  # v4-N / v5p-N count TensorCores (2 per chip); v5e-N / v6e-N count chips
+    )
     dims: int  # torus dimensions of the topology string
 
 
@@ -54,13 +56,17 @@ def parse_topology(name: str) -> tuple[str, int, str]:
     elif "-" in name:
         gen, count = name.split("-", 1)
         if gen not in CHIPS or not count.isdigit():
-            raise TopologyError(f"topology {name!r}: expected GEN-N with GEN in {sorted(CHIPS)}, e.g. v5p-512")
+            raise TopologyError(
+                f"topology {name!r}: expected GEN-N with GEN in {sorted(CHIPS)}, e.g. v5p-512"
+            )
         chips = int(count) // CHIPS[gen].cores_per_chip_in_name
         shape = torus_shape(chips, CHIPS[gen].dims)
     else:
         raise TopologyError(f"topology {name!r}: expected e.g. v5p-512 or v5p:8x8x4")
     if gen not in CHIPS:
-        raise TopologyError(f"topology {name!r}: unknown generation {gen!r}; known: {', '.join(sorted(CHIPS))}")
+        raise TopologyError(
+            f"topology {name!r}: unknown generation {gen!r}; known: {', '.join(sorted(CHIPS))}"
+        )
     return gen, chips, shape
 
 
@@ -81,7 +87,9 @@ def tpu_devices(topology: str):
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise TopologyError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'") from None
+        raise TopologyError(
+            "compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'"
+        ) from None
     from jax.experimental import topologies
 
     # libtpu takes a machine-wide lock on load unless told that several processes may load it; here
@@ -105,6 +113,8 @@ def tree_bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
     total = 0
     for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+        shard = (
+            leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+        )
         total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
     return total

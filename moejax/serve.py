@@ -62,15 +62,20 @@ def sampling_from(body: dict, default_stop=()) -> SamplingParams:
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("'stop' must be a string or a list of non-empty strings", "stop")
-    max_tokens = _field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, 16)
+    max_tokens = _field(body, "max_completion_tokens", int, None) or _field(
+        body, "max_tokens", int, 16
+    )
     try:
         return SamplingParams(
             temperature=float(_field(body, "temperature", (int, float), 1.0)),
-            top_k=_field(body, "top_k", int, 0) or 0, top_p=float(_field(body, "top_p", (int, float), 1.0)),
+            top_k=_field(body, "top_k", int, 0) or 0,
+            top_p=float(_field(body, "top_p", (int, float), 1.0)),
             min_p=float(_field(body, "min_p", (int, float), 0.0)),
             repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0)),
-            max_new_tokens=max_tokens, stop=tuple(stop) + tuple(default_stop),
-            seed=_field(body, "seed", int, None) if "seed" in body else random.getrandbits(32))
+            max_new_tokens=max_tokens,
+            stop=tuple(stop) + tuple(default_stop),
+            seed=_field(body, "seed", int, None) if "seed" in body else random.getrandbits(32),
+        )
     except ConfigError as e:
         field = str(e).split(":")[0].removeprefix("sampling.")
         raise BadRequest(str(e), {"max_new_tokens": "max_tokens"}.get(field, field)) from None
@@ -79,8 +84,15 @@ def sampling_from(body: dict, default_stop=()) -> SamplingParams:
 class Server:
     """The application state: one engine, its tokenizer, the model's name and chat template."""
 
-    def __init__(self, generator, *, model_name: str = "moejax", chat_template: str | None = None,
-                 max_batch: int = 16, wait_s: float = 0.005):
+    def __init__(
+        self,
+        generator,
+        *,
+        model_name: str = "moejax",
+        chat_template: str | None = None,
+        max_batch: int = 16,
+        wait_s: float = 0.005,
+    ):
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.engine = Engine(generator, max_batch=max_batch, wait_s=wait_s)
@@ -94,24 +106,43 @@ class Server:
             prompt = prompt[0]
         if isinstance(prompt, str):
             ids = self.generator.encode(prompt, add_bos=add_bos)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
             ids = prompt
         else:
-            raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+            raise BadRequest(
+                "'prompt' must be a string or a list of token ids (one prompt per request)",
+                "prompt",
+            )
         vocab = self.generator.cfg.vocab_size
         if not ids or any(t < 0 or t >= vocab for t in ids):
             raise BadRequest(f"the prompt is empty or has token ids outside [0, {vocab})", "prompt")
         if len(ids) + max_new + 2 > self.max_len:
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
-                             f"{self.max_len} positions", "max_tokens")
+            raise BadRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
+                f"{self.max_len} positions",
+                "max_tokens",
+            )
         return ids
 
     def chat_prompt(self, body: dict) -> str:
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise BadRequest("'messages' must be a non-empty list of {role, content} strings", "messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise BadRequest(
+                "'messages' must be a non-empty list of {role, content} strings", "messages"
+            )
         bos = eos = ""
         tok = self.tokenizer
         if hasattr(tok, "special"):
@@ -123,8 +154,10 @@ def _error(status: int, message: str, param=None):
     from starlette.responses import JSONResponse
 
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": None}},
+        status_code=status,
+    )
 
 
 def create_app(server: Server):
@@ -145,16 +178,22 @@ def create_app(server: Server):
         return body
 
     def usage(prompt, tokens):
-        return {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
-                "total_tokens": len(prompt) + len(tokens)}
+        return {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(tokens),
+            "total_tokens": len(prompt) + len(tokens),
+        }
 
     async def handle(request: Request, chat: bool):
         try:
             body = await body_of(request)
             params = sampling_from(body, server.default_stop if chat else ())
             if chat:
-                prompt = server.prompt_tokens(server.chat_prompt(body), params.max_new_tokens,
-                                              add_bos="bos_token" not in server.chat_template)
+                prompt = server.prompt_tokens(
+                    server.chat_prompt(body),
+                    params.max_new_tokens,
+                    add_bos="bos_token" not in server.chat_template,
+                )
             else:
                 if "prompt" not in body:
                     raise BadRequest("'prompt' is required", "prompt")
@@ -174,10 +213,20 @@ def create_app(server: Server):
                 choice["message"] = {"role": "assistant", "content": out.text}
             else:
                 choice["text"] = out.text
-            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": server.model_name, "choices": [choice],
-                                 "usage": usage(prompt, out.tokens), "safety": out.safety})
-        return StreamingResponse(_stream(server, prompt, params, chat, rid, created), media_type="text/event-stream")
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [choice],
+                    "usage": usage(prompt, out.tokens),
+                    "safety": out.safety,
+                }
+            )
+        return StreamingResponse(
+            _stream(server, prompt, params, chat, rid, created), media_type="text/event-stream"
+        )
 
     async def completions(request):
         return await handle(request, chat=False)
@@ -186,8 +235,12 @@ def create_app(server: Server):
         return await handle(request, chat=True)
 
     async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": server.model_name, "object": "model",
-                                                         "owned_by": "moejax"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": server.model_name, "object": "model", "owned_by": "moejax"}],
+            }
+        )
 
     async def health(request):
         return JSONResponse({"status": "ok", "batches": len(server.engine.batch_sizes)})
@@ -195,10 +248,15 @@ def create_app(server: Server):
     async def http_error(request, exc: HTTPException):
         return _error(exc.status_code, str(exc.detail))
 
-    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
-                            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                            Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])],
-                    exception_handlers={HTTPException: http_error})
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )
     app.state.server = server
     return app
 
@@ -210,8 +268,12 @@ async def _stream(server: Server, prompt, params, chat: bool, rid: str, created:
     updates: asyncio.Queue = asyncio.Queue()
     gen = server.generator
     hold = max([len(s) for s in params.stop] + [gen.safety.holdback if gen.safety else 0])
-    if gen.safety is not None and (gen.safety.action == "refuse" or gen.safety.classifier is not None):
-        hold = 1 << 30  # a refusal replaces everything, a classifier may flag any stretch: send at the end
+    if gen.safety is not None and (
+        gen.safety.action == "refuse" or gen.safety.classifier is not None
+    ):
+        hold = (
+            1 << 30
+        )  # a refusal replaces everything, a classifier may flag any stretch: send at the end
 
     def on_tokens(tokens, done):
         loop.call_soon_threadsafe(updates.put_nowait, tokens)
@@ -225,8 +287,19 @@ async def _stream(server: Server, prompt, params, chat: bool, rid: str, created:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
-                                      "choices": [choice]}) + "\n\n"
+        return (
+            "data: "
+            + json.dumps(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [choice],
+                }
+            )
+            + "\n\n"
+        )
 
     if chat:
         yield event(first=True)
@@ -239,36 +312,53 @@ async def _stream(server: Server, prompt, params, chat: bool, rid: str, created:
             getter.cancel()
             continue
         text = gen.decode_text(getter.result()) if gen.tokenizer is not None else ""
-        if any(s in text for s in params.stop) or (gen.safety is not None and gen.safety.pattern_matches(text)):
+        if any(s in text for s in params.stop) or (
+            gen.safety is not None and gen.safety.pattern_matches(text)
+        ):
             continue  # the row is ending here: the final text decides what is sent
         safe = text[: max(0, len(text) - hold)].rstrip("\ufffd")
         if len(safe) > len(sent) and safe.startswith(sent):
-            yield event(safe[len(sent):])
+            yield event(safe[len(sent) :])
             sent = safe
     try:
         out = wrapped.result()
     except Exception as e:  # noqa: BLE001
-        yield "data: " + json.dumps({"error": {"message": f"generation failed: {e}", "type": "server_error"}}) + "\n\n"
+        yield (
+            "data: "
+            + json.dumps({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
+            + "\n\n"
+        )
         return
     final = out.text or ""
     if final.startswith(sent) and len(final) > len(sent):
-        yield event(final[len(sent):])
+        yield event(final[len(sent) :])
     yield event(finish=out.finish_reason)
     yield "data: [DONE]\n\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moejax.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="training workdir, moejax checkpoint or Hugging Face folder")
+    p = argparse.ArgumentParser(
+        prog="python -m moejax.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="training workdir, moejax checkpoint or Hugging Face folder"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=None, help="the model id clients see (default: the folder name)")
+    p.add_argument(
+        "--name", default=None, help="the model id clients see (default: the folder name)"
+    )
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--chat_template", default=None, help="a jinja2 file (default: the model's, else built in)")
+    p.add_argument(
+        "--chat_template", default=None, help="a jinja2 file (default: the model's, else built in)"
+    )
     p.add_argument("--safety", default="block", choices=["block", "redact", "refuse", "off"])
     p.add_argument("--safety_categories", default=None, help="JSON {category: [words or regexes]}")
-    p.add_argument("--safety_classifier", default=None, help="module:function(text) -> reason or None")
+    p.add_argument(
+        "--safety_classifier", default=None, help="module:function(text) -> reason or None"
+    )
     p.add_argument("--max_batch", type=int, default=16)
     p.add_argument("--quantize", default=None, choices=["int8", "fp8"])
     p.add_argument("--kv_int8", action="store_true")
@@ -289,16 +379,23 @@ def main(argv=None) -> int:
         safety = None
         if args.safety != "off":
             kw = {"action": args.safety, "classifier": args.safety_classifier}
-            safety = (SafetyFilter.from_file(args.safety_categories, **kw) if args.safety_categories
-                      else SafetyFilter(**kw))
+            safety = (
+                SafetyFilter.from_file(args.safety_categories, **kw)
+                if args.safety_categories
+                else SafetyFilter(**kw)
+            )
         template = None
         if args.chat_template:
             with open(args.chat_template) as f:
                 template = f.read()
         template = template or chat_template_of(args.model)
         gen = Generator(model, tok, kv_int8=args.kv_int8, safety=safety)
-        server = Server(gen, model_name=args.name or os.path.basename(os.path.abspath(args.model)),
-                        chat_template=template, max_batch=args.max_batch)
+        server = Server(
+            gen,
+            model_name=args.name or os.path.basename(os.path.abspath(args.model)),
+            chat_template=template,
+            max_batch=args.max_batch,
+        )
     except (ValueError, ConfigError, LoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.config import MeshConfig
 
@@ -62,7 +64,9 @@ class Layout:
         mesh, nested = self.region()
         if nested and not any(n > 1 and a not in mesh.manual_axes for a, n in mesh.shape.items()):
             return x  # every axis is manual here (inside the expert-parallel shard_map)
-        spec = spec_for(logical, self.rule_table, self.mesh, exclude=mesh.manual_axes if nested else ())
+        spec = spec_for(
+            logical, self.rule_table, self.mesh, exclude=mesh.manual_axes if nested else ()
+        )
         for dim, axes in zip(x.shape, spec):
             if dim % math.prod(mesh.shape[a] for a in axes_of(axes)):
                 return x
@@ -91,7 +95,9 @@ def constrain(x, layout: Layout | None, logical: Sequence[str | None]):
 
 def freeze_rules(rules: Mapping[str, object]) -> tuple:
     """A rule table as a hashable tuple (models keep it as a static attribute)."""
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(rules).items()))
+    return tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(rules).items())
+    )
 
 
 def context_mesh():
@@ -104,7 +110,13 @@ def context_mesh():
 
 
 def axes_of(spec_entry) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+    return (
+        ()
+        if spec_entry is None
+        else (spec_entry,)
+        if isinstance(spec_entry, str)
+        else tuple(spec_entry)
+    )
 
 
 # Named layouts (mesh degrees; the rule table is the same for all of them). -1 takes the rest.
@@ -124,12 +136,16 @@ def rules_for(shape: MeshConfig) -> dict[str, object]:
         name, sep, target = item.partition("=")
         name, target = name.strip(), target.strip()
         if not sep or name not in DEFAULT_RULES:
-            raise ShardingError(f"mesh.rules: {item!r} must be logical=axes with logical one of "
-                                f"{', '.join(sorted(DEFAULT_RULES))}")
+            raise ShardingError(
+                f"mesh.rules: {item!r} must be logical=axes with logical one of "
+                f"{', '.join(sorted(DEFAULT_RULES))}"
+            )
         axes = () if target.lower() in ("none", "") else tuple(a.strip() for a in target.split("+"))
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
-            raise ShardingError(f"mesh.rules: {name}={target}: unknown mesh axis {bad[0]!r}; axes: {', '.join(MESH_AXES)}")
+            raise ShardingError(
+                f"mesh.rules: {name}={target}: unknown mesh axis {bad[0]!r}; axes: {', '.join(MESH_AXES)}"
+            )
         rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return rules
 
@@ -147,7 +163,9 @@ def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:
     dcn = dcn_sizes(shape)
     granules = math.prod(dcn.values())
     if num_devices % granules:
-        raise ShardingError(f"mesh: the dcn degrees multiply to {granules}, which does not divide {num_devices} devices")
+        raise ShardingError(
+            f"mesh: the dcn degrees multiply to {granules}, which does not divide {num_devices} devices"
+        )
     ici = _resolve_ici(shape, num_devices // granules)
     return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
@@ -163,7 +181,9 @@ def _resolve_ici(shape: MeshConfig, num_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if num_devices % fixed:
-            raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {fixed}")
+            raise ShardingError(
+                f"mesh: {num_devices} devices are not divisible by the fixed axes' product {fixed}"
+            )
         sizes[fill[0]] = num_devices // fixed
     total = math.prod(sizes.values())
     if total != num_devices:
@@ -183,13 +203,19 @@ def make_mesh(shape: MeshConfig, devices: Sequence | None = None) -> Mesh:
     from jax.experimental import mesh_utils
 
     ici = [sizes[a] // dcn[a] for a in MESH_AXES]
-    by_slice = getattr(devices[0], "slice_index", None) is not None and len({d.slice_index for d in devices}) > 1
+    by_slice = (
+        getattr(devices[0], "slice_index", None) is not None
+        and len({d.slice_index for d in devices}) > 1
+    )
     try:
-        arr = mesh_utils.create_hybrid_device_mesh(ici, [dcn[a] for a in MESH_AXES], devices,
-                                                   process_is_granule=not by_slice)
+        arr = mesh_utils.create_hybrid_device_mesh(
+            ici, [dcn[a] for a in MESH_AXES], devices, process_is_granule=not by_slice
+        )
     except (ValueError, AssertionError) as e:
         granule = "slices" if by_slice else "processes"
-        raise ShardingError(f"mesh: dcn degrees {dcn} do not match the {granule} of these devices ({e})") from None
+        raise ShardingError(
+            f"mesh: dcn degrees {dcn} do not match the {granule} of these devices ({e})"
+        ) from None
     return Mesh(arr, MESH_AXES)
 
 
@@ -199,7 +225,9 @@ def abstract_mesh(shape: MeshConfig, num_devices: int) -> jax.sharding.AbstractM
     return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def spec_for(logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh, exclude=()) -> P:
+def spec_for(
+    logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh, exclude=()
+) -> P:
     """PartitionSpec for logical axis names; a mesh axis is used at most once per array. Axes in
     `exclude` (manual axes of an enclosing shard_map) are never named."""
     used: set[str] = set(exclude)
@@ -241,7 +269,7 @@ def stage_fallback(names: tuple, shape: tuple, rules: Mapping[str, object], mesh
         return names
     n_stage = math.prod(mesh_shape[a] for a in axes_of(rules.get("layers")))
     i = names.index("layers")
-    return names if shape[i] % n_stage == 0 else names[:i] + (None,) + names[i + 1:]
+    return names if shape[i] % n_stage == 0 else names[:i] + (None,) + names[i + 1 :]
 
 
 def check_divisible(tree, shardings, mesh: Mesh) -> None:
@@ -256,7 +284,9 @@ def check_divisible(tree, shardings, mesh: Mesh) -> None:
             n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
             if dim % n:
                 name = jax.tree_util.keystr(path)
-                raise ShardingError(f"{name}: dimension {dim} is not divisible by mesh axes {axes} (size {n})")
+                raise ShardingError(
+                    f"{name}: dimension {dim} is not divisible by mesh axes {axes} (size {n})"
+                )
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
@@ -279,12 +309,19 @@ def expert_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
         raise ShardingError(
             f"mesh.rules: the logical 'expert' axis maps to {'+'.join(axes)}, but {stray[0]!r} does not split the "
             f"batch (batch={'+'.join(batch_axes(mesh, rules)) or 'none'}); the expert-parallel exchange needs expert "
-            f"axes that are batch axes: map 'expert' onto some of them, or add {stray[0]!r} to 'batch'")
+            f"axes that are batch axes: map 'expert' onto some of them, or add {stray[0]!r} to 'batch'"
+        )
     return axes
 
 
 def check_batch(batch_size: int, sharding: NamedSharding) -> None:
     axes = sharding.spec[0]
-    n = 1 if axes is None else math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    n = (
+        1
+        if axes is None
+        else math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    )
     if batch_size % n:
-        raise ShardingError(f"train.batch_size={batch_size} is not divisible by the batch axes {axes} (size {n})")
+        raise ShardingError(
+            f"train.batch_size={batch_size} is not divisible by the batch axes {axes} (size {n})"
+        )

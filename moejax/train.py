@@ -81,13 +81,23 @@ class _NullWriter:
 def evaluate(eval_step, state, data, cfg: Config, batch_sh, metrics: dict | None = None) -> float:
     """Validation loss over the first eval_batches batches (always the same ones): cross-entropy per token, or
     (DPO) the loss per pair, whose held-out preference accuracy goes to metrics['val_accuracy']."""
-    batches = dataset.Batches(data, "validation", cfg.train.batch_size, seed=0, shuffle=False,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+    batches = dataset.Batches(
+        data,
+        "validation",
+        cfg.train.batch_size,
+        seed=0,
+        shuffle=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     sums: dict = {}
     for _ in range(max(cfg.train.eval_batches, 1)):
         batch = global_batch(next(batches), batch_sh)
-        out = jax.device_get(eval_step(state["params"], state["router"], batch, state.get("frozen"),
-                                       state.get("reference")))
+        out = jax.device_get(
+            eval_step(
+                state["params"], state["router"], batch, state.get("frozen"), state.get("reference")
+            )
+        )
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     count = max(sums["count"], 1.0)
@@ -121,12 +131,16 @@ def sample_prompts(cfg: Config, data) -> list:
         b = next(batches)
         for i, (toks, seg, pos) in enumerate(zip(b["tokens"], b["segment_ids"], b["positions"])):
             for s in np.flatnonzero((pos == 0) & (seg > 0)):  # a document or a row begins
-                if "loss_mask" in b:  # fine-tuning rows: the example's prompt, up to its first answer token
+                if (
+                    "loss_mask" in b
+                ):  # fine-tuning rows: the example's prompt, up to its first answer token
                     answer = np.flatnonzero((seg == seg[s]) & (b["loss_mask"][i] > 0))
                     if len(answer):
-                        docs.append(tuple(int(t) for t in toks[s:answer[0]]))
-                elif s + k <= len(toks) and (seg[s:s + k] == seg[s]).all():
-                    (docs if toks[s] == bos else rows).append(tuple(int(t) for t in toks[s:s + k]))
+                        docs.append(tuple(int(t) for t in toks[s : answer[0]]))
+                elif s + k <= len(toks) and (seg[s : s + k] == seg[s]).all():
+                    (docs if toks[s] == bos else rows).append(
+                        tuple(int(t) for t in toks[s : s + k])
+                    )
     return [list(p) for p in dict.fromkeys(docs + rows)][:n]
 
 
@@ -140,22 +154,42 @@ def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
     if cfg.lora.rank:
         from moejax.finetune import lora
 
-        model = lora.merge(model)  # the generator decodes plain weights (absorbed MLA needs them merged)
+        model = lora.merge(
+            model
+        )  # the generator decodes plain weights (absorbed MLA needs them merged)
     prompts = sample_prompts(cfg, data)
-    params = [SamplingParams(temperature=cfg.train.temperature, top_p=0.95, max_new_tokens=cfg.train.sample_tokens,
-                             seed=cfg.train.seed + i) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=cfg.train.temperature,
+            top_p=0.95,
+            max_new_tokens=cfg.train.sample_tokens,
+            seed=cfg.train.seed + i,
+        )
+        for i in range(len(prompts))
+    ]
     gen = Generator(model, tokenizer)
     outs = gen.generate(prompts, params)
     for p, o in zip(prompts, outs):
-        shown = p if isinstance(p, str) else tokenizer.decode([t for t in p if t != tokenizer.bos_id])
+        shown = (
+            p if isinstance(p, str) else tokenizer.decode([t for t in p if t != tokenizer.bos_id])
+        )
         print(f"\n----- sample -----\n{shown}{o.text}", flush=True)
     s = gen.last_stats
-    print(f"[train] samples: {s.generated_tokens} tokens in {s.prefill_seconds + s.decode_seconds:.1f}s "
-          "(compilation included)", flush=True)
+    print(
+        f"[train] samples: {s.generated_tokens} tokens in {s.prefill_seconds + s.decode_seconds:.1f}s "
+        "(compilation included)",
+        flush=True,
+    )
 
 
-def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None,
-        start_from=None) -> dict:
+def run(
+    cfg: Config,
+    workdir: str,
+    *,
+    quiet: bool = False,
+    max_steps_this_run: int | None = None,
+    start_from=None,
+) -> dict:
     """Trains cfg in workdir (resuming if it holds checkpoints). Returns the last logged metrics.
 
     max_steps_this_run stops (with a checkpoint) after that many steps: used by tests to
@@ -165,11 +199,15 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     """
     check_workdir(workdir)
     if cfg.align.method and start_from is None:
-        raise TrainingError(f"align.method={cfg.align.method!r} optimizes a base model against itself: run python -m "
-                            "moejax.finetune with --config.base=")
+        raise TrainingError(
+            f"align.method={cfg.align.method!r} optimizes a base model against itself: run python -m "
+            "moejax.finetune with --config.base="
+        )
     if cfg.lora.rank and start_from is None:
-        raise TrainingError("lora.rank > 0 trains adapters on a base model: run python -m moejax.finetune with "
-                            "--config.base=")
+        raise TrainingError(
+            "lora.rank > 0 trains adapters on a base model: run python -m moejax.finetune with "
+            "--config.base="
+        )
     t_start = time.time()
     primary = jax.process_index() == 0
     show = not quiet
@@ -177,7 +215,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     # on-policy RL (GRPO): batches are generated from the state itself (moejax.finetune.grpo.Rollouts)
     on_policy = getattr(start_from, "rollouts", None) if cfg.align.method == "grpo" else None
     if cfg.align.method == "grpo" and on_policy is None:
-        raise TrainingError("align.method='grpo' generates its batches: run python -m moejax.finetune")
+        raise TrainingError(
+            "align.method='grpo' generates its batches: run python -m moejax.finetune"
+        )
     if on_policy is not None:
         data, tokenizer, batches = None, on_policy.tokenizer, on_policy
     else:
@@ -187,14 +227,24 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(str(e)) from None
     # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer tokens)
-    if tokenizer.vocab_size > cfg.model.vocab_size or (not cfg.base and tokenizer.vocab_size != cfg.model.vocab_size):
-        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of "
-                            f"{data[0][0] if data else cfg.base} has {tokenizer.vocab_size} pieces")
+    if tokenizer.vocab_size > cfg.model.vocab_size or (
+        not cfg.base and tokenizer.vocab_size != cfg.model.vocab_size
+    ):
+        raise TrainingError(
+            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of "
+            f"{data[0][0] if data else cfg.base} has {tokenizer.vocab_size} pieces"
+        )
     if on_policy is None:
         try:
-            batches = dataset.Batches(data, "train", cfg.train.batch_size, cfg.train.seed + cfg.data.shuffle_seed,
-                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                      workers=cfg.data.workers)
+            batches = dataset.Batches(
+                data,
+                "train",
+                cfg.train.batch_size,
+                cfg.train.seed + cfg.data.shuffle_seed,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                workers=cfg.data.workers,
+            )
         except ValueError as e:
             raise TrainingError(str(e)) from None
 
@@ -208,7 +258,9 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
     latest = ckpt.latest_step()
     if latest is not None:
         ckpt.check_compatible(latest)
-        state, data_state = ts.restore(ckpt, latest)  # straight into the shardings; nothing initialized
+        state, data_state = ts.restore(
+            ckpt, latest
+        )  # straight into the shardings; nothing initialized
         if start_from is not None:
             state = start_from.resume(ts, state)
         batches.restore(data_state)
@@ -222,32 +274,47 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
 
     counts = param_counts(cfg.model)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak, peak_src = metrics_lib.device_peak_flops(cfg.model.compute_dtype, measure=cfg.train.profile_peak)
+    peak, peak_src = metrics_lib.device_peak_flops(
+        cfg.model.compute_dtype, measure=cfg.train.profile_peak
+    )
     if not quiet:
-        print(f"[train] {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M activated, "
-              f"+{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; peak "
-              f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
-              flush=True)
+        print(
+            f"[train] {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M activated, "
+            f"+{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; peak "
+            f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
+            flush=True,
+        )
         if ts.has_frozen:
             import math
 
             trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["params"]))
             frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["frozen"]))
-            print(f"[train] LoRA rank {cfg.lora.rank}: {trainable / 1e6:.3f}M trainable adapter parameters, "
-                  f"{trainable / (trainable + frozen):.3%} of {(trainable + frozen) / 1e6:.2f}M", flush=True)
+            print(
+                f"[train] LoRA rank {cfg.lora.rank}: {trainable / 1e6:.3f}M trainable adapter parameters, "
+                f"{trainable / (trainable + frozen):.3%} of {(trainable + frozen) / 1e6:.2f}M",
+                flush=True,
+            )
 
     train_step = ts.train_step()
     eval_step = ts.eval_step()
     writer = metrics_lib.MetricWriter(workdir, resume_step=start) if primary else _NullWriter()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last: dict = {}
-    end = cfg.train.steps if max_steps_this_run is None else min(cfg.train.steps, start + max_steps_this_run)
+    end = (
+        cfg.train.steps
+        if max_steps_this_run is None
+        else min(cfg.train.steps, start + max_steps_this_run)
+    )
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=quiet, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=cfg.train.steps, initial=start, disable=quiet, dynamic_ncols=True, desc="train"
+    )
     t_last, steps_since = None, 0
-    if on_policy is not None and start == 0 and cfg.train.eval_every:  # the curve starts at the base's reward
+    if (
+        on_policy is not None and start == 0 and cfg.train.eval_every
+    ):  # the curve starts at the base's reward
         shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
         writer.write(0, shown)
         bar.write("[train] step 0: " + "; ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -268,28 +335,46 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
                     now = time.perf_counter()
                     if steps_since:
                         dt = (now - t_last) / steps_since
-                        host.update(step_time=dt, tokens_per_sec=tokens_per_step / dt,
-                                    mfu=flops_per_token * tokens_per_step / dt / peak)
+                        host.update(
+                            step_time=dt,
+                            tokens_per_sec=tokens_per_step / dt,
+                            mfu=flops_per_token * tokens_per_step / dt / peak,
+                        )
                     else:
-                        host.update(step_time=float("nan"), tokens_per_sec=float("nan"), mfu=float("nan"))
+                        host.update(
+                            step_time=float("nan"), tokens_per_sec=float("nan"), mfu=float("nan")
+                        )
                     t_last, steps_since = now, 0
-                    if on_policy is not None:  # (its ce_loss is the policy objective, not a cross-entropy)
+                    if (
+                        on_policy is not None
+                    ):  # (its ce_loss is the policy objective, not a cross-entropy)
                         host.update(on_policy.metrics())
                     else:
                         host["perplexity"] = float(np.exp(min(host["ce_loss"], 50.0)))
                     writer.write(step, host)
                     last = host
-                    bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{host['tokens_per_sec']:.0f}",
-                                    mfu=f"{host['mfu']:.1%}")
+                    bar.set_postfix(
+                        loss=f"{host['loss']:.3f}",
+                        tok_s=f"{host['tokens_per_sec']:.0f}",
+                        mfu=f"{host['mfu']:.1%}",
+                    )
                     nonfinite = int(jax.device_get(state["nonfinite"]))
                     if nonfinite >= cfg.train.max_nonfinite_steps:
                         raise TrainingError(
                             f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
-                            f"skipped; last complete checkpoint kept). Lower optim.lr or check the data.")
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                            f"skipped; last complete checkpoint kept). Lower optim.lr or check the data."
+                        )
+                if (
+                    cfg.train.eval_every
+                    and step % cfg.train.eval_every == 0
+                    and step < cfg.train.steps
+                ):
                     shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
                     writer.write(step, shown)
-                    bar.write(f"[train] step {step}: " + "; ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+                    bar.write(
+                        f"[train] step {step}: "
+                        + "; ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                    )
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     ckpt.save(step, state, batches.state())
                 if pre.requested:
@@ -313,14 +398,22 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
         last.update(shown)
         if not quiet:
             if "val_loss" in shown:
-                acc = (f" (held-out preference accuracy {shown['val_accuracy']:.1%})" if "val_accuracy" in shown
-                       else "")
+                acc = (
+                    f" (held-out preference accuracy {shown['val_accuracy']:.1%})"
+                    if "val_accuracy" in shown
+                    else ""
+                )
                 final = f"final val_loss {shown['val_loss']:.4f}{acc}"
             else:
                 final = "held-out " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            print(f"[train] done: {step} steps in {time.time() - t_start:.0f}s; {final}; "
-                  f"outputs in {os.path.abspath(workdir)}", flush=True)
-        if cfg.train.num_samples and show and jax.process_count() == 1 and data is not None:  # host-local prompts
+            print(
+                f"[train] done: {step} steps in {time.time() - t_start:.0f}s; {final}; "
+                f"outputs in {os.path.abspath(workdir)}",
+                flush=True,
+            )
+        if (
+            cfg.train.num_samples and show and jax.process_count() == 1 and data is not None
+        ):  # host-local prompts
             print_samples(cfg, ts, state, data, tokenizer)
     return last
 
@@ -346,8 +439,12 @@ def main(argv):
 def _entry():
     from moejax.experiment import config_cli
 
-    config_cli(main, lambda flags: flags.DEFINE_string("workdir", "runs/default",
-                                                       "where checkpoints, metrics and TensorBoard events go"))
+    config_cli(
+        main,
+        lambda flags: flags.DEFINE_string(
+            "workdir", "runs/default", "where checkpoints, metrics and TensorBoard events go"
+        ),
+    )
 
 
 if __name__ == "__main__":

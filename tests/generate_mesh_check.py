@@ -17,7 +17,6 @@ from moejax.config import MeshConfig
 from moejax.convert.load import target_shardings
 from moejax.infer import Generator, SamplingParams
 from moejax.model import Transformer
-
 from tests.test_infer import MLA
 
 
@@ -27,21 +26,30 @@ def main():
     one = Transformer(cfg, rngs=nnx.Rngs(0))
     shape = MeshConfig(fsdp=2, expert=4)
     mesh, rules = sharding.make_mesh(shape), sharding.rules_for(shape)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)))
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    )
     _, _, shardings = target_shardings(abstract, mesh, rules)
     sharded = nnx.merge(graphdef, jax.device_put(nnx.state(one), shardings))
     rng = np.random.default_rng(0)
     out = {}
     for B in (8, 3):
-        prompts = [rng.integers(1, cfg.vocab_size, size=int(n)).tolist() for n in rng.integers(2, 12, size=B)]
+        prompts = [
+            rng.integers(1, cfg.vocab_size, size=int(n)).tolist()
+            for n in rng.integers(2, 12, size=B)
+        ]
         params = SamplingParams(max_new_tokens=8)
         want = [o.tokens for o in Generator(one, eos_ids=[]).generate(prompts, params)]
         gen = Generator(sharded, eos_ids=[])
         got = [o.tokens for o in gen.generate(prompts, params)]
         spec = [o.tokens for o in gen.generate(prompts, params, speculative=True)]
         w = gen.state["segments"][1]["ffn"]["w_gate_up"].get_value()
-        out[str(B)] = {"equal": got == want, "speculative_equal": spec == want,
-                       "expert_shard_rows": w.addressable_shards[0].data.shape[1], "experts": w.shape[1]}
+        out[str(B)] = {
+            "equal": got == want,
+            "speculative_equal": spec == want,
+            "expert_shard_rows": w.addressable_shards[0].data.shape[1],
+            "experts": w.shape[1],
+        }
     print(json.dumps(out))
 
 

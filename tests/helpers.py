@@ -10,12 +10,34 @@ from moejax.experiment import load_config_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_OVERRIDES = {
-    "model": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, q_lora_rank=32,
-                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-                  num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1),
+    "model": dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=128,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_group=2,
+        topk_group=1,
+    ),
     "data": dict(seq_len=64, max_files=60, tokenizer_sample_bytes=2_000_000),
-    "train": dict(batch_size=4, steps=8, log_every=1, eval_every=0, eval_batches=1, ckpt_every=4, num_samples=0,
-                  profile_peak=False),
+    "train": dict(
+        batch_size=4,
+        steps=8,
+        log_every=1,
+        eval_every=0,
+        eval_batches=1,
+        ckpt_every=4,
+        num_samples=0,
+        profile_peak=False,
+    ),
     "optim": dict(warmup_steps=2),
 }
 

@@ -29,14 +29,15 @@ from moejax import sharding
 from moejax.config import LoRAConfig, MeshConfig
 from moejax.model import moe_ep
 from moejax.trainer import setup
-
 from tests.helpers import tiny_config
 
 TARGETS = ("attn/", "ffn/experts/", "ffn/shared/", "segments/0/ffn/")
 MESH = MeshConfig(fsdp=2, expert=4)
 ONE = MeshConfig(fsdp=1)
 RTOL = 1e-5
-ADAPTER_TOL = 5e-5  # adapters after two steps: |mesh - one device| <= this x the factor's largest value
+ADAPTER_TOL = (
+    5e-5  # adapters after two steps: |mesh - one device| <= this x the factor's largest value
+)
 EPS = 1e-3
 
 
@@ -45,9 +46,13 @@ def config(mesh_cfg):
     Adam's eps is large: the update m / (sqrt(v) + eps) of a nearly zero gradient component is then about
     lr * g / eps, not lr * sign(g), which would turn float32 rounding in g into differences of order lr."""
     base = tiny_config()
-    return dataclasses.replace(base, mesh=mesh_cfg, lora=LoRAConfig(rank=4, targets=TARGETS, dropout=0.0),
-                               train=dataclasses.replace(base.train, batch_size=8),
-                               optim=dataclasses.replace(base.optim, warmup_steps=0, eps=EPS))
+    return dataclasses.replace(
+        base,
+        mesh=mesh_cfg,
+        lora=LoRAConfig(rank=4, targets=TARGETS, dropout=0.0),
+        train=dataclasses.replace(base.train, batch_size=8),
+        optim=dataclasses.replace(base.optim, warmup_steps=0, eps=EPS),
+    )
 
 
 def batch_of(cfg):
@@ -55,10 +60,13 @@ def batch_of(cfg):
     rng = np.random.default_rng(0)
     half = T // 2
     seg = np.repeat(np.array([[1] * half + [2] * (half - 3) + [0] * 3], np.int32), B, 0)
-    seg[1, T // 4:] = 0  # uneven valid counts, padding
+    seg[1, T // 4 :] = 0  # uneven valid counts, padding
     pos = np.tile(np.concatenate([np.arange(half), np.arange(T - half)]).astype(np.int32), (B, 1))
-    return {"tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32), "segment_ids": seg,
-            "positions": pos}
+    return {
+        "tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
+        "segment_ids": seg,
+        "positions": pos,
+    }
 
 
 def _name(path) -> str:
@@ -125,8 +133,11 @@ def grpo_leg() -> str:
     from moejax.finetune.grpo import _moe_layers
 
     def cfg_of(mesh_cfg):
-        return dataclasses.replace(config(mesh_cfg), align=AlignConfig(method="grpo"),
-                                   grpo=GRPOConfig(routing_replay=True, beta=0.1, group_size=4, max_new_tokens=8))
+        return dataclasses.replace(
+            config(mesh_cfg),
+            align=AlignConfig(method="grpo"),
+            grpo=GRPOConfig(routing_replay=True, beta=0.1, group_size=4, max_new_tokens=8),
+        )
 
     c = cfg_of(ONE)
     B, T, K = c.train.batch_size, c.data.seq_len, c.model.num_experts_per_tok
@@ -136,7 +147,9 @@ def grpo_leg() -> str:
     batch["loss_mask"] = (batch["positions"] >= 8).astype(np.int32)
     batch["advantages"] = np.repeat(rng.normal(size=(B, 1)), T, 1).astype(np.float32)
     batch["old_logps"] = (-rng.uniform(4, 8, (B, T))).astype(np.float32)
-    routes = np.stack([rng.choice(c.model.n_routed_experts, K, replace=False) for _ in range(B * T * L)])
+    routes = np.stack(
+        [rng.choice(c.model.n_routed_experts, K, replace=False) for _ in range(B * T * L)]
+    )
     routes = routes.reshape(B, T, L * K).astype(np.int32)
     routes[:, -3:] = -1  # not recorded: the router's own choice
     batch["routes"] = routes
@@ -150,9 +163,13 @@ def grpo_leg() -> str:
     (l1, d1, p1), (l8, d8, p8) = out["one"], out["mesh"]
     np.testing.assert_allclose(l8, l1, rtol=RTOL, err_msg="grpo loss")
     np.testing.assert_allclose(d8, d1, rtol=RTOL, err_msg="router disagreement")
-    assert 0.3 < d1 < 1  # random recorded experts: most disagree with the router (replay has work to do)
+    assert (
+        0.3 < d1 < 1
+    )  # random recorded experts: most disagree with the router (replay has work to do)
     for n in p1:
-        np.testing.assert_allclose(p8[n], p1[n], atol=ADAPTER_TOL * max(np.abs(p1[n]).max(), 1e-30), rtol=0, err_msg=n)
+        np.testing.assert_allclose(
+            p8[n], p1[n], atol=ADAPTER_TOL * max(np.abs(p1[n]).max(), 1e-30), rtol=0, err_msg=n
+        )
     return f"grpo_loss_rel={abs(l8 - l1) / abs(l1):.2e} grpo_disagreement={d1:.3f}"
 
 
@@ -178,7 +195,9 @@ def main():
     p8 = flat(s8["params"])
     b_names = [n for n in p8 if "_lora_b" in n]
     assert b_names and all(np.abs(p8[n]).max() > 0 for n in b_names), b_names
-    assert sum(routed(n) for n in b_names) == 4, b_names  # w_gate_up, w_down of the MoE layer and the MTP block
+    assert sum(routed(n) for n in b_names) == 4, (
+        b_names
+    )  # w_gate_up, w_down of the MoE layer and the MTP block
     frozen_before = host(s8["frozen"])
 
     # two steps on each layout
@@ -223,14 +242,19 @@ def main():
     # far above the tolerance and what the layouts differ by (the routed experts act only through the routing
     # weights on a model at initialization: a small but certain effect)
     assert effect_all > 10 * RTOL and effect_all > 100 * max(d_loss, d_exp), (loss8[0], loss_zero)
-    assert effect_experts > 10 * RTOL and effect_experts > 100 * max(d_loss, d_exp), (loss_exp8, loss_zero)
+    assert effect_experts > 10 * RTOL and effect_experts > 100 * max(d_loss, d_exp), (
+        loss_exp8,
+        loss_zero,
+    )
     moe_ep.experts_ep = real_ep
     grpo = grpo_leg()
     norms = "/".join(f"{d:.1e}" for d in d_norm)
-    print(f"OK loss_rel={max(d_loss, d_exp):.2e} grad_norm_rel_per_step={norms} adapter_abs={d_abs:.2e} "
-          f"adapter_rel={d_rel:.2e} frozen_bit_identical=1 adapted_vs_zero_B={effect_all:.2e} "
-          f"experts_only_vs_zero_B={effect_experts:.2e} losses={loss8} adapters={len(f1)} "
-          f"ep_traces_with_lora={len(calls)} {grpo} seconds={time.perf_counter() - t0:.1f}")
+    print(
+        f"OK loss_rel={max(d_loss, d_exp):.2e} grad_norm_rel_per_step={norms} adapter_abs={d_abs:.2e} "
+        f"adapter_rel={d_rel:.2e} frozen_bit_identical=1 adapted_vs_zero_B={effect_all:.2e} "
+        f"experts_only_vs_zero_B={effect_experts:.2e} losses={loss8} adapters={len(f1)} "
+        f"ep_traces_with_lora={len(calls)} {grpo} seconds={time.perf_counter() - t0:.1f}"
+    )
 
 
 if __name__ == "__main__":

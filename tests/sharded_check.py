@@ -31,7 +31,6 @@ from moejax.config import Config, MeshConfig
 from moejax.experiment import load_config_file
 from moejax.model.moe import MoE
 from moejax.trainer import setup
-
 from tests.helpers import ROOT, tiny_config
 
 # The named layouts of moejax.sharding, plus pure data parallelism.
@@ -42,11 +41,22 @@ ONE = MeshConfig(fsdp=1)
 def _batch(cfg):
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
-    seg = np.repeat(np.array([[1] * (T // 2) + [2] * (T // 2 - 3) + [0] * (T - T // 2 - (T // 2 - 3))], np.int32), B, 0)
-    seg[1, T // 4:] = 0  # uneven valid counts
-    pos = np.tile(np.concatenate([np.arange(T // 2), np.arange(T - T // 2)]).astype(np.int32), (B, 1))
-    return {"tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32), "segment_ids": seg,
-            "positions": pos}
+    seg = np.repeat(
+        np.array(
+            [[1] * (T // 2) + [2] * (T // 2 - 3) + [0] * (T - T // 2 - (T // 2 - 3))], np.int32
+        ),
+        B,
+        0,
+    )
+    seg[1, T // 4 :] = 0  # uneven valid counts
+    pos = np.tile(
+        np.concatenate([np.arange(T // 2), np.arange(T - T // 2)]).astype(np.int32), (B, 1)
+    )
+    return {
+        "tokens": rng.integers(4, cfg.model.vocab_size, (B, T)).astype(np.int32),
+        "segment_ids": seg,
+        "positions": pos,
+    }
 
 
 def one_step(cfg, mesh_cfg, devices=None):
@@ -62,7 +72,9 @@ def one_step(cfg, mesh_cfg, devices=None):
 
 def _close(state, m, ref_state, ref_m, name):
     np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=2e-5, err_msg=name)
-    np.testing.assert_allclose(float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=2e-4, err_msg=name)
+    np.testing.assert_allclose(
+        float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=2e-4, err_msg=name
+    )
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=3e-5, rtol=1e-4, err_msg=name)
     for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(ref_state["router"])):
@@ -84,7 +96,9 @@ def check_init():
     real_init = transformer.Transformer.__init__
 
     def spy(self, *a, **k):
-        built.append(isinstance(jnp.zeros(()), jax.core.Tracer))  # True when traced (eval_shape / jit)
+        built.append(
+            isinstance(jnp.zeros(()), jax.core.Tracer)
+        )  # True when traced (eval_shape / jit)
         real_init(self, *a, **k)
 
     transformer.Transformer.__init__ = spy
@@ -102,15 +116,24 @@ def check_init():
     per_device = ts.state_bytes_per_device()
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ts.abstract))
     n_leaves = len(jax.tree.leaves(ts.abstract))
-    assert per_device <= mem.output_size_in_bytes <= per_device + 64 * n_leaves, (mem.output_size_in_bytes, per_device)
-    assert per_device < 0.5 * total, (per_device, total)  # fsdp=2 halves the dense part, experts split 8 ways
+    assert per_device <= mem.output_size_in_bytes <= per_device + 64 * n_leaves, (
+        mem.output_size_in_bytes,
+        per_device,
+    )
+    assert per_device < 0.5 * total, (
+        per_device,
+        total,
+    )  # fsdp=2 halves the dense part, experts split 8 ways
     assert mem.temp_size_in_bytes < per_device, (mem.temp_size_in_bytes, per_device)
     for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(ts.abstract)):
         assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
         for shard in leaf.addressable_shards:
             assert shard.data.shape == want.sharding.shard_shape(want.shape)
-    return {"state_bytes_total": total, "state_bytes_per_device": per_device,
-            "init_temp_bytes_per_device": mem.temp_size_in_bytes}
+    return {
+        "state_bytes_total": total,
+        "state_bytes_per_device": per_device,
+        "init_temp_bytes_per_device": mem.temp_size_in_bytes,
+    }
 
 
 # -------------------------------------------------------------------------------------- exchanges
@@ -132,8 +155,15 @@ def check_exchanges():
     """Expert-parallel MoE layer vs the single-device layer, forward + gradients + dropped count, on a
     routing that overflows the capacity (capacity_factor 0.5) with padding rows. The 'group' capacity scope
     equals the single-device layer run on each expert-parallel group's rows."""
-    base = tiny_config().model.replace(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                       hidden_size=32, moe_intermediate_size=16, n_shared_experts=1)
+    base = tiny_config().model.replace(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+    )
     x = jax.random.normal(jax.random.key(1), (8, 16, base.hidden_size))
     mask = jnp.ones((8, 16)).at[2, 5:].set(0).at[5, :].set(0)
     _, state = nnx.split(MoE(base, rngs=nnx.Rngs(0)))
@@ -141,7 +171,9 @@ def check_exchanges():
     def run(layer_cfg, mesh, rules, rows=slice(None)):
         """((loss, (y, dropped)), (param grads, x grads)) of the layer on batch rows `rows`."""
         layout = sharding.layout(mesh, rules)
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: MoE(layer_cfg, rngs=nnx.Rngs(0), layout=layout)))
+        graphdef, _ = nnx.split(
+            nnx.eval_shape(lambda: MoE(layer_cfg, rngs=nnx.Rngs(0), layout=layout))
+        )
         m = mask[rows]
 
         def f(state, x):
@@ -150,27 +182,45 @@ def check_exchanges():
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x[rows])
 
-    def per_group(layer_cfg):  # the single-device layer on each half of the batch (fsdp=2's two groups)
+    def per_group(
+        layer_cfg,
+    ):  # the single-device layer on each half of the batch (fsdp=2's two groups)
         (la, (ya, da)), (ga, xa) = run(layer_cfg, None, None, slice(0, 4))
         (lb, (yb, db)), (gb, xb) = run(layer_cfg, None, None, slice(4, 8))
-        return ((la + lb, (jnp.concatenate([ya, yb]), da + db)),
-                (jax.tree.map(jnp.add, ga, gb), jnp.concatenate([xa, xb])))
+        return (
+            (la + lb, (jnp.concatenate([ya, yb]), da + db)),
+            (jax.tree.map(jnp.add, ga, gb), jnp.concatenate([xa, xb])),
+        )
 
     refs, out = {}, {}
 
     def check(tag, got, ref):
         (_, (y, dropped)), (gs, gx) = got
         (_, (ref_y, ref_dropped)), (ref_gs, ref_gx) = ref
-        np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=2e-5, rtol=1e-4, err_msg=tag)
+        np.testing.assert_allclose(
+            np.asarray(y), np.asarray(ref_y), atol=2e-5, rtol=1e-4, err_msg=tag
+        )
         assert float(dropped) == float(ref_dropped), (tag, float(dropped), float(ref_dropped))
-        np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), atol=2e-5, rtol=1e-4, err_msg=tag)
+        np.testing.assert_allclose(
+            np.asarray(gx), np.asarray(ref_gx), atol=2e-5, rtol=1e-4, err_msg=tag
+        )
         for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(ref_gs)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4, err_msg=tag)
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4, err_msg=tag
+            )
         out[tag] = float(dropped)
 
-    for exchange, cf, scope in (("dropless", 1.0, "global"), ("capacity", 0.5, "global"), ("ragged", 0.5, "global"),
-                                ("capacity", 8.0, "global"), ("capacity", 0.5, "group"), ("ragged", 0.5, "group")):
-        ref_cfg = base.replace(moe_impl="dropless" if exchange == "dropless" else "capacity", capacity_factor=cf)
+    for exchange, cf, scope in (
+        ("dropless", 1.0, "global"),
+        ("capacity", 0.5, "global"),
+        ("ragged", 0.5, "global"),
+        ("capacity", 8.0, "global"),
+        ("capacity", 0.5, "group"),
+        ("ragged", 0.5, "group"),
+    ):
+        ref_cfg = base.replace(
+            moe_impl="dropless" if exchange == "dropless" else "capacity", capacity_factor=cf
+        )
         if exchange == "capacity" and cf < 1 and scope == "global":
             cases = RULES
         elif scope == "group":
@@ -183,18 +233,33 @@ def check_exchanges():
             if key not in refs:
                 refs[key] = per_group(ref_cfg) if split else run(ref_cfg, None, None)
             rules = sharding.rules_for(dataclasses.replace(mc, rules=rule_str))
-            cfg = base.replace(moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf, capacity_scope=scope)
-            check(f"{exchange} cf={cf} {scope} {name}", run(cfg, sharding.make_mesh(mc), rules), refs[key])
+            cfg = base.replace(
+                moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf, capacity_scope=scope
+            )
+            check(
+                f"{exchange} cf={cf} {scope} {name}",
+                run(cfg, sharding.make_mesh(mc), rules),
+                refs[key],
+            )
     assert out["capacity cf=0.5 global default"] > 5  # the routing overflows
     assert out["capacity cf=8.0 global default"] == 0.0
-    y_group, y_global = refs[("capacity", 0.5, True)][0][1][0], refs[("capacity", 0.5, False)][0][1][0]
+    y_group, y_global = (
+        refs[("capacity", 0.5, True)][0][1][0],
+        refs[("capacity", 0.5, False)][0][1][0],
+    )
     # the two scopes keep different assignments
     assert float(jnp.abs(y_group - y_global).max()) > 0.05 * float(jnp.abs(y_global).max())
     out["ties across shards"] = check_capacity_ties()
     # a rule the exchange cannot honour is refused at construction, with one line
     try:
-        MoE(base, rngs=nnx.Rngs(0), layout=sharding.layout(sharding.make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)),
-                                                           sharding.rules_for(MeshConfig(rules="expert=tensor"))))
+        MoE(
+            base,
+            rngs=nnx.Rngs(0),
+            layout=sharding.layout(
+                sharding.make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)),
+                sharding.rules_for(MeshConfig(rules="expert=tensor")),
+            ),
+        )
     except sharding.ShardingError as e:
         assert "'tensor' does not split the batch" in str(e) and "\n" not in str(e), e
         out["refused expert=tensor"] = str(e)
@@ -220,12 +285,19 @@ def check_capacity_ties():
     for axes in (("fsdp", "expert"), ("expert", "fsdp")):
         sizes = tuple(mesh.shape[a] for a in axes)
         for cap in (3, 17, 50):
-            f = jax.shard_map(lambda i, w, v: moe_ep.capacity_keep(i, w, v, Ex, cap, axes, sizes), mesh=mesh,
-                              in_specs=(P(axes),) * 3, out_specs=P(axes), check_vma=False)
+            f = jax.shard_map(
+                lambda i, w, v: moe_ep.capacity_keep(i, w, v, Ex, cap, axes, sizes),
+                mesh=mesh,
+                in_specs=(P(axes),) * 3,
+                out_specs=P(axes),
+                check_vma=False,
+            )
             keep = np.asarray(jax.jit(f)(ids, w, valid))
             want = np.zeros(A, bool)
             for e in range(Ex):
-                rows = sorted((a for a in range(A) if ids[a] == e and valid[a]), key=lambda a: (-w[a], a))
+                rows = sorted(
+                    (a for a in range(A) if ids[a] == e and valid[a]), key=lambda a: (-w[a], a)
+                )
                 want[rows[:cap]] = True
             np.testing.assert_array_equal(keep, want, err_msg=f"{axes} cap={cap}")
             checked += 1
@@ -239,9 +311,13 @@ def step_config():
     """The tiny default (MLA, dense + MoE layers, MTP) at batch 16: one dense layer, which two pipeline
     stages do not divide, and two MoE layers, which they do."""
     base = tiny_config()
-    return dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=16),
-                               model=base.model.replace(num_heads=4, num_layers=3, first_k_dense_replace=1,
-                                                        pipeline_microbatches=4, mtp_depth=1))
+    return dataclasses.replace(
+        base,
+        train=dataclasses.replace(base.train, batch_size=16),
+        model=base.model.replace(
+            num_heads=4, num_layers=3, first_k_dense_replace=1, pipeline_microbatches=4, mtp_depth=1
+        ),
+    )
 
 
 def check_presets_and_restore():
@@ -265,15 +341,27 @@ def check_presets_and_restore():
         assert calls == ([2] if name == "pipeline" else []), (name, calls)
         _close(state, m, ref_state, ref_m, name)
         # every parameter and Adam moment ends with the sharding the rules give
-        want = jax.tree.leaves(ts.shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        want = jax.tree.leaves(
+            ts.shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
+        )
         got = jax.tree.leaves(state)
         assert all(g.sharding.is_equivalent_to(w, g.ndim) for g, w in zip(got, want)), name
         total = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
-        per_device = max(sum(s.data.nbytes for x in jax.tree.leaves(state["params"])
-                             for s in x.addressable_shards if s.device == d) for d in jax.devices())
+        per_device = max(
+            sum(
+                s.data.nbytes
+                for x in jax.tree.leaves(state["params"])
+                for s in x.addressable_shards
+                if s.device == d
+            )
+            for d in jax.devices()
+        )
         w = state["params"]["segments"][1]["ffn"]["w_gate_up"].get_value()
-        results[name] = {"param_bytes_per_device": per_device, "param_bytes_total": total,
-                         "w_gate_up_spec": str(w.sharding.spec)}
+        results[name] = {
+            "param_bytes_per_device": per_device,
+            "param_bytes_total": total,
+            "w_gate_up_spec": str(w.sharding.spec),
+        }
         if name == "pipeline":
             dense = state["params"]["segments"][0]["ffn"]["w_gate_up"].get_value()
             assert "stage" in str(w.sharding.spec) and "stage" not in str(dense.sharding.spec)
@@ -299,7 +387,9 @@ def check_restore(cfg, state):
         restored, data = ts.restore(ck, 2)
         ck.close()
     assert data == {"position": 7}
-    for a, b, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(ts.abstract)):
+    for a, b, want in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(ts.abstract)
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert a.sharding.is_equivalent_to(want.sharding, a.ndim)
     w = restored["params"]["segments"][1]["ffn"]["w_gate_up"].get_value()

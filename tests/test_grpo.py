@@ -30,8 +30,14 @@ def _batch(seed=0):
     loss_mask[3, 4:6] = 1
     adv = np.repeat(rng.normal(size=(B, 1)), T, axis=1).astype(np.float32)
     old = (-rng.uniform(0.5, 3.0, (B, T))).astype(np.float32)
-    return {"tokens": tokens, "segment_ids": seg, "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-            "loss_mask": loss_mask, "advantages": adv, "old_logps": old}
+    return {
+        "tokens": tokens,
+        "segment_ids": seg,
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        "loss_mask": loss_mask,
+        "advantages": adv,
+        "old_logps": old,
+    }
 
 
 def _expected(logits, ref_logits, b, cfg: GRPOConfig):
@@ -42,8 +48,11 @@ def _expected(logits, ref_logits, b, cfg: GRPOConfig):
     for i in range(B):
         terms = []
         for t in range(T - 1):
-            if not (b["segment_ids"][i, t] > 0 and b["segment_ids"][i, t + 1] == b["segment_ids"][i, t]
-                    and b["loss_mask"][i, t + 1]):
+            if not (
+                b["segment_ids"][i, t] > 0
+                and b["segment_ids"][i, t + 1] == b["segment_ids"][i, t]
+                and b["loss_mask"][i, t + 1]
+            ):
                 continue
             tok = b["tokens"][i, t + 1]
             ratio = np.exp(lp[i, t, tok] - b["old_logps"][i, t])
@@ -61,7 +70,9 @@ def _expected(logits, ref_logits, b, cfg: GRPOConfig):
     return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
 
 
-@pytest.mark.parametrize("loss,eps_high,beta", [("grpo", 0.0, 0.04), ("dr_grpo", 0.0, 0.1), ("dapo", 0.28, 0.0)])
+@pytest.mark.parametrize(
+    "loss,eps_high,beta", [("grpo", 0.0, 0.04), ("dr_grpo", 0.0, 0.1), ("dapo", 0.28, 0.0)]
+)
 def test_loss_matches_the_formula_and_any_split(loss, eps_high, beta):
     cfg = GRPOConfig(loss=loss, epsilon_high=eps_high, beta=beta, max_new_tokens=7)
     b = _batch()
@@ -72,8 +83,19 @@ def test_loss_matches_the_formula_and_any_split(loss, eps_high, beta):
     got, metrics = grpo.grpo_share(logits, ref, whole, norm, cfg, cfg.max_new_tokens)
     np.testing.assert_allclose(float(got), _expected(logits, ref, b, cfg), rtol=1e-5, atol=1e-6)
     # shares of two halves (microbatches, data-parallel shards) divided by the global counts add up to the whole
-    halves = sum(float(grpo.grpo_share(logits[s], ref[s], {k: v[s] for k, v in whole.items()}, norm, cfg,
-                                       cfg.max_new_tokens)[0]) for s in (slice(0, 2), slice(2, 4)))
+    halves = sum(
+        float(
+            grpo.grpo_share(
+                logits[s],
+                ref[s],
+                {k: v[s] for k, v in whole.items()},
+                norm,
+                cfg,
+                cfg.max_new_tokens,
+            )[0]
+        )
+        for s in (slice(0, 2), slice(2, 4))
+    )
     np.testing.assert_allclose(halves, float(got), rtol=1e-5, atol=1e-6)
     # clipping happens here: some ratios leave [1 - eps, 1 + eps] (old log-probs are far from the policy's)
     assert 0 < float(metrics["grpo/clip_fraction"]) < 1
@@ -117,12 +139,16 @@ def test_generator_decodes_a_lora_policy_as_its_merged_weights():
     from tests.test_infer import MLA, PROMPTS
 
     model = Transformer(MLA, rngs=nnx.Rngs(0))
-    lora.apply(model, LoRAConfig(rank=4, targets=("attn/", "ffn/experts/", "ffn/shared/")), nnx.Rngs(1))
+    lora.apply(
+        model, LoRAConfig(rank=4, targets=("attn/", "ffn/experts/", "ffn/shared/")), nnx.Rngs(1)
+    )
     for _, m in nnx.iter_modules(model):  # non-zero adapters
         for name, v in list(vars(m).items()):
             if name.endswith("_lora_b"):
                 v.set_value(0.3 * jax.random.normal(jax.random.key(len(name)), v.get_value().shape))
-    params = [SamplingParams(temperature=1.0, max_new_tokens=6, seed=i) for i in range(len(PROMPTS))]
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=6, seed=i) for i in range(len(PROMPTS))
+    ]
     got = Generator(model, eos_ids=[]).generate(PROMPTS, params)
     want = Generator(lora.merge(model), eos_ids=[]).generate(PROMPTS, params)
     assert [o.tokens for o in got] == [o.tokens for o in want]
@@ -141,18 +167,30 @@ def test_rollout_rows_line_up_tokens_masks_old_logps_and_routes():
     L, K = grpo._moe_layers(cfg), cfg.model.num_experts_per_tok
     r = grpo.Rollouts.__new__(grpo.Rollouts)
     r.cfg, r.tokenizer = cfg, SimpleNamespace(eos_id=2)
+
     def routes(n):
         return np.arange(L * n * K).reshape(L, n, K) % 4
 
-    outs = [Completion([1, 7, 8], [9, 10], [-0.5, -0.25], "eos", eos_logprob=-0.125, routes=routes(6)),
-            Completion([1, 7], [11, 12, 13], [-1.0, -2.0, -3.0], "length", routes=routes(5))]
+    outs = [
+        Completion([1, 7, 8], [9, 10], [-0.5, -0.25], "eos", eos_logprob=-0.125, routes=routes(6)),
+        Completion([1, 7], [11, 12, 13], [-1.0, -2.0, -3.0], "length", routes=routes(5)),
+    ]
     b = r._rows([o.prompt_tokens for o in outs], outs, np.array([1.5, -0.5], np.float32))
     assert b["tokens"][0, :6].tolist() == [1, 7, 8, 9, 10, 2] and b["tokens"][0, 6:].sum() == 0
     assert b["loss_mask"][0, :7].tolist() == [0, 0, 0, 1, 1, 1, 0]
     assert b["old_logps"][0, :6].tolist() == [0, 0, -0.5, -0.25, -0.125, 0]
-    assert b["tokens"][1, :5].tolist() == [1, 7, 11, 12, 13] and b["loss_mask"][1, :6].tolist() == [0, 0, 1, 1, 1, 0]
+    assert b["tokens"][1, :5].tolist() == [1, 7, 11, 12, 13] and b["loss_mask"][1, :6].tolist() == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        0,
+    ]
     assert b["old_logps"][1, :5].tolist() == [0, -1.0, -2.0, -3.0, 0]
-    assert b["segment_ids"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and b["positions"][1, :5].tolist() == list(range(5))
+    assert b["segment_ids"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and b["positions"][
+        1, :5
+    ].tolist() == list(range(5))
     np.testing.assert_array_equal(b["advantages"][:, 0], [1.5, -0.5])
     assert b["routes"].shape == (2, cfg.data.seq_len, L * K)
     np.testing.assert_array_equal(grpo.split_routes(b["routes"], K)[:, 0, :6], routes(6))
@@ -226,8 +264,13 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
 
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as f:
-        f.writelines(json.dumps({"prompt": p["prompt"], "chosen": rewards.solution(p), "rejected": "no idea"}) + "\n"
-                     for p in rewards.arithmetic_split(10, "+-", 16)[0][:48])
+        f.writelines(
+            json.dumps(
+                {"prompt": p["prompt"], "chosen": rewards.solution(p), "rejected": "no idea"}
+            )
+            + "\n"
+            for p in rewards.arithmetic_split(10, "+-", 16)[0][:48]
+        )
     rd = _cfg(tmp_path)
     rd.base = str(tmp_path / "sft")
     rd.sft.data = str(pairs)
@@ -245,4 +288,6 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
     cd.train.eval_every = 0
     out = runner.run(Config.from_dict(cd), str(tmp_path / "full"), quiet=True)
     assert np.isfinite(out["loss"]) and "val_reward" in out
-    assert np.isfinite(out["rollout/reward_model"]) and out["rollout/reward"] == pytest.approx(out["rollout/reward_model"])
+    assert np.isfinite(out["rollout/reward_model"]) and out["rollout/reward"] == pytest.approx(
+        out["rollout/reward_model"]
+    )

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="parity tests need the `hf` extra (torch CPU + transformers)")
+torch = pytest.importorskip(
+    "torch", reason="parity tests need the `hf` extra (torch CPU + transformers)"
+)
 transformers = pytest.importorskip("transformers", reason="parity tests need the `hf` extra")
 
 import jax.numpy as jnp  # noqa: E402
@@ -17,44 +19,148 @@ from moejax.convert import from_hf, from_hf_config, to_hf  # noqa: E402
 
 TOL = 1e-4
 
-COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, max_position_embeddings=256,
-              initializer_range=0.1)
-MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, intermediate_size=48,
-           moe_intermediate_size=16, n_shared_experts=1)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+)
+MLA = dict(
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+)
 
 
 def _cases():
-    from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
-    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     return {
         # sigmoid scores, 4 groups of 2 with 2 kept, correction bias, top-3, scaling, YaRN, MTP layer
-        "deepseek_v3_sigmoid_groups": (DeepseekV3ForCausalLM, DeepseekV3Config(
-            **COMMON, **MLA, num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=24, n_routed_experts=8,
-            num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
-            norm_topk_prob=True, rope_parameters=yarn, num_nextn_predict_layers=1), True),
+        "deepseek_v3_sigmoid_groups": (
+            DeepseekV3ForCausalLM,
+            DeepseekV3Config(
+                **COMMON,
+                **MLA,
+                num_hidden_layers=3,
+                num_key_value_heads=4,
+                q_lora_rank=24,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                rope_parameters=yarn,
+                num_nextn_predict_layers=1,
+            ),
+            True,
+        ),
         # single group (plain top-k), no normalisation, default rope
-        "deepseek_v3_plain": (DeepseekV3ForCausalLM, DeepseekV3Config(
-            **COMMON, **MLA, num_hidden_layers=2, num_key_value_heads=4, q_lora_rank=24, n_routed_experts=6,
-            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=False,
-            num_nextn_predict_layers=0), True),
+        "deepseek_v3_plain": (
+            DeepseekV3ForCausalLM,
+            DeepseekV3Config(
+                **COMMON,
+                **MLA,
+                num_hidden_layers=2,
+                num_key_value_heads=4,
+                q_lora_rank=24,
+                n_routed_experts=6,
+                num_experts_per_tok=2,
+                n_group=1,
+                topk_group=1,
+                first_k_dense_replace=1,
+                norm_topk_prob=False,
+                num_nextn_predict_layers=0,
+            ),
+            True,
+        ),
         # softmax routing, group-limited greedy (group score = max), V2 (complex-pair rope)
-        "deepseek_v2_softmax_groups": (DeepseekV2ForCausalLM, DeepseekV2Config(
-            **COMMON, **MLA, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2,
-            topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
-            routed_scaling_factor=16.0), False),
+        "deepseek_v2_softmax_groups": (
+            DeepseekV2ForCausalLM,
+            DeepseekV2Config(
+                **COMMON,
+                **MLA,
+                num_hidden_layers=3,
+                q_lora_rank=24,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                topk_method="group_limited_greedy",
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+                routed_scaling_factor=16.0,
+            ),
+            False,
+        ),
         # the V2-Lite shape: q_lora_rank 0 (plain query projection), greedy softmax top-k
-        "deepseek_v2_lite": (DeepseekV2ForCausalLM, DeepseekV2Config(
-            **COMMON, **MLA, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=3,
-            topk_method="greedy", first_k_dense_replace=1), False),
-        "mixtral": (MixtralForCausalLM, MixtralConfig(
-            **COMMON, intermediate_size=24, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4,
-            num_experts_per_tok=2), False),
-        "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
-            **COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2,
-            head_dim=8, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]), False),
+        "deepseek_v2_lite": (
+            DeepseekV2ForCausalLM,
+            DeepseekV2Config(
+                **COMMON,
+                **MLA,
+                num_hidden_layers=2,
+                q_lora_rank=None,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                topk_method="greedy",
+                first_k_dense_replace=1,
+            ),
+            False,
+        ),
+        "mixtral": (
+            MixtralForCausalLM,
+            MixtralConfig(
+                **COMMON,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+            ),
+            False,
+        ),
+        "qwen3_moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(
+                **COMMON,
+                intermediate_size=48,
+                moe_intermediate_size=16,
+                num_hidden_layers=3,
+                num_key_value_heads=2,
+                head_dim=8,
+                num_experts=6,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                mlp_only_layers=[1],
+            ),
+            False,
+        ),
     }
 
 
@@ -76,7 +182,9 @@ def test_logit_parity_and_round_trip(name, tmp_path):
             for layer in hf.model.layers:
                 gate = getattr(layer.mlp, "gate", None)
                 if gate is not None and hasattr(gate, "e_score_correction_bias"):
-                    gate.e_score_correction_bias.copy_(0.05 * torch.randn_like(gate.e_score_correction_bias))
+                    gate.e_score_correction_bias.copy_(
+                        0.05 * torch.randn_like(gate.e_score_correction_bias)
+                    )
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     rng = np.random.default_rng(0)
@@ -112,14 +220,22 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     model, mcfg = from_hf(str(src))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (5, 11, 2)]
-    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, repetition_penalty=1.5),
-              SamplingParams(max_new_tokens=7)]
+    params = [
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12, repetition_penalty=1.5),
+        SamplingParams(max_new_tokens=7),
+    ]
     gen = Generator(model, eos_ids=[])
     outs = gen.generate(prompts, params)
     for p, o, sp in zip(prompts, outs, params):
         with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=sp.max_new_tokens, do_sample=False,
-                               repetition_penalty=sp.repetition_penalty, pad_token_id=0)[0, len(p):].tolist()
+            want = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=sp.max_new_tokens,
+                do_sample=False,
+                repetition_penalty=sp.repetition_penalty,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
         assert o.tokens == want, (name, p, sp.repetition_penalty)
     if mcfg.mtp_depth:
         spec = gen.generate(prompts, params, speculative=True)
@@ -131,26 +247,73 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
 # Llama attention, RMSNorm, half-split rope and decoder layers, with DeepseekV2's MoE (softmax, greedy top-k,
 # unnormalised weights, one fused shared MLP) in the MoE layers. The checkpoint is written in the remote code's
 # per-expert names, next to a config.json like the released one.
-_V1_NOT_ARCHITECTURE = ("auto_map", "use_cache", "bos_token_id", "eos_token_id", "pretraining_tp", "attention_dropout",
-                        "torch_dtype", "transformers_version")
-_V1 = dict(architectures=["DeepseekForCausalLM"], model_type="deepseek",
-           auto_map={"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                     "AutoModel": "modeling_deepseek.DeepseekModel",
-                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-           vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-           n_shared_experts=2, num_experts_per_tok=3, norm_topk_prob=False, scoring_func="softmax",
-           aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu", max_position_embeddings=256, initializer_range=0.1,
-           rms_norm_eps=1e-6, use_cache=True, bos_token_id=0, eos_token_id=1, pretraining_tp=1,
-           tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=None, attention_bias=False,
-           attention_dropout=0.0, torch_dtype="bfloat16", transformers_version="4.36.0")
+_V1_NOT_ARCHITECTURE = (
+    "auto_map",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pretraining_tp",
+    "attention_dropout",
+    "torch_dtype",
+    "transformers_version",
+)
+_V1 = dict(
+    architectures=["DeepseekForCausalLM"],
+    model_type="deepseek",
+    auto_map={
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    n_shared_experts=2,
+    num_experts_per_tok=3,
+    norm_topk_prob=False,
+    scoring_func="softmax",
+    aux_loss_alpha=0.001,
+    seq_aux=True,
+    hidden_act="silu",
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-6,
+    use_cache=True,
+    bos_token_id=0,
+    eos_token_id=1,
+    pretraining_tp=1,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    attention_bias=False,
+    attention_dropout=0.0,
+    torch_dtype="bfloat16",
+    transformers_version="4.36.0",
+)
 DEEPSEEK_V1_CASES = {
     # the deepseek-moe-16b shape: multi-head attention, first layer dense, then every layer MoE
-    "deepseek_moe_16b_shape": dict(_V1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                   first_k_dense_replace=1, moe_layer_freq=1),
+    "deepseek_moe_16b_shape": dict(
+        _V1,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+    ),
     # what else the remote code allows: grouped KV heads, MoE every 2nd layer from layer 0, another rope base,
     # the Switch-style balance loss
-    "deepseek_gqa_every_2nd": dict(_V1, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                   first_k_dense_replace=0, moe_layer_freq=2, rope_theta=50000.0, seq_aux=False),
+    "deepseek_gqa_every_2nd": dict(
+        _V1,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        first_k_dense_replace=0,
+        moe_layer_freq=2,
+        rope_theta=50000.0,
+        seq_aux=False,
+    ),
 }
 
 
@@ -160,20 +323,37 @@ def _deepseek_v1_reference(d):
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
     llama = LlamaConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=d["num_key_value_heads"], rms_norm_eps=d["rms_norm_eps"],
-        max_position_embeddings=d["max_position_embeddings"], tie_word_embeddings=False,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d["num_key_value_heads"],
+        rms_norm_eps=d["rms_norm_eps"],
+        max_position_embeddings=d["max_position_embeddings"],
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": d["rope_theta"]},
-        initializer_range=d["initializer_range"], attn_implementation="eager")
+        initializer_range=d["initializer_range"],
+        attn_implementation="eager",
+    )
     moe = DeepseekV2Config(
-        hidden_size=d["hidden_size"], moe_intermediate_size=d["moe_intermediate_size"],
-        n_routed_experts=d["n_routed_experts"], num_experts_per_tok=d["num_experts_per_tok"],
-        n_shared_experts=d["n_shared_experts"], topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
-        routed_scaling_factor=1.0, experts_implementation="eager")
+        hidden_size=d["hidden_size"],
+        moe_intermediate_size=d["moe_intermediate_size"],
+        n_routed_experts=d["n_routed_experts"],
+        num_experts_per_tok=d["num_experts_per_tok"],
+        n_shared_experts=d["n_shared_experts"],
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        experts_implementation="eager",
+    )
     model = LlamaForCausalLM(llama)
     for i, layer in enumerate(model.model.layers):
-        if i >= d["first_k_dense_replace"] and i % d["moe_layer_freq"] == 0:  # modeling_deepseek.py's rule
+        if (
+            i >= d["first_k_dense_replace"] and i % d["moe_layer_freq"] == 0
+        ):  # modeling_deepseek.py's rule
             layer.mlp = DeepseekV2Moe(moe)
             with torch.no_grad():
                 for p in layer.mlp.parameters():  # created empty (router: zeros)
@@ -205,15 +385,26 @@ def _load_deepseek_names(model, tensors):
     for name in model.state_dict():
         if name.endswith(".experts.gate_up_proj"):
             pre, e = name[: -len("gate_up_proj")], model.get_parameter(name).shape[0]
-            state[name] = np.stack([np.concatenate([tensors.pop(f"{pre}{j}.gate_proj.weight"),
-                                                    tensors.pop(f"{pre}{j}.up_proj.weight")]) for j in range(e)])
+            state[name] = np.stack(
+                [
+                    np.concatenate(
+                        [
+                            tensors.pop(f"{pre}{j}.gate_proj.weight"),
+                            tensors.pop(f"{pre}{j}.up_proj.weight"),
+                        ]
+                    )
+                    for j in range(e)
+                ]
+            )
         elif name.endswith(".experts.down_proj"):
             pre, e = name[: -len("down_proj")], model.get_parameter(name).shape[0]
             state[name] = np.stack([tensors.pop(f"{pre}{j}.down_proj.weight") for j in range(e)])
         else:
             state[name] = tensors.pop(name)
     assert not tensors, sorted(tensors)
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True
+    )
     return model
 
 
@@ -224,7 +415,11 @@ def test_deepseek_moe_v1_logit_parity_and_round_trip(name, tmp_path):
     ref = _deepseek_v1_reference(d)
     src = tmp_path / "hf"
     src.mkdir()
-    save_file(_to_deepseek_names(ref.state_dict()), str(src / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        _to_deepseek_names(ref.state_dict()),
+        str(src / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (src / "config.json").write_text(json.dumps(d))
     ids = np.random.default_rng(0).integers(0, d["vocab_size"], size=(2, 24))
     want = _hf_logits(ref, ids)
@@ -238,7 +433,10 @@ def test_deepseek_moe_v1_logit_parity_and_round_trip(name, tmp_path):
     # Round trip: the same tensors under the same names, the same architecture keys in config.json.
     dst = tmp_path / "back"
     to_hf(model, mcfg, str(dst))
-    before, after = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    before, after = (
+        load_file(str(src / "model.safetensors")),
+        load_file(str(dst / "model.safetensors")),
+    )
     assert sorted(after) == sorted(before)
     for k in before:
         np.testing.assert_array_equal(after[k], before[k], err_msg=k)

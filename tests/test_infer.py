@@ -19,12 +19,39 @@ from moejax.infer.forward import forward
 from moejax.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-COMMON = dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48, n_routed_experts=4,
-              num_experts_per_tok=2, moe_intermediate_size=16, initializer_range=0.3)
-MLA = ModelConfig(vocab_size=64, **COMMON, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, n_group=2, topk_group=1, mtp_depth=1)
-GQA = ModelConfig(vocab_size=64, **COMMON, attention_type="gqa", num_kv_heads=2, qk_norm=True, rope_interleave=False,
-                  score_func="softmax", use_score_correction_bias=False, n_shared_experts=0)
+COMMON = dict(
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    intermediate_size=48,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    initializer_range=0.3,
+)
+MLA = ModelConfig(
+    vocab_size=64,
+    **COMMON,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+)
+GQA = ModelConfig(
+    vocab_size=64,
+    **COMMON,
+    attention_type="gqa",
+    num_kv_heads=2,
+    qk_norm=True,
+    rope_interleave=False,
+    score_func="softmax",
+    use_score_correction_bias=False,
+    n_shared_experts=0,
+)
 # a small vocabulary makes the random MTP head's drafts right often enough to exercise acceptance
 SPEC = MLA.replace(vocab_size=12)
 PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 12], [3]]
@@ -32,7 +59,10 @@ PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 12], [3]]
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: Transformer(cfg, rngs=nnx.Rngs(0)) for name, cfg in (("mla", MLA), ("gqa", GQA), ("spec", SPEC))}
+    return {
+        name: Transformer(cfg, rngs=nnx.Rngs(0))
+        for name, cfg in (("mla", MLA), ("gqa", GQA), ("spec", SPEC))
+    }
 
 
 def recompute_greedy(model, prompt, n, width=32):
@@ -42,17 +72,19 @@ def recompute_greedy(model, prompt, n, width=32):
 
     @jax.jit
     def last_logits(state, toks, length):
-        logits, _ = nnx.merge(graphdef, state)(toks, segment_ids=(jnp.arange(width) < length)[None].astype(jnp.int32))
+        logits, _ = nnx.merge(graphdef, state)(
+            toks, segment_ids=(jnp.arange(width) < length)[None].astype(jnp.int32)
+        )
         return logits[0, length - 1]
 
     toks, logps = list(prompt), []
     for _ in range(n):
         row = np.zeros((1, width), np.int32)
-        row[0, :len(toks)] = toks
+        row[0, : len(toks)] = toks
         logits = last_logits(state, row, len(toks))
         toks.append(int(jnp.argmax(logits)))
         logps.append(float(jax.nn.log_softmax(logits)[toks[-1]]))
-    return toks[len(prompt):], logps
+    return toks[len(prompt) :], logps
 
 
 @pytest.mark.parametrize("name", ["mla", "gqa"])
@@ -98,7 +130,9 @@ def test_int8_cache_is_close_and_quarter_size(models):
     plain = sum(a.nbytes for seg in init_cache(MLA, 2, 64).segments for a in seg.values())
     # int8 values + one float32 scale per token and tensor
     assert stored == plain // 4 + 2 * 4 * 2 * 64 * MLA.num_layers
-    outs = Generator(model, eos_ids=[], kv_int8=True).generate(PROMPTS, SamplingParams(max_new_tokens=4))
+    outs = Generator(model, eos_ids=[], kv_int8=True).generate(
+        PROMPTS, SamplingParams(max_new_tokens=4)
+    )
     assert all(len(o.tokens) == 4 for o in outs)
 
 
@@ -107,7 +141,9 @@ def test_cache_bytes_per_token_at_deepseek_v3_shape():
     assert bytes_per_token(v3, "bfloat16") == 576 * 61 * 2
     assert bytes_per_token(v3, "bfloat16", int8=True) == (576 + 2 * 4) * 61
     mixtral = resolve(load_config_file(os.path.join(ROOT, "experiments", "mixtral_8x7b.py"))).model
-    assert bytes_per_token(mixtral, "bfloat16") == 2 * 8 * 128 * 32 * 2  # K and V, 8 KV heads of 128, 32 layers
+    assert (
+        bytes_per_token(mixtral, "bfloat16") == 2 * 8 * 128 * 32 * 2
+    )  # K and V, 8 KV heads of 128, 32 layers
 
 
 def test_speculative_greedy_equals_plain_greedy(models):
@@ -133,8 +169,14 @@ def test_speculative_sampling_keeps_the_target_distribution():
     q = rng.dirichlet(np.ones(V)).astype(np.float32)
     d = rng.choice(V, size=N, p=q / q.sum()).astype(np.int32)
     keys = jax.random.split(jax.random.key(0), 2 * N)
-    accept, tok = sampling.speculative_accept(keys[:N], keys[N:], jnp.tile(p, (N, 1)), jnp.tile(q, (N, 1)),
-                                              jnp.asarray(d), jnp.zeros(N, bool))
+    accept, tok = sampling.speculative_accept(
+        keys[:N],
+        keys[N:],
+        jnp.tile(p, (N, 1)),
+        jnp.tile(q, (N, 1)),
+        jnp.asarray(d),
+        jnp.zeros(N, bool),
+    )
     freq = np.bincount(np.asarray(tok), minlength=V) / N
     np.testing.assert_allclose(freq, p, atol=0.01)  # 4+ standard errors at N = 60k
     assert abs(float(np.mean(accept)) - np.minimum(p, q).sum()) < 0.01
@@ -160,16 +202,22 @@ def _rows(**kw):
 
 def test_sampling_filters():
     logits = jnp.asarray([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    keep = lambda **kw: np.isfinite(np.asarray(sampling.filtered(logits, _rows(temperature=1.0, **kw))))[0]
+    keep = lambda **kw: np.isfinite(
+        np.asarray(sampling.filtered(logits, _rows(temperature=1.0, **kw)))
+    )[0]
     assert keep(top_k=2).tolist() == [True, True, False, False, False]
-    p = np.exp([3.0, 2.0, 1.0, 0.0, -1.0]) / np.exp([3.0, 2.0, 1.0, 0.0, -1.0]).sum()  # .636 .234 .086 ...
+    p = (
+        np.exp([3.0, 2.0, 1.0, 0.0, -1.0]) / np.exp([3.0, 2.0, 1.0, 0.0, -1.0]).sum()
+    )  # .636 .234 .086 ...
     assert keep(top_p=0.7).tolist() == [True, True, False, False, False]
     assert keep(top_p=0.5).tolist() == [True, False, False, False, False]
     assert keep(top_p=0.95).tolist() == [True, True, True, False, False]
     assert p[:3].sum() > 0.95 > p[:2].sum()
     assert keep(min_p=0.3).tolist() == [True, True, False, False, False]  # e^-1 = .37 >= .3 > e^-2
     assert keep(top_k=4, min_p=0.1).tolist() == [True, True, True, False, False]
-    pen = sampling.penalize(jnp.asarray([[2.0, -2.0, 2.0]]), jnp.asarray([[True, True, False]]), jnp.asarray([2.0]))
+    pen = sampling.penalize(
+        jnp.asarray([[2.0, -2.0, 2.0]]), jnp.asarray([[True, True, False]]), jnp.asarray([2.0])
+    )
     assert np.asarray(pen).tolist() == [[1.0, -4.0, 2.0]]
     with pytest.raises(ConfigError, match="sampling.top_p"):
         SamplingParams(top_p=0.0)
@@ -179,11 +227,19 @@ def test_per_request_seeds_do_not_depend_on_the_batch(models):
     gen = Generator(models["mla"], eos_ids=[])
     mine = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_new_tokens=8)
     alone = gen.generate([[2, 9, 4]], mine)[0]
-    crowd = gen.generate([[1, 1], [2, 9, 4], [5]], [SamplingParams(temperature=0.7, seed=1, max_new_tokens=12), mine,
-                                                     SamplingParams(max_new_tokens=3)])
+    crowd = gen.generate(
+        [[1, 1], [2, 9, 4], [5]],
+        [
+            SamplingParams(temperature=0.7, seed=1, max_new_tokens=12),
+            mine,
+            SamplingParams(max_new_tokens=3),
+        ],
+    )
     assert crowd[1].tokens == alone.tokens
     assert [len(c.tokens) for c in crowd] == [12, 8, 3]
-    other = gen.generate([[2, 9, 4]], SamplingParams(temperature=1.0, top_p=0.9, seed=6, max_new_tokens=8))[0]
+    other = gen.generate(
+        [[2, 9, 4]], SamplingParams(temperature=1.0, top_p=0.9, seed=6, max_new_tokens=8)
+    )[0]
     assert other.tokens != alone.tokens
 
 
@@ -207,12 +263,15 @@ def test_stop_strings_and_eos(models):
     free = Generator(model, CharTokenizer()).generate(["abc"], SamplingParams(max_new_tokens=20))[0]
     stop = free.text[7:9]
     first = free.text.find(stop)
-    got = Generator(model, CharTokenizer(), chunk=4).generate(["abc"], SamplingParams(max_new_tokens=20,
-                                                                                      stop=(stop, "never")))[0]
+    got = Generator(model, CharTokenizer(), chunk=4).generate(
+        ["abc"], SamplingParams(max_new_tokens=20, stop=(stop, "never"))
+    )[0]
     assert got.finish_reason == "stop" and got.text == free.text[:first]
     assert got.tokens == free.tokens[:first] and len(got.logprobs) == first
     eos = free.tokens[5]
-    got = Generator(model, CharTokenizer(eos_id=eos)).generate(["abc"], SamplingParams(max_new_tokens=20))[0]
+    got = Generator(model, CharTokenizer(eos_id=eos)).generate(
+        ["abc"], SamplingParams(max_new_tokens=20)
+    )[0]
     k = free.tokens.index(eos)
     assert got.finish_reason == "eos" and got.tokens == free.tokens[:k]
     assert got.text == free.text[:k]
@@ -236,8 +295,14 @@ def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, to
     model = models["mla"]
     q = quantize(model, fmt)
     moes = [m for _, m in nnx.iter_modules(q) if isinstance(m, MoE)]
-    assert moes and all(isinstance(m.w_gate_up, QuantizedParam) and isinstance(m.w_down, QuantizedParam) for m in moes)
-    assert all(isinstance(m.w_router, nnx.Param) and not isinstance(m.w_router, QuantizedParam) for m in moes)
+    assert moes and all(
+        isinstance(m.w_gate_up, QuantizedParam) and isinstance(m.w_down, QuantizedParam)
+        for m in moes
+    )
+    assert all(
+        isinstance(m.w_router, nnx.Param) and not isinstance(m.w_router, QuantizedParam)
+        for m in moes
+    )
     assert isinstance(q.lm_head, QuantizedParam) and isinstance(q.mtp[0].eh_proj, QuantizedParam)
     assert not isinstance(model.lm_head, QuantizedParam)  # the caller's model is unchanged
     assert weight_bytes(q) < 0.35 * weight_bytes(model)
@@ -247,7 +312,9 @@ def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, to
     # amplifies weight error ~8x by its output: int8 (~0.4% per weight) lands near 3%, fp8 e4m3 near 15%;
     # a scale over the wrong axes gives errors of order 100%.
     assert np.abs(got - want).mean() < tol * np.abs(want).mean()
-    outs = Generator(q, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=4), speculative=True)
+    outs = Generator(q, eos_ids=[]).generate(
+        PROMPTS, SamplingParams(max_new_tokens=4), speculative=True
+    )
     assert all(len(o.tokens) == 4 for o in outs)
     with pytest.raises(ConfigError, match="quantize: format"):
         quantize(model, "int4")
@@ -261,14 +328,21 @@ def test_safety_filter_actions_on_planted_text():
     out, counts, filtered = block.apply(text)
     assert out == "Sure. First, " and filtered and counts == {"weapons": 2, "self_harm": 1}
     out, _, filtered = SafetyFilter(action="redact").apply(text)
-    assert out == "Sure. First, [redacted] from parts; then [redacted]. Also [redacted]." and not filtered
+    assert (
+        out == "Sure. First, [redacted] from parts; then [redacted]. Also [redacted]."
+        and not filtered
+    )
     out, _, filtered = SafetyFilter(action="refuse", refusal="No.").apply(text)
     assert (out, filtered) == ("No.", True)
     # whole words and phrases, never inside a longer word
     assert SafetyFilter().apply("Upskill yourself; rebuild a bombastic robot")[1] == {}
     flag = SafetyFilter({}, classifier=lambda t: "toxic" if "idiot" in t else None, action="redact")
     text = "you are an idiot"
-    assert flag.apply(text, [flag.classify(text, since=8)]) == ("you are [redacted]", {"toxic": 1}, False)
+    assert flag.apply(text, [flag.classify(text, since=8)]) == (
+        "you are [redacted]",
+        {"toxic": 1},
+        False,
+    )
     with pytest.raises(ConfigError, match="safety.action"):
         SafetyFilter(action="warn")
 
@@ -283,16 +357,28 @@ def test_safety_filter_while_generating(models):
     params = SamplingParams(max_new_tokens=24)
     free = Generator(model, CharTokenizer()).generate(["abc"], params)[0]
     word = free.text[6:9]
-    cats = {"planted": [f"(?:{re.escape(word)})"]}  # a regex (not a bare word: no word boundaries needed)
+    cats = {
+        "planted": [f"(?:{re.escape(word)})"]
+    }  # a regex (not a bare word: no word boundaries needed)
     first = free.text.find(word)
-    got = Generator(model, CharTokenizer(), chunk=4, safety=SafetyFilter(cats, action="block")).generate(["abc"],
-                                                                                                     params)[0]
-    assert got.finish_reason == "content_filter" and got.text == free.text[:first] and got.safety["planted"] >= 1
-    assert got.tokens == free.tokens[:first] and len(got.tokens) < 24  # stopped early, not at max_new_tokens
-    got = Generator(model, CharTokenizer(), safety=SafetyFilter(cats, action="redact")).generate(["abc"], params)[0]
+    got = Generator(
+        model, CharTokenizer(), chunk=4, safety=SafetyFilter(cats, action="block")
+    ).generate(["abc"], params)[0]
+    assert (
+        got.finish_reason == "content_filter"
+        and got.text == free.text[:first]
+        and got.safety["planted"] >= 1
+    )
+    assert (
+        got.tokens == free.tokens[:first] and len(got.tokens) < 24
+    )  # stopped early, not at max_new_tokens
+    got = Generator(model, CharTokenizer(), safety=SafetyFilter(cats, action="redact")).generate(
+        ["abc"], params
+    )[0]
     assert got.text == free.text.replace(word, "[redacted]") and got.finish_reason == "length"
-    got = Generator(model, CharTokenizer(), safety=SafetyFilter(cats, action="refuse", refusal="No.")).generate(
-        ["abc"], params)[0]
+    got = Generator(
+        model, CharTokenizer(), safety=SafetyFilter(cats, action="refuse", refusal="No.")
+    ).generate(["abc"], params)[0]
     assert (got.text, got.tokens, got.finish_reason) == ("No.", [], "content_filter")
 
 
@@ -302,15 +388,26 @@ def test_generation_on_a_mesh_matches_one_device():
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    r = subprocess.run([sys.executable, "-m", "tests.generate_mesh_check"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.generate_mesh_check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for B, res in out.items():
         assert res["equal"] and res["speculative_equal"], (B, res)
-        assert res["expert_shard_rows"] * 4 == res["experts"]  # the experts stayed split over 'expert'
+        assert (
+            res["expert_shard_rows"] * 4 == res["experts"]
+        )  # the experts stayed split over 'expert'
 
 
 def test_set_params_reuses_the_compiled_programs(models):
@@ -324,7 +421,9 @@ def test_set_params_reuses_the_compiled_programs(models):
     gen.set_params(other)
     got = gen.generate(PROMPTS, params)
     assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
-    assert [o.tokens for o in got] == [o.tokens for o in Generator(other, eos_ids=[]).generate(PROMPTS, params)]
+    assert [o.tokens for o in got] == [
+        o.tokens for o in Generator(other, eos_ids=[]).generate(PROMPTS, params)
+    ]
     with pytest.raises(ValueError, match="structure"):
         gen.set_params(models["gqa"])
 
@@ -338,11 +437,31 @@ def test_decode_updates_the_cache_in_place_without_a_whole_copy(models):
     gen = Generator(model, eos_ids=[])
     B, S = 4, 8192
     rows = smp.rows([SamplingParams(max_new_tokens=8)] * B)
-    carry = jax.eval_shape(lambda st: gen._prefill_fn(
-        st, jnp.zeros((B, 16), jnp.int32), jnp.full((B,), 8, jnp.int32), rows, jnp.asarray(gen.eos_ids), max_len=S,
-        max_new=16, spec=False, penalty=False, mode="greedy"), gen.state)
-    compiled = gen._decode.lower(gen.state, carry, rows, jnp.asarray(gen.eos_ids), jnp.int32(8), spec=False,
-                                 penalty=False, mode="greedy").compile()
+    carry = jax.eval_shape(
+        lambda st: gen._prefill_fn(
+            st,
+            jnp.zeros((B, 16), jnp.int32),
+            jnp.full((B,), 8, jnp.int32),
+            rows,
+            jnp.asarray(gen.eos_ids),
+            max_len=S,
+            max_new=16,
+            spec=False,
+            penalty=False,
+            mode="greedy",
+        ),
+        gen.state,
+    )
+    compiled = gen._decode.lower(
+        gen.state,
+        carry,
+        rows,
+        jnp.asarray(gen.eos_ids),
+        jnp.int32(8),
+        spec=False,
+        penalty=False,
+        mode="greedy",
+    ).compile()
     mem = compiled.memory_analysis()
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["cache"]))
     assert cache_bytes > 8e6
@@ -354,30 +473,45 @@ def test_recorded_routes_line_up_with_the_training_forward(models):
     """The generator records every MoE layer's experts at every position; the training forward over prompt +
     completion, given them, finds the same choices (float32: no mismatch) and the same token log-probabilities,
     with or without replay; the EOS's log-probability is kept for RL."""
-    model = Transformer(MLA.replace(n_routed_experts=8, n_group=1, topk_group=1), rngs=nnx.Rngs(0))  # many routes
+    model = Transformer(
+        MLA.replace(n_routed_experts=8, n_group=1, topk_group=1), rngs=nnx.Rngs(0)
+    )  # many routes
     gen = Generator(model, eos_ids=[5], record_routes=True)
-    outs = gen.generate(PROMPTS, [SamplingParams(temperature=1.0, max_new_tokens=9, seed=s) for s in range(3)])
+    outs = gen.generate(
+        PROMPTS, [SamplingParams(temperature=1.0, max_new_tokens=9, seed=s) for s in range(3)]
+    )
     width = 32
-    rows = [list(p) + o.tokens + ([5] if o.finish_reason == "eos" else []) for p, o in zip(PROMPTS, outs)]
+    rows = [
+        list(p) + o.tokens + ([5] if o.finish_reason == "eos" else [])
+        for p, o in zip(PROMPTS, outs)
+    ]
     toks = np.zeros((len(rows), width), np.int32)
-    routes = np.full((model.num_moe_layers(), len(rows), width, MLA.num_experts_per_tok), -1, np.int32)
+    routes = np.full(
+        (model.num_moe_layers(), len(rows), width, MLA.num_experts_per_tok), -1, np.int32
+    )
     for i, (row, o) in enumerate(zip(rows, outs)):
-        assert o.routes.shape == routes[:, 0, :len(row)].shape
-        assert (o.routes[:, :-1] >= 0).all()  # every position a forward ran on (all but maybe the last)
-        toks[i, :len(row)], routes[:, i, :len(row)] = row, o.routes
+        assert o.routes.shape == routes[:, 0, : len(row)].shape
+        assert (
+            o.routes[:, :-1] >= 0
+        ).all()  # every position a forward ran on (all but maybe the last)
+        toks[i, : len(row)], routes[:, i, : len(row)] = row, o.routes
     seg = (np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]).astype(np.int32)
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnums=0)
     def policy(replay, state):
-        logits, aux = nnx.merge(graphdef, state)(jnp.asarray(toks), segment_ids=jnp.asarray(seg),
-                                                 routes=jnp.asarray(routes), replay_routes=replay)
+        logits, aux = nnx.merge(graphdef, state)(
+            jnp.asarray(toks),
+            segment_ids=jnp.asarray(seg),
+            routes=jnp.asarray(routes),
+            replay_routes=replay,
+        )
         return jax.nn.log_softmax(logits), aux["route_mismatch"].sum(), aux["route_count"].sum()
 
     for replay in (False, True):
         logp, mismatch, count = policy(replay, state)
         assert float(mismatch) == 0 and float(count) > 0
         for i, (p, row, o) in enumerate(zip(PROMPTS, rows, outs)):
-            got = np.asarray(logp[i, np.arange(len(p) - 1, len(row) - 1), row[len(p):]])
+            got = np.asarray(logp[i, np.arange(len(p) - 1, len(row) - 1), row[len(p) :]])
             want = o.logprobs + ([o.eos_logprob] if o.finish_reason == "eos" else [])
             np.testing.assert_allclose(got, want, atol=1e-4)

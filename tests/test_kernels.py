@@ -41,8 +41,15 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
     rhs = jnp.asarray(rng.normal(size=(local, K, N)), dtype)
 
     def f(impl):
-        return lambda a, b: kernels.gmm(a, b, sizes, group_offset=offset, preferred_element_type=jnp.float32,
-                                        impl=impl, tile=tile)
+        return lambda a, b: kernels.gmm(
+            a,
+            b,
+            sizes,
+            group_offset=offset,
+            preferred_element_type=jnp.float32,
+            impl=impl,
+            tile=tile,
+        )
 
     ref = f("reference")(lhs, rhs)
     got = f(impl)(lhs, rhs)
@@ -52,17 +59,27 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
     g_ref = jax.vjp(f("reference"), lhs, rhs)[1](cot)
     g_got = jax.vjp(f(impl), lhs, rhs)[1](cot)
     for a, b in zip(g_got, g_ref):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=TOL[dtype])
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=TOL[dtype]
+        )
     # the weight gradient is the transposed grouped matmul
-    tg = kernels.tgmm_reference(lhs.astype(jnp.float32), cot, sizes, group_offset=offset, num_groups=local)
+    tg = kernels.tgmm_reference(
+        lhs.astype(jnp.float32), cot, sizes, group_offset=offset, num_groups=local
+    )
     np.testing.assert_allclose(np.asarray(g_got[1], np.float32), tg, atol=tol * 4, rtol=TOL[dtype])
 
 
 # Pallas kernels: compiled on their own platform, Pallas interpret mode elsewhere (pltpu.InterpretParams for
 # the Mosaic TPU kernels, interpret=True for the Triton GPU kernels). Shapes give several row tiles with a
 # partial last one, and (GPU) partial K and N tiles; (TPU) several K and N tiles.
-PALLAS_SHAPES = {"pallas_tpu": ((37, 256, 256), (16, 128, 128)), "pallas_gpu": ((37, 40, 36), (16, 16, 16))}
-ALIGNED_GPU_SHAPE = ((37, 32, 48), (16, 16, 16))  # K and N multiples of their tiles: the unmasked loads
+PALLAS_SHAPES = {
+    "pallas_tpu": ((37, 256, 256), (16, 128, 128)),
+    "pallas_gpu": ((37, 40, 36), (16, 16, 16)),
+}
+ALIGNED_GPU_SHAPE = (
+    (37, 32, 48),
+    (16, 16, 16),
+)  # K and N multiples of their tiles: the unmasked loads
 
 
 @pytest.fixture(autouse=True)
@@ -77,38 +94,58 @@ def _exact_float32_matmuls():
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_pallas_gmm_matches_reference_forward_and_grads(impl, kind, dtype):
     rng = np.random.default_rng(abs(hash((impl, kind))) % 2**32)
-    (M, K, N), tiles = ALIGNED_GPU_SHAPE if (impl, kind) == ("pallas_gpu", "one_group_all_rows") else PALLAS_SHAPES[impl]
+    (M, K, N), tiles = (
+        ALIGNED_GPU_SHAPE
+        if (impl, kind) == ("pallas_gpu", "one_group_all_rows")
+        else PALLAS_SHAPES[impl]
+    )
     G, offset, local = 5, 1, 3
     sizes = jnp.asarray(_group_sizes(rng, M, G, kind), jnp.int32)
     lhs = jnp.asarray(rng.normal(size=(M, K)), dtype)
     rhs = jnp.asarray(rng.normal(size=(local, K, N)) / np.sqrt(K), dtype)
 
     def f(impl):
-        return jax.jit(lambda a, b: kernels.gmm(a, b, sizes, group_offset=offset, preferred_element_type=jnp.float32,
-                                                impl=impl, tiles=tiles))
+        return jax.jit(
+            lambda a, b: kernels.gmm(
+                a,
+                b,
+                sizes,
+                group_offset=offset,
+                preferred_element_type=jnp.float32,
+                impl=impl,
+                tiles=tiles,
+            )
+        )
 
     tol = TOL[dtype] * 4
-    np.testing.assert_allclose(f(impl)(lhs, rhs), f("reference")(lhs, rhs), atol=tol, rtol=TOL[dtype])
+    np.testing.assert_allclose(
+        f(impl)(lhs, rhs), f("reference")(lhs, rhs), atol=tol, rtol=TOL[dtype]
+    )
     cot = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
     g_ref = jax.vjp(f("reference"), lhs, rhs)[1](cot)
     g_got = jax.vjp(f(impl), lhs, rhs)[1](cot)
     for a, b in zip(g_got, g_ref):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4,
-                                   rtol=TOL[dtype] * 2)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=TOL[dtype] * 2
+        )
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "tiled", "ragged_dot"])
 def test_tgmm_matches_reference_with_empty_and_remote_groups(impl):
     rng = np.random.default_rng(7)
     (M, K, N), tiles = PALLAS_SHAPES.get(impl, ((37, 24, 20), None))
-    sizes = jnp.asarray([5, 0, 19, 0, 9, 4], jnp.int32)  # empty groups inside the local range; 37 - 37 rows
+    sizes = jnp.asarray(
+        [5, 0, 19, 0, 9, 4], jnp.int32
+    )  # empty groups inside the local range; 37 - 37 rows
     lhs = jnp.asarray(rng.normal(size=(M, K)), jnp.float32)
     grad = jnp.asarray(rng.normal(size=(M, N)), jnp.float32)
     got = kernels.tgmm(lhs, grad, sizes, group_offset=1, num_groups=4, impl=impl, tiles=tiles)
     ref = kernels.tgmm_reference(lhs, grad, sizes, group_offset=1, num_groups=4)
     assert got.shape == (4, K, N)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)  # the empty group's gradient is exactly zero
+    np.testing.assert_array_equal(
+        np.asarray(got[0]), 0.0
+    )  # the empty group's gradient is exactly zero
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
@@ -139,11 +176,14 @@ def test_gmm_bad_sizes_never_read_out_of_bounds_and_checked_mode_raises():
     err.throw()  # valid sizes pass
 
 
-@pytest.mark.parametrize("lhs,rhs,sizes,match", [
-    ((8,), (2, 4, 3), (2,), "lhs must be"),
-    ((8, 4), (2, 5, 3), (2,), r"rhs must be \[G, 4, N\]"),
-    ((8, 4), (2, 4, 3), (1,), "group_sizes has 1 groups"),
-])
+@pytest.mark.parametrize(
+    "lhs,rhs,sizes,match",
+    [
+        ((8,), (2, 4, 3), (2,), "lhs must be"),
+        ((8, 4), (2, 5, 3), (2,), r"rhs must be \[G, 4, N\]"),
+        ((8, 4), (2, 4, 3), (1,), "group_sizes has 1 groups"),
+    ],
+)
 def test_gmm_static_shape_errors(lhs, rhs, sizes, match):
     with pytest.raises(ValueError, match=match):
         kernels.gmm(jnp.ones(lhs), jnp.ones(rhs), jnp.ones(sizes, jnp.int32))

@@ -17,20 +17,38 @@ from moejax.model import Transformer
 from moejax.model.stats import param_counts
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48, q_lora_rank=16,
-                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                   num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1, mtp_depth=1,
-                   seq_aux_loss_coef=1e-3)
+TINY = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=2,
+    intermediate_size=48,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+    seq_aux_loss_coef=1e-3,
+)
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (dict(n_group=2, topk_group=3), "model.topk_group"),
-    (dict(num_experts_per_tok=9), "model.num_experts_per_tok"),
-    (dict(score_func="relu"), "model.score_func"),
-    (dict(moe_impl="fast"), "model.moe_impl"),
-    (dict(n_group=3), "model.n_group"),
-    (dict(attention_type="gqa", num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(n_group=2, topk_group=3), "model.topk_group"),
+        (dict(num_experts_per_tok=9), "model.num_experts_per_tok"),
+        (dict(score_func="relu"), "model.score_func"),
+        (dict(moe_impl="fast"), "model.moe_impl"),
+        (dict(n_group=3), "model.n_group"),
+        (dict(attention_type="gqa", num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         ModelConfig(**overrides)
@@ -43,8 +61,11 @@ def test_config_is_hashable_and_round_trips():
 
 
 PUBLISHED = {  # (total, activated) in billions, from the model cards / papers
-    "deepseek_v3": (671, 37), "deepseek_v2": (236, 21), "deepseek_v2_lite": (15.7, 2.4),
-    "mixtral_8x7b": (46.7, 12.9), "qwen3_moe_30b_a3b": (30.5, 3.3),
+    "deepseek_v3": (671, 37),
+    "deepseek_v2": (236, 21),
+    "deepseek_v2_lite": (15.7, 2.4),
+    "mixtral_8x7b": (46.7, 12.9),
+    "qwen3_moe_30b_a3b": (30.5, 3.3),
 }
 
 
@@ -79,7 +100,7 @@ def _loss_and_grads(cfg, ids):
     @jax.jit
     def f(params):
         logits, aux = nnx.merge(graphdef, params, rest)(ids, return_mtp=True)
-        return jnp.mean(logits ** 2) + jnp.mean(aux["mtp_logits"] ** 2) + aux["aux_loss"]
+        return jnp.mean(logits**2) + jnp.mean(aux["mtp_logits"] ** 2) + aux["aux_loss"]
 
     return jax.value_and_grad(f)(params)
 
@@ -123,7 +144,9 @@ def test_mtp_outputs_and_router_bias_update():
     model.update_router_biases(aux["expert_counts"])
     after = np.asarray(model.segments[1].ffn.bias[...])
     counts = np.asarray(aux["expert_counts"][:n_moe])
-    np.testing.assert_allclose(after - before, TINY.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts))
+    np.testing.assert_allclose(
+        after - before, TINY.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts)
+    )
     assert not np.allclose(np.asarray(model.mtp[0].block.ffn.bias[...]), 0)
 
 
@@ -145,8 +168,15 @@ def test_tied_embeddings_use_the_embedding_as_head():
 
 
 def test_router_jitter_only_with_an_rng():
-    cfg = ModelConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
-                      n_group=1, topk_group=1, router_jitter=0.5)
+    cfg = ModelConfig(
+        hidden_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_group=1,
+        topk_group=1,
+        router_jitter=0.5,
+    )
     from moejax.model.moe import MoE
 
     layer = MoE(cfg, rngs=nnx.Rngs(0))

@@ -26,7 +26,9 @@ def _routings():
     rng = np.random.default_rng(0)
     random_ids = np.stack([rng.choice(E, K, replace=False) for _ in range(M)])
     random_ids[random_ids == 4] = 5  # expert 4 gets nothing
-    all_to_one = np.stack([np.full(M, 2), rng.integers(3, E, M)], axis=1)  # every token uses expert 2
+    all_to_one = np.stack(
+        [np.full(M, 2), rng.integers(3, E, M)], axis=1
+    )  # every token uses expert 2
     yield "random_with_empty_expert", random_ids
     yield "all_tokens_to_one_expert", all_to_one
 
@@ -51,10 +53,16 @@ def test_strategies_agree_forward_and_grad(name, ids):
         return moe_lib.experts_dropless(x, ids, w, wgu, wd, jnp.float32)
 
     ref = run("dense", x, w, wgu, wd)
-    ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run("dense", *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
+    ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run("dense", *a))), argnums=(0, 1, 2, 3))(
+        x, w, wgu, wd
+    )
     for impl in ("capacity", "dropless", "gather"):
-        np.testing.assert_allclose(run(impl, x, w, wgu, wd), ref, atol=1e-5, rtol=1e-5, err_msg=impl)
-        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(x, w, wgu, wd)
+        np.testing.assert_allclose(
+            run(impl, x, w, wgu, wd), ref, atol=1e-5, rtol=1e-5, err_msg=impl
+        )
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(
+            x, w, wgu, wd
+        )
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=impl)
 
@@ -99,10 +107,16 @@ def test_capacity_keep_radix_select_matches_the_sort(seed):
     ids = rng.integers(0, Ex, A)
     ids[ids == 6] = 5  # expert 6 empty
     tied = rng.choice(np.array([0.25, 0.5, 1e-8, 3.0, 0.125], np.float32), A)  # many exact ties ...
-    w = np.where(rng.random(A) < 0.5, tied, rng.random(A).astype(np.float32))  # ... among distinct weights
+    w = np.where(
+        rng.random(A) < 0.5, tied, rng.random(A).astype(np.float32)
+    )  # ... among distinct weights
     valid = rng.random(A) > 0.1
     for cap in (1, 13, 60, 400):
-        keep = np.asarray(moe_ep.capacity_keep(jnp.asarray(ids, jnp.int32), jnp.asarray(w), jnp.asarray(valid), Ex, cap))
+        keep = np.asarray(
+            moe_ep.capacity_keep(
+                jnp.asarray(ids, jnp.int32), jnp.asarray(w), jnp.asarray(valid), Ex, cap
+            )
+        )
         want = np.zeros(A, bool)
         for e in range(Ex):
             rows = [a for a in range(A) if ids[a] == e and valid[a]]
@@ -123,7 +137,7 @@ def _route_reference(scores, bias, cfg):
         keep = np.argsort(-gscore, kind="stable")[: cfg.topk_group]
         allowed = np.full(Er, -np.inf)
         for g in keep:
-            allowed[g * per:(g + 1) * per] = choice[g * per:(g + 1) * per]
+            allowed[g * per : (g + 1) * per] = choice[g * per : (g + 1) * per]
         ids = np.argsort(-allowed, kind="stable")[: cfg.num_experts_per_tok]
         w = scores[m, ids]
         if cfg.norm_topk_prob:
@@ -133,10 +147,21 @@ def _route_reference(scores, bias, cfg):
     return np.array(out_ids), np.array(out_w)
 
 
-@pytest.mark.parametrize("score_func,use_bias,norm", itertools.product(["softmax", "sigmoid"], [False, True], [False, True]))
+@pytest.mark.parametrize(
+    "score_func,use_bias,norm",
+    itertools.product(["softmax", "sigmoid"], [False, True], [False, True]),
+)
 def test_group_limited_routing_matches_reference(score_func, use_bias, norm):
-    cfg = ModelConfig(n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2, score_func=score_func,
-                      use_score_correction_bias=use_bias, norm_topk_prob=norm, routed_scaling_factor=2.5)
+    cfg = ModelConfig(
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        score_func=score_func,
+        use_score_correction_bias=use_bias,
+        norm_topk_prob=norm,
+        routed_scaling_factor=2.5,
+    )
     logits = jax.random.normal(jax.random.key(0), (64, 16))
     bias = 0.1 * jax.random.normal(jax.random.key(1), (16,)) if use_bias else None
     r = router_lib.route(logits, bias, cfg)
@@ -149,14 +174,22 @@ def test_group_limited_routing_matches_reference(score_func, use_bias, norm):
 
 
 def test_bias_affects_selection_only():
-    cfg = ModelConfig(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, score_func="sigmoid",
-                      norm_topk_prob=False)
+    cfg = ModelConfig(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        score_func="sigmoid",
+        norm_topk_prob=False,
+    )
     logits = jax.random.normal(jax.random.key(0), (32, 8))
     bias = jnp.zeros(8).at[5].set(10.0)  # expert 5 always chosen, weight stays sigmoid(logit)
     r = router_lib.route(logits, bias, cfg)
     assert np.all(np.any(np.asarray(r.expert_ids) == 5, axis=1))
     sel = np.asarray(r.expert_ids) == 5
-    np.testing.assert_allclose(np.asarray(r.weights)[sel], np.asarray(jax.nn.sigmoid(logits[:, 5])), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(r.weights)[sel], np.asarray(jax.nn.sigmoid(logits[:, 5])), rtol=1e-6
+    )
 
 
 def test_bias_update_rule():
@@ -166,10 +199,14 @@ def test_bias_update_rule():
 
 
 def test_balance_losses_are_one_when_balanced():
-    cfg = ModelConfig(n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, score_func="softmax")
+    cfg = ModelConfig(
+        n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, score_func="softmax"
+    )
     # 8 tokens, expert i chosen by tokens 2i, 2i+1, with uniform probabilities
     logits = jnp.zeros((8, 4))
-    r = router_lib.route(logits, None, cfg)._replace(expert_ids=jnp.repeat(jnp.arange(4), 2)[:, None])
+    r = router_lib.route(logits, None, cfg)._replace(
+        expert_ids=jnp.repeat(jnp.arange(4), 2)[:, None]
+    )
     mask = jnp.ones(8)
     assert float(router_lib.switch_loss(r, cfg, mask)) == pytest.approx(1.0)
     assert float(router_lib.sequence_balance_loss(r, cfg, mask, batch=1)) == pytest.approx(1.0)
@@ -177,9 +214,19 @@ def test_balance_losses_are_one_when_balanced():
 
 
 def test_moe_layer_aux_and_padding():
-    cfg = ModelConfig(hidden_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
-                      n_group=1, topk_group=1, aux_loss_coef=0.01, seq_aux_loss_coef=0.001, router_z_loss_coef=1e-3,
-                      moe_impl="capacity", capacity_factor=0.5)
+    cfg = ModelConfig(
+        hidden_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_group=1,
+        topk_group=1,
+        aux_loss_coef=0.01,
+        seq_aux_loss_coef=0.001,
+        router_z_loss_coef=1e-3,
+        moe_impl="capacity",
+        capacity_factor=0.5,
+    )
     layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
     token_mask = jnp.ones((2, 8)).at[1, 4:].set(0)
@@ -196,12 +243,25 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
     """Replay (RL): the recorded experts run, gate weights come from this router's scores (so the router still
     gets a gradient), rows marked -1 keep the router's own choice; the mismatch counts the recorded assignments
     the router would not make. Checked against the dense reference, forward and gradients."""
-    cfg = ModelConfig(hidden_size=16, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
-                      n_group=2, topk_group=1, n_shared_experts=0, moe_impl=impl, initializer_range=0.3)
+    cfg = ModelConfig(
+        hidden_size=16,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=0,
+        moe_impl=impl,
+        initializer_range=0.3,
+    )
     layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     rng = np.random.default_rng(1)
-    recorded = np.stack([rng.choice(6, 2, replace=False) for _ in range(10)]).reshape(2, 5, 2).astype(np.int32)
+    recorded = (
+        np.stack([rng.choice(6, 2, replace=False) for _ in range(10)])
+        .reshape(2, 5, 2)
+        .astype(np.int32)
+    )
     recorded[1, 4] = -1  # not recorded: the router's own choice
     mask = jnp.ones((2, 5))
     graphdef, state = nnx.split(layer)
@@ -213,9 +273,15 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
         m = nnx.merge(graphdef, state)
         xf = x.reshape(10, 16)
         r = router_lib.route(xf @ m.w_router[...], m.bias[...], cfg)
-        ids = jnp.where(jnp.asarray(recorded.reshape(10, 2)) >= 0, jnp.asarray(recorded.reshape(10, 2)), r.expert_ids)
+        ids = jnp.where(
+            jnp.asarray(recorded.reshape(10, 2)) >= 0,
+            jnp.asarray(recorded.reshape(10, 2)),
+            r.expert_ids,
+        )
         w = router_lib.gate_weights(r.scores, ids, cfg)
-        return moe_lib.experts_dense(xf, ids, w, m.w_gate_up[...], m.w_down[...], jnp.float32).reshape(x.shape)
+        return moe_lib.experts_dense(
+            xf, ids, w, m.w_gate_up[...], m.w_down[...], jnp.float32
+        ).reshape(x.shape)
 
     y, aux = run(state, x, True)
     np.testing.assert_allclose(y, reference(state, x), atol=1e-5)
@@ -223,12 +289,20 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
     g_ref = jax.grad(lambda s: jnp.sum(jnp.sin(reference(s, x))))(state)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert float(jnp.abs(g["w_router"][...]).sum()) > 0  # the router learns through the replayed gates
-    own = np.asarray(router_lib.route(x.reshape(10, 16) @ layer.w_router[...], layer.bias[...], cfg).expert_ids)
+    assert (
+        float(jnp.abs(g["w_router"][...]).sum()) > 0
+    )  # the router learns through the replayed gates
+    own = np.asarray(
+        router_lib.route(x.reshape(10, 16) @ layer.w_router[...], layer.bias[...], cfg).expert_ids
+    )
     rec = recorded.reshape(10, 2)
     want = sum(int(e not in own[i]) for i in range(9) for e in rec[i])
     assert float(aux["route_mismatch"]) == want and float(aux["route_count"]) == 18
-    y_own, aux_own = run(state, x, False)  # without replay: the router's choice runs, the mismatch is the same
+    y_own, aux_own = run(
+        state, x, False
+    )  # without replay: the router's choice runs, the mismatch is the same
     np.testing.assert_allclose(y_own, nnx.merge(graphdef, state)(x, mask)[0], atol=1e-6)
     assert float(aux_own["route_mismatch"]) == want
-    assert want > 0  # random recorded choices disagree somewhere (the test would not see replay otherwise)
+    assert (
+        want > 0
+    )  # random recorded choices disagree somewhere (the test would not see replay otherwise)

@@ -31,17 +31,36 @@ def _launch(workdir, cache, steps):
     port = _free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-                   MOEJAX_COORDINATOR=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2", MOEJAX_PROCESS_ID=str(i),
-                   MOEJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), PYTHONUNBUFFERED="1",
-                   TPU_SKIP_MDS_QUERY="1")  # libtpu (the `tpu` extra) must not wait on a cloud metadata server
-        cmd = [sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
-               *override_flags(cache), f"--workdir={workdir}", f"--config.train.steps={steps}",
-               "--config.train.ckpt_every=4", "--config.mesh.fsdp=1", "--config.mesh.dcn_fsdp=2",
-               "--config.mesh.expert=2"]  # a hybrid mesh: fsdp across the processes, expert within each
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+            MOEJAX_COORDINATOR=f"127.0.0.1:{port}",
+            MOEJAX_NUM_PROCESSES="2",
+            MOEJAX_PROCESS_ID=str(i),
+            MOEJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
+            PYTHONUNBUFFERED="1",
+            TPU_SKIP_MDS_QUERY="1",
+        )  # libtpu (the `tpu` extra) must not wait on a cloud metadata server
+        cmd = [
+            sys.executable,
+            "-m",
+            "moejax.train",
+            "--config",
+            os.path.join(ROOT, "experiments", "moe.py"),
+            *override_flags(cache),
+            f"--workdir={workdir}",
+            f"--config.train.steps={steps}",
+            "--config.train.ckpt_every=4",
+            "--config.mesh.fsdp=1",
+            "--config.mesh.dcn_fsdp=2",
+            "--config.mesh.expert=2",
+        ]  # a hybrid mesh: fsdp across the processes, expert within each
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            )
+        )
     return procs
 
 
@@ -63,7 +82,9 @@ class _Reader(threading.Thread):
 
 def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_cache):
     cfg = tiny_config(corpus_cache)
-    mixture.resolve(cfg.data, cfg.model.vocab_size)  # build the corpus once, before two processes want it
+    mixture.resolve(
+        cfg.data, cfg.model.vocab_size
+    )  # build the corpus once, before two processes want it
     wd = str(tmp_path / "run")
 
     for attempt in range(2):
@@ -77,13 +98,18 @@ def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_c
         # XLA's CPU client exchanges the processes' device topologies with a fixed 2-minute timeout; on this
         # shared 2-core machine one start-up in several CI runs missed it before either process trained a
         # step. Such a start-up (and only that) is tried once more, and says so.
-        if attempt == 0 and any(p.returncode for p in procs) and \
-                any("local_topology" in t and "GetKeyValue() timed out" in t for t in texts):
+        if (
+            attempt == 0
+            and any(p.returncode for p in procs)
+            and any("local_topology" in t and "GetKeyValue() timed out" in t for t in texts)
+        ):
             print("start-up topology exchange timed out; launching once more")
             continue
         break
     for i, (p, t) in enumerate(zip(procs, texts)):
-        assert p.returncode == 0, f"process {i} failed:\n{t[-4000:]}\n--- the other process:\n{texts[1 - i][-3000:]}"
+        assert p.returncode == 0, (
+            f"process {i} failed:\n{t[-4000:]}\n--- the other process:\n{texts[1 - i][-3000:]}"
+        )
     assert "val_loss" in readers[0].text()
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4"]
 
@@ -101,8 +127,9 @@ def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_c
         for p in procs:
             p.wait(timeout=60)
         texts = [r.text() for r in readers]
-        assert attempt == 0 and any("local_topology" in t and "GetKeyValue() timed out" in t for t in texts), \
-            texts[0][-4000:] + "\n--- the other process:\n" + texts[1][-3000:]
+        assert attempt == 0 and any(
+            "local_topology" in t and "GetKeyValue() timed out" in t for t in texts
+        ), texts[0][-4000:] + "\n--- the other process:\n" + texts[1][-3000:]
         print("start-up topology exchange timed out; launching once more")
     assert "at step 4" in readers[0].text()
     time.sleep(2)  # a few steps past the restore
@@ -112,9 +139,13 @@ def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_c
         procs[0].wait(timeout=HEARTBEAT_S * 6 + 60)
     except subprocess.TimeoutExpired:
         procs[0].kill()
-        pytest.fail("the surviving process hung after its peer was killed:\n" + readers[0].text()[-3000:])
+        pytest.fail(
+            "the surviving process hung after its peer was killed:\n" + readers[0].text()[-3000:]
+        )
     waited = time.time() - t_kill
     assert procs[0].returncode != 0, readers[0].text()[-3000:]
     readers[0].join(timeout=10)
-    assert "error" in readers[0].text()[-6000:].lower(), readers[0].text()[-3000:]  # the coordination service says why
+    assert "error" in readers[0].text()[-6000:].lower(), readers[0].text()[
+        -3000:
+    ]  # the coordination service says why
     print(f"survivor exited with {procs[0].returncode} after {waited:.0f} s")

@@ -18,14 +18,27 @@ def test_arithmetic_task_is_deterministic_and_correct():
         assert str(R.OPS[op](int(x), int(y))) == p["answer"]
 
 
-@pytest.mark.parametrize("completion,answer,exact,fmt", [
-    ("12 + 30 = 42\n#### 42", "42", 1.0, 1.0),
-    ("#### 41\nno wait\n#### 1,042", "1042", 1.0, 1.0),  # the last '####' counts, commas ignored
-    ("the answer is 42", "42", 0.0, 0.0),
-    ("#### 42 because", "42", 1.0, 0.0),  # right number, but the completion does not end with it
-    ("#### -7", "-7", 1.0, 1.0),
-    ("#### 4.50", "4.5", 1.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "completion,answer,exact,fmt",
+    [
+        ("12 + 30 = 42\n#### 42", "42", 1.0, 1.0),
+        (
+            "#### 41\nno wait\n#### 1,042",
+            "1042",
+            1.0,
+            1.0,
+        ),  # the last '####' counts, commas ignored
+        ("the answer is 42", "42", 0.0, 0.0),
+        (
+            "#### 42 because",
+            "42",
+            1.0,
+            0.0,
+        ),  # right number, but the completion does not end with it
+        ("#### -7", "-7", 1.0, 1.0),
+        ("#### 4.50", "4.5", 1.0, 1.0),
+    ],
+)
 def test_rule_rewards(completion, answer, exact, fmt):
     assert R.exact_answer(completion, answer) == exact
     assert R.answer_format(completion, answer) == fmt
@@ -42,9 +55,19 @@ def test_failing_reward_functions_are_counted_never_raised():
         return float("nan")
 
     counts = collections.Counter()
-    out = R.score([R.exact_answer, boom, text, nan], [1.0, 1.0, 1.0, 1.0], ["#### 3", "#### 4"], ["3", "3"], counts)
+    out = R.score(
+        [R.exact_answer, boom, text, nan],
+        [1.0, 1.0, 1.0, 1.0],
+        ["#### 3", "#### 4"],
+        ["3", "3"],
+        counts,
+    )
     assert out.tolist() == [1.0, 0.0] and np.isfinite(out).all()
-    assert counts == {"boom raised RuntimeError": 2, "text returned a non-number": 2, "nan returned a non-number": 2}
+    assert counts == {
+        "boom raised RuntimeError": 2,
+        "text returned a non-number": 2,
+        "nan returned a non-number": 2,
+    }
 
 
 def test_group_advantages():

@@ -22,10 +22,23 @@ from moejax.infer.safety import SafetyFilter  # noqa: E402
 from moejax.model import Transformer  # noqa: E402
 from moejax.serve import Server, create_app, render_chat  # noqa: E402
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, q_lora_rank=16,
-                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                  num_experts_per_tok=2, moe_intermediate_size=16, initializer_range=0.3,
-                  max_position_embeddings=256)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=48,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    initializer_range=0.3,
+    max_position_embeddings=256,
+)
 
 
 class ModTokenizer:
@@ -43,7 +56,9 @@ class ModTokenizer:
 @pytest.fixture(scope="module")
 def served():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
-    free = Generator(model, ModTokenizer()).generate(["hello"], SamplingParams(max_new_tokens=24))[0]
+    free = Generator(model, ModTokenizer()).generate(["hello"], SamplingParams(max_new_tokens=24))[
+        0
+    ]
     planted = free.text[8:11]  # a substring the model writes: the "harmful" category of this test
     safety = SafetyFilter({"planted": [f"(?:{re.escape(planted)})"]}, action="block", holdback=4)
     gen = Generator(model, ModTokenizer(), safety=safety, chunk=4)
@@ -51,7 +66,9 @@ def served():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(
+        uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -79,12 +96,23 @@ def test_completion_and_its_stream_match_the_generator(served):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "tiny"
-    assert body["choices"][0]["text"] == want.text and body["choices"][0]["finish_reason"] == want.finish_reason
+    assert (
+        body["choices"][0]["text"] == want.text
+        and body["choices"][0]["finish_reason"] == want.finish_reason
+    )
     n = len(want.tokens)
-    assert body["usage"] == {"prompt_tokens": len(prompt) + 1, "completion_tokens": n, "total_tokens": len(prompt) + 1 + n}
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt) + 1,
+        "completion_tokens": n,
+        "total_tokens": len(prompt) + 1 + n,
+    }
 
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
-                                                             "stream": True}, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True},
+        timeout=120,
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -102,15 +130,23 @@ def test_chat_with_the_default_template_and_streaming(served):
     assert r.status_code == 200, r.text
     message = r.json()["choices"][0]["message"]
     assert message["role"] == "assistant"
-    with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 5,
-                                                                  "temperature": 0, "stream": True}, timeout=120) as s:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json={"messages": msgs, "max_tokens": 5, "temperature": 0, "stream": True},
+        timeout=120,
+    ) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == message["content"]
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events) == message["content"]
+    )
     # a Hugging Face-style template: bos token, raise_exception, add_generation_prompt
-    tpl = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
-           "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]"
-           "{% endif %}")
+    tpl = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+        "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]"
+        "{% endif %}"
+    )
     assert render_chat(tpl, msgs, bos="<s>") == "<s>[system] be brief\n[user] hi\n[assistant]"
 
 
@@ -118,8 +154,16 @@ def test_concurrent_requests_are_batched(served):
     url, server, _, _ = served
     before = len(server.engine.batch_sizes)
     with ThreadPoolExecutor(4) as ex:
-        rs = list(ex.map(lambda i: post(url, "/v1/completions", {"prompt": f"p{i}", "max_tokens": 4 + i,
-                                                                  "temperature": 0.8, "seed": i}), range(4)))
+        rs = list(
+            ex.map(
+                lambda i: post(
+                    url,
+                    "/v1/completions",
+                    {"prompt": f"p{i}", "max_tokens": 4 + i, "temperature": 0.8, "seed": i},
+                ),
+                range(4),
+            )
+        )
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
     assert [r.json()["usage"]["completion_tokens"] for r in rs] == [4, 5, 6, 7]
     assert max(server.engine.batch_sizes[before:]) > 1
@@ -130,24 +174,34 @@ def test_the_safety_filter_is_applied(served):
     r = post(url, "/v1/completions", {"prompt": "hello", "max_tokens": 24, "temperature": 0})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter" and planted not in choice["text"]
-    assert choice["text"] == free.text[: free.text.find(planted)] and r.json()["safety"]["planted"] >= 1
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "hello", "max_tokens": 24, "temperature": 0,
-                                                             "stream": True}, timeout=120) as s:
+    assert (
+        choice["text"] == free.text[: free.text.find(planted)]
+        and r.json()["safety"]["planted"] >= 1
+    )
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 24, "temperature": 0, "stream": True},
+        timeout=120,
+    ) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     streamed = "".join(c["choices"][0]["text"] for c in chunks)
     assert streamed == choice["text"] and planted not in streamed  # nothing flagged was ever sent
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/v1/completions", {"max_tokens": 3}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": "high"}, "top_p"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, "max_tokens"),
-    ("/v1/completions", {"prompt": [1, 2, 99]}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"max_tokens": 3}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": "high"}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, "max_tokens"),
+        ("/v1/completions", {"prompt": [1, 2, 99]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+    ],
+)
 def test_bad_requests_get_a_json_4xx(served, path, body, param):
     url = served[0]
     r = post(url, path, body)
@@ -172,7 +226,15 @@ def test_chat_template_from_a_model_folder(tmp_path):
     from moejax.serve import chat_template_of
 
     assert chat_template_of(str(tmp_path)) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ messages[0]['content'] }}!"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": "T"},
+                    {"name": "default", "template": "{{ messages[0]['content'] }}!"},
+                ]
+            }
+        )
+    )
     tpl = chat_template_of(str(tmp_path))
     assert render_chat(tpl, [{"role": "user", "content": "hey"}]) == "hey!"

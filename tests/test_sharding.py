@@ -35,16 +35,24 @@ def test_indivisible_experts_name_the_parameter():
     from moejax.model.moe import MoE
     from tests.helpers import tiny_config
 
-    layer = nnx.eval_shape(lambda: MoE(tiny_config().model.replace(n_routed_experts=6, n_group=1), rngs=nnx.Rngs(0)))
+    layer = nnx.eval_shape(
+        lambda: MoE(tiny_config().model.replace(n_routed_experts=6, n_group=1), rngs=nnx.Rngs(0))
+    )
     state = nnx.state(layer, nnx.Param)
     mesh = Mesh(np.array(jax.devices()[:1] * 1).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)
-    fake = type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}})()
+    fake = type(
+        "FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}}
+    )()
     spec = sharding.spec_for(("expert", "embed", None, "expert_mlp"), sharding.DEFAULT_RULES, mesh)
     assert spec == jax.sharding.PartitionSpec(None, None, None, None)  # size-1 axes are dropped
-    sh = jax.tree.map(lambda v: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")),
-                      nnx.to_pure_dict(state))
+    sh = jax.tree.map(
+        lambda v: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")),
+        nnx.to_pure_dict(state),
+    )
     vals = jax.tree.map(lambda v: jnp.zeros(v.shape), nnx.to_pure_dict(state))
-    with pytest.raises(sharding.ShardingError, match=r"w_down.*dimension 6 is not divisible by mesh axes expert"):
+    with pytest.raises(
+        sharding.ShardingError, match=r"w_down.*dimension 6 is not divisible by mesh axes expert"
+    ):
         sharding.check_divisible({"w_down": vals["w_down"]}, {"w_down": sh["w_down"]}, fake)
 
 
@@ -52,16 +60,33 @@ def test_indivisible_experts_name_the_parameter():
 def test_8_devices_match_one_device():
     """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every preset
     (pipeline included), restore onto another mesh; and XLA never had to replicate a tensor to reshard it."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",  # (LLVM optimizations off, as in conftest.py)
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    r = subprocess.run([sys.executable, "-m", "tests.sharded_check"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1500)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",  # (LLVM optimizations off, as in conftest.py)
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     remat = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
     assert not remat, f"{len(remat)} involuntary reshardings, e.g. {remat[0][:600]}"
     out = json.loads(r.stdout.strip().splitlines()[-1])
     results = out["presets"]
-    assert set(results) == {"fsdp", "data", "fsdp_tensor", "expert_fsdp", "expert_tensor", "pipeline", "restore"}
+    assert set(results) == {
+        "fsdp",
+        "data",
+        "fsdp_tensor",
+        "expert_fsdp",
+        "expert_tensor",
+        "pipeline",
+        "restore",
+    }
     for name, res in results.items():
         if name == "restore":
             continue
@@ -71,7 +96,10 @@ def test_8_devices_match_one_device():
         else:
             assert ratio < 0.6, (name, ratio)  # nothing large is accidentally replicated
     assert results["fsdp"]["param_bytes_per_device"] < 0.2 * results["fsdp"]["param_bytes_total"]
-    assert "expert" in results["expert_fsdp"]["w_gate_up_spec"] and "fsdp" in results["expert_fsdp"]["w_gate_up_spec"]
+    assert (
+        "expert" in results["expert_fsdp"]["w_gate_up_spec"]
+        and "fsdp" in results["expert_fsdp"]["w_gate_up_spec"]
+    )
     assert "tensor" in results["fsdp_tensor"]["w_gate_up_spec"]
     assert "tensor" in results["restore"] and "expert" in results["restore"]
     assert out["init"]["init_temp_bytes_per_device"] < out["init"]["state_bytes_per_device"]
@@ -83,14 +111,23 @@ def test_rules_from_the_config_and_hybrid_mesh_sizes():
     from moejax.config import MeshConfig
 
     rules = sharding.rules_for(MeshConfig(rules="embed=fsdp+expert, expert_mlp=none"))
-    assert rules["embed"] == ("fsdp", "expert") and rules["expert_mlp"] is None and rules["vocab"] == "tensor"
+    assert (
+        rules["embed"] == ("fsdp", "expert")
+        and rules["expert_mlp"] is None
+        and rules["vocab"] == "tensor"
+    )
     with pytest.raises(sharding.ShardingError, match="unknown mesh axis 'fsdq'"):
         sharding.rules_for(MeshConfig(rules="embed=fsdq"))
     with pytest.raises(sharding.ShardingError, match="logical one of"):
         sharding.rules_for(MeshConfig(rules="hidden=fsdp"))
     # ici x dcn: 2 slices of 8 devices, fsdp filling each slice and data across them
-    assert sharding.resolve_mesh(MeshConfig(fsdp=-1, tensor=2, dcn_data=2), 16) == \
-        {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2, "stage": 1}
+    assert sharding.resolve_mesh(MeshConfig(fsdp=-1, tensor=2, dcn_data=2), 16) == {
+        "data": 2,
+        "fsdp": 4,
+        "expert": 1,
+        "tensor": 2,
+        "stage": 1,
+    }
     with pytest.raises(sharding.ShardingError, match="dcn degrees multiply to 3"):
         sharding.resolve_mesh(MeshConfig(dcn_data=3), 16)
     for name, preset in sharding.PRESETS.items():

@@ -52,24 +52,45 @@ def test_gmm_and_tgmm_compile_for_tpu():
         def local(lhs, rhs, sizes):
             # group_offset from the device's position: an expert-parallel shard computes its own 2 experts
             off = jax.lax.axis_index("data") * 2
-            y = kernels.gmm(lhs, rhs[:2], sizes, group_offset=off, preferred_element_type=jnp.float32)
+            y = kernels.gmm(
+                lhs, rhs[:2], sizes, group_offset=off, preferred_element_type=jnp.float32
+            )
             dw = kernels.tgmm(lhs, y.astype(lhs.dtype), sizes, group_offset=off, num_groups=2)
             return y, dw[None]
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=(P("data"), P("data")),
-                             check_vma=False)(lhs, rhs, sizes)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data"), P(), P()),
+            out_specs=(P("data"), P("data")),
+            check_vma=False,
+        )(lhs, rhs, sizes)
 
     n = mesh.devices.size
-    text = _compile(step, _abstract((M * n, K), jnp.bfloat16, mesh, P("data")),
-                    _abstract((G, K, N), jnp.bfloat16, mesh, P()), _abstract((G,), jnp.int32, mesh, P()))
+    text = _compile(
+        step,
+        _abstract((M * n, K), jnp.bfloat16, mesh, P("data")),
+        _abstract((G, K, N), jnp.bfloat16, mesh, P()),
+        _abstract((G,), jnp.int32, mesh, P()),
+    )
     assert "moejax_gmm" in text and "moejax_tgmm" in text  # the Mosaic kernels, not an XLA fallback
 
 
 def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
     mesh = _mesh("v5p:2x2x1")
-    cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=256, n_shared_experts=1, n_group=2, topk_group=1,
-                      moe_impl="dropless", compute_dtype="bfloat16", seq_aux_loss_coef=1e-3)
+    cfg = ModelConfig(
+        hidden_size=256,
+        num_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        moe_impl="dropless",
+        compute_dtype="bfloat16",
+        seq_aux_loss_coef=1e-3,
+    )
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
 
     def loss(state, x):
@@ -77,14 +98,21 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
         return jnp.mean(y.astype(jnp.float32) ** 2) + aux["aux_loss"]
 
     def step(state, x):
-        grads = jax.shard_map(lambda s, x: jax.lax.pmean(jax.grad(loss)(s, x), "data"), mesh=mesh,
-                              in_specs=(P(), P("data")), out_specs=P(), check_vma=False)(state, x)
+        grads = jax.shard_map(
+            lambda s, x: jax.lax.pmean(jax.grad(loss)(s, x), "data"),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=P(),
+            check_vma=False,
+        )(state, x)
         return grads
 
     state = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, mesh, P()), abstract_state)
     n = mesh.devices.size
     text = _compile(step, state, _abstract((2 * n, 128, 256), jnp.float32, mesh, P("data")))
-    assert text.count("moejax_gmm") >= 2 and "moejax_tgmm" in text  # forward, input and weight gradients
+    assert (
+        text.count("moejax_gmm") >= 2 and "moejax_tgmm" in text
+    )  # forward, input and weight gradients
 
 
 @pytest.mark.parametrize("exchange,rule", [("ragged", ""), ("ragged", "expert=expert+fsdp")])
@@ -98,30 +126,52 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
 
     mesh_cfg = MeshConfig(fsdp=2, expert=2, rules=rule) if rule else MeshConfig(fsdp=1, expert=-1)
     ep_mesh = sharding.make_mesh(mesh_cfg, list(mesh.devices.flat))
-    cfg = ModelConfig(hidden_size=256, num_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                      moe_intermediate_size=256, n_shared_experts=0, moe_impl="dropless", compute_dtype="bfloat16",
-                      ep_exchange=exchange, capacity_factor=2.0)
+    cfg = ModelConfig(
+        hidden_size=256,
+        num_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        n_shared_experts=0,
+        moe_impl="dropless",
+        compute_dtype="bfloat16",
+        ep_exchange=exchange,
+        capacity_factor=2.0,
+    )
     layout = sharding.layout(ep_mesh, sharding.rules_for(mesh_cfg))
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout)))
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout))
+    )
 
     def step(state, x):
         def loss(state, x):
             y, aux = nnx.merge(graphdef, state)(x)
             return jnp.mean(y.astype(jnp.float32) ** 2) + aux["drop_fraction"]
+
         return jax.grad(loss)(state, x)
 
     shardings = sharding.tree_shardings(abstract_state, ep_mesh, sharding.rules_for(mesh_cfg))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
     n = ep_mesh.devices.size
-    x = jax.ShapeDtypeStruct((2 * n, 128, 256), jnp.float32, sharding=sharding.batch_sharding(ep_mesh).update(
-        spec=P(sharding.batch_sharding(ep_mesh).spec[0], None, None)))
+    x = jax.ShapeDtypeStruct(
+        (2 * n, 128, 256),
+        jnp.float32,
+        sharding=sharding.batch_sharding(ep_mesh).update(
+            spec=P(sharding.batch_sharding(ep_mesh).spec[0], None, None)
+        ),
+    )
     text = _compile(step, state, x)
     assert ("ragged-all-to-all" in text) == (exchange == "ragged")
     assert "all-to-all" in text and "moejax_gmm" in text
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,v_head_dim", [(4, 4, 192, 128), (8, 2, 128, 128)],
-                         ids=["mla-v3-dims", "gqa"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,v_head_dim",
+    [(4, 4, 192, 128), (8, 2, 128, 128)],
+    ids=["mla-v3-dims", "gqa"],
+)
 def test_splash_attention_forward_backward_compiles_for_tpu(heads, kv_heads, head_dim, v_head_dim):
     """The attention op's TPU default (splash, inside shard_map over the layout's batch and head axes)
     compiles forward + backward for v5e with packed segments, MLA's 192 / 128 head dims and GQA."""
@@ -135,15 +185,18 @@ def test_splash_attention_forward_backward_compiles_for_tpu(heads, kv_heads, hea
     layout = sharding.layout(mesh, sharding.rules_for(shape))
 
     def loss(q, k, v, seg):
-        out = attention(q, k, v, seg, scale=head_dim ** -0.5, layout=layout)
+        out = attention(q, k, v, seg, scale=head_dim**-0.5, layout=layout)
         return jnp.mean(out.astype(jnp.float32) ** 2)
 
     step = lambda q, k, v, seg: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
     B, T = 4, 1024
     with kernels.target_platform("tpu"):
         assert default_impl() == "splash"
-    text = _compile(step, _abstract((B, T, heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
-                    _abstract((B, T, kv_heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
-                    _abstract((B, T, kv_heads, v_head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
-                    _abstract((B, T), jnp.int32, mesh, P("fsdp")))
+    text = _compile(
+        step,
+        _abstract((B, T, heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+        _abstract((B, T, kv_heads, head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+        _abstract((B, T, kv_heads, v_head_dim), jnp.bfloat16, mesh, P("fsdp", None, "tensor")),
+        _abstract((B, T), jnp.int32, mesh, P("fsdp")),
+    )
     assert text.count("splash") >= 2  # the Mosaic forward and backward kernels, not an XLA fallback

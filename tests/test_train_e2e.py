@@ -19,7 +19,6 @@ from moejax.trainer.checkpoint import IncompatibleCheckpoint
 
 from .helpers import ROOT, override_flags, tiny_config
 
-
 RESUME_STEPS = 40  # long enough that the killed run is always stopped part-way
 
 
@@ -42,10 +41,25 @@ def _final_params(workdir, cfg: Config):
 
 
 def _spawn(workdir, cache, *extra):
-    cmd = [sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
-           "--workdir", str(workdir), *override_flags(cache), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "moejax.train",
+        "--config",
+        os.path.join(ROOT, "experiments", "moe.py"),
+        "--workdir",
+        str(workdir),
+        *override_flags(cache),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):
@@ -77,12 +91,24 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
     ms = _metrics(wd)
     steps = [m["step"] for m in ms if "loss" in m]
     assert steps == list(range(1, cfg.train.steps + 1))
-    for key in ("loss", "lr", "tokens_per_sec", "mfu", "grad_norm", "moe/load_cv", "moe/bias_range"):
+    for key in (
+        "loss",
+        "lr",
+        "tokens_per_sec",
+        "mfu",
+        "grad_norm",
+        "moe/load_cv",
+        "moe/bias_range",
+    ):
         assert key in ms[-2], key
     losses = [m["loss"] for m in ms if "loss" in m]
     assert losses[-1] < losses[0] - 0.5
     assert "val_loss" in ms[-1] and np.isfinite(ms[-1]["val_loss"])
-    assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == ["32", "36", "40"]  # keep 3
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == [
+        "32",
+        "36",
+        "40",
+    ]  # keep 3
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -96,7 +122,9 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, corpus_cache):
     cfg, wd_a, _ = uninterrupted
     wd_b = tmp_path / "killed"
     proc = _spawn(wd_b, corpus_cache, f"--config.train.steps={RESUME_STEPS}")
-    _wait_for_step(wd_b, 10, proc)  # checkpoints at 4 and 8 exist; the kill lands wherever the run is
+    _wait_for_step(
+        wd_b, 10, proc
+    )  # checkpoints at 4 and 8 exist; the kill lands wherever the run is
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert max(_losses(wd_b)) < cfg.train.steps
@@ -132,7 +160,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus_cache):
 def test_incompatible_checkpoint_is_refused(uninterrupted):
     cfg, wd, _ = uninterrupted
     other = dataclasses.replace(cfg, model=cfg.model.replace(hidden_size=96))
-    with pytest.raises(IncompatibleCheckpoint, match="model.hidden_size: checkpoint 64 vs config 96"):
+    with pytest.raises(
+        IncompatibleCheckpoint, match="model.hidden_size: checkpoint 64 vs config 96"
+    ):
         run(other, wd, quiet=True)
 
 
@@ -145,21 +175,44 @@ def test_unwritable_workdir_fails_first(tmp_path, corpus_cache):
 
 def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):
     cfg = tiny_config(corpus_cache)
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30, clip_norm=0.0, warmup_steps=0),
-                              train=dataclasses.replace(cfg.train, steps=20, max_nonfinite_steps=3, ckpt_every=0))
+    cfg = dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, lr=1e30, clip_norm=0.0, warmup_steps=0),
+        train=dataclasses.replace(cfg.train, steps=20, max_nonfinite_steps=3, ckpt_every=0),
+    )
     with pytest.raises(TrainingError, match="consecutive steps had a non-finite loss"):
         run(cfg, str(tmp_path / "nan"), quiet=True)
     assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "20")
 
 
-@pytest.mark.parametrize("flag,msg", [
-    ("--config.model.foo=1", "--config.model.foo: unknown key 'foo' in model"),
-    ("--config.model.score_func=relu", "error: model.score_func: got 'relu', allowed: 'softmax', 'sigmoid'"),
-    ("--config.train.steps=abc", "--config.train.steps=abc: invalid literal for int()"),
-])
+@pytest.mark.parametrize(
+    "flag,msg",
+    [
+        ("--config.model.foo=1", "--config.model.foo: unknown key 'foo' in model"),
+        (
+            "--config.model.score_func=relu",
+            "error: model.score_func: got 'relu', allowed: 'softmax', 'sigmoid'",
+        ),
+        ("--config.train.steps=abc", "--config.train.steps=abc: invalid literal for int()"),
+    ],
+)
 def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "moejax.train", "--config", os.path.join(ROOT, "experiments", "moe.py"),
-                        flag, "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moejax.train",
+            "--config",
+            os.path.join(ROOT, "experiments", "moe.py"),
+            flag,
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -174,19 +227,45 @@ def test_samples_and_the_generate_cli_from_a_workdir(uninterrupted, tmp_path, ca
     cfg, wd, _ = uninterrupted
     data = mixture.resolve(cfg.data, cfg.model.vocab_size)
     tok = layout.tokenizer(data)
-    prompts = sample_prompts(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_samples=3)), data)
+    prompts = sample_prompts(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_samples=3)), data
+    )
     assert len(prompts) == 3 and all(len(p) == cfg.train.sample_prompt_tokens for p in prompts)
-    assert len({tuple(p) for p in prompts}) == 3 and prompts[0][0] == tok.bos_id  # document starts first
+    assert (
+        len({tuple(p) for p in prompts}) == 3 and prompts[0][0] == tok.bos_id
+    )  # document starts first
 
     reqs = tmp_path / "reqs.jsonl"
-    reqs.write_text(json.dumps({"prompt_tokens": prompts[0], "max_new_tokens": 4}) + "\n"
-                    + json.dumps({"prompt": "def main(", "temperature": 0.8, "seed": 2}) + "\n")
+    reqs.write_text(
+        json.dumps({"prompt_tokens": prompts[0], "max_new_tokens": 4})
+        + "\n"
+        + json.dumps({"prompt": "def main(", "temperature": 0.8, "seed": 2})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
-    assert main(["--model", wd, "--prompts", str(reqs), "--max_new_tokens", "6", "--output", str(out),
-                 "--batch_size", "1"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                wd,
+                "--prompts",
+                str(reqs),
+                "--max_new_tokens",
+                "6",
+                "--output",
+                str(out),
+                "--batch_size",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [len(r["tokens"]) <= n for r, n in zip(rows, (4, 6))] == [True, True]
-    assert rows[1]["text"] == tok.decode(rows[1]["tokens"]) and rows[0]["finish_reason"] in ("length", "eos")
+    assert rows[1]["text"] == tok.decode(rows[1]["tokens"]) and rows[0]["finish_reason"] in (
+        "length",
+        "eos",
+    )
     reqs.write_text('{"prompt": "x", "temprature": 1}\n')
     assert main(["--model", wd, "--prompts", str(reqs)]) == 2
     assert "unknown request field 'temprature'" in capsys.readouterr().err

@@ -22,8 +22,15 @@ from .helpers import tiny_config
 
 def test_schedules():
     cos = schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1), 100)
-    assert float(cos(0)) == 0 and float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)
-    wsd = schedule(OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0), 100)
+    assert (
+        float(cos(0)) == 0
+        and float(cos(10)) == pytest.approx(1.0)
+        and float(cos(100)) == pytest.approx(0.1)
+    )
+    wsd = schedule(
+        OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0),
+        100,
+    )
     assert float(wsd(50)) == 1.0 and float(wsd(79)) == 1.0 and float(wsd(90)) == pytest.approx(0.5)
     assert float(wsd(100)) == pytest.approx(0.0)
     const = schedule(OptimConfig(lr=2.0, schedule="constant", warmup_steps=4), 100)
@@ -42,12 +49,19 @@ def test_config_errors_are_one_line():
 def test_decay_mask_excludes_norms_and_embeddings():
     cfg = tiny_config().model
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(decay_mask(params, OptimConfig()))}
+    flat = {
+        "/".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(decay_mask(params, OptimConfig()))
+    }
     assert flat["embed"] is False and flat["lm_head"] is False
     assert flat["norm/weight"] is False and flat["segments/0/attn_norm/weight"] is False
     assert flat["segments/0/attn/wkv_b"] is True and flat["segments/1/ffn/w_gate_up"] is True
-    flat2 = {"/".join(map(str, p)): v.get_value() for p, v in
-             nnx.to_flat_state(decay_mask(params, OptimConfig(decay_norms=True, decay_embeddings=True)))}
+    flat2 = {
+        "/".join(map(str, p)): v.get_value()
+        for p, v in nnx.to_flat_state(
+            decay_mask(params, OptimConfig(decay_norms=True, decay_embeddings=True))
+        )
+    }
     assert flat2["embed"] is True and flat2["norm/weight"] is True
 
 
@@ -58,13 +72,25 @@ def test_pack_segments_positions_and_row_codec():
     assert rows[0][1].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
     assert rows[0][2].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert rows[1][1].tolist() == [1] * 8 and rows[1][2].tolist() == list(range(8))
-    assert rows[2][0].tolist() == [2, 30, 3, 0, 0, 0, 0, 0] and rows[2][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert rows[2][0].tolist() == [2, 30, 3, 0, 0, 0, 0, 0] and rows[2][1].tolist() == [
+        1,
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
     back = decode_row(encode_row(rows[2]), 8)
     np.testing.assert_array_equal(back["segment_ids"], rows[2][1])
 
 
 def test_shifted_targets_stop_at_document_boundaries():
-    batch = {"tokens": jnp.array([[5, 6, 7, 8, 9, 0]]), "segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]])}
+    batch = {
+        "tokens": jnp.array([[5, 6, 7, 8, 9, 0]]),
+        "segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]]),
+    }
     labels, valid = shifted_targets(batch, 1)
     assert labels.tolist() == [[6, 7, 8, 9, 0, 0]]
     assert valid.tolist() == [[True, True, False, True, False, False]]
@@ -75,9 +101,11 @@ def test_shifted_targets_stop_at_document_boundaries():
 def _batch(cfg, seed=0):
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
-    return {"tokens": jnp.asarray(rng.integers(4, cfg.model.vocab_size, (B, T)), jnp.int32),
-            "segment_ids": jnp.ones((B, T), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
+    return {
+        "tokens": jnp.asarray(rng.integers(4, cfg.model.vocab_size, (B, T)), jnp.int32),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+    }
 
 
 def _packed_batch(cfg, seed=0):
@@ -89,11 +117,19 @@ def _packed_batch(cfg, seed=0):
     pos = np.zeros((B, T), np.int32)
     for b in range(B):
         used = T - int(T * (0.9 if b == 1 else rng.uniform(0, 0.6)))
-        cuts = np.sort(rng.choice(np.arange(2, used), rng.integers(0, 4), replace=False)) if used > 4 else []
+        cuts = (
+            np.sort(rng.choice(np.arange(2, used), rng.integers(0, 4), replace=False))
+            if used > 4
+            else []
+        )
         for d, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
             seg[b, lo:hi], pos[b, lo:hi] = d, np.arange(hi - lo)
     tokens = np.where(seg > 0, rng.integers(4, cfg.model.vocab_size, (B, T)), 0).astype(np.int32)
-    return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)}
+    return {
+        "tokens": jnp.asarray(tokens),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(pos),
+    }
 
 
 def _setup(cfg):
@@ -106,14 +142,18 @@ def test_losses_do_not_depend_on_the_microbatch_split():
     same loss, metrics and update (CE, MTP, the sequence-wise balance loss, both z-losses)."""
     base = tiny_config()
     cfg = dataclasses.replace(
-        base, train=dataclasses.replace(base.train, batch_size=8, logit_z_loss=1e-3),
-        model=base.model.replace(seq_aux_loss_coef=0.01, router_z_loss_coef=1e-3, mtp_depth=2))
+        base,
+        train=dataclasses.replace(base.train, batch_size=8, logit_z_loss=1e-3),
+        model=base.model.replace(seq_aux_loss_coef=0.01, router_z_loss_coef=1e-3, mtp_depth=2),
+    )
     batch = _packed_batch(cfg)
     valid = np.asarray(shifted_targets(batch, 1)[1]).sum(1)
     assert valid.max() > 3 * valid.min()  # uneven on purpose
     results = {}
     for n in (1, 2, 4):
-        step, state = _setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=n)))
+        step, state = _setup(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=n))
+        )
         results[n] = step(state, batch)
     s1, m1 = results[1]
     for n in (2, 4):
@@ -139,7 +179,11 @@ def test_nonfinite_step_is_skipped_and_counted():
     batch = _batch(cfg)
     batch["tokens"] = batch["tokens"].at[0, 0].set(5)
     after, m = step(bad, batch)
-    assert int(m["skipped"]) == 1 and int(after["nonfinite"]) == 1 and int(after["step"]) == int(before["step"]) + 1
+    assert (
+        int(m["skipped"]) == 1
+        and int(after["nonfinite"]) == 1
+        and int(after["step"]) == int(before["step"]) + 1
+    )
     for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(after["opt_state"]), jax.tree.leaves(before["opt_state"])):
@@ -170,7 +214,9 @@ def test_logged_learning_rate_is_the_applied_one_after_a_skip():
     ts = setup.build(cfg)
     assert float(m0["lr"]) == pytest.approx(float(ts.sched(0)))
     assert float(m2["lr"]) == pytest.approx(float(ts.sched(1)))  # the optimizer's second update ...
-    assert float(m2["lr"]) != pytest.approx(float(ts.sched(int(state["step"]) - 1)))  # ... not step 2's rate
+    assert float(m2["lr"]) != pytest.approx(
+        float(ts.sched(int(state["step"]) - 1))
+    )  # ... not step 2's rate
     assert float(m2["lr"]) == pytest.approx(float(r1["lr"]))
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref["params"])):
         np.testing.assert_allclose(a, b, atol=1e-6)  # and it is the rate that was applied
@@ -198,7 +244,9 @@ def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path
     for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(want_router)):
         np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(state["router"]["segments"][1]["ffn"]["bias"].get_value())).max() > 0.1
-    assert int(state["step"]) == 0 and all(not np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"]))
+    assert int(state["step"]) == 0 and all(
+        not np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"])
+    )
     state, m = ts.train_step()(state, _batch(cfg))
     assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
 
@@ -213,10 +261,18 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
     old = cfg.to_dict()
     del old["model"]["capacity_scope"]  # as written before the field existed
     ck = Checkpointer(str(tmp_path), cfg)
-    ck.manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)}),
-                                               data=ocp.args.JsonSave({}), config=ocp.args.JsonSave(old)))
+    ck.manager.save(
+        1,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"x": np.zeros(2)}),
+            data=ocp.args.JsonSave({}),
+            config=ocp.args.JsonSave(old),
+        ),
+    )
     ck.close()
     Checkpointer(str(tmp_path), cfg).check_compatible(1)
     changed = dataclasses.replace(cfg, model=cfg.model.replace(capacity_scope="group"))
-    with pytest.raises(IncompatibleCheckpoint, match=r"model.capacity_scope: checkpoint 'global' vs config 'group'"):
+    with pytest.raises(
+        IncompatibleCheckpoint, match=r"model.capacity_scope: checkpoint 'global' vs config 'group'"
+    ):
         Checkpointer(str(tmp_path), changed).check_compatible(1)

@@ -23,8 +23,20 @@ def get_config():
         "val_fraction": 0.02,
         "workers": 2,
         "sources": [
-            {"name": "stdlib", "path": sysconfig.get_paths()["stdlib"] + "/**/*.py", "kind": "code", "weight": 1.0,
-             "exclude": ["site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"]},
+            {
+                "name": "stdlib",
+                "path": sysconfig.get_paths()["stdlib"] + "/**/*.py",
+                "kind": "code",
+                "weight": 1.0,
+                "exclude": [
+                    "site-packages",
+                    "dist-packages",
+                    "test",
+                    "tests",
+                    "idle_test",
+                    "__pycache__",
+                ],
+            },
         ],
         "stages": {"fim_rate": 0.5, "near_dedup": True},
         "tokenizer": {"vocab_size": 4096, "model_type": "bpe", "sample_bytes": 5_000_000},

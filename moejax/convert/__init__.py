@@ -16,5 +16,12 @@ from moejax.convert.export import to_hf
 from moejax.convert.hf_config import UnsupportedConfig, from_hf_config, hf_model_type, to_hf_config
 from moejax.convert.load import from_hf, target_shardings
 
-__all__ = ["from_hf", "to_hf", "from_hf_config", "to_hf_config", "hf_model_type", "UnsupportedConfig",
-           "target_shardings"]
+__all__ = [
+    "from_hf",
+    "to_hf",
+    "from_hf_config",
+    "to_hf_config",
+    "hf_model_type",
+    "UnsupportedConfig",
+    "target_shardings",
+]

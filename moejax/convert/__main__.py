@@ -28,24 +28,43 @@ def parse_mesh(text: str, rules: str = "") -> MeshConfig:
                 raise ValueError
             kw[name] = int(value)
         except ValueError:
-            raise ValueError(f"--mesh: {item!r} must be axis=N with axis one of {', '.join(fields)}") from None
+            raise ValueError(
+                f"--mesh: {item!r} must be axis=N with axis one of {', '.join(fields)}"
+            ) from None
     return MeshConfig(**kw, rules=rules)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moejax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m moejax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("direction", choices=["hf-to-moejax", "moejax-to-hf"])
     p.add_argument("--src", required=True, help="source directory")
     p.add_argument("--dst", required=True, help="destination directory (written atomically)")
-    p.add_argument("--model-type", default=None,
-                   help="moejax-to-hf: deepseek_v3|deepseek_v2|deepseek|mixtral|qwen3_moe (default: from the config)")
-    p.add_argument("--mesh", default=None,
-                   help="device mesh degrees, e.g. 'fsdp=-1,expert=2' (MeshConfig fields; default: one device)")
-    p.add_argument("--rules", default="", help="logical-axis rule overrides, e.g. 'embed=fsdp+expert' (MeshConfig.rules)")
-    p.add_argument("--dtype", default=None, choices=_DTYPES,
-                   help="hf-to-moejax: parameter dtype (default: the config's param_dtype); "
-                        "moejax-to-hf: dtype of the written tensors (default float32)")
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="moejax-to-hf: deepseek_v3|deepseek_v2|deepseek|mixtral|qwen3_moe (default: from the config)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh degrees, e.g. 'fsdp=-1,expert=2' (MeshConfig fields; default: one device)",
+    )
+    p.add_argument(
+        "--rules",
+        default="",
+        help="logical-axis rule overrides, e.g. 'embed=fsdp+expert' (MeshConfig.rules)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=_DTYPES,
+        help="hf-to-moejax: parameter dtype (default: the config's param_dtype); "
+        "moejax-to-hf: dtype of the written tensors (default float32)",
+    )
     args = p.parse_args(argv)
 
     from moejax import sharding
@@ -60,9 +79,18 @@ def main(argv=None) -> int:
         if args.direction == "hf-to-moejax":
             checkpoint.hf_to_moejax(args.src, args.dst, mesh=mesh, rules=rules, dtype=args.dtype)
         else:
-            checkpoint.moejax_to_hf(args.src, args.dst, model_type=args.model_type, dtype=args.dtype or "float32",
-                                    mesh=mesh, rules=rules)
-    except (ValueError, OSError) as e:  # ShardingError, UnsupportedConfig, ConfigError are ValueErrors
+            checkpoint.moejax_to_hf(
+                args.src,
+                args.dst,
+                model_type=args.model_type,
+                dtype=args.dtype or "float32",
+                mesh=mesh,
+                rules=rules,
+            )
+    except (
+        ValueError,
+        OSError,
+    ) as e:  # ShardingError, UnsupportedConfig, ConfigError are ValueErrors
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -31,8 +31,9 @@ def save_model(model: Transformer, cfg: ModelConfig, path: str) -> None:
         os.replace(tmp, os.path.join(path, "config.json"))
 
 
-def load_model(path: str, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None,
-               **overrides) -> tuple[Transformer, ModelConfig]:
+def load_model(
+    path: str, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None, **overrides
+) -> tuple[Transformer, ModelConfig]:
     """Restores a save_model checkpoint straight into its target shardings on `mesh` (None: one
     device), each device reading only its shards; overrides change ModelConfig fields (a changed
     param_dtype casts while restoring)."""
@@ -42,16 +43,25 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Mapping[str, object] 
     if overrides:
         cfg = cfg.replace(**overrides)
     mesh = mesh if mesh is not None else default_mesh()
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)))
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    )
     _, _, shardings = target_shardings(abstract, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(os.path.join(path, "state"), target)
     return nnx.merge(graphdef, state), cfg
 
 
-def hf_to_moejax(src: str, dst: str, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None,
-                 dtype: str | None = None) -> None:
+def hf_to_moejax(
+    src: str,
+    dst: str,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+    dtype: str | None = None,
+) -> None:
     """Hugging Face directory -> moejax checkpoint, streamed onto `mesh` (params in `dtype`)."""
     from moejax.convert import from_hf
 
@@ -59,8 +69,14 @@ def hf_to_moejax(src: str, dst: str, mesh: Mesh | None = None, rules: Mapping[st
     save_model(model, cfg, dst)
 
 
-def moejax_to_hf(src: str, dst: str, model_type: str | None = None, dtype: str = "float32",
-                 mesh: Mesh | None = None, rules: Mapping[str, object] | None = None) -> None:
+def moejax_to_hf(
+    src: str,
+    dst: str,
+    model_type: str | None = None,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+) -> None:
     """moejax checkpoint -> Hugging Face directory: restored sharded onto `mesh`, written tensor by
     tensor in `dtype`."""
     from moejax.convert import to_hf

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
 from moejax.config import ModelConfig
@@ -29,7 +30,11 @@ from moejax.convert import weights as W
 from moejax.convert.hf_config import hf_model_type, to_hf_config
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": io.DTYPES["BF16"], "float16": np.dtype(np.float16)}
+OUT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": io.DTYPES["BF16"],
+    "float16": np.dtype(np.float16),
+}
 
 
 def _starts_sizes(index: tuple, shape: tuple[int, ...]) -> tuple[list[int], tuple[int, ...]]:
@@ -93,7 +98,9 @@ def _gather_fn(sh, sizes: tuple[int, ...]):
     spec = tuple(sh.spec) + (None,) * (len(sizes) - len(sh.spec))
     body = _local_slice(tuple(sharding.axes_of(a) for a in spec), sizes)
     # check_vma=False: all_gather's result is typed as varying although it is the same everywhere
-    gather = jax.shard_map(body, mesh=sh.mesh, in_specs=(sh.spec, P()), out_specs=P(), check_vma=False)
+    gather = jax.shard_map(
+        body, mesh=sh.mesh, in_specs=(sh.spec, P()), out_specs=P(), check_vma=False
+    )
     return jax.jit(gather, out_shardings=NamedSharding(sh.mesh, P()))
 
 
@@ -120,8 +127,15 @@ def _plan_files(specs: list[tuple[str, tuple, np.dtype]], shard_bytes: int) -> l
     return files + [cur]
 
 
-def to_hf(model, config: ModelConfig, path: str, *, model_type: str | None = None, shard_bytes: int = 4 << 30,
-          dtype: str = "float32") -> None:
+def to_hf(
+    model,
+    config: ModelConfig,
+    path: str,
+    *,
+    model_type: str | None = None,
+    shard_bytes: int = 4 << 30,
+    dtype: str = "float32",
+) -> None:
     """Writes config.json and safetensors shards (per-expert names) that transformers loads.
 
     Host memory holds one Hugging Face tensor at a time. With a multi-process model every process
@@ -131,14 +145,22 @@ def to_hf(model, config: ModelConfig, path: str, *, model_type: str | None = Non
     """
     mt = model_type or hf_model_type(config)
     hf_cfg = to_hf_config(config, mt)
-    hf_cfg["torch_dtype" if "torch_dtype" in hf_cfg else "dtype"] = dtype  # remote-code configs: torch_dtype
+    hf_cfg["torch_dtype" if "torch_dtype" in hf_cfg else "dtype"] = (
+        dtype  # remote-code configs: torch_dtype
+    )
     out_dtype = OUT_DTYPES[dtype]
     arrays = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     entries = W.hf_entries(config, mt, fused=False)
-    specs = [(name, W.hf_shape(s, W.view_shape(arrays[s.path].shape, s.index)), out_dtype) for name, s in entries.items()]
+    specs = [
+        (name, W.hf_shape(s, W.view_shape(arrays[s.path].shape, s.index)), out_dtype)
+        for name, s in entries.items()
+    ]
     files = _plan_files(specs, shard_bytes)
-    names = ["model.safetensors"] if len(files) == 1 else [
-        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
     writer = jax.process_index() == 0
 
     def produce(name):  # [HF shape] in out_dtype
@@ -154,7 +176,9 @@ def to_hf(model, config: ModelConfig, path: str, *, model_type: str | None = Non
             tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
         for fname, file_specs in zip(names, files):
             if writer:
-                write_safetensors(os.path.join(tmp, fname), file_specs, produce, metadata={"format": "pt"})
+                write_safetensors(
+                    os.path.join(tmp, fname), file_specs, produce, metadata={"format": "pt"}
+                )
             else:
                 for name, _, _ in file_specs:
                     produce(name)
@@ -163,7 +187,9 @@ def to_hf(model, config: ModelConfig, path: str, *, model_type: str | None = Non
                 total = sum(math.prod(s) * d.itemsize for _, s, d in specs)
                 weight_map = {n: fname for fname, fs in zip(names, files) for n, _, _ in fs}
                 with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                    json.dump(
+                        {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2
+                    )
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_cfg, f, indent=2)
             if os.path.exists(path):

@@ -16,13 +16,48 @@ MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
 
 # Keys that carry no architecture (or that we derive), accepted and ignored.
 _IGNORED = {
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "output_router_logits",
-    "pretraining_tp", "auto_map", "head_dim", "qk_head_dim", "num_key_value_heads", "router_aux_loss_coef",
-    "ep_size", "moe_layer_freq", "aux_loss_alpha", "seq_aux", "generation_config", "quantization_config",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave", "use_sliding_window", "sliding_window",
-    "max_window_layers", "hidden_act", "attention_bias", "mlp_bias", "router_jitter_noise", "num_nextn_predict_layers",
-    "scoring_func", "topk_method", "n_group", "topk_group", "id2label", "label2id", "_name_or_path",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+    "output_router_logits",
+    "pretraining_tp",
+    "auto_map",
+    "head_dim",
+    "qk_head_dim",
+    "num_key_value_heads",
+    "router_aux_loss_coef",
+    "ep_size",
+    "moe_layer_freq",
+    "aux_loss_alpha",
+    "seq_aux",
+    "generation_config",
+    "quantization_config",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_interleave",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "router_jitter_noise",
+    "num_nextn_predict_layers",
+    "scoring_func",
+    "topk_method",
+    "n_group",
+    "topk_group",
+    "id2label",
+    "label2id",
+    "_name_or_path",
 }
 
 
@@ -37,14 +72,18 @@ def _rope(d: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         params = dict(d.get("rope_scaling") or {})
         params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0)))}
+    out: dict[str, Any] = {
+        "rope_theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    }
     problems = []
     if rope_type == "yarn":
         out.update(
             rope_type="yarn",
             rope_factor=float(params["factor"]),
-            rope_original_max_position_embeddings=int(params.get("original_max_position_embeddings")
-                                                      or d.get("max_position_embeddings", 4096)),
+            rope_original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings")
+                or d.get("max_position_embeddings", 4096)
+            ),
             rope_beta_fast=float(params.get("beta_fast") or 32),
             rope_beta_slow=float(params.get("beta_slow") or 1),
             rope_mscale=float(params.get("mscale") or 0.0),
@@ -66,7 +105,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     """
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
-        raise UnsupportedConfig(f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+        raise UnsupportedConfig(
+            f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}"
+        )
     problems: list[str] = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d.get('hidden_act')!r} (only 'silu')")
@@ -78,11 +119,23 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         problems.append(f"sliding_window={d.get('sliding_window')}")
     rope, rope_problems = _rope(d)
     problems += rope_problems
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "num_experts_per_tok"]
+    required = [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "num_experts_per_tok",
+    ]
     if mt in ("deepseek_v3", "deepseek_v2"):
-        required += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                     "moe_intermediate_size"]
+        required += [
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "moe_intermediate_size",
+        ]
     elif mt == "deepseek":
         required += ["n_routed_experts", "moe_intermediate_size"]
         problems += _deepseek_v1_problems(d)
@@ -92,23 +145,40 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     if mt in ("mixtral", "qwen3_moe") and d.get("num_local_experts", d.get("num_experts")) is None:
         problems.append("num_local_experts is missing")
     if problems:
-        raise UnsupportedConfig(f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}")
+        raise UnsupportedConfig(
+            f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}"
+        )
     c: dict[str, Any] = dict(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
-        max_position_embeddings=d.get("max_position_embeddings", 2048 if mt == "deepseek" else 4096),
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        max_position_embeddings=d.get(
+            "max_position_embeddings", 2048 if mt == "deepseek" else 4096
+        ),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=d.get("initializer_range", 0.02), **rope,
-        aux_loss_coef=0.0, seq_aux_loss_coef=0.0, router_z_loss_coef=0.0, router_jitter=0.0,
+        initializer_range=d.get("initializer_range", 0.02),
+        **rope,
+        aux_loss_coef=0.0,
+        seq_aux_loss_coef=0.0,
+        router_z_loss_coef=0.0,
+        router_jitter=0.0,
     )
     if mt in ("deepseek_v3", "deepseek_v2"):
         c.update(
-            attention_type="mla", q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
-            qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-            v_head_dim=d["v_head_dim"], rope_interleave=bool(d.get("rope_interleave", True)),
-            n_routed_experts=d["n_routed_experts"], num_experts_per_tok=d["num_experts_per_tok"],
-            n_shared_experts=d.get("n_shared_experts") or 0, moe_intermediate_size=d["moe_intermediate_size"],
+            attention_type="mla",
+            q_lora_rank=d.get("q_lora_rank") or 0,
+            kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"],
+            qk_rope_head_dim=d["qk_rope_head_dim"],
+            v_head_dim=d["v_head_dim"],
+            rope_interleave=bool(d.get("rope_interleave", True)),
+            n_routed_experts=d["n_routed_experts"],
+            num_experts_per_tok=d["num_experts_per_tok"],
+            n_shared_experts=d.get("n_shared_experts") or 0,
+            moe_intermediate_size=d["moe_intermediate_size"],
             first_k_dense_replace=d.get("first_k_dense_replace", 0),
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
         )
@@ -118,17 +188,28 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
             method = d.get("topk_method", "noaux_tc")
             if method != "noaux_tc":
                 problems.append(f"topk_method={method!r} (deepseek_v3 uses 'noaux_tc')")
-            c.update(score_func=d.get("scoring_func", "sigmoid"), n_group=d.get("n_group") or 1,
-                     topk_group=d.get("topk_group") or 1, norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-                     use_score_correction_bias=True, mtp_depth=d.get("num_nextn_predict_layers", 0) or 0)
+            c.update(
+                score_func=d.get("scoring_func", "sigmoid"),
+                n_group=d.get("n_group") or 1,
+                topk_group=d.get("topk_group") or 1,
+                norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+                use_score_correction_bias=True,
+                mtp_depth=d.get("num_nextn_predict_layers", 0) or 0,
+            )
         else:
             method = d.get("topk_method", "greedy")
             if method not in ("greedy", "group_limited_greedy"):
-                problems.append(f"topk_method={method!r} (deepseek_v2: 'greedy' or 'group_limited_greedy')")
+                problems.append(
+                    f"topk_method={method!r} (deepseek_v2: 'greedy' or 'group_limited_greedy')"
+                )
             grouped = method == "group_limited_greedy"
-            c.update(score_func=d.get("scoring_func", "softmax"), n_group=(d.get("n_group") or 1) if grouped else 1,
-                     topk_group=(d.get("topk_group") or 1) if grouped else 1,
-                     norm_topk_prob=bool(d.get("norm_topk_prob", False)), use_score_correction_bias=False)
+            c.update(
+                score_func=d.get("scoring_func", "softmax"),
+                n_group=(d.get("n_group") or 1) if grouped else 1,
+                topk_group=(d.get("topk_group") or 1) if grouped else 1,
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                use_score_correction_bias=False,
+            )
             if c["norm_topk_prob"]:
                 problems.append("norm_topk_prob=true (transformers' deepseek_v2 ignores it)")
     elif mt == "deepseek":
@@ -137,19 +218,36 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         n_experts = d.get("num_local_experts", d.get("num_experts"))
         nkv = d.get("num_key_value_heads") or d["num_attention_heads"]
         c.update(
-            attention_type="gqa", num_kv_heads=nkv, head_dim=d.get("head_dim") or 0,
-            rope_interleave=False, n_routed_experts=n_experts, num_experts_per_tok=d["num_experts_per_tok"],
-            n_shared_experts=0, score_func="softmax", n_group=1, topk_group=1, use_score_correction_bias=False,
-            routed_scaling_factor=1.0, first_k_dense_replace=0,
+            attention_type="gqa",
+            num_kv_heads=nkv,
+            head_dim=d.get("head_dim") or 0,
+            rope_interleave=False,
+            n_routed_experts=n_experts,
+            num_experts_per_tok=d["num_experts_per_tok"],
+            n_shared_experts=0,
+            score_func="softmax",
+            n_group=1,
+            topk_group=1,
+            use_score_correction_bias=False,
+            routed_scaling_factor=1.0,
+            first_k_dense_replace=0,
         )
         if mt == "mixtral":
-            c.update(moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, qk_norm=False)
+            c.update(
+                moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True, qk_norm=False
+            )
         else:
-            c.update(moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                     qk_norm=True, decoder_sparse_step=d.get("decoder_sparse_step", 1),
-                     mlp_only_layers=tuple(d.get("mlp_only_layers") or ()))
+            c.update(
+                moe_intermediate_size=d["moe_intermediate_size"],
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                qk_norm=True,
+                decoder_sparse_step=d.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
+            )
     if problems:
-        raise UnsupportedConfig(f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}")
+        raise UnsupportedConfig(
+            f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}"
+        )
     return ModelConfig.from_dict(c)
 
 
@@ -163,7 +261,9 @@ def _deepseek_v1_problems(d: dict[str, Any]) -> list[str]:
         problems.append(f"moe_layer_freq={freq!r} (must be an integer >= 1)")
     heads = d.get("num_attention_heads")
     if heads and d.get("hidden_size") and d["hidden_size"] % heads:
-        problems.append(f"hidden_size={d['hidden_size']} is not a multiple of num_attention_heads={heads}")
+        problems.append(
+            f"hidden_size={d['hidden_size']} is not a multiple of num_attention_heads={heads}"
+        )
     return problems
 
 
@@ -174,19 +274,34 @@ def _deepseek_v1_fields(d: dict[str, Any]) -> dict[str, Any]:
     first_k_dense_replace become mlp_only_layers. The gate normalises only when top-k > 1, has no scaling
     factor, and its balance loss (aux_loss_alpha) is sequence-wise when seq_aux, else Switch-style.
     """
-    L, k, freq = d["num_hidden_layers"], d.get("first_k_dense_replace") or 0, d.get("moe_layer_freq", 1)
+    L, k, freq = (
+        d["num_hidden_layers"],
+        d.get("first_k_dense_replace") or 0,
+        d.get("moe_layer_freq", 1),
+    )
     alpha = float(d.get("aux_loss_alpha", 0.001) or 0.0)
     seq_aux = bool(d.get("seq_aux", True))
     top_k = d["num_experts_per_tok"]
     return dict(
-        attention_type="gqa", num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d["hidden_size"] // d["num_attention_heads"], qk_norm=False, rope_interleave=False,
-        n_routed_experts=d["n_routed_experts"], num_experts_per_tok=top_k,
-        n_shared_experts=d.get("n_shared_experts") or 0, moe_intermediate_size=d["moe_intermediate_size"],
-        first_k_dense_replace=k, mlp_only_layers=tuple(i for i in range(k, L) if i % freq),
-        score_func="softmax", n_group=1, topk_group=1, use_score_correction_bias=False, routed_scaling_factor=1.0,
+        attention_type="gqa",
+        num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d["hidden_size"] // d["num_attention_heads"],
+        qk_norm=False,
+        rope_interleave=False,
+        n_routed_experts=d["n_routed_experts"],
+        num_experts_per_tok=top_k,
+        n_shared_experts=d.get("n_shared_experts") or 0,
+        moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense_replace=k,
+        mlp_only_layers=tuple(i for i in range(k, L) if i % freq),
+        score_func="softmax",
+        n_group=1,
+        topk_group=1,
+        use_score_correction_bias=False,
+        routed_scaling_factor=1.0,
         norm_topk_prob=bool(d.get("norm_topk_prob", False)) and top_k > 1,
-        seq_aux_loss_coef=alpha if seq_aux else 0.0, aux_loss_coef=0.0 if seq_aux else alpha,
+        seq_aux_loss_coef=alpha if seq_aux else 0.0,
+        aux_loss_coef=0.0 if seq_aux else alpha,
     )
 
 
@@ -204,8 +319,12 @@ def _moe_layer_rule(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def _mixtral_expressible(cfg: ModelConfig) -> bool:
-    return (cfg.moe_intermediate_size == cfg.intermediate_size and "dense" not in cfg.layer_kinds()
-            and not cfg.n_shared_experts and cfg.norm_topk_prob)
+    return (
+        cfg.moe_intermediate_size == cfg.intermediate_size
+        and "dense" not in cfg.layer_kinds()
+        and not cfg.n_shared_experts
+        and cfg.norm_topk_prob
+    )
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
@@ -220,9 +339,14 @@ def hf_model_type(cfg: ModelConfig) -> str:
 def _rope_out(cfg: ModelConfig) -> dict[str, Any]:
     p: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
     if cfg.rope_type == "yarn":
-        p.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
-                 beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, mscale=cfg.rope_mscale,
-                 mscale_all_dim=cfg.rope_mscale_all_dim)
+        p.update(
+            factor=cfg.rope_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+            beta_fast=cfg.rope_beta_fast,
+            beta_slow=cfg.rope_beta_slow,
+            mscale=cfg.rope_mscale,
+            mscale_all_dim=cfg.rope_mscale_all_dim,
+        )
     return p
 
 
@@ -231,54 +355,111 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
     mt = model_type or hf_model_type(cfg)
     problems = []
     if mt not in MODEL_TYPES:
-        raise UnsupportedConfig(f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
-    arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-            "deepseek": "DeepseekForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[mt]
+        raise UnsupportedConfig(
+            f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}"
+        )
+    arch = {
+        "deepseek_v3": "DeepseekV3ForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM",
+        "deepseek": "DeepseekForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    }[mt]
     d: dict[str, Any] = dict(
-        architectures=[arch], model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range, hidden_act="silu",
-        rope_parameters=_rope_out(cfg), num_experts_per_tok=cfg.num_experts_per_tok, dtype="float32",
+        architectures=[arch],
+        model_type=mt,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        hidden_act="silu",
+        rope_parameters=_rope_out(cfg),
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        dtype="float32",
     )
     if mt in ("deepseek_v3", "deepseek_v2"):
         if cfg.attention_type != "mla":
             problems.append("attention_type must be 'mla'")
-        if any(k == "dense" for k in cfg.layer_kinds()[cfg.first_k_dense_replace:]):
+        if any(k == "dense" for k in cfg.layer_kinds()[cfg.first_k_dense_replace :]):
             problems.append("dense layers after first_k_dense_replace")
-        d.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                 qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, head_dim=cfg.qk_rope_head_dim,
-                 num_key_value_heads=cfg.num_heads, n_routed_experts=cfg.n_routed_experts,
-                 n_shared_experts=cfg.n_shared_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-                 first_k_dense_replace=cfg.first_k_dense_replace, routed_scaling_factor=cfg.routed_scaling_factor,
-                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob)
+        d.update(
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            head_dim=cfg.qk_rope_head_dim,
+            num_key_value_heads=cfg.num_heads,
+            n_routed_experts=cfg.n_routed_experts,
+            n_shared_experts=cfg.n_shared_experts,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            first_k_dense_replace=cfg.first_k_dense_replace,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+        )
         if mt == "deepseek_v3":
             if cfg.score_func != "sigmoid":
                 problems.append("score_func must be 'sigmoid' for transformers' deepseek_v3")
-            d.update(rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=cfg.mtp_depth,
-                     scoring_func="sigmoid", topk_method="noaux_tc")
+            d.update(
+                rope_interleave=cfg.rope_interleave,
+                num_nextn_predict_layers=cfg.mtp_depth,
+                scoring_func="sigmoid",
+                topk_method="noaux_tc",
+            )
         else:
             if cfg.score_func != "softmax" or cfg.norm_topk_prob or not cfg.rope_interleave:
-                problems.append("deepseek_v2 needs score_func='softmax', norm_topk_prob=False, rope_interleave=True")
+                problems.append(
+                    "deepseek_v2 needs score_func='softmax', norm_topk_prob=False, rope_interleave=True"
+                )
             d.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy")
     elif mt == "deepseek":
         problems += _deepseek_v1_out(cfg, d)
     else:
         if cfg.rope_interleave:
             problems.append("rope_interleave must be False")
-        d.update(num_key_value_heads=cfg.kv_heads, head_dim=cfg.gqa_head_dim, num_local_experts=cfg.n_routed_experts)
+        d.update(
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.gqa_head_dim,
+            num_local_experts=cfg.n_routed_experts,
+        )
         if mt == "mixtral":
-            if cfg.moe_intermediate_size != cfg.intermediate_size or "dense" in cfg.layer_kinds() or cfg.qk_norm:
-                problems.append("mixtral needs every layer MoE with moe_intermediate_size == intermediate_size, no qk_norm")
+            if (
+                cfg.moe_intermediate_size != cfg.intermediate_size
+                or "dense" in cfg.layer_kinds()
+                or cfg.qk_norm
+            ):
+                problems.append(
+                    "mixtral needs every layer MoE with moe_intermediate_size == intermediate_size, no qk_norm"
+                )
             if not cfg.norm_topk_prob:
-                problems.append("mixtral renormalises the top-k weights (norm_topk_prob=False: export to 'deepseek')")
+                problems.append(
+                    "mixtral renormalises the top-k weights (norm_topk_prob=False: export to 'deepseek')"
+                )
         else:
-            d.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
-                     decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+            d.update(
+                moe_intermediate_size=cfg.moe_intermediate_size,
+                norm_topk_prob=cfg.norm_topk_prob,
+                decoder_sparse_step=cfg.decoder_sparse_step,
+                mlp_only_layers=list(cfg.mlp_only_layers),
+            )
             if cfg.first_k_dense_replace:
                 problems.append("qwen3_moe has no first_k_dense_replace (use mlp_only_layers)")
-        if cfg.n_shared_experts or cfg.score_func != "softmax" or cfg.n_group > 1 or cfg.routed_scaling_factor != 1.0:
-            problems.append(f"{mt} routing is plain softmax top-k without shared experts, groups or scaling")
+        if (
+            cfg.n_shared_experts
+            or cfg.score_func != "softmax"
+            or cfg.n_group > 1
+            or cfg.routed_scaling_factor != 1.0
+        ):
+            problems.append(
+                f"{mt} routing is plain softmax top-k without shared experts, groups or scaling"
+            )
     if problems:
         raise UnsupportedConfig(f"cannot export to {mt}: {'; '.join(problems)}")
     return d
@@ -291,27 +472,47 @@ def _deepseek_v1_out(cfg: ModelConfig, d: dict[str, Any]) -> list[str]:
     if cfg.attention_type != "gqa" or cfg.qk_norm:
         problems.append("attention_type must be 'gqa' without qk_norm")
     if cfg.rope_interleave or cfg.rope_type != "default":
-        problems.append("rope must be the default half-split rope (rope_interleave=False, rope_type='default')")
+        problems.append(
+            "rope must be the default half-split rope (rope_interleave=False, rope_type='default')"
+        )
     if cfg.num_heads * cfg.gqa_head_dim != cfg.hidden_size:
         problems.append(f"head_dim={cfg.gqa_head_dim} must be hidden_size / num_heads")
-    if (cfg.score_func != "softmax" or cfg.n_group > 1 or cfg.routed_scaling_factor != 1.0
-            or cfg.use_score_correction_bias):
-        problems.append("routing must be plain softmax top-k (no groups, scaling or correction bias)")
+    if (
+        cfg.score_func != "softmax"
+        or cfg.n_group > 1
+        or cfg.routed_scaling_factor != 1.0
+        or cfg.use_score_correction_bias
+    ):
+        problems.append(
+            "routing must be plain softmax top-k (no groups, scaling or correction bias)"
+        )
     if cfg.norm_topk_prob and cfg.num_experts_per_tok == 1:
         problems.append("norm_topk_prob with top-1 (deepseek normalises only when top-k > 1)")
     if cfg.mtp_depth:
         problems.append("mtp_depth must be 0")
     rule = _moe_layer_rule(cfg)
     if rule is None:
-        problems.append("the MoE layers must be every moe_layer_freq-th layer from first_k_dense_replace on "
-                        f"(layer kinds: {', '.join(cfg.layer_kinds())})")
+        problems.append(
+            "the MoE layers must be every moe_layer_freq-th layer from first_k_dense_replace on "
+            f"(layer kinds: {', '.join(cfg.layer_kinds())})"
+        )
     seq_aux = cfg.seq_aux_loss_coef > 0 or cfg.aux_loss_coef == 0
     d.pop("rope_parameters")
     d.pop("dtype")
-    d.update(num_key_value_heads=cfg.kv_heads, n_routed_experts=cfg.n_routed_experts,
-             n_shared_experts=cfg.n_shared_experts or None, moe_intermediate_size=cfg.moe_intermediate_size,
-             first_k_dense_replace=rule[0] if rule else cfg.first_k_dense_replace,
-             moe_layer_freq=rule[1] if rule else 1, norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax",
-             aux_loss_alpha=cfg.seq_aux_loss_coef if seq_aux else cfg.aux_loss_coef, seq_aux=seq_aux,
-             rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=False, torch_dtype="float32")
+    d.update(
+        num_key_value_heads=cfg.kv_heads,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts or None,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        first_k_dense_replace=rule[0] if rule else cfg.first_k_dense_replace,
+        moe_layer_freq=rule[1] if rule else 1,
+        norm_topk_prob=cfg.norm_topk_prob,
+        scoring_func="softmax",
+        aux_loss_alpha=cfg.seq_aux_loss_coef if seq_aux else cfg.aux_loss_coef,
+        seq_aux=seq_aux,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=None,
+        attention_bias=False,
+        torch_dtype="float32",
+    )
     return problems

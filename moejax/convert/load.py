@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,9 @@ def _experts_prefix(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def plan(ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tuple, tuple], path: str):
+def plan(
+    ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tuple, tuple], path: str
+):
     """Which Hugging Face tensor fills which slot, checked against the headers only.
 
     shapes: moejax parameter path -> shape. Each MoE layer's experts may come per expert (on-disk
@@ -65,8 +67,13 @@ def plan(ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tu
     names = ckpt.names()
     disk = W.hf_entries(cfg, model_type, fused=False)
     fused = W.hf_entries(cfg, model_type, fused=True)
-    fused_layers = {n.rsplit(".", 1)[0] for n in fused if n.endswith("experts.gate_up_proj") and n in names
-                    and n.replace("gate_up_proj", "down_proj") in names}
+    fused_layers = {
+        n.rsplit(".", 1)[0]
+        for n in fused
+        if n.endswith("experts.gate_up_proj")
+        and n in names
+        and n.replace("gate_up_proj", "down_proj") in names
+    }
     chosen = {n: s for n, s in disk.items() if _experts_prefix(n) not in fused_layers}
     for prefix in sorted(fused_layers):
         for leaf in ("gate_up_proj", "down_proj"):
@@ -76,10 +83,19 @@ def plan(ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tu
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors: {W.describe_missing(missing)}")
     known = set(disk) | set(fused)
-    unexpected = sorted(n for n in names if n not in known and not W.ignorable(n, cfg)
-                        and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in known))
+    unexpected = sorted(
+        n
+        for n in names
+        if n not in known
+        and not W.ignorable(n, cfg)
+        and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in known)
+    )
     if unexpected:
-        log.warning("ignored %d tensors moejax has no place for: %s", len(unexpected), W.describe_missing(unexpected))
+        log.warning(
+            "ignored %d tensors moejax has no place for: %s",
+            len(unexpected),
+            W.describe_missing(unexpected),
+        )
 
     out: dict[tuple, list] = {p: [] for p in shapes}
     wrong = []
@@ -87,8 +103,10 @@ def plan(ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tu
         view = W.view_shape(shapes[slot.path], slot.index)
         want, got = W.hf_shape(slot, view), ckpt.shape(name)
         if want != got:
-            wrong.append(f"{name}: shape {got} in the checkpoint, expected {want} "
-                         f"(moejax {'.'.join(map(str, slot.path))}{list(slot.index) if slot.index else ''} {view})")
+            wrong.append(
+                f"{name}: shape {got} in the checkpoint, expected {want} "
+                f"(moejax {'.'.join(map(str, slot.path))}{list(slot.index) if slot.index else ''} {view})"
+            )
         out[slot.path].append((name, slot, view))
     if wrong:
         more = f" (+{len(wrong) - 1} more tensors of the wrong shape)" if len(wrong) > 1 else ""
@@ -101,12 +119,16 @@ def plan(ckpt: Checkpoint, cfg: ModelConfig, model_type: str, shapes: Mapping[tu
         want = tuple(-(-d // FP8_BLOCK) for d in ckpt.shape(n))  # one scale per block x block tile
         got = ckpt.shape(n + SCALE_SUFFIX)
         if len(want) != 2 or got != want:
-            raise ValueError(f"{n + SCALE_SUFFIX}: shape {got} in the checkpoint, expected {want} "
-                             f"({FP8_BLOCK}x{FP8_BLOCK} blocks of the 2-D {n} {ckpt.shape(n)})")
+            raise ValueError(
+                f"{n + SCALE_SUFFIX}: shape {got} in the checkpoint, expected {want} "
+                f"({FP8_BLOCK}x{FP8_BLOCK} blocks of the 2-D {n} {ckpt.shape(n)})"
+            )
     return out
 
 
-def place(shape: tuple[int, ...], dtype, target: NamedSharding, parts, ckpt: Checkpoint) -> jax.Array:
+def place(
+    shape: tuple[int, ...], dtype, target: NamedSharding, parts, ckpt: Checkpoint
+) -> jax.Array:
     """One parameter of `shape` and `dtype`, filled from its Hugging Face tensors (`parts`, see plan),
     put on its shards: one host buffer per distinct shard index, put on every device holding it."""
     by_box: dict[regions.Box, list] = {}  # replicas of a shard share one buffer
@@ -127,15 +149,25 @@ def read_config(path: str) -> tuple[dict, ModelConfig, Checkpoint]:
         hf = json.load(f)
     cfg = from_hf_config(hf)
     ckpt = Checkpoint(checkpoint_files(path))
-    if cfg.mtp_depth and not any(n.startswith(f"model.layers.{cfg.num_layers}.") for n in ckpt.names()):
+    if cfg.mtp_depth and not any(
+        n.startswith(f"model.layers.{cfg.num_layers}.") for n in ckpt.names()
+    ):
         # transformers drops the MTP layer when it saves; MTP only matters for training.
-        log.warning("config asks for %d MTP layer(s) but the checkpoint has none; loading without MTP", cfg.mtp_depth)
+        log.warning(
+            "config asks for %d MTP layer(s) but the checkpoint has none; loading without MTP",
+            cfg.mtp_depth,
+        )
         cfg = cfg.replace(mtp_depth=0)
     return hf, cfg, ckpt
 
 
-def from_hf(path: str, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None, dtype=None,
-            **overrides) -> tuple[Transformer, ModelConfig]:
+def from_hf(
+    path: str,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+    dtype=None,
+    **overrides,
+) -> tuple[Transformer, ModelConfig]:
     """Loads a Hugging Face checkpoint directory into a moejax Transformer, sharded as it loads.
 
     Args:
@@ -156,7 +188,9 @@ def from_hf(path: str, mesh: Mesh | None = None, rules: Mapping[str, object] | N
     mesh = mesh if mesh is not None else default_mesh()
     rules = rules if rules is not None else sharding.DEFAULT_RULES
     # built for its mesh: on several devices the model runs expert-parallel there
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    )
     mesh, rules, shardings = target_shardings(state, mesh, rules)
     flat = list(nnx.to_flat_state(state))
     parts = plan(ckpt, cfg, hf["model_type"], {p: v.get_value().shape for p, v in flat}, path)

@@ -11,7 +11,7 @@ it, transposed and reshaped, into the shard buffer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def hf_region(rule: str, view: tuple[int, ...], region: Sequence[slice]):
     split, post = [], []
     k = 0
     for axis, g in zip(perm, groups):
-        rs = region[k:k + len(g)]  # this group's view slices
+        rs = region[k : k + len(g)]  # this group's view slices
         k += len(g)
         inner = math.prod(g[1:])
         hf[axis] = slice(rs[0].start * inner, rs[0].stop * inner)
@@ -75,8 +75,12 @@ def hf_region(rule: str, view: tuple[int, ...], region: Sequence[slice]):
     return tuple(hf), perm, tuple(split), tuple(post)
 
 
-def read_view_region(read: Callable[[tuple[slice, ...]], np.ndarray], rule: str, view: tuple[int, ...],
-                     region: Sequence[slice]) -> np.ndarray:
+def read_view_region(
+    read: Callable[[tuple[slice, ...]], np.ndarray],
+    rule: str,
+    view: tuple[int, ...],
+    region: Sequence[slice],
+) -> np.ndarray:
     """The `region` of a slot view of shape `view`, read through read(hf_slices) of its tensor."""
     hf, perm, split, post = hf_region(rule, view, region)
     x = read(hf)  # [region of the Hugging Face tensor]
@@ -94,4 +98,6 @@ def fill_shard(buf: np.ndarray, shard: Box, param_shape: tuple[int, ...], parts,
         if hit is None:
             continue
         dst, region = hit
-        buf[dst] = read_view_region(lambda hf: read(name, hf), slot.rule, view, region)  # casts to buf's dtype
+        buf[dst] = read_view_region(
+            lambda hf: read(name, hf), slot.rule, view, region
+        )  # casts to buf's dtype

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -22,10 +22,18 @@ FP8_BLOCK = 128  # DeepSeek-V3 FP8 weights carry one scale per 128 x 128 block
 SCALE_SUFFIX = "_scale_inv"  # 'x.weight' (float8) is dequantized by 'x.weight_scale_inv'
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FP8_DTYPES = (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"])
@@ -77,8 +85,9 @@ class Checkpoint:
                     continue
                 if h["dtype"] not in DTYPES:
                     raise ValueError(f"{name}: safetensors dtype {h['dtype']} is not supported")
-                self.infos[name] = TensorInfo(name, file, data + h["data_offsets"][0], DTYPES[h["dtype"]],
-                                              tuple(h["shape"]))
+                self.infos[name] = TensorInfo(
+                    name, file, data + h["data_offsets"][0], DTYPES[h["dtype"]], tuple(h["shape"])
+                )
 
     def names(self) -> set[str]:
         return set(self.infos)
@@ -112,8 +121,9 @@ def read_region(info: TensorInfo, region: tuple[slice, ...]) -> np.ndarray:
         del mm  # unmaps: the file pages touched are no longer resident in this process
 
 
-def dequantize_region(w: np.ndarray, scale: TensorInfo, region: tuple[slice, slice],
-                      block: int = FP8_BLOCK) -> np.ndarray:
+def dequantize_region(
+    w: np.ndarray, scale: TensorInfo, region: tuple[slice, slice], block: int = FP8_BLOCK
+) -> np.ndarray:
     """w = rows [r0, r1) x cols [c0, c1) of a float8 weight [out, in] -> float32 w * scale_inv.
 
     scale_inv [ceil(out/block), ceil(in/block)] holds one factor per block x block tile; the tiles
@@ -124,9 +134,13 @@ def dequantize_region(w: np.ndarray, scale: TensorInfo, region: tuple[slice, sli
         raise ValueError(f"float8 block scales need a 2-D weight, got shape {w.shape}")
     (r0, r1), (c0, c1) = [(s.start, s.stop) for s in region]
     br0, br1, bc0, bc1 = r0 // block, -(-r1 // block), c0 // block, -(-c1 // block)
-    s = read_region(scale, (slice(br0, br1), slice(bc0, bc1))).astype(np.float32)  # [tiles_r, tiles_c]
+    s = read_region(scale, (slice(br0, br1), slice(bc0, bc1))).astype(
+        np.float32
+    )  # [tiles_r, tiles_c]
     s = np.repeat(np.repeat(s, block, axis=0), block, axis=1)  # [tiles_r*block, tiles_c*block]
-    s = s[r0 - br0 * block:r1 - br0 * block, c0 - bc0 * block:c1 - bc0 * block]  # [r1-r0, c1-c0]
+    s = s[
+        r0 - br0 * block : r1 - br0 * block, c0 - bc0 * block : c1 - bc0 * block
+    ]  # [r1-r0, c1-c0]
     return w.astype(np.float32) * s
 
 
@@ -137,8 +151,12 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK)
     return w.astype(np.float32) * s
 
 
-def write_safetensors(file: str, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-                      produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    file: str,
+    specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Writes a safetensors file one tensor at a time.
 
     specs: (name, shape, dtype) in file order; the header is written first from them, then
@@ -149,7 +167,11 @@ def write_safetensors(file: str, specs: Iterable[tuple[str, tuple[int, ...], np.
     pos = 0
     for name, shape, dtype in specs:
         n = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [pos, pos + n],
+        }
         pos += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
@@ -159,5 +181,7 @@ def write_safetensors(file: str, specs: Iterable[tuple[str, tuple[int, ...], np.
         for name, shape, dtype in specs:
             t = produce(name)
             if t.shape != tuple(shape) or t.dtype != np.dtype(dtype):
-                raise ValueError(f"{name}: produced {t.dtype}{list(t.shape)}, header says {np.dtype(dtype)}{list(shape)}")
+                raise ValueError(
+                    f"{name}: produced {t.dtype}{list(t.shape)}, header says {np.dtype(dtype)}{list(shape)}"
+                )
             np.ascontiguousarray(t).tofile(f)  # no bytes copy

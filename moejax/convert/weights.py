@@ -102,7 +102,9 @@ def _attention_entries(cfg: ModelConfig, hf: str, base: tuple, idx: tuple) -> di
     return e
 
 
-def _mlp_entries(hf_prefix: str, path: tuple, idx: tuple, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, Slot]:
+def _mlp_entries(
+    hf_prefix: str, path: tuple, idx: tuple, names=("gate_proj", "up_proj", "down_proj")
+) -> dict[str, Slot]:
     g, u, d = names
     return {
         f"{hf_prefix}.{g}.weight": Slot(path + ("w_gate_up",), idx + (_ALL, 0, _ALL), "linear"),
@@ -111,8 +113,9 @@ def _mlp_entries(hf_prefix: str, path: tuple, idx: tuple, names=("gate_proj", "u
     }
 
 
-def _block_entries(cfg: ModelConfig, model_type: str, hf: str, base: tuple, idx: tuple, kind: str,
-                   fused: bool) -> dict[str, Slot]:
+def _block_entries(
+    cfg: ModelConfig, model_type: str, hf: str, base: tuple, idx: tuple, kind: str, fused: bool
+) -> dict[str, Slot]:
     e = {
         f"{hf}.input_layernorm.weight": Slot(base + ("attn_norm", "weight"), idx, "copy"),
         f"{hf}.post_attention_layernorm.weight": Slot(base + ("ffn_norm", "weight"), idx, "copy"),
@@ -130,7 +133,9 @@ def _block_entries(cfg: ModelConfig, model_type: str, hf: str, base: tuple, idx:
         e[f"{moe}.experts.gate_up_proj"] = Slot(f + ("w_gate_up",), idx, "fused_gate_up")
         e[f"{moe}.experts.down_proj"] = Slot(f + ("w_down",), idx, "fused_down")
     else:
-        names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        names = (
+            ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        )
         for x in range(cfg.n_routed_experts):
             e.update(_mlp_entries(f"{moe}.experts.{x}", f, idx + (x,), names))
     if cfg.n_shared_experts:
@@ -144,14 +149,20 @@ def hf_entries(cfg: ModelConfig, model_type: str, fused: bool = False) -> dict[s
     fused=False gives the on-disk per-expert names save_pretrained writes; fused=True gives
     transformers' in-memory layout (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]).
     """
-    e = {"model.embed_tokens.weight": Slot(("embed",), (), "copy"),
-         "model.norm.weight": Slot(("norm", "weight"), (), "copy")}
+    e = {
+        "model.embed_tokens.weight": Slot(("embed",), (), "copy"),
+        "model.norm.weight": Slot(("norm", "weight"), (), "copy"),
+    }
     if not cfg.tie_word_embeddings:
         e["lm_head.weight"] = Slot(("lm_head",), (), "linear")
     layer = 0
     for s, (kind, n) in enumerate(segments_of(cfg)):
         for j in range(n):
-            e.update(_block_entries(cfg, model_type, f"model.layers.{layer}", ("segments", s), (j,), kind, fused))
+            e.update(
+                _block_entries(
+                    cfg, model_type, f"model.layers.{layer}", ("segments", s), (j,), kind, fused
+                )
+            )
             layer += 1
     for k in range(cfg.mtp_depth):  # DeepSeek-V3 stores MTP depth k as layer num_layers + k
         hf = f"model.layers.{cfg.num_layers + k}"
@@ -160,7 +171,17 @@ def hf_entries(cfg: ModelConfig, model_type: str, fused: bool = False) -> dict[s
         e[f"{hf}.hnorm.weight"] = Slot(base + ("hnorm", "weight"), (), "copy")
         e[f"{hf}.eh_proj.weight"] = Slot(base + ("eh_proj",), (), "linear")
         e[f"{hf}.shared_head.norm.weight"] = Slot(base + ("norm", "weight"), (), "copy")
-        e.update(_block_entries(cfg, model_type, hf, base + ("block",), (), "moe" if cfg.n_routed_experts else "dense", fused))
+        e.update(
+            _block_entries(
+                cfg,
+                model_type,
+                hf,
+                base + ("block",),
+                (),
+                "moe" if cfg.n_routed_experts else "dense",
+                fused,
+            )
+        )
     return e
 
 

@@ -21,10 +21,20 @@ from typing import TYPE_CHECKING
 
 from moejax.data import layout, prepare
 
-if TYPE_CHECKING:  # not at run time: Grain's worker processes import the reader, which must not import jax
+if (
+    TYPE_CHECKING
+):  # not at run time: Grain's worker processes import the reader, which must not import jax
     from moejax.config import DataConfig
 
-SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3")
+SKIP_DIRS = (
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "test",
+    "tests",
+    "idle_test",
+    "lib2to3",
+)
 CORPUS_VERSION = 2
 
 
@@ -36,10 +46,21 @@ def data_config(cfg: DataConfig, vocab_size: int) -> dict:
         "seq_len": cfg.seq_len,
         "val_fraction": cfg.val_fraction,
         "workers": 2,
-        "sources": [{"name": "stdlib", "path": sysconfig.get_paths()["stdlib"], "kind": "code",
-                     "exclude": list(SKIP_DIRS), "max_files": cfg.max_files}],
+        "sources": [
+            {
+                "name": "stdlib",
+                "path": sysconfig.get_paths()["stdlib"],
+                "kind": "code",
+                "exclude": list(SKIP_DIRS),
+                "max_files": cfg.max_files,
+            }
+        ],
         "stages": {"near_dedup": True, "pii": True, "fim_rate": 0.0},
-        "tokenizer": {"vocab_size": vocab_size, "model_type": "bpe", "sample_bytes": cfg.tokenizer_sample_bytes},
+        "tokenizer": {
+            "vocab_size": vocab_size,
+            "model_type": "bpe",
+            "sample_bytes": cfg.tokenizer_sample_bytes,
+        },
     }
 
 
@@ -59,7 +80,10 @@ def build(cfg: DataConfig, vocab_size: int) -> str:
     out = os.path.join(root, f"stdlib-{cache_key(cfg, vocab_size)}")
     if layout.is_complete(out):
         return out
-    print(f"[data] preparing the built-in corpus from {sysconfig.get_paths()['stdlib']} into {out}", flush=True)
+    print(
+        f"[data] preparing the built-in corpus from {sysconfig.get_paths()['stdlib']} into {out}",
+        flush=True,
+    )
     try:
         prepare.prepare(data_config(cfg, vocab_size), out, quiet=False)
     except FileExistsError:  # another process built it while this one waited for the lock
@@ -74,8 +98,17 @@ def build_docs(cfg: DataConfig, vocab_size: int) -> str:
     """The `builtin-docs` dataset directory (prepared on first use with the built-in corpus's tokenizer)."""
     code = build(cfg, vocab_size)
     root = cfg.cache_dir or default_cache_dir()
-    key = hashlib.sha256(json.dumps({"v": DOCS_VERSION, "py": sys.version_info[:2], "code": os.path.basename(code),
-                                     "seq_len": cfg.seq_len, "val": cfg.val_fraction}).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "v": DOCS_VERSION,
+                "py": sys.version_info[:2],
+                "code": os.path.basename(code),
+                "seq_len": cfg.seq_len,
+                "val": cfg.val_fraction,
+            }
+        ).encode()
+    ).hexdigest()[:12]
     out = os.path.join(root, f"pydoc-{key}")
     if layout.is_complete(out):
         return out
@@ -86,11 +119,19 @@ def build_docs(cfg: DataConfig, vocab_size: int) -> str:
     for name, text in sorted(pydoc_data.topics.topics.items()):
         with open(os.path.join(texts, f"{name}.txt"), "w", encoding="utf-8") as f:
             f.write(text)
-    print(f"[data] preparing builtin-docs (Python's reference documentation) into {out}", flush=True)
-    conf = {"name": "pydoc-topics", "seed": 0, "seq_len": cfg.seq_len, "val_fraction": max(cfg.val_fraction, 0.1),
-            "workers": 1, "sources": [{"name": "pydoc", "path": texts, "kind": "text"}],
-            "stages": {"near_dedup": True, "pii": False, "fim_rate": 0.0},
-            "tokenizer": {"model": os.path.join(code, layout.TOKENIZER)}}
+    print(
+        f"[data] preparing builtin-docs (Python's reference documentation) into {out}", flush=True
+    )
+    conf = {
+        "name": "pydoc-topics",
+        "seed": 0,
+        "seq_len": cfg.seq_len,
+        "val_fraction": max(cfg.val_fraction, 0.1),
+        "workers": 1,
+        "sources": [{"name": "pydoc", "path": texts, "kind": "text"}],
+        "stages": {"near_dedup": True, "pii": False, "fim_rate": 0.0},
+        "tokenizer": {"model": os.path.join(code, layout.TOKENIZER)},
+    }
     try:
         prepare.prepare(conf, out, quiet=True)
     except FileExistsError:

@@ -12,7 +12,8 @@ import os
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 DEFAULT_CHAT_STOP = ("<|user|>", "<|system|>")  # the built-in template has no end-of-turn token
 
 
@@ -41,14 +42,24 @@ def compiled(template: str):
         raise TemplateFailure(f"chat template: {e}") from None
 
 
-def render_chat(template: str, messages: list[dict], *, bos: str = "", eos: str = "",
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str,
+    messages: list[dict],
+    *,
+    bos: str = "",
+    eos: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
     """Renders a Hugging Face chat template. Raises TemplateFailure."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos, eos_token=eos)
+        return compiled(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+        )
     except TemplateError as e:
         raise TemplateFailure(f"chat template: {e}") from None
 
@@ -63,5 +74,8 @@ def chat_template_of(path: str | None) -> str | None:
     with open(cfg) as f:
         tpl = json.load(f).get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"] if tpl else None)
+        tpl = next(
+            (t["template"] for t in tpl if t.get("name") == "default"),
+            tpl[0]["template"] if tpl else None,
+        )
     return tpl

@@ -1,5 +1,4 @@
-"""The Grain pipeline training reads prepared datasets through (their on-disk format: `layout`).
-"""
+"""The Grain pipeline training reads prepared datasets through (their on-disk format: `layout`)."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ class _Rows:
         self.lo, self.hi = lo, hi
 
     def __call__(self, batch: dict) -> dict:
-        return {k: v[self.lo:self.hi] for k, v in batch.items()}
+        return {k: v[self.lo : self.hi] for k, v in batch.items()}
 
 
 class Batches:
@@ -38,8 +37,17 @@ class Batches:
     The position is checkpointable (`state()` / `restore(state)`).
     """
 
-    def __init__(self, path, split: str, global_batch: int, seed: int, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1, workers: int = 0):
+    def __init__(
+        self,
+        path,
+        split: str,
+        global_batch: int,
+        seed: int,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        workers: int = 0,
+    ):
         import grain
 
         mix = parse_sources(path)
@@ -47,12 +55,18 @@ class Batches:
         self.seq_len = manifests[0]["seq_len"]
         for (p, _), m in zip(mix[1:], manifests[1:]):
             if m["seq_len"] != self.seq_len:
-                raise ValueError(f"data.source: {p} has seq_len {m['seq_len']}, {mix[0][0]} has {self.seq_len}")
+                raise ValueError(
+                    f"data.source: {p} has seq_len {m['seq_len']}, {mix[0][0]} has {self.seq_len}"
+                )
             if tokenizer_digest(p) != tokenizer_digest(mix[0][0]):
-                raise ValueError(f"data.source: {p} and {mix[0][0]} were tokenized differently; a mixture needs one "
-                                 "tokenizer (prepare them with tokenizer.model or tokenizer.hf set to the same file)")
+                raise ValueError(
+                    f"data.source: {p} and {mix[0][0]} were tokenized differently; a mixture needs one "
+                    "tokenizer (prepare them with tokenizer.model or tokenizer.hf set to the same file)"
+                )
         if global_batch % process_count:
-            raise ValueError(f"train.batch_size={global_batch} must divide evenly over {process_count} processes")
+            raise ValueError(
+                f"train.batch_size={global_batch} must divide evenly over {process_count} processes"
+            )
         parts = []
         for i, (p, _) in enumerate(mix):
             source = grain.sources.ArrayRecordDataSource([os.path.join(p, shard_name(split))])
@@ -70,7 +84,9 @@ class Batches:
         if workers > 0:
             from absl import flags
 
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app: defaults
+            if (
+                not flags.FLAGS.is_parsed()
+            ):  # Grain's workers read absl flags; outside an absl app: defaults
                 flags.FLAGS.mark_as_parsed()
             ds = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self._ds = ds

@@ -19,7 +19,9 @@ def parse_sources(source: str | list) -> list[tuple[str, float]]:
         try:
             weight = float(w)
         except ValueError:
-            raise ValueError(f"data.source: mixture weight {w!r} of {path!r} is not a number") from None
+            raise ValueError(
+                f"data.source: mixture weight {w!r} of {path!r} is not a number"
+            ) from None
         if weight <= 0:
             raise ValueError(f"data.source: mixture weight of {path!r} must be > 0, got {weight}")
         out.append((os.path.expanduser(path), weight))
@@ -31,11 +33,15 @@ def resolve(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
     ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or a mixture
     of them `dirA=0.7,builtin=0.3`."""
     named = {"builtin": builtin.build, "builtin-docs": builtin.build_docs}
-    mix = [(named[p](data_cfg, vocab_size) if p in named else p, w)
-           for p, w in parse_sources(data_cfg.source)]
+    mix = [
+        (named[p](data_cfg, vocab_size) if p in named else p, w)
+        for p, w in parse_sources(data_cfg.source)
+    ]
     for path, _ in mix:
         manifest = layout.read_manifest(path)
         if manifest["seq_len"] != data_cfg.seq_len:
-            raise ValueError(f"data.seq_len={data_cfg.seq_len} but {path} was packed with "
-                             f"seq_len={manifest['seq_len']}")
+            raise ValueError(
+                f"data.seq_len={data_cfg.seq_len} but {path} was packed with "
+                f"seq_len={manifest['seq_len']}"
+            )
     return mix

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 FIELDS = ("tokens", "segment_ids", "positions")
-WRITER_OPTIONS = "group_size:1,snappy"  # one record per chunk (random access); snappy writes ~10x faster
+WRITER_OPTIONS = (
+    "group_size:1,snappy"  # one record per chunk (random access); snappy writes ~10x faster
+)
 #                                         than the default brotli
 
 
@@ -49,8 +51,8 @@ class Packer:
         self.next_doc += n
         buf = np.concatenate([self.carry, np.stack([toks, doc, pos])], axis=1)
         k = buf.shape[1] // self.L
-        self.carry = buf[:, k * self.L:]
-        return self._rows(buf[:, :k * self.L].reshape(3, k, self.L).transpose(1, 0, 2))
+        self.carry = buf[:, k * self.L :]
+        return self._rows(buf[:, : k * self.L].reshape(3, k, self.L).transpose(1, 0, 2))
 
     def finish(self) -> np.ndarray:
         m = self.carry.shape[1]
@@ -71,7 +73,9 @@ class Packer:
         return out
 
 
-def pack(docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int, chunk: int = 4096) -> Iterator[np.ndarray]:
+def pack(
+    docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int, chunk: int = 4096
+) -> Iterator[np.ndarray]:
     """`Packer` over an iterable of token lists; yields int32 [3, seq_len] rows."""
     packer = Packer(seq_len, bos_id, eos_id)
     docs = iter(docs)
@@ -92,7 +96,7 @@ def encode_row(row: np.ndarray) -> bytes:
 def decode_row(data: bytes, seq_len: int) -> dict[str, np.ndarray]:
     """A row's fields: FIELDS, and `loss_mask` in fine-tuning rows (moejax.finetune.data), which hold 4."""
     arr = np.frombuffer(data, np.int32).reshape(-1, seq_len)
-    return {name: arr[i] for i, name in enumerate(FIELDS + ("loss_mask",)[:arr.shape[0] - 3])}
+    return {name: arr[i] for i, name in enumerate(FIELDS + ("loss_mask",)[: arr.shape[0] - 3])}
 
 
 def write_rows(path: str, rows: Iterable[np.ndarray]) -> int:

@@ -80,9 +80,14 @@ _WORKER: dict = {}
 def _init_cleaner(st: dict, seed: int):
     _WORKER["st"] = st
     _WORKER["harmful"] = stages.HarmfulFilter(st["harmful_categories"], st["harmful_classifier"])
-    _WORKER["hasher"] = stages.MinHasher(st["num_perm"], st["shingle_size"], seed) if st["near_dedup"] else None
-    _WORKER["lsh"] = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
-        if st["near_dedup"] else None
+    _WORKER["hasher"] = (
+        stages.MinHasher(st["num_perm"], st["shingle_size"], seed) if st["near_dedup"] else None
+    )
+    _WORKER["lsh"] = (
+        stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed)
+        if st["near_dedup"]
+        else None
+    )
 
 
 def _clean_chunk(chunk: list[tuple[str, str]]):
@@ -97,7 +102,18 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
     for text, lang in chunk:
         raw = len(text.encode())
         if raw > st["max_document_bytes"]:  # before any stage touches it
-            out.append(["normalize", "larger than stages.max_document_bytes", text[:200], raw, raw, b"", 0, 0])
+            out.append(
+                [
+                    "normalize",
+                    "larger than stages.max_document_bytes",
+                    text[:200],
+                    raw,
+                    raw,
+                    b"",
+                    0,
+                    0,
+                ]
+            )
             continue
         code = bool(lang)
         text = stages.normalize(text, st["normalization"], code)
@@ -139,9 +155,13 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
         t = _lap(secs, "near_dedup", t)
     if st["pii"]:
         # ASCII digit counts let scrub_pii skip the number patterns; non-ASCII text may hold other digits
-        digits = np.where(words.per_doc(stages.NON_ASCII_OR_FS) > 0, -1, words.per_doc(stages.DIGITS)).tolist()
+        digits = np.where(
+            words.per_doc(stages.NON_ASCII_OR_FS) > 0, -1, words.per_doc(stages.DIGITS)
+        ).tolist()
         for k in keep:
-            out[k][2], out[k][7] = stages.scrub_pii(out[k][2], digits[k] if digits[k] >= 0 else None)
+            out[k][2], out[k][7] = stages.scrub_pii(
+                out[k][2], digits[k] if digits[k] >= 0 else None
+            )
         _lap(secs, "pii", t)
     return out, sigs, secs
 
@@ -215,13 +235,23 @@ class Dedup:
 
     def __init__(self, st: dict, seed: int):
         self.exact: set[bytes] = set()
-        self.near = stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed) \
-            if st["near_dedup"] else None
+        self.near = (
+            stages.NearDedup(st["num_perm"], st["bands"], st["threshold"], st["shingle_size"], seed)
+            if st["near_dedup"]
+            else None
+        )
         self.rng = np.random.default_rng(seed)
 
 
-def clean(docs, st: dict, counters: Counters, seed: int, workers: int = 1, dedup: Dedup | None = None,
-          pool: _Workers | None = None):
+def clean(
+    docs,
+    st: dict,
+    counters: Counters,
+    seed: int,
+    workers: int = 1,
+    dedup: Dedup | None = None,
+    pool: _Workers | None = None,
+):
     """The stages in order; yields the documents that survive, transformed."""
     dedup = dedup or Dedup(st, seed)
     own = pool is None
@@ -297,7 +327,9 @@ def _input_key(cfg: dict, files: dict) -> str:
             except OSError:
                 stat[f] = None
     c = {k: v for k, v in cfg.items() if k not in ("overwrite", "workers")}
-    return hashlib.sha256(json.dumps([_jsonable(c), stat], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([_jsonable(c), stat], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
 
 
 def _save_json(path: str, obj) -> None:
@@ -332,8 +364,15 @@ def _cleaned_docs(build: str, n_sources: int, split: str | None = None):
                         yield d
 
 
-def _write_cleaned(f, docs, seed: int, val_fraction: float, source: int, counts: collections.Counter,
-                   chunk: int = 256):
+def _write_cleaned(
+    f,
+    docs,
+    seed: int,
+    val_fraction: float,
+    source: int,
+    counts: collections.Counter,
+    chunk: int = 256,
+):
     batch = []
     for doc in docs:
         split = "validation" if _hash_fraction(doc.path, seed) < val_fraction else "train"
@@ -366,11 +405,25 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     st = dict(stages.DEFAULTS, **cfg.get("stages", {}))
     unknown = set(cfg.get("stages", {})) - set(stages.DEFAULTS)
     if unknown:
-        raise ValueError(f"stages.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(stages.DEFAULTS))}")
+        raise ValueError(
+            f"stages.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(stages.DEFAULTS))}"
+        )
     tcfg = dict(cfg.get("tokenizer", {}))
-    known_tok = {"vocab_size", "model_type", "sample_bytes", "user_symbols", "model", "hf", "bos", "eos", "pad"}
+    known_tok = {
+        "vocab_size",
+        "model_type",
+        "sample_bytes",
+        "user_symbols",
+        "model",
+        "hf",
+        "bos",
+        "eos",
+        "pad",
+    }
     if set(tcfg) - known_tok:
-        raise ValueError(f"tokenizer.{sorted(set(tcfg) - known_tok)[0]}: unknown key; known: {', '.join(sorted(known_tok))}")
+        raise ValueError(
+            f"tokenizer.{sorted(set(tcfg) - known_tok)[0]}: unknown key; known: {', '.join(sorted(known_tok))}"
+        )
     if not cfg.get("sources"):
         raise ValueError("sources: the config names no sources")
     seed, seq_len = cfg.get("seed", 0), cfg["seq_len"]
@@ -380,7 +433,9 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(out):
         if layout.is_complete(out) and not cfg.get("overwrite", False):
-            raise FileExistsError(f"{out} is already a complete dataset (set overwrite=True to rebuild it)")
+            raise FileExistsError(
+                f"{out} is already a complete dataset (set overwrite=True to rebuild it)"
+            )
     files = {src["name"]: sources.files(src, sources.SkipLog()) for src in cfg["sources"]}
     key = _input_key(cfg, files)
     build = os.path.join(parent, f".{os.path.basename(out)}.building")
@@ -392,8 +447,10 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         shutil.rmtree(build, ignore_errors=True)
         progress = {"key": key, "sources_done": 0, "tokenizer": False, "splits": {}}
     elif not quiet:
-        print(f"[prepare] resuming {build}: {progress['sources_done']} sources cleaned, "
-              f"tokenizer {'done' if progress['tokenizer'] else 'not done'}, splits done {sorted(progress['splits'])}")
+        print(
+            f"[prepare] resuming {build}: {progress['sources_done']} sources cleaned, "
+            f"tokenizer {'done' if progress['tokenizer'] else 'not done'}, splits done {sorted(progress['splits'])}"
+        )
     os.makedirs(os.path.join(build, "cleaned"), exist_ok=True)
     save_progress = lambda: _save_json(os.path.join(build, PROGRESS), progress)  # noqa: E731
     save_progress()
@@ -413,14 +470,29 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
                 continue
             pool = pool or _Workers(workers, _init_cleaner, (st, seed))
             fs = files[src["name"]]
-            inputs[src["name"]] = {"path": src["path"], "files": len(fs), "weight": float(src.get("weight", 1.0)),
-                                   "sha256": {os.path.relpath(f, parent): _file_hash(f) for f in fs[:1000]}}
-            bar = tqdm(sources.documents(src, skips), desc=f"clean {src['name']}", disable=quiet, unit="doc",
-                       mininterval=2.0)
+            inputs[src["name"]] = {
+                "path": src["path"],
+                "files": len(fs),
+                "weight": float(src.get("weight", 1.0)),
+                "sha256": {os.path.relpath(f, parent): _file_hash(f) for f in fs[:1000]},
+            }
+            bar = tqdm(
+                sources.documents(src, skips),
+                desc=f"clean {src['name']}",
+                disable=quiet,
+                unit="doc",
+                mininterval=2.0,
+            )
             t = time.time()
             with open(os.path.join(build, "cleaned", f"{i}.pkl"), "wb") as f:
-                _write_cleaned(f, clean(bar, st, counters, seed, dedup=dedup, pool=pool), seed,
-                               cfg.get("val_fraction", 0.01), i, counters.split_docs)
+                _write_cleaned(
+                    f,
+                    clean(bar, st, counters, seed, dedup=dedup, pool=pool),
+                    seed,
+                    cfg.get("val_fraction", 0.01),
+                    i,
+                    counters.split_docs,
+                )
             counters.wall["clean"] += time.time() - t
             _save_pickle(state_file, (counters, skips, dedup, inputs, time.time() - t0))
             progress["sources_done"] = i + 1
@@ -445,22 +517,43 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
             shutil.copy(os.path.expanduser(tcfg["model"]), tok_file)
         else:
             if not any(True for _ in _cleaned_docs(build, n_src, "train")):
-                raise ValueError("no training documents survived the stages; see the counts:\n"
-                                 + _counts_text(counters, skips))
-            sample = _sample_lines(_cleaned_docs(build, n_src, "train"), tcfg.get("sample_bytes", 20_000_000),
-                                   train_bytes, seed)
-            tokenizers.train_sentencepiece(sample, tok_file, tcfg.get("vocab_size", 8192), tcfg.get("model_type", "bpe"),
-                                           user_symbols=tuple(tcfg.get("user_symbols", ())) + (
-                                               stages.FIM_TOKENS if st["fim_rate"] else ()), num_threads=workers)
+                raise ValueError(
+                    "no training documents survived the stages; see the counts:\n"
+                    + _counts_text(counters, skips)
+                )
+            sample = _sample_lines(
+                _cleaned_docs(build, n_src, "train"),
+                tcfg.get("sample_bytes", 20_000_000),
+                train_bytes,
+                seed,
+            )
+            tokenizers.train_sentencepiece(
+                sample,
+                tok_file,
+                tcfg.get("vocab_size", 8192),
+                tcfg.get("model_type", "bpe"),
+                user_symbols=tuple(tcfg.get("user_symbols", ()))
+                + (stages.FIM_TOKENS if st["fim_rate"] else ()),
+                num_threads=workers,
+            )
         counters.wall["tokenizer"] += time.time() - t
         progress["tokenizer"] = True
         save_progress()
     tok = tokenizers.load(tok_file, special)
 
     # ---- phase 3: tokenize and pack each split
-    promoted = ""  # with a validation fraction but no document drawn for it: the train document nearest
-    if cfg.get("val_fraction", 0.01) > 0 and not counters.split_docs["validation"] and counters.split_docs["train"] > 1:
-        promoted = min((d[1] for d in _cleaned_docs(build, n_src, "train")), key=lambda p: _hash_fraction(p, seed))
+    promoted = (
+        ""  # with a validation fraction but no document drawn for it: the train document nearest
+    )
+    if (
+        cfg.get("val_fraction", 0.01) > 0
+        and not counters.split_docs["validation"]
+        and counters.split_docs["train"] > 1
+    ):
+        promoted = min(
+            (d[1] for d in _cleaned_docs(build, n_src, "train")),
+            key=lambda p: _hash_fraction(p, seed),
+        )
 
     def split_of(d):
         return "validation" if d[1] == promoted else d[2]
@@ -480,10 +573,16 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
 
             writer = ArrayRecordWriter(shard + ".tmp", WRITER_OPTIONS)
             try:
-                texts = (d[0] for d in _cleaned_docs(build, n_src) if split_of(d) == split
-                         for _ in range(_copies(weights[d[3]], d[1], seed) if split == "train" else 1))
+                texts = (
+                    d[0]
+                    for d in _cleaned_docs(build, n_src)
+                    if split_of(d) == split
+                    for _ in range(_copies(weights[d[3]], d[1], seed) if split == "train" else 1)
+                )
                 bar = tqdm(desc=f"tokenize {split}", disable=quiet, unit="doc", mininterval=2.0)
-                for texts_chunk, (flat, lengths) in enc_pool.map(_encode_chunk, _text_chunks(texts, 512)):
+                for texts_chunk, (flat, lengths) in enc_pool.map(
+                    _encode_chunk, _text_chunks(texts, 512)
+                ):
                     bar.update(len(texts_chunk))
                     stats["documents"] += len(texts_chunk)
                     stats["bytes"] += sum(len(x.encode()) for x in texts_chunk)
@@ -507,13 +606,24 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
             enc_pool.close()
     counters.wall["tokenize + pack"] += time.time() - t
     if splits["train"]["documents"] == 0:
-        raise ValueError("no training documents survived the stages; see the counts:\n" + _counts_text(counters, skips))
+        raise ValueError(
+            "no training documents survived the stages; see the counts:\n"
+            + _counts_text(counters, skips)
+        )
 
     report = write_report(build, counters, skips, splits, time.time() - t0)
-    manifest = {"name": cfg.get("name", os.path.basename(out)), "seq_len": seq_len, "vocab_size": tok.vocab_size,
-                "splits": {s: {k: v for k, v in c.items() if k != "lengths"} for s, c in splits.items()},
-                "sources": inputs, "config": _jsonable(cfg), "stages": _jsonable(st), "special_tokens": special,
-                "counts": report, "seconds": round(time.time() - t0, 1)}
+    manifest = {
+        "name": cfg.get("name", os.path.basename(out)),
+        "seq_len": seq_len,
+        "vocab_size": tok.vocab_size,
+        "splits": {s: {k: v for k, v in c.items() if k != "lengths"} for s, c in splits.items()},
+        "sources": inputs,
+        "config": _jsonable(cfg),
+        "stages": _jsonable(st),
+        "special_tokens": special,
+        "counts": report,
+        "seconds": round(time.time() - t0, 1),
+    }
     shutil.rmtree(os.path.join(build, "cleaned"))
     for f in (PROGRESS, "state.pkl"):
         os.remove(os.path.join(build, f))
@@ -522,8 +632,14 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         shutil.rmtree(out)
     os.replace(build, out)
     if not quiet:
-        print(f"[prepare] {out}: " + ", ".join(f"{s} {c['tokens']:,} tokens in {c['rows']:,} rows"
-                                               for s, c in manifest["splits"].items()) + f" ({manifest['seconds']} s)")
+        print(
+            f"[prepare] {out}: "
+            + ", ".join(
+                f"{s} {c['tokens']:,} tokens in {c['rows']:,} rows"
+                for s, c in manifest["splits"].items()
+            )
+            + f" ({manifest['seconds']} s)"
+        )
     return manifest
 
 
@@ -575,43 +691,93 @@ def _counts_text(c: Counters, skips: sources.SkipLog) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, seconds: float) -> dict:
+def write_report(
+    path: str, c: Counters, skips: sources.SkipLog, splits: dict, seconds: float
+) -> dict:
     """report.md with per-stage tables and plots (length histogram, duplicate clusters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, summary = [], {"skipped_inputs": dict(skips.counts), "stages": {}, "changes": dict(c.changes),
-                         "seconds": {k: round(v, 2) for k, v in c.seconds.items()},
-                         "wall": {k: round(v, 2) for k, v in c.wall.items()}}
+    rows, summary = (
+        [],
+        {
+            "skipped_inputs": dict(skips.counts),
+            "stages": {},
+            "changes": dict(c.changes),
+            "seconds": {k: round(v, 2) for k, v in c.seconds.items()},
+            "wall": {k: round(v, 2) for k, v in c.wall.items()},
+        },
+    )
     for s in STAGE_ORDER[1:]:
         if not c.docs_in[s]:
             continue
         kept_docs = c.docs_in[s] - c.removed[s]
         kept_bytes = c.bytes_in[s] - c.bytes_removed[s]
-        summary["stages"][s] = {"docs_in": c.docs_in[s], "removed": c.removed[s], "bytes_in": c.bytes_in[s],
-                                "bytes_removed": c.bytes_removed[s], "reasons": dict(c.reasons[s])}
+        summary["stages"][s] = {
+            "docs_in": c.docs_in[s],
+            "removed": c.removed[s],
+            "bytes_in": c.bytes_in[s],
+            "bytes_removed": c.bytes_removed[s],
+            "reasons": dict(c.reasons[s]),
+        }
         mbs = c.bytes_in[s] / 1e6 / c.seconds[s] if c.seconds[s] else float("inf")
-        rows.append(f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | {kept_bytes:,} "
-                    f"| {c.seconds[s]:.2f} | {mbs:.1f} |")
-    md = ["# Data preparation report", "", f"Built in {seconds:.1f} s.", "",
-          "## Skipped inputs", "", "| reason | count | examples |", "| --- | --- | --- |"]
-    md += [f"| {r} | {n} | {'; '.join(skips.examples[r])} |" for r, n in skips.counts.most_common()] or ["| none | 0 | |"]
-    md += ["", "## Stages", "", "| stage | docs in | kept | removed | bytes in | bytes kept | seconds | MB/s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows.append(
+            f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | {kept_bytes:,} "
+            f"| {c.seconds[s]:.2f} | {mbs:.1f} |"
+        )
+    md = [
+        "# Data preparation report",
+        "",
+        f"Built in {seconds:.1f} s.",
+        "",
+        "## Skipped inputs",
+        "",
+        "| reason | count | examples |",
+        "| --- | --- | --- |",
+    ]
+    md += [
+        f"| {r} | {n} | {'; '.join(skips.examples[r])} |" for r, n in skips.counts.most_common()
+    ] or ["| none | 0 | |"]
+    md += [
+        "",
+        "## Stages",
+        "",
+        "| stage | docs in | kept | removed | bytes in | bytes kept | seconds | MB/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     md += rows
-    md += ["", "Seconds are summed over the worker processes (MB/s: one worker's rate). Main process: "
-           + ", ".join(f"{k} {c.seconds[k]:.1f} s" for k in ("read", "decisions")) + ". Wall time per phase: "
-           + ", ".join(f"{k} {v:.1f} s" for k, v in c.wall.items()) + "."]
-    md += ["", "## Top removal reasons", "", "| stage | reason | count | examples |", "| --- | --- | --- | --- |"]
+    md += [
+        "",
+        "Seconds are summed over the worker processes (MB/s: one worker's rate). Main process: "
+        + ", ".join(f"{k} {c.seconds[k]:.1f} s" for k in ("read", "decisions"))
+        + ". Wall time per phase: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in c.wall.items())
+        + ".",
+    ]
+    md += [
+        "",
+        "## Top removal reasons",
+        "",
+        "| stage | reason | count | examples |",
+        "| --- | --- | --- | --- |",
+    ]
     for s in STAGE_ORDER[1:]:
         for r, n in c.reasons[s].most_common(10):
             ex = "; ".join(e.replace("|", "\\|") for e in c.examples[(s, r)])
             md.append(f"| {s} | {r} | {n} | {ex} |")
     md += ["", "## Transforms", ""] + [f"- {k}: {v}" for k, v in c.changes.items()]
-    md += ["", "## Output", "", "| split | documents | tokens | rows |", "| --- | --- | --- | --- |"]
-    md += [f"| {s} | {v['documents']:,} | {v['tokens']:,} | {v['rows']:,} |" for s, v in splits.items()]
+    md += [
+        "",
+        "## Output",
+        "",
+        "| split | documents | tokens | rows |",
+        "| --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {s} | {v['documents']:,} | {v['tokens']:,} | {v['rows']:,} |" for s, v in splits.items()
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     lengths = splits["train"]["lengths"]
     ax.hist(np.log10(np.maximum(lengths, 1)), bins=40)
@@ -630,8 +796,12 @@ def write_report(path: str, c: Counters, skips: sources.SkipLog, splits: dict, s
         fig.tight_layout()
         fig.savefig(os.path.join(path, "duplicate_clusters.png"), dpi=100)
         plt.close(fig)
-        md += ["", f"{len(clusters)} near-duplicate clusters, largest {clusters[0]} documents.", "",
-               "![duplicate clusters](duplicate_clusters.png)"]
+        md += [
+            "",
+            f"{len(clusters)} near-duplicate clusters, largest {clusters[0]} documents.",
+            "",
+            "![duplicate clusters](duplicate_clusters.png)",
+        ]
     summary["near_duplicate_clusters"] = len(clusters)
     with open(os.path.join(path, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -17,11 +17,26 @@ import gzip
 import io
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
-CODE_EXTENSIONS = {".py": "python", ".js": "javascript", ".ts": "typescript", ".java": "java", ".c": "c",
-                   ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".go": "go", ".rs": "rust",
-                   ".rb": "ruby", ".sh": "shell", ".jl": "julia", ".scala": "scala", ".kt": "kotlin"}
+CODE_EXTENSIONS = {
+    ".py": "python",
+    ".js": "javascript",
+    ".ts": "typescript",
+    ".java": "java",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".hpp": "cpp",
+    ".go": "go",
+    ".rs": "rust",
+    ".rb": "ruby",
+    ".sh": "shell",
+    ".jl": "julia",
+    ".scala": "scala",
+    ".kt": "kotlin",
+}
 TEXT_EXTENSIONS = {".txt", ".md", ".rst", ".text", ""}
 
 
@@ -90,8 +105,15 @@ class _Skip(Exception):
 
 
 def _base_ext(path: str) -> str:
-    base = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else \
-        path[:-5] if path.endswith(".zstd") else path
+    base = (
+        path[:-3]
+        if path.endswith(".gz")
+        else path[:-4]
+        if path.endswith(".zst")
+        else path[:-5]
+        if path.endswith(".zstd")
+        else path
+    )
     return os.path.splitext(base)[1].lower()
 
 
@@ -104,8 +126,9 @@ def _decode(data: bytes, repair: bool) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def read_file(path: str, fmt: str, text_field: str, repair_utf8: bool, skips: SkipLog,
-              max_bytes: int) -> Iterator[tuple[str, str]]:
+def read_file(
+    path: str, fmt: str, text_field: str, repair_utf8: bool, skips: SkipLog, max_bytes: int
+) -> Iterator[tuple[str, str]]:
     """(text, where) pairs of one file; problems are recorded in skips."""
     ext = _base_ext(path)
     if fmt == "auto":
@@ -155,8 +178,12 @@ def read_file(path: str, fmt: str, text_field: str, repair_utf8: bool, skips: Sk
     except _Skip as e:
         skips.add(str(e), path)
     except (EOFError, gzip.BadGzipFile, OSError) as e:
-        reason = "truncated or corrupt compressed file" if isinstance(e, (EOFError, gzip.BadGzipFile)) or \
-            path.endswith((".gz", ".zst", ".zstd")) else "unreadable file"
+        reason = (
+            "truncated or corrupt compressed file"
+            if isinstance(e, (EOFError, gzip.BadGzipFile))
+            or path.endswith((".gz", ".zst", ".zstd"))
+            else "unreadable file"
+        )
         skips.add(reason, path)
     except Exception as e:  # a decompressor's own error types (zstd): data never crashes the run
         skips.add(f"unreadable file ({type(e).__name__})", path)
@@ -164,7 +191,10 @@ def read_file(path: str, fmt: str, text_field: str, repair_utf8: bool, skips: Sk
 
 def _excluded(path: str, patterns: list[str]) -> bool:
     parts = path.split(os.sep)
-    return any(fnmatch.fnmatch(path, p) or any(fnmatch.fnmatch(part, p) for part in parts) for p in patterns)
+    return any(
+        fnmatch.fnmatch(path, p) or any(fnmatch.fnmatch(part, p) for part in parts)
+        for p in patterns
+    )
 
 
 def _read_parquet(path, text_field, skips):
@@ -183,7 +213,17 @@ def _read_parquet(path, text_field, skips):
             skips.add("malformed parquet row", f"{path}[{i}]")
 
 
-SOURCE_KEYS = ("name", "path", "format", "text_field", "kind", "weight", "repair_utf8", "exclude", "max_files")
+SOURCE_KEYS = (
+    "name",
+    "path",
+    "format",
+    "text_field",
+    "kind",
+    "weight",
+    "repair_utf8",
+    "exclude",
+    "max_files",
+)
 
 
 def files(source: dict, skips: SkipLog) -> list[str]:
@@ -191,11 +231,13 @@ def files(source: dict, skips: SkipLog) -> list[str]:
     `max_files` (0 = all)."""
     unknown = set(source) - set(SOURCE_KEYS)
     if unknown:
-        raise ValueError(f"sources[{source.get('name', '?')}].{sorted(unknown)[0]}: unknown key; "
-                         f"known: {', '.join(SOURCE_KEYS)}")
+        raise ValueError(
+            f"sources[{source.get('name', '?')}].{sorted(unknown)[0]}: unknown key; "
+            f"known: {', '.join(SOURCE_KEYS)}"
+        )
     exclude = list(source.get("exclude", ()))
     out = [p for p in expand(source["path"], skips) if not (exclude and _excluded(p, exclude))]
-    return out[:source["max_files"]] if source.get("max_files") else out
+    return out[: source["max_files"]] if source.get("max_files") else out
 
 
 def documents(source: dict, skips: SkipLog, max_bytes: int = 256 << 20) -> Iterator[Document]:
@@ -210,6 +252,12 @@ def documents(source: dict, skips: SkipLog, max_bytes: int = 256 << 20) -> Itera
         if kind == "code" and not lang:
             skips.add("not a known code extension", path)
             continue
-        for text, where in read_file(path, source.get("format", "auto"), source.get("text_field", "text"),
-                                     source.get("repair_utf8", False), skips, max_bytes):
+        for text, where in read_file(
+            path,
+            source.get("format", "auto"),
+            source.get("text_field", "text"),
+            source.get("repair_utf8", False),
+            skips,
+            max_bytes,
+        ):
             yield Document(text, name, where, lang)

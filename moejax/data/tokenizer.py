@@ -8,7 +8,8 @@ Face `tokenizer.json` (the `tokenizers` library: the files that ship with Llama,
 from __future__ import annotations
 
 import io
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -50,7 +51,9 @@ class SentencePieceTokenizer:
         import numpy as np
 
         pieces = self.sp.encode(text, return_type="proto").pieces
-        char_byte = np.cumsum([0] + [len(c.encode("utf-8")) for c in text])  # byte offset of each char start
+        char_byte = np.cumsum(
+            [0] + [len(c.encode("utf-8")) for c in text]
+        )  # byte offset of each char start
         starts = np.searchsorted(char_byte, [p.begin for p in pieces], side="right") - 1
         return [p.id for p in pieces], [int(x) for x in starts]
 
@@ -68,8 +71,10 @@ class HFTokenizer:
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.special = {"bos": bos, "eos": eos, "pad": pad}
         if not eos:
-            raise ValueError("tokenizer.eos: a Hugging Face tokenizer needs the text of its end-of-sequence token "
-                             "(e.g. '</s>' or '<|endoftext|>')")
+            raise ValueError(
+                "tokenizer.eos: a Hugging Face tokenizer needs the text of its end-of-sequence token "
+                "(e.g. '</s>' or '<|endoftext|>')"
+            )
         self.eos_id = self._id("eos", eos)
         self.bos_id = self._id("bos", bos) if bos else self.eos_id
         self.pad_id = self._id("pad", pad) if pad else 0
@@ -103,19 +108,39 @@ def load(path: str, special: dict | None = None) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def train_sentencepiece(lines: Iterable[str], model_file: str, vocab_size: int, model_type: str = "bpe",
-                        user_symbols: Sequence[str] = (), num_threads: int = 2) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    lines: Iterable[str],
+    model_file: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    user_symbols: Sequence[str] = (),
+    num_threads: int = 2,
+) -> SentencePieceTokenizer:
     """Trains a byte-fallback model that keeps whitespace as is (code indentation survives).
 
     Writes `model_file` (a .model path) and returns the loaded tokenizer.
     """
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-        split_by_whitespace=True, max_sentence_length=8192, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
-        eos_id=EOS_ID, user_defined_symbols=list(user_symbols), num_threads=num_threads, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        split_by_whitespace=True,
+        max_sentence_length=8192,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        user_defined_symbols=list(user_symbols),
+        num_threads=num_threads,
+        minloglevel=2,
         train_extremely_large_corpus=False,
     )
     with open(model_file, "wb") as f:

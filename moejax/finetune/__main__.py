@@ -29,8 +29,14 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (BaseError, TrainingError, IncompatibleCheckpoint, sharding.ShardingError, FileNotFoundError,
-            ValueError) as e:  # bad data files, tokenizer files or templates (LoadError is a ValueError)
+    except (
+        BaseError,
+        TrainingError,
+        IncompatibleCheckpoint,
+        sharding.ShardingError,
+        FileNotFoundError,
+        ValueError,
+    ) as e:  # bad data files, tokenizer files or templates (LoadError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -38,8 +44,12 @@ def main(argv):
 def _entry():
     from moejax.experiment import config_cli
 
-    config_cli(main, lambda flags: flags.DEFINE_string("workdir", "runs/sft", "where checkpoints, metrics and "
-                                                                              "TensorBoard events go"))
+    config_cli(
+        main,
+        lambda flags: flags.DEFINE_string(
+            "workdir", "runs/sft", "where checkpoints, metrics and TensorBoard events go"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -82,10 +82,10 @@ def example_pieces(row: dict, template: str, loss_on: str = "assistant") -> list
                 if m["role"] != "assistant":
                     continue
                 before = chat.render_chat(template, messages[:i], add_generation_prompt=True)
-                after = chat.render_chat(template, messages[:i + 1], add_generation_prompt=False)
+                after = chat.render_chat(template, messages[: i + 1], add_generation_prompt=False)
                 if not before.startswith(done) or not after.startswith(before):
                     raise Skip("template renders turns inconsistently")
-                pieces += [(before[len(done):], loss_on == "all"), (after[len(before):], True)]
+                pieces += [(before[len(done) :], loss_on == "all"), (after[len(before) :], True)]
                 done = after
         except chat.TemplateFailure:
             raise Skip("template failed") from None
@@ -102,8 +102,13 @@ def _completion(value) -> str:
     """A preference completion: a string, or [{"role": "assistant", "content": ...}] (TRL's conversational form)."""
     if isinstance(value, str):
         return value
-    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
-            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and value[0].get("role") == "assistant"
+        and isinstance(value[0].get("content"), str)
+    ):
         return value[0]["content"]
     raise Skip("chosen/rejected is not a string or one assistant message")
 
@@ -126,11 +131,14 @@ def pair_pieces(row: dict, template: str) -> tuple[list, list]:
     try:
         before = chat.render_chat(template, messages, add_generation_prompt=True)
         for answer in (chosen, rejected):
-            after = chat.render_chat(template, messages + [{"role": "assistant", "content": answer}],
-                                     add_generation_prompt=False)
+            after = chat.render_chat(
+                template,
+                messages + [{"role": "assistant", "content": answer}],
+                add_generation_prompt=False,
+            )
             if not after.startswith(before):
                 raise Skip("template renders turns inconsistently")
-            out.append([(before, False), (after[len(before):], True)])
+            out.append([(before, False), (after[len(before) :], True)])
     except chat.TemplateFailure:
         raise Skip("template failed") from None
     return out[0], out[1]
@@ -157,8 +165,10 @@ def tokenize_example(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndar
             eos_at.append(end)
     toks = np.insert(ids, eos_at, tokenizer.eos_id)
     mask = np.insert(trained, eos_at, True)
-    return (np.concatenate([[tokenizer.bos_id], toks]).astype(np.int32),
-            np.concatenate([[0], mask]).astype(np.int32))
+    return (
+        np.concatenate([[tokenizer.bos_id], toks]).astype(np.int32),
+        np.concatenate([[0], mask]).astype(np.int32),
+    )
 
 
 class SFTPacker:
@@ -209,8 +219,8 @@ class SFTPacker:
             at = 0
             for s, (toks, mask) in enumerate(self.open[j], start=1):
                 n = len(toks)
-                out[r, 0, at:at + n], out[r, 1, at:at + n] = toks, s
-                out[r, 2, at:at + n], out[r, 3, at:at + n] = np.arange(n), mask
+                out[r, 0, at : at + n], out[r, 1, at : at + n] = toks, s
+                out[r, 2, at : at + n], out[r, 3, at : at + n] = np.arange(n), mask
                 at += n
         self.open = [self.open[j] for j in keep]
         self.used = [self.used[j] for j in keep]
@@ -222,8 +232,18 @@ def _split_of(index: int, val_fraction: float, seed: int) -> str:
     return "validation" if h < val_fraction else "train"
 
 
-def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, loss_on: str = "assistant",
-               val_fraction: float = 0.05, seed: int = 0, kind: str = "sft", max_pairs: int = 8):
+def build_rows(
+    rows: Iterable[dict],
+    tokenizer,
+    template: str,
+    seq_len: int,
+    *,
+    loss_on: str = "assistant",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    kind: str = "sft",
+    max_pairs: int = 8,
+):
     """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples counted.
 
     kind 'sft': one example per row of the file; 'preference': a pair per row, packed as two consecutive
@@ -261,9 +281,21 @@ def build_rows(rows: Iterable[dict], tokenizer, template: str, seq_len: int, *, 
     return out, {"examples": dict(examples), "skipped": dict(skipped)}
 
 
-def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, template: str | None = None,
-            loss_on: str = "assistant", val_fraction: float = 0.05, seed: int = 0, special: dict | None = None,
-            quiet: bool = False, kind: str = "sft", max_pairs: int = 8) -> str:
+def prepare(
+    files: list[str],
+    tokenizer_file: str,
+    out: str,
+    *,
+    seq_len: int,
+    template: str | None = None,
+    loss_on: str = "assistant",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    special: dict | None = None,
+    quiet: bool = False,
+    kind: str = "sft",
+    max_pairs: int = 8,
+) -> str:
     """Writes a packed SFT dataset directory (moejax.data.layout, rows of FIELDS) and returns it.
 
     The directory appears complete (manifest last) or not at all; a split left empty (a tiny file) gets the
@@ -274,15 +306,26 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     tok = tokenizer_lib.load(tokenizer_file, special)
     template = template or chat.DEFAULT_CHAT_TEMPLATE
     skipped_lines: collections.Counter = collections.Counter()
-    rows, counts = build_rows(read_jsonl(files, skipped_lines), tok, template, seq_len, loss_on=loss_on,
-                              val_fraction=val_fraction, seed=seed, kind=kind, max_pairs=max_pairs)
+    rows, counts = build_rows(
+        read_jsonl(files, skipped_lines),
+        tok,
+        template,
+        seq_len,
+        loss_on=loss_on,
+        val_fraction=val_fraction,
+        seed=seed,
+        kind=kind,
+        max_pairs=max_pairs,
+    )
     counts["skipped"].update(skipped_lines)
     if not sum(len(r) for r in rows.values()):
         raise ValueError(f"sft data {files}: no usable example (skipped: {counts['skipped']})")
     for a, b in (("train", "validation"), ("validation", "train")):
         if not len(rows[a]):
             rows[a] = rows[b][:1]
-    tmp = f"{out}.tmp{os.getpid()}"  # one per process: several hosts may prepare into shared storage
+    tmp = (
+        f"{out}.tmp{os.getpid()}"  # one per process: several hosts may prepare into shared storage
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     name = layout.HF_TOKENIZER if tokenizer_file.endswith(".json") else layout.TOKENIZER
@@ -291,10 +334,19 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
         packing.write_rows(os.path.join(tmp, layout.shard_name(split)), r)
     tokens = {s: int((r[:, 1] > 0).sum()) for s, r in rows.items()}
     trained = {s: int(r[:, 3].sum()) for s, r in rows.items()}
-    manifest = {"kind": kind, "max_pairs": max_pairs if kind == "preference" else None, "seq_len": seq_len, "fields": list(FIELDS), "sources": list(files),
-                "rows": {s: len(r) for s, r in rows.items()}, "tokens": tokens, "trained_tokens": trained,
-                "fill": {s: tokens[s] / max(1, len(rows[s]) * seq_len) for s in rows}, **counts,
-                "special_tokens": dict(special or {})}
+    manifest = {
+        "kind": kind,
+        "max_pairs": max_pairs if kind == "preference" else None,
+        "seq_len": seq_len,
+        "fields": list(FIELDS),
+        "sources": list(files),
+        "rows": {s: len(r) for s, r in rows.items()},
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "fill": {s: tokens[s] / max(1, len(rows[s]) * seq_len) for s in rows},
+        **counts,
+        "special_tokens": dict(special or {}),
+    }
     layout.write_manifest(tmp, manifest)
     if layout.is_complete(out):  # another process finished first: same inputs, same rows
         shutil.rmtree(tmp, ignore_errors=True)
@@ -303,10 +355,12 @@ def prepare(files: list[str], tokenizer_file: str, out: str, *, seq_len: int, te
     os.replace(tmp, out)
     if not quiet:
         sk = counts["skipped"]
-        print(f"[sft] {sum(counts['examples'].values())} examples -> {manifest['rows']} rows of {seq_len} "
-              f"({manifest['fill']['train']:.0%} filled, {trained['train']} trained tokens); skipped "
-              f"{sum(sk.values())}{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
-              flush=True)
+        print(
+            f"[sft] {sum(counts['examples'].values())} examples -> {manifest['rows']} rows of {seq_len} "
+            f"({manifest['fill']['train']:.0%} filled, {trained['train']} trained tokens); skipped "
+            f"{sum(sk.values())}{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
+            flush=True,
+        )
     return out
 
 
@@ -318,20 +372,58 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def cached(files: list[str], tokenizer_file: str, cache_dir: str, *, seq_len: int, template: str | None,
-           loss_on: str, val_fraction: float, seed: int = 0, special: dict | None = None, kind: str = "sft",
-           max_pairs: int = 8) -> str:
+def cached(
+    files: list[str],
+    tokenizer_file: str,
+    cache_dir: str,
+    *,
+    seq_len: int,
+    template: str | None,
+    loss_on: str,
+    val_fraction: float,
+    seed: int = 0,
+    special: dict | None = None,
+    kind: str = "sft",
+    max_pairs: int = 8,
+) -> str:
     """`prepare` into cache_dir/<kind>-<key>, keyed by everything that shapes the rows; reused when complete."""
-    key = json.dumps({"v": DATA_VERSION, "files": [file_digest(f) for f in files], "tok": file_digest(tokenizer_file),
-                      "template": template, "seq_len": seq_len, "loss_on": loss_on, "val": val_fraction,
-                      "seed": seed, "special": special, "kind": kind, "pairs": max_pairs}, sort_keys=True)
+    key = json.dumps(
+        {
+            "v": DATA_VERSION,
+            "files": [file_digest(f) for f in files],
+            "tok": file_digest(tokenizer_file),
+            "template": template,
+            "seq_len": seq_len,
+            "loss_on": loss_on,
+            "val": val_fraction,
+            "seed": seed,
+            "special": special,
+            "kind": kind,
+            "pairs": max_pairs,
+        },
+        sort_keys=True,
+    )
     out = os.path.join(cache_dir, f"{kind}-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     if layout.is_complete(out):
         m = layout.read_manifest(out)
         sk = m.get("skipped", {})
-        print(f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped {sum(sk.values())}"
-              f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}", flush=True)
+        print(
+            f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped {sum(sk.values())}"
+            f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
+            flush=True,
+        )
         return out
     os.makedirs(cache_dir, exist_ok=True)
-    return prepare(files, tokenizer_file, out, seq_len=seq_len, template=template, loss_on=loss_on,
-                   val_fraction=val_fraction, seed=seed, special=special, kind=kind, max_pairs=max_pairs)
+    return prepare(
+        files,
+        tokenizer_file,
+        out,
+        seq_len=seq_len,
+        template=template,
+        loss_on=loss_on,
+        val_fraction=val_fraction,
+        seed=seed,
+        special=special,
+        kind=kind,
+        max_pairs=max_pairs,
+    )

@@ -43,7 +43,9 @@ def export(workdir: str, out: str, fmt: str = "hf", dtype: str = "float32") -> s
     model = nnx.merge(ts.graphdef, state["params"], state["router"], state.get("frozen", ts.rest))
     if fmt == "adapters":
         if not ts.has_frozen:
-            raise ValueError(f"{workdir} is not a LoRA run (lora.rank=0): nothing to export as adapters")
+            raise ValueError(
+                f"{workdir} is not a LoRA run (lora.rank=0): nothing to export as adapters"
+            )
         lora.save_adapters(model, out, cfg.lora)
         return out
     if ts.has_frozen:
@@ -67,7 +69,11 @@ def _copy_tokenizer(cfg, out: str) -> None:
     from moejax.finetune.runner import base_dir
 
     base = base_dir(cfg.base) if cfg.base else ""
-    src = [os.path.join(base, n) for n in names] if base and not os.path.isdir(os.path.join(base, "checkpoints")) else []
+    src = (
+        [os.path.join(base, n) for n in names]
+        if base and not os.path.isdir(os.path.join(base, "checkpoints"))
+        else []
+    )
     if not any(os.path.exists(f) for f in src):
         d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
         src = [os.path.join(d, n) for n in (layout.HF_TOKENIZER, layout.TOKENIZER)]
@@ -77,11 +83,15 @@ def _copy_tokenizer(cfg, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="hf", choices=FORMATS)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf weights")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf weights"
+    )
     args = p.parse_args(argv)
     try:
         path = export(args.workdir, args.out, args.format, args.dtype)

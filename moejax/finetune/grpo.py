@@ -55,7 +55,10 @@ def completion_counts(batch) -> dict:
     from moejax.trainer.step import shifted_targets
 
     _, valid = shifted_targets(batch, 1)
-    out = {"rl_rows": valid.any(axis=1).sum().astype(jnp.float32), "rl_tokens": valid.sum().astype(jnp.float32)}
+    out = {
+        "rl_rows": valid.any(axis=1).sum().astype(jnp.float32),
+        "rl_tokens": valid.sum().astype(jnp.float32),
+    }
     routes = batch.get("routes")
     if routes is not None and routes.shape[-1]:
         real = (batch["segment_ids"] > 0)[..., None]
@@ -73,7 +76,9 @@ def split_routes(routes, k: int):
 
 def grpo_terms(logp, old_logp, ref_logp, adv, valid, cfg: GRPOConfig):
     """Per-token loss terms [B, T] (zero outside `valid`) and the clipped and KL terms for metrics."""
-    ratio = jnp.exp(jnp.clip(logp - old_logp, -20.0, 20.0))  # (an overflowing ratio would put 0 * inf in the grad)
+    ratio = jnp.exp(
+        jnp.clip(logp - old_logp, -20.0, 20.0)
+    )  # (an overflowing ratio would put 0 * inf in the grad)
     high = cfg.epsilon_high or cfg.epsilon
     clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + high)
     pg = -jnp.minimum(ratio * adv, clipped * adv)
@@ -103,8 +108,11 @@ def grpo_share(logits, ref_logits, batch, norm, cfg: GRPOConfig, max_new_tokens:
     else:  # dapo
         loss = term.sum() / n_tok
     gap = jnp.where(valid, jnp.abs(jax.lax.stop_gradient(logp) - old), 0.0)
-    metrics = {"grpo/kl": kl.sum() / n_tok, "grpo/clip_fraction": clipped.sum() / n_tok,
-               "grpo/logp_gap_to_sampler": gap.sum() / n_tok}
+    metrics = {
+        "grpo/kl": kl.sum() / n_tok,
+        "grpo/clip_fraction": clipped.sum() / n_tok,
+        "grpo/logp_gap_to_sampler": gap.sum() / n_tok,
+    }
     return loss, metrics
 
 
@@ -130,10 +138,16 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
         else:
             skipped["no string prompt and answer"] += 1
     if skipped:
-        print(f"[grpo] {g.task}: skipped " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())), flush=True)
+        print(
+            f"[grpo] {g.task}: skipped "
+            + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())),
+            flush=True,
+        )
     if len(rows) <= g.held_out:
-        raise ConfigError(f"grpo.task: {len(rows)} usable rows in {g.task}, not more than grpo.held_out={g.held_out}")
-    return rows[:-g.held_out] if g.held_out else rows, rows[-g.held_out:] if g.held_out else []
+        raise ConfigError(
+            f"grpo.task: {len(rows)} usable rows in {g.task}, not more than grpo.held_out={g.held_out}"
+        )
+    return rows[: -g.held_out] if g.held_out else rows, rows[-g.held_out :] if g.held_out else []
 
 
 class Rollouts:
@@ -151,18 +165,26 @@ class Rollouts:
 
         self.cfg, self.g, self.tokenizer = cfg, cfg.grpo, tokenizer
         if cfg.train.batch_size % self.g.group_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not a multiple of grpo.group_size="
-                              f"{self.g.group_size} (the batch holds whole groups)")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} is not a multiple of grpo.group_size="
+                f"{self.g.group_size} (the batch holds whole groups)"
+            )
         if jax.process_count() > 1:
-            raise ConfigError("align.method='grpo' generates its rollouts in one process for now: run it on one host "
-                              "(any mesh of its devices)")
+            raise ConfigError(
+                "align.method='grpo' generates its rollouts in one process for now: run it on one host "
+                "(any mesh of its devices)"
+            )
         # the policy pass must compute what the sampler computed: no training-only randomness
         if cfg.model.router_jitter > 0:
-            raise ConfigError(f"model.router_jitter={cfg.model.router_jitter}: GRPO's policy pass must route as the "
-                              "sampler did; set it to 0")
+            raise ConfigError(
+                f"model.router_jitter={cfg.model.router_jitter}: GRPO's policy pass must route as the "
+                "sampler did; set it to 0"
+            )
         if cfg.lora.dropout > 0:
-            raise ConfigError(f"lora.dropout={cfg.lora.dropout}: GRPO's policy pass must see what the sampler saw; "
-                              "set it to 0")
+            raise ConfigError(
+                f"lora.dropout={cfg.lora.dropout}: GRPO's policy pass must see what the sampler saw; "
+                "set it to 0"
+            )
         if self.g.routing_replay and not _moe_layers(cfg):
             raise ConfigError("grpo.routing_replay: the model has no MoE layer to replay")
         if self.g.routing_replay and cfg.mesh.stage > 1:
@@ -171,18 +193,34 @@ class Rollouts:
         self.train, self.held_out = load_task(cfg)
         self.counts: collections.Counter = collections.Counter()
         self.prompts = [self._encode(p) for p in self.train]
-        too_long = [i for i, p in enumerate(self.prompts) if len(p) + self.g.max_new_tokens + 1 > cfg.data.seq_len]
+        too_long = [
+            i
+            for i, p in enumerate(self.prompts)
+            if len(p) + self.g.max_new_tokens + 1 > cfg.data.seq_len
+        ]
         if too_long:
-            self.counts["prompts longer than data.seq_len - grpo.max_new_tokens - 1 (skipped)"] += len(too_long)
+            self.counts["prompts longer than data.seq_len - grpo.max_new_tokens - 1 (skipped)"] += (
+                len(too_long)
+            )
             keep = sorted(set(range(len(self.prompts))) - set(too_long))
-            self.train, self.prompts = [self.train[i] for i in keep], [self.prompts[i] for i in keep]
+            self.train, self.prompts = (
+                [self.train[i] for i in keep],
+                [self.prompts[i] for i in keep],
+            )
         if not self.prompts:
-            raise ConfigError(f"grpo: no prompt fits data.seq_len={cfg.data.seq_len} with grpo.max_new_tokens="
-                              f"{self.g.max_new_tokens}")
-        fits = [(p, e) for p in self.held_out if len(e := self._encode(p)) + self.g.max_new_tokens < cfg.data.seq_len]
+            raise ConfigError(
+                f"grpo: no prompt fits data.seq_len={cfg.data.seq_len} with grpo.max_new_tokens="
+                f"{self.g.max_new_tokens}"
+            )
+        fits = [
+            (p, e)
+            for p in self.held_out
+            if len(e := self._encode(p)) + self.g.max_new_tokens < cfg.data.seq_len
+        ]
         if len(fits) < len(self.held_out):
-            self.counts["held-out prompts longer than data.seq_len - grpo.max_new_tokens (skipped)"] += \
-                len(self.held_out) - len(fits)
+            self.counts[
+                "held-out prompts longer than data.seq_len - grpo.max_new_tokens (skipped)"
+            ] += len(self.held_out) - len(fits)
         self.held_out, self.eval_prompts = [p for p, _ in fits], [e for _, e in fits]
         self._batch, self._batch_round, self._metrics = None, -1, {}
         self.gen = None
@@ -203,14 +241,18 @@ class Rollouts:
         from flax import nnx
 
         ts = self.ts
-        return nnx.merge(ts.graphdef, state["params"], state["router"], state.get("frozen", ts.rest))
+        return nnx.merge(
+            ts.graphdef, state["params"], state["router"], state.get("frozen", ts.rest)
+        )
 
     def _generator(self, state):
         from moejax.infer import Generator
 
         model = self._model(state)
         if self.gen is None:
-            self.gen = Generator(model, self.tokenizer, eos_ids=[self.tokenizer.eos_id], record_routes=True)
+            self.gen = Generator(
+                model, self.tokenizer, eos_ids=[self.tokenizer.eos_id], record_routes=True
+            )
         else:
             self.gen.set_params(model)  # the state's arrays, shared: nothing is copied
         return self.gen
@@ -264,7 +306,9 @@ class Rollouts:
         with np.load(path) as f:
             if int(f["round"]) != r:
                 return None
-            return {k: f[k] for k in f.files if k not in ("round", "metrics")}, json.loads(str(f["metrics"]))
+            return {k: f[k] for k in f.files if k not in ("round", "metrics")}, json.loads(
+                str(f["metrics"])
+            )
 
     def _rollout(self, state, r: int):
         import time
@@ -277,9 +321,15 @@ class Rollouts:
         problems = self._round_problems(r)
         prompts = [self.prompts[i] for i in problems for _ in range(G)]
         answers = [self.train[i]["answer"] for i in problems for _ in range(G)]
-        params = [SamplingParams(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                                 seed=(cfg.train.seed * 1_000_003 + r * len(prompts) + j) % (2 ** 31))
-                  for j in range(len(prompts))]
+        params = [
+            SamplingParams(
+                temperature=g.temperature,
+                top_p=g.top_p,
+                max_new_tokens=g.max_new_tokens,
+                seed=(cfg.train.seed * 1_000_003 + r * len(prompts) + j) % (2**31),
+            )
+            for j in range(len(prompts))
+        ]
         t0 = time.perf_counter()
         outs = self._generator(state).generate(prompts, params)
         t_gen = time.perf_counter() - t0
@@ -287,18 +337,25 @@ class Rollouts:
         parts = {}
         total = np.zeros(len(outs), np.float32)
         for name, fn, w in self.reward_fns:
-            s = rewards_lib.score([fn], [1.0], texts, answers, self.counts) if fn is not None else \
-                self._reward_model_scores(prompts, outs)
+            s = (
+                rewards_lib.score([fn], [1.0], texts, answers, self.counts)
+                if fn is not None
+                else self._reward_model_scores(prompts, outs)
+            )
             parts[name] = s
             total += w * s
         adv = rewards_lib.group_advantages(total, G, g.loss, counts=self.counts)
         batch = self._rows(prompts, outs, adv)
         lengths = np.array([len(o.tokens) + (o.finish_reason == "eos") for o in outs], np.float32)
         flat = np.ptp(total.reshape(-1, G), axis=1) == 0
-        metrics = {"rollout/reward": float(total.mean()), "rollout/reward_std": float(total.std()),
-                   "rollout/completion_tokens": float(lengths.mean()),
-                   "rollout/eos_fraction": float(np.mean([o.finish_reason == "eos" for o in outs])),
-                   "rollout/zero_advantage_groups": float(flat.mean()), "rollout/generate_seconds": t_gen}
+        metrics = {
+            "rollout/reward": float(total.mean()),
+            "rollout/reward_std": float(total.std()),
+            "rollout/completion_tokens": float(lengths.mean()),
+            "rollout/eos_fraction": float(np.mean([o.finish_reason == "eos" for o in outs])),
+            "rollout/zero_advantage_groups": float(flat.mean()),
+            "rollout/generate_seconds": t_gen,
+        }
         metrics.update({f"rollout/{k}": float(v.mean()) for k, v in parts.items()})
         return batch, metrics
 
@@ -306,10 +363,15 @@ class Rollouts:
         B, T = len(outs), self.cfg.data.seq_len
         k = self.cfg.model.num_experts_per_tok
         L = _moe_layers(self.cfg)
-        b = {"tokens": np.zeros((B, T), np.int32), "positions": np.zeros((B, T), np.int32),
-             "segment_ids": np.zeros((B, T), np.int32), "loss_mask": np.zeros((B, T), np.int32),
-             "advantages": np.zeros((B, T), np.float32), "old_logps": np.zeros((B, T), np.float32),
-             "routes": np.full((B, T, L * k), -1, np.int32)}
+        b = {
+            "tokens": np.zeros((B, T), np.int32),
+            "positions": np.zeros((B, T), np.int32),
+            "segment_ids": np.zeros((B, T), np.int32),
+            "loss_mask": np.zeros((B, T), np.int32),
+            "advantages": np.zeros((B, T), np.float32),
+            "old_logps": np.zeros((B, T), np.float32),
+            "routes": np.full((B, T, L * k), -1, np.int32),
+        }
         for i, (p, o) in enumerate(zip(prompts, outs)):
             eos = o.finish_reason == "eos"
             comp = o.tokens + ([self.tokenizer.eos_id] if eos else [])
@@ -318,9 +380,11 @@ class Rollouts:
             b["tokens"][i, :n] = list(p) + comp
             b["positions"][i, :n] = np.arange(n)
             b["segment_ids"][i, :n] = 1
-            b["loss_mask"][i, len(p):n] = 1
+            b["loss_mask"][i, len(p) : n] = 1
             b["advantages"][i] = adv[i]
-            b["old_logps"][i, len(p) - 1:n - 1] = logps  # at the position that predicts each token
+            b["old_logps"][i, len(p) - 1 : n - 1] = (
+                logps  # at the position that predicts each token
+            )
             if L and o.routes is not None:
                 b["routes"][i, :n] = o.routes.transpose(1, 0, 2).reshape(n, L * k)
         return b
@@ -329,7 +393,13 @@ class Rollouts:
         """The reward model's scores; a non-finite one counts and scores 0 (never a NaN advantage)."""
         if not hasattr(self, "_rm"):
             self._rm = RewardModelScorer(self.g.reward_model, self.cfg.data.seq_len)
-        s = self._rm(prompts, [o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "eos" else []) for o in outs])
+        s = self._rm(
+            prompts,
+            [
+                o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "eos" else [])
+                for o in outs
+            ],
+        )
         bad = ~np.isfinite(s)
         if bad.any():
             self.counts["reward_model returned a non-number"] += int(bad.sum())
@@ -354,20 +424,35 @@ class Rollouts:
         gen = self._generator(state)
         g, n = self.g, self.g.eval_samples
         greedy = [SamplingParams(max_new_tokens=g.max_new_tokens)] * len(self.eval_prompts)
-        sampled = [SamplingParams(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                                  seed=1_000_000 + j) for j in range(len(self.eval_prompts) * n)]
+        sampled = [
+            SamplingParams(
+                temperature=g.temperature,
+                top_p=g.top_p,
+                max_new_tokens=g.max_new_tokens,
+                seed=1_000_000 + j,
+            )
+            for j in range(len(self.eval_prompts) * n)
+        ]
         prompts = self.eval_prompts + [p for p in self.eval_prompts for _ in range(n)]
         params, outs = greedy + sampled, []
         for i in range(0, len(prompts), self.cfg.train.batch_size):
-            outs += gen.generate(prompts[i:i + self.cfg.train.batch_size], params[i:i + self.cfg.train.batch_size])
+            outs += gen.generate(
+                prompts[i : i + self.cfg.train.batch_size],
+                params[i : i + self.cfg.train.batch_size],
+            )
         texts = [o.text for o in outs]
         answers = [p["answer"] for p in self.held_out]
         answers = answers + [a for a in answers for _ in range(n)]
         exact = rewards_lib.score([rewards_lib.exact_answer], [1.0], texts, answers)
-        fmt = rewards_lib.score([rewards_lib.answer_format], [1.0], texts[:len(self.held_out)], answers)
+        fmt = rewards_lib.score(
+            [rewards_lib.answer_format], [1.0], texts[: len(self.held_out)], answers
+        )
         k = len(self.held_out)
-        return {"val_reward": float(exact[:k].mean()), "val_format": float(fmt.mean()),
-                "val_reward_sampled": float(exact[k:].mean())}
+        return {
+            "val_reward": float(exact[:k].mean()),
+            "val_format": float(fmt.mean()),
+            "val_reward_sampled": float(exact[k:].mean()),
+        }
 
     def state(self) -> dict:
         """What a checkpoint keeps: the bad-input counts (the round is the step's; its batch is on disk)."""
@@ -405,7 +490,9 @@ class RewardModelScorer:
         if not os.path.isdir(os.path.join(split_step(os.path.abspath(workdir))[0], "checkpoints")):
             raise ConfigError(f"grpo.reward_model: {workdir!r} is not a training workdir")
         if workdir_config(workdir).align.method != "reward":
-            raise ConfigError(f"grpo.reward_model: {workdir} is not a reward-model run (align.method='reward')")
+            raise ConfigError(
+                f"grpo.reward_model: {workdir} is not a reward-model run (align.method='reward')"
+            )
         # parameters and router biases only (no optimizer state); LoRA adapters merged, the head kept
         self.model = load(workdir)[0]
         self.seq_len = seq_len
@@ -416,5 +503,12 @@ class RewardModelScorer:
         toks, pos, seg = (np.zeros((B, T), np.int32) for _ in range(3))
         for i, (p, c) in enumerate(zip(prompts, completions)):
             row = (list(p) + list(c))[:T]
-            toks[i, :len(row)], pos[i, :len(row)], seg[i, :len(row)] = row, np.arange(len(row)), 1
-        return np.asarray(self._score(self.model, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(seg)), np.float32)
+            toks[i, : len(row)], pos[i, : len(row)], seg[i, : len(row)] = (
+                row,
+                np.arange(len(row)),
+                1,
+            )
+        return np.asarray(
+            self._score(self.model, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(seg)),
+            np.float32,
+        )

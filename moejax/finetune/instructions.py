@@ -24,13 +24,22 @@ import sysconfig
 import textwrap
 
 VERSION = 1
-SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3", "turtledemo")
+SKIP_DIRS = (
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "test",
+    "tests",
+    "idle_test",
+    "lib2to3",
+    "turtledemo",
+)
 SYSTEM = "You are a concise assistant for Python programmers."
 
 
 def _without_docstring(src_lines: list[str], fn: ast.FunctionDef) -> str | None:
     doc = fn.body[0]
-    lines = src_lines[fn.lineno - 1:fn.end_lineno]
+    lines = src_lines[fn.lineno - 1 : fn.end_lineno]
     start, end = doc.lineno - fn.lineno, doc.end_lineno - fn.lineno + 1
     code = textwrap.dedent("\n".join(lines[:start] + lines[end:]))
     return code if code.strip() and len(fn.body) > 1 else None
@@ -47,9 +56,15 @@ def examples_of(path: str, module: str, max_code_chars: int = 700) -> list[dict]
     out = []
     mdoc = ast.get_docstring(tree)
     if mdoc and 40 <= len(mdoc.split("\n\n")[0]) <= 600:
-        out.append({"messages": [{"role": "system", "content": SYSTEM},
-                                 {"role": "user", "content": f"What is the `{module}` module for?"},
-                                 {"role": "assistant", "content": mdoc.split("\n\n")[0].strip()}]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"What is the `{module}` module for?"},
+                    {"role": "assistant", "content": mdoc.split("\n\n")[0].strip()},
+                ]
+            }
+        )
     for node in tree.body:
         if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
             continue
@@ -59,18 +74,30 @@ def examples_of(path: str, module: str, max_code_chars: int = 700) -> list[dict]
         code = _without_docstring(lines, node)
         if code is None or len(code) > max_code_chars:
             continue
-        out.append({"messages": [
-            {"role": "user", "content": f"Explain what this Python function does:\n\n{code}"},
-            {"role": "assistant", "content": doc}]})
+        out.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"Explain what this Python function does:\n\n{code}",
+                    },
+                    {"role": "assistant", "content": doc},
+                ]
+            }
+        )
         first = doc.strip().splitlines()[0].strip()
         if len(first) >= 15:
-            out.append({"prompt": f"Summarize `{module}.{node.name}` in one line:\n", "completion": first})
+            out.append(
+                {"prompt": f"Summarize `{module}.{node.name}` in one line:\n", "completion": first}
+            )
     return out
 
 
 def build(cache_dir: str, max_examples: int = 4000) -> str:
     """The instruction set's JSONL file (written on first use)."""
-    path = os.path.join(cache_dir, f"instructions-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl")
+    path = os.path.join(
+        cache_dir, f"instructions-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl"
+    )
     if os.path.exists(path):
         return path
     root = sysconfig.get_paths()["stdlib"]
@@ -99,7 +126,9 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
     """The built-in preference pairs' JSONL file (written on first use)."""
     import random
 
-    path = os.path.join(cache_dir, f"preferences-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl")
+    path = os.path.join(
+        cache_dir, f"preferences-v{VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.jsonl"
+    )
     if os.path.exists(path):
         return path
     out = []
@@ -122,15 +151,29 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
     return path
 
 
-def build_arithmetic(cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64) -> str:
+def build_arithmetic(
+    cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64
+) -> str:
     """SFT examples of the built-in arithmetic task (GRPO's starting point): every training problem of
     `rewards.arithmetic_split` as a user turn answered by its '#### <answer>' line. The held-out problems,
     which GRPO's evaluation scores, are left out."""
     from moejax.finetune import rewards
 
-    path = os.path.join(cache_dir, f"arithmetic-v{VERSION}-{max_value}-{ops.encode().hex()}-{held_out}.jsonl")
+    path = os.path.join(
+        cache_dir, f"arithmetic-v{VERSION}-{max_value}-{ops.encode().hex()}-{held_out}.jsonl"
+    )
     if not os.path.exists(path):
         train, _ = rewards.arithmetic_split(max_value, ops, held_out)
-        _write_jsonl(path, [{"messages": [{"role": "user", "content": p["prompt"]},
-                                          {"role": "assistant", "content": rewards.solution(p)}]} for p in train])
+        _write_jsonl(
+            path,
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": p["prompt"]},
+                        {"role": "assistant", "content": rewards.solution(p)},
+                    ]
+                }
+                for p in train
+            ],
+        )
     return path

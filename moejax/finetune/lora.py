@@ -32,8 +32,13 @@ from moejax.config import ConfigError, LoRAConfig
 
 # the input (contracted) axes of each adaptable weight, counted from the end of its own shape
 INPUT_AXES = {
-    "wq_a": (-2,), "wkv_a": (-2,),  # [D, R]
-    "wq": (-3,), "wq_b": (-3,), "wkv_b": (-3,), "wk": (-3,), "wv": (-3,),  # [in, N, H]
+    "wq_a": (-2,),
+    "wkv_a": (-2,),  # [D, R]
+    "wq": (-3,),
+    "wq_b": (-3,),
+    "wkv_b": (-3,),
+    "wk": (-3,),
+    "wv": (-3,),  # [in, N, H]
     "wo": (-3, -2),  # [N, H, D]
     "w_gate_up": (-3,),  # [(E,) D, 2, F]
     "w_down": (-2,),  # [(E,) F, D]
@@ -80,15 +85,17 @@ def targets(model, patterns) -> list[tuple[str, object, str]]:
                 used.update(hits)
     unused = [p for p in patterns if p not in used]
     if unused:
-        raise ConfigError(f"lora.targets: pattern {unused[0]!r} matches no adaptable weight (adaptable: "
-                          f"{', '.join(sorted(INPUT_AXES))} of attention, MLP, shared and routed experts; e.g. "
-                          "'attn/', 'ffn/experts', 'ffn/shared', 'segments/0/ffn/w_down')")
+        raise ConfigError(
+            f"lora.targets: pattern {unused[0]!r} matches no adaptable weight (adaptable: "
+            f"{', '.join(sorted(INPUT_AXES))} of attention, MLP, shared and routed experts; e.g. "
+            "'attn/', 'ffn/experts', 'ffn/shared', 'segments/0/ffn/w_down')"
+        )
     return found
 
 
 def _factor_shapes(w, axes: tuple, name: str, rank: int):
     n = len(axes)
-    stack, tail = w.shape[:w.ndim - n], w.shape[w.ndim - n:]
+    stack, tail = w.shape[: w.ndim - n], w.shape[w.ndim - n :]
     pos = sorted(n + i for i in INPUT_AXES[name])
     c0, c1 = pos[0], pos[-1] + 1
     lead, ins, outs = tail[:c0], tail[c0:c1], tail[c1:]
@@ -107,8 +114,10 @@ def apply(model, cfg: LoRAConfig, rngs: nnx.Rngs):
     if cfg.dropout:
         for p, module, name in found:
             if "experts" in p and getattr(module, "dispatch", "") in ("dense", "capacity"):
-                raise ConfigError(f"lora.dropout: routed experts under model.moe_impl={module.dispatch!r} run merged "
-                                  "weights, which cannot drop adapter inputs; use 'dropless' or lora.dropout=0")
+                raise ConfigError(
+                    f"lora.dropout: routed experts under model.moe_impl={module.dispatch!r} run merged "
+                    "weights, which cannot drop adapter inputs; use 'dropless' or lora.dropout=0"
+                )
     for _, module, name in found:
         w = getattr(module, name)
         axes = tuple(w.get_metadata().get("logical_axes", ()) or ())
@@ -117,7 +126,11 @@ def apply(model, cfg: LoRAConfig, rngs: nnx.Rngs):
         # float32 factors whatever the base's dtype (as PEFT keeps them); the matmuls run in compute_dtype
         a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
         setattr(module, name + "_lora_a", LoRAParam(a, logical_axes=a_axes))
-        setattr(module, name + "_lora_b", LoRAParam(jnp.zeros(b_shape, jnp.float32), logical_axes=b_axes))
+        setattr(
+            module,
+            name + "_lora_b",
+            LoRAParam(jnp.zeros(b_shape, jnp.float32), logical_axes=b_axes),
+        )
         module.lora_scale = cfg.alpha / cfg.rank
         module.lora_dropout = cfg.dropout
     freeze(model)
@@ -157,7 +170,7 @@ def _delta(module, name):
     pos = sorted(n + i for i in INPUT_AXES[name])
     c1 = pos[-1] + 1  # A is [stack, lead, ins, Z], B [stack, lead, Z, outs]: contract Z
     lead = a.ndim - 1 - (c1 - pos[0])  # stack + lead dims, shared by A and B
-    ins, outs = a.shape[lead:-1], b.shape[lead + 1:]
+    ins, outs = a.shape[lead:-1], b.shape[lead + 1 :]
     a2 = a.reshape(a.shape[:lead] + (math.prod(ins), a.shape[-1]))  # [..., I, Z]
     b2 = b.reshape(b.shape[:lead] + (b.shape[lead], math.prod(outs)))  # [..., Z, O]
     d = jnp.einsum("...IZ,...ZO->...IO", a2.astype(jnp.float32), b2.astype(jnp.float32))
@@ -221,13 +234,24 @@ def save_adapters(model, path: str, cfg: LoRAConfig) -> None:
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
-    flat = {"/".join(map(str, k)): jax.device_get(v.get_value()) for k, v in nnx.to_flat_state(adapter_state(model))}
+    flat = {
+        "/".join(map(str, k)): jax.device_get(v.get_value())
+        for k, v in nnx.to_flat_state(adapter_state(model))
+    }
     tmp = os.path.join(path, "adapters.safetensors.tmp")
     save_file(flat, tmp)
     os.replace(tmp, os.path.join(path, "adapters.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": list(cfg.targets)}, f,
-                  indent=2)
+        json.dump(
+            {
+                "rank": cfg.rank,
+                "alpha": cfg.alpha,
+                "dropout": cfg.dropout,
+                "targets": list(cfg.targets),
+            },
+            f,
+            indent=2,
+        )
 
 
 def load_adapters(model, path: str) -> None:
@@ -240,5 +264,7 @@ def load_adapters(model, path: str) -> None:
         if name not in saved:
             raise ValueError(f"{path}: no adapter {name!r}")
         if saved[name].shape != v.get_value().shape:
-            raise ValueError(f"{path}: adapter {name!r} has shape {saved[name].shape}, the model {v.get_value().shape}")
+            raise ValueError(
+                f"{path}: adapter {name!r} has shape {saved[name].shape}, the model {v.get_value().shape}"
+            )
         v.set_value(jnp.asarray(saved[name], v.get_value().dtype))

@@ -27,13 +27,17 @@ def token_logps(logits, batch):
     from moejax.trainer.step import shifted_targets
 
     labels, valid = shifted_targets(batch, 1)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels[..., None], axis=-1)
+    lp = jnp.take_along_axis(
+        jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), labels[..., None], axis=-1
+    )
     return lp[..., 0] * valid, valid
 
 
 def segment_sums(values, segment_ids, num_segments: int):
     """[B, T] values summed per segment 1..num_segments -> [B, num_segments] (segment 0, padding, is dropped)."""
-    onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.float32)  # [B, T, S]; -1 -> zeros
+    onehot = jax.nn.one_hot(
+        segment_ids - 1, num_segments, dtype=jnp.float32
+    )  # [B, T, S]; -1 -> zeros
     return jnp.einsum("BTS,BT->BS", onehot, values.astype(jnp.float32))
 
 
@@ -68,11 +72,16 @@ def dpo_terms(policy, reference, counts, exists, cfg: AlignConfig):
     else:
         h = (pc - rc) - (pr - rr)
         eps = cfg.label_smoothing
-        loss = -(1.0 - eps) * jax.nn.log_sigmoid(cfg.beta * h) - eps * jax.nn.log_sigmoid(-cfg.beta * h)
+        loss = -(1.0 - eps) * jax.nn.log_sigmoid(cfg.beta * h) - eps * jax.nn.log_sigmoid(
+            -cfg.beta * h
+        )
     chosen_r, rejected_r = cfg.beta * (pc - rc), cfg.beta * (pr - rr)
     z = jnp.zeros_like(loss)
-    return (jnp.where(exists, loss, z), jnp.where(exists, jax.lax.stop_gradient(chosen_r), z),
-            jnp.where(exists, jax.lax.stop_gradient(rejected_r), z))
+    return (
+        jnp.where(exists, loss, z),
+        jnp.where(exists, jax.lax.stop_gradient(chosen_r), z),
+        jnp.where(exists, jax.lax.stop_gradient(rejected_r), z),
+    )
 
 
 def dpo_share(logits, ref_logits, batch, n_pairs, cfg: AlignConfig):

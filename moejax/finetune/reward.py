@@ -53,7 +53,9 @@ def reward_share(model, batch, n_pairs, max_pairs: int, rng=None):
     from moejax.finetune.objectives import segment_sums
     from moejax.trainer.step import shifted_targets
 
-    r, aux = score(model, batch["tokens"], batch["positions"], batch["segment_ids"], 2 * max_pairs, rng)
+    r, aux = score(
+        model, batch["tokens"], batch["positions"], batch["segment_ids"], 2 * max_pairs, rng
+    )
     _, valid = shifted_targets(batch, 1)
     counts = segment_sums(valid, batch["segment_ids"], 2 * max_pairs)
     exists = (counts[:, 0::2] > 0) & (counts[:, 1::2] > 0)  # [B, P]
@@ -61,7 +63,9 @@ def reward_share(model, batch, n_pairs, max_pairs: int, rng=None):
     n = jnp.maximum(n_pairs, 1.0)
     loss = jnp.sum(jnp.where(exists, -jax.nn.log_sigmoid(diff), 0.0)) / n
     d = jax.lax.stop_gradient(diff)
-    metrics = {"reward/accuracy": jnp.sum(exists & (d > 0)) / n,
-               "reward/margin": jnp.sum(jnp.where(exists, d, 0.0)) / n,
-               "reward/chosen": jnp.sum(jnp.where(exists, jax.lax.stop_gradient(r[:, 0::2]), 0.0)) / n}
+    metrics = {
+        "reward/accuracy": jnp.sum(exists & (d > 0)) / n,
+        "reward/margin": jnp.sum(jnp.where(exists, d, 0.0)) / n,
+        "reward/chosen": jnp.sum(jnp.where(exists, jax.lax.stop_gradient(r[:, 0::2]), 0.0)) / n,
+    }
     return loss, metrics, aux

@@ -23,7 +23,7 @@ import collections
 import math
 import random
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -37,24 +37,35 @@ def arithmetic_task(n: int, seed: int = 0, digits: int = 2, ops: str = "+-") -> 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+        a, b = rng.randrange(10**digits), rng.randrange(10**digits)
         op = rng.choice(ops)
-        out.append({"prompt": f"What is {a} {op} {b}? End with '#### <answer>'.", "answer": str(OPS[op](a, b))})
+        out.append(
+            {
+                "prompt": f"What is {a} {op} {b}? End with '#### <answer>'.",
+                "answer": str(OPS[op](a, b)),
+            }
+        )
     return out
 
 
-def arithmetic_split(max_value: int, ops: str = "+-", held_out: int = 64, seed: int = 0) -> tuple[list, list]:
+def arithmetic_split(
+    max_value: int, ops: str = "+-", held_out: int = 64, seed: int = 0
+) -> tuple[list, list]:
     """(train, held-out) problems {"prompt", "answer"} over every `a op b` with operands in [0, max_value),
     shuffled by `seed`; the held-out ones never appear in training (SFT or RL)."""
     problems = [(a, op, b) for op in ops for a in range(max_value) for b in range(max_value)]
     if held_out >= len(problems):
         from moejax.config import ConfigError
 
-        raise ConfigError(f"grpo.held_out={held_out} leaves no training problems (max_value={max_value}, ops={ops!r} "
-                         f"give {len(problems)})")
+        raise ConfigError(
+            f"grpo.held_out={held_out} leaves no training problems (max_value={max_value}, ops={ops!r} "
+            f"give {len(problems)})"
+        )
     random.Random(seed).shuffle(problems)
-    out = [{"prompt": f"What is {a} {op} {b}? End with '#### <answer>'.", "answer": str(OPS[op](a, b))}
-           for a, op, b in problems]
+    out = [
+        {"prompt": f"What is {a} {op} {b}? End with '#### <answer>'.", "answer": str(OPS[op](a, b))}
+        for a, op, b in problems
+    ]
     return out[held_out:], out[:held_out]
 
 
@@ -73,7 +84,9 @@ def exact_answer(completion: str, answer: str) -> float:
     if got is None:
         return 0.0
     try:
-        return float(math.isclose(float(got), float(answer.replace(",", "")), rel_tol=0, abs_tol=1e-9))
+        return float(
+            math.isclose(float(got), float(answer.replace(",", "")), rel_tol=0, abs_tol=1e-9)
+        )
     except ValueError:
         return 0.0
 
@@ -82,11 +95,19 @@ def answer_format(completion: str, answer: str) -> float:
     return float(bool(FORMAT.search(completion.strip())))
 
 
-REWARDS: dict[str, Callable[[str, str], float]] = {"exact_answer": exact_answer, "answer_format": answer_format}
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "exact_answer": exact_answer,
+    "answer_format": answer_format,
+}
 
 
-def score(functions: Sequence[Callable], weights: Sequence[float], completions: Sequence[str],
-          answers: Sequence[str], counts: collections.Counter | None = None) -> np.ndarray:
+def score(
+    functions: Sequence[Callable],
+    weights: Sequence[float],
+    completions: Sequence[str],
+    answers: Sequence[str],
+    counts: collections.Counter | None = None,
+) -> np.ndarray:
     """Weighted reward of each completion, float32 [n]. Failures score 0 and are counted by reason."""
     counts = counts if counts is not None else collections.Counter()
     out = np.zeros(len(completions), np.float32)
@@ -98,15 +119,24 @@ def score(functions: Sequence[Callable], weights: Sequence[float], completions: 
             except Exception as e:  # a user's reward function: any failure is counted, not raised
                 counts[f"{name} raised {type(e).__name__}"] += 1
                 continue
-            if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not np.isfinite(r):
+            if (
+                isinstance(r, bool)
+                or not isinstance(r, (int, float, np.floating, np.integer))
+                or not np.isfinite(r)
+            ):
                 counts[f"{name} returned a non-number"] += 1
                 continue
             out[i] += w * float(r)
     return out
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, kind: str = "grpo", eps: float = 1e-4,
-                     counts: collections.Counter | None = None) -> np.ndarray:
+def group_advantages(
+    rewards: np.ndarray,
+    group_size: int,
+    kind: str = "grpo",
+    eps: float = 1e-4,
+    counts: collections.Counter | None = None,
+) -> np.ndarray:
     """rewards [n_groups * group_size] (each prompt's completions consecutive) -> advantages, same shape."""
     if kind not in ("grpo", "dr_grpo", "dapo"):
         raise ValueError(f"grpo.loss: got {kind!r}, allowed: 'grpo', 'dr_grpo', 'dapo'")

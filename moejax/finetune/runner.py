@@ -21,10 +21,26 @@ from moejax.data import chat, dataset, layout, mixture
 from moejax.finetune.data import file_digest
 
 # How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
-RUN_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "scan_layers", "moe_impl", "gmm_impl",
-              "attention_impl", "attention_block",
-              "capacity_factor", "ep_exchange", "capacity_scope", "pipeline_microbatches", "router_jitter",
-              "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef", "bias_update_rate", "mtp_loss_weight")
+RUN_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat_policy",
+    "scan_layers",
+    "moe_impl",
+    "gmm_impl",
+    "attention_impl",
+    "attention_block",
+    "capacity_factor",
+    "ep_exchange",
+    "capacity_scope",
+    "pipeline_microbatches",
+    "router_jitter",
+    "aux_loss_coef",
+    "seq_aux_loss_coef",
+    "router_z_loss_coef",
+    "bias_update_rate",
+    "mtp_loss_weight",
+)
 
 
 class BaseError(ValueError):
@@ -37,12 +53,16 @@ def base_kind(path: str) -> str:
     path = split_step(path)[0]
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return "workdir"
-    if os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
+    if os.path.isdir(os.path.join(path, "state")) and os.path.exists(
+        os.path.join(path, "config.json")
+    ):
         return "moejax"
     if os.path.exists(os.path.join(path, "config.json")):
         return "hf"
-    raise BaseError(f"base={path!r}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + "
-                    "state/) or a Hugging Face folder (config.json + *.safetensors)")
+    raise BaseError(
+        f"base={path!r}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + "
+        "state/) or a Hugging Face folder (config.json + *.safetensors)"
+    )
 
 
 def base_model_config(path: str) -> ModelConfig:
@@ -67,7 +87,9 @@ def base_tokenizer(path: str) -> tuple[str, dict]:
         from moejax.infer.load import workdir_config
 
         cfg = workdir_config(path)
-        if cfg.align.method == "grpo" and base_kind(cfg.base) != "workdir":  # RL on a folder: the folder's
+        if (
+            cfg.align.method == "grpo" and base_kind(cfg.base) != "workdir"
+        ):  # RL on a folder: the folder's
             return base_tokenizer(cfg.base)
         d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
         hf = os.path.join(d, layout.HF_TOKENIZER)
@@ -97,7 +119,11 @@ def chat_template(cfg: Config) -> str | None:
             return tpl
         with open(t) as f:
             return f.read()
-    return chat.chat_template_of(base_dir(cfg.base)) if cfg.base and base_kind(cfg.base) != "workdir" else None
+    return (
+        chat.chat_template_of(base_dir(cfg.base))
+        if cfg.base and base_kind(cfg.base) != "workdir"
+        else None
+    )
 
 
 def base_dir(base: str) -> str:
@@ -114,18 +140,28 @@ def resolve(cfg: Config) -> Config:
 
     cache = cfg.data.cache_dir or default_cache_dir()
     if cfg.lora.rank and not cfg.base:
-        raise ConfigError("base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base=")
+        raise ConfigError(
+            "base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base="
+        )
     if cfg.align.method and not cfg.base:
-        raise ConfigError(f"base: align.method={cfg.align.method!r} needs the model to align (--config.base=)")
+        raise ConfigError(
+            f"base: align.method={cfg.align.method!r} needs the model to align (--config.base=)"
+        )
     if cfg.align.method in ("dpo", "reward") and not cfg.sft.data:
-        raise ConfigError(f"sft.data: {cfg.align.method} needs preference pairs (JSONL rows with prompt, chosen "
-                          "and rejected, or 'builtin')")
+        raise ConfigError(
+            f"sft.data: {cfg.align.method} needs preference pairs (JSONL rows with prompt, chosen "
+            "and rejected, or 'builtin')"
+        )
     if cfg.base:
         from moejax.infer.load import latest_step, split_step
 
-        path, step = split_step(os.path.abspath(os.path.expanduser(cfg.base)))  # absolute: resumable from anywhere
+        path, step = split_step(
+            os.path.abspath(os.path.expanduser(cfg.base))
+        )  # absolute: resumable from anywhere
         if base_kind(path) == "workdir" and step is None:
-            step = latest_step(path)  # pinned: a base run that goes on training does not move under the adapters
+            step = latest_step(
+                path
+            )  # pinned: a base run that goes on training does not move under the adapters
         cfg = dataclasses.replace(cfg, base=path if step is None else f"{path}@{step}")
         base = base_model_config(cfg.base)
         model = base.replace(**{f: getattr(cfg.model, f) for f in RUN_FIELDS})
@@ -134,41 +170,73 @@ def resolve(cfg: Config) -> Config:
     elif cfg.sft.data:
         # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining data
         d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
-        tok_file = os.path.join(d, layout.HF_TOKENIZER if os.path.exists(os.path.join(d, layout.HF_TOKENIZER))
-                                else layout.TOKENIZER)
+        tok_file = os.path.join(
+            d,
+            layout.HF_TOKENIZER
+            if os.path.exists(os.path.join(d, layout.HF_TOKENIZER))
+            else layout.TOKENIZER,
+        )
         special = layout.read_manifest(d).get("special_tokens", {})
-    if cfg.align.method == "grpo":  # rollouts, not a dataset: the tokenizer is the base's (GRPOStart)
-        if base_kind(cfg.base) == "workdir":  # the run's data names the base's tokenizer (loading the run finds it)
+    if (
+        cfg.align.method == "grpo"
+    ):  # rollouts, not a dataset: the tokenizer is the base's (GRPOStart)
+        if (
+            base_kind(cfg.base) == "workdir"
+        ):  # the run's data names the base's tokenizer (loading the run finds it)
             from moejax.infer.load import workdir_config
 
             bdata = workdir_config(cfg.base).data
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(bdata, seq_len=cfg.data.seq_len))
+            cfg = dataclasses.replace(
+                cfg, data=dataclasses.replace(bdata, seq_len=cfg.data.seq_len)
+            )
         return cfg
     if cfg.sft.data:
-        from moejax.finetune import data as sft_data, instructions
+        from moejax.finetune import data as sft_data
+        from moejax.finetune import instructions
 
         kind = "preference" if cfg.align.method in ("dpo", "reward") else "sft"
         if cfg.sft.data == "builtin":
-            files = [instructions.build_preferences(cache) if kind == "preference" else instructions.build(cache)]
-        elif cfg.sft.data == "arithmetic":  # GRPO's task as SFT examples (its held-out problems left out)
+            files = [
+                instructions.build_preferences(cache)
+                if kind == "preference"
+                else instructions.build(cache)
+            ]
+        elif (
+            cfg.sft.data == "arithmetic"
+        ):  # GRPO's task as SFT examples (its held-out problems left out)
             if kind == "preference":
                 raise ConfigError("sft.data='arithmetic' is an SFT set, not preference pairs")
-            files = [instructions.build_arithmetic(cache, cfg.grpo.max_value, cfg.grpo.ops, cfg.grpo.held_out)]
+            files = [
+                instructions.build_arithmetic(
+                    cache, cfg.grpo.max_value, cfg.grpo.ops, cfg.grpo.held_out
+                )
+            ]
         else:
             files = [os.path.expanduser(f.strip()) for f in cfg.sft.data.split(",") if f.strip()]
             missing = [f for f in files if not os.path.exists(f)]
             if missing:
                 raise ConfigError(f"sft.data: no such file {missing[0]!r}")
-        out = sft_data.cached(files, tok_file, cache, seq_len=cfg.data.seq_len, template=chat_template(cfg),
-                              loss_on=cfg.sft.loss_on, val_fraction=cfg.data.val_fraction, special=special,
-                              kind=kind, max_pairs=cfg.align.max_pairs_per_row)
+        out = sft_data.cached(
+            files,
+            tok_file,
+            cache,
+            seq_len=cfg.data.seq_len,
+            template=chat_template(cfg),
+            loss_on=cfg.sft.loss_on,
+            val_fraction=cfg.data.val_fraction,
+            special=special,
+            kind=kind,
+            max_pairs=cfg.align.max_pairs_per_row,
+        )
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=out))
     if cfg.base:  # continual pretraining: the data must be the base's tokens
         for path, _ in mixture.resolve(cfg.data, cfg.model.vocab_size):
             if layout.tokenizer_digest(path) != file_digest(tok_file):
-                raise BaseError(f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
-                                f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
-                                "tokenizer.hf)")
+                raise BaseError(
+                    f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
+                    f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
+                    "tokenizer.hf)"
+                )
     return cfg
 
 
@@ -180,8 +248,10 @@ def load_base(cfg: Config, mesh=None, rules=None):
     dtype = None if kind == "workdir" else cfg.model.param_dtype
     model, _ = load(cfg.base, mesh=mesh, rules=rules, dtype=dtype)
     if kind == "workdir" and cfg.model.param_dtype != model.cfg.param_dtype:
-        raise BaseError(f"model.param_dtype={cfg.model.param_dtype!r} but the base workdir keeps "
-                        f"{model.cfg.param_dtype!r}")
+        raise BaseError(
+            f"model.param_dtype={cfg.model.param_dtype!r} but the base workdir keeps "
+            f"{model.cfg.param_dtype!r}"
+        )
     return model
 
 
@@ -215,7 +285,12 @@ class BaseStart:
         if "reference" in ts.abstract:
             from moejax.trainer.step import split_model
 
-            state = dict(state, reference=jax.device_put(split_model(self._model(ts))[1], ts.shardings["reference"]))
+            state = dict(
+                state,
+                reference=jax.device_put(
+                    split_model(self._model(ts))[1], ts.shardings["reference"]
+                ),
+            )
         return state
 
 
@@ -278,8 +353,14 @@ def forgetting(cfg: Config, workdir: str, batches: int | None = None) -> dict:
     return out
 
 
-def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: int | None = None,
-        report_forgetting: bool | None = None) -> dict:
+def run(
+    cfg: Config,
+    workdir: str,
+    *,
+    quiet: bool = False,
+    max_steps_this_run: int | None = None,
+    report_forgetting: bool | None = None,
+) -> dict:
     """Fine-tunes (or continues pretraining) per cfg in workdir; resumes if it holds checkpoints.
 
     Continual pretraining (a base, no SFT data) ends with the per-domain losses (`forgetting`), logged as
@@ -288,15 +369,25 @@ def run(cfg: Config, workdir: str, *, quiet: bool = False, max_steps_this_run: i
 
     cfg = resolve(cfg)
     start = (GRPOStart if cfg.align.method == "grpo" else BaseStart)(cfg) if cfg.base else None
-    out = train.run(cfg, workdir, quiet=quiet, max_steps_this_run=max_steps_this_run, start_from=start)
+    out = train.run(
+        cfg, workdir, quiet=quiet, max_steps_this_run=max_steps_this_run, start_from=start
+    )
     if report_forgetting is None:
-        report_forgetting = bool(cfg.base) and not cfg.sft.data and not cfg.align.method and max_steps_this_run is None
+        report_forgetting = (
+            bool(cfg.base)
+            and not cfg.sft.data
+            and not cfg.align.method
+            and max_steps_this_run is None
+        )
     if report_forgetting:
         table = forgetting(cfg, workdir)
         out["forgetting"] = table
         if not quiet:
             for src, v in table.items():
                 role = "old domain" if v["old"] else "new domain"
-                print(f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} (base) -> "
-                      f"{v['after']:.4f} ({v['after'] - v['base']:+.4f})", flush=True)
+                print(
+                    f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} (base) -> "
+                    f"{v['after']:.4f} ({v['after'] - v['base']:+.4f})",
+                    flush=True,
+                )
     return out

@@ -7,5 +7,14 @@ from moejax.infer.generate import Completion, Generator, Stats, for_inference
 from moejax.infer.safety import SafetyFilter
 from moejax.infer.sampling import SamplingParams
 
-__all__ = ["KVCache", "bytes_per_token", "init_cache", "Completion", "Generator", "Stats", "for_inference",
-           "SamplingParams", "SafetyFilter"]
+__all__ = [
+    "KVCache",
+    "bytes_per_token",
+    "init_cache",
+    "Completion",
+    "Generator",
+    "Stats",
+    "for_inference",
+    "SamplingParams",
+    "SafetyFilter",
+]

@@ -47,10 +47,14 @@ def entry_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"k": (cfg.kv_heads, cfg.gqa_head_dim), "v": (cfg.kv_heads, cfg.gqa_head_dim)}
 
 
-def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype, int8: bool) -> dict:
+def _layer_cache(
+    cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype, int8: bool
+) -> dict:
     out = {}
     for name, shape in entry_shapes(cfg).items():
-        full = (layers, batch) + ((shape[0], max_len) + shape[1:] if name in HEAD_MAJOR else (max_len,) + shape)
+        full = (layers, batch) + (
+            (shape[0], max_len) + shape[1:] if name in HEAD_MAJOR else (max_len,) + shape
+        )
         out[name] = jnp.zeros(full, jnp.int8 if int8 else dtype)
         if int8:  # one scale per token (and per KV head): the last axis is quantized together
             out[name + "_scale"] = jnp.zeros(full[:-1], jnp.float32)
@@ -58,11 +62,19 @@ def _layer_cache(cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype,
 
 
 def route_dtype(cfg: ModelConfig):
-    return jnp.int16 if cfg.n_routed_experts < 2 ** 15 else jnp.int32
+    return jnp.int16 if cfg.n_routed_experts < 2**15 else jnp.int32
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, dtype=None, int8: bool = False,
-               mtp: bool = False, routes: bool = False) -> KVCache:
+def init_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    *,
+    dtype=None,
+    int8: bool = False,
+    mtp: bool = False,
+    routes: bool = False,
+) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions (dtype: the compute dtype by default).
     mtp=True adds a cache for each MTP depth (speculative decoding drafts with it). routes=True also records
     the experts each MoE layer chose for every position ('route' [L, B, S, K], routing replay for RL)."""
@@ -73,12 +85,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, dtype=None, int8: 
     if routes:
         for seg, (kind, n) in zip(segs, segments_of(cfg)):
             if kind == "moe":
-                seg["route"] = jnp.full((n, batch, max_len, cfg.num_experts_per_tok), -1, route_dtype(cfg))  # -1: none
-    depths = [_layer_cache(cfg, 1, batch, max_len, dtype, int8) for _ in range(cfg.mtp_depth if mtp else 0)]
+                seg["route"] = jnp.full(
+                    (n, batch, max_len, cfg.num_experts_per_tok), -1, route_dtype(cfg)
+                )  # -1: none
+    depths = [
+        _layer_cache(cfg, 1, batch, max_len, dtype, int8)
+        for _ in range(cfg.mtp_depth if mtp else 0)
+    ]
     return KVCache(segs, depths, jnp.zeros((batch,), jnp.int32))
 
 
-def bytes_per_token(cfg: ModelConfig, dtype="bfloat16", *, int8: bool = False, mtp: bool = False) -> int:
+def bytes_per_token(
+    cfg: ModelConfig, dtype="bfloat16", *, int8: bool = False, mtp: bool = False
+) -> int:
     """Cache bytes one token occupies over all layers (MLA at V3 shape: 576 x 61 x dtype size)."""
     per_layer = 0
     for shape in entry_shapes(cfg).values():
@@ -105,7 +124,12 @@ def write(layers: dict, entries: dict, start) -> dict:
         if name in HEAD_MAJOR:  # [L, B, T, Nkv, H] -> [L, B, Nkv, T, H] at [:, b, k, cols[b, t]]
             new = new.swapaxes(2, 3)
             K = new.shape[2]
-            index = (slice(None), jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], cols[:, None, :])
+            index = (
+                slice(None),
+                jnp.arange(B)[:, None, None],
+                jnp.arange(K)[None, :, None],
+                cols[:, None, :],
+            )
         else:
             index = (slice(None), jnp.arange(B)[:, None], cols)
         if name + "_scale" in layers:

@@ -12,8 +12,8 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from moejax.infer.generate import Generator
 from moejax.infer.sampling import SamplingParams
@@ -77,8 +77,11 @@ class Engine:
                         s(t, d)
 
             try:
-                outs = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
-                                               on_chunk=on_chunk if any(streams) else None)
+                outs = self.generator.generate(
+                    [r.prompt for r in batch],
+                    [r.params for r in batch],
+                    on_chunk=on_chunk if any(streams) else None,
+                )
             except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
                 for r in batch:
                     r.future.set_exception(e)

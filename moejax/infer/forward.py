@@ -33,7 +33,7 @@ NEG = jnp.finfo(jnp.float32).min
 def _two_part_softmax(logits_c, logits_n):
     """Softmax over cached and new keys together: ([..., S], [..., T]) -> the probabilities of each part."""
     probs = jax.nn.softmax(jnp.concatenate([logits_c, logits_n], axis=-1), axis=-1)
-    return probs[..., :logits_c.shape[-1]], probs[..., logits_c.shape[-1]:]
+    return probs[..., : logits_c.shape[-1]], probs[..., logits_c.shape[-1] :]
 
 
 def _masks(start, T: int, S: int):
@@ -54,10 +54,14 @@ def attend_cached(q, k_c, v_c, k_n, v_n, start, scale: float):
     cached, causal = _masks(start, T, S)  # [B, 1, 1, S], [1, 1, T, T]
     lc = jnp.einsum("BTKQH,BKSH->BKTQS", qg, k_c, preferred_element_type=jnp.float32) * scale
     ln = jnp.einsum("BTKQH,BUKH->BKTQU", qg, k_n, preferred_element_type=jnp.float32) * scale
-    pc, pn = _two_part_softmax(jnp.where(cached[..., None, :], lc, NEG),
-                               jnp.where(causal[:, :, :, None, :], ln, NEG))
-    out = (jnp.einsum("BKTQS,BKSH->BKTQH", pc.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
-           + jnp.einsum("BKTQU,BUKH->BKTQH", pn.astype(v_n.dtype), v_n, preferred_element_type=jnp.float32))
+    pc, pn = _two_part_softmax(
+        jnp.where(cached[..., None, :], lc, NEG), jnp.where(causal[:, :, :, None, :], ln, NEG)
+    )
+    out = jnp.einsum(
+        "BKTQS,BKSH->BKTQH", pc.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32
+    ) + jnp.einsum(
+        "BKTQU,BUKH->BKTQH", pn.astype(v_n.dtype), v_n, preferred_element_type=jnp.float32
+    )
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, v_c.shape[-1]).astype(v_c.dtype)
 
 
@@ -70,16 +74,26 @@ def _mla_project(attn: MLA, x, cos, sin):
     cd = dtype_of(cfg.compute_dtype)
     R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
     if cfg.q_lora_rank:
-        q_lat = jnp.einsum("BTD,DR->BTR", x, attn.wq_a[...].astype(cd), preferred_element_type=jnp.float32)
+        q_lat = jnp.einsum(
+            "BTD,DR->BTR", x, attn.wq_a[...].astype(cd), preferred_element_type=jnp.float32
+        )
         q_lat = attn.q_norm(q_lat).astype(cd)
-        q = jnp.einsum("BTR,RNH->BTNH", q_lat, attn.wq_b[...].astype(cd), preferred_element_type=jnp.float32)
+        q = jnp.einsum(
+            "BTR,RNH->BTNH", q_lat, attn.wq_b[...].astype(cd), preferred_element_type=jnp.float32
+        )
     else:
-        q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(cd), preferred_element_type=jnp.float32)
+        q = jnp.einsum(
+            "BTD,DNH->BTNH", x, attn.wq[...].astype(cd), preferred_element_type=jnp.float32
+        )
     q = q.astype(cd)
     q_nope, q_rope = q[..., :Hn], apply_rope(q[..., Hn:], cos, sin, cfg.rope_interleave)
-    kv_a = jnp.einsum("BTD,DR->BTR", x, attn.wkv_a[...].astype(cd), preferred_element_type=jnp.float32)
+    kv_a = jnp.einsum(
+        "BTD,DR->BTR", x, attn.wkv_a[...].astype(cd), preferred_element_type=jnp.float32
+    )
     latent = attn.kv_norm(kv_a[..., :R]).astype(cd)  # [B, T, R]
-    k_rope = apply_rope(kv_a[..., None, R:].astype(cd), cos, sin, cfg.rope_interleave)[:, :, 0]  # [B, T, Hr]
+    k_rope = apply_rope(kv_a[..., None, R:].astype(cd), cos, sin, cfg.rope_interleave)[
+        :, :, 0
+    ]  # [B, T, Hr]
     return q_nope, q_rope, {"latent": latent, "rope": k_rope}
 
 
@@ -87,9 +101,14 @@ def _mla_keys_values(attn: MLA, latent, k_rope):
     """Per-head keys and values rebuilt from latents [B, S, R] and rotary keys [B, S, Hr] (as in training)."""
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
-    kv = jnp.einsum("BSR,RNH->BSNH", latent, attn.wkv_b[...].astype(cd), preferred_element_type=jnp.float32)
+    kv = jnp.einsum(
+        "BSR,RNH->BSNH", latent, attn.wkv_b[...].astype(cd), preferred_element_type=jnp.float32
+    )
     kv = kv.astype(cd)
-    k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [B, S, N, Hn], [B, S, N, Hv]
+    k_nope, v = (
+        kv[..., : cfg.qk_nope_head_dim],
+        kv[..., cfg.qk_nope_head_dim :],
+    )  # [B, S, N, Hn], [B, S, N, Hv]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + k_rope.shape[-1:])
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
@@ -101,27 +120,42 @@ def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
     Hn = cfg.qk_nope_head_dim
     w_kv = attn.wkv_b[...].astype(cd)
     w_uk, w_uv = w_kv[..., :Hn], w_kv[..., Hn:]  # [R, N, Hn], [R, N, Hv]
-    q_lat = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=jnp.float32).astype(cd)
+    q_lat = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=jnp.float32).astype(
+        cd
+    )
 
     def logits(part):
-        lat = jnp.einsum("BTNR,BSR->BNTS", q_lat, part["latent"], preferred_element_type=jnp.float32)
-        return (lat + jnp.einsum("BTNH,BSH->BNTS", q_rope, part["rope"], preferred_element_type=jnp.float32)
-                ) * cfg.softmax_scale
+        lat = jnp.einsum(
+            "BTNR,BSR->BNTS", q_lat, part["latent"], preferred_element_type=jnp.float32
+        )
+        return (
+            lat
+            + jnp.einsum("BTNH,BSH->BNTS", q_rope, part["rope"], preferred_element_type=jnp.float32)
+        ) * cfg.softmax_scale
 
     T, S = q_nope.shape[1], cached["latent"].shape[1]
     in_cache, causal = _masks(start, T, S)
-    pc, pn = _two_part_softmax(jnp.where(in_cache, logits(cached), NEG), jnp.where(causal, logits(new), NEG))
+    pc, pn = _two_part_softmax(
+        jnp.where(in_cache, logits(cached), NEG), jnp.where(causal, logits(new), NEG)
+    )
     # [B, N, T, R]: the dot's natural output order (a BTNR output makes XLA:CPU transpose inside the dot, 8x slower)
-    o_lat = (jnp.einsum("BNTS,BSR->BNTR", pc.astype(cd), cached["latent"], preferred_element_type=jnp.float32)
-             + jnp.einsum("BNTS,BSR->BNTR", pn.astype(cd), new["latent"], preferred_element_type=jnp.float32))
-    return jnp.einsum("BNTR,RNH->BTNH", o_lat.astype(cd), w_uv, preferred_element_type=jnp.float32).astype(cd)
+    o_lat = jnp.einsum(
+        "BNTS,BSR->BNTR", pc.astype(cd), cached["latent"], preferred_element_type=jnp.float32
+    ) + jnp.einsum(
+        "BNTS,BSR->BNTR", pn.astype(cd), new["latent"], preferred_element_type=jnp.float32
+    )
+    return jnp.einsum(
+        "BNTR,RNH->BTNH", o_lat.astype(cd), w_uv, preferred_element_type=jnp.float32
+    ).astype(cd)
 
 
 def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bool):
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
     q_nope, q_rope, new = _mla_project(attn, x, cos, sin)
-    if prefill:  # the cache holds nothing before this block: attend inside it, expanded as in training
+    if (
+        prefill
+    ):  # the cache holds nothing before this block: attend inside it, expanded as in training
         k, v = _mla_keys_values(attn, new["latent"], new["rope"])
         out = attn._attend(jnp.concatenate([q_nope, q_rope], -1), k, v, None)
     else:
@@ -129,10 +163,17 @@ def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bo
         if absorbed:
             out = _mla_absorbed(attn, q_nope, q_rope, cached, new, start)
         else:
-            k_c, v_c = (a.transpose(0, 2, 1, 3) for a in _mla_keys_values(attn, cached["latent"], cached["rope"]))
+            k_c, v_c = (
+                a.transpose(0, 2, 1, 3)
+                for a in _mla_keys_values(attn, cached["latent"], cached["rope"])
+            )
             k_n, v_n = _mla_keys_values(attn, new["latent"], new["rope"])
-            out = attend_cached(jnp.concatenate([q_nope, q_rope], -1), k_c, v_c, k_n, v_n, start, cfg.softmax_scale)
-    y = jnp.einsum("BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32)
+            out = attend_cached(
+                jnp.concatenate([q_nope, q_rope], -1), k_c, v_c, k_n, v_n, start, cfg.softmax_scale
+            )
+    y = jnp.einsum(
+        "BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32
+    )
     return y, new
 
 
@@ -156,15 +197,27 @@ def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
     else:
         kc, vc = cache_lib.read(cached, "k", cd), cache_lib.read(cached, "v", cd)
         out = attend_cached(q, kc, vc, k, v, start, cfg.softmax_scale)
-    y = jnp.einsum("BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32)
+    y = jnp.einsum(
+        "BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32
+    )
     return y, {"k": k, "v": v}
 
 
 # --------------------------------------------------------------------------------------------- blocks
 
 
-def block_step(block: Block, x, cos, sin, token_mask, cached, start, prefill: bool, absorbed: bool,
-               record: bool = False):
+def block_step(
+    block: Block,
+    x,
+    cos,
+    sin,
+    token_mask,
+    cached,
+    start,
+    prefill: bool,
+    absorbed: bool,
+    record: bool = False,
+):
     """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B, T, ...]).
     cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE layer's expert choices
     join the entries as 'route' [B, T, K]."""
@@ -194,8 +247,18 @@ def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, pre
 
     def body(h, xs):
         layer_state, cached = xs
-        return block_step(nnx.merge(graphdef, layer_state), h, cos, sin, token_mask, cached, start, prefill,
-                          absorbed, record)
+        return block_step(
+            nnx.merge(graphdef, layer_state),
+            h,
+            cos,
+            sin,
+            token_mask,
+            cached,
+            start,
+            prefill,
+            absorbed,
+            record,
+        )
 
     x, new = jax.lax.scan(body, x, (state, None if prefill else layers))
     return x, cache_lib.write(layers, new, start)
@@ -205,8 +268,15 @@ def _positions(start, T: int):
     return start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
 
 
-def forward(model: Transformer, tokens, cache: KVCache, *, prefill: bool = False, absorbed: bool = True,
-            token_mask=None):
+def forward(
+    model: Transformer,
+    tokens,
+    cache: KVCache,
+    *,
+    prefill: bool = False,
+    absorbed: bool = True,
+    token_mask=None,
+):
     """Runs new tokens through the decoder with the cache.
 
     Args:
@@ -221,18 +291,30 @@ def forward(model: Transformer, tokens, cache: KVCache, *, prefill: bool = False
     B, T = tokens.shape
     start = cache.lengths
     cos, sin = rope_cos_sin(_positions(start, T), cfg)
-    token_mask = jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    token_mask = (
+        jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    )
     x = model.embed_tokens(tokens)
     segments = []
     for (kind, n), stack, layers in zip(segments_of(cfg), model.segments, cache.segments):
         with jax.named_scope(f"segment_{kind}"):
-            x, layers = _run_segment(stack, x, cos, sin, token_mask, layers, start, prefill, absorbed)
+            x, layers = _run_segment(
+                stack, x, cos, sin, token_mask, layers, start, prefill, absorbed
+            )
         segments.append(layers)
     return model.norm(x), cache._replace(segments=segments)
 
 
-def mtp_forward(model: Transformer, hidden, next_tokens, cache: KVCache, start, *, prefill: bool = False,
-                absorbed: bool = True):
+def mtp_forward(
+    model: Transformer,
+    hidden,
+    next_tokens,
+    cache: KVCache,
+    start,
+    *,
+    prefill: bool = False,
+    absorbed: bool = True,
+):
     """The first MTP depth run with its cache: position i combines the main model's final-normed hidden
     h_i [B, T, D] with the embedding of token i + 1 (next_tokens [B, T]) and predicts token i + 2.
 
@@ -245,9 +327,13 @@ def mtp_forward(model: Transformer, hidden, next_tokens, cache: KVCache, start, 
     cos, sin = rope_cos_sin(_positions(start, T), cfg)
     e = m.enorm(model.embed_tokens(next_tokens))
     z = jnp.concatenate([e, m.hnorm(hidden)], axis=-1).astype(cd)  # [B, T, 2D]
-    z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32).astype(cd)
+    z = jnp.einsum(
+        "BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32
+    ).astype(cd)
     layers = cache.mtp[0]
     cached = None if prefill else jax.tree.map(lambda a: a[0], layers)
-    h, new = block_step(m.block, z, cos, sin, jnp.ones((B, T), jnp.float32), cached, start, prefill, absorbed)
+    h, new = block_step(
+        m.block, z, cos, sin, jnp.ones((B, T), jnp.float32), cached, start, prefill, absorbed
+    )
     layers = cache_lib.write(layers, jax.tree.map(lambda a: a[None], new), start)
     return m.norm(h), cache._replace(mtp=[layers] + list(cache.mtp[1:]))

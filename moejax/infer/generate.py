@@ -34,7 +34,9 @@ from moejax.model.moe import MoE
 class Completion:
     prompt_tokens: list[int]
     tokens: list[int]  # generated, without the EOS token and anything from a stop string on
-    logprobs: list[float]  # the model's log-probability of each generated token (unprocessed logits)
+    logprobs: list[
+        float
+    ]  # the model's log-probability of each generated token (unprocessed logits)
     finish_reason: str  # 'eos' | 'stop' | 'length' | 'content_filter'
     text: str | None = None  # decoded tokens (with a tokenizer), after the safety filter's action
     safety: dict = dataclasses.field(default_factory=dict)  # safety-filter matches per category
@@ -102,9 +104,20 @@ class Generator:
     and the model's own arrays are shared, never copied.
     """
 
-    def __init__(self, model, tokenizer=None, *, eos_ids=None, add_bos: bool = True, cache_dtype=None,
-                 kv_int8: bool = False, absorbed: bool = True, chunk: int = 16, safety=None,
-                 record_routes: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        eos_ids=None,
+        add_bos: bool = True,
+        cache_dtype=None,
+        kv_int8: bool = False,
+        absorbed: bool = True,
+        chunk: int = 16,
+        safety=None,
+        record_routes: bool = False,
+    ):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         if eos_ids is None:
@@ -122,15 +135,21 @@ class Generator:
             raise ValueError("a safety filter reads text: give the Generator a tokenizer")
         self.graphdef, self.state = nnx.split(for_inference(model))
         self.last_stats = Stats()
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "spec", "penalty", "mode"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("spec", "penalty", "mode"), donate_argnums=(1,))
+        self._prefill = jax.jit(
+            self._prefill_fn, static_argnames=("max_len", "max_new", "spec", "penalty", "mode")
+        )
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("spec", "penalty", "mode"), donate_argnums=(1,)
+        )
 
     def set_params(self, model) -> None:
         """Generate with another model of the same structure (e.g. the policy after an RL update): the
         compiled programs are reused, nothing recompiles."""
         graphdef, state = nnx.split(for_inference(model))
         if graphdef != self.graphdef:
-            raise ValueError("set_params: the model's structure differs from the one this Generator compiled for")
+            raise ValueError(
+                "set_params: the model's structure differs from the one this Generator compiled for"
+            )
         self.state = state
 
     # ------------------------------------------------------------------------------ host side
@@ -144,13 +163,24 @@ class Generator:
             bos = getattr(self.tokenizer, "bos_id", None)
             # a Hugging Face tokenizer without a BOS token (Qwen) reports EOS as BOS: nothing is prepended
             own_bos = getattr(self.tokenizer, "special", {}).get("bos", True)
-            if (self.add_bos if add_bos is None else add_bos) and own_bos and bos is not None and bos >= 0:
+            if (
+                (self.add_bos if add_bos is None else add_bos)
+                and own_bos
+                and bos is not None
+                and bos >= 0
+            ):
                 ids = [bos] + ids
             return ids
         return [int(t) for t in prompt]
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams(), *,
-                 speculative: bool = False, on_chunk=None) -> list[Completion]:
+    def generate(
+        self,
+        prompts,
+        params: SamplingParams | list[SamplingParams] = SamplingParams(),
+        *,
+        speculative: bool = False,
+        on_chunk=None,
+    ) -> list[Completion]:
         """Completes each prompt (text or token ids). params: one for all, or one per prompt.
 
         on_chunk(tokens, done): called between decode chunks with each row's tokens so far and whether it
@@ -164,11 +194,17 @@ class Generator:
         if len(plist) != B:
             raise ValueError(f"{len(plist)} sampling params for {B} prompts")
         if any(len(e) == 0 for e in encoded):
-            raise ValueError("empty prompt: give at least one token (e.g. add_bos=True with a BOS token)")
+            raise ValueError(
+                "empty prompt: give at least one token (e.g. add_bos=True with a BOS token)"
+            )
         if speculative and not self.cfg.mtp_depth:
-            raise ConfigError("speculative decoding drafts with the MTP head; this model has model.mtp_depth=0")
+            raise ConfigError(
+                "speculative decoding drafts with the MTP head; this model has model.mtp_depth=0"
+            )
         if speculative and self.record_routes:
-            raise ValueError("record_routes: not with speculative decoding (a verified draft's routing is not kept)")
+            raise ValueError(
+                "record_routes: not with speculative decoding (a verified draft's routing is not kept)"
+            )
         n_real = B
         stats = Stats(prompt_tokens=sum(len(e) for e in encoded))
         # shapes compile in buckets: rows padded to a power of two with rows that finish at once, the output
@@ -183,8 +219,10 @@ class Generator:
         limit = self.cfg.max_position_embeddings
         if need > limit:
             i = max(range(B), key=lambda i: len(encoded[i]) + plist[i].max_new_tokens)
-            raise ValueError(f"prompt ({len(encoded[i])} tokens) + max_new_tokens ({plist[i].max_new_tokens}) exceeds "
-                             f"model.max_position_embeddings={limit}")
+            raise ValueError(
+                f"prompt ({len(encoded[i])} tokens) + max_new_tokens ({plist[i].max_new_tokens}) exceeds "
+                f"model.max_position_embeddings={limit}"
+            )
         # (+2: a speculative step writes two positions; writes past the end are dropped, never kept)
         max_len = min(_round_up(need + 2, 64), limit)
         tokens = np.zeros((B, T), np.int32)
@@ -195,8 +233,18 @@ class Generator:
         mode = sampling.mode(plist)
 
         t0 = time.perf_counter()
-        carry = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), rows, jnp.asarray(self.eos_ids),
-                              max_len=max_len, max_new=max_new, spec=speculative, penalty=penalty, mode=mode)
+        carry = self._prefill(
+            self.state,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            rows,
+            jnp.asarray(self.eos_ids),
+            max_len=max_len,
+            max_new=max_new,
+            spec=speculative,
+            penalty=penalty,
+            mode=mode,
+        )
         jax.block_until_ready(carry["n_out"])
         stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -204,26 +252,46 @@ class Generator:
         checked = [0] * B  # text length each row's safety classifier has seen
         flags = [[] for _ in range(B)]  # classifier spans per row
         while True:
-            n = self.chunk if checks else max_new  # (the while loop also ends when every row is done)
-            carry = self._decode(self.state, carry, rows, jnp.asarray(self.eos_ids), jnp.int32(n), spec=speculative,
-                                 penalty=penalty, mode=mode)
+            n = (
+                self.chunk if checks else max_new
+            )  # (the while loop also ends when every row is done)
+            carry = self._decode(
+                self.state,
+                carry,
+                rows,
+                jnp.asarray(self.eos_ids),
+                jnp.int32(n),
+                spec=speculative,
+                penalty=penalty,
+                mode=mode,
+            )
             done = np.asarray(carry["done"])
-            if checks and not done.all() and (self.safety is not None or any(p.stop for p in plist)):
+            if (
+                checks
+                and not done.all()
+                and (self.safety is not None or any(p.stop for p in plist))
+            ):
                 hit = self._host_checks(carry, plist, done, checked, flags)
                 if hit.any():
                     carry["done"] = jnp.asarray(done | hit)
                     done = done | hit
             if on_chunk is not None:
                 out, n_out = np.asarray(carry["out"]), np.asarray(carry["n_out"])
-                on_chunk([out[i, : n_out[i]].tolist() for i in range(n_real)], done[:n_real].tolist())
+                on_chunk(
+                    [out[i, : n_out[i]].tolist() for i in range(n_real)], done[:n_real].tolist()
+                )
             if done.all():
                 break
         out, logp, n_out = (np.asarray(carry[k]) for k in ("out", "logp", "n_out"))
         stats.decode_seconds = time.perf_counter() - t0
         stats.steps = int(carry["steps"])
         stats.drafted, stats.accepted = int(carry["drafted"].sum()), int(carry["accepted"].sum())
-        results = [self._finish(encoded[i], out[i, : n_out[i]], logp[i, : n_out[i]], plist[i], checked[i], flags[i])
-                   for i in range(n_real)]
+        results = [
+            self._finish(
+                encoded[i], out[i, : n_out[i]], logp[i, : n_out[i]], plist[i], checked[i], flags[i]
+            )
+            for i in range(n_real)
+        ]
         if self.record_routes:
             routes = [np.asarray(seg["route"]) for seg in carry["cache"].segments if "route" in seg]
             routes = np.concatenate(routes) if routes else None  # [L_moe, B, S, K]
@@ -269,7 +337,9 @@ class Generator:
                 hi = mid - 1
         return toks[:lo], logp[:lo]
 
-    def _finish(self, prompt, toks, logp, p: SamplingParams, checked: int = 0, flags=()) -> Completion:
+    def _finish(
+        self, prompt, toks, logp, p: SamplingParams, checked: int = 0, flags=()
+    ) -> Completion:
         toks, logp = [int(t) for t in toks], [float(x) for x in logp]
         reason, eos_logp = "length", None
         if toks and toks[-1] in set(self.eos_ids.tolist()):
@@ -284,7 +354,9 @@ class Generator:
         counts = {}
         if self.safety is not None:
             last = self.safety.classify(text, checked)  # text generated after the last check
-            filtered_text, counts, filtered = self.safety.apply(text, list(flags) + ([last] if last else []))
+            filtered_text, counts, filtered = self.safety.apply(
+                text, list(flags) + ([last] if last else [])
+            )
             if filtered:
                 if self.safety.action == "refuse":
                     toks, logp = [], []
@@ -292,7 +364,15 @@ class Generator:
                     toks, logp = self._cut(toks, logp, len(filtered_text))
                 reason = "content_filter"
             text = filtered_text
-        return Completion(prompt, toks, logp, reason, text, counts, eos_logprob=eos_logp if reason == "eos" else None)
+        return Completion(
+            prompt,
+            toks,
+            logp,
+            reason,
+            text,
+            counts,
+            eos_logprob=eos_logp if reason == "eos" else None,
+        )
 
     # ------------------------------------------------------------------------------ device side
 
@@ -302,19 +382,36 @@ class Generator:
 
         return lora.merge(model) if lora.has_adapters(model) else model
 
-    def _prefill_fn(self, state, tokens, lengths, rows, eos, *, max_len, max_new, spec, penalty, mode):
+    def _prefill_fn(
+        self, state, tokens, lengths, rows, eos, *, max_len, max_new, spec, penalty, mode
+    ):
         model = self._model(state)
         cfg = self.cfg
         B, T = tokens.shape
         V = cfg.vocab_size
-        cache = cache_lib.init_cache(cfg, B, max_len, dtype=self.cache_dtype, int8=self.kv_int8, mtp=spec,
-                                     routes=self.record_routes)
+        cache = cache_lib.init_cache(
+            cfg,
+            B,
+            max_len,
+            dtype=self.cache_dtype,
+            int8=self.kv_int8,
+            mtp=spec,
+            routes=self.record_routes,
+        )
         real = jnp.arange(T)[None] < lengths[:, None]  # [B, T]
-        h, cache = forward(model, tokens, cache, prefill=True, absorbed=self.absorbed, token_mask=real)
-        if self.record_routes:  # the padding after each prompt was routed too: not a position of the row
+        h, cache = forward(
+            model, tokens, cache, prefill=True, absorbed=self.absorbed, token_mask=real
+        )
+        if (
+            self.record_routes
+        ):  # the padding after each prompt was routed too: not a position of the row
             unwritten = (jnp.arange(max_len) >= lengths[:, None])[None, :, :, None]  # [1, B, S, 1]
-            cache = cache._replace(segments=[dict(s, route=jnp.where(unwritten, -1, s["route"])) if "route" in s
-                                             else s for s in cache.segments])
+            cache = cache._replace(
+                segments=[
+                    dict(s, route=jnp.where(unwritten, -1, s["route"])) if "route" in s else s
+                    for s in cache.segments
+                ]
+            )
         cache = cache._replace(lengths=lengths)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
         raw = model.head(last)[:, 0]  # [B, V]
@@ -325,13 +422,17 @@ class Generator:
             logits = sampling.penalize(logits, presence, rows["penalty"])
         first = sampling.choose(sampling.keys(rows["seed"], lengths), logits, rows, mode)
         carry = {
-            "cache": cache, "last": first,
+            "cache": cache,
+            "last": first,
             "out": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first),
-            "logp": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(sampling.token_logprob(raw, first)),
+            "logp": jnp.zeros((B, max_new), jnp.float32)
+            .at[:, 0]
+            .set(sampling.token_logprob(raw, first)),
             "n_out": jnp.ones((B,), jnp.int32),
             "done": jnp.isin(first, eos) | (rows["max_new"] <= 1),
             "steps": jnp.zeros((), jnp.int32),
-            "drafted": jnp.zeros((B,), jnp.int32), "accepted": jnp.zeros((B,), jnp.int32),
+            "drafted": jnp.zeros((B,), jnp.int32),
+            "accepted": jnp.zeros((B,), jnp.int32),
         }
         if penalty:
             carry["presence"] = presence.at[jnp.arange(B), first].set(True)
@@ -339,11 +440,20 @@ class Generator:
             # MTP over the prompt: position i pairs h_i with token i + 1 (the sampled token after the last)
             nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
             nxt = nxt.at[jnp.arange(B), lengths - 1].set(first)
-            hm, cache = mtp_forward(model, h, nxt, carry["cache"], jnp.zeros_like(lengths), prefill=True,
-                                    absorbed=self.absorbed)
+            hm, cache = mtp_forward(
+                model,
+                h,
+                nxt,
+                carry["cache"],
+                jnp.zeros_like(lengths),
+                prefill=True,
+                absorbed=self.absorbed,
+            )
             carry["cache"] = cache
             m_last = jnp.take_along_axis(hm, (lengths - 1)[:, None, None], axis=1)
-            carry.update(self._draft(model, m_last[:, 0], rows, carry.get("presence"), lengths + 1, mode))
+            carry.update(
+                self._draft(model, m_last[:, 0], rows, carry.get("presence"), lengths + 1, mode)
+            )
         return carry
 
     def _draft(self, model, mtp_hidden, rows, presence, position, mode):
@@ -379,8 +489,14 @@ class Generator:
         B = tok.shape[0]
         col = jnp.minimum(c["n_out"], c["out"].shape[1] - 1)
         c = dict(c)
-        c["out"] = c["out"].at[jnp.arange(B), col].set(jnp.where(mask, tok, c["out"][jnp.arange(B), col]))
-        c["logp"] = c["logp"].at[jnp.arange(B), col].set(jnp.where(mask, logp, c["logp"][jnp.arange(B), col]))
+        c["out"] = (
+            c["out"].at[jnp.arange(B), col].set(jnp.where(mask, tok, c["out"][jnp.arange(B), col]))
+        )
+        c["logp"] = (
+            c["logp"]
+            .at[jnp.arange(B), col]
+            .set(jnp.where(mask, logp, c["logp"][jnp.arange(B), col]))
+        )
         c["n_out"] = c["n_out"] + mask
         c["done"] = c["done"] | (mask & (jnp.isin(tok, eos) | (c["n_out"] >= rows["max_new"])))
         c["last"] = jnp.where(mask, tok, c["last"])
@@ -404,14 +520,22 @@ class Generator:
         cache = c["cache"]
         start = cache.lengths  # position of c['last']
         active = ~c["done"]
-        h, cache = forward(model, jnp.stack([c["last"], c["draft"]], axis=1), cache, absorbed=self.absorbed)
+        h, cache = forward(
+            model, jnp.stack([c["last"], c["draft"]], axis=1), cache, absorbed=self.absorbed
+        )
         raw = model.head(h)  # [B, 2, V]: logits for positions start + 1 and start + 2
         presence = c.get("presence")
         l0 = sampling.penalize(raw[:, 0], presence, rows["penalty"]) if penalty else raw[:, 0]
         p = sampling.distribution(l0, rows, mode)
         accept, y1 = sampling.speculative_accept(
-            sampling.keys(rows["seed"], start + 1, salt=1), sampling.keys(rows["seed"], start + 1, salt=2), p, c["q"],
-            c["draft"], rows["temperature"] <= 0, all_greedy=mode == "greedy")
+            sampling.keys(rows["seed"], start + 1, salt=1),
+            sampling.keys(rows["seed"], start + 1, salt=2),
+            p,
+            c["q"],
+            c["draft"],
+            rows["temperature"] <= 0,
+            all_greedy=mode == "greedy",
+        )
         c = c | {"cache": cache}
         c = self._emit(c, y1, sampling.token_logprob(raw[:, 0], y1), active, rows, eos)
         l1 = sampling.penalize(raw[:, 1], c["presence"], rows["penalty"]) if penalty else raw[:, 1]
@@ -420,10 +544,15 @@ class Generator:
         c = self._emit(c, y2, sampling.token_logprob(raw[:, 1], y2), second, rows, eos)
         # the MTP depth's entries for positions start (h, y1) and start + 1 (h, y2); the draft comes from the
         # last one that is kept
-        hm, cache = mtp_forward(model, h, jnp.stack([y1, y2], axis=1), c["cache"], start, absorbed=self.absorbed)
+        hm, cache = mtp_forward(
+            model, h, jnp.stack([y1, y2], axis=1), c["cache"], start, absorbed=self.absorbed
+        )
         m = jnp.where(second[:, None], hm[:, 1], hm[:, 0])
         n_new = active.astype(jnp.int32) + second
-        c = c | {"cache": cache._replace(lengths=start + n_new),
-                 "drafted": c["drafted"] + active, "accepted": c["accepted"] + (active & accept)}
+        c = c | {
+            "cache": cache._replace(lengths=start + n_new),
+            "drafted": c["drafted"] + active,
+            "accepted": c["accepted"] + (active & accept),
+        }
         c.update(self._draft(model, m, rows, c.get("presence"), start + n_new + 1, mode))
         return c

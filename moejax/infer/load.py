@@ -1,9 +1,9 @@
 """Loading a model and its tokenizer for generation, from any of the three places a model lives:
 
-  a training workdir      runs/NAME (its latest checkpoint: parameters and router biases only, straight
-                          into their shardings; the optimizer state is never read), the run's tokenizer
-  a moejax checkpoint     config.json + state/ (moejax.convert.save_model)
-  a Hugging Face folder   config.json + *.safetensors (streamed onto the mesh), tokenizer.json
+a training workdir      runs/NAME (its latest checkpoint: parameters and router biases only, straight
+                        into their shardings; the optimizer state is never read), the run's tokenizer
+a moejax checkpoint     config.json + state/ (moejax.convert.save_model)
+a Hugging Face folder   config.json + *.safetensors (streamed onto the mesh), tokenizer.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def hf_tokenizer(path: str, name: str = "tokenizer.json"):
             if tok:
                 special[field] = tok
     if "eos" not in special:
-        raise LoadError(f"{cfg_file}: no eos_token (the tokenizer's end-of-sequence text is needed)")
+        raise LoadError(
+            f"{cfg_file}: no eos_token (the tokenizer's end-of-sequence text is needed)"
+        )
     return HFTokenizer(tj, **special)
 
 
@@ -54,7 +56,9 @@ def split_step(path: str) -> tuple[str, int | None]:
 def _manager(path: str, step: int | None = None):
     import orbax.checkpoint as ocp
 
-    manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "data", "config"))
+    manager = ocp.CheckpointManager(
+        os.path.join(path, "checkpoints"), item_names=("state", "data", "config")
+    )
     steps = manager.all_steps()
     if step is None:
         step = manager.latest_step()
@@ -94,25 +98,36 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
     ts = setup_lib.build(cfg, mesh)
     target = {k: ts.abstract[k] for k in ("params", "router")}
     # parameters and router biases only, each device reading its shards; the optimizer state stays on disk
-    restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                     partial_restore=True)
+    restore = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
     state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
     manager.close()
-    if ts.has_frozen:  # a LoRA run: its checkpoints hold the adapters; the base weights are the base's
+    if (
+        ts.has_frozen
+    ):  # a LoRA run: its checkpoints hold the adapters; the base weights are the base's
         from moejax.finetune import lora
-
         from moejax.finetune.runner import load_base
 
         base = load_base(cfg, ts.mesh, ts.rules)
-        model = lora.merge(nnx.merge(ts.graphdef, state["params"], state["router"], ts.frozen_of(base)))
+        model = lora.merge(
+            nnx.merge(ts.graphdef, state["params"], state["router"], ts.frozen_of(base))
+        )
     else:
         model = nnx.merge(ts.graphdef, state["params"], state["router"], ts.rest)
-    if cfg.align.method == "grpo" and cfg.base and not os.path.isdir(os.path.join(split_step(cfg.base)[0],
-                                                                                  "checkpoints")):
+    if (
+        cfg.align.method == "grpo"
+        and cfg.base
+        and not os.path.isdir(os.path.join(split_step(cfg.base)[0], "checkpoints"))
+    ):
         from moejax.data import tokenizer as tokenizer_lib
         from moejax.finetune.runner import base_tokenizer
 
-        return model, tokenizer_lib.load(*base_tokenizer(cfg.base))  # RL on a folder: the folder's tokenizer
+        return model, tokenizer_lib.load(
+            *base_tokenizer(cfg.base)
+        )  # RL on a folder: the folder's tokenizer
     tokenizer = layout.tokenizer(mixture.resolve(cfg.data, cfg.model.vocab_size))
     return model, tokenizer
 
@@ -127,12 +142,18 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
     path, step = split_step(os.path.abspath(path))
     if os.path.isdir(os.path.join(path, "checkpoints")):
         if dtype is not None:
-            raise LoadError("--dtype applies to model checkpoints; a training workdir keeps its config's dtypes")
+            raise LoadError(
+                "--dtype applies to model checkpoints; a training workdir keeps its config's dtypes"
+            )
         model, tok = _train_workdir(path, mesh, rules, step)
-    elif os.path.isdir(os.path.join(path, "state")) and os.path.exists(os.path.join(path, "config.json")):
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.exists(
+        os.path.join(path, "config.json")
+    ):
         from moejax.convert.checkpoint import load_model
 
-        model, _ = load_model(path, mesh=mesh, rules=rules, **({"param_dtype": dtype} if dtype else {}))
+        model, _ = load_model(
+            path, mesh=mesh, rules=rules, **({"param_dtype": dtype} if dtype else {})
+        )
         tok = None
     elif os.path.exists(os.path.join(path, "config.json")):
         from moejax.convert import from_hf
@@ -140,9 +161,13 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
         model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype)
         tok = None if tokenizer else hf_tokenizer(path)
     else:
-        raise LoadError(f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
-                        "or a Hugging Face folder (config.json + *.safetensors)")
-    if tokenizer and tokenizer.endswith(".json"):  # its special tokens from the tokenizer_config.json beside it
+        raise LoadError(
+            f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
+            "or a Hugging Face folder (config.json + *.safetensors)"
+        )
+    if tokenizer and tokenizer.endswith(
+        ".json"
+    ):  # its special tokens from the tokenizer_config.json beside it
         tok = hf_tokenizer(os.path.dirname(os.path.abspath(tokenizer)), os.path.basename(tokenizer))
     elif tokenizer:
         from moejax.data import tokenizer as tokenizer_lib

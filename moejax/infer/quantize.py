@@ -30,8 +30,13 @@ from moejax.config import ConfigError
 CONTRACTED = {
     "embed": (-1,),  # [V, D]: a row per token (lookup) and the tied head's contraction over D
     "lm_head": (-2,),  # [D, V]
-    "wq_a": (-2,), "wkv_a": (-2,),  # [D, R]
-    "wq": (-3,), "wq_b": (-3,), "wkv_b": (-3,), "wk": (-3,), "wv": (-3,),  # [in, N, H]
+    "wq_a": (-2,),
+    "wkv_a": (-2,),  # [D, R]
+    "wq": (-3,),
+    "wq_b": (-3,),
+    "wkv_b": (-3,),
+    "wk": (-3,),
+    "wv": (-3,),  # [in, N, H]
     "wo": (-3, -2),  # [N, H, D]
     "w_gate_up": (-3,),  # [(E,) D, 2, F]
     "w_down": (-2,),  # [(E,) F, D]
@@ -85,8 +90,13 @@ def quantize(model, fmt: str = "int8"):
 
     values = run([t[2][...] for t in targets])
     for (module, name, var, _), value in zip(targets, values):
-        setattr(module, name, QuantizedParam(value, **{k: v for k, v in var.get_metadata().items()
-                                                         if k == "logical_axes"}))
+        setattr(
+            module,
+            name,
+            QuantizedParam(
+                value, **{k: v for k, v in var.get_metadata().items() if k == "logical_axes"}
+            ),
+        )
     return view
 
 

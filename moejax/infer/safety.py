@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from moejax.config import ConfigError
 from moejax.data.stages import category_pattern
@@ -30,7 +30,11 @@ ACTIONS = ("block", "redact", "refuse")
 # A small built-in list so that the server's filter is on by default; deployments pass their own
 # categories (the same JSON a data preparation run uses) or a classifier.
 DEFAULT_CATEGORIES = {
-    "weapons": [r"build(ing)? an? (pipe )?bomb", r"make (a )?nerve agent", r"synthesi[sz]e (sarin|vx|ricin)"],
+    "weapons": [
+        r"build(ing)? an? (pipe )?bomb",
+        r"make (a )?nerve agent",
+        r"synthesi[sz]e (sarin|vx|ricin)",
+    ],
     "self_harm": [r"kill yourself", r"how to commit suicide"],
     "malware": [r"write (a )?ransomware", r"keylogger that evades"],
 }
@@ -44,21 +48,36 @@ class Match:
 
 
 class SafetyFilter:
-    def __init__(self, categories: dict | None = None, classifier: str | Callable | None = None,
-                 action: str = "block", refusal: str = "I can't help with that.", redaction: str = "[redacted]",
-                 holdback: int = 64):
+    def __init__(
+        self,
+        categories: dict | None = None,
+        classifier: str | Callable | None = None,
+        action: str = "block",
+        refusal: str = "I can't help with that.",
+        redaction: str = "[redacted]",
+        holdback: int = 64,
+    ):
         if action not in ACTIONS:
             raise ConfigError(f"safety.action: must be one of {', '.join(ACTIONS)}, got {action!r}")
         self.categories = DEFAULT_CATEGORIES if categories is None else categories
-        self.patterns = {cat: category_pattern(words) for cat, words in self.categories.items() if words}
-        if isinstance(classifier, str) and classifier:  # the data pipeline's hook: "module:function"
+        self.patterns = {
+            cat: category_pattern(words) for cat, words in self.categories.items() if words
+        }
+        if (
+            isinstance(classifier, str) and classifier
+        ):  # the data pipeline's hook: "module:function"
             module, _, fn = classifier.partition(":")
             classifier = getattr(importlib.import_module(module), fn)
         self.classifier = classifier or None
-        self.action, self.refusal, self.redaction, self.holdback = action, refusal, redaction, holdback
+        self.action, self.refusal, self.redaction, self.holdback = (
+            action,
+            refusal,
+            redaction,
+            holdback,
+        )
 
     @classmethod
-    def from_file(cls, path: str, **kw) -> "SafetyFilter":
+    def from_file(cls, path: str, **kw) -> SafetyFilter:
         """Categories from a JSON file {category: [words or regexes]}."""
         with open(path) as f:
             cats = json.load(f)
@@ -67,7 +86,11 @@ class SafetyFilter:
         return cls(cats, **kw)
 
     def pattern_matches(self, text: str) -> list[Match]:
-        return [Match(cat, m.start(), m.end()) for cat, pat in self.patterns.items() for m in pat.finditer(text)]
+        return [
+            Match(cat, m.start(), m.end())
+            for cat, pat in self.patterns.items()
+            for m in pat.finditer(text)
+        ]
 
     def classify(self, text: str, since: int = 0) -> Match | None:
         """The classifier's verdict on the text, as a span over text[since:] (what it had not seen)."""
@@ -83,8 +106,11 @@ class SafetyFilter:
     def apply(self, text: str, flagged=()) -> tuple[str, dict[str, int], bool]:
         """(text after the action, counts per category, whether the row was filtered). flagged: classifier
         spans recorded while generating (clipped to the text)."""
-        found = self.pattern_matches(text) + [Match(m.category, m.start, min(m.end, len(text))) for m in flagged
-                                              if m.start < len(text)]
+        found = self.pattern_matches(text) + [
+            Match(m.category, m.start, min(m.end, len(text)))
+            for m in flagged
+            if m.start < len(text)
+        ]
         found.sort(key=lambda m: (m.start, m.end))
         counts: dict[str, int] = {}
         for m in found:
@@ -98,7 +124,7 @@ class SafetyFilter:
         pieces, at = [], 0
         for m in found:  # redact: merge overlapping spans
             if m.start >= at:
-                pieces.append(text[at:m.start] + self.redaction)
+                pieces.append(text[at : m.start] + self.redaction)
                 at = m.end
             elif m.end > at:
                 at = m.end

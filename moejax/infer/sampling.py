@@ -23,22 +23,35 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens with this much probability
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
-    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (CTRL / HF rule)
+    repetition_penalty: float = (
+        1.0  # > 1 discourages tokens of the prompt and the output (CTRL / HF rule)
+    )
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # the output ends before the first of these strings
     seed: int = 0
 
     def __post_init__(self):
         checks = {
-            "temperature": self.temperature >= 0, "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
-            "min_p": 0 <= self.min_p <= 1, "repetition_penalty": self.repetition_penalty > 0,
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
             "max_new_tokens": self.max_new_tokens >= 1,
         }
-        allowed = {"temperature": ">= 0", "top_k": ">= 0", "top_p": "in (0, 1]", "min_p": "in [0, 1]",
-                   "repetition_penalty": "> 0", "max_new_tokens": ">= 1"}
+        allowed = {
+            "temperature": ">= 0",
+            "top_k": ">= 0",
+            "top_p": "in (0, 1]",
+            "min_p": "in [0, 1]",
+            "repetition_penalty": "> 0",
+            "max_new_tokens": ">= 1",
+        }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"sampling.{name}: must be {allowed[name]}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"sampling.{name}: must be {allowed[name]}, got {getattr(self, name)!r}"
+                )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if not 0 <= self.seed < 2**32:
@@ -60,6 +73,7 @@ def rows(params: list[SamplingParams]) -> dict[str, np.ndarray]:
 
 def keys(seed, position, salt: int = 0):
     """Row b's key for the token at `position` [B] (salt separates draws of one step)."""
+
     def one(s, p):
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(s), p), salt)
 

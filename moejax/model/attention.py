@@ -20,8 +20,16 @@ from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, r
 def _attend(self, q, k, v, segment_ids):
     """The configured attention backend on q [B, T, N, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv]."""
     cfg = self.cfg
-    return attention(q, k, v, segment_ids, scale=cfg.softmax_scale, impl=cfg.attention_impl, layout=self.layout,
-                     block=cfg.attention_block or None)
+    return attention(
+        q,
+        k,
+        v,
+        segment_ids,
+        scale=cfg.softmax_scale,
+        impl=cfg.attention_impl,
+        layout=self.layout,
+        block=cfg.attention_block or None,
+    )
 
 
 class MLA(nnx.Module):
@@ -40,12 +48,16 @@ class MLA(nnx.Module):
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), cfg)  # [D, Rq]
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs)
-            self.wq_b = param(rngs, (cfg.q_lora_rank, N, Hn + Hr), ("q_lora", "heads", "head_dim"), cfg)
+            self.wq_b = param(
+                rngs, (cfg.q_lora_rank, N, Hn + Hr), ("q_lora", "heads", "head_dim"), cfg
+            )
         else:
             self.wq = param(rngs, (D, N, Hn + Hr), ("embed", "heads", "head_dim"), cfg)  # [D, N, H]
         self.wkv_a = param(rngs, (D, R + Hr), ("embed", "kv_lora"), cfg)  # [D, R + Hr]
         self.kv_norm = RMSNorm(R, cfg, rngs=rngs)
-        self.wkv_b = param(rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg)  # [R, N, Hn+Hv]
+        self.wkv_b = param(
+            rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg
+        )  # [R, N, Hn+Hv]
         self.wo = param(rngs, (N, Hv, D), ("heads", "head_dim", "embed"), cfg)  # [N, Hv, D]
 
     _attend = _attend
@@ -59,7 +71,11 @@ class MLA(nnx.Module):
         rows, heads = ("batch", None, None), ("batch", None, "heads", None)
         if cfg.q_lora_rank:
             q_lat = project(self, "wq_a", "BTD,DR->BTR", x, cd, rng)
-            q_lat = sharding.constrain(self.q_norm(sharding.constrain(q_lat, self.layout, rows)).astype(cd), self.layout, rows)
+            q_lat = sharding.constrain(
+                self.q_norm(sharding.constrain(q_lat, self.layout, rows)).astype(cd),
+                self.layout,
+                rows,
+            )
             q = project(self, "wq_b", "BTR,RNH->BTNH", q_lat, cd, rng)
         else:
             q = project(self, "wq", "BTD,DNH->BTNH", x, cd, rng)
@@ -75,9 +91,13 @@ class MLA(nnx.Module):
         k_nope, v = kv[..., :Hn], kv[..., Hn:]  # [B, S, N, Hn], [B, S, N, Hv]
 
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
-        k_rope = apply_rope(k_rope[:, :, None, :].astype(cd), cos, sin, cfg.rope_interleave)  # [B, S, 1, Hr]
+        k_rope = apply_rope(
+            k_rope[:, :, None, :].astype(cd), cos, sin, cfg.rope_interleave
+        )  # [B, S, 1, Hr]
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
+        k = jnp.concatenate(
+            [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1
+        )
         out = self._attend(q, k, v, segment_ids)  # [B, T, N, Hv]
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)

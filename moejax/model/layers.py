@@ -84,7 +84,9 @@ def lora_update(spec: str, x, a, b, scale: float, dropout: float = 0.0, rng=None
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     sa, sb = lora_specs(spec)
     z = jnp.einsum(sa, x, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    return scale * jnp.einsum(sb, z.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
+    return scale * jnp.einsum(
+        sb, z.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32
+    )
 
 
 def adapters(module, name: str):
@@ -99,7 +101,9 @@ def project(module, name: str, spec: str, x, cd, rng=None):
     """einsum(spec, x, module.<name>) in compute dtype cd with float32 accumulation, plus the weight's LoRA
     update when it has one (rng: the adapter's dropout, training only)."""
     x = x.astype(cd)
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(cd), preferred_element_type=jnp.float32)
+    y = jnp.einsum(
+        spec, x, getattr(module, name)[...].astype(cd), preferred_element_type=jnp.float32
+    )
     lora = adapters(module, name)
     if lora is not None:
         a, b, scale, dropout = lora
@@ -148,7 +152,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     if cfg.rope_mscale and cfg.rope_mscale_all_dim:
         from moejax.config import yarn_mscale
 
-        attention_factor = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(factor, cfg.rope_mscale_all_dim)
+        attention_factor = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(
+            factor, cfg.rope_mscale_all_dim
+        )
     else:
         attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
     orig = cfg.rope_original_max_position_embeddings

@@ -34,15 +34,25 @@ class RouterBias(nnx.Variable):
 def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
     """Reference: every expert on every token. x [M, D] -> [M, D] float32."""
     E = w_gate_up.shape[0]
-    combine = jnp.einsum("MKE,MK->ME", jax.nn.one_hot(expert_ids, E, dtype=jnp.float32), weights)  # [M, E]
-    h = jnp.einsum("MD,EDXF->MEXF", x.astype(compute_dtype), w_gate_up.astype(compute_dtype),
-                   preferred_element_type=jnp.float32)
+    combine = jnp.einsum(
+        "MKE,MK->ME", jax.nn.one_hot(expert_ids, E, dtype=jnp.float32), weights
+    )  # [M, E]
+    h = jnp.einsum(
+        "MD,EDXF->MEXF",
+        x.astype(compute_dtype),
+        w_gate_up.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+    )
     h = swiglu(h).astype(compute_dtype)  # [M, E, F]
-    out = jnp.einsum("MEF,EFD->MED", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "MEF,EFD->MED", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     return jnp.einsum("MED,ME->MD", out, combine)
 
 
-def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, capacity_factor, token_mask):
+def experts_capacity(
+    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, capacity_factor, token_mask
+):
     """Token-dropping dispatch into per-expert buffers [E, C, D]: the reference capacity policy.
 
     Each expert takes at most C = ceil(capacity_factor * M * K / E) assignments, the highest routing
@@ -71,22 +81,34 @@ def experts_capacity(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, c
     tokens = jnp.arange(A) // K
     buf = jnp.zeros((E * C + 1, D), compute_dtype).at[slot].set(x[tokens].astype(compute_dtype))
     buf = buf[: E * C].reshape(E, C, D)  # [E, C, D]
-    h = jnp.einsum("ECD,EDXF->ECXF", buf, w_gate_up.astype(compute_dtype), preferred_element_type=jnp.float32)
+    h = jnp.einsum(
+        "ECD,EDXF->ECXF", buf, w_gate_up.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     h = swiglu(h).astype(compute_dtype)
-    out = jnp.einsum("ECF,EFD->ECD", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "ECF,EFD->ECD", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     out = jnp.concatenate([out.reshape(E * C, D), jnp.zeros((1, D), out.dtype)])  # [E*C+1, D]
     per_assignment = out[slot].reshape(M, K, D) * flat_w.reshape(M, K, 1)
     dropped = jnp.sum(valid & ~keep).astype(jnp.float32)
     return per_assignment.sum(axis=1), dropped
 
 
-def experts_dropless(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None):
+def experts_dropless(
+    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None
+):
     """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted combine.
     x [M, D] -> [M, D] float32."""
     E = w_gate_up.shape[0]
     xs, order, group_sizes = kernels.permute(x.astype(compute_dtype), expert_ids, E)  # [M*K, D]
-    ys = moe_ep.expert_ffn(xs, group_sizes, w_gate_up.astype(compute_dtype), w_down.astype(compute_dtype),
-                           gmm_impl=gmm_impl, lora=lora)  # [M*K, D]
+    ys = moe_ep.expert_ffn(
+        xs,
+        group_sizes,
+        w_gate_up.astype(compute_dtype),
+        w_down.astype(compute_dtype),
+        gmm_impl=gmm_impl,
+        lora=lora,
+    )  # [M*K, D]
     return kernels.unpermute(ys, order, weights)
 
 
@@ -100,16 +122,32 @@ def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lor
     x = x.astype(cd)
     g = w_gate_up[expert_ids].astype(cd)  # [M, K, D, 2, F]
     h = jnp.einsum("MD,MKDXF->MKXF", x, g, preferred_element_type=jnp.float32)
-    if lora is not None:  # the gathered adapters (no dropout: a few tokens are decoding, not training)
-        z = jnp.einsum("MD,MKDZ->MKZ", x, lora.a_gu[expert_ids].astype(cd), preferred_element_type=jnp.float32)
-        h = h + lora.scale * jnp.einsum("MKZ,MKZXF->MKXF", z.astype(cd), lora.b_gu[expert_ids].astype(cd),
-                                        preferred_element_type=jnp.float32)
+    if (
+        lora is not None
+    ):  # the gathered adapters (no dropout: a few tokens are decoding, not training)
+        z = jnp.einsum(
+            "MD,MKDZ->MKZ", x, lora.a_gu[expert_ids].astype(cd), preferred_element_type=jnp.float32
+        )
+        h = h + lora.scale * jnp.einsum(
+            "MKZ,MKZXF->MKXF",
+            z.astype(cd),
+            lora.b_gu[expert_ids].astype(cd),
+            preferred_element_type=jnp.float32,
+        )
     h = swiglu(h).astype(cd)  # [M, K, F]
-    out = jnp.einsum("MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32
+    )
     if lora is not None:
-        z = jnp.einsum("MKF,MKFZ->MKZ", h, lora.a_d[expert_ids].astype(cd), preferred_element_type=jnp.float32)
-        out = out + lora.scale * jnp.einsum("MKZ,MKZD->MKD", z.astype(cd), lora.b_d[expert_ids].astype(cd),
-                                            preferred_element_type=jnp.float32)
+        z = jnp.einsum(
+            "MKF,MKFZ->MKZ", h, lora.a_d[expert_ids].astype(cd), preferred_element_type=jnp.float32
+        )
+        out = out + lora.scale * jnp.einsum(
+            "MKZ,MKZD->MKD",
+            z.astype(cd),
+            lora.b_d[expert_ids].astype(cd),
+            preferred_element_type=jnp.float32,
+        )
     return jnp.einsum("MKD,MK->MD", out, weights.astype(jnp.float32))
 
 
@@ -136,7 +174,9 @@ def with_means(stats, cfg: ModelConfig):
     out = dict(stats)
     out["seq_aux_loss"] = stats["seq_aux_sum"] / jnp.maximum(stats["seq_count"], 1.0)
     out["z_loss"] = stats["z_sum"] / jnp.maximum(stats["token_count"], 1.0)
-    out["drop_fraction"] = stats["dropped"] / jnp.maximum(stats["token_count"] * cfg.num_experts_per_tok, 1.0)
+    out["drop_fraction"] = stats["dropped"] / jnp.maximum(
+        stats["token_count"] * cfg.num_experts_per_tok, 1.0
+    )
     out["aux_loss"] = _per_layer_loss(stats, cfg, stats["seq_count"], stats["token_count"])
     return out
 
@@ -154,11 +194,14 @@ class MoE(nnx.Module):
         self.layout = layout  # sharding.Layout (None: no mesh)
         self.dispatch = cfg.moe_impl
         if cfg.moe_impl == "dropless" and layout is not None:
-            sharding.expert_axes(layout.mesh, layout.rule_table)  # a rule the exchange cannot honour fails here
+            sharding.expert_axes(
+                layout.mesh, layout.rule_table
+            )  # a rule the exchange cannot honour fails here
             self.dispatch = "expert_parallel"
         self.w_router = nnx.Param(
             cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
-            logical_axes=("embed", None))
+            logical_axes=("embed", None),
+        )
         if cfg.use_score_correction_bias:
             self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
         self.w_gate_up = param(rngs, (E, D, 2, F), ("expert", "embed", None, "expert_mlp"), cfg)
@@ -166,7 +209,9 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs, layout=layout)
 
-    def __call__(self, x, token_mask=None, rng=None, route=None, replay: bool = False, record: bool = False):
+    def __call__(
+        self, x, token_mask=None, rng=None, route=None, replay: bool = False, record: bool = False
+    ):
         """x [B, T, D] -> (y [B, T, D] float32, aux). token_mask [B, T] marks real tokens;
         rng enables router jitter (training).
 
@@ -179,11 +224,15 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         cd = dtype_of(cfg.compute_dtype)
         xf = x.reshape(B * T, D)  # [M, D]
-        mask2 = jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+        mask2 = (
+            jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+        )
         mask = mask2.reshape(B * T)
         router_in = xf.astype(jnp.float32)
         if rng is not None and cfg.router_jitter > 0:
-            noise = jax.random.uniform(rng, router_in.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            noise = jax.random.uniform(
+                rng, router_in.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter
+            )
             router_in = router_in * noise
         with jax.named_scope("router"):
             logits = jnp.dot(router_in, self.w_router[...].astype(jnp.float32))  # [M, E]
@@ -217,8 +266,13 @@ class MoE(nnx.Module):
         zeros = (jnp.zeros((E, D, z)), jnp.zeros((E, z, 2, F))) if gu is None else gu[:2]
         zeros_d = (jnp.zeros((E, F, z)), jnp.zeros((E, z, D))) if dn is None else dn[:2]
         scale, dropout = (gu or dn)[2:]
-        return moe_ep.ExpertLoRA(*zeros, *zeros_d, scale=scale, dropout=dropout,
-                                 rng=None if rng is None else jax.random.fold_in(rng, 3))
+        return moe_ep.ExpertLoRA(
+            *zeros,
+            *zeros_d,
+            scale=scale,
+            dropout=dropout,
+            rng=None if rng is None else jax.random.fold_in(rng, 3),
+        )
 
     def _experts(self, x, xf, r: router_lib.Routing, mask, mask2, cd, rng=None):
         """Routed experts by this layer's dispatch: (y [M, D] float32, real assignments dropped)."""
@@ -226,28 +280,51 @@ class MoE(nnx.Module):
         lora = self.expert_lora(rng)
         zero = jnp.zeros((), jnp.float32)
         if lora is not None and self.dispatch in ("dense", "capacity"):
-            wgu, wd = lora.merged(wgu, wd)  # the references run the merged weights (no adapter dropout)
+            wgu, wd = lora.merged(
+                wgu, wd
+            )  # the references run the merged weights (no adapter dropout)
             lora = None
         if self.dispatch == "dense":
             return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd), zero
         if self.dispatch == "capacity":
-            return experts_capacity(xf, r.expert_ids, r.weights, wgu, wd, cd, cfg.capacity_factor, mask)
+            return experts_capacity(
+                xf, r.expert_ids, r.weights, wgu, wd, cd, cfg.capacity_factor, mask
+            )
         impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
         B, T, D = x.shape
         if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-            return experts_gather(xf, r.expert_ids, r.weights, wgu, wd, cd, lora), zero  # a few tokens: decoding
+            return experts_gather(
+                xf, r.expert_ids, r.weights, wgu, wd, cd, lora
+            ), zero  # a few tokens: decoding
         # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a pipeline
         # stage (a shard_map over 'stage') the exchange is a shard_map nested over the remaining axes.
-        if (self.dispatch == "expert_parallel"
-                and moe_ep.can_shard(self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts)):
+        if self.dispatch == "expert_parallel" and moe_ep.can_shard(
+            self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts
+        ):
             k = r.expert_ids.shape[-1]
             mesh, _ = self.layout.region()
             y, dropped = moe_ep.experts_ep(
-                x, r.expert_ids.reshape(B, T, k), r.weights.reshape(B, T, k), mask2, wgu, wd, cd,
-                mesh=mesh, rules=self.layout.rule_table, exchange=cfg.ep_exchange,
-                capacity_factor=cfg.capacity_factor, capacity_scope=cfg.capacity_scope, gmm_impl=impl, lora=lora)
+                x,
+                r.expert_ids.reshape(B, T, k),
+                r.weights.reshape(B, T, k),
+                mask2,
+                wgu,
+                wd,
+                cd,
+                mesh=mesh,
+                rules=self.layout.rule_table,
+                exchange=cfg.ep_exchange,
+                capacity_factor=cfg.capacity_factor,
+                capacity_scope=cfg.capacity_scope,
+                gmm_impl=impl,
+                lora=lora,
+            )
             return y.reshape(B * T, D), dropped
-        if self.dispatch == "expert_parallel" and impl is None and kernels.default_impl().startswith("pallas"):
+        if (
+            self.dispatch == "expert_parallel"
+            and impl is None
+            and kernels.default_impl().startswith("pallas")
+        ):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
         return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora), zero
 

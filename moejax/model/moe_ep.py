@@ -63,9 +63,23 @@ def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> 
     return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
 
 
-def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dtype, *, mesh, rules,
-               exchange: str, capacity_factor: float, capacity_scope: str = "global", gmm_impl=None,
-               lora: ExpertLoRA | None = None):
+def experts_ep(
+    x,
+    expert_ids,
+    weights,
+    token_mask,
+    w_gate_up,
+    w_down,
+    compute_dtype,
+    *,
+    mesh,
+    rules,
+    exchange: str,
+    capacity_factor: float,
+    capacity_scope: str = "global",
+    gmm_impl=None,
+    lora: ExpertLoRA | None = None,
+):
     """Routed experts with the experts split over the expert axes.
 
     capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or 'group'
@@ -97,10 +111,15 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
     # the adapters split like their experts: A's input axis and B's output axis like the weight's
     lora_arrays, lora_specs = (), ()
     if lora is not None:
-        lora_arrays = (lora.a_gu, lora.b_gu, lora.a_d, lora.b_d) + (() if lora.rng is None else (lora.rng,))
-        lora_specs = (sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual), wgu_spec,
-                      sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual),
-                      sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual))
+        lora_arrays = (lora.a_gu, lora.b_gu, lora.a_d, lora.b_d) + (
+            () if lora.rng is None else (lora.rng,)
+        )
+        lora_specs = (
+            sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual),
+            wgu_spec,
+            sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual),
+            sharding.spec_for(("expert", None, None), rules, mesh, exclude=manual),
+        )
         lora_specs += () if lora.rng is None else (P(),)
 
     def body(x, ids, w, mask, wgu, wd, *adapter):
@@ -114,25 +133,63 @@ def experts_ep(x, expert_ids, weights, token_mask, w_gate_up, w_down, compute_dt
                 rng = adapter[4]
                 for a in tuple(ep_axes) + tuple(b_axes):
                     rng = jax.random.fold_in(rng, jax.lax.axis_index(a))
-            local_lora = lora._replace(a_gu=adapter[0], b_gu=adapter[1], a_d=adapter[2], b_d=adapter[3], rng=rng)
-        y, dropped = _local(x.astype(compute_dtype), ids, w, valid, wgu.astype(compute_dtype),
-                            wd.astype(compute_dtype), E=E, C=C, ep_axes=ep_axes, tp_axes=tp_axes, b_axes=b_axes,
-                            scope=scope, scope_sizes=scope_sizes, exchange=exchange, gmm_impl=gmm_impl,
-                            lora=local_lora)
+            local_lora = lora._replace(
+                a_gu=adapter[0], b_gu=adapter[1], a_d=adapter[2], b_d=adapter[3], rng=rng
+            )
+        y, dropped = _local(
+            x.astype(compute_dtype),
+            ids,
+            w,
+            valid,
+            wgu.astype(compute_dtype),
+            wd.astype(compute_dtype),
+            E=E,
+            C=C,
+            ep_axes=ep_axes,
+            tp_axes=tp_axes,
+            b_axes=b_axes,
+            scope=scope,
+            scope_sizes=scope_sizes,
+            exchange=exchange,
+            gmm_impl=gmm_impl,
+            lora=local_lora,
+        )
         return y.reshape(Bl, T, D), dropped
 
     auto = {a for a in mesh.axis_names if a not in manual}
-    return jax.shard_map(body, mesh=mesh, in_specs=(bspec, bspec, bspec, mspec, wgu_spec, wd_spec) + lora_specs,
-                         out_specs=(bspec, P()), axis_names=auto, check_vma=False)(
-        x, expert_ids, weights, token_mask, w_gate_up, w_down, *lora_arrays)
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(bspec, bspec, bspec, mspec, wgu_spec, wd_spec) + lora_specs,
+        out_specs=(bspec, P()),
+        axis_names=auto,
+        check_vma=False,
+    )(x, expert_ids, weights, token_mask, w_gate_up, w_down, *lora_arrays)
 
 
 def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, scope_sizes, exchange, gmm_impl,
-           lora=None):
+def _local(
+    x,
+    ids,
+    w,
+    valid,
+    wgu,
+    wd,
+    *,
+    E,
+    C,
+    ep_axes,
+    tp_axes,
+    b_axes,
+    scope,
+    scope_sizes,
+    exchange,
+    gmm_impl,
+    lora=None,
+):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped count)."""
     M, K = ids.shape
     A = M * K
@@ -142,14 +199,20 @@ def _local(x, ids, w, valid, wgu, wd, *, E, C, ep_axes, tp_axes, b_axes, scope, 
         keep = jnp.ones((A,), bool)
     else:
         keep = capacity_keep(ids.reshape(A), w.reshape(A), valid, E, C, scope, scope_sizes)
-    ids_kept = jnp.where(keep.reshape(M, K), ids, E)  # dropped assignments sort last, outside every group
+    ids_kept = jnp.where(
+        keep.reshape(M, K), ids, E
+    )  # dropped assignments sort last, outside every group
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
-    experts = functools.partial(expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora)
+    experts = functools.partial(
+        expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora
+    )
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
     else:
-        rows = A if exchange == "dropless" else min(A, El * C)  # holds every kept row for one destination
+        rows = (
+            A if exchange == "dropless" else min(A, El * C)
+        )  # holds every kept row for one destination
         ys = _exchange_fixed(xs, per_dst, experts, ep_axes, rows)
     out = kernels.unpermute(ys, order, jnp.where(keep.reshape(M, K), w, 0.0))
     dropped = _psum(jnp.sum(valid & ~keep).astype(jnp.float32), b_axes)
@@ -182,15 +245,23 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
     prefix = jnp.zeros((E,), jnp.uint32)
     need = jnp.full((E,), cap, jnp.int32)  # rows still to take at or below the prefix so far
     for shift in range(28, -1, -4):
-        same_high = True if shift == 28 else (key >> (shift + 4)) == (prefix[jnp.minimum(eid, E - 1)] >> (shift + 4))
+        same_high = (
+            True
+            if shift == 28
+            else (key >> (shift + 4)) == (prefix[jnp.minimum(eid, E - 1)] >> (shift + 4))
+        )
         bucket = jnp.where(same_high, eid, E)
         digit = ((key >> shift) & 15).astype(jnp.int32)
         hist = jnp.zeros((E + 1, 16), jnp.int32).at[bucket, digit].add(1)[:E]  # [E, 16]
         hist = _psum(hist, axes)
         at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [E, 16]: candidates with digit >= d
         ok = at_least >= need[:, None]
-        d = jnp.where(ok.any(1), 15 - jnp.argmax(ok[:, ::-1], axis=1), 0)  # largest digit still reaching need
-        above = jnp.where(d < 15, jnp.take_along_axis(at_least, jnp.minimum(d + 1, 15)[:, None], 1)[:, 0], 0)
+        d = jnp.where(
+            ok.any(1), 15 - jnp.argmax(ok[:, ::-1], axis=1), 0
+        )  # largest digit still reaching need
+        above = jnp.where(
+            d < 15, jnp.take_along_axis(at_least, jnp.minimum(d + 1, 15)[:, None], 1)[:, 0], 0
+        )
         need = need - above
         prefix = prefix | (d.astype(jnp.uint32) << shift)
     e = jnp.minimum(eid, E - 1)
@@ -206,7 +277,9 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
         s, n_shards = 0, math.prod(axis_sizes)
         for a, size in zip(axes, axis_sizes):
             s = s * size + jax.lax.axis_index(a)
-        table = jax.lax.psum(jnp.zeros((n_shards, E), jnp.int32).at[s].set(per_expert[:E]), axes)  # [shards, E]
+        table = jax.lax.psum(
+            jnp.zeros((n_shards, E), jnp.int32).at[s].set(per_expert[:E]), axes
+        )  # [shards, E]
         earlier = jnp.where(jnp.arange(n_shards)[:, None] < s, table, 0).sum(0)  # [E]
         rank = rank + earlier[e]
     fits = total[e] <= cap
@@ -227,8 +300,10 @@ class ExpertLoRA(NamedTuple):
 
     def merged(self, wgu, wd):
         """The base weights with the update added: (w_gate_up, w_down) for the dense / capacity references."""
-        return (wgu + self.scale * jnp.einsum("EDZ,EZXF->EDXF", self.a_gu, self.b_gu).astype(wgu.dtype),
-                wd + self.scale * jnp.einsum("EFZ,EZD->EFD", self.a_d, self.b_d).astype(wd.dtype))
+        return (
+            wgu + self.scale * jnp.einsum("EDZ,EZXF->EDXF", self.a_gu, self.b_gu).astype(wgu.dtype),
+            wd + self.scale * jnp.einsum("EFZ,EZD->EFD", self.a_d, self.b_d).astype(wd.dtype),
+        )
 
 
 def _dropped_out(x, rate: float, rng):
@@ -238,7 +313,9 @@ def _dropped_out(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def expert_ffn(rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: ExpertLoRA | None = None):
+def expert_ffn(
+    rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: ExpertLoRA | None = None
+):
     """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A, D] -> [A, D]
     float32. With tensor-parallel experts (tp_axes) each device holds an F slice and the down projection's
     partial sums (and the adapter's, which is linear in the slice) are summed once at the end."""
@@ -246,7 +323,9 @@ def expert_ffn(rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: E
     cd = rows.dtype
 
     def gmm(x, w):
-        return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl)
+        return kernels.gmm(
+            x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl
+        )
 
     h = gmm(rows, wgu.reshape(El, D, 2 * Fl))
     if lora is not None:
@@ -256,7 +335,9 @@ def expert_ffn(rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: E
     h = swiglu(h.reshape(-1, 2, Fl)).astype(cd)
     y = gmm(h, wd)
     if lora is not None:
-        z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(cd)  # [A, Z] (a partial sum under tp)
+        z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(
+            cd
+        )  # [A, Z] (a partial sum under tp)
         y = y + lora.scale * gmm(z, lora.b_d)
     return _psum(y, tp_axes)
 
@@ -284,11 +365,17 @@ def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
     recv_sizes = _all_to_all(per_dst, axes)  # [n (source), El]
     # order the received rows by local expert (padding last), run the experts, restore arrival order
     ends = jnp.cumsum(recv_sizes, axis=1)  # [n, El]
-    expert_of = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [n, rows]; El = padding
+    expert_of = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(
+        ends
+    )  # [n, rows]; El = padding
     perm = jnp.argsort(expert_of.reshape(n * rows), stable=True)
-    y = experts(jnp.take(recv.reshape(n * rows, D), perm, axis=0), recv_sizes.sum(0).astype(jnp.int32))
+    y = experts(
+        jnp.take(recv.reshape(n * rows, D), perm, axis=0), recv_sizes.sum(0).astype(jnp.int32)
+    )
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(n * rows, dtype=perm.dtype))
-    back = _all_to_all(jnp.take(y, inv, axis=0).reshape(n, rows, D), axes)  # [n (destination), rows, D]
+    back = _all_to_all(
+        jnp.take(y, inv, axis=0).reshape(n, rows, D), axes
+    )  # [n (destination), rows, D]
     # sorted row a < (rows kept) belongs to destination dst(a), at slot a - dst_start[dst]
     a = jnp.arange(A)
     dst = jnp.minimum(jnp.searchsorted(jnp.cumsum(dst_count), a, side="right"), n - 1)
@@ -309,18 +396,26 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     recv_per_e = a2a(per_dst)  # [n (source), El]
     recv_count = recv_per_e.sum(1)
     recv_start = jnp.cumsum(recv_count) - recv_count
-    recv_keep = jnp.clip(R - recv_start, 0, recv_count).astype(jnp.int32)  # all of it, by the policy's bound
+    recv_keep = jnp.clip(R - recv_start, 0, recv_count).astype(
+        jnp.int32
+    )  # all of it, by the policy's bound
     recv_start = jnp.minimum(recv_start, R).astype(jnp.int32)
     send_keep = a2a(recv_keep)  # how many of my rows each shard accepts
     land_at = a2a(recv_start)  # where my rows land in each shard's buffer
-    rows = _ragged_all_to_all(xs, jnp.zeros((R, D), xs.dtype), send_start, send_keep, land_at, recv_keep, axis)
+    rows = _ragged_all_to_all(
+        xs, jnp.zeros((R, D), xs.dtype), send_start, send_keep, land_at, recv_keep, axis
+    )
     # order the received rows by local expert; rows past what arrived sort last (outside every group)
     r = jnp.arange(R)
     src = jnp.minimum(jnp.searchsorted(jnp.cumsum(recv_keep), r, side="right"), n - 1)
     c = r - recv_start[src]
     arrived = c < recv_keep[src]
-    ends = jnp.minimum(jnp.cumsum(recv_per_e, axis=1), recv_keep[:, None])  # [n, El] clipped per source
-    expert = jnp.where(arrived, jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends[src], c), El)
+    ends = jnp.minimum(
+        jnp.cumsum(recv_per_e, axis=1), recv_keep[:, None]
+    )  # [n, El] clipped per source
+    expert = jnp.where(
+        arrived, jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends[src], c), El
+    )
     perm = jnp.argsort(expert, stable=True)
     group_sizes = jnp.bincount(expert, length=El + 1)[:El].astype(jnp.int32)
     y = experts(jnp.take(rows, perm, axis=0), group_sizes)  # [R, D] float32
@@ -328,11 +423,15 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     y = jnp.take(y, inv, axis=0)  # back to arrival order
     # the results return to where each row came from: sender's offset send_start, as many as were kept
     back_at = a2a(send_start)
-    out = _ragged_all_to_all(y, jnp.zeros((A, D), y.dtype), recv_start, recv_keep, back_at, send_keep, axis)
+    out = _ragged_all_to_all(
+        y, jnp.zeros((A, D), y.dtype), recv_start, recv_keep, back_at, send_keep, axis
+    )
     return jnp.where((jnp.arange(A) < send_keep.sum())[:, None], out, 0.0)
 
 
-def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
+def _ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis
+):
     if not axis:  # one shard: a local copy of the slice
         n_rows = send_sizes[0]
         idx = jnp.arange(output.shape[0])
@@ -340,9 +439,12 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
         keep = (idx >= output_offsets[0]) & (idx < output_offsets[0] + n_rows)
         return jnp.where(keep[:, None], jnp.take(operand, src, axis=0), output)
     if jax.default_backend() == "cpu" and not kernels.targets_accelerator():
-        return _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, axis)
-    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                     axis_name=axis)
+        return _ragged_all_to_all_emulated(
+            operand, output, input_offsets, send_sizes, output_offsets, axis
+        )
+    return jax.lax.ragged_all_to_all(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis
+    )
 
 
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, axis):

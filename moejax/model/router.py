@@ -52,7 +52,9 @@ def route(logits, bias, cfg: ModelConfig) -> Routing:
         expert_mask = jnp.repeat(group_mask, E // G, axis=1)  # [M, E]
         choice = jnp.where(expert_mask, choice, -jnp.inf)
     _, expert_ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [M, K]
-    return Routing(expert_ids.astype(jnp.int32), gate_weights(scores, expert_ids, cfg), scores, logits)
+    return Routing(
+        expert_ids.astype(jnp.int32), gate_weights(scores, expert_ids, cfg), scores, logits
+    )
 
 
 def gate_weights(scores, expert_ids, cfg: ModelConfig):
@@ -68,7 +70,9 @@ def replayed(r: Routing, expert_ids, cfg: ModelConfig) -> Routing:
     """Routing replay (Rollout Routing Replay, arXiv 2510.11370): the experts chosen elsewhere (by the sampler,
     expert_ids int [M, K]; a row of -1 was not recorded and keeps this router's choice) with gate weights
     recomputed from this router's scores, so the router still learns through them."""
-    expert_ids = jnp.where((expert_ids >= 0).all(axis=-1, keepdims=True), expert_ids, r.expert_ids).astype(jnp.int32)
+    expert_ids = jnp.where(
+        (expert_ids >= 0).all(axis=-1, keepdims=True), expert_ids, r.expert_ids
+    ).astype(jnp.int32)
     return r._replace(expert_ids=expert_ids, weights=gate_weights(r.scores, expert_ids, cfg))
 
 
@@ -118,7 +122,9 @@ def sequence_balance_terms(routing: Routing, cfg: ModelConfig, token_mask, batch
     onehot = jax.nn.one_hot(routing.expert_ids, E, dtype=jnp.float32).sum(axis=1)  # [M, E]
     counts = (onehot.reshape(batch, T, E) * mask[..., None]).sum(axis=1)  # [B, E]
     f = counts * E / (K * ntok[:, None])
-    p = (balance_probs(routing, cfg).reshape(batch, T, E) * mask[..., None]).sum(axis=1) / ntok[:, None]
+    p = (balance_probs(routing, cfg).reshape(batch, T, E) * mask[..., None]).sum(axis=1) / ntok[
+        :, None
+    ]
     per_seq = jnp.sum(f * p, axis=-1)  # [B]
     has_tokens = (mask.sum(axis=1) > 0).astype(jnp.float32)
     return jnp.sum(per_seq * has_tokens), has_tokens.sum()

@@ -28,7 +28,10 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     from moejax.model.transformer import Transformer
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    sizes = {path: int(np.prod(v.get_value().shape)) for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    sizes = {
+        path: int(np.prod(v.get_value().shape))
+        for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    }
     mtp = sum(n for p, n in sizes.items() if p[0] == "mtp")
     total = sum(sizes.values()) - mtp
     n_moe = cfg.layer_kinds().count("moe")
@@ -37,8 +40,15 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     emb = sizes[("embed",)] + sizes.get(("lm_head",), 0)
     norms = sum(n for p, n in sizes.items() if "norm" in "/".join(map(str, p)))
     # The LM head is a matmul; the embedding lookup is not.
-    activated_matmul = activated - sizes[("embed",)] - norms + (sizes[("embed",)] if cfg.tie_word_embeddings else 0)
-    return ParamCounts(total=total, activated=activated, mtp=mtp, embedding=emb, activated_matmul=activated_matmul)
+    activated_matmul = (
+        activated
+        - sizes[("embed",)]
+        - norms
+        + (sizes[("embed",)] if cfg.tie_word_embeddings else 0)
+    )
+    return ParamCounts(
+        total=total, activated=activated, mtp=mtp, embedding=emb, activated_matmul=activated_matmul
+    )
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -59,8 +69,10 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if cfg.mtp_depth:
         block = _mtp_block_activated(cfg)
         head = cfg.hidden_size * cfg.vocab_size
-        dense += cfg.mtp_depth * (6.0 * (block + 2 * cfg.hidden_size ** 2 + head)
-                                  + 3.0 * attention_flops_per_token(cfg, seq_len))
+        dense += cfg.mtp_depth * (
+            6.0 * (block + 2 * cfg.hidden_size**2 + head)
+            + 3.0 * attention_flops_per_token(cfg, seq_len)
+        )
     return dense
 
 
@@ -69,10 +81,10 @@ def _mtp_block_activated(cfg: ModelConfig) -> int:
 
     kind = "moe" if cfg.n_routed_experts else "dense"
     abstract = nnx.eval_shape(lambda: Block(cfg, kind, rngs=nnx.Rngs(0)))
-    n = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-)
+    n = sum(
+        int(np.prod(v.get_value().shape))
+        for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    )
     if kind == "moe":
         n -= (cfg.n_routed_experts - cfg.num_experts_per_tok) * _expert_params(cfg)
     return n
-
-

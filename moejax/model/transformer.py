@@ -13,15 +13,14 @@ import itertools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
 from moejax.config import ModelConfig
+from moejax.model import moe as moe_lib
 from moejax.model import router as router_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
-from moejax.model import moe as moe_lib
 from moejax.model.moe import MoE, RouterBias
 
 REMAT_POLICIES = {
@@ -42,11 +41,16 @@ class Block(nnx.Module):
         attention = MLA if cfg.attention_type == "mla" else GQA
         self.attn = attention(cfg, rngs=rngs, layout=layout)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-        self.ffn = (MoE(cfg, rngs=rngs, layout=layout) if kind == "moe"
-                    else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout))
+        self.ffn = (
+            MoE(cfg, rngs=rngs, layout=layout)
+            if kind == "moe"
+            else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout)
+        )
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 
-    def __call__(self, x, cos, sin, segment_ids, token_mask, rng=None, route=None, replay: bool = False):
+    def __call__(
+        self, x, cos, sin, segment_ids, token_mask, rng=None, route=None, replay: bool = False
+    ):
         """x [B, T, D] -> (x, aux); aux is {} for dense layers. route/replay: MoE.__call__'s (routing replay)."""
         cd = self.compute_dtype
         # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
@@ -60,7 +64,9 @@ class Block(nnx.Module):
                 h, aux = self.ffn(hn, token_mask, rng, route=route, replay=replay)
             else:
                 h, aux = self.ffn(hn, None if rng is None else jax.random.fold_in(rng, 2)), {}
-        return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL), aux
+        return sharding.constrain(
+            (x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL
+        ), aux
 
 
 RESIDUAL = ("batch", None, None)  # logical axes of the residual stream [B, T, D]
@@ -82,21 +88,48 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
-def run_stack(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh=None, routes=None,
-              replay: bool = False):
+def run_stack(
+    stack: Block,
+    n: int,
+    x,
+    cos,
+    sin,
+    segment_ids,
+    token_mask,
+    rng,
+    cfg: ModelConfig,
+    mesh=None,
+    routes=None,
+    replay: bool = False,
+):
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
     On a mesh with a 'stage' axis the layers run as a pipeline. routes: int [n, B, T, K] recorded expert choices
     of these (MoE) layers, compared with the router's and, with replay, used (MoE.__call__)."""
     stages = mesh.shape.get("stage", 1) if mesh is not None else 1
-    if stages > 1 and n % stages == 0:  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
+    if (
+        stages > 1 and n % stages == 0
+    ):  # (an indivisible stack is replicated over 'stage': sharding.stage_fallback)
         if routes is not None:
-            raise ValueError("routing replay is not supported with a pipeline ('stage' mesh axis > 1)")
+            raise ValueError(
+                "routing replay is not supported with a pipeline ('stage' mesh axis > 1)"
+            )
         return run_stack_pipelined(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, mesh)
     return _scan_stack(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, routes, replay)
 
 
-def _scan_stack(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, routes=None,
-                replay: bool = False):
+def _scan_stack(
+    stack: Block,
+    n: int,
+    x,
+    cos,
+    sin,
+    segment_ids,
+    token_mask,
+    rng,
+    cfg: ModelConfig,
+    routes=None,
+    replay: bool = False,
+):
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
 
@@ -116,7 +149,9 @@ def _scan_stack(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng,
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
 
 
-def run_stack_pipelined(stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh):
+def run_stack_pipelined(
+    stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh
+):
     """GPipe-style pipeline over the mesh's 'stage' axis.
 
     The stacked layers are already split over 'stage' (rule layers -> stage): stage s holds layers
@@ -132,12 +167,16 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, segment_ids, token_ma
     M = cfg.pipeline_microbatches or S
     B = x.shape[0]
     if B % M:
-        raise ValueError(f"pipeline: the batch of {B} rows does not split into pipeline_microbatches={M}")
+        raise ValueError(
+            f"pipeline: the batch of {B} rows does not split into pipeline_microbatches={M}"
+        )
     graphdef, state = nnx.split(stack)
     rngs = None if rng is None else jax.random.split(rng, n)
     per_mb = (x, cos, sin, segment_ids, token_mask)
     # microbatch j = rows j, j + M, ...: each keeps the batch sharding of its rows (no resharding)
-    per_mb = jax.tree.map(lambda a: a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1), per_mb)  # [M, B / M, ...]
+    per_mb = jax.tree.map(
+        lambda a: a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1), per_mb
+    )  # [M, B / M, ...]
     out_dtype = x.dtype
 
     def stage(state, rngs, per_mb):
@@ -163,20 +202,32 @@ def run_stack_pipelined(stack: Block, n: int, x, cos, sin, segment_ids, token_ma
             ic = jnp.clip(i, 0, M - 1)
             h_in = jnp.where(s == 0, xs[jnp.clip(t, 0, M - 1)], buf)
             h, aux = run_layers(h_in, ic)
-            aux_acc = jax.tree.map(lambda acc, a: acc + jnp.where(valid, a, 0).astype(acc.dtype), aux_acc, aux)
-            outs = jnp.where((s == S - 1) & valid, jax.lax.dynamic_update_index_in_dim(outs, h, ic, 0), outs)
+            aux_acc = jax.tree.map(
+                lambda acc, a: acc + jnp.where(valid, a, 0).astype(acc.dtype), aux_acc, aux
+            )
+            outs = jnp.where(
+                (s == S - 1) & valid, jax.lax.dynamic_update_index_in_dim(outs, h, ic, 0), outs
+            )
             buf = jax.lax.ppermute(h, "stage", [(j, (j + 1) % S) for j in range(S)])
             return buf, outs, aux_acc
 
         _, outs, aux_acc = jax.lax.fori_loop(0, M + S - 1, step, init)
-        outs = jax.lax.psum(jnp.where(s == S - 1, outs, 0).astype(jnp.float32), "stage").astype(out_dtype)
+        outs = jax.lax.psum(jnp.where(s == S - 1, outs, 0).astype(jnp.float32), "stage").astype(
+            out_dtype
+        )
         aux_acc = jax.tree.map(lambda a: jax.lax.all_gather(a, "stage", tiled=True), aux_acc)
         return outs, aux_acc
 
     stage_spec = jax.tree.map(lambda _: P("stage"), state)
     rng_spec = None if rngs is None else P("stage")
-    outs, aux = jax.shard_map(stage, mesh=mesh, in_specs=(stage_spec, rng_spec, P()), out_specs=(P(), P()),
-                              axis_names={"stage"}, check_vma=False)(state, rngs, per_mb)
+    outs, aux = jax.shard_map(
+        stage,
+        mesh=mesh,
+        in_specs=(stage_spec, rng_spec, P()),
+        out_specs=(P(), P()),
+        axis_names={"stage"},
+        check_vma=False,
+    )(state, rngs, per_mb)
     if aux:
         aux = {k: aux[k] for k in moe_lib.SUM_STATS} | {k: aux[k] / M for k in moe_lib.MEAN_STATS}
         aux = moe_lib.with_means(aux, cfg)
@@ -205,7 +256,9 @@ class MTPModule(nnx.Module):
         self.enorm = RMSNorm(D, cfg, rngs=rngs)
         self.hnorm = RMSNorm(D, cfg, rngs=rngs)
         self.eh_proj = param(rngs, (2 * D, D), (None, "embed"), cfg)  # [2D, D]
-        self.block = Block(cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs, layout=layout)
+        self.block = Block(
+            cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs, layout=layout
+        )
         self.norm = RMSNorm(D, cfg, rngs=rngs)
 
 
@@ -229,11 +282,15 @@ class Transformer(nnx.Module):
         self.layout = layout
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
-        self.segments = nnx.List([make_stack(cfg, kind, n, rngs, layout) for kind, n in segments_of(cfg)])
+        self.segments = nnx.List(
+            [make_stack(cfg, kind, n, rngs, layout) for kind, n in segments_of(cfg)]
+        )
         self.norm = RMSNorm(D, cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (D, V), ("embed", "vocab"), cfg)  # [D, V]
-        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs, layout=layout) for _ in range(cfg.mtp_depth)])
+        self.mtp = nnx.List(
+            [MTPModule(cfg, rngs=rngs, layout=layout) for _ in range(cfg.mtp_depth)]
+        )
 
     @property
     def mesh(self):
@@ -253,10 +310,22 @@ class Transformer(nnx.Module):
         """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
         cd = dtype_of(self.cfg.compute_dtype)
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("BTD,DV->BTV", h.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "BTD,DV->BTV", h.astype(cd), w.astype(cd), preferred_element_type=jnp.float32
+        )
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, rng=None, return_mtp=False,
-                 return_hidden=False, routes=None, replay_routes: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        rng=None,
+        return_mtp=False,
+        return_hidden=False,
+        routes=None,
+        replay_routes: bool = False,
+    ):
         """Forward pass.
 
         Args:
@@ -276,21 +345,42 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         # None stays None for attention (one document per row: cuDNN takes only that)
-        token_mask = jnp.ones((B, T), jnp.float32) if segment_ids is None else (segment_ids > 0).astype(jnp.float32)
+        token_mask = (
+            jnp.ones((B, T), jnp.float32)
+            if segment_ids is None
+            else (segment_ids > 0).astype(jnp.float32)
+        )
         cos, sin = rope_cos_sin(positions, cfg)
-        rngs = [None] * (len(self.segments) + len(self.mtp)) if rng is None else list(
-            jax.random.split(rng, len(self.segments) + len(self.mtp)))
+        rngs = (
+            [None] * (len(self.segments) + len(self.mtp))
+            if rng is None
+            else list(jax.random.split(rng, len(self.segments) + len(self.mtp)))
+        )
 
         x = self.embed_tokens(input_ids)
         moe_aux = []
         first = 0  # the first MoE layer of this segment, in `routes`
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
-            seg_routes = None if routes is None or kind != "moe" else routes[first:first + n]
+            seg_routes = None if routes is None or kind != "moe" else routes[first : first + n]
             first += n if kind == "moe" else 0
             with jax.named_scope(f"segment_{i}_{kind}"):
-                x, aux = run_stack(stack, n, x, cos, sin, segment_ids, token_mask, rngs[i], cfg, self.mesh, seg_routes,
-                                   replay_routes)
-                x = sharding.constrain(x, self.layout, RESIDUAL)  # (a pipeline's output has no layout of its own)
+                x, aux = run_stack(
+                    stack,
+                    n,
+                    x,
+                    cos,
+                    sin,
+                    segment_ids,
+                    token_mask,
+                    rngs[i],
+                    cfg,
+                    self.mesh,
+                    seg_routes,
+                    replay_routes,
+                )
+                x = sharding.constrain(
+                    x, self.layout, RESIDUAL
+                )  # (a pipeline's output has no layout of its own)
             if kind == "moe":
                 moe_aux.append(aux)
         h = self.norm(x)
@@ -302,13 +392,27 @@ class Transformer(nnx.Module):
             prev = h
             for k, m in enumerate(self.mtp, start=1):
                 with jax.named_scope(f"mtp_{k}"):
-                    shifted = jnp.concatenate([input_ids[:, k:], jnp.zeros((B, k), input_ids.dtype)], axis=1)
+                    shifted = jnp.concatenate(
+                        [input_ids[:, k:], jnp.zeros((B, k), input_ids.dtype)], axis=1
+                    )
                     e = m.enorm(self.embed_tokens(shifted))
                     cd = dtype_of(cfg.compute_dtype)
                     z = jnp.concatenate([e, m.hnorm(prev)], axis=-1).astype(cd)  # [B, T, 2D]
-                    z = jnp.einsum("BTX,XD->BTD", z, m.eh_proj[...].astype(cd), preferred_element_type=jnp.float32)
+                    z = jnp.einsum(
+                        "BTX,XD->BTD",
+                        z,
+                        m.eh_proj[...].astype(cd),
+                        preferred_element_type=jnp.float32,
+                    )
                     z = sharding.constrain(z, self.layout, RESIDUAL)
-                    prev, aux = m.block(z.astype(cd), cos, sin, segment_ids, token_mask, rngs[len(self.segments) + k - 1])
+                    prev, aux = m.block(
+                        z.astype(cd),
+                        cos,
+                        sin,
+                        segment_ids,
+                        token_mask,
+                        rngs[len(self.segments) + k - 1],
+                    )
                     if aux:
                         moe_aux.append(jax.tree.map(lambda a: a[None], aux))
                     mtp_logits.append(self.head(m.norm(prev)))
@@ -342,11 +446,15 @@ class Transformer(nnx.Module):
         i = 0
         for (kind, n), stack in zip(segments_of(self.cfg), self.segments):
             if kind == "moe":
-                stack.ffn.bias[...] = router_lib.update_router_bias(stack.ffn.bias[...], expert_counts[i:i + n], rate)
+                stack.ffn.bias[...] = router_lib.update_router_bias(
+                    stack.ffn.bias[...], expert_counts[i : i + n], rate
+                )
                 i += n
         if expert_counts.shape[0] > i:  # counts include the MTP blocks
             for m in self.mtp:
-                m.block.ffn.bias[...] = router_lib.update_router_bias(m.block.ffn.bias[...], expert_counts[i], rate)
+                m.block.ffn.bias[...] = router_lib.update_router_bias(
+                    m.block.ffn.bias[...], expert_counts[i], rate
+                )
                 i += 1
 
 

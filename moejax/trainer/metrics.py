@@ -12,9 +12,17 @@ import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
 PEAK_FLOPS = {
-    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
-    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
-    "h100": 989e12, "h200": 989e12, "b200": 2250e12, "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
 }
 
 
@@ -27,7 +35,7 @@ def measure_cpu_peak(dtype=jnp.float32, n: int = 1024, seconds: float = 1.0) -> 
     while time.perf_counter() - t0 < seconds:
         f(a).block_until_ready()
         reps += 1
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def device_peak_flops(compute_dtype: str = "float32", measure: bool = True) -> tuple[float, str]:
@@ -59,7 +67,9 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):  # drop lines a crashed run logged past the restored step
             with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                keep = [
+                    ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+                ]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self.file = open(self.path, "a")

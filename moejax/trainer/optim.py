@@ -13,16 +13,24 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
     if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm]
+        )
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(total_steps, warm + 1), end_value=floor)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warm, max(total_steps, warm + 1), end_value=floor
+        )
     # warmup-stable-decay: linear warmup, flat, then linear decay over the last decay_fraction of steps
     decay = max(1, int(round(total_steps * cfg.decay_fraction)))
     stable_end = max(warm, total_steps - decay)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak),
-         optax.linear_schedule(peak, floor, total_steps - stable_end)],
-        [warm, stable_end])
+        [
+            optax.linear_schedule(0.0, peak, warm),
+            optax.constant_schedule(peak),
+            optax.linear_schedule(peak, floor, total_steps - stable_end),
+        ],
+        [warm, stable_end],
+    )
 
 
 def decay_mask(params: nnx.State, cfg: OptimConfig):
@@ -52,6 +60,14 @@ def make_optimizer(cfg: OptimConfig, params: nnx.State, total_steps: int):
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params, cfg)))
+    parts.append(
+        optax.adamw(
+            sched,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask(params, cfg),
+        )
+    )
     return optax.chain(*parts), sched

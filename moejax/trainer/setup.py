@@ -27,7 +27,6 @@ from moejax.model import Transformer
 from moejax.trainer.optim import make_optimizer
 from moejax.trainer.step import make_eval_step, make_train_step, split_model
 
-
 # state entries that checkpoints do not hold: they are the base's weights, read from the base again on resume
 NOT_SAVED = ("frozen", "reference")
 
@@ -66,17 +65,25 @@ class TrainSetup:
         computed: nothing uses it).
         """
         if params is None:
-            init = jax.jit(functools.partial(_init, self.cfg, self.tx, self.mesh, self.rules),
-                           out_shardings=self.shardings,
-                           **({"in_shardings": (self.shardings["frozen"],), "donate_argnums": (0,)}
-                              if frozen is not None else {}))
+            init = jax.jit(
+                functools.partial(_init, self.cfg, self.tx, self.mesh, self.rules),
+                out_shardings=self.shardings,
+                **(
+                    {"in_shardings": (self.shardings["frozen"],), "donate_argnums": (0,)}
+                    if frozen is not None
+                    else {}
+                ),
+            )
             with jax.set_mesh(self.mesh):
                 return init(frozen) if frozen is not None else init()
         if router is None:
             router = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract["router"])
-        init = jax.jit(functools.partial(_rest_of_state, self.cfg, self.tx),
-                       in_shardings=(self.shardings["params"], self.shardings["router"]),
-                       out_shardings=self.shardings, donate_argnums=(0, 1))
+        init = jax.jit(
+            functools.partial(_rest_of_state, self.cfg, self.tx),
+            in_shardings=(self.shardings["params"], self.shardings["router"]),
+            out_shardings=self.shardings,
+            donate_argnums=(0, 1),
+        )
         with jax.set_mesh(self.mesh):
             return init(params, router)
 
@@ -84,7 +91,9 @@ class TrainSetup:
         """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
         checkpoint saved on another mesh). Nothing is initialized first. With LoRA the checkpoint holds no
         frozen base weights (they come from the base: `frozen_of`) and neither does the returned state."""
-        return checkpointer.restore(step, {k: v for k, v in self.abstract.items() if k not in NOT_SAVED})
+        return checkpointer.restore(
+            step, {k: v for k, v in self.abstract.items() if k not in NOT_SAVED}
+        )
 
     def frozen_of(self, model):
         """A base model's weights (a plain Transformer of this config's architecture, e.g. from
@@ -98,8 +107,15 @@ class TrainSetup:
     # ------------------------------------------------------------------ the steps
 
     def train_step(self):
-        return make_train_step(self.graphdef, self.rest, self.tx, self.sched, self.cfg, self.shardings,
-                               self.batch_sharding)
+        return make_train_step(
+            self.graphdef,
+            self.rest,
+            self.tx,
+            self.sched,
+            self.cfg,
+            self.shardings,
+            self.batch_sharding,
+        )
 
     def eval_step(self):
         return make_eval_step(self.graphdef, self.rest, self.cfg)
@@ -107,14 +123,18 @@ class TrainSetup:
     def abstract_batch(self):
         """The [B, T] int32 batch fields as sharded ShapeDtypeStructs (for ahead-of-time lowering)."""
         B, T = self.cfg.train.batch_size, self.cfg.data.seq_len
-        return {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=self.batch_sharding)
-                for k in ("tokens", "positions", "segment_ids")}
+        return {
+            k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=self.batch_sharding)
+            for k in ("tokens", "positions", "segment_ids")
+        }
 
     def state_bytes_per_device(self) -> int:
         """Bytes of the train state one device holds."""
         total = 0
         for leaf in jax.tree.leaves(self.abstract):
-            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            total += (
+                math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            )
         return total
 
 
@@ -144,7 +164,9 @@ def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
     }
     if frozen is not None and jax.tree.leaves(frozen):
         state["frozen"] = frozen  # LoRA: the base weights, not trained
-    if (cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)) and not cfg.lora.rank:
+    if (
+        cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)
+    ) and not cfg.lora.rank:
         # DPO's (and GRPO's KL) reference model: the starting parameters, kept (with LoRA: the base under zero
         # adapters)
         state["reference"] = jax.tree.map(jnp.copy, params)
@@ -175,6 +197,18 @@ def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
     sharding.check_divisible(state, shardings, mesh)
     batch_sh = sharding.batch_sharding(mesh, rules)
     sharding.check_batch(cfg.train.batch_size, batch_sh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    return TrainSetup(cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx, sched=sched,
-                      abstract=abstract, shardings=shardings, batch_sharding=batch_sh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+    return TrainSetup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        graphdef=graphdef,
+        rest=rest,
+        tx=tx,
+        sched=sched,
+        abstract=abstract,
+        shardings=shardings,
+        batch_sharding=batch_sh,
+    )

@@ -60,13 +60,16 @@ def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
     number of gradient-accumulation microbatches (the Switch loss, a batch mean, is averaged over them).
     Computed on the global batch, they make the loss independent of how the batch is split."""
     seg = batch["segment_ids"]
-    out = {"tokens": shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
-           "real": (seg > 0).sum().astype(jnp.float32),
-           "sequences": (seg > 0).any(axis=1).sum().astype(jnp.float32),
-           "microbatches": jnp.float32(microbatches)}
+    out = {
+        "tokens": shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
+        "real": (seg > 0).sum().astype(jnp.float32),
+        "sequences": (seg > 0).any(axis=1).sum().astype(jnp.float32),
+        "microbatches": jnp.float32(microbatches),
+    }
     if cfg.model.mtp_depth:
-        out["mtp"] = jnp.stack([shifted_targets(batch, k + 2)[1].sum() for k in range(cfg.model.mtp_depth)]
-                               ).astype(jnp.float32)
+        out["mtp"] = jnp.stack(
+            [shifted_targets(batch, k + 2)[1].sum() for k in range(cfg.model.mtp_depth)]
+        ).astype(jnp.float32)
     if cfg.align.method in ("dpo", "reward"):
         from moejax.finetune.objectives import count_pairs
 
@@ -81,14 +84,23 @@ def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
 def _moe_aux_loss(aux, cfg: Config, norm):
     if "expert_counts" not in aux:
         return jnp.zeros((), jnp.float32)
-    return balance_loss(aux, cfg.model, sequences=norm["sequences"], tokens=norm["real"],
-                        switch_weight=1.0 / norm["microbatches"])
+    return balance_loss(
+        aux,
+        cfg.model,
+        sequences=norm["sequences"],
+        tokens=norm["real"],
+        switch_weight=1.0 / norm["microbatches"],
+    )
 
 
 def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
     """A preference objective's (loss, (metrics, stats)) with the MoE balance loss added, as loss_fn returns."""
     aux_loss = _moe_aux_loss(aux, cfg, norm)
-    metrics.update(ce_loss=loss, aux_loss=aux_loss, tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32))
+    metrics.update(
+        ce_loss=loss,
+        aux_loss=aux_loss,
+        tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
+    )
     metrics["loss"] = loss + aux_loss
     stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
     return metrics["loss"], (metrics, stats)
@@ -97,8 +109,12 @@ def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
 def reference_logits(graphdef, params, router, rest, ref, batch):
     """The reference model's logits on a batch, without gradient: `ref` (a frozen copy of the base's parameters),
     or, with LoRA (ref None), the same model with its adapters set to zero: exactly the frozen base."""
-    ref_params = jax.lax.stop_gradient(ref if ref is not None else jax.tree.map(jnp.zeros_like, params))
-    logits, _ = nnx.merge(graphdef, ref_params, router, rest)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    ref_params = jax.lax.stop_gradient(
+        ref if ref is not None else jax.tree.map(jnp.zeros_like, params)
+    )
+    logits, _ = nnx.merge(graphdef, ref_params, router, rest)(
+        batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
     return jax.lax.stop_gradient(logits)
 
 
@@ -134,12 +150,20 @@ def grpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, 
     model = nnx.merge(graphdef, params, router, rest)
     tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
     # (a pipeline does not carry the records: no disagreement metric there, and replay is refused up front)
-    routes = None if cfg.mesh.stage > 1 else split_routes(batch.get("routes"), cfg.model.num_experts_per_tok)
+    routes = (
+        None
+        if cfg.mesh.stage > 1
+        else split_routes(batch.get("routes"), cfg.model.num_experts_per_tok)
+    )
     logits, aux = model(tokens, pos, seg, rng=rng, routes=routes, replay_routes=g.routing_replay)
-    ref_logits = reference_logits(graphdef, params, router, rest, ref, batch) if g.beta > 0 else None
+    ref_logits = (
+        reference_logits(graphdef, params, router, rest, ref, batch) if g.beta > 0 else None
+    )
     loss, metrics = grpo_share(logits, ref_logits, batch, norm, g, g.max_new_tokens)
     if "route_mismatch" in aux:
-        metrics["grpo/router_disagreement"] = aux["route_mismatch"].sum() / jnp.maximum(norm["rl_routes"], 1.0)
+        metrics["grpo/router_disagreement"] = aux["route_mismatch"].sum() / jnp.maximum(
+            norm["rl_routes"], 1.0
+        )
     return _with_moe_terms(loss, metrics, aux, batch, cfg, norm)
 
 
@@ -158,8 +182,13 @@ def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: 
         return grpo_loss_fn(params, router, rest, batch, rng, norm, ref, graphdef=graphdef, cfg=cfg)
     model = nnx.merge(graphdef, params, router, rest)
     mcfg = cfg.model
-    logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng,
-                        return_mtp=mcfg.mtp_depth > 0)
+    logits, aux = model(
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        rng=rng,
+        return_mtp=mcfg.mtp_depth > 0,
+    )
     labels, valid = shifted_targets(batch, 1)
     ntok = jnp.maximum(norm["tokens"], 1.0)
     ce = token_loss_sum(logits, labels, valid) / ntok
@@ -170,7 +199,9 @@ def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: 
         mtp = []
         for k in range(mcfg.mtp_depth):
             lab, val = shifted_targets(batch, k + 2)
-            mtp.append(token_loss_sum(aux["mtp_logits"][k], lab, val) / jnp.maximum(norm["mtp"][k], 1.0))
+            mtp.append(
+                token_loss_sum(aux["mtp_logits"][k], lab, val) / jnp.maximum(norm["mtp"][k], 1.0)
+            )
         mtp_loss = jnp.mean(jnp.stack(mtp))
         loss = loss + mcfg.mtp_loss_weight * mtp_loss
         metrics["mtp_loss"] = mtp_loss
@@ -191,17 +222,28 @@ def _tree_select(pred, a, b):
 def applied_lr(opt_state, sched):
     """The learning rate the next update applies: the schedule at the optimizer's own step count (which
     does not advance on a skipped non-finite step, unlike state['step'])."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-             if isinstance(s, optax.ScaleByScheduleState)]
+    found = [
+        s
+        for s in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(s, optax.ScaleByScheduleState)
+    ]
     if not found:
-        raise ValueError("applied_lr: the optimizer has no schedule state (optax.scale_by_schedule)")
+        raise ValueError(
+            "applied_lr: the optimizer has no schedule state (optax.scale_by_schedule)"
+        )
     return sched(found[0].count)
 
 
-def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None, batch_sharding=None):
+def make_train_step(
+    graphdef, rest, tx, sched, cfg: Config, state_shardings=None, batch_sharding=None
+):
     """Returns the jitted, state-donating train step; with shardings, the state keeps them. The model in
     graphdef carries its mesh and rules (moejax.trainer.setup builds it so)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True
+    )
     n_micro = cfg.train.microbatches
 
     def train_step(state, batch):
@@ -214,16 +256,21 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
             (_, (metrics, stats)), grads = grad_fn(params, router, rest_, batch, rng, norm, ref)
         else:
             # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every microbatch
-            micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
-                                 batch)  # [n_micro, B / n_micro, T]
+            micro = jax.tree.map(
+                lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
+                batch,
+            )  # [n_micro, B / n_micro, T]
 
             def body(acc, xs):
                 mb, i = xs
-                (_, (m, s)), g = grad_fn(params, router, rest_, mb, jax.random.fold_in(rng, i), norm, ref)
+                (_, (m, s)), g = grad_fn(
+                    params, router, rest_, mb, jax.random.fold_in(rng, i), norm, ref
+                )
                 return jax.tree.map(jnp.add, acc, (g, m, s)), None
 
-            shapes = jax.eval_shape(grad_fn, params, router, rest_, jax.tree.map(lambda x: x[0], micro), rng, norm,
-                                    ref)
+            shapes = jax.eval_shape(
+                grad_fn, params, router, rest_, jax.tree.map(lambda x: x[0], micro), rng, norm, ref
+            )
             (_, (m_shape, s_shape)), g_shape = shapes
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (g_shape, m_shape, s_shape))
             # every share is already divided by the global counts: the sums are the whole batch's values
@@ -250,8 +297,12 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
         for k in ("frozen", "reference"):  # carried unchanged
             if k in state:
                 new_state[k] = state[k]
-        metrics = dict(metrics, grad_norm=grad_norm, lr=applied_lr(state["opt_state"], sched),
-                       skipped=(~finite).astype(jnp.int32))
+        metrics = dict(
+            metrics,
+            grad_norm=grad_norm,
+            lr=applied_lr(state["opt_state"], sched),
+            skipped=(~finite).astype(jnp.int32),
+        )
         if stats:
             metrics.update(moe_stats(stats, router, cfg.model.num_experts_per_tok))
         return new_state, metrics
@@ -259,8 +310,12 @@ def make_train_step(graphdef, rest, tx, sched, cfg: Config, state_shardings=None
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated))
+    return jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+    )
 
 
 def moe_stats(stats, router, top_k: int):
@@ -293,15 +348,30 @@ def make_eval_step(graphdef, rest, cfg: Config):
         if cfg.align.method in ("dpo", "reward"):
             norm = {"pairs": jnp.float32(1.0)}  # sums: divide by 1
             fn = dpo_loss_fn if cfg.align.method == "dpo" else reward_loss_fn
-            _, (m, _) = fn(params, router, rest_, batch, None, dict(norm, **_unit_counts()), reference,
-                           graphdef=graphdef, cfg=cfg)
+            _, (m, _) = fn(
+                params,
+                router,
+                rest_,
+                batch,
+                None,
+                dict(norm, **_unit_counts()),
+                reference,
+                graphdef=graphdef,
+                cfg=cfg,
+            )
             from moejax.finetune.objectives import count_pairs
 
-            return {"loss": m["ce_loss"], "count": count_pairs(batch, cfg.align.max_pairs_per_row),
-                    "correct": m[f"{cfg.align.method}/accuracy"]}
+            return {
+                "loss": m["ce_loss"],
+                "count": count_pairs(batch, cfg.align.max_pairs_per_row),
+                "correct": m[f"{cfg.align.method}/accuracy"],
+            }
         model = nnx.merge(graphdef, params, router, rest_)
         logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         labels, valid = shifted_targets(batch, 1)
-        return {"loss": token_loss_sum(logits, labels, valid), "count": valid.sum().astype(jnp.float32)}
+        return {
+            "loss": token_loss_sum(logits, labels, valid),
+            "count": valid.sum().astype(jnp.float32),
+        }
 
     return jax.jit(eval_step)

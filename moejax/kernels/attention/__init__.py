@@ -3,17 +3,17 @@
 from moejax.kernels.attention.blockwise import blockwise_attention
 from moejax.kernels.attention.ops import IMPLS, attention, default_impl
 from moejax.kernels.attention.reference import (
-           attend,
-           attention_mask,
-           attention_reference,
+    attend,
+    attention_mask,
+    attention_reference,
 )
 
 __all__ = [
-           "IMPLS",
-           "attend",
-           "attention",
-           "attention_mask",
-           "attention_reference",
-           "blockwise_attention",
-           "default_impl",
+    "IMPLS",
+    "attend",
+    "attention",
+    "attention_mask",
+    "attention_reference",
+    "blockwise_attention",
+    "default_impl",
 ]

@@ -30,7 +30,9 @@ def pad_rows(x, T: int, value=0):
     """x [B, T0, ...] padded along axis 1 to T rows of `value` (x itself when T0 == T)."""
     if x.shape[1] == T:
         return x
-    return jnp.pad(x, [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    return jnp.pad(
+        x, [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value
+    )
 
 
 def _pairs(nq: int, nk: int, bq: int, bk: int, kv_major: bool) -> np.ndarray:
@@ -41,7 +43,9 @@ def _pairs(nq: int, nk: int, bq: int, bk: int, kv_major: bool) -> np.ndarray:
     if kv_major:
         pairs.sort(key=lambda p: (p[1], p[0]))
     run = 1 if kv_major else 0
-    rows = [(i, j, int(n == 0 or pairs[n - 1][run] != (i, j)[run])) for n, (i, j) in enumerate(pairs)]
+    rows = [
+        (i, j, int(n == 0 or pairs[n - 1][run] != (i, j)[run])) for n, (i, j) in enumerate(pairs)
+    ]
     return np.asarray(rows, np.int32)
 
 
@@ -61,7 +65,9 @@ def _pair_logits(qi, kj, seg, i, j, bq: int, bk: int, scale: float):
     kpos = j * bk + jnp.arange(bk)
     sq = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # [B, bq]
     sk = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)  # [B, bk]
-    mask = (qpos[:, None] >= kpos[None, :])[None] & (sq[:, :, None] == sk[:, None, :])  # [B, bq, bk]
+    mask = (qpos[:, None] >= kpos[None, :])[None] & (
+        sq[:, :, None] == sk[:, None, :]
+    )  # [B, bq, bk]
     return jnp.where(mask[(slice(None),) + (None,) * (s.ndim - 3)], s, NEG)
 
 
@@ -88,17 +94,22 @@ def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum(_e(g, "BKQTS,BSKH->BKQTH"), p.astype(v.dtype), vj,
-                                                  preferred_element_type=jnp.float32)
+        acc = alpha[..., None] * acc + jnp.einsum(
+            _e(g, "BKQTS,BSKH->BKQTH"), p.astype(v.dtype), vj, preferred_element_type=jnp.float32
+        )
         # written after every pair of the run; the run's last write is the result
         o = jnp.moveaxis(acc / l[..., None], -2, 1).astype(out.dtype)  # [B, bq, K, Q, Hv]
         out = jax.lax.dynamic_update_slice_in_dim(out, o, i * bq, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, m_new + jnp.log(l), i * bq, axis=-1)
         return (out, lse, m_new, l, acc), None
 
-    init = (jnp.zeros((B, T, *heads, Hv), v.dtype), jnp.zeros((B, *heads, T), jnp.float32),
-            jnp.full((B, *heads, bq), NEG, jnp.float32), jnp.zeros((B, *heads, bq), jnp.float32),
-            jnp.zeros((B, *heads, bq, Hv), jnp.float32))
+    init = (
+        jnp.zeros((B, T, *heads, Hv), v.dtype),
+        jnp.zeros((B, *heads, T), jnp.float32),
+        jnp.full((B, *heads, bq), NEG, jnp.float32),
+        jnp.zeros((B, *heads, bq), jnp.float32),
+        jnp.zeros((B, *heads, bq, Hv), jnp.float32),
+    )
     pairs = jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=False))
     (out, lse, *_), _ = jax.lax.scan(step, init, pairs)
     return out, lse
@@ -109,7 +120,9 @@ def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
     B, T, K = q.shape[:3]
     H, Hv = q.shape[-1], v.shape[-1]
     g = q.ndim == 5
-    delta = jnp.einsum(_e(g, "BTKQH,BTKQH->BKQT"), do.astype(jnp.float32), out.astype(jnp.float32))  # rowsum(dO * O)
+    delta = jnp.einsum(
+        _e(g, "BTKQH,BTKQH->BKQT"), do.astype(jnp.float32), out.astype(jnp.float32)
+    )  # rowsum(dO * O)
 
     def step(carry, pair):
         dq, dk, dv, dk_acc, dv_acc = carry
@@ -124,21 +137,34 @@ def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
         p = jnp.exp(s - lse_i[..., None])  # [B, K, Q, bq, bk]; 0 where masked
         dk_acc = jnp.where(first, 0.0, dk_acc)
         dv_acc = jnp.where(first, 0.0, dv_acc)
-        dv_acc = dv_acc + jnp.einsum(_e(g, "BKQTS,BTKQH->BSKH"), p.astype(do.dtype), doi,
-                                     preferred_element_type=jnp.float32)
+        dv_acc = dv_acc + jnp.einsum(
+            _e(g, "BKQTS,BTKQH->BSKH"), p.astype(do.dtype), doi, preferred_element_type=jnp.float32
+        )
         dp = jnp.einsum(_e(g, "BTKQH,BSKH->BKQTS"), doi, vj, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_i[..., None])).astype(q.dtype)
-        dq_i = jnp.einsum(_e(g, "BKQTS,BSKH->BTKQH"), ds, kj, preferred_element_type=jnp.float32) * scale
+        dq_i = (
+            jnp.einsum(_e(g, "BKQTS,BSKH->BTKQH"), ds, kj, preferred_element_type=jnp.float32)
+            * scale
+        )
         dq = jax.lax.dynamic_update_slice_in_dim(
-            dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_i, i * bq, axis=1)
-        dk_acc = dk_acc + jnp.einsum(_e(g, "BKQTS,BTKQH->BSKH"), ds, qi, preferred_element_type=jnp.float32) * scale
+            dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_i, i * bq, axis=1
+        )
+        dk_acc = (
+            dk_acc
+            + jnp.einsum(_e(g, "BKQTS,BTKQH->BSKH"), ds, qi, preferred_element_type=jnp.float32)
+            * scale
+        )
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_acc, j * bk, axis=1)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_acc, j * bk, axis=1)
         return (dq, dk, dv, dk_acc, dv_acc), None
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((B, T, K, H), jnp.float32),
-            jnp.zeros((B, T, K, Hv), jnp.float32), jnp.zeros((B, bk, K, H), jnp.float32),
-            jnp.zeros((B, bk, K, Hv), jnp.float32))
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.zeros((B, T, K, H), jnp.float32),
+        jnp.zeros((B, T, K, Hv), jnp.float32),
+        jnp.zeros((B, bk, K, H), jnp.float32),
+        jnp.zeros((B, bk, K, Hv), jnp.float32),
+    )
     pairs = jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=True))
     (dq, dk, dv, _, _), _ = jax.lax.scan(step, init, pairs)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -163,7 +189,9 @@ def _flash_bwd(scale, bq, bk, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 512, block_kv: int = 512):
+def blockwise_attention(
+    q, k, v, segment_ids, *, scale: float, block_q: int = 512, block_kv: int = 512
+):
     """Causal attention within packed documents, one (query block, key block) pair at a time.
 
     Args:
@@ -176,7 +204,9 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
     B, T, N, H = q.shape
     Nkv, Hv = k.shape[2], v.shape[-1]
     if max(block_q, block_kv) % min(block_q, block_kv):
-        raise ValueError(f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one another")
+        raise ValueError(
+            f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one another"
+        )
     lo, hi = min(block_q, block_kv), max(block_q, block_kv)
     # padded length: T itself when one block covers it, else a multiple of the smaller block (the larger
     # cut to it) when that is within the larger block, else a multiple of the larger block
@@ -185,6 +215,8 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     q, k, v = (pad_rows(a, Tp) for a in (q, k, v))
     seg = pad_rows(seg, Tp, value=-1)
-    qg = q if N == Nkv else q.reshape(B, Tp, Nkv, N // Nkv, H)  # [B, Tp, Nkv, Q, H]: query heads grouped
+    qg = (
+        q if N == Nkv else q.reshape(B, Tp, Nkv, N // Nkv, H)
+    )  # [B, Tp, Nkv, Q, H]: query heads grouped
     out = _flash(qg, k, v, seg, float(scale), bq, bk)  # [B, Tp, Nkv, (Q,) Hv]
     return out.reshape(B, Tp, N, Hv)[:, :T]

@@ -34,7 +34,9 @@ from moejax.kernels.gmm.ops import platform
 IMPLS = ("reference", "blockwise", "splash", "pallas_gpu", "cudnn")
 _GPU = ("gpu", "cuda", "rocm")
 _NATIVE = {"splash": ("tpu",), "pallas_gpu": _GPU, "cudnn": _GPU}
-DEFAULT_BLOCK = 512  # blockwise rows per block: fastest of 128-1024 at T = 512-2048 on the 2-core CPU
+DEFAULT_BLOCK = (
+    512  # blockwise rows per block: fastest of 128-1024 at T = 512-2048 on the 2-core CPU
+)
 SPLASH_BLOCK = 512  # splash block_q / block_kv (MaxText's default sa_block_* is 512)
 GPU_BLOCK = 64  # pallas_gpu block_q / block_k
 
@@ -51,20 +53,38 @@ def default_impl() -> str:
 
 def _check(q, k, v, segment_ids, impl):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention[{impl}]: q, k, v must be [B, T, heads, head_dim], got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
+        raise ValueError(
+            f"attention[{impl}]: q, k, v must be [B, T, heads, head_dim], got {q.shape}, {k.shape}, "
+            f"{v.shape}"
+        )
     B, T, N, H = q.shape
     if k.shape[:2] != (B, T) or v.shape[:3] != k.shape[:3] or k.shape[3] != H:
-        raise ValueError(f"attention[{impl}]: k must be [{B}, {T}, Nkv, {H}] and v [{B}, {T}, Nkv, Hv], got "
-                         f"k {k.shape}, v {v.shape} (causal self-attention: keys as long as queries)")
+        raise ValueError(
+            f"attention[{impl}]: k must be [{B}, {T}, Nkv, {H}] and v [{B}, {T}, Nkv, Hv], got "
+            f"k {k.shape}, v {v.shape} (causal self-attention: keys as long as queries)"
+        )
     if N % k.shape[2]:
-        raise ValueError(f"attention[{impl}]: {N} query heads are not a multiple of {k.shape[2]} KV heads")
+        raise ValueError(
+            f"attention[{impl}]: {N} query heads are not a multiple of {k.shape[2]} KV heads"
+        )
     if segment_ids is not None and segment_ids.shape != (B, T):
-        raise ValueError(f"attention[{impl}]: segment_ids must be [{B}, {T}], got {segment_ids.shape}")
+        raise ValueError(
+            f"attention[{impl}]: segment_ids must be [{B}, {T}], got {segment_ids.shape}"
+        )
 
 
-def attention(q, k, v, segment_ids=None, *, scale: float, impl: str | None = None, layout=None,
-              block: int | None = None, interpret: bool | None = None):
+def attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    scale: float,
+    impl: str | None = None,
+    layout=None,
+    block: int | None = None,
+    interpret: bool | None = None,
+):
     """Causal softmax attention within packed documents.
 
     Args:
@@ -93,8 +113,10 @@ def attention(q, k, v, segment_ids=None, *, scale: float, impl: str | None = Non
         return _cudnn(q, k, v, segment_ids, scale, native)
     if not native and not interpret:
         alt = {"splash": "'pallas_gpu' on GPU", "pallas_gpu": "'splash' on TPU"}[impl]
-        raise ValueError(f"attention[{impl}]: cannot run on platform {platform()!r} (q {q.shape}); use "
-                         f"impl='blockwise' (any platform) or {alt}, or interpret=True (tests)")
+        raise ValueError(
+            f"attention[{impl}]: cannot run on platform {platform()!r} (q {q.shape}); use "
+            f"impl='blockwise' (any platform) or {alt}, or interpret=True (tests)"
+        )
     interpret = bool(interpret)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
@@ -102,11 +124,15 @@ def attention(q, k, v, segment_ids=None, *, scale: float, impl: str | None = Non
         b = -(-(block or SPLASH_BLOCK) // 128) * 128  # Mosaic blocks are multiples of 128 rows
         fn = functools.partial(_splash, scale=scale, block=b, interpret=interpret)
     else:
-        b = min(1 << ((block or GPU_BLOCK) - 1).bit_length(), 128)  # Triton blocks: a power of two, <= 128
+        b = min(
+            1 << ((block or GPU_BLOCK) - 1).bit_length(), 128
+        )  # Triton blocks: a power of two, <= 128
         fn = functools.partial(_pallas_gpu, scale=scale, block=b, interpret=interpret)
     out = _sharded(fn, q, k, v, segment_ids, layout, impl, strict=not auto)
     if out is None:  # 'auto' on a mesh that does not divide these shapes (e.g. sampling 3 prompts)
-        return blockwise_attention(q, k, v, segment_ids, scale=scale, block_q=DEFAULT_BLOCK, block_kv=DEFAULT_BLOCK)
+        return blockwise_attention(
+            q, k, v, segment_ids, scale=scale, block_q=DEFAULT_BLOCK, block_kv=DEFAULT_BLOCK
+        )
     return out
 
 
@@ -114,14 +140,20 @@ def _cudnn(q, k, v, segment_ids, scale: float, native: bool):
     """cuDNN flash attention: unpacked rows, 16-bit inputs; v zero-padded to the query head dim (MLA)."""
     H, Hv = q.shape[-1], v.shape[-1]
     if not native:
-        raise ValueError(f"attention[cudnn]: needs a GPU, this platform is {platform()!r} for q {q.shape}; use "
-                         "impl='blockwise' (any platform) or 'pallas_gpu'")
+        raise ValueError(
+            f"attention[cudnn]: needs a GPU, this platform is {platform()!r} for q {q.shape}; use "
+            "impl='blockwise' (any platform) or 'pallas_gpu'"
+        )
     if segment_ids is not None:
-        raise ValueError(f"attention[cudnn]: packed rows (segment_ids {segment_ids.shape}) are not supported; "
-                         "use impl='pallas_gpu' for packed data")
+        raise ValueError(
+            f"attention[cudnn]: packed rows (segment_ids {segment_ids.shape}) are not supported; "
+            "use impl='pallas_gpu' for packed data"
+        )
     if q.dtype not in (jnp.bfloat16, jnp.float16) or H % 8 or H > 256 or Hv > H:
-        raise ValueError(f"attention[cudnn]: takes bfloat16/float16 with head dims multiples of 8, <= 256 and "
-                         f"v's <= q's; got {q.dtype} q {q.shape} v {v.shape}; use impl='pallas_gpu'")
+        raise ValueError(
+            f"attention[cudnn]: takes bfloat16/float16 with head dims multiples of 8, <= 256 and "
+            f"v's <= q's; got {q.dtype} q {q.shape} v {v.shape}; use impl='pallas_gpu'"
+        )
     if Hv < H:
         v = jnp.pad(v, [(0, 0)] * 3 + [(0, H - Hv)])
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
@@ -144,20 +176,32 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
     kv_axis = "heads" if k.shape[2] == q.shape[2] else "kv_heads"
     kspec = sharding.spec_for(("batch", None, kv_axis, None), rules, mesh, exclude=manual)
     sspec = P(qspec[0], None)
-    if kspec[2] != qspec[2]:  # KV heads split otherwise than query heads: a shard's groups would not match
+    if (
+        kspec[2] != qspec[2]
+    ):  # KV heads split otherwise than query heads: a shard's groups would not match
         if not strict:
             return None
-        raise ValueError(f"attention[{impl}]: query heads split by {qspec[2]} but KV heads by {kspec[2]} on mesh "
-                         f"{dict(mesh.shape)} (q {q.shape}, k {k.shape}); use impl='blockwise' for this layout")
+        raise ValueError(
+            f"attention[{impl}]: query heads split by {qspec[2]} but KV heads by {kspec[2]} on mesh "
+            f"{dict(mesh.shape)} (q {q.shape}, k {k.shape}); use impl='blockwise' for this layout"
+        )
     ways = lambda entry: math.prod(mesh.shape[a] for a in sharding.axes_of(entry))
     if any(dim % ways(e) for x, spec in ((q, qspec), (k, kspec)) for dim, e in zip(x.shape, spec)):
         if not strict:
             return None
-        raise ValueError(f"attention[{impl}]: the mesh {dict(mesh.shape)} does not divide q {q.shape} / k {k.shape} "
-                         f"by {qspec} / {kspec}; use impl='blockwise' for this shape")
+        raise ValueError(
+            f"attention[{impl}]: the mesh {dict(mesh.shape)} does not divide q {q.shape} / k {k.shape} "
+            f"by {qspec} / {kspec}; use impl='blockwise' for this shape"
+        )
     auto = {a for a in mesh.axis_names if a not in manual}
-    return jax.shard_map(fn, mesh=mesh, in_specs=(qspec, kspec, kspec, sspec), out_specs=qspec, axis_names=auto,
-                         check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(qspec, kspec, kspec, sspec),
+        out_specs=qspec,
+        axis_names=auto,
+        check_vma=False,
+    )(q, k, v, segment_ids)
 
 
 def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
@@ -176,18 +220,38 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
     q = pad_rows((q.astype(jnp.float32) * scale).astype(q.dtype), Tp)
     k, v = pad_rows(k, Tp), pad_rows(v, Tp)
     seg = pad_rows(segment_ids.astype(jnp.int32), Tp, value=-1)
-    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    sizes = sk.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+    )
     Q = N // Nkv
     if Nkv == N:
-        kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * N), head_shards=1,
-                                    q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * N),
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=sizes,
+            interpret=interpret,
+        )
         run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
-        out = jax.vmap(run)(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)
+        out = jax.vmap(run)(
+            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg
+        )
         return out.transpose(0, 2, 1, 3)[:, :T].astype(v.dtype)  # [B, T, N, Hv]
     # GQA: the MQA kernel once per KV head on its Q query heads
-    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q), head_shards=1, q_seq_shards=1,
-                                block_sizes=sizes, interpret=interpret)
+    kernel = sk.make_splash_mqa(
+        sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * Q),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
     run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
     qg = q.reshape(B, Tp, Nkv, Q, H).transpose(0, 2, 3, 1, 4)  # [B, Nkv, Q, Tp, H]
     kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Nkv, Tp, H]
@@ -205,15 +269,19 @@ def _pallas_gpu(q, k, v, segment_ids, *, scale: float, block: int, interpret: bo
     Nkv, Hv = k.shape[2], v.shape[-1]
     if Nkv != N:
         k, v = jnp.repeat(k, N // Nkv, axis=2), jnp.repeat(v, N // Nkv, axis=2)  # [B, T, N, .]
-    Hp = max(H, Hv)  # one head dim for all three: zero columns change neither q.k nor the output's first Hv
+    Hp = max(
+        H, Hv
+    )  # one head dim for all three: zero columns change neither q.k nor the output's first Hv
     q, k, v = (jnp.pad(a, [(0, 0)] * 3 + [(0, Hp - a.shape[-1])]) for a in (q, k, v))
     b = min(block, max(16, 1 << (T - 1).bit_length()))
     Tp = -(-T // b) * b
     q, k, v = pad_rows(q, Tp), pad_rows(k, Tp), pad_rows(v, Tp)
     seg = pad_rows(segment_ids.astype(jnp.int32), Tp, value=-1)
     bb = min(b, 32)
-    sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb,
-                                        block_kv_dq=bb)
-    out = triton_attention.mha(q, k, v, seg, sm_scale=float(scale), causal=True, block_sizes=sizes,
-                               interpret=interpret)
+    sizes = triton_attention.BlockSizes(
+        block_q=b, block_k=b, block_q_dkv=bb, block_kv_dkv=bb, block_q_dq=bb, block_kv_dq=bb
+    )
+    out = triton_attention.mha(
+        q, k, v, seg, sm_scale=float(scale), causal=True, block_sizes=sizes, interpret=interpret
+    )
     return out[:, :T, :, :Hv].astype(v.dtype)

@@ -39,7 +39,9 @@ def attend(q, k, v, mask, scale: float):
         logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("BNTS,BSNH->BTNH", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+        return jnp.einsum("BNTS,BSNH->BTNH", probs, v, preferred_element_type=jnp.float32).astype(
+            v.dtype
+        )
     q = q.reshape(B, T, Nkv, N // Nkv, H)  # [B, T, Nkv, Q, H]
     logits = jnp.einsum("BTNQH,BSNH->BNQTS", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)

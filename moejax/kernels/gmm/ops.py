@@ -43,11 +43,17 @@ def _check_args(lhs, rhs, group_sizes):
     if rhs.ndim != 3:
         raise ValueError(f"gmm: rhs must be [G, K, N], got shape {rhs.shape}")
     if rhs.shape[1] != lhs.shape[1]:
-        raise ValueError(f"gmm: rhs must be [G, {lhs.shape[1]}, N] to match lhs [M, K]={lhs.shape}, got {rhs.shape}")
+        raise ValueError(
+            f"gmm: rhs must be [G, {lhs.shape[1]}, N] to match lhs [M, K]={lhs.shape}, got {rhs.shape}"
+        )
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"gmm: group_sizes must be int [G], got {group_sizes.dtype}{list(group_sizes.shape)}")
+        raise ValueError(
+            f"gmm: group_sizes must be int [G], got {group_sizes.dtype}{list(group_sizes.shape)}"
+        )
     if group_sizes.shape[0] < rhs.shape[0]:
-        raise ValueError(f"gmm: group_sizes has {group_sizes.shape[0]} groups, fewer than rhs's {rhs.shape[0]}")
+        raise ValueError(
+            f"gmm: group_sizes has {group_sizes.shape[0]} groups, fewer than rhs's {rhs.shape[0]}"
+        )
     if lhs.dtype != rhs.dtype:
         raise ValueError(f"gmm: lhs and rhs dtypes differ ({lhs.dtype} vs {rhs.dtype})")
 
@@ -83,7 +89,9 @@ class _TileLayout(NamedTuple):
     tile_group: jax.Array  # int32 [I] local group of each tile
 
 
-def _tile_layout(group_sizes, group_offset, num_rows: int, num_local: int, tile: int) -> _TileLayout:
+def _tile_layout(
+    group_sizes, group_offset, num_rows: int, num_local: int, tile: int
+) -> _TileLayout:
     """Where each row goes when every local group is padded to a multiple of `tile` rows.
 
     Padding is bounded statically (at most num_local * (tile - 1) rows), so the buffer has a static
@@ -97,7 +105,9 @@ def _tile_layout(group_sizes, group_offset, num_rows: int, num_local: int, tile:
     padded = jnp.where(local, (sizes + tile - 1) // tile * tile, 0)  # [Gt]
     pad_start = jnp.cumsum(padded) - padded
     row_start = jnp.cumsum(sizes) - sizes
-    row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(M, dtype=jnp.int32), side="right")  # [M]
+    row_group = jnp.searchsorted(
+        jnp.cumsum(sizes), jnp.arange(M, dtype=jnp.int32), side="right"
+    )  # [M]
     g = jnp.minimum(row_group, Gt - 1)
     valid = (row_group < Gt) & local[g]
     P = -(-(M + min(G, M) * (tile - 1)) // tile) * tile
@@ -107,13 +117,17 @@ def _tile_layout(group_sizes, group_offset, num_rows: int, num_local: int, tile:
     offset = p - pad_start[p_group]
     p_valid = local[p_group] & (offset < sizes[p_group])
     src = jnp.where(p_valid, row_start[p_group] + offset, 0).astype(jnp.int32)
-    tile_group = jnp.clip(p_group[::tile] - group_offset, 0, G - 1).astype(jnp.int32)  # padding tiles hold zeros
+    tile_group = jnp.clip(p_group[::tile] - group_offset, 0, G - 1).astype(
+        jnp.int32
+    )  # padding tiles hold zeros
     return _TileLayout(src, p_valid, dest, valid, tile_group)
 
 
 def _to_tiles(x, lay: _TileLayout, tile: int):
     """[M, C] rows -> [I, tile, C] group-aligned tiles (zeros in padding)."""
-    return jnp.where(lay.p_valid[:, None], jnp.take(x, lay.src, axis=0), 0).reshape(-1, tile, x.shape[1])
+    return jnp.where(lay.p_valid[:, None], jnp.take(x, lay.src, axis=0), 0).reshape(
+        -1, tile, x.shape[1]
+    )
 
 
 def _from_tiles(tiles, lay: _TileLayout, out_dtype):
@@ -130,7 +144,9 @@ def _tiled_matmul(x_tiles, rhs, lay, out_dtype):
 
 def _tiled_tgmm(x_tiles, g_tiles, lay, num_local, out_dtype):
     per_tile = jnp.einsum("IRK,IRN->IKN", x_tiles, g_tiles, preferred_element_type=jnp.float32)
-    out = jax.ops.segment_sum(per_tile, lay.tile_group, num_segments=num_local, indices_are_sorted=True)
+    out = jax.ops.segment_sum(
+        per_tile, lay.tile_group, num_segments=num_local, indices_are_sorted=True
+    )
     return out.astype(out_dtype)
 
 
@@ -167,7 +183,9 @@ _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _pallas_gmm(lhs, rhs, group_sizes, group_offset, out_dtype, impl, tiles, interpret):
-    return _PALLAS[impl].gmm(lhs, rhs, group_sizes, group_offset, out_dtype, tiles=tiles, interpret=interpret)
+    return _PALLAS[impl].gmm(
+        lhs, rhs, group_sizes, group_offset, out_dtype, tiles=tiles, interpret=interpret
+    )
 
 
 def _pallas_gmm_fwd(lhs, rhs, group_sizes, group_offset, out_dtype, impl, tiles, interpret):
@@ -179,10 +197,26 @@ def _pallas_gmm_bwd(out_dtype, impl, tiles, interpret, res, grad):
     lhs, rhs, group_sizes, group_offset = res
     kern = _PALLAS[impl]
     grad = grad.astype(lhs.dtype)  # kernels take one input dtype; they accumulate in float32
-    d_lhs = kern.gmm(grad, rhs, group_sizes, group_offset, lhs.dtype, transpose_rhs=True, tiles=tiles,
-                     interpret=interpret)
-    d_rhs = kern.tgmm(lhs, grad, group_sizes, group_offset, rhs.shape[0], rhs.dtype, tiles=tiles,
-                      interpret=interpret)
+    d_lhs = kern.gmm(
+        grad,
+        rhs,
+        group_sizes,
+        group_offset,
+        lhs.dtype,
+        transpose_rhs=True,
+        tiles=tiles,
+        interpret=interpret,
+    )
+    d_rhs = kern.tgmm(
+        lhs,
+        grad,
+        group_sizes,
+        group_offset,
+        rhs.shape[0],
+        rhs.dtype,
+        tiles=tiles,
+        interpret=interpret,
+    )
     return d_lhs, d_rhs, None, None
 
 
@@ -225,8 +259,19 @@ def _resolve(impl, interpret):
     return impl, interpret
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, impl=None, validate=False,
-        tile=None, tiles=None, interpret=None):
+def gmm(
+    lhs,
+    rhs,
+    group_sizes,
+    *,
+    group_offset=0,
+    preferred_element_type=None,
+    impl=None,
+    validate=False,
+    tile=None,
+    tiles=None,
+    interpret=None,
+):
     """Grouped matmul [M, K] x [G, K, N] -> [M, N]; see moejax/kernels/gmm/reference.py for semantics.
 
     Args:
@@ -247,29 +292,60 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, i
     if validate:
         _validate(group_sizes, lhs.shape[0])
     if impl in _PALLAS:
-        return _pallas_gmm(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), out_dtype, impl,
-                           tuple(tiles) if tiles else None, interpret)
+        return _pallas_gmm(
+            lhs,
+            rhs,
+            group_sizes,
+            jnp.asarray(group_offset, jnp.int32),
+            out_dtype,
+            impl,
+            tuple(tiles) if tiles else None,
+            interpret,
+        )
     if impl == "reference":
-        return gmm_reference(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype)
+        return gmm_reference(
+            lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype
+        )
     if impl == "tiled":
-        return _tiled(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), out_dtype,
-                      tile or default_tile(lhs.shape[0], rhs.shape[0]))
+        return _tiled(
+            lhs,
+            rhs,
+            group_sizes,
+            jnp.asarray(group_offset, jnp.int32),
+            out_dtype,
+            tile or default_tile(lhs.shape[0], rhs.shape[0]),
+        )
     return _ragged_dot(lhs, rhs, group_sizes, group_offset, out_dtype)
 
 
-def tgmm(lhs, grad, group_sizes, *, group_offset=0, num_groups=None, preferred_element_type=None, impl=None,
-         validate=False, tiles=None, interpret=None):
+def tgmm(
+    lhs,
+    grad,
+    group_sizes,
+    *,
+    group_offset=0,
+    num_groups=None,
+    preferred_element_type=None,
+    impl=None,
+    validate=False,
+    tiles=None,
+    interpret=None,
+):
     """Transposed grouped matmul: per local group g, lhs[rows_g]^T @ grad[rows_g] -> [G_local, K, N].
 
     The weight gradient of gmm. num_groups defaults to len(group_sizes) - group_offset (static ints).
     'tiled' sums per-tile products per group; 'ragged_dot' is the vjp of its gmm.
     """
     if lhs.ndim != 2 or grad.ndim != 2 or grad.shape[0] != lhs.shape[0]:
-        raise ValueError(f"tgmm: lhs must be [M, K] and grad [M, N] with the same M, got {lhs.shape} and {grad.shape}")
+        raise ValueError(
+            f"tgmm: lhs must be [M, K] and grad [M, N] with the same M, got {lhs.shape} and {grad.shape}"
+        )
     if lhs.dtype != grad.dtype:
         raise ValueError(f"tgmm: lhs and grad dtypes differ ({lhs.dtype} vs {grad.dtype})")
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"tgmm: group_sizes must be int [G], got {group_sizes.dtype}{list(group_sizes.shape)}")
+        raise ValueError(
+            f"tgmm: group_sizes must be int [G], got {group_sizes.dtype}{list(group_sizes.shape)}"
+        )
     if num_groups is None:
         if not isinstance(group_offset, int):
             raise ValueError("tgmm: num_groups is required when group_offset is a traced value")
@@ -279,18 +355,52 @@ def tgmm(lhs, grad, group_sizes, *, group_offset=0, num_groups=None, preferred_e
     if validate:
         _validate(group_sizes, lhs.shape[0])
     if impl in _PALLAS:
-        return _PALLAS[impl].tgmm(lhs, grad, group_sizes, jnp.asarray(group_offset, jnp.int32), num_groups,
-                                  out_dtype, tiles=tuple(tiles) if tiles else None, interpret=interpret)
+        return _PALLAS[impl].tgmm(
+            lhs,
+            grad,
+            group_sizes,
+            jnp.asarray(group_offset, jnp.int32),
+            num_groups,
+            out_dtype,
+            tiles=tuple(tiles) if tiles else None,
+            interpret=interpret,
+        )
     if impl == "reference":
-        return tgmm_reference(lhs, grad, group_sizes, group_offset=group_offset, num_groups=num_groups,
-                              preferred_element_type=out_dtype)
+        return tgmm_reference(
+            lhs,
+            grad,
+            group_sizes,
+            group_offset=group_offset,
+            num_groups=num_groups,
+            preferred_element_type=out_dtype,
+        )
     if impl == "tiled":
-        lay = _tile_layout(group_sizes, jnp.asarray(group_offset, jnp.int32), lhs.shape[0], num_groups, DEFAULT_TILE)
-        return _tiled_tgmm(_to_tiles(lhs, lay, DEFAULT_TILE), _to_tiles(grad, lay, DEFAULT_TILE), lay, num_groups,
-                           out_dtype)
+        lay = _tile_layout(
+            group_sizes,
+            jnp.asarray(group_offset, jnp.int32),
+            lhs.shape[0],
+            num_groups,
+            DEFAULT_TILE,
+        )
+        return _tiled_tgmm(
+            _to_tiles(lhs, lay, DEFAULT_TILE),
+            _to_tiles(grad, lay, DEFAULT_TILE),
+            lay,
+            num_groups,
+            out_dtype,
+        )
     zeros = jnp.zeros((num_groups, lhs.shape[1], grad.shape[1]), lhs.dtype)
-    _, vjp = jax.vjp(lambda w: gmm(lhs, w, group_sizes, group_offset=group_offset, impl=impl,
-                                   preferred_element_type=grad.dtype), zeros)
+    _, vjp = jax.vjp(
+        lambda w: gmm(
+            lhs,
+            w,
+            group_sizes,
+            group_offset=group_offset,
+            impl=impl,
+            preferred_element_type=grad.dtype,
+        ),
+        zeros,
+    )
     return vjp(grad)[0].astype(out_dtype)
 
 

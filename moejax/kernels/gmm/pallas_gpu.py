@@ -50,11 +50,24 @@ def _precision(dtype):
 
 
 def _params(warps, stages):
-    return plgpu.CompilerParams(num_warps=warps or DEFAULT_WARPS, num_stages=stages or DEFAULT_STAGES)
+    return plgpu.CompilerParams(
+        num_warps=warps or DEFAULT_WARPS, num_stages=stages or DEFAULT_STAGES
+    )
 
 
-def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, tiles=None, interpret=None,
-        num_warps=None, num_stages=None):
+def gmm(
+    lhs,
+    rhs,
+    group_sizes,
+    group_offset,
+    out_dtype,
+    *,
+    transpose_rhs=False,
+    tiles=None,
+    interpret=None,
+    num_warps=None,
+    num_stages=None,
+):
     """[M, K] x [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] out_dtype."""
     M, K = lhs.shape
     G = rhs.shape[0]
@@ -80,26 +93,43 @@ def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, 
 
         def body(kk, acc):
             k_in = _in_range(kk * tk, tk, K)  # None when every K tile is full (no mask needed)
-            a = plgpu.load(lhs_ref.at[pl.ds(r0, tm), pl.ds(kk * tk, tk)], mask=_mask(mine, k_in, (tm, tk)), other=0)
+            a = plgpu.load(
+                lhs_ref.at[pl.ds(r0, tm), pl.ds(kk * tk, tk)],
+                mask=_mask(mine, k_in, (tm, tk)),
+                other=0,
+            )
             if transpose_rhs:
                 b_mask = _mask(n_in, k_in, (tn, tk))
-                b = plgpu.load(rhs_ref.at[w, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)], mask=b_mask,
-                               other=None if b_mask is None else 0)
+                b = plgpu.load(
+                    rhs_ref.at[w, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)],
+                    mask=b_mask,
+                    other=None if b_mask is None else 0,
+                )
                 return acc + plgpu.dot(a, b, trans_b=True, precision=prec)
             b_mask = _mask(k_in, n_in, (tk, tn))
-            b = plgpu.load(rhs_ref.at[w, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], mask=b_mask,
-                           other=None if b_mask is None else 0)
+            b = plgpu.load(
+                rhs_ref.at[w, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)],
+                mask=b_mask,
+                other=None if b_mask is None else 0,
+            )
             return acc + plgpu.dot(a, b, precision=prec)
 
         @pl.when(active & local)
         def _():
             acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((tm, tn), jnp.float32))
-            plgpu.store(out_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype), mask=store_mask)
+            plgpu.store(
+                out_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)],
+                acc.astype(out_ref.dtype),
+                mask=store_mask,
+            )
 
         @pl.when(active & ~local)
         def _():
-            plgpu.store(out_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)], jnp.zeros((tm, tn), out_ref.dtype),
-                        mask=store_mask)
+            plgpu.store(
+                out_ref.at[pl.ds(r0, tm), pl.ds(j * tn, tn)],
+                jnp.zeros((tm, tn), out_ref.dtype),
+                mask=store_mask,
+            )
 
     return pl.pallas_call(
         kernel,
@@ -111,8 +141,19 @@ def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, 
     )(s.group, s.tile, s.starts, s.ends, s.num_visits, lhs, rhs)
 
 
-def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, tiles=None, interpret=None,
-         num_warps=None, num_stages=None):
+def tgmm(
+    lhs,
+    grad,
+    group_sizes,
+    group_offset,
+    num_groups: int,
+    out_dtype,
+    *,
+    tiles=None,
+    interpret=None,
+    num_warps=None,
+    num_stages=None,
+):
     """Per local group g: lhs[rows_g]^T @ grad[rows_g] -> [num_groups, K, N] out_dtype."""
     M, K = lhs.shape
     N = grad.shape[1]
@@ -129,13 +170,26 @@ def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, ti
         def body(t, acc):
             rows = t * tm + jnp.arange(tm)
             mine = (rows >= lo) & (rows < hi)
-            a = plgpu.load(lhs_ref.at[pl.ds(t * tm, tm), pl.ds(i * tk, tk)], mask=_mask(mine, k_in, (tm, tk)), other=0)
-            b = plgpu.load(grad_ref.at[pl.ds(t * tm, tm), pl.ds(j * tn, tn)], mask=_mask(mine, n_in, (tm, tn)), other=0)
+            a = plgpu.load(
+                lhs_ref.at[pl.ds(t * tm, tm), pl.ds(i * tk, tk)],
+                mask=_mask(mine, k_in, (tm, tk)),
+                other=0,
+            )
+            b = plgpu.load(
+                grad_ref.at[pl.ds(t * tm, tm), pl.ds(j * tn, tn)],
+                mask=_mask(mine, n_in, (tm, tn)),
+                other=0,
+            )
             return acc + plgpu.dot(a, b, trans_a=True, precision=prec)
 
-        acc = jax.lax.fori_loop(lo // tm, (hi + tm - 1) // tm, body, jnp.zeros((tk, tn), jnp.float32))
-        plgpu.store(out_ref.at[g, pl.ds(i * tk, tk), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype),
-                    mask=_mask(k_in, n_in, (tk, tn)))
+        acc = jax.lax.fori_loop(
+            lo // tm, (hi + tm - 1) // tm, body, jnp.zeros((tk, tn), jnp.float32)
+        )
+        plgpu.store(
+            out_ref.at[g, pl.ds(i * tk, tk), pl.ds(j * tn, tn)],
+            acc.astype(out_ref.dtype),
+            mask=_mask(k_in, n_in, (tk, tn)),
+        )
 
     return pl.pallas_call(
         kernel,

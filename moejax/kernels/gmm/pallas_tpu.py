@@ -50,7 +50,17 @@ def _interpret(interpret):
     return interpret or False
 
 
-def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, tiles=None, interpret=None):
+def gmm(
+    lhs,
+    rhs,
+    group_sizes,
+    group_offset,
+    out_dtype,
+    *,
+    transpose_rhs=False,
+    tiles=None,
+    interpret=None,
+):
     """[M, K] x [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] out_dtype."""
     M, K = lhs.shape
     G = rhs.shape[0]
@@ -75,8 +85,9 @@ def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, 
         @pl.when(active & local)
         def _():
             dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-            acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], dims,
-                                                preferred_element_type=jnp.float32)
+            acc_ref[...] += jax.lax.dot_general(
+                lhs_ref[...], rhs_ref[...], dims, preferred_element_type=jnp.float32
+            )
 
         @pl.when(active & (k == nk - 1))
         def _():
@@ -103,10 +114,14 @@ def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, 
                 pl.BlockSpec((tm, tk), lambda n, v, k, group_ref, tile_ref, *_: (tile_ref[v], k)),
                 pl.BlockSpec(rhs_block, rhs_map),
             ],
-            out_specs=pl.BlockSpec((tm, tn), lambda n, v, k, group_ref, tile_ref, *_: (tile_ref[v], n)),
+            out_specs=pl.BlockSpec(
+                (tm, tn), lambda n, v, k, group_ref, tile_ref, *_: (tile_ref[v], n)
+            ),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")
+        ),
         interpret=_interpret(interpret),
         name="moejax_gmm",
     )
@@ -114,7 +129,9 @@ def gmm(lhs, rhs, group_sizes, group_offset, out_dtype, *, transpose_rhs=False, 
     return out[:M]
 
 
-def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, tiles=None, interpret=None):
+def tgmm(
+    lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, tiles=None, interpret=None
+):
     """Per local group g: lhs[rows_g]^T @ grad[rows_g] -> [num_groups, K, N] out_dtype."""
     M, K = lhs.shape
     N = grad.shape[1]
@@ -124,7 +141,9 @@ def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, ti
     s = sched.tgmm_schedule(group_sizes, group_offset, num_groups, M, tm)
     V = s.group.shape[0]
 
-    def kernel(group_ref, tile_ref, start_ref, end_ref, nv_ref, lhs_ref, grad_ref, out_ref, acc_ref):
+    def kernel(
+        group_ref, tile_ref, start_ref, end_ref, nv_ref, lhs_ref, grad_ref, out_ref, acc_ref
+    ):
         v = pl.program_id(2)
         nv = nv_ref[0]
         g = group_ref[v]
@@ -142,7 +161,9 @@ def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, ti
             lo, hi = start_ref[g], end_ref[g]
             x = jnp.where((rows_k >= lo) & (rows_k < hi), lhs_ref[...], 0)
             dy = jnp.where((rows_n >= lo) & (rows_n < hi), grad_ref[...], 0)
-            acc_ref[...] += jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            acc_ref[...] += jax.lax.dot_general(
+                x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
 
         last = (v == nv - 1) | (group_ref[jnp.minimum(v + 1, V - 1)] != g)
 
@@ -160,13 +181,18 @@ def tgmm(lhs, grad, group_sizes, group_offset, num_groups: int, out_dtype, *, ti
                 pl.BlockSpec((tm, tk), lambda k, n, v, group_ref, tile_ref, *_: (tile_ref[v], k)),
                 pl.BlockSpec((tm, tn), lambda k, n, v, group_ref, tile_ref, *_: (tile_ref[v], n)),
             ],
-            out_specs=pl.BlockSpec((None, tk, tn), lambda k, n, v, group_ref, tile_ref, *_: (group_ref[v], k, n)),
+            out_specs=pl.BlockSpec(
+                (None, tk, tn), lambda k, n, v, group_ref, tile_ref, *_: (group_ref[v], k, n)
+            ),
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=_interpret(interpret),
         name="moejax_tgmm",
     )
     rows = num_tiles * tm
-    return call(s.group, s.tile, s.starts, s.ends, s.num_visits, _pad_rows(lhs, rows), _pad_rows(grad, rows))
-
+    return call(
+        s.group, s.tile, s.starts, s.ends, s.num_visits, _pad_rows(lhs, rows), _pad_rows(grad, rows)
+    )

@@ -17,7 +17,9 @@ def group_ids(group_sizes, num_rows: int):
     """Global group of each row, int32 [M]; rows past the last group get len(group_sizes)."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     ends = jnp.cumsum(sizes)  # [G]
-    return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=jnp.int32), side="right").astype(jnp.int32)
+    return jnp.searchsorted(ends, jnp.arange(num_rows, dtype=jnp.int32), side="right").astype(
+        jnp.int32
+    )
 
 
 def gmm_reference(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None):
@@ -31,7 +33,9 @@ def gmm_reference(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_ty
     return out.astype(out_dtype)
 
 
-def tgmm_reference(lhs, grad, group_sizes, *, group_offset=0, num_groups=None, preferred_element_type=None):
+def tgmm_reference(
+    lhs, grad, group_sizes, *, group_offset=0, num_groups=None, preferred_element_type=None
+):
     """Transposed grouped matmul: [M, K]^T x [M, N] per group -> [G_local, K, N] (weight gradient)."""
     out_dtype = preferred_element_type or lhs.dtype
     G = num_groups if num_groups is not None else group_sizes.shape[0] - group_offset

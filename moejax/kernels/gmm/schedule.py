@@ -51,8 +51,13 @@ def schedule(starts, ends, *, tm: int, num_tiles: int, visit_empty: bool) -> Sch
     v = jnp.minimum(jnp.arange(max_visits, dtype=jnp.int32), jnp.maximum(num_visits - 1, 0))
     group = jnp.minimum(jnp.searchsorted(cum, v, side="right"), H - 1).astype(jnp.int32)
     tile = jnp.clip(first[group] + v - (cum - count)[group], 0, num_tiles - 1).astype(jnp.int32)
-    return Schedule(group, tile, starts.astype(jnp.int32), ends.astype(jnp.int32),
-                    num_visits.reshape(1).astype(jnp.int32))
+    return Schedule(
+        group,
+        tile,
+        starts.astype(jnp.int32),
+        ends.astype(jnp.int32),
+        num_visits.reshape(1).astype(jnp.int32),
+    )
 
 
 def gmm_schedule(group_sizes, group_offset, num_local: int, num_rows: int, tm: int) -> Schedule:

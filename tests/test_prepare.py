@@ -438,3 +438,82 @@ def test_data_modules_import_without_a_cycle_and_each_alone():
         r = subprocess.run([sys.executable, "-c", probe, m], capture_output=True, text=True)
         assert r.returncode == 0, (m, r.stderr[-2000:])
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "+1 415 555 0199",
+        "+44 20 7946 0958",
+        "+49 30 901820",
+        "+33 1 42 68 53 00",
+        "+81 3-1234-5678",
+        "+91 98765 43210",
+        "+14155550199",
+        "+49 (0)30 901820",
+        "(415) 555-0123",
+        "415.555.0123",
+    ],
+)
+def test_pii_finds_phone_numbers_of_every_country_as_written(planted):
+    for end in (" and", ".", ","):
+        text, n = stages.scrub_pii(f"Call me at {planted}{end} tomorrow")
+        assert (text, n) == (f"Call me at <PHONE>{end} tomorrow", 1)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "2001:db8::8a2e:370:7334",
+        "2001:0db8:85a3:0000:0000:8a2e:0370:7334",
+        "fe80::1ff:fe23:4567:890a",
+        "::ffff:192.0.2.1",
+    ],
+)
+def test_pii_finds_ipv6_addresses(planted):
+    assert stages.scrub_pii(f"host {planted}. next") == ("host <IP>. next", 1)
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "version 3.11.7",
+        "2024-01-15",
+        "12:30:45",
+        "a[::2]",
+        "std::vector<int>",
+        "00:1A:2B:3C:4D:5E",
+        "1 2 3 4 5 6 7 8 9 0",
+        "range(1000000, 2000000)",
+        "0x7fffffff",
+        "::1",
+        "3.14159265358979",
+        "123e4567-e89b-12d3-a456-426614174000",
+        "020 7946 0958",  # a UK national number: region US
+    ],
+)
+def test_pii_leaves_look_alikes(kept):
+    assert stages.scrub_pii(f"see {kept} here") == (f"see {kept} here", 0)
+
+
+def test_pii_region_takes_national_formats_and_a_bad_region_is_named(tmp_path):
+    assert stages.scrub_pii("ring 020 7946 0958 now", region="US,GB") == ("ring <PHONE> now", 1)
+    cfg = _fresh_jsonl(tmp_path)
+    cfg["stages"] = dict(cfg.get("stages", {}), pii_region="US,XX")
+    with pytest.raises(ValueError, match="stages.pii_region='US,XX': 'XX' is not a region"):
+        prepare.prepare(cfg, str(tmp_path / "out"), quiet=True)
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_one_line_naming_the_field(tmp_path):
+    from moejax.data import tokenizer as tokenizers
+
+    with pytest.raises(ValueError) as e:
+        tokenizers.train_sentencepiece(
+            ["a tiny corpus of a few words"] * 5, str(tmp_path / "t.model"), 512
+        )
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("tokenizer.vocab_size=512 ") and "at most " in msg
+    largest = int(msg.split("at most ")[1].split()[0])
+    tokenizers.train_sentencepiece(
+        ["a tiny corpus of a few words"] * 5, str(tmp_path / "t.model"), largest
+    )

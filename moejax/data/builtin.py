@@ -20,6 +20,7 @@ import sysconfig
 from typing import TYPE_CHECKING
 
 from moejax.data import layout, prepare
+from moejax.data.tokenizer import VocabularyTooLarge
 
 if (
     TYPE_CHECKING
@@ -88,6 +89,8 @@ def build(cfg: DataConfig, vocab_size: int) -> str:
         prepare.prepare(data_config(cfg, vocab_size), out, quiet=False)
     except FileExistsError:  # another process built it while this one waited for the lock
         pass
+    except VocabularyTooLarge as e:  # the built-in corpus's tokenizer takes the model's vocabulary
+        raise VocabularyTooLarge(e.asked, e.largest, field="model.vocab_size") from None
     return out
 
 

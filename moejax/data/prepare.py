@@ -160,7 +160,7 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
         ).tolist()
         for k in keep:
             out[k][2], out[k][7] = stages.scrub_pii(
-                out[k][2], digits[k] if digits[k] >= 0 else None
+                out[k][2], digits[k] if digits[k] >= 0 else None, region=st["pii_region"]
             )
         _lap(secs, "pii", t)
     return out, sigs, secs
@@ -407,6 +407,16 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     if unknown:
         raise ValueError(
             f"stages.{sorted(unknown)[0]}: unknown key; known: {', '.join(sorted(stages.DEFAULTS))}"
+        )
+    bad = [
+        r
+        for r in str(st["pii_region"]).split(",")
+        if r not in stages.phonenumbers.SUPPORTED_REGIONS
+    ]
+    if st["pii"] and bad:
+        raise ValueError(
+            f"stages.pii_region={st['pii_region']!r}: {bad[0]!r} is not a region phonenumbers knows; "
+            "use two-letter country codes such as US or US,GB,DE"
         )
     tcfg = dict(cfg.get("tokenizer", {}))
     known_tok = {

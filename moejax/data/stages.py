@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ast
 import collections
+import ipaddress
 import itertools
 import operator
 import re
 import unicodedata
 
 import numpy as np
+import phonenumbers
 
 DEFAULTS = dict(
     normalization="NFC",  # 'NFC' | 'NFKC' | '' (off)
@@ -42,7 +44,8 @@ DEFAULTS = dict(
     boilerplate_lines=True,  # C4: drop lines about javascript / cookies / terms of use / lorem ipsum
     harmful_categories={},  # category -> list of words or regexes; a match removes the document
     harmful_classifier="",  # optional "module:function" taking text, returning a reason or None
-    pii=True,  # emails, IP addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>
+    pii=True,  # emails, IPv4/IPv6 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>
+    pii_region="US",  # the countries whose national phone formats count, "US,GB" (international: all)
     code_parse_python=True,
     max_code_line_length=1000,
     max_code_mean_line_length=200,
@@ -69,9 +72,14 @@ GENERATED = re.compile(
 )  # a marker in a comment line near the top
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-PHONE = re.compile(
-    r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.-]\d{3,4}[\s.-]\d{3,4}(?![\w.])"
+# IPv6 candidates (hex groups and colons, optionally an embedded IPv4 tail); `ipaddress` decides.
+IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)"
 )
+# Phone candidates: a run of digits with the separators numbers are written with (spaces, dots,
+# dashes, parentheses, slashes), optionally after '+'; the phonenumbers library decides which part,
+# if any, is a valid number of some country (or of `pii_region` when written without '+').
+PHONE_CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d \t().\-/]{5,24}\d(?![\w])")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
 SPACE_RUN = re.compile(r"[ \t]{2,}")
@@ -102,19 +110,60 @@ def normalize(text: str, form: str, code: bool) -> str:
     return text.strip("\n")
 
 
-def scrub_pii(text: str, digits: int | None = None) -> tuple[str, int]:
-    """Emails, IPv4 addresses and phone numbers -> placeholders. `digits` (the document's count of ASCII
+def _ipv6(m: re.Match) -> str:
+    text = m.group(0)
+    groups = [g for g in re.split(r"[:.]", text) if g]
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return text
+    # At least two non-empty groups: a bare '::1' or a slice 'a[::2]' is not an address anyone owns.
+    return "<IP>" if len(groups) >= 2 else text
+
+
+def _phones(m: re.Match, regions: list[str]) -> str:
+    text = m.group(0)
+    if sum(c.isdigit() for c in text) < 7:  # no country's subscriber number is shorter
+        return text
+    for region in regions:  # an international number is found under any of them
+        found = list(
+            phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID)
+        )
+        if found:
+            break
+    for match in reversed(found):
+        text = text[: match.start] + "<PHONE>" + text[match.end :]
+    return text
+
+
+def scrub_pii(text: str, digits: int | None = None, region: str = "US") -> tuple[str, int]:
+    """Emails, IPv4 and IPv6 addresses and phone numbers -> <EMAIL>, <IP>, <PHONE>; returns the text and
+    the number of replacements.
+
+    Phone numbers are recognised by the `phonenumbers` library (Google's libphonenumber metadata):
+    international numbers written with '+' in any country's format (`+1 415 555 0199`, `+44 20 7946
+    0958`), and national ones of `region` (`(415) 555-0123`; "US,GB" tries both, in order); digit runs that are no valid number
+    (`1 2 3 4 5 6 7`, dates, versions, hex) stay. A regex only proposes candidates, because running the
+    library's matcher over whole documents is far slower. `digits` (the document's count of ASCII
     digits, when known) skips the number patterns below 4 (an IPv4 address has at least 4)."""
     n = 0
     if "@" in text:
         text, k = EMAIL.subn("<EMAIL>", text)
         n += k
-    if (
-        (digits >= 4) if digits is not None else bool(DIGIT_RUN.search(text))
-    ):  # most prose has few digits
-        for pattern, tag in ((IPV4, "<IP>"), (PHONE, "<PHONE>")):
-            text, k = pattern.subn(tag, text)
-            n += k
+    if "::" in text or text.count(":") >= 7:
+        new = IPV6.sub(_ipv6, text)
+        if new != text:
+            n += new.count("<IP>") - text.count("<IP>")
+            text = new
+    # most prose has few digits
+    if (digits >= 4) if digits is not None else bool(DIGIT_RUN.search(text)):
+        text, k = IPV4.subn("<IP>", text)
+        n += k
+        regions = region.split(",")
+        new = PHONE_CANDIDATE.sub(lambda m: _phones(m, regions), text)
+        if new != text:
+            n += new.count("<PHONE>") - text.count("<PHONE>")
+            text = new
     return text, n
 
 
@@ -191,9 +240,7 @@ def quality_reason(text: str, cfg: dict) -> str | None:
     return None
 
 
-def quality_reasons(
-    texts: list[str], words: WordHashes, cfg: dict, which
-) -> dict[int, str | None]:
+def quality_reasons(texts: list[str], words: WordHashes, cfg: dict, which) -> dict[int, str | None]:
     """`quality_reason` for the documents `which` of a chunk, from the chunk's word hashes: counts,
     letters, stop words, digits and the top 2-gram come from numpy over the joined bytes instead of Python
     strings per word. Documents with non-ASCII text take the per-document path (the reference)."""

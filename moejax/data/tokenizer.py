@@ -8,6 +8,7 @@ Face `tokenizer.json` (the `tokenizers` library: the files that ship with Llama,
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -108,6 +109,17 @@ def load(path: str, special: dict | None = None) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
+class VocabularyTooLarge(ValueError):
+    """The training text has fewer distinct pieces than the vocabulary asked for."""
+
+    def __init__(self, asked: int, largest: int, field: str = "tokenizer.vocab_size"):
+        self.asked, self.largest = asked, largest
+        super().__init__(
+            f"{field}={asked} is more than this corpus can give: at most {largest} (lower {field}, "
+            "or give the tokenizer more text)"
+        )
+
+
 def train_sentencepiece(
     lines: Iterable[str],
     model_file: str,
@@ -121,6 +133,23 @@ def train_sentencepiece(
     Writes `model_file` (a .model path) and returns the loaded tokenizer.
     """
     buf = io.BytesIO()
+    try:
+        _train(lines, buf, vocab_size, model_type, user_symbols, num_threads)
+    except RuntimeError as e:
+        # sentencepiece's own words are a C++ check failure: "... Vocabulary size too high (512).
+        # Please set it to a value <= 468."; the user needs the config field and the bound.
+        m = re.search(
+            r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e)
+        )
+        if m is None:
+            raise
+        raise VocabularyTooLarge(vocab_size, int(m.group(2))) from None
+    with open(model_file, "wb") as f:
+        f.write(buf.getvalue())
+    return SentencePieceTokenizer(model_file)
+
+
+def _train(lines, buf, vocab_size, model_type, user_symbols, num_threads) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=buf,
@@ -143,6 +172,3 @@ def train_sentencepiece(
         minloglevel=2,
         train_extremely_large_corpus=False,
     )
-    with open(model_file, "wb") as f:
-        f.write(buf.getvalue())
-    return SentencePieceTokenizer(model_file)

@@ -1,21 +1,21 @@
 """Data preparation speed and quality on a generated corpus with planted problems.
 
-    python -m benchmarks.data_prep                 # ~200 MB, 2 workers (the issue's setting), unigram
+    python -m benchmarks.data_prep                 # ~200 MB, 2 workers, unigram tokenizer
     python -m benchmarks.data_prep --model-type bpe
     python -m benchmarks.data_prep --mb 30         # quicker
 
 Documents are pseudo-English (Zipf-distributed words from a vocabulary harvested from the Python
 standard library's comments, plus stop words), written as JSONL shards (half gzip'd). Planted: exact
 copies (5%), near copies with 5-10% of words replaced (5%), low-quality documents (5%: word salad of
-symbols, repeated lines, digit tables, too short) and documents with PII (5%: emails, phone numbers, IP
-addresses). Prints MB/s per stage and end to end (with tokenization and packing), near-duplicate
+symbols, repeated lines, digit tables, too short) and documents with PII (5%: emails, phone numbers,
+IP addresses). Prints MB/s per stage and end to end (with tokenization and packing), near-duplicate
 precision and recall, and quality-filter precision and recall against the plants.
 
 Then PII recall on a planted set (`--pii-only` runs just this, in a second): emails, IPv4 and IPv6
-addresses, and phone numbers in national and international formats of many countries, each planted in
-a sentence, plus look-alikes that must stay (versions, dates, times, slices, MAC addresses, UUIDs,
-numeric lists). Recall and false positives are printed side by side for the scrubber and for the
-regex-only scrubber it replaced (kept below as the baseline).
+addresses, and phone numbers in national and international formats of many countries, each planted
+in a sentence, plus look-alikes that must stay (versions, dates, times, slices, MAC addresses,
+UUIDs, numeric lists). Recall and false positives are printed side by side for the scrubber and for
+the regex-only scrubber it replaced (kept below as the baseline).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import tempfile
 import time
 
 import numpy as np
-
 import phonenumbers
 
 from moejax.data import prepare, sources, stages
@@ -125,8 +124,8 @@ class Generator:
     def pii(self) -> str:
         text = self.doc()
         return (
-            text
-            + f"\n\nContact: user{self.rng.integers(1e6)}@example.org, +1 212 555 {self.rng.integers(1000, 9999)}, "
+            text + f"\n\nContact: user{self.rng.integers(1e6)}@example.org, "
+            f"+1 212 555 {self.rng.integers(1000, 9999)}, "
             f"server 10.{self.rng.integers(256)}.{self.rng.integers(256)}.{self.rng.integers(256)}."
         )
 
@@ -181,7 +180,8 @@ def pr(pred: set, truth: set) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------- PII recall
 
-# The regex-only scrubber moejax used before phonenumbers and IPv6 (the baseline of the recall table).
+# The regex-only scrubber moejax used before phonenumbers and IPv6 (the baseline of the recall
+# table).
 _OLD_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 _OLD_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
 _OLD_PHONE = re.compile(
@@ -382,7 +382,8 @@ def main(argv=None):
         t = time.time()
         corpus = generate(raw, args.mb, args.seed)
         print(
-            f"generated {corpus['bytes'] / 1e6:.0f} MB, {len(corpus['docs'])} documents in {time.time() - t:.0f} s"
+            f"generated {corpus['bytes'] / 1e6:.0f} MB, {len(corpus['docs'])} documents in "
+            f"{time.time() - t:.0f} s"
         )
         cfg = {
             "name": "bench",
@@ -438,10 +439,11 @@ def main(argv=None):
             {i for i, k in labels.items() if k == "low"},
         )
         print(
-            f"near duplicates: precision {near_p:.3f} recall {near_r:.3f}; all duplicates: precision {dup_p:.3f} "
-            f"recall {dup_r:.3f}; quality filter: precision {q_p:.3f} recall {q_r:.3f}; "
-            f"pii replacements {manifest['counts']['changes'].get('pii replacements', 0)} "
-            f"(planted {3 * sum(k == 'pii' for k in labels.values())})"
+            f"near duplicates: precision {near_p:.3f} recall {near_r:.3f}; all duplicates: "
+            f"precision {dup_p:.3f} recall {dup_r:.3f}; quality filter: precision {q_p:.3f} recall "
+            f"{q_r:.3f}; pii replacements "
+            f"{manifest['counts']['changes'].get('pii replacements', 0)} (planted "
+            f"{3 * sum(k == 'pii' for k in labels.values())})"
         )
     pii_recall(args.seed)
 

@@ -19,12 +19,12 @@ __version__ = "0.1.0"
 def _quiet_libtpu_off_tpu() -> None:
     """On a machine without TPU chips, tell libtpu (the `tpu` extra) which host it is not on.
 
-    Loaded without these variables, libtpu asks the Cloud metadata server, fails, and prints "could not
-    determine TPU accelerator type / worker hostnames" and an InitGoogle trace to stderr, once when
-    jax probes its backends and once more when `moejax.compile` loads it to describe a topology. Neither
-    variable changes a topology built from an explicit name (tests/test_tpu_aot.py compiles with them
-    set), and a machine with TPU chips (Google's PCI vendor id, as jax's own probe reads it) is left
-    exactly as it was, as is any value the user set."""
+    Loaded without these variables, libtpu asks the Cloud metadata server, fails, and prints "could
+    not determine TPU accelerator type / worker hostnames" and an InitGoogle trace to stderr, once
+    when jax probes its backends and once more when `moejax.compile` loads it to describe a
+    topology. Neither variable changes a topology built from an explicit name (tests/test_tpu_aot.py
+    compiles with them set), and a machine with TPU chips (Google's PCI vendor id, as jax's own
+    probe reads it) is left exactly as it was, as is any value the user set."""
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
             with open(vendor) as f:

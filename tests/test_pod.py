@@ -118,8 +118,9 @@ def test_compile_cli_names_a_bad_mesh():
 
 
 def test_no_libtpu_noise_on_a_machine_without_tpus():
-    """With the `tpu` extra installed on a CPU-only machine, neither jax's backend probe nor describing a
-    TPU topology for AOT compilation prints libtpu's metadata warnings or an InitGoogle trace."""
+    """With the `tpu` extra installed on a CPU-only machine, neither jax's backend probe nor
+    describing a TPU topology for AOT compilation prints libtpu's metadata warnings or an InitGoogle
+    trace."""
     pytest.importorskip("libtpu")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
     code = (

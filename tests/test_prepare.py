@@ -1,5 +1,6 @@
-"""The data preparation pipeline: bad inputs are skipped and counted, planted duplicates, low-quality
-documents, harmful words and PII are caught, and the output is a dataset training can read."""
+"""The data preparation pipeline: bad inputs are skipped and counted, planted duplicates,
+low-quality documents, harmful words and PII are caught, and the output is a dataset training can
+read."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from moejax.data import dataset, layout, mixture, prepare, sources, stages
 
 WORDS = (
     "the river ran past the old mill and the children watched the water with great interest while "
-    "their parents talked about the harvest that had come early this year because of the warm weather "
-    "and long days of sun that the whole valley had enjoyed since the spring"
+    "their parents talked about the harvest that had come early this year because of the warm "
+    "weather and long days of sun that the whole valley had enjoyed since the spring"
 ).split()
 
 
@@ -336,8 +337,8 @@ def test_a_hugging_face_tokenizer_json_prepares_and_reads(raw, tmp_path):
 
 
 def test_chunk_statistics_match_the_per_document_reference():
-    """quality_reasons (numpy over a chunk) against quality_reason (Python per document), and the batched
-    MinHash / exact hashes against one document at a time."""
+    """quality_reasons (numpy over a chunk) against quality_reason (Python per document), and the
+    batched MinHash / exact hashes against one document at a time."""
     rng = np.random.default_rng(3)
     docs = [_doc(rng, int(rng.integers(5, 200))) for _ in range(60)]
     docs += [
@@ -406,8 +407,9 @@ def _data_imports() -> dict[str, set[str]]:
 
 
 def test_data_modules_import_without_a_cycle_and_each_alone():
-    """The on-disk format (layout) sits below both the reader (dataset) and source resolution (mixture,
-    builtin, prepare): no module of moejax.data reaches itself through imports, even lazy ones."""
+    """The on-disk format (layout) sits below both the reader (dataset) and source resolution
+    (mixture, builtin, prepare): no module of moejax.data reaches itself through imports, even lazy
+    ones."""
     import subprocess
     import sys
 
@@ -427,8 +429,8 @@ def test_data_modules_import_without_a_cycle_and_each_alone():
 
     for m in sorted(graph):
         visit(m)
-    # Each imports alone in a fresh interpreter, and the reader (imported by Grain's worker processes)
-    # pulls in neither jax nor the model config.
+    # Each imports alone in a fresh interpreter, and the reader (imported by Grain's worker
+    # processes) pulls in neither jax nor the model config.
     code = "; ".join(f"import moejax.data.{m}" for m in sorted(graph))
     for m in sorted(graph):
         probe = (

@@ -1,13 +1,14 @@
-"""The built-in default corpus: the Python standard library's own sources (code and docstrings); and a
-second built-in domain, `builtin-docs`: the English prose of Python's reference documentation (the `pydoc_data`
-topics that ship with the interpreter), tokenized with the default corpus's tokenizer, so that a model
-pretrained on the default corpus can continue on it (continual pretraining; `data.source=
-'builtin-docs=0.9,builtin=0.1'` replays 10% of the old data).
+"""The built-in default corpus: the Python standard library's own sources (code and docstrings); and
+a second built-in domain, `builtin-docs`: the English prose of Python's reference documentation (the
+`pydoc_data` topics that ship with the interpreter), tokenized with the default corpus's tokenizer,
+so that a model pretrained on the default corpus can continue on it (continual pretraining;
+`data.source= 'builtin-docs=0.9,builtin=0.1'` replays 10% of the old data).
 
 It goes through the same pipeline as any dataset (`moejax.data.prepare`: code checks, exact and
-near-duplicate removal, PII placeholders, a sentencepiece BPE tokenizer with byte fallback trained on
-the training files, packing into ArrayRecord shards). It is prepared on first use and cached under
-`data.cache_dir`, keyed by everything that shapes it; the directory appears only when complete.
+near-duplicate removal, PII placeholders, a sentencepiece BPE tokenizer with byte fallback trained
+on the training files, packing into ArrayRecord shards). It is prepared on first use and cached
+under `data.cache_dir`, keyed by everything that shapes it; the directory appears only when
+complete.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ CORPUS_VERSION = 2
 
 
 def data_config(cfg: DataConfig, vocab_size: int) -> dict:
-    """The prepare config of the built-in corpus (`python -m moejax.data.prepare` takes the same)."""
+    """The prepare config of the built-in corpus (`python -m moejax.data.prepare` takes the
+    same)."""
     return {
         "name": "python-stdlib",
         "seed": 0,
@@ -98,7 +100,8 @@ DOCS_VERSION = 1
 
 
 def build_docs(cfg: DataConfig, vocab_size: int) -> str:
-    """The `builtin-docs` dataset directory (prepared on first use with the built-in corpus's tokenizer)."""
+    """The `builtin-docs` dataset directory (prepared on first use with the built-in corpus's
+    tokenizer)."""
     code = build(cfg, vocab_size)
     root = cfg.cache_dir or default_cache_dir()
     key = hashlib.sha256(

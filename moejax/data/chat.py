@@ -1,7 +1,7 @@
 """Chat templates: Hugging Face `tokenizer_config.json` jinja2 templates, or a built-in one.
 
-One renderer for the server (prompts) and fine-tuning (training examples with assistant-only loss), so a
-model is trained on exactly the text it is later prompted with.
+One renderer for the server (prompts) and fine-tuning (training examples with assistant-only loss),
+so a model is trained on exactly the text it is later prompted with.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _raise_exception(msg):
 
 @functools.lru_cache(maxsize=16)
 def compiled(template: str):
-    """The template compiled once (sandboxed jinja2, trim_blocks / lstrip_blocks, raise_exception, as
-    transformers renders it). Raises TemplateFailure for a template that does not parse."""
+    """The template compiled once (sandboxed jinja2, trim_blocks / lstrip_blocks, raise_exception,
+    as transformers renders it). Raises TemplateFailure for a template that does not parse."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -30,11 +30,11 @@ class _Rows:
 class Batches:
     """Global batches of packed rows as numpy dicts, from a Grain pipeline.
 
-    One prepared dataset or a weighted mixture of several (`parse_sources`; they must share seq_len and
-    tokenizer): each is shuffled with its own seed and repeated, and `grain.MapDataset.mix` interleaves
-    them in proportion to the weights. This process takes its contiguous share of each global batch
-    (rows split by jax.process_index). `workers` > 0 decodes in that many Grain worker processes.
-    The position is checkpointable (`state()` / `restore(state)`).
+    One prepared dataset or a weighted mixture of several (`parse_sources`; they must share seq_len
+    and tokenizer): each is shuffled with its own seed and repeated, and `grain.MapDataset.mix`
+    interleaves them in proportion to the weights. This process takes its contiguous share of each
+    global batch (rows split by jax.process_index). `workers` > 0 decodes in that many Grain worker
+    processes. The position is checkpointable (`state()` / `restore(state)`).
     """
 
     def __init__(
@@ -60,8 +60,9 @@ class Batches:
                 )
             if tokenizer_digest(p) != tokenizer_digest(mix[0][0]):
                 raise ValueError(
-                    f"data.source: {p} and {mix[0][0]} were tokenized differently; a mixture needs one "
-                    "tokenizer (prepare them with tokenizer.model or tokenizer.hf set to the same file)"
+                    f"data.source: {p} and {mix[0][0]} were tokenized differently; a mixture needs "
+                    "one tokenizer (prepare them with tokenizer.model or tokenizer.hf set to the "
+                    "same file)"
                 )
         if global_batch % process_count:
             raise ValueError(

@@ -2,10 +2,10 @@
 
     manifest.json  tokenizer.model (or tokenizer.json)  train.arrayrecord  validation.arrayrecord
 
-The manifest is written last (atomically); a directory without it is incomplete and never read. Everything
-that writes a dataset (`moejax.data.prepare`, `moejax.finetune.data`) and everything that reads one
-(`moejax.data.dataset`, the trainer, the generator) names its files through this module, which imports
-nothing else of moejax.data but the tokenizer classes.
+The manifest is written last (atomically); a directory without it is incomplete and never read.
+Everything that writes a dataset (`moejax.data.prepare`, `moejax.finetune.data`) and everything that
+reads one (`moejax.data.dataset`, the trainer, the generator) names its files through this module,
+which imports nothing else of moejax.data but the tokenizer classes.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def read_manifest(path: str) -> dict:
 
 
 def tokenizer(path) -> tokenizers.Tokenizer:
-    """The dataset's tokenizer: sentencepiece, or a Hugging Face tokenizer.json with the special tokens
-    the manifest names. `path` may be a mixture [(path, weight)] (its datasets share one tokenizer)."""
+    """The dataset's tokenizer: sentencepiece, or a Hugging Face tokenizer.json with the special
+    tokens the manifest names. `path` may be a mixture [(path, weight)] (its datasets share one
+    tokenizer)."""
     if not isinstance(path, str):
         path = path[0][0]
     hf = os.path.join(path, HF_TOKENIZER)

@@ -29,9 +29,9 @@ def parse_sources(source: str | list) -> list[tuple[str, float]]:
 
 
 def resolve(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
-    """The datasets a config names, as [(directory, weight)]: a prepared directory, the built-in corpus
-    ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or a mixture
-    of them `dirA=0.7,builtin=0.3`."""
+    """The datasets a config names, as [(directory, weight)]: a prepared directory, the built-in
+    corpus ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or
+    a mixture of them `dirA=0.7,builtin=0.3`."""
     named = {"builtin": builtin.build, "builtin-docs": builtin.build_docs}
     mix = [
         (named[p](data_cfg, vocab_size) if p in named else p, w)

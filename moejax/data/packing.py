@@ -1,4 +1,5 @@
-"""Packing documents into fixed-length rows with segment ids and positions, stored as ArrayRecord."""
+"""Packing documents into fixed-length rows with segment ids and positions, stored as
+ArrayRecord."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def encode_row(row: np.ndarray) -> bytes:
 
 
 def decode_row(data: bytes, seq_len: int) -> dict[str, np.ndarray]:
-    """A row's fields: FIELDS, and `loss_mask` in fine-tuning rows (moejax.finetune.data), which hold 4."""
+    """A row's fields: FIELDS, and `loss_mask` in fine-tuning rows (moejax.finetune.data), which
+    hold 4."""
     arr = np.frombuffer(data, np.int32).reshape(-1, seq_len)
     return {name: arr[i] for i, name in enumerate(FIELDS + ("loss_mask",)[: arr.shape[0] - 3])}
 

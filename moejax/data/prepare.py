@@ -1,22 +1,24 @@
-"""Prepare a dataset from raw text and code: read, normalize, deduplicate, filter, scrub, tokenize, pack.
+"""Prepare a dataset from raw text and code: read, normalize, deduplicate, filter, scrub, tokenize,
+pack.
 
     python -m moejax.data.prepare --config experiments/data/example.py --out DIR
 
 The output directory has the layout training reads (`data.source=DIR`; see moejax.data.layout):
-ArrayRecord shards per split, the tokenizer, manifest.json (sources, input hashes, counts, the config)
-and report.md with plots.
+ArrayRecord shards per split, the tokenizer, manifest.json (sources, input hashes, counts, the
+config) and report.md with plots.
 
-Work runs in three phases, each recorded in a build directory next to the output (`.<name>.building`):
+Work runs in three phases, each recorded in a build directory next to the output
+(`.<name>.building`):
 1. clean, one source at a time: the main process reads documents and sends chunks to `workers`
-   processes that normalize, filter, hash, compute MinHash signatures and scrub PII; the main process
-   takes the deduplication decisions in document order (so the result does not depend on the worker
-   count) and appends the survivors to `cleaned/<n>.jsonl`; after each source the counters and the
-   deduplication index are saved;
+   processes that normalize, filter, hash, compute MinHash signatures and scrub PII; the main
+   process takes the deduplication decisions in document order (so the result does not depend on the
+   worker count) and appends the survivors to `cleaned/<n>.jsonl`; after each source the counters
+   and the deduplication index are saved;
 2. the tokenizer: trained with sentencepiece on a sample of the cleaned training text, or copied;
 3. tokenize and pack each split over the workers into ArrayRecord shards.
-A rerun with the same config and inputs resumes after the last finished source or phase; with anything
-changed it starts over. The build directory is renamed to the output only when every shard and the
-manifest are written, so nothing incomplete ever looks complete.
+A rerun with the same config and inputs resumes after the last finished source or phase; with
+anything changed it starts over. The build directory is renamed to the output only when every shard
+and the manifest are written, so nothing incomplete ever looks complete.
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def _init_cleaner(st: dict, seed: int):
 
 def _clean_chunk(chunk: list[tuple[str, str]]):
     """Everything but the deduplication decisions, for (text, lang) pairs. Per document: (stage that
-    removed it or None, reason, text, raw bytes, cleaned bytes, content hash, boilerplate lines dropped,
-    PII replacements); plus the MinHash signatures and band keys of the survivors, and seconds per stage."""
+    removed it or None, reason, text, raw bytes, cleaned bytes, content hash, boilerplate lines
+    dropped, PII replacements); plus the MinHash signatures and band keys of the survivors, and
+    seconds per stage."""
     st, harmful, hasher = _WORKER["st"], _WORKER["harmful"], _WORKER["hasher"]
     secs = collections.Counter()
     tick = time.perf_counter
@@ -154,7 +157,8 @@ def _clean_chunk(chunk: list[tuple[str, str]]):
         sigs = (sig, _WORKER["lsh"].band_keys(sig))
         t = _lap(secs, "near_dedup", t)
     if st["pii"]:
-        # ASCII digit counts let scrub_pii skip the number patterns; non-ASCII text may hold other digits
+        # ASCII digit counts let scrub_pii skip the number patterns; non-ASCII text may hold other
+        # digits
         digits = np.where(
             words.per_doc(stages.NON_ASCII_OR_FS) > 0, -1, words.per_doc(stages.DIGITS)
         ).tolist()
@@ -194,7 +198,8 @@ class _Workers:
         self.depth = 2 * max(1, workers)
 
     def map(self, fn, items):
-        """Yields (meta, fn(payload)) for (meta, payload) items in order, at most `depth` in flight."""
+        """Yields (meta, fn(payload)) for (meta, payload) items in order, at most `depth` in
+        flight."""
         if self.pool is None:
             for meta, payload in items:
                 yield meta, fn(payload)
@@ -231,7 +236,8 @@ def _chunks(docs, size: int, counters: Counters):
 
 
 class Dedup:
-    """The order-dependent decisions: exact hashes seen, the near-duplicate LSH index, the FIM coin."""
+    """The order-dependent decisions: exact hashes seen, the near-duplicate LSH index, the FIM
+    coin."""
 
     def __init__(self, st: dict, seed: int):
         self.exact: set[bytes] = set()
@@ -316,10 +322,10 @@ def _file_hash(path: str) -> str:
 
 
 def _input_key(cfg: dict, files: dict) -> str:
-    """What a resumed build must agree on: the config (less overwrite / workers) and the input files'
-    names, sizes and modification times."""
+    """What a resumed build must agree on: the config (less overwrite / workers) and the input
+    files' names, sizes and modification times."""
     stat = {}
-    for name, fs in files.items():
+    for fs in files.values():
         for f in fs:
             try:
                 s = os.stat(f)
@@ -388,8 +394,9 @@ def _write_cleaned(
 def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
     """Runs the pipeline for a data config (see experiments/data/*.py); returns the manifest.
 
-    Holds an exclusive lock (`.<name>.lock` next to the output) while it runs, so that processes started
-    together (several hosts on a shared disk) build once: the others then find the complete output."""
+    Holds an exclusive lock (`.<name>.lock` next to the output) while it runs, so that processes
+    started together (several hosts on a shared disk) build once: the others then find the complete
+    output."""
     import fcntl
 
     out = os.path.abspath(out)
@@ -415,8 +422,8 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     ]
     if st["pii"] and bad:
         raise ValueError(
-            f"stages.pii_region={st['pii_region']!r}: {bad[0]!r} is not a region phonenumbers knows; "
-            "use two-letter country codes such as US or US,GB,DE"
+            f"stages.pii_region={st['pii_region']!r}: {bad[0]!r} is not a region phonenumbers "
+            "knows; use two-letter country codes such as US or US,GB,DE"
         )
     tcfg = dict(cfg.get("tokenizer", {}))
     known_tok = {
@@ -432,7 +439,8 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     }
     if set(tcfg) - known_tok:
         raise ValueError(
-            f"tokenizer.{sorted(set(tcfg) - known_tok)[0]}: unknown key; known: {', '.join(sorted(known_tok))}"
+            f"tokenizer.{sorted(set(tcfg) - known_tok)[0]}: unknown key; known: "
+            f"{', '.join(sorted(known_tok))}"
         )
     if not cfg.get("sources"):
         raise ValueError("sources: the config names no sources")
@@ -459,7 +467,8 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     elif not quiet:
         print(
             f"[prepare] resuming {build}: {progress['sources_done']} sources cleaned, "
-            f"tokenizer {'done' if progress['tokenizer'] else 'not done'}, splits done {sorted(progress['splits'])}"
+            f"tokenizer {'done' if progress['tokenizer'] else 'not done'}, splits done "
+            f"{sorted(progress['splits'])}"
         )
     os.makedirs(os.path.join(build, "cleaned"), exist_ok=True)
     save_progress = lambda: _save_json(os.path.join(build, PROGRESS), progress)  # noqa: E731
@@ -675,8 +684,8 @@ def _copies(weight: float, key: str, seed: int) -> int:
 
 
 def _sample_lines(docs, budget: int, total_bytes: int | None, seed: int):
-    """Lines of a deterministic pseudo-random share of the documents (by a hash of their path), about
-    `budget` bytes in all, streamed."""
+    """Lines of a deterministic pseudo-random share of the documents (by a hash of their path),
+    about `budget` bytes in all, streamed."""
     share = 1.0 if not total_bytes else min(1.0, 1.2 * budget / total_bytes)
     for d in docs:
         if share < 1.0 and _hash_fraction("s" + d[1], seed) >= share:
@@ -734,8 +743,8 @@ def write_report(
         }
         mbs = c.bytes_in[s] / 1e6 / c.seconds[s] if c.seconds[s] else float("inf")
         rows.append(
-            f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | {kept_bytes:,} "
-            f"| {c.seconds[s]:.2f} | {mbs:.1f} |"
+            f"| {s} | {c.docs_in[s]:,} | {kept_docs:,} | {c.removed[s]:,} | {c.bytes_in[s]:,} | "
+            f"{kept_bytes:,} | {c.seconds[s]:.2f} | {mbs:.1f} |"
         )
     md = [
         "# Data preparation report",

@@ -1,10 +1,10 @@
 """Reading raw sources into documents, where bad input is skipped and counted, never fatal.
 
-A source is a path (file, directory walked recursively, or glob with **), a format (text, jsonl, json,
-parquet; 'auto' from the extension) and a kind (text or code). Compressed files (.gz, .zst) are read
-through their decompressor. Each file that cannot be used is skipped with a reason: binary content,
-empty, unreadable, truncated compressed stream, invalid UTF-8 (unless repaired), malformed JSON lines
-(counted per line), symlink loops.
+A source is a path (file, directory walked recursively, or glob with **), a format (text, jsonl,
+json, parquet; 'auto' from the extension) and a kind (text or code). Compressed files (.gz, .zst)
+are read through their decompressor. Each file that cannot be used is skipped with a reason: binary
+content, empty, unreadable, truncated compressed stream, invalid UTF-8 (unless repaired), malformed
+JSON lines (counted per line), symlink loops.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class SkipLog:
 
 
 def expand(path: str, skips: SkipLog) -> list[str]:
-    """Files named by a path, directory (recursive, links not followed into loops) or glob; sorted."""
+    """Files named by a path, directory (recursive, links not followed into loops) or glob;
+    sorted."""
     path = os.path.expanduser(path)
     if any(c in path for c in "*?["):
         out = []
@@ -227,8 +228,8 @@ SOURCE_KEYS = (
 
 
 def files(source: dict, skips: SkipLog) -> list[str]:
-    """The files of one source config, sorted: `path` expanded, `exclude` patterns dropped, the first
-    `max_files` (0 = all)."""
+    """The files of one source config, sorted: `path` expanded, `exclude` patterns dropped, the
+    first `max_files` (0 = all)."""
     unknown = set(source) - set(SOURCE_KEYS)
     if unknown:
         raise ValueError(

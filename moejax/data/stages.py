@@ -1,9 +1,9 @@
 """Cleaning, deduplication and filtering stages for the data preparation pipeline.
 
 Each filter returns a removal reason (a short string) or None; each transform returns the new text
-and a count of what it changed. The thresholds are the fields of the `stages` section of a data config
-(experiments/data/*.py), documented in `DEFAULTS` below; the heuristics follow Gopher (Rae et al. 2021)
-and C4 (Raffel et al. 2020).
+and a count of what it changed. The thresholds are the fields of the `stages` section of a data
+config (experiments/data/*.py), documented in `DEFAULTS` below; the heuristics follow Gopher (Rae et
+al. 2021) and C4 (Raffel et al. 2020).
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ DEFAULTS = dict(
     near_dedup=True,
     shingle_size=3,  # words per shingle (code too: whitespace-split tokens)
     num_perm=128,  # MinHash permutations = bands * rows
-    bands=32,  # 32 bands of 4 rows: a pair at Jaccard 0.6 shares a band with probability 0.99, at 0.3 0.23
-    threshold=0.5,  # estimated Jaccard (3-word shingles) from which a later document is a near duplicate;
-    #                 a 10% word-edited copy sits near 0.55, unrelated documents below 0.1
-    max_document_bytes=8_000_000,  # larger documents are removed before any stage (a 100 MB single line)
+    # 32 bands of 4 rows: a pair at Jaccard 0.6 shares a band with probability 0.99, at 0.3 0.23
+    bands=32,
+    # estimated Jaccard (3-word shingles) from which a later document is a near duplicate; a 10%
+    # word-edited copy sits near 0.55, unrelated documents below 0.1
+    threshold=0.5,
+    # larger documents are removed before any stage (a 100 MB single line)
+    max_document_bytes=8_000_000,
     min_words=50,
     max_words=100_000,
     min_mean_word_length=3.0,
@@ -41,11 +44,13 @@ DEFAULTS = dict(
     max_duplicate_line_fraction=0.3,
     max_top_2gram_char_fraction=0.2,
     max_digit_fraction=0.3,
-    boilerplate_lines=True,  # C4: drop lines about javascript / cookies / terms of use / lorem ipsum
+    # C4: drop lines about javascript / cookies / terms of use / lorem ipsum
+    boilerplate_lines=True,
     harmful_categories={},  # category -> list of words or regexes; a match removes the document
     harmful_classifier="",  # optional "module:function" taking text, returning a reason or None
     pii=True,  # emails, IPv4/IPv6 addresses, phone numbers -> <EMAIL>, <IP>, <PHONE>
-    pii_region="US",  # the countries whose national phone formats count, "US,GB" (international: all)
+    # the countries whose national phone formats count, e.g. "US,GB" (international ones: all)
+    pii_region="US",
     code_parse_python=True,
     max_code_line_length=1000,
     max_code_mean_line_length=200,
@@ -137,15 +142,16 @@ def _phones(m: re.Match, regions: list[str]) -> str:
 
 
 def scrub_pii(text: str, digits: int | None = None, region: str = "US") -> tuple[str, int]:
-    """Emails, IPv4 and IPv6 addresses and phone numbers -> <EMAIL>, <IP>, <PHONE>; returns the text and
-    the number of replacements.
+    """Emails, IPv4 and IPv6 addresses and phone numbers -> <EMAIL>, <IP>, <PHONE>; returns the text
+    and the number of replacements.
 
     Phone numbers are recognised by the `phonenumbers` library (Google's libphonenumber metadata):
     international numbers written with '+' in any country's format (`+1 415 555 0199`, `+44 20 7946
-    0958`), and national ones of `region` (`(415) 555-0123`; "US,GB" tries both, in order); digit runs that are no valid number
-    (`1 2 3 4 5 6 7`, dates, versions, hex) stay. A regex only proposes candidates, because running the
-    library's matcher over whole documents is far slower. `digits` (the document's count of ASCII
-    digits, when known) skips the number patterns below 4 (an IPv4 address has at least 4)."""
+    0958`), and national ones of `region` (`(415) 555-0123`; "US,GB" tries both, in order); digit
+    runs that are no valid number (`1 2 3 4 5 6 7`, dates, versions, hex) stay. A regex only
+    proposes candidates, because running the library's matcher over whole documents is far slower.
+    `digits` (the document's count of ASCII digits, when known) skips the number patterns below 4
+    (an IPv4 address has at least 4)."""
     n = 0
     if "@" in text:
         text, k = EMAIL.subn("<EMAIL>", text)
@@ -224,8 +230,8 @@ def quality_reason(text: str, cfg: dict) -> str | None:
         return "no stop words"
     if sum(map(text.count, "0123456789")) / max(1, len(text)) > cfg["max_digit_fraction"]:
         return "digit ratio"
-    # the most frequent 2-gram (case-insensitive): its characters are at most those of its two words, so
-    # skip counting pairs when no word's occurrences could reach the threshold
+    # the most frequent 2-gram (case-insensitive): its characters are at most those of its two
+    # words, so skip counting pairs when no word's occurrences could reach the threshold
     if (
         n >= 2
         and 2 * max(map(operator.mul, counts.values(), map(len, counts))) / max(1, chars)
@@ -242,8 +248,9 @@ def quality_reason(text: str, cfg: dict) -> str | None:
 
 def quality_reasons(texts: list[str], words: WordHashes, cfg: dict, which) -> dict[int, str | None]:
     """`quality_reason` for the documents `which` of a chunk, from the chunk's word hashes: counts,
-    letters, stop words, digits and the top 2-gram come from numpy over the joined bytes instead of Python
-    strings per word. Documents with non-ASCII text take the per-document path (the reference)."""
+    letters, stop words, digits and the top 2-gram come from numpy over the joined bytes instead of
+    Python strings per word. Documents with non-ASCII text take the per-document path (the
+    reference)."""
     b, st, en, doc, n_docs = words.bytes, words.starts, words.ends, words.doc, words.n
 
     special = words.per_doc(NON_ASCII_OR_FS) > 0
@@ -338,8 +345,8 @@ def _line_reason(text: str, cfg: dict) -> str | None:
 
 
 def _alpha_words(text: str) -> int:
-    """Number of whitespace-separated words with at least one letter (the reference path: the pipeline
-    counts letters per word in numpy, `quality_reasons`)."""
+    """Number of whitespace-separated words with at least one letter (the reference path: the
+    pipeline counts letters per word in numpy, `quality_reasons`)."""
     return len(text.split()) - len(NO_ALPHA_WORD.findall(text))
 
 
@@ -363,9 +370,10 @@ def code_reason(text: str, lang: str, cfg: dict) -> str | None:
 
 
 def category_pattern(words) -> re.Pattern:
-    """One harmful-content category's alternation, case-insensitive. Every item matches as a whole word or
-    phrase (not inside a longer word: 'upskill yourself' is not 'kill yourself'); an item that starts or ends
-    with something other than a word character (e.g. '(?:...)') is used as the regex it is."""
+    """One harmful-content category's alternation, case-insensitive. Every item matches as a whole
+    word or phrase (not inside a longer word: 'upskill yourself' is not 'kill yourself'); an item
+    that starts or ends with something other than a word character (e.g. '(?:...)') is used as the
+    regex it is."""
     parts = [
         rf"(?<!\w)(?:{w})(?!\w)" if re.match(r"\w", w) and re.search(r"\w$", w) else w
         for w in words
@@ -435,7 +443,8 @@ def _geometric(q: int, m: int) -> np.ndarray:
 class WordHashes:
     """64-bit hashes of the lowercased, whitespace-split words of many documents, computed in numpy
     (a polynomial hash of each word's bytes from one prefix sum: no Python work per word).
-    `h[i]` is word i's hash, `doc[i]` its document, `first[d]` / `count[d]` document d's word range."""
+    `h[i]` is word i's hash, `doc[i]` its document, `first[d]` / `count[d]` document d's word
+    range."""
 
     def __init__(self, texts):
         parts = [t.lower().encode() for t in texts]
@@ -474,8 +483,8 @@ class WordHashes:
 
 
 def exact_hashes(words: WordHashes) -> list[bytes]:
-    """128 bits per document from its word sequence: equal for documents that differ only in case and
-    whitespace (the exact-duplicate key)."""
+    """128 bits per document from its word sequence: equal for documents that differ only in case
+    and whitespace (the exact-duplicate key)."""
     idx = np.arange(len(words.h)) - words.first[words.doc]
     out = []
     for q in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F):
@@ -502,13 +511,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 class MinHasher:
     """MinHash signatures of word-shingle sets, many documents per call, in numpy.
 
-    One-permutation hashing (Li, Owen & Zhang 2012): each shingle is hashed once, the hash picks one of
-    `num_perm` bins and the signature keeps the smallest value per bin; empty bins borrow the value of
-    the next non-empty bin to the right, offset by the distance (rotation densification, Shrivastava &
-    Li 2014). Two documents agree in a bin with probability equal to their Jaccard similarity, as with
-    `num_perm` independent permutations, at the cost of one hash per shingle instead of `num_perm`.
-    Words are split on ASCII whitespace after lowercasing; a document shorter than the shingle size is
-    one shingle.
+    One-permutation hashing (Li, Owen & Zhang 2012): each shingle is hashed once, the hash picks one
+    of `num_perm` bins and the signature keeps the smallest value per bin; empty bins borrow the
+    value of the next non-empty bin to the right, offset by the distance (rotation densification,
+    Shrivastava & Li 2014). Two documents agree in a bin with probability equal to their Jaccard
+    similarity, as with `num_perm` independent permutations, at the cost of one hash per shingle
+    instead of `num_perm`. Words are split on ASCII whitespace after lowercasing; a document shorter
+    than the shingle size is one shingle.
     """
 
     EMPTY = np.uint64(1 << 63)
@@ -562,8 +571,8 @@ class MinHasher:
 
 
 class NearDedup:
-    """LSH over MinHash signatures. A document whose estimated Jaccard similarity with an earlier kept
-    document reaches `threshold` (checked on the signatures of candidates sharing a band) is a
+    """LSH over MinHash signatures. A document whose estimated Jaccard similarity with an earlier
+    kept document reaches `threshold` (checked on the signatures of candidates sharing a band) is a
     duplicate. Union-find over the duplicate edges gives cluster sizes for the report.
 
     Signatures can be computed elsewhere (worker processes, `MinHasher`) and registered in document
@@ -585,8 +594,8 @@ class NearDedup:
         self.parent: list[int] = []
 
     def band_keys(self, sigs: np.ndarray) -> list[list[int]]:
-        """One 64-bit key per band (a hash of its rows and the band's number, so that all bands share one
-        index) for [n, num_perm] signatures, as Python ints."""
+        """One 64-bit key per band (a hash of its rows and the band's number, so that all bands
+        share one index) for [n, num_perm] signatures, as Python ints."""
         b = sigs.reshape(len(sigs), self.bands, self.rows)
         key = np.broadcast_to(np.arange(self.bands, dtype=np.uint64), b.shape[:2])
         for r in range(self.rows):
@@ -598,8 +607,9 @@ class NearDedup:
         return self.add_signature(sig[0], self.band_keys(sig)[0])
 
     def add_signature(self, sig: np.ndarray, keys: list[int]) -> int | None:
-        """Registers a document (its signature and band keys); returns the id of the earliest kept document
-        sharing a band whose estimated Jaccard similarity reaches the threshold (a duplicate), or None."""
+        """Registers a document (its signature and band keys); returns the id of the earliest kept
+        document sharing a band whose estimated Jaccard similarity reaches the threshold (a
+        duplicate), or None."""
         best = None
         candidates = set(map(self.index.get, keys))
         candidates.discard(None)

@@ -1,8 +1,8 @@
 """One tokenizer interface shared by training, evaluation and generation.
 
-Two backends: a sentencepiece model (what `moejax.data.prepare` trains, or one you bring) and a Hugging
-Face `tokenizer.json` (the `tokenizers` library: the files that ship with Llama, Qwen, DeepSeek, ...).
-`load(path, special)` opens either by file name.
+Two backends: a sentencepiece model (what `moejax.data.prepare` trains, or one you bring) and a
+Hugging Face `tokenizer.json` (the `tokenizers` library: the files that ship with Llama, Qwen,
+DeepSeek, ...). `load(path, special)` opens either by file name.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizer.json`. Special tokens are named by their text: `eos` is required, `bos`
-    defaults to the end-of-sequence token (GPT-2 style), `pad` to id 0. Encoding adds no special tokens
-    (packing adds BOS/EOS itself)."""
+    """A Hugging Face `tokenizer.json`. Special tokens are named by their text: `eos` is required,
+    `bos` defaults to the end-of-sequence token (GPT-2 style), `pad` to id 0. Encoding adds no
+    special tokens (packing adds BOS/EOS itself)."""
 
     def __init__(self, json_file: str, bos: str = "", eos: str = "", pad: str = ""):
         from tokenizers import Tokenizer as _Tokenizer
@@ -73,8 +73,8 @@ class HFTokenizer:
         self.special = {"bos": bos, "eos": eos, "pad": pad}
         if not eos:
             raise ValueError(
-                "tokenizer.eos: a Hugging Face tokenizer needs the text of its end-of-sequence token "
-                "(e.g. '</s>' or '<|endoftext|>')"
+                "tokenizer.eos: a Hugging Face tokenizer needs the text of its end-of-sequence "
+                "token (e.g. '</s>' or '<|endoftext|>')"
             )
         self.eos_id = self._id("eos", eos)
         self.bos_id = self._id("bos", bos) if bos else self.eos_id

@@ -1,8 +1,9 @@
-"""Metrics: MFU against a per-device peak table, and writers (metrics.jsonl, TensorBoard, console)."""
+"""Metrics: MFU against a per-device peak table; writers (metrics.jsonl, TensorBoard, console)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -81,11 +82,14 @@ class MetricWriter:
         record = {"step": step, **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        # Not-a-number (MFU without a known peak, the first step's time) stays in metrics.jsonl but
+        # not in TensorBoard, which would warn about it once per scalar per step.
         for k, v in values.items():
             if isinstance(v, list):
                 for i, x in enumerate(v):
-                    self.tb.add_scalar(f"{k}/layer_{i}", x, step)
-            elif isinstance(v, (int, float)):
+                    if math.isfinite(x):
+                        self.tb.add_scalar(f"{k}/layer_{i}", x, step)
+            elif isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
 

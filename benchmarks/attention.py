@@ -1,12 +1,14 @@
 """Attention backends side by side: forward + backward time and compiled temporary memory.
 
-  python -m benchmarks.attention                       # CPU: reference vs blockwise, tiny/small/long shapes
+  python -m benchmarks.attention                       # CPU: reference vs blockwise,
+                                                       # tiny/small/long shapes
   python -m benchmarks.attention --impls reference,blockwise,pallas_gpu,cudnn --dtype bfloat16 \\
       --shapes 1x4096x16x192x128,2x8192x8x128x128     # on a GPU
 
-Shapes are BxTxNxHxHv (MLA: H = qk_nope + qk_rope, Hv = v_head_dim; one KV head per query head). Rows are
-packed documents of random lengths (segment ids) except for cudnn, which takes none. Each impl is timed
-in the same run, interleaved, best of --repeats; `x ref` is the reference's time over the impl's.
+Shapes are BxTxNxHxHv (MLA: H = qk_nope + qk_rope, Hv = v_head_dim; one KV head per query head).
+Rows are packed documents of random lengths (segment ids) except for cudnn, which takes none. Each
+impl is timed in the same run, interleaved, best of --repeats; `x ref` is the reference's time over
+the impl's.
 """
 
 from __future__ import annotations

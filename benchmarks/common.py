@@ -24,7 +24,8 @@ def time_fn(fn, *args, iters: int = 10, repeats: int = 3, warmup: int = 2) -> fl
 
 
 def matmul_peak(dtype=jnp.bfloat16, size: int | None = None) -> float:
-    """Measured FLOP/s of one square matmul (bf16 in, float32 accumulation) on the default device."""
+    """Measured FLOP/s of one square matmul (bf16 in, float32 accumulation) on the default
+    device."""
     on_cpu = jax.default_backend() == "cpu"
     n = size or (1024 if on_cpu else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)

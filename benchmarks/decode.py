@@ -1,12 +1,14 @@
-"""Generation speed: moejax's KV-cache generator against transformers' generate (with its cache), side by side.
+"""Generation speed: moejax's KV-cache generator against transformers' generate (with its cache),
+side by side.
 
   python -m benchmarks.decode [--model runs/default] [--batches 1,16] [--prompt-len 64] [--new 64]
 
-Without --model the default experiment's architecture (experiments/moe.py, MTP depth 1) is initialized at
-random; with a trained workdir (the README's first run) the MTP acceptance rate means something. The same
-weights are exported to Hugging Face format and run by transformers' DeepseekV3ForCausalLM (float32, CPU,
-greedy, its dynamic cache). Prefill tokens/s = batch x prompt length / prefill time; decode tokens/s =
-generated tokens after the first / the time after the prefill (transformers: generate(new) - generate(1)).
+Without --model the default experiment's architecture (experiments/moe.py, MTP depth 1) is
+initialized at random; with a trained workdir (the README's first run) the MTP acceptance rate means
+something. The same weights are exported to Hugging Face format and run by transformers'
+DeepseekV3ForCausalLM (float32, CPU, greedy, its dynamic cache). Prefill tokens/s = batch x prompt
+length / prefill time; decode tokens/s = generated tokens after the first / the time after the
+prefill (transformers: generate(new) - generate(1)).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def time_hf(hf, prompts, new: int):
 
 
 def quality(path: str, model, qmodel, batches: int = 4):
-    """Validation perplexity and logit change of the int8-weight model against float32, on the run's data."""
+    """Validation perplexity and logit change of the int8-weight model against float32, on the run's
+    data."""
     import jax.numpy as jnp
 
     from moejax.data import dataset, mixture
@@ -135,12 +138,13 @@ def main(argv=None):
         tmp = tempfile.mkdtemp()
         hf = hf_model(model, tmp)
     print(
-        f"device: {jax.devices()[0].device_kind}; model {cfg.hidden_size}d x {cfg.num_layers} layers, "
-        f"{cfg.n_routed_experts} experts, vocab {cfg.vocab_size}, MTP {cfg.mtp_depth}; prompt {args.prompt_len}, "
-        f"{args.new} new tokens, greedy, float32"
+        f"device: {jax.devices()[0].device_kind}; model {cfg.hidden_size}d x {cfg.num_layers} "
+        f"layers, {cfg.n_routed_experts} experts, vocab {cfg.vocab_size}, MTP {cfg.mtp_depth}; "
+        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32"
     )
     print(
-        f"{'batch':>5s} {'engine':34s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'vs transformers':>16s}  notes"
+        f"{'batch':>5s} {'engine':34s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
+        f"{'vs transformers':>16s}  notes"
     )
     rng = np.random.default_rng(0)
     from moejax.infer.quantize import quantize, weight_bytes
@@ -150,7 +154,8 @@ def main(argv=None):
     int8 = Generator(model, eos_ids=[], kv_int8=True)
     wq = Generator(qmodel, eos_ids=[])
     print(
-        f"int8 weights: {weight_bytes(qmodel) / 2**20:.1f} MiB (float32: {weight_bytes(model) / 2**20:.1f} MiB)"
+        f"int8 weights: {weight_bytes(qmodel) / 2**20:.1f} MiB (float32: "
+        f"{weight_bytes(model) / 2**20:.1f} MiB)"
     )
     if args.model:
         quality(args.model, model, qmodel)
@@ -188,15 +193,16 @@ def main(argv=None):
             )
             hf_decode = B * (args.new - 1) / td
             print(
-                f"{B:5d} {'transformers generate (cache)':34s} {B * args.prompt_len / t1:14.0f} {hf_decode:13.0f} "
-                f"{1.0:15.2f}x  tokens equal to moejax: {agree:.0%}",
+                f"{B:5d} {'transformers generate (cache)':34s} {B * args.prompt_len / t1:14.0f} "
+                f"{hf_decode:13.0f} {1.0:15.2f}x  tokens equal to moejax: {agree:.0%}",
                 flush=True,
             )
         for label, st, note in rows:
             dec = (st.generated_tokens - B) / st.decode_seconds
             ratio = f"{dec / hf_decode:15.2f}x" if hf_decode else f"{'-':>16s}"
             print(
-                f"{B:5d} {label:34s} {st.prompt_tokens / st.prefill_seconds:14.0f} {dec:13.0f} {ratio}  {note}",
+                f"{B:5d} {label:34s} {st.prompt_tokens / st.prefill_seconds:14.0f} {dec:13.0f} "
+                f"{ratio}  {note}",
                 flush=True,
             )
 

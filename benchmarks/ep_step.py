@@ -68,8 +68,9 @@ def main():
         model=base.model.replace(num_heads=4, mtp_depth=0),
     )
     print(
-        f"tiny config: {cfg.model.n_routed_experts} experts top-{cfg.model.num_experts_per_tok}, hidden "
-        f"{cfg.model.hidden_size}, {cfg.model.num_layers} layers, batch {cfg.train.batch_size} x {cfg.data.seq_len}"
+        f"tiny config: {cfg.model.n_routed_experts} experts top-{cfg.model.num_experts_per_tok}, "
+        f"hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, batch "
+        f"{cfg.train.batch_size} x {cfg.data.seq_len}"
     )
     print("| layout | step ms | vs 1 device |")
     print("| --- | --- | --- |")

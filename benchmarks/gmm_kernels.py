@@ -98,7 +98,8 @@ def main(argv=None):
     )
     peak = matmul_peak(dtype)
     print(
-        f"device {device_name()}  jax {jax.__version__}  measured {args.dtype} matmul peak {peak / 1e12:.3g} TFLOP/s"
+        f"device {device_name()}  jax {jax.__version__}  measured {args.dtype} matmul peak "
+        f"{peak / 1e12:.3g} TFLOP/s"
     )
     print("| shape | impl | pass | ms | TFLOP/s | % peak | time vs dense |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -126,7 +127,8 @@ def main(argv=None):
                     ]
                 except Exception as e:  # a variant that does not compile is reported, not fatal
                     print(
-                        f"| {name} | {label} | - | failed: {type(e).__name__}: {str(e)[:200]} | | | |"
+                        f"| {name} | {label} | - | failed: {type(e).__name__}: "
+                        f"{str(e)[:200]} | | | |"
                     )
                     continue
                 finally:
@@ -134,14 +136,15 @@ def main(argv=None):
             for pname, t, d, mult in zip(("fwd", "fwd+bwd"), times, dense, (1, 3)):
                 tf = mult * flops / t
                 print(
-                    f"| {name} | {label} | {pname} | {t * 1e3:.2f} | {tf / 1e12:.3g} | {100 * tf / peak:.0f}% "
-                    f"| {t / d:.2f}x |",
+                    f"| {name} | {label} | {pname} | {t * 1e3:.2f} | {tf / 1e12:.3g} | "
+                    f"{100 * tf / peak:.0f}% | {t / d:.2f}x |",
                     flush=True,
                 )
 
 
 def _set_gpu_defaults(tiles=None, tgmm_tiles=None, num_warps=None, num_stages=None):
-    """Tile/warp/stage variants are set as the Pallas GPU kernels' defaults (forward and backward)."""
+    """Tile/warp/stage variants are set as the Pallas GPU kernels' defaults (forward and
+    backward)."""
     if tiles:
         pallas_gpu.DEFAULT_TILES, pallas_gpu.TGMM_TILES = tiles, tgmm_tiles
         pallas_gpu.DEFAULT_WARPS, pallas_gpu.DEFAULT_STAGES = num_warps, num_stages

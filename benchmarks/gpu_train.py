@@ -1,13 +1,15 @@
-"""One-accelerator training throughput of a ~1B-parameter MoE (DeepSeek-V2-Lite's shapes, fewer layers).
+"""One-accelerator training throughput of a ~1B-parameter MoE (DeepSeek-V2-Lite's shapes, fewer
+layers).
 
-  python -m benchmarks.gpu_train                          # on a GPU: V2-Lite shape, 2 layers, bf16, 8 x 4096
+  python -m benchmarks.gpu_train                          # on a GPU: V2-Lite shape, 2 layers,
+                                                          # bf16, 8 x 4096
   python -m benchmarks.gpu_train --layers 3 --batch 4 --attention pallas_gpu,reference
   python -m benchmarks.gpu_train --tiny                   # the same code path on a CPU, in seconds
 
-Builds the real train step (`moejax.trainer.setup`, AdamW, clipping, aux-loss-free bias update) on one
-device, times --steps steps per attention backend in the same run, and prints tokens/s and MFU against
-the bf16 matmul peak measured in the same run (benchmarks.common.matmul_peak) and against the card's
-datasheet peak when it is known. Synthetic tokens, packed into 4 documents per row.
+Builds the real train step (`moejax.trainer.setup`, AdamW, clipping, aux-loss-free bias update) on
+one device, times --steps steps per attention backend in the same run, and prints tokens/s and MFU
+against the bf16 matmul peak measured in the same run (benchmarks.common.matmul_peak) and against
+the card's datasheet peak when it is known. Synthetic tokens, packed into 4 documents per row.
 """
 
 from __future__ import annotations
@@ -102,12 +104,12 @@ def main(argv=None):
     kind = jax.devices()[0].device_kind
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in kind), None)
     print(
-        f"device {device_name()} ({jax.__version__}); measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s"
-        + (f", datasheet {sheet / 1e12:.0f}" if sheet else "")
+        f"device {device_name()} ({jax.__version__}); measured bf16 matmul peak "
+        f"{peak / 1e12:.1f} TFLOP/s" + (f", datasheet {sheet / 1e12:.0f}" if sheet else "")
     )
     print(
-        f"{'attention':12s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} {'MFU (measured)':>15s} "
-        f"{'MFU (datasheet)':>16s}"
+        f"{'attention':12s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} "
+        f"{'MFU (measured)':>15s} {'MFU (datasheet)':>16s}"
     )
     for attn in a.attention.split(","):
         cfg = config(a.layers, a.batch, a.seq, attn, a.tiny)
@@ -116,7 +118,8 @@ def main(argv=None):
         flops = train_flops_per_token(cfg.model, a.seq) * tokens / dt
         mfu_sheet = f"{100 * flops / sheet:15.1f}%" if sheet else f"{'-':>16s}"
         print(
-            f"{attn:12s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} {100 * flops / peak:14.1f}% {mfu_sheet}"
+            f"{attn:12s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} {100 * flops / peak:14.1f}% "
+            f"{mfu_sheet}"
         )
 
 

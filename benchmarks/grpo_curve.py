@@ -2,12 +2,13 @@
 
   python -m benchmarks.grpo_curve [--base runs/sft_arithmetic] [--steps 60] [--out /tmp/grpo_curve]
 
-Runs experiments/grpo.py twice (routing_replay False, then True; same seeds, same rollout prompts) and prints,
-per evaluation point, the held-out exact-match reward (greedy), and per window of steps the rollouts' exact-match
-rate, the router disagreement with the sampler (the share of the sampler's expert assignments the policy pass's
-router would change) and the mean |log pi - log pi_sampler| over completion tokens. Then two short runs in
-bfloat16 compute with one step per round (on-policy: every difference between the policy pass and the sampler
-is numerics and routing), without and with replay. The runs go one after the other (never at once).
+Runs experiments/grpo.py twice (routing_replay False, then True; same seeds, same rollout prompts)
+and prints, per evaluation point, the held-out exact-match reward (greedy), and per window of steps
+the rollouts' exact-match rate, the router disagreement with the sampler (the share of the sampler's
+expert assignments the policy pass's router would change) and the mean |log pi - log pi_sampler|
+over completion tokens. Then two short runs in bfloat16 compute with one step per round (on-policy:
+every difference between the policy pass and the sampler is numerics and routing), without and with
+replay. The runs go one after the other (never at once).
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ def main(argv=None):
         f"replay {times['replay']:.0f}s"
     )
     print(
-        "\nheld-out exact match, greedy and sampled (mean of grpo.eval_samples at the rollout temperature):"
+        "\nheld-out exact match, greedy and sampled (mean of grpo.eval_samples at the rollout "
+        "temperature):"
     )
     print(
-        "| step | greedy, no replay | greedy, replay | sampled, no replay | sampled, replay |\n|---:|---:|---:|---:|---:|"
+        "| step | greedy, no replay | greedy, replay | sampled, no replay | sampled, replay "
+        "|\n|---:|---:|---:|---:|---:|"
     )
     for (s, g0, s0), (_, g1, s1) in zip(curves["no_replay"][0], curves["replay"][0]):
         print(f"| {s} | {g0:.3f} | {g1:.3f} | {s0:.3f} | {s1:.3f} |")
@@ -115,9 +118,11 @@ def main(argv=None):
     )
     for w0, w1 in zip(curves["no_replay"][1], curves["replay"][1]):
         print(
-            f"| {w0[0]}-{w0[1]} | {w0[2]:.3f} | {w1[2]:.3f} | {w0[3]:.4f} | {w1[3]:.4f} | {w0[4]:.4f} | {w1[4]:.4f} |"
+            f"| {w0[0]}-{w0[1]} | {w0[2]:.3f} | {w1[2]:.3f} | {w0[3]:.4f} | {w1[3]:.4f} | "
+            f"{w0[4]:.4f} | {w1[4]:.4f} |"
         )
-    # the sampler/trainer mismatch in bfloat16 compute, on-policy (one step per round): what replay removes
+    # the sampler/trainer mismatch in bfloat16 compute, on-policy (one step per round): what replay
+    # removes
     mismatch = {}
     if a.bf16_steps:
         for replay in (False, True):

@@ -2,7 +2,7 @@
 activated FLOPs, at three expert granularities.
 
     python -m benchmarks.moe_layer                                  # the CPU setting
-    python -m benchmarks.moe_layer --tokens 32768 --hidden 2048 --active-ffn 8192   # a GPU-sized one
+    python -m benchmarks.moe_layer --tokens 32768 --hidden 2048 --active-ffn 8192  # a GPU-sized one
 
 Configs keep k x F fixed (default 1536 = 2 x 768 = 6 x 256 = 8 x 192), so every row does the same
 activated FLOPs as the dense FFN of hidden size k x F. Rows: the dense FFN; `dropless` through the
@@ -70,8 +70,8 @@ def main(argv=None):
         "--ragged-max-experts",
         type=int,
         default=None,
-        help="ragged_dot rows only up to this E (default 8: beyond, XLA's ragged_dot takes minutes per "
-        "step on CPU and materializes an [E, rows, N] buffer that runs out of memory on GPU)",
+        help="ragged_dot rows only up to this E (default 8: beyond, XLA's ragged_dot takes minutes "
+        "per step on CPU and materializes an [E, rows, N] buffer that runs out of memory on GPU)",
     )
     args = ap.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
@@ -79,8 +79,8 @@ def main(argv=None):
     T, D, KF = args.tokens, args.hidden, args.active_ffn
     default = kernels.default_impl()
     print(
-        f"device {device_name()}  jax {jax.__version__}  tokens {T}  D {D}  k*F {KF}  compute {args.dtype}"
-        f"  default gmm: {default}"
+        f"device {device_name()}  jax {jax.__version__}  tokens {T}  D {D}  k*F {KF}  compute "
+        f"{args.dtype}  default gmm: {default}"
     )
     x = jax.random.normal(jax.random.key(0), (1, T, D), jnp.float32)
     cot = jax.random.normal(jax.random.key(1), (1, T, D), jnp.float32)
@@ -110,7 +110,8 @@ def main(argv=None):
             t = time_fn(_step(MoE(cfg, rngs=nnx.Rngs(0)), True), x, cot, iters=iters)
             first.setdefault(label, t)
             print(
-                f"| {E} | {k} | {F} | {label} | {t * 1e3:.1f} | {t / dense_t:.2f}x | {t / first[label]:.2f}x |",
+                f"| {E} | {k} | {F} | {label} | {t * 1e3:.1f} | {t / dense_t:.2f}x | "
+                f"{t / first[label]:.2f}x |",
                 flush=True,
             )
 

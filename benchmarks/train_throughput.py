@@ -184,7 +184,8 @@ def main(argv=None):
         f"{peak / 1e9:.0f} GFLOP/s"
     )
     print(
-        f"{'config':8s} {'impl':28s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} {'vs moejax':>10s}"
+        f"{'config':8s} {'impl':28s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} "
+        f"{'vs moejax':>10s}"
     )
     for name in args.configs.split(","):
         cfg = moejax_config(name)
@@ -212,8 +213,8 @@ def main(argv=None):
                 print("(transformers/torch not installed: skipping the comparison)")
         for label, dt in rows:
             print(
-                f"{name:8s} {label:28s} {dt:8.3f} {tokens / dt:10.0f} {fpt * tokens / dt / peak:7.1%} "
-                f"{dt / base:9.2f}x",
+                f"{name:8s} {label:28s} {dt:8.3f} {tokens / dt:10.0f} "
+                f"{fpt * tokens / dt / peak:7.1%} {dt / base:9.2f}x",
                 flush=True,
             )
 

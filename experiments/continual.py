@@ -1,7 +1,7 @@
-"""Continual pretraining with replay: the default model (pretrained on Python code) continues on a new
-domain, English prose (the built-in 'builtin-docs': Python's reference documentation), with a replay share
-of its old data mixed in by the mixture loader. At the end the run reports forgetting: the validation loss on
-each domain before (the base) and after.
+"""Continual pretraining with replay: the default model (pretrained on Python code) continues on a
+new domain, English prose (the built-in 'builtin-docs': Python's reference documentation), with a
+replay share of its old data mixed in by the mixture loader. At the end the run reports forgetting:
+the validation loss on each domain before (the base) and after.
 
   python -m moejax.finetune --config experiments/continual.py --workdir runs/continual
   python -m moejax.finetune --config experiments/continual.py --config.data.source=builtin-docs \\

@@ -1,7 +1,8 @@
 """DeepSeekMoE 16B (16.4B total, 2.8B activated): the published architecture (config.json of
-deepseek-ai/deepseek-moe-16b-base, model_type 'deepseek'). Multi-head attention with Llama's half-split
-rope, one dense layer, then 27 MoE layers of 64 fine-grained routed experts (top-6, softmax, no
-renormalisation) plus 2 shared experts. `python -m moejax.convert` reads and writes its checkpoints.
+deepseek-ai/deepseek-moe-16b-base, model_type 'deepseek'). Multi-head attention with Llama's
+half-split rope, one dense layer, then 27 MoE layers of 64 fine-grained routed experts (top-6,
+softmax, no renormalisation) plus 2 shared experts. `python -m moejax.convert` reads and writes its
+checkpoints.
 """
 
 from moejax.experiment import base_config
@@ -53,8 +54,8 @@ def get_config():
     c.data.seq_len = 4096
     c.optim.lr = 4.2e-4  # peak learning rate of the paper
     c.optim.warmup_steps = 2000  # linear warmup
-    # The paper multiplies the rate by 0.316 at 80% and again at 90% of the steps (to ~0.1x); a linear
-    # warmup-stable-decay over the last 20% down to 0.1x is the closest schedule moejax has.
+    # The paper multiplies the rate by 0.316 at 80% and again at 90% of the steps (to ~0.1x); a
+    # linear warmup-stable-decay over the last 20% down to 0.1x is the closest schedule moejax has.
     c.optim.schedule = "wsd"
     c.optim.decay_fraction = 0.2
     c.optim.min_lr_ratio = 0.1

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 (236B total, 21B activated): softmax routing, group-limited greedy, 2 shared experts."""
+"""DeepSeek-V2 (236B total, 21B activated): softmax routing, group-limited greedy, 2 shared
+experts."""
 
 from moejax.experiment import base_config
 

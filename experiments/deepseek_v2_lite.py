@@ -1,4 +1,5 @@
-"""DeepSeek-V2-Lite (15.7B total, 2.4B activated): MLA without a query bottleneck, 64 experts top-6."""
+"""DeepSeek-V2-Lite (15.7B total, 2.4B activated): MLA without a query bottleneck, 64 experts
+top-6."""
 
 from moejax.experiment import sibling
 

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 (671B total, 37B activated): the published architecture (config.json of deepseek-ai/DeepSeek-V3)."""
+"""DeepSeek-V3 (671B total, 37B activated): the published architecture (config.json of
+deepseek-ai/DeepSeek-V3)."""
 
 from moejax.experiment import base_config
 

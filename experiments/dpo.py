@@ -1,12 +1,12 @@
 """Direct preference optimization of a base (or SFT'd) model on preference pairs.
 
-The pairs are {"prompt", "chosen", "rejected"} JSONL rows (prompt: a string or a list of messages; the
-completions: strings or one assistant message), rendered with the chat template; or the built-in set
-(moejax.finetune.instructions.build_preferences: a docstring preferred over its own words shuffled). Each pair
-is packed as two consecutive segments of a row; the reference is the frozen base (with LoRA: the adapters off).
-The run reports held-out preference accuracy (`val_accuracy`).
+The pairs are {"prompt", "chosen", "rejected"} JSONL rows (prompt: a string or a list of messages;
+the completions: strings or one assistant message), rendered with the chat template; or the built-in
+set (moejax.finetune.instructions.build_preferences: a docstring preferred over its own words
+shuffled). Each pair is packed as two consecutive segments of a row; the reference is the frozen
+base (with LoRA: the adapters off). The run reports held-out preference accuracy (`val_accuracy`).
 
-  python -m moejax.finetune --config experiments/dpo.py --workdir runs/dpo          # LoRA on runs/sft
+  python -m moejax.finetune --config experiments/dpo.py --workdir runs/dpo  # LoRA on runs/sft
   python -m moejax.finetune --config experiments/dpo.py --config.lora.rank=0 --workdir runs/dpo_full
 """
 

@@ -1,17 +1,18 @@
 """GRPO (DeepSeek-R1's recipe) on the built-in arithmetic task, from the arithmetic SFT run.
 
-Each round samples 8 completions of 16 problems at temperature 1 with the KV-cache generator (sharing the
-train state's arrays), scores them with the rule rewards (exact answer after '####', and the format), and
-takes group-normalized advantages; the policy loss is the clipped ratio against the sampler's probabilities
-with a k3 KL penalty to the base. The MoE's routing replay (the sampler's experts reused in the policy pass)
-is an option; the router disagreement with the sampler is logged either way. Held-out exact match
-(`val_reward`, greedy) is logged every eval_every steps.
+Each round samples 8 completions of 16 problems at temperature 1 with the KV-cache generator
+(sharing the train state's arrays), scores them with the rule rewards (exact answer after '####',
+and the format), and takes group-normalized advantages; the policy loss is the clipped ratio against
+the sampler's probabilities with a k3 KL penalty to the base. The MoE's routing replay (the
+sampler's experts reused in the policy pass) is an option; the router disagreement with the sampler
+is logged either way. Held-out exact match (`val_reward`, greedy) is logged every eval_every steps.
 
   python -m moejax.finetune --config experiments/sft_arithmetic.py --workdir runs/sft_arithmetic
   python -m moejax.finetune --config experiments/grpo.py --workdir runs/grpo
-  python -m moejax.finetune --config experiments/grpo.py --config.grpo.routing_replay=True --workdir runs/grpo_r3
-  python -m moejax.finetune --config experiments/grpo.py --config.grpo.loss=dapo --config.grpo.epsilon_high=0.28 \\
-      --config.grpo.beta=0 --workdir runs/dapo
+  python -m moejax.finetune --config experiments/grpo.py --config.grpo.routing_replay=True \\
+      --workdir runs/grpo_r3
+  python -m moejax.finetune --config experiments/grpo.py --config.grpo.loss=dapo \\
+      --config.grpo.epsilon_high=0.28 --config.grpo.beta=0 --workdir runs/dapo
 """
 
 from moejax.experiment import sibling
@@ -23,14 +24,16 @@ def get_config():
     c.sft.data = ""  # GRPO generates its batches
     c.align.method = "grpo"
     g = c.grpo
-    g.task = "arithmetic"  # or a JSONL file of {"prompt", "answer"} rows (the last grpo.held_out are held out)
+    # or a JSONL file of {"prompt", "answer"} rows (the last grpo.held_out are held out)
+    g.task = "arithmetic"
     g.group_size = 8  # completions per prompt
     g.max_new_tokens = 12
     g.temperature = 1.0
     g.loss = "grpo"  # 'grpo', 'dr_grpo' or 'dapo'
     g.epsilon = 0.2
     g.beta = 0.04  # k3 KL to the base (0: no reference pass)
-    g.iterations = 2  # optimizer steps per rollout round (the second one is off-policy: the clip and replay matter)
+    # optimizer steps per rollout round (the second one is off-policy: the clip and replay matter)
+    g.iterations = 2
     g.rewards = ("exact_answer", "answer_format")
     g.reward_weights = (1.0, 0.1)
     g.routing_replay = False

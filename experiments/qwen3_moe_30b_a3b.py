@@ -1,4 +1,5 @@
-"""Qwen3-30B-A3B (30.5B total, 3.3B activated): GQA with QK-norm, 128 experts top-8, no shared experts."""
+"""Qwen3-30B-A3B (30.5B total, 3.3B activated): GQA with QK-norm, 128 experts top-8, no shared
+experts."""
 
 from moejax.experiment import base_config
 

@@ -1,5 +1,6 @@
-"""A reward model: the base with a scalar head trained on preference pairs (Bradley-Terry), reporting held-out
-pairwise accuracy (`val_accuracy`). Same data as experiments/dpo.py; LoRA by default (the head always trains).
+"""A reward model: the base with a scalar head trained on preference pairs (Bradley-Terry),
+reporting held-out pairwise accuracy (`val_accuracy`). Same data as experiments/dpo.py; LoRA by
+default (the head always trains).
 
   python -m moejax.finetune --config experiments/reward.py --workdir runs/reward
 """

@@ -1,8 +1,9 @@
 """SFT on the built-in arithmetic task: the starting point of GRPO (experiments/grpo.py).
 
-Every training problem of `moejax.finetune.rewards.arithmetic_split` ("What is 7 + 12? End with '#### <answer>'.")
-as a chat turn answered by its '#### <answer>' line; the held-out problems GRPO scores are left out. A short run
-teaches the format and some of the sums, leaving room for RL to raise the held-out exact-match rate.
+Every training problem of `moejax.finetune.rewards.arithmetic_split` ("What is 7 + 12? End with
+'#### <answer>'.") as a chat turn answered by its '#### <answer>' line; the held-out problems GRPO
+scores are left out. A short run teaches the format and some of the sums, leaving room for RL to
+raise the held-out exact-match rate.
 
   python -m moejax.finetune --config experiments/sft_arithmetic.py --workdir runs/sft_arithmetic
 """

@@ -1,9 +1,10 @@
-"""LoRA fine-tuning: the SFT recipe with the base frozen and rank-8 adapters on attention (MLA's low-rank
-projections included), the shared experts and every routed expert (per-expert factors inside the grouped
-matmul). Checkpoints hold the adapters and their optimizer state only.
+"""LoRA fine-tuning: the SFT recipe with the base frozen and rank-8 adapters on attention (MLA's
+low-rank projections included), the shared experts and every routed expert (per-expert factors
+inside the grouped matmul). Checkpoints hold the adapters and their optimizer state only.
 
   python -m moejax.finetune --config experiments/sft_lora.py --workdir runs/sft_lora
-  python -m moejax.finetune.export --workdir runs/sft_lora --out runs/sft_lora_hf   # merged, for transformers
+  # merged, for transformers:
+  python -m moejax.finetune.export --workdir runs/sft_lora --out runs/sft_lora_hf
 """
 
 from moejax.experiment import sibling

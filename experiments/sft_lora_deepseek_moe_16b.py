@@ -1,12 +1,13 @@
-"""The seed's recipe as one command: LoRA SFT of DeepSeekMoE 16B (deepseek-ai/deepseek-moe-16b-base, a
-Hugging Face folder you downloaded) on one machine with several accelerators.
+"""The seed's recipe as one command: LoRA SFT of DeepSeekMoE 16B (deepseek-ai/deepseek-moe-16b-base,
+a Hugging Face folder you downloaded) on one machine with several accelerators.
 
   python -m moejax.finetune --config experiments/sft_lora_deepseek_moe_16b.py \\
-      --config.base=/path/to/deepseek-moe-16b-base --config.sft.data=chats.jsonl --workdir runs/moe16b_lora
+      --config.base=/path/to/deepseek-moe-16b-base --config.sft.data=chats.jsonl \\
+      --workdir runs/moe16b_lora
 
-The base is read straight into its shardings (bf16, FSDP over the machine's devices, experts split over
-the expert axis); only the adapters (243M, 1.46% of the weights, at rank 16 on attention and every expert) and
-their AdamW moments are trained and checkpointed. Plan the memory first:
+The base is read straight into its shardings (bf16, FSDP over the machine's devices, experts split
+over the expert axis); only the adapters (243M, 1.46% of the weights, at rank 16 on attention and
+every expert) and their AdamW moments are trained and checkpointed. Plan the memory first:
   python -m moejax.plan --config experiments/sft_lora_deepseek_moe_16b.py --topology v5p-8
 """
 

@@ -3,10 +3,10 @@
     python -m moejax.compile --config experiments/deepseek_v2_lite.py --topology v5p-64 \\
         --config.mesh.fsdp=-1 --config.mesh.expert=8 --config.train.batch_size=256
 
-Builds the step exactly as `moejax.train` does (same shardings, optimizer, remat policy), lowers it with
-abstract arguments for the topology's devices (libtpu: the `tpu` extra), compiles it, and prints per-device
-memory from `compiled.memory_analysis()` against the chip's HBM, and the FLOPs from `cost_analysis()`.
-Exit status 0 when it fits, 3 when it does not.
+Builds the step exactly as `moejax.train` does (same shardings, optimizer, remat policy), lowers it
+with abstract arguments for the topology's devices (libtpu: the `tpu` extra), compiles it, and
+prints per-device memory from `compiled.memory_analysis()` against the chip's HBM, and the FLOPs
+from `cost_analysis()`. Exit status 0 when it fits, 3 when it does not.
 """
 
 from __future__ import annotations
@@ -63,21 +63,24 @@ def compile_for_topology(cfg, topology: str, *, quiet: bool = False) -> dict:
     if not quiet:
         mesh_s = " ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "single device"
         print(
-            f"[compile] {topology}: {len(devices)} x {chip.name} ({chip.hbm_bytes / GiB:.0f} GiB HBM); "
-            f"mesh {mesh_s}; remat {cfg.model.remat_policy}; batch {cfg.train.batch_size} x {cfg.data.seq_len}"
+            f"[compile] {topology}: {len(devices)} x {chip.name} ({chip.hbm_bytes / GiB:.0f} GiB "
+            f"HBM); mesh {mesh_s}; remat {cfg.model.remat_policy}; batch {cfg.train.batch_size} x "
+            f"{cfg.data.seq_len}"
         )
         print(f"[compile] lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
         print("[compile] per-device memory (memory_analysis):")
         for k in ("argument", "output", "alias", "temp", "code"):
             print(f"  {k:<9} {result[k + '_bytes'] / GiB:9.2f} GiB")
         print(
-            f"  {'total':<9} {per_device / GiB:9.2f} GiB  (arguments + outputs - aliased + temporaries) "
-            f"= {100 * per_device / chip.hbm_bytes:.0f}% of HBM: {'fits' if result['fits'] else 'DOES NOT FIT'}"
+            f"  {'total':<9} {per_device / GiB:9.2f} GiB  (arguments + outputs - aliased + "
+            f"temporaries) = {100 * per_device / chip.hbm_bytes:.0f}% of HBM: "
+            f"{'fits' if result['fits'] else 'DOES NOT FIT'}"
         )
         print(
-            f"[compile] train state per device: {result['state_bytes'] / GiB:.2f} GiB; XLA cost_analysis: "
-            f"{result['flops_per_device'] / 1e12:.1f} TFLOPs per device per step (it counts a scanned layer once "
-            f"and nothing inside Pallas kernels; the planner's model FLOPs are the figure for MFU)"
+            f"[compile] train state per device: {result['state_bytes'] / GiB:.2f} GiB; XLA "
+            f"cost_analysis: {result['flops_per_device'] / 1e12:.1f} TFLOPs per device per step "
+            "(it counts a scanned layer once and nothing inside Pallas kernels; the planner's "
+            "model FLOPs are the figure for MFU)"
         )
         from moejax.plan import plan
 

@@ -99,8 +99,9 @@ class ModelConfig:
     gmm_impl: str = (
         "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
     )
-    # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU, pallas_gpu on GPU;
-    # 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed rows.
+    # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU,
+    # pallas_gpu on GPU; 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed
+    # rows.
     attention_impl: str = "auto"
     attention_block: int = (
         0  # query/key block rows of blockwise/splash/pallas_gpu; 0 = the backend's default
@@ -111,10 +112,10 @@ class ModelConfig:
     ep_exchange: str = (
         "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
     )
-    # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole batch: the
-    # single-device answer on every layout) or 'group' (the tokens of one expert-parallel group: the ragged
-    # exchange then receives at most ~capacity_factor x its own rows, the bound a pod needs; equal to
-    # 'global' when the expert axes split the whole batch).
+    # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole
+    # batch: the single-device answer on every layout) or 'group' (the tokens of one expert-parallel
+    # group: the ragged exchange then receives at most ~capacity_factor x its own rows, the bound a
+    # pod needs; equal to 'global' when the expert axes split the whole batch).
     capacity_scope: str = "global"
 
     # Multi-token prediction.
@@ -242,7 +243,8 @@ class ModelConfig:
             if not self.head_dim and self.hidden_size % self.num_heads:
                 fail(
                     "head_dim",
-                    f"is 0, so num_heads={self.num_heads} must divide hidden_size={self.hidden_size}",
+                    f"is 0, so num_heads={self.num_heads} must divide "
+                    f"hidden_size={self.hidden_size}",
                 )
         if self.rope_dim % 2:
             fail(
@@ -260,14 +262,16 @@ class ModelConfig:
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 fail(
                     "num_experts_per_tok",
-                    f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}",
+                    f"must be in [1, n_routed_experts={self.n_routed_experts}], got "
+                    f"{self.num_experts_per_tok}",
                 )
             if self.moe_intermediate_size < 1:
                 fail("moe_intermediate_size", f"must be >= 1, got {self.moe_intermediate_size}")
             if self.n_group < 1 or self.n_routed_experts % self.n_group:
                 fail(
                     "n_group",
-                    f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got {self.n_group}",
+                    f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got "
+                    f"{self.n_group}",
                 )
             if not 1 <= self.topk_group <= self.n_group:
                 fail("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
@@ -275,12 +279,14 @@ class ModelConfig:
             if self.n_group > 1 and self.topk_group * per_group < self.num_experts_per_tok:
                 fail(
                     "topk_group",
-                    f"topk_group * experts per group = {self.topk_group * per_group} < num_experts_per_tok={self.num_experts_per_tok}",
+                    f"topk_group * experts per group = {self.topk_group * per_group} < "
+                    f"num_experts_per_tok={self.num_experts_per_tok}",
                 )
             if self.n_group > 1 and self.use_score_correction_bias and per_group < 2:
                 fail(
                     "n_group",
-                    "with a correction bias the group score is a top-2 sum, so each group needs >= 2 experts",
+                    "with a correction bias the group score is a top-2 sum, so each group "
+                    "needs >= 2 experts",
                 )
             if self.capacity_factor <= 0:
                 fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
@@ -382,10 +388,9 @@ def _coerce(value, tp, where):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = (
-        "builtin"  # 'builtin' (Python stdlib corpus), a prepared dataset directory, or a mixture
-    )
-    #                          of prepared datasets 'dirA=0.7,dirB=0.3' (python -m moejax.data.prepare)
+    # 'builtin' (Python stdlib corpus), a prepared dataset directory, or a mixture of prepared
+    # datasets 'dirA=0.7,dirB=0.3' (python -m moejax.data.prepare)
+    source: str = "builtin"
     seq_len: int = 256  # tokens per packed row
     cache_dir: str = ""  # where the built-in corpus is built ('' = ~/.cache/moejax)
     max_files: int = 0  # cap on stdlib files read by the built-in corpus (0 = all)
@@ -476,7 +481,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{f}: must be >= 1, got {getattr(self, f)}")
         if self.batch_size % self.microbatches:
             raise ConfigError(
-                f"train.microbatches: must divide train.batch_size={self.batch_size}, got {self.microbatches}"
+                f"train.microbatches: must divide train.batch_size={self.batch_size}, got "
+                f"{self.microbatches}"
             )
         for f in (
             "eval_every",
@@ -500,7 +506,8 @@ class MeshConfig:
     tensor: int = 1  # tensor parallelism (heads, FFN hidden, vocab split)
     stage: int = 1  # pipeline stages (stacked layers split)
     # Degrees across slices / nodes (dcn; the fields above are within one, ici). Each mesh axis has
-    # ici x dcn devices; the dcn product must equal the number of slices (TPU) or processes (GPU/CPU).
+    # ici x dcn devices; the dcn product must equal the number of slices (TPU) or processes
+    # (GPU/CPU).
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_expert: int = 1
@@ -516,13 +523,15 @@ SFT_LOSS_ON = ("assistant", "all")
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """Supervised fine-tuning data (moejax.finetune.data). Empty `data`: train on data.source as it is
-    (continual pretraining)."""
+    """Supervised fine-tuning data (moejax.finetune.data). Empty `data`: train on data.source as it
+    is (continual pretraining)."""
 
-    data: str = ""  # 'builtin' (instructions made from the stdlib's docstrings), 'arithmetic' (GRPO's built-in task
-    #                 answered, its held-out problems left out) or JSONL files 'a.jsonl,b.jsonl'
-    #                 with {"messages": [...]} or {"prompt", "completion"} rows
-    template: str = ""  # chat template: a jinja2 file or a tokenizer_config.json ('' = the base's, else built in)
+    # 'builtin' (instructions made from the stdlib's docstrings), 'arithmetic' (GRPO's built-in task
+    # answered, its held-out problems left out) or JSONL files 'a.jsonl,b.jsonl' with
+    # {"messages": [...]} or {"prompt", "completion"} rows
+    data: str = ""
+    # chat template: a jinja2 file or a tokenizer_config.json ('' = the base's, else built in)
+    template: str = ""
     loss_on: str = "assistant"  # 'assistant' (answers and completions only) or 'all'
 
     def __post_init__(self):
@@ -540,7 +549,8 @@ class LoRAConfig:
     alpha: float = 16.0  # the update is (alpha / r) * A B
     dropout: float = 0.0  # on the adapters' input
     # regexes matched (re.search) against parameter paths such as 'segments/1/attn/wkv_b',
-    # 'segments/1/ffn/experts/w_gate_up' (routed experts), 'segments/1/ffn/shared/w_down', 'segments/0/ffn/w_down'
+    # 'segments/1/ffn/experts/w_gate_up' (routed experts), 'segments/1/ffn/shared/w_down',
+    # 'segments/0/ffn/w_down'
     targets: tuple[str, ...] = ("attn/",)
 
     def __post_init__(self):
@@ -560,10 +570,10 @@ DPO_LOSSES = ("sigmoid", "ipo")
 class AlignConfig:
     """Preference optimization (moejax.finetune.objectives); method '' is language modeling."""
 
-    method: str = (
-        ""  # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model), which read
-    )
-    #                   {"prompt", "chosen", "rejected"} rows from sft.data, or 'grpo' (on-policy RL: the grpo section)
+    # '' (next-token loss), 'dpo' or 'reward' (a Bradley-Terry reward model), which read
+    # {"prompt", "chosen", "rejected"} rows from sft.data, or 'grpo' (on-policy RL: the grpo
+    # section)
+    method: str = ""
     beta: float = (
         0.1  # DPO's inverse temperature (IPO: the regularization 1 / (2 beta) of the target margin)
     )
@@ -580,7 +590,8 @@ class AlignConfig:
             )
         if self.dpo_loss not in DPO_LOSSES:
             raise ConfigError(
-                f"align.dpo_loss: got {self.dpo_loss!r}, allowed: {', '.join(map(repr, DPO_LOSSES))}"
+                f"align.dpo_loss: got {self.dpo_loss!r}, allowed: "
+                f"{', '.join(map(repr, DPO_LOSSES))}"
             )
         if self.beta <= 0:
             raise ConfigError(f"align.beta: must be > 0, got {self.beta}")
@@ -599,22 +610,22 @@ GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-    """Group Relative Policy Optimization (align.method='grpo', moejax.finetune.grpo). train.batch_size counts
-    completions: batch_size / group_size prompts per rollout."""
+    """Group Relative Policy Optimization (align.method='grpo', moejax.finetune.grpo).
+    train.batch_size counts completions: batch_size / group_size prompts per rollout."""
 
     task: str = "arithmetic"  # 'arithmetic' (built in) or a JSONL file of {"prompt", "answer"} rows
     max_value: int = 20  # arithmetic: operands in [0, max_value)
     ops: str = "+-"  # arithmetic: operators
-    held_out: int = (
-        64  # problems kept out of training, scored at every evaluation (val_reward: greedy;
-    )
-    #                     val_reward_sampled: the mean of eval_samples completions at the rollout temperature)
+    # problems kept out of training, scored at every evaluation (val_reward: greedy;
+    # val_reward_sampled: the mean of eval_samples completions at the rollout temperature)
+    held_out: int = 64
     eval_samples: int = 4
     group_size: int = 8  # completions per prompt (G)
     max_new_tokens: int = 16
     temperature: float = 1.0  # rollouts (evaluation is greedy)
     top_p: float = 1.0
-    loss: str = "grpo"  # 'grpo' (per-sequence mean), 'dr_grpo' (no length or std normalization), 'dapo' (token mean)
+    # 'grpo' (per-sequence mean), 'dr_grpo' (no length or std normalization), 'dapo' (token mean)
+    loss: str = "grpo"
     epsilon: float = 0.2  # the ratio's clip range below 1 (and above, unless epsilon_high)
     epsilon_high: float = 0.0  # the clip range above 1 (DAPO's clip-higher: 0.28); 0 = epsilon
     beta: float = 0.04  # k3 KL penalty to the reference (the base); 0 skips the reference forward
@@ -636,7 +647,8 @@ class GRPOConfig:
             )
         if self.group_size < 2:
             raise ConfigError(
-                f"grpo.group_size: must be >= 2 (advantages compare completions), got {self.group_size}"
+                "grpo.group_size: must be >= 2 (advantages compare completions), got "
+                f"{self.group_size}"
             )
         for name in ("max_new_tokens", "iterations", "max_value", "eval_samples"):
             if getattr(self, name) < 1:
@@ -662,7 +674,8 @@ class GRPOConfig:
             raise ConfigError(f"grpo.rewards: unknown {unknown[0]!r}; known: {', '.join(REWARDS)}")
         if len(self.reward_weights) != len(self.rewards):
             raise ConfigError(
-                f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+                f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} "
+                "rewards"
             )
         if not self.rewards and not self.reward_model:
             raise ConfigError(
@@ -685,8 +698,8 @@ class Config:
     lora: LoRAConfig = LoRAConfig()
     align: AlignConfig = AlignConfig()
     grpo: GRPOConfig = GRPOConfig()
-    # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging Face folder
-    # ('' = random initialization, i.e. pretraining)
+    # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging
+    # Face folder ('' = random initialization, i.e. pretraining)
     base: str = ""
 
     SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align", "grpo")

@@ -5,8 +5,9 @@ Recognized environments, in order:
   explicit   MOEJAX_COORDINATOR=host:port MOEJAX_NUM_PROCESSES=N MOEJAX_PROCESS_ID=i
              (optional MOEJAX_LOCAL_DEVICE_IDS=0,1; launch/local.sh sets these)
   SLURM      SLURM_NTASKS > 1 (srun; launch/slurm.sbatch): JAX reads the SLURM variables itself
-  TPU pod    TPU_WORKER_HOSTNAMES naming several hosts, or a multi-slice MEGASCALE_COORDINATOR_ADDRESS
-             (gcloud ... --worker=all, GKE JobSet): JAX reads the TPU metadata itself
+  TPU pod    TPU_WORKER_HOSTNAMES naming several hosts, or a multi-slice
+             MEGASCALE_COORDINATOR_ADDRESS (gcloud ... --worker=all, GKE JobSet): JAX reads the TPU
+             metadata itself
 Anything else is a single process and nothing is initialized.
 
 Failure detection: a process that stops sending heartbeats for MOEJAX_HEARTBEAT_TIMEOUT seconds
@@ -22,7 +23,8 @@ _initialized = False
 
 
 def environment() -> dict | None:
-    """jax.distributed.initialize keyword arguments for this environment, or None for one process."""
+    """jax.distributed.initialize keyword arguments for this environment, or None for one
+    process."""
     env = os.environ
     timeouts = {
         "heartbeat_timeout_seconds": int(env.get("MOEJAX_HEARTBEAT_TIMEOUT", "100")),

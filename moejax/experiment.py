@@ -151,8 +151,9 @@ def check_override_keys(argv: list[str]) -> str | None:
 
 
 def config_cli(main, define_flags=None) -> None:
-    """The shared entry of the config-driven commands (train, plan, compile): a one-line error for an
-    unknown --config.* key, the --config file flag, the command's own flags, then absl's app.run."""
+    """The shared entry of the config-driven commands (train, plan, compile): a one-line error for
+    an unknown --config.* key, the --config file flag, the command's own flags, then absl's
+    app.run."""
     import sys
 
     from absl import app, flags

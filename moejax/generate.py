@@ -1,13 +1,14 @@
 """Command line generation:
 
   python -m moejax.generate --model runs/default --prompt "def fib(n):" [--prompt ...]
-  python -m moejax.generate --model HF_DIR --prompts requests.jsonl --output out.jsonl --temperature 0.7
+  python -m moejax.generate --model HF_DIR --prompts requests.jsonl --output out.jsonl \\
+      --temperature 0.7
 
---model is a training workdir, a moejax checkpoint or a Hugging Face folder (moejax.infer.load). A JSONL
-request is {"prompt": "..."} or {"prompt_tokens": [...]}, optionally with its own sampling fields
-(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop, seed); the command-line values
-are the defaults. Each output line is {"prompt", "text", "tokens", "logprobs", "finish_reason"}. Bad
-arguments or requests print one `error: ...` line and exit with status 2.
+--model is a training workdir, a moejax checkpoint or a Hugging Face folder (moejax.infer.load). A
+JSONL request is {"prompt": "..."} or {"prompt_tokens": [...]}, optionally with its own sampling
+fields (temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop, seed); the
+command-line values are the defaults. Each output line is {"prompt", "text", "tokens", "logprobs",
+"finish_reason"}. Bad arguments or requests print one `error: ...` line and exit with status 2.
 """
 
 from __future__ import annotations

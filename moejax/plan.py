@@ -1,11 +1,12 @@
-"""Plan a run before renting the chips: parameters, FLOPs, memory per device by component, time and cost.
+"""Plan a run before renting the chips: parameters, FLOPs, memory per device by component, time and
+cost.
 
     python -m moejax.plan --config experiments/deepseek_v3.py --topology v5p-1024 \\
         --config.mesh.expert=32 --config.train.batch_size=1024 --tokens 14.8e12 --mfu 0.4
 
-Nothing is compiled or allocated: parameter and optimizer bytes are exact (the abstract train state of
-moejax.trainer.setup, sharded by the config's mesh and rules; a mesh, rule or batch size the run would
-refuse is refused here too), activations are an estimate from the shapes under the remat
+Nothing is compiled or allocated: parameter and optimizer bytes are exact (the abstract train state
+of moejax.trainer.setup, sharded by the config's mesh and rules; a mesh, rule or batch size the run
+would refuse is refused here too), activations are an estimate from the shapes under the remat
 policy (see `activation_bytes`), and time and cost follow from FLOPs per token at an assumed MFU and
 price per chip-hour. `python -m moejax.compile` gives the compiler's own figure to check it against.
 """
@@ -33,10 +34,10 @@ def _shard_bytes(tree) -> int:
 
 
 def attention_score_bytes(m, B: float, H: float, T: int) -> float:
-    """What attention keeps per layer beyond its inputs and output, per device: the reference's float32
-    probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN; 'auto' picks
-    one on every platform) keep a float32 log-sum-exp [B, H, T] (their one block pair's transient scores
-    are too small to count against the activations)."""
+    """What attention keeps per layer beyond its inputs and output, per device: the reference's
+    float32 probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN;
+    'auto' picks one on every platform) keep a float32 log-sum-exp [B, H, T] (their one block pair's
+    transient scores are too small to count against the activations)."""
     if m.attention_impl == "reference":
         return B * H * T * T * 4
     return B * H * T * 4
@@ -46,10 +47,10 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     """Estimated activation memory per device at the peak of the backward pass.
 
     Per layer the forward keeps (remat 'none') the attention inputs and outputs, the attention's own
-    residuals (attention_score_bytes), the MoE dispatch rows (k per token, expert-parallel send and receive
-    buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's float32 input is kept and
-    one layer's set is rebuilt (plus its gradients) during its backward pass. Logits are float32 [B, T, V]
-    per output head (main + MTP), kept with their gradient.
+    residuals (attention_score_bytes), the MoE dispatch rows (k per token, expert-parallel send and
+    receive buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's float32
+    input is kept and one layer's set is rebuilt (plus its gradients) during its backward pass.
+    Logits are float32 [B, T, V] per output head (main + MTP), kept with their gradient.
     """
     from moejax import sharding
 
@@ -145,7 +146,8 @@ def plan(
     counts = param_counts(cfg.model)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
     if "frozen" in state:
-        # frozen weights get no weight gradient: forward (2N) + input gradient (2N) of the 6N per token
+        # frozen weights get no weight gradient: forward (2N) + input gradient (2N) of the 6N per
+        # token
         fpt = fpt * 4 / 6
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step_s = fpt * tokens_per_step / (chips * chip.bf16_flops * mfu)
@@ -183,8 +185,9 @@ def report(p: dict, cfg: Config) -> str:
     lines = [
         f"[plan] {p['chips']} x {p['chip']}; mesh {mesh}; remat {cfg.model.remat_policy}; "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens",
-        f"[plan] parameters {p['params_total'] / 1e9:.2f}B total, {p['params_activated'] / 1e9:.2f}B activated; "
-        f"{p['flops_per_token'] / 1e9:.1f} GFLOPs per trained token",
+        f"[plan] parameters {p['params_total'] / 1e9:.2f}B total, "
+        f"{p['params_activated'] / 1e9:.2f}B activated; {p['flops_per_token'] / 1e9:.1f} GFLOPs "
+        "per trained token",
         "[plan] memory per device:",
     ]
     for k, v in p["components"].items():
@@ -200,7 +203,8 @@ def report(p: dict, cfg: Config) -> str:
     if "train_tokens" in p:
         lines.append(
             f"[plan] {p['train_tokens'] / 1e12:.2f}T tokens: {p['hours'] / 24:.1f} days, "
-            f"{p['chip_hours'] / 1e6:.3f}M chip-hours, ${p['cost'] / 1e6:.2f}M at ${p['price']:.2f}/chip-hour"
+            f"{p['chip_hours'] / 1e6:.3f}M chip-hours, ${p['cost'] / 1e6:.2f}M at "
+            f"${p['price']:.2f}/chip-hour"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """Accelerator facts and abstract (device-free) construction of the train step, shared by
 `python -m moejax.compile` (ahead-of-time compile for a TPU topology) and `python -m moejax.plan`.
 
-Chip figures are public datasheet numbers; prices are on-demand list prices per chip-hour at the time
-of writing, an assumption the user should override (--price) with their own.
+Chip figures are public datasheet numbers; prices are on-demand list prices per chip-hour at the
+time of writing, an assumption the user should override (--price) with their own.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class TopologyError(ValueError):
 
 
 def parse_topology(name: str) -> tuple[str, int, str]:
-    """'v5p-512' (Cloud naming: v4/v5p count TensorCores, v5e/v6e chips) or 'v5p:8x8x4' (chips per torus
-    dimension) -> (generation, number of chips, 'AxBxC' shape for get_topology_desc)."""
+    """'v5p-512' (Cloud naming: v4/v5p count TensorCores, v5e/v6e chips) or 'v5p:8x8x4' (chips per
+    torus dimension) -> (generation, number of chips, 'AxBxC' shape for get_topology_desc)."""
     if ":" in name:
         gen, shape = name.split(":", 1)
         try:
@@ -71,8 +71,9 @@ def parse_topology(name: str) -> tuple[str, int, str]:
 
 
 def torus_shape(chips: int, dims: int) -> str:
-    """The most cubic power-of-two shape with `dims` dimensions, smallest first but with unit dimensions
-    last, as Cloud TPU names slices (256 -> 4x8x8, 4 -> 2x2x1: libtpu's 2x2x1 host bounds must divide it)."""
+    """The most cubic power-of-two shape with `dims` dimensions, smallest first but with unit
+    dimensions last, as Cloud TPU names slices (256 -> 4x8x8, 4 -> 2x2x1: libtpu's 2x2x1 host bounds
+    must divide it)."""
     if chips < 1 or chips & (chips - 1):
         raise TopologyError(f"{chips} chips: slice sizes are powers of two")
     if dims == 0:
@@ -101,8 +102,9 @@ def tpu_devices(topology: str):
 
 
 def abstract_train_step(cfg: Config, mesh):
-    """(jitted train step, abstract state, abstract batch) with the shardings the real run uses, built
-    without allocating a parameter: the same setup path as `moejax.train` (moejax.trainer.setup)."""
+    """(jitted train step, abstract state, abstract batch) with the shardings the real run uses,
+    built without allocating a parameter: the same setup path as `moejax.train`
+    (moejax.trainer.setup)."""
     from moejax.trainer import setup
 
     ts = setup.build(cfg, mesh)

@@ -2,11 +2,11 @@
 
   python -m moejax.serve --model runs/default [--port 8000] [--safety block|redact|refuse|off]
 
-POST /v1/completions and /v1/chat/completions (with "stream": true as server-sent events), GET /v1/models
-and /health. Concurrent requests are batched (moejax.infer.engine); the content-safety filter is on by
-default. Chat prompts are rendered with the model folder's `tokenizer_config.json` chat template (jinja2,
-as transformers renders it) or a built-in one. A bad request gets a 4xx with an OpenAI-style JSON error;
-the server never goes down for one.
+POST /v1/completions and /v1/chat/completions (with "stream": true as server-sent events), GET
+/v1/models and /health. Concurrent requests are batched (moejax.infer.engine); the content-safety
+filter is on by default. Chat prompts are rendered with the model folder's `tokenizer_config.json`
+chat template (jinja2, as transformers renders it) or a built-in one. A bad request gets a 4xx with
+an OpenAI-style JSON error; the server never goes down for one.
 """
 
 from __future__ import annotations
@@ -262,8 +262,9 @@ def create_app(server: Server):
 
 
 async def _stream(server: Server, prompt, params, chat: bool, rid: str, created: int):
-    """Server-sent events: text deltas as decode chunks finish, held back by the longest stop string and the
-    safety filter's window so that nothing sent is later cut or redacted; then the final remainder."""
+    """Server-sent events: text deltas as decode chunks finish, held back by the longest stop string
+    and the safety filter's window so that nothing sent is later cut or redacted; then the final
+    remainder."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue = asyncio.Queue()
     gen = server.generator

@@ -23,7 +23,8 @@ from moejax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
 
-# logical name -> mesh axis (or tuple of axes), MaxText-style. Batch spreads over every data-like axis.
+# logical name -> mesh axis (or tuple of axes), MaxText-style. Batch spreads over every data-like
+# axis.
 DEFAULT_RULES: dict[str, object] = {
     "batch": ("data", "fsdp", "expert"),
     "layers": "stage",
@@ -47,8 +48,9 @@ class ShardingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The mesh and rule table a model is built for. Modules keep it (a static, hashable attribute) to
-    pin their activations to the layout the rules give, so that XLA never guesses one between ops."""
+    """The mesh and rule table a model is built for. Modules keep it (a static, hashable attribute)
+    to pin their activations to the layout the rules give, so that XLA never guesses one between
+    ops."""
 
     mesh: Any  # jax.sharding.Mesh or AbstractMesh, more than one device
     rules: tuple  # freeze_rules(...)
@@ -58,9 +60,9 @@ class Layout:
         return dict(self.rules)
 
     def constrain(self, x, logical: Sequence[str | None]):
-        """x laid out by its logical axis names (one per dim). Inside a shard_map region (the pipeline's
-        stages) only the axes that are still automatic are named; where the mesh does not divide a dim
-        (sampling 3 prompts on 8 devices) x is left to XLA."""
+        """x laid out by its logical axis names (one per dim). Inside a shard_map region (the
+        pipeline's stages) only the axes that are still automatic are named; where the mesh does not
+        divide a dim (sampling 3 prompts on 8 devices) x is left to XLA."""
         mesh, nested = self.region()
         if nested and not any(n > 1 and a not in mesh.manual_axes for a, n in mesh.shape.items()):
             return x  # every axis is manual here (inside the expert-parallel shard_map)
@@ -73,8 +75,9 @@ class Layout:
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     def region(self):
-        """(mesh to name shardings with, whether some axes are manual): the layout's own mesh, or inside a
-        shard_map region the context's abstract mesh, whose manual axes must not be named."""
+        """(mesh to name shardings with, whether some axes are manual): the layout's own mesh, or
+        inside a shard_map region the context's abstract mesh, whose manual axes must not be
+        named."""
         ctx = jax.sharding.get_abstract_mesh()
         if ctx.manual_axes:
             return ctx, True
@@ -144,7 +147,8 @@ def rules_for(shape: MeshConfig) -> dict[str, object]:
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
             raise ShardingError(
-                f"mesh.rules: {name}={target}: unknown mesh axis {bad[0]!r}; axes: {', '.join(MESH_AXES)}"
+                f"mesh.rules: {name}={target}: unknown mesh axis {bad[0]!r}; axes: "
+                f"{', '.join(MESH_AXES)}"
             )
         rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return rules
@@ -164,7 +168,8 @@ def resolve_mesh(shape: MeshConfig, num_devices: int) -> dict[str, int]:
     granules = math.prod(dcn.values())
     if num_devices % granules:
         raise ShardingError(
-            f"mesh: the dcn degrees multiply to {granules}, which does not divide {num_devices} devices"
+            f"mesh: the dcn degrees multiply to {granules}, which does not divide {num_devices} "
+            "devices"
         )
     ici = _resolve_ici(shape, num_devices // granules)
     return {a: ici[a] * dcn[a] for a in MESH_AXES}
@@ -263,8 +268,9 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES
 
 
 def stage_fallback(names: tuple, shape: tuple, rules: Mapping[str, object], mesh_shape) -> tuple:
-    """A layer stack whose depth the pipeline stages do not divide (e.g. DeepSeek-V3's 3 dense layers
-    on 2 stages) is replicated over them instead, and runs outside the pipeline (run_stack)."""
+    """A layer stack whose depth the pipeline stages do not divide (e.g. DeepSeek-V3's 3 dense
+    layers on 2 stages) is replicated over them instead, and runs outside the pipeline
+    (run_stack)."""
     if "layers" not in names:
         return names
     n_stage = math.prod(mesh_shape[a] for a in axes_of(rules.get("layers")))
@@ -295,21 +301,24 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> N
 
 
 def batch_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split the batch, in the order the batch sharding nests them."""
+    """The mesh axes (of size > 1) that split the batch, in the order the batch sharding nests
+    them."""
     return axes_of(spec_for(("batch",), rules, mesh)[0])
 
 
 def expert_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
     """The mesh axes the routed experts are split over (the rule for logical 'expert', as the expert
-    weights are actually sharded). The expert-parallel exchange runs over exactly these axes, so they
-    must also split the batch: a device exchanges its own tokens. Anything else is refused here."""
+    weights are actually sharded). The expert-parallel exchange runs over exactly these axes, so
+    they must also split the batch: a device exchanges its own tokens. Anything else is refused
+    here."""
     axes = axes_of(spec_for(("expert", "embed", None, "expert_mlp"), rules, mesh)[0])
     stray = [a for a in axes if a not in batch_axes(mesh, rules)]
     if stray:
         raise ShardingError(
-            f"mesh.rules: the logical 'expert' axis maps to {'+'.join(axes)}, but {stray[0]!r} does not split the "
-            f"batch (batch={'+'.join(batch_axes(mesh, rules)) or 'none'}); the expert-parallel exchange needs expert "
-            f"axes that are batch axes: map 'expert' onto some of them, or add {stray[0]!r} to 'batch'"
+            f"mesh.rules: the logical 'expert' axis maps to {'+'.join(axes)}, but {stray[0]!r} "
+            f"does not split the batch (batch={'+'.join(batch_axes(mesh, rules)) or 'none'}); the "
+            "expert-parallel exchange needs expert axes that are batch axes: map 'expert' onto "
+            f"some of them, or add {stray[0]!r} to 'batch'"
         )
     return axes
 

@@ -79,8 +79,9 @@ class _NullWriter:
 
 
 def evaluate(eval_step, state, data, cfg: Config, batch_sh, metrics: dict | None = None) -> float:
-    """Validation loss over the first eval_batches batches (always the same ones): cross-entropy per token, or
-    (DPO) the loss per pair, whose held-out preference accuracy goes to metrics['val_accuracy']."""
+    """Validation loss over the first eval_batches batches (always the same ones): cross-entropy per
+    token, or (DPO) the loss per pair, whose held-out preference accuracy goes to
+    metrics['val_accuracy']."""
     batches = dataset.Batches(
         data,
         "validation",
@@ -107,8 +108,8 @@ def evaluate(eval_step, state, data, cfg: Config, batch_sh, metrics: dict | None
 
 
 def validate(eval_step, state, data, cfg: Config, batch_sh, on_policy=None) -> dict:
-    """The held-out metrics logged at eval_every and at the end: val_loss (+ val_accuracy for preference
-    runs), or an on-policy run's own evaluation (GRPO: val_reward, val_format)."""
+    """The held-out metrics logged at eval_every and at the end: val_loss (+ val_accuracy for
+    preference runs), or an on-policy run's own evaluation (GRPO: val_reward, val_format)."""
     if on_policy is not None:
         return on_policy.evaluate(state)
     extra: dict = {}
@@ -117,9 +118,9 @@ def validate(eval_step, state, data, cfg: Config, batch_sh, on_policy=None) -> d
 
 
 def sample_prompts(cfg: Config, data) -> list:
-    """The samples' prompts: cfg.train.sample_prompts, else openings of sample_prompt_tokens validation tokens
-    (ids): document starts (from BOS) first, then the starts of rows (long documents span many rows), so a
-    run on plays or another language is prompted in kind."""
+    """The samples' prompts: cfg.train.sample_prompts, else openings of sample_prompt_tokens
+    validation tokens (ids): document starts (from BOS) first, then the starts of rows (long
+    documents span many rows), so a run on plays or another language is prompted in kind."""
     n = cfg.train.num_samples
     if cfg.train.sample_prompts:
         return list(cfg.train.sample_prompts[:n])
@@ -176,8 +177,8 @@ def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
         print(f"\n----- sample -----\n{shown}{o.text}", flush=True)
     s = gen.last_stats
     print(
-        f"[train] samples: {s.generated_tokens} tokens in {s.prefill_seconds + s.decode_seconds:.1f}s "
-        "(compilation included)",
+        f"[train] samples: {s.generated_tokens} tokens in "
+        f"{s.prefill_seconds + s.decode_seconds:.1f}s (compilation included)",
         flush=True,
     )
 
@@ -194,14 +195,14 @@ def run(
 
     max_steps_this_run stops (with a checkpoint) after that many steps: used by tests to
     simulate interruption. start_from (moejax.finetune) supplies the starting weights: its
-    `init(ts)` gives the first state of a new run, `resume(ts, state)` completes a restored one (LoRA:
-    the frozen base weights, which checkpoints do not hold).
+    `init(ts)` gives the first state of a new run, `resume(ts, state)` completes a restored one
+    (LoRA: the frozen base weights, which checkpoints do not hold).
     """
     check_workdir(workdir)
     if cfg.align.method and start_from is None:
         raise TrainingError(
-            f"align.method={cfg.align.method!r} optimizes a base model against itself: run python -m "
-            "moejax.finetune with --config.base="
+            f"align.method={cfg.align.method!r} optimizes a base model against itself: run "
+            "python -m moejax.finetune with --config.base="
         )
     if cfg.lora.rank and start_from is None:
         raise TrainingError(
@@ -212,7 +213,8 @@ def run(
     primary = jax.process_index() == 0
     show = not quiet
     quiet = quiet or not primary  # one process reports
-    # on-policy RL (GRPO): batches are generated from the state itself (moejax.finetune.grpo.Rollouts)
+    # on-policy RL (GRPO): batches are generated from the state itself
+    # (moejax.finetune.grpo.Rollouts)
     on_policy = getattr(start_from, "rollouts", None) if cfg.align.method == "grpo" else None
     if cfg.align.method == "grpo" and on_policy is None:
         raise TrainingError(
@@ -226,7 +228,8 @@ def run(
             tokenizer = layout.tokenizer(data)
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(str(e)) from None
-    # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer tokens)
+    # a released model's embedding may be padded past its tokenizer (DeepSeek: 102400 rows, fewer
+    # tokens)
     if tokenizer.vocab_size > cfg.model.vocab_size or (
         not cfg.base and tokenizer.vocab_size != cfg.model.vocab_size
     ):
@@ -279,9 +282,10 @@ def run(
     )
     if not quiet:
         print(
-            f"[train] {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M activated, "
-            f"+{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; peak "
-            f"{peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x {jax.devices()[0].device_kind}",
+            f"[train] {counts.total / 1e6:.2f}M parameters ({counts.activated / 1e6:.2f}M "
+            f"activated, +{counts.mtp / 1e6:.2f}M MTP); {flops_per_token / 1e6:.1f} MFLOPs/token; "
+            f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src}); devices: {jax.device_count()} x "
+            f"{jax.devices()[0].device_kind}",
             flush=True,
         )
         if ts.has_frozen:
@@ -290,8 +294,9 @@ def run(
             trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["params"]))
             frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(ts.abstract["frozen"]))
             print(
-                f"[train] LoRA rank {cfg.lora.rank}: {trainable / 1e6:.3f}M trainable adapter parameters, "
-                f"{trainable / (trainable + frozen):.3%} of {(trainable + frozen) / 1e6:.2f}M",
+                f"[train] LoRA rank {cfg.lora.rank}: {trainable / 1e6:.3f}M trainable adapter "
+                f"parameters, {trainable / (trainable + frozen):.3%} of "
+                f"{(trainable + frozen) / 1e6:.2f}M",
                 flush=True,
             )
 
@@ -361,8 +366,9 @@ def run(
                     nonfinite = int(jax.device_get(state["nonfinite"]))
                     if nonfinite >= cfg.train.max_nonfinite_steps:
                         raise TrainingError(
-                            f"stopping: {nonfinite} consecutive steps had a non-finite loss or gradient (updates "
-                            f"skipped; last complete checkpoint kept). Lower optim.lr or check the data."
+                            f"stopping: {nonfinite} consecutive steps had a non-finite loss or "
+                            "gradient (updates skipped; last complete checkpoint kept). Lower "
+                            "optim.lr or check the data."
                         )
                 if (
                     cfg.train.eval_every

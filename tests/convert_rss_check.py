@@ -71,7 +71,8 @@ def peak_rss() -> int:
 
 def deepseek_v3_tensors(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, kind) of a DeepSeek-V3 checkpoint as save_pretrained names it (MTP layers
-    included), written out here independently of moejax's own mapping. kind: 'w', 'norm' or 'bias'."""
+    included), written out here independently of moejax's own mapping. kind: 'w', 'norm' or
+    'bias'."""
     D, V, N, E, F = (
         c.hidden_size,
         c.vocab_size,
@@ -189,7 +190,7 @@ def write_checkpoint(path: str, c: ModelConfig, file_bytes: int = 300 << 20, see
     return total
 
 
-# ------------------------------------------------------------------------------ helpers (jax from here)
+# -------------------------------------------------------------------------- helpers (jax from here)
 
 
 def _logits(model, ids):
@@ -207,7 +208,8 @@ def _flat(model):
 
 
 def _shardings_match(model, mesh, rules=None) -> list[str]:
-    """Parameters whose sharding is not the one moejax.sharding's rules give (empty when all match)."""
+    """Parameters whose sharding is not the one moejax.sharding's rules give (empty when all
+    match)."""
     from flax import nnx
 
     from moejax import sharding
@@ -364,7 +366,8 @@ def _quantize(path: str, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _fuse_experts(path: str, prefix: str, n_experts: int) -> None:
-    """One layer's per-expert tensors -> transformers' fused experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+    """One layer's per-expert tensors -> transformers' fused experts.gate_up_proj [E, 2F, D],
+    down_proj [E, D, F]."""
     per = {}
 
     def collect(tensors, first):

@@ -1,7 +1,7 @@
 """Run in a process with 8 CPU devices (test_infer.py): generation with a model whose parameters are
-sharded over fsdp=2 x expert=4 (the experts run expert-parallel) gives the single-device tokens, plain and
-speculative, for a batch the batch axes split (8 rows) and one they do not (3 rows: GSPMD's dropless
-path); the parameters stay sharded. Prints one JSON line."""
+sharded over fsdp=2 x expert=4 (the experts run expert-parallel) gives the single-device tokens,
+plain and speculative, for a batch the batch axes split (8 rows) and one they do not (3 rows:
+GSPMD's dropless path); the parameters stay sharded. Prints one JSON line."""
 
 from __future__ import annotations
 

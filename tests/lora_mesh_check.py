@@ -1,16 +1,17 @@
-"""Run in a process with 8 CPU devices (test_lora_mesh.py): LoRA fine-tuning on fsdp=2 x expert=4 matches one
-device. The tiny default model (MLA, a dense layer, a MoE layer, MTP) with adapters on attention, the dense
-MLP, the shared and the routed experts; on the mesh the routed experts run expert-parallel (moe_ep.experts_ep,
-a shard_map over the expert axes) with the per-expert adapters passed through it.
+"""Run in a process with 8 CPU devices (test_lora_mesh.py): LoRA fine-tuning on fsdp=2 x expert=4
+matches one device. The tiny default model (MLA, a dense layer, a MoE layer, MTP) with adapters on
+attention, the dense MLP, the shared and the routed experts; on the mesh the routed experts run
+expert-parallel (moe_ep.experts_ep, a shard_map over the expert axes) with the per-expert adapters
+passed through it.
 
   1. the same initial state on both layouts, every LoRA B factor set to the same nonzero values;
-  2. two train steps: the same losses, gradient norms, adapters and router biases on both layouts, and the
-     frozen base weights bit-identical before and after the steps on the mesh;
-  3. the adapters took effect on the mesh: the loss differs from the B = 0 loss, also with only the routed
-     experts' B factors nonzero (the expert-parallel path applied them), and that experts-only loss equals
-     one device's;
-  4. a GRPO step (routing replay of recorded experts through the exchange, KL to the zero-adapter reference)
-     gives one device's loss, router disagreement and adapters.
+  2. two train steps: the same losses, gradient norms, adapters and router biases on both layouts,
+     and the frozen base weights bit-identical before and after the steps on the mesh;
+  3. the adapters took effect on the mesh: the loss differs from the B = 0 loss, also with only the
+     routed experts' B factors nonzero (the expert-parallel path applied them), and that
+     experts-only loss equals one device's;
+  4. a GRPO step (routing replay of recorded experts through the exchange, KL to the zero-adapter
+     reference) gives one device's loss, router disagreement and adapters.
 
 Prints one line "OK ..." with the largest differences.
 """
@@ -42,9 +43,10 @@ EPS = 1e-3
 
 
 def config(mesh_cfg):
-    """The tiny config at 8 rows (fsdp x expert split them), adapters, no warmup (both steps move the adapters).
-    Adam's eps is large: the update m / (sqrt(v) + eps) of a nearly zero gradient component is then about
-    lr * g / eps, not lr * sign(g), which would turn float32 rounding in g into differences of order lr."""
+    """The tiny config at 8 rows (fsdp x expert split them), adapters, no warmup (both steps move
+    the adapters). Adam's eps is large: the update m / (sqrt(v) + eps) of a nearly zero gradient
+    component is then about lr * g / eps, not lr * sign(g), which would turn float32 rounding in g
+    into differences of order lr."""
     base = tiny_config()
     return dataclasses.replace(
         base,
@@ -74,14 +76,14 @@ def _name(path) -> str:
 
 
 def routed(name: str) -> bool:
-    """Whether a state path is a routed experts' factor: a MoE layer's own (the MTP block's too), not its
-    shared experts' nor the dense layer's MLP."""
+    """Whether a state path is a routed experts' factor: a MoE layer's own (the MTP block's too),
+    not its shared experts' nor the dense layer's MLP."""
     return "['ffn']['w_" in name and not name.startswith("['segments'][0]")
 
 
 def set_b(params, which=lambda name: True):
-    """Every `*_lora_b` factor `which` accepts set to fixed random values (from its path, the same on every
-    layout), in its own sharding; the others as they are."""
+    """Every `*_lora_b` factor `which` accepts set to fixed random values (from its path, the same
+    on every layout), in its own sharding; the others as they are."""
 
     def f(path, x):
         name = _name(path)
@@ -127,8 +129,9 @@ class Layout:
 
 
 def grpo_leg() -> str:
-    """GRPO with LoRA and routing replay (the recorded experts through the expert-parallel exchange) and a KL
-    reference: one step's loss, router disagreement and adapters on the mesh equal one device's."""
+    """GRPO with LoRA and routing replay (the recorded experts through the expert-parallel exchange)
+    and a KL reference: one step's loss, router disagreement and adapters on the mesh equal one
+    device's."""
     from moejax.config import AlignConfig, GRPOConfig
     from moejax.finetune.grpo import _moe_layers
 
@@ -203,7 +206,8 @@ def main():
     # two steps on each layout
     s1, loss1, norm1 = one.run(s1, 2)
     s8, loss8, norm8 = mesh.run(s8, 2)
-    # traced once per MoE layer (the scanned MoE segment and the MTP block), each time with the adapters
+    # traced once per MoE layer (the scanned MoE segment and the MTP block), each time with the
+    # adapters
     assert len(calls) == 2 and all(lora and shape["expert"] == 4 for lora, shape in calls), calls
     np.testing.assert_allclose(loss8, loss1, rtol=RTOL, err_msg="loss")
     np.testing.assert_allclose(norm8, norm1, rtol=2e-4, err_msg="grad_norm")  # as sharded_check
@@ -239,8 +243,8 @@ def main():
     effect_all = abs(loss8[0] - loss_zero) / abs(loss_zero)
     effect_experts = abs(loss_exp8 - loss_zero) / abs(loss_zero)
     d_exp = abs(loss_exp8 - loss_exp1) / abs(loss_exp1)
-    # far above the tolerance and what the layouts differ by (the routed experts act only through the routing
-    # weights on a model at initialization: a small but certain effect)
+    # far above the tolerance and what the layouts differ by (the routed experts act only through
+    # the routing weights on a model at initialization: a small but certain effect)
     assert effect_all > 10 * RTOL and effect_all > 100 * max(d_loss, d_exp), (loss8[0], loss_zero)
     assert effect_experts > 10 * RTOL and effect_experts > 100 * max(d_loss, d_exp), (
         loss_exp8,
@@ -250,10 +254,11 @@ def main():
     grpo = grpo_leg()
     norms = "/".join(f"{d:.1e}" for d in d_norm)
     print(
-        f"OK loss_rel={max(d_loss, d_exp):.2e} grad_norm_rel_per_step={norms} adapter_abs={d_abs:.2e} "
-        f"adapter_rel={d_rel:.2e} frozen_bit_identical=1 adapted_vs_zero_B={effect_all:.2e} "
-        f"experts_only_vs_zero_B={effect_experts:.2e} losses={loss8} adapters={len(f1)} "
-        f"ep_traces_with_lora={len(calls)} {grpo} seconds={time.perf_counter() - t0:.1f}"
+        f"OK loss_rel={max(d_loss, d_exp):.2e} grad_norm_rel_per_step={norms} "
+        f"adapter_abs={d_abs:.2e} adapter_rel={d_rel:.2e} frozen_bit_identical=1 "
+        f"adapted_vs_zero_B={effect_all:.2e} experts_only_vs_zero_B={effect_experts:.2e} "
+        f"losses={loss8} adapters={len(f1)} ep_traces_with_lora={len(calls)} {grpo} "
+        f"seconds={time.perf_counter() - t0:.1f}"
     )
 
 

@@ -1,15 +1,17 @@
 """Run in a process with 8 CPU devices (see test_sharding.py). Checks, each against one device:
 
-  init      the train state is created by one jitted, sharded program (DeepSeek-V2-Lite tiny, fsdp x expert)
-  exchange  the expert-parallel layer under every exchange and expert rule equals the single-device layer
-            (dropless: the dropless path; capacity, ragged: `experts_capacity` on a routing that overflows),
-            forward, gradients and drop fraction; a rule the exchange cannot honour is refused
-  presets   every mesh preset's train step (the pipeline's two stages too) matches one device, with the
-            shardings the rules give
+  init      the train state is created by one jitted, sharded program (DeepSeek-V2-Lite tiny,
+            fsdp x expert)
+  exchange  the expert-parallel layer under every exchange and expert rule equals the single-device
+            layer (dropless: the dropless path; capacity, ragged: `experts_capacity` on a routing
+            that overflows), forward, gradients and drop fraction; a rule the exchange cannot honour
+            is refused
+  presets   every mesh preset's train step (the pipeline's two stages too) matches one device, with
+            the shardings the rules give
   restore   a checkpoint saved on one mesh restores onto another (Orbax resharding)
 
-Prints one JSON line of results. The parent test also fails on XLA's "Involuntary full rematerialization"
-warnings, which every step compiled here would print to stderr.
+Prints one JSON line of results. The parent test also fails on XLA's "Involuntary full
+rematerialization" warnings, which every step compiled here would print to stderr.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def _close(state, m, ref_state, ref_m, name):
 
 
 def check_init():
-    """DeepSeek-V2-Lite tiny on fsdp=2 x expert=4: the state comes from one jitted program whose outputs are
-    the shards; nothing is built eagerly, nothing moves from the host, no device holds more than its shards."""
+    """DeepSeek-V2-Lite tiny on fsdp=2 x expert=4: the state comes from one jitted program whose
+    outputs are the shards; nothing is built eagerly, nothing moves from the host, no device holds
+    more than its shards."""
     from moejax.model import transformer
 
     cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v2_lite_tiny.py"))
@@ -138,7 +141,8 @@ def check_init():
 
 # -------------------------------------------------------------------------------------- exchanges
 
-RULES = {  # logical 'expert' axis onto various mesh axes of fsdp=2 x expert=4 (x tensor=2 for the last)
+# logical 'expert' axis onto various mesh axes of fsdp=2 x expert=4 (x tensor=2 for the last)
+RULES = {
     "default": ("", MeshConfig(fsdp=2, expert=4)),
     "expert=fsdp": ("expert=fsdp", MeshConfig(fsdp=2, expert=4)),
     "expert=expert+fsdp": ("expert=expert+fsdp", MeshConfig(fsdp=2, expert=4)),
@@ -152,9 +156,9 @@ RULES = {  # logical 'expert' axis onto various mesh axes of fsdp=2 x expert=4 (
 
 
 def check_exchanges():
-    """Expert-parallel MoE layer vs the single-device layer, forward + gradients + dropped count, on a
-    routing that overflows the capacity (capacity_factor 0.5) with padding rows. The 'group' capacity scope
-    equals the single-device layer run on each expert-parallel group's rows."""
+    """Expert-parallel MoE layer vs the single-device layer, forward + gradients + dropped count, on
+    a routing that overflows the capacity (capacity_factor 0.5) with padding rows. The 'group'
+    capacity scope equals the single-device layer run on each expert-parallel group's rows."""
     base = tiny_config().model.replace(
         n_routed_experts=8,
         num_experts_per_tok=2,
@@ -269,8 +273,9 @@ def check_exchanges():
 
 
 def check_capacity_ties():
-    """moe_ep.capacity_keep with the assignments split over 8 shards (both nesting orders of two axes) and
-    many exactly tied weights: the same choice as a sort of the whole batch by (weight desc, position)."""
+    """moe_ep.capacity_keep with the assignments split over 8 shards (both nesting orders of two
+    axes) and many exactly tied weights: the same choice as a sort of the whole batch by (weight
+    desc, position)."""
     from jax.sharding import PartitionSpec as P
 
     from moejax.model import moe_ep
@@ -286,7 +291,7 @@ def check_capacity_ties():
         sizes = tuple(mesh.shape[a] for a in axes)
         for cap in (3, 17, 50):
             f = jax.shard_map(
-                lambda i, w, v: moe_ep.capacity_keep(i, w, v, Ex, cap, axes, sizes),
+                lambda i, w, v: moe_ep.capacity_keep(i, w, v, Ex, cap, axes, sizes),  # noqa: B023 - run in this iteration
                 mesh=mesh,
                 in_specs=(P(axes),) * 3,
                 out_specs=P(axes),
@@ -304,12 +309,12 @@ def check_capacity_ties():
     return checked
 
 
-# --------------------------------------------------------------------------------- pipeline, presets
+# -------------------------------------------------------------------------------- pipeline, presets
 
 
 def step_config():
-    """The tiny default (MLA, dense + MoE layers, MTP) at batch 16: one dense layer, which two pipeline
-    stages do not divide, and two MoE layers, which they do."""
+    """The tiny default (MLA, dense + MoE layers, MTP) at batch 16: one dense layer, which two
+    pipeline stages do not divide, and two MoE layers, which they do."""
     base = tiny_config()
     return dataclasses.replace(
         base,
@@ -321,9 +326,10 @@ def step_config():
 
 
 def check_presets_and_restore():
-    """Every mesh preset's train step (two steps) against one device: loss, gradient norm, parameters,
-    router biases; shardings as the rules say; nothing large replicated. The pipeline preset (two stages x
-    expert 2 x fsdp 2) runs the two MoE layers as a pipeline and the dense layer, replicated, outside it."""
+    """Every mesh preset's train step (two steps) against one device: loss, gradient norm,
+    parameters, router biases; shardings as the rules say; nothing large replicated. The pipeline
+    preset (two stages x expert 2 x fsdp 2) runs the two MoE layers as a pipeline and the dense
+    layer, replicated, outside it."""
     from moejax.model import transformer
 
     cfg = step_config()
@@ -333,7 +339,7 @@ def check_presets_and_restore():
     for name, mc in PRESETS.items():
         calls = []
         real = transformer.run_stack_pipelined
-        transformer.run_stack_pipelined = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+        transformer.run_stack_pipelined = lambda *a, **k: calls.append(a[1]) or real(*a, **k)  # noqa: B023 - used and restored in this iteration
         try:
             state, m, ts = one_step(cfg, mc)
         finally:
@@ -372,7 +378,8 @@ def check_presets_and_restore():
 
 
 def check_restore(cfg, state):
-    """Saved from the fsdp=8 layout, restored into expert=4 x tensor=2: same values, the new shardings."""
+    """Saved from the fsdp=8 layout, restored into expert=4 x tensor=2: same values, the new
+    shardings."""
     from moejax.trainer.checkpoint import Checkpointer
 
     with tempfile.TemporaryDirectory() as d:

@@ -1,6 +1,7 @@
-"""Every attention backend against the materialized reference, forward and gradients, on generated inputs:
-packed documents, lengths that are no multiple of the blocks, GQA, MLA's unequal head dims, bfloat16.
-The Pallas backends (splash for TPU, Triton flash attention for GPU) run in interpret mode here."""
+"""Every attention backend against the materialized reference, forward and gradients, on generated
+inputs: packed documents, lengths that are no multiple of the blocks, GQA, MLA's unequal head dims,
+bfloat16. The Pallas backends (splash for TPU, Triton flash attention for GPU) run in interpret mode
+here."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def _compare_in(fn, ref, q, k, v, seg, cot, B, T, N, Hv, dtype, loss):
         assert err < tol["grad"], f"d{name}: relative error {err:.2e}"
 
 
-# B, T, N, Nkv, H, Hv, block: MHA, MLA dims (H != Hv), GQA, MQA, partial blocks, block > T, unequal blocks
+# B, T, N, Nkv, H, Hv, block: MHA, MLA dims (H != Hv), GQA, MQA, partial blocks, block > T, unequal
+# blocks
 CASES = [
     (2, 64, 4, 4, 16, 16, 16),
     (2, 61, 4, 4, 24, 16, 16),
@@ -96,7 +98,8 @@ def test_causal_pairs_skip_blocks_above_the_diagonal():
     assert list(pairs[:, 2]) == [1, 1, 0, 1, 0, 0, 1, 0, 0, 0]
     kv = _pairs(4, 4, 16, 16, kv_major=True)
     assert sorted(map(tuple, kv[:, :2])) == sorted(map(tuple, pairs[:, :2])) and kv[0, 2] == 1
-    # query blocks of 32 over key blocks of 16: key block j runs for queries i with 16 j <= 32 i + 31
+    # query blocks of 32 over key blocks of 16: key block j runs for queries i with 16 j <= 32
+    # i + 31
     assert [tuple(p[:2]) for p in _pairs(2, 4, 32, 16, kv_major=False)] == [
         (0, 0),
         (0, 1),
@@ -239,14 +242,16 @@ f = lambda impl: jax.jit(jax.value_and_grad(
 want = f("reference")(q, k, v)
 for impl in ("splash", "blockwise"):
     got = f(impl)(q, k, v)
-    err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+              for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     assert err < 1e-5, (impl, err)
     print(impl, "ok", err)
 """
 
 
 def test_pallas_backend_runs_in_shard_map_on_a_mesh():
-    """splash (interpret) on a 2 x 2 mesh (batch over 'fsdp', heads over 'tensor') gives the reference."""
+    """splash (interpret) on a 2 x 2 mesh (batch over 'fsdp', heads over 'tensor') gives the
+    reference."""
     env = {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
         "JAX_PLATFORMS": "cpu",
@@ -270,7 +275,8 @@ def test_pallas_backend_runs_in_shard_map_on_a_mesh():
     [(3, (512, 512), 3), (300, (512, 128), 384), (1000, (512, 512), 1024), (130, (64, 64), 192)],
 )
 def test_blockwise_pads_no_further_than_its_blocks_need(T, blocks, want):
-    """A short row is one block of its own length (prefill of a 3-token prompt must not run 512 rows)."""
+    """A short row is one block of its own length (prefill of a 3-token prompt must not run 512
+    rows)."""
     q, k, v, seg, _ = _inputs(1, T, 2, 2, 2, 2, jnp.float32, packed=True)  # every other dim <= 3
     f = lambda q: blockwise_attention(
         q, k, v, seg, scale=0.25, block_q=blocks[0], block_kv=blocks[1]

@@ -197,7 +197,8 @@ def test_moejax_checkpoint_and_cli(tmp_path):
         np.testing.assert_array_equal(v, _params(back)[k])
 
 
-# config.json of deepseek-ai/deepseek-moe-16b-base (model_type 'deepseek', remote code: transformers has no class)
+# config.json of deepseek-ai/deepseek-moe-16b-base (model_type 'deepseek', remote code: transformers
+# has no class)
 DEEPSEEK_MOE_16B = {
     "architectures": ["DeepseekForCausalLM"],
     "model_type": "deepseek",
@@ -360,7 +361,8 @@ def test_gqa_configs_export_to_the_architecture_that_computes_them():
         use_score_correction_bias=False,
     )
     assert hf_model_type(mixtral) == "mixtral"
-    # shared experts, a dense first layer, narrower experts or unnormalised weights: only 'deepseek' has them
+    # shared experts, a dense first layer, narrower experts or unnormalised weights: only 'deepseek'
+    # has them
     for over in (
         dict(n_shared_experts=1),
         dict(first_k_dense_replace=1),

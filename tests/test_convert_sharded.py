@@ -1,5 +1,6 @@
-"""Sharded, streaming Hugging Face I/O: the 8-device checks run in a subprocess (tests/convert_rss_check.py,
-the device count is fixed when jax starts); header checks, FP8 regions and the CLI run here."""
+"""Sharded, streaming Hugging Face I/O: the 8-device checks run in a subprocess
+(tests/convert_rss_check.py, the device count is fixed when jax starts); header checks, FP8 regions
+and the CLI run here."""
 
 from __future__ import annotations
 
@@ -215,8 +216,9 @@ def test_cli_mesh_dtype_and_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_streaming_load_of_a_1gb_checkpoint_onto_8_devices_keeps_host_memory_bounded(tmp_path):
-    """DeepSeek-V3 layout, 1.26 GB of bfloat16 in 5 files, loaded onto fsdp=2 x expert=4: the peak RSS
-    increase is the sharded model itself (CPU device memory is host memory) plus about one shard."""
+    """DeepSeek-V3 layout, 1.26 GB of bfloat16 in 5 files, loaded onto fsdp=2 x expert=4: the peak
+    RSS increase is the sharded model itself (CPU device memory is host memory) plus about one
+    shard."""
     where = str(tmp_path / "big")
     try:
         r = _run_8_devices("big", where, timeout=900)
@@ -224,11 +226,12 @@ def test_streaming_load_of_a_1gb_checkpoint_onto_8_devices_keeps_host_memory_bou
         shutil.rmtree(where, ignore_errors=True)
     gib = 1 << 30
     print(
-        f"\ncheckpoint {r['disk_bytes'] / gib:.2f} GiB on disk; model {r['model_bytes'] / gib:.2f} GiB in bfloat16, "
-        f"{r['device_bytes'] / gib:.2f} GiB on the 8 devices (replicated parameters counted per copy); "
-        f"RSS baseline {r['rss_base'] / gib:.2f} GiB, peak increase {r['rss_peak_increase'] / gib:.2f} GiB "
-        f"= {r['ratio']:.2f}x the model; max |logit diff| {r['max_logit_diff']:.2e} (max |logit| "
-        f"{r['max_abs_logit']:.2f}); seconds {json.dumps({k: round(v, 1) for k, v in r['seconds'].items()})}"
+        f"\ncheckpoint {r['disk_bytes'] / gib:.2f} GiB on disk; model {r['model_bytes'] / gib:.2f} "
+        f"GiB in bfloat16, {r['device_bytes'] / gib:.2f} GiB on the 8 devices (replicated "
+        f"parameters counted per copy); RSS baseline {r['rss_base'] / gib:.2f} GiB, peak increase "
+        f"{r['rss_peak_increase'] / gib:.2f} GiB = {r['ratio']:.2f}x the model; max |logit diff| "
+        f"{r['max_logit_diff']:.2e} (max |logit| {r['max_abs_logit']:.2f}); seconds "
+        f"{json.dumps({k: round(v, 1) for k, v in r['seconds'].items()})}"
     )
     assert r["disk_bytes"] >= 10**9
     assert r["param_dtype"] == "bfloat16" and r["dtypes"] == [

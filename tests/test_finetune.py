@@ -1,6 +1,6 @@
-"""Fine-tuning: SFT data and masks through packing, LoRA (zero init, merge/unmerge, grouped-matmul experts,
-only adapters train), and the entry end to end from a converted Hugging Face base to a merged export that
-transformers loads."""
+"""Fine-tuning: SFT data and masks through packing, LoRA (zero init, merge/unmerge, grouped-matmul
+experts, only adapters train), and the entry end to end from a converted Hugging Face base to a
+merged export that transformers loads."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from .helpers import tiny_config_dict
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
     "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
-    "{% elif m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}{{ raise_exception('bad role') }}"
+    "{% elif m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% else %}{{ raise_exception('bad role') }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 WORDS = (
-    "the a function returns value list of items error when file open close read write python code sum "
-    "add two numbers explain what this does answer question"
+    "the a function returns value list of items error when file open close read write python code "
+    "sum add two numbers explain what this does answer question"
 ).split()
 
 
@@ -59,7 +60,8 @@ def _rows(n: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
-    """A tiny byte-level BPE tokenizer.json + tokenizer_config.json (chat template) written by `tokenizers`."""
+    """A tiny byte-level BPE tokenizer.json + tokenizer_config.json (chat template) written by
+    `tokenizers`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     d = str(tmp_path_factory.mktemp("tok"))
@@ -120,7 +122,8 @@ def test_chat_and_completion_examples_train_on_answers_only(tok):
 
 
 def test_sentencepiece_examples_are_tokenized_as_inference_encodes_them(tmp_path):
-    """Pieces are not encoded one by one: sentencepiece would give every piece a dummy-prefix space."""
+    """Pieces are not encoded one by one: sentencepiece would give every piece a dummy-prefix
+    space."""
     from moejax.data.tokenizer import train_sentencepiece
 
     spm = train_sentencepiece(
@@ -552,7 +555,8 @@ def test_dpo_and_ipo_losses_match_the_formulas_on_hand_computed_log_probs():
 
     rng = np.random.default_rng(0)
     T, V = 12, 7
-    # one row: pair 1 = segments 1 (chosen, 4 tokens) and 2 (rejected, 3), pair 2 = segments 3, 4; then padding
+    # one row: pair 1 = segments 1 (chosen, 4 tokens) and 2 (rejected, 3), pair 2 = segments 3, 4;
+    # then padding
     seg = np.array([1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 0])
     mask = np.array(
         [0, 1, 1, 1, 0, 1, 1, 0, 1, 0, 1, 0]
@@ -689,9 +693,10 @@ def test_a_workdir_base_is_pinned_to_its_step(tmp_path):
 
 
 def test_lora_init_around_a_base_never_draws_a_second_base():
-    """The init that puts adapters and moments around given frozen weights: its temporaries stay far below one
-    copy of the base (the random base the model constructor would draw is dead code and never computed), and its
-    outputs are the state itself (the frozen input is donated, not copied)."""
+    """The init that puts adapters and moments around given frozen weights: its temporaries stay far
+    below one copy of the base (the random base the model constructor would draw is dead code and
+    never computed), and its outputs are the state itself (the frozen input is donated, not
+    copied)."""
     import functools
     import math
 

@@ -1,5 +1,6 @@
-"""GRPO: the loss against its formula, split invariance, rollout rows, the generator on a LoRA policy, and a
-short end-to-end run (SFT on the arithmetic task, then GRPO with routing replay, interrupted and resumed)."""
+"""GRPO: the loss against its formula, split invariance, rollout rows, the generator on a LoRA
+policy, and a short end-to-end run (SFT on the arithmetic task, then GRPO with routing replay,
+interrupted and resumed)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def test_loss_matches_the_formula_and_any_split(loss, eps_high, beta):
     norm = grpo.completion_counts(whole)
     got, metrics = grpo.grpo_share(logits, ref, whole, norm, cfg, cfg.max_new_tokens)
     np.testing.assert_allclose(float(got), _expected(logits, ref, b, cfg), rtol=1e-5, atol=1e-6)
-    # shares of two halves (microbatches, data-parallel shards) divided by the global counts add up to the whole
+    # shares of two halves (microbatches, data-parallel shards) divided by the global counts add up
+    # to the whole
     halves = sum(
         float(
             grpo.grpo_share(
@@ -97,12 +99,14 @@ def test_loss_matches_the_formula_and_any_split(loss, eps_high, beta):
         for s in (slice(0, 2), slice(2, 4))
     )
     np.testing.assert_allclose(halves, float(got), rtol=1e-5, atol=1e-6)
-    # clipping happens here: some ratios leave [1 - eps, 1 + eps] (old log-probs are far from the policy's)
+    # clipping happens here: some ratios leave [1 - eps, 1 + eps] (old log-probs are far from the
+    # policy's)
     assert 0 < float(metrics["grpo/clip_fraction"]) < 1
 
 
 def test_gradient_of_an_unclipped_token_is_the_advantage_weighted_score():
-    """With old = current log-probs (ratio 1) and beta 0, d loss / d logits = -A/|o| * d log p: REINFORCE."""
+    """With old = current log-probs (ratio 1) and beta 0, d loss / d logits = -A/|o| * d log p:
+    REINFORCE."""
     cfg = GRPOConfig(loss="grpo", beta=0.0)
     b = {k: jnp.asarray(v) for k, v in _batch().items()}
     logits = jax.random.normal(jax.random.key(0), (B, T, V))
@@ -130,8 +134,8 @@ def test_config_errors_name_the_field():
 
 
 def test_generator_decodes_a_lora_policy_as_its_merged_weights():
-    """GRPO samples from the train state as it is (adapters and frozen base, no merged copy kept): the same
-    tokens and log-probabilities as the merged model."""
+    """GRPO samples from the train state as it is (adapters and frozen base, no merged copy kept):
+    the same tokens and log-probabilities as the merged model."""
     from moejax.config import LoRAConfig
     from moejax.finetune import lora
     from moejax.infer import Generator, SamplingParams
@@ -156,8 +160,9 @@ def test_generator_decodes_a_lora_policy_as_its_merged_weights():
 
 
 def test_rollout_rows_line_up_tokens_masks_old_logps_and_routes():
-    """A rollout row: prompt + completion (+ EOS when the row ended with it), the loss mask on the completion,
-    old log-probs at the position that predicts each token, routes [positions, L * K] (-1 past the row)."""
+    """A rollout row: prompt + completion (+ EOS when the row ended with it), the loss mask on the
+    completion, old log-probs at the position that predicts each token, routes [positions, L * K]
+    (-1 past the row)."""
     from types import SimpleNamespace
 
     from moejax.infer.generate import Completion
@@ -195,7 +200,8 @@ def test_rollout_rows_line_up_tokens_masks_old_logps_and_routes():
     assert b["routes"].shape == (2, cfg.data.seq_len, L * K)
     np.testing.assert_array_equal(grpo.split_routes(b["routes"], K)[:, 0, :6], routes(6))
     assert (b["routes"][0, 6:] == -1).all() and (b["routes"][1, 5:] == -1).all()
-    # the loss reads old log-probs where token_logps puts the policy's: the positions its valid mask marks
+    # the loss reads old log-probs where token_logps puts the policy's: the positions its valid mask
+    # marks
     from moejax.trainer.step import shifted_targets
 
     _, valid = shifted_targets({k: jnp.asarray(v) for k, v in b.items()}, 1)
@@ -217,9 +223,10 @@ def _cfg(tmp_path, **grpo_over):
 
 @pytest.mark.slow
 def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
-    """A tiny model: SFT on the arithmetic task from scratch, then GRPO (LoRA, routing replay, 2 iterations per
-    round) interrupted inside its first round and resumed: rollout and policy metrics logged, held-out reward evaluated;
-    then full fine-tuning (KL to a reference copy) rewarded by a reward model trained on a few pairs."""
+    """A tiny model: SFT on the arithmetic task from scratch, then GRPO (LoRA, routing replay, 2
+    iterations per round) interrupted inside its first round and resumed: rollout and policy metrics
+    logged, held-out reward evaluated; then full fine-tuning (KL to a reference copy) rewarded by a
+    reward model trained on a few pairs."""
     from moejax.finetune import runner
 
     cd = _cfg(tmp_path)
@@ -247,19 +254,22 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
         assert np.isfinite(x["loss"]) and 0 <= x["rollout/reward"] <= 1.1
         assert 0 <= x["grpo/router_disagreement"] <= 1
         assert "rollout/exact_answer" in x and "grpo/kl" in x
-    # the first step of a round is on-policy: the policy pass reproduces the sampler's log-probabilities (and, the
-    # sampler's experts replayed, exactly its routing); the second one has moved
+    # the first step of a round is on-policy: the policy pass reproduces the sampler's
+    # log-probabilities (and, the sampler's experts replayed, exactly its routing); the second one
+    # has moved
     for x in steps[0::2]:
         assert x["grpo/logp_gap_to_sampler"] < 1e-3 and x["grpo/kl"] < 1e-3, x
     assert any(x["grpo/logp_gap_to_sampler"] > 1e-4 for x in steps[1::2])
     assert os.path.exists(os.path.join(work, "rollouts", "round.npz"))
-    # the resumed run finished round 0 on the rollouts generated before the interruption (not regenerated)
+    # the resumed run finished round 0 on the rollouts generated before the interruption (not
+    # regenerated)
     assert steps[1]["rollout/reward"] == steps[0]["rollout/reward"]
     assert steps[1]["rollout/generate_seconds"] == steps[0]["rollout/generate_seconds"]
     assert "val_reward" in out and 0 <= out["val_reward"] <= 1
     assert any("val_reward" in x and x["step"] == 2 for x in lines)
 
-    # a reward model (trained on a few pairs) as the only reward; full fine-tuning with the KL reference
+    # a reward model (trained on a few pairs) as the only reward; full fine-tuning with the KL
+    # reference
     from moejax.finetune import rewards
 
     pairs = tmp_path / "pairs.jsonl"

@@ -60,7 +60,8 @@ def _cases():
         "mscale_all_dim": 1.0,
     }
     return {
-        # sigmoid scores, 4 groups of 2 with 2 kept, correction bias, top-3, scaling, YaRN, MTP layer
+        # sigmoid scores, 4 groups of 2 with 2 kept, correction bias, top-3, scaling, YaRN, MTP
+        # layer
         "deepseek_v3_sigmoid_groups": (
             DeepseekV3ForCausalLM,
             DeepseekV3Config(
@@ -207,8 +208,9 @@ def test_logit_parity_and_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["deepseek_v3_sigmoid_groups", "mixtral", "qwen3_moe"])
 def test_greedy_generation_matches_transformers(name, tmp_path):
-    """Batched cached greedy decoding (mixed prompt lengths; one row with a repetition penalty) equals
-    transformers' generate token for token; with the V3 MTP layer, speculative decoding too."""
+    """Batched cached greedy decoding (mixed prompt lengths; one row with a repetition penalty)
+    equals transformers' generate token for token; with the V3 MTP layer, speculative decoding
+    too."""
     from moejax.infer import Generator, SamplingParams
 
     cls, cfg, _ = _cases()[name]
@@ -242,11 +244,12 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
         assert [o.tokens for o in spec] == [o.tokens for o in outs]
 
 
-# DeepSeekMoE v1 (model_type 'deepseek', deepseek-moe-16b) ships as remote code: transformers has no class for
-# it. The reference is assembled from transformers' own modules, which compute what modeling_deepseek.py does:
-# Llama attention, RMSNorm, half-split rope and decoder layers, with DeepseekV2's MoE (softmax, greedy top-k,
-# unnormalised weights, one fused shared MLP) in the MoE layers. The checkpoint is written in the remote code's
-# per-expert names, next to a config.json like the released one.
+# DeepSeekMoE v1 (model_type 'deepseek', deepseek-moe-16b) ships as remote code: transformers has no
+# class for it. The reference is assembled from transformers' own modules, which compute what
+# modeling_deepseek.py does: Llama attention, RMSNorm, half-split rope and decoder layers, with
+# DeepseekV2's MoE (softmax, greedy top-k, unnormalised weights, one fused shared MLP) in the MoE
+# layers. The checkpoint is written in the remote code's per-expert names, next to a config.json
+# like the released one.
 _V1_NOT_ARCHITECTURE = (
     "auto_map",
     "use_cache",
@@ -302,8 +305,8 @@ DEEPSEEK_V1_CASES = {
         first_k_dense_replace=1,
         moe_layer_freq=1,
     ),
-    # what else the remote code allows: grouped KV heads, MoE every 2nd layer from layer 0, another rope base,
-    # the Switch-style balance loss
+    # what else the remote code allows: grouped KV heads, MoE every 2nd layer from layer 0, another
+    # rope base, the Switch-style balance loss
     "deepseek_gqa_every_2nd": dict(
         _V1,
         num_hidden_layers=4,
@@ -318,7 +321,8 @@ DEEPSEEK_V1_CASES = {
 
 
 def _deepseek_v1_reference(d):
-    """A transformers-built torch model computing what modeling_deepseek.py computes for config.json `d`."""
+    """A transformers-built torch model computing what modeling_deepseek.py computes for config.json
+    `d`."""
     from transformers import DeepseekV2Config, LlamaConfig, LlamaForCausalLM
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
@@ -362,7 +366,8 @@ def _deepseek_v1_reference(d):
 
 
 def _to_deepseek_names(state) -> dict[str, np.ndarray]:
-    """transformers' fused experts (gate_up_proj [E, 2F, D], down_proj [E, D, F]) -> per-expert names."""
+    """transformers' fused experts (gate_up_proj [E, 2F, D], down_proj [E, D, F]) -> per-expert
+    names."""
     out = {}
     for name, t in state.items():
         t = t.detach()

@@ -1,5 +1,5 @@
-"""Generation with a KV cache: against full recomputation, absorbed vs expanded MLA, MTP speculation,
-int8 caches, sampling filters, stop strings and EOS."""
+"""Generation with a KV cache: against full recomputation, absorbed vs expanded MLA, MTP
+speculation, int8 caches, sampling filters, stop strings and EOS."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def models():
 
 
 def recompute_greedy(model, prompt, n, width=32):
-    """The reference: the whole sequence through the model (no cache) for every new token, one row at a time
-    (one compiled shape: the row padded to `width`, the padding after it in segment 0)."""
+    """The reference: the whole sequence through the model (no cache) for every new token, one row
+    at a time (one compiled shape: the row padded to `width`, the padding after it in segment 0)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -183,8 +183,8 @@ def test_speculative_sampling_keeps_the_target_distribution():
 
 
 def test_speculative_sampling_in_the_generator_keeps_the_distribution(models):
-    """Sampled tokens 2 and 3 (drawn by verified MTP drafts or their residuals) have the plain sampler's
-    distribution: 2000 seeds each, compared per token value."""
+    """Sampled tokens 2 and 3 (drawn by verified MTP drafts or their residuals) have the plain
+    sampler's distribution: 2000 seeds each, compared per token value."""
     gen = Generator(models["spec"], eos_ids=[])
     params = [SamplingParams(temperature=1.0, max_new_tokens=3, seed=s) for s in range(2000)]
     plain = np.array([o.tokens for o in gen.generate([[1, 5, 7]] * 2000, params)])
@@ -308,9 +308,9 @@ def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, to
     assert weight_bytes(q) < 0.35 * weight_bytes(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, MLA.vocab_size, (2, 12)))
     want, got = np.asarray(model(ids)[0]), np.asarray(q(ids)[0])
-    # mean error (a router choice can flip at a rare position, so not the max). This random model (init 0.3)
-    # amplifies weight error ~8x by its output: int8 (~0.4% per weight) lands near 3%, fp8 e4m3 near 15%;
-    # a scale over the wrong axes gives errors of order 100%.
+    # mean error (a router choice can flip at a rare position, so not the max). This random model
+    # (init 0.3) amplifies weight error ~8x by its output: int8 (~0.4% per weight) lands near 3%,
+    # fp8 e4m3 near 15%; a scale over the wrong axes gives errors of order 100%.
     assert np.abs(got - want).mean() < tol * np.abs(want).mean()
     outs = Generator(q, eos_ids=[]).generate(
         PROMPTS, SamplingParams(max_new_tokens=4), speculative=True
@@ -348,7 +348,8 @@ def test_safety_filter_actions_on_planted_text():
 
 
 def test_safety_filter_while_generating(models):
-    """A planted 'harmful' word (a substring the model is known to produce) is acted on mid-generation."""
+    """A planted 'harmful' word (a substring the model is known to produce) is acted on
+    mid-generation."""
     import re
 
     from moejax.infer.safety import SafetyFilter
@@ -383,7 +384,8 @@ def test_safety_filter_while_generating(models):
 
 
 def test_generation_on_a_mesh_matches_one_device():
-    """tests/generate_mesh_check.py on 8 CPU devices (fsdp=2 x expert=4, experts expert-parallel)."""
+    """tests/generate_mesh_check.py on 8 CPU devices (fsdp=2 x expert=4, experts
+    expert-parallel)."""
     import json
     import subprocess
     import sys
@@ -429,8 +431,9 @@ def test_set_params_reuses_the_compiled_programs(models):
 
 
 def test_decode_updates_the_cache_in_place_without_a_whole_copy(models):
-    """Memory, not only results: at 8192 positions the cache dominates; the compiled decode loop aliases it
-    (donated, written in place) and its temporaries stay under half of it (one layer's slice at a time)."""
+    """Memory, not only results: at 8192 positions the cache dominates; the compiled decode loop
+    aliases it (donated, written in place) and its temporaries stay under half of it (one layer's
+    slice at a time)."""
     from moejax.infer import sampling as smp
 
     model = Transformer(MLA.replace(max_position_embeddings=8192), rngs=nnx.Rngs(0))
@@ -470,9 +473,9 @@ def test_decode_updates_the_cache_in_place_without_a_whole_copy(models):
 
 
 def test_recorded_routes_line_up_with_the_training_forward(models):
-    """The generator records every MoE layer's experts at every position; the training forward over prompt +
-    completion, given them, finds the same choices (float32: no mismatch) and the same token log-probabilities,
-    with or without replay; the EOS's log-probability is kept for RL."""
+    """The generator records every MoE layer's experts at every position; the training forward over
+    prompt + completion, given them, finds the same choices (float32: no mismatch) and the same
+    token log-probabilities, with or without replay; the EOS's log-probability is kept for RL."""
     model = Transformer(
         MLA.replace(n_routed_experts=8, n_group=1, topk_group=1), rngs=nnx.Rngs(0)
     )  # many routes

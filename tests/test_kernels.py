@@ -69,9 +69,10 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
     np.testing.assert_allclose(np.asarray(g_got[1], np.float32), tg, atol=tol * 4, rtol=TOL[dtype])
 
 
-# Pallas kernels: compiled on their own platform, Pallas interpret mode elsewhere (pltpu.InterpretParams for
-# the Mosaic TPU kernels, interpret=True for the Triton GPU kernels). Shapes give several row tiles with a
-# partial last one, and (GPU) partial K and N tiles; (TPU) several K and N tiles.
+# Pallas kernels: compiled on their own platform, Pallas interpret mode elsewhere
+# (pltpu.InterpretParams for the Mosaic TPU kernels, interpret=True for the Triton GPU kernels).
+# Shapes give several row tiles with a partial last one, and (GPU) partial K and N tiles; (TPU)
+# several K and N tiles.
 PALLAS_SHAPES = {
     "pallas_tpu": ((37, 256, 256), (16, 128, 128)),
     "pallas_gpu": ((37, 40, 36), (16, 16, 16)),
@@ -150,8 +151,8 @@ def test_tgmm_matches_reference_with_empty_and_remote_groups(impl):
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_pallas_gmm_bad_sizes_stay_in_bounds(impl):
-    """Negative sizes and sizes summing past M behave as the reference (and interpret mode raises on any
-    out-of-bounds read, so none happens)."""
+    """Negative sizes and sizes summing past M behave as the reference (and interpret mode raises on
+    any out-of-bounds read, so none happens)."""
     (M, K, N), tiles = PALLAS_SHAPES[impl]
     lhs = jnp.ones((M, K))
     rhs = jnp.ones((2, K, N))

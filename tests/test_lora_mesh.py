@@ -1,6 +1,7 @@
-"""LoRA on a mesh: tests/lora_mesh_check.py on 8 CPU devices (the device count is fixed when jax starts, hence
-the subprocess). Adapters on attention, MLPs, shared and routed experts; fsdp=2 x expert=4, where the routed
-experts' adapters go through the expert-parallel shard_map, matches one device over two train steps."""
+"""LoRA on a mesh: tests/lora_mesh_check.py on 8 CPU devices (the device count is fixed when jax
+starts, hence the subprocess). Adapters on attention, MLPs, shared and routed experts;
+fsdp=2 x expert=4, where the routed experts' adapters go through the expert-parallel shard_map,
+matches one device over two train steps."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def test_strategies_agree_forward_and_grad(name, ids):
         np.testing.assert_allclose(
             run(impl, x, w, wgu, wd), ref, atol=1e-5, rtol=1e-5, err_msg=impl
         )
-        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(run(impl, *a))), argnums=(0, 1, 2, 3))(  # noqa: B023 - called at once
             x, w, wgu, wd
         )
         for g, r in zip(grads, ref_grads):
@@ -98,8 +98,9 @@ def test_capacity_never_dispatches_padding():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_capacity_keep_radix_select_matches_the_sort(seed):
-    """moe_ep.capacity_keep (radix select, as the expert-parallel exchanges run it) keeps exactly the
-    assignments experts_capacity's sort keeps: ties by position, padding never, experts under capacity whole."""
+    """moe_ep.capacity_keep (radix select, as the expert-parallel exchanges run it) keeps exactly
+    the assignments experts_capacity's sort keeps: ties by position, padding never, experts under
+    capacity whole."""
     from moejax.model import moe_ep
 
     rng = np.random.default_rng(seed)
@@ -240,9 +241,10 @@ def test_moe_layer_aux_and_padding():
 
 @pytest.mark.parametrize("impl", ["dense", "dropless"])
 def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
-    """Replay (RL): the recorded experts run, gate weights come from this router's scores (so the router still
-    gets a gradient), rows marked -1 keep the router's own choice; the mismatch counts the recorded assignments
-    the router would not make. Checked against the dense reference, forward and gradients."""
+    """Replay (RL): the recorded experts run, gate weights come from this router's scores (so the
+    router still gets a gradient), rows marked -1 keep the router's own choice; the mismatch counts
+    the recorded assignments the router would not make. Checked against the dense reference, forward
+    and gradients."""
     cfg = ModelConfig(
         hidden_size=16,
         n_routed_experts=6,

@@ -1,7 +1,7 @@
 """Two local processes (127.0.0.1, CPU collectives) train as one job: a hybrid mesh (fsdp over the 2
 processes as dcn, expert over each one's 2 devices as ici), data
-split by process, a checkpoint written by both and restored by both; then killing one process makes the
-other exit with an error within a bounded time instead of hanging in a collective."""
+split by process, a checkpoint written by both and restored by both; then killing one process makes
+the other exit with an error within a bounded time instead of hanging in a collective."""
 
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ def test_two_processes_train_checkpoint_restore_and_fail_fast(tmp_path, corpus_c
         for r in readers:
             r.join(timeout=10)
         texts = [r.text() for r in readers]
-        # XLA's CPU client exchanges the processes' device topologies with a fixed 2-minute timeout; on this
-        # shared 2-core machine one start-up in several CI runs missed it before either process trained a
-        # step. Such a start-up (and only that) is tried once more, and says so.
+        # XLA's CPU client exchanges the processes' device topologies with a fixed 2-minute timeout;
+        # on this shared 2-core machine one start-up in several CI runs missed it before either
+        # process trained a step. Such a start-up (and only that) is tried once more, and says so.
         if (
             attempt == 0
             and any(p.returncode for p in procs)

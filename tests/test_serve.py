@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server, over real HTTP on 127.0.0.1: completions, chat, streaming, batching of
-concurrent requests, the safety filter, and 4xx JSON errors for bad requests."""
+"""The OpenAI-compatible server, over real HTTP on 127.0.0.1: completions, chat, streaming, batching
+of concurrent requests, the safety filter, and 4xx JSON errors for bad requests."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ CFG = ModelConfig(
 
 
 class ModTokenizer:
-    """Any text: a character's code modulo 64 (lossy, fine for tests); id i decodes to chr(48 + i)."""
+    """Any text: a character's code modulo 64 (lossy, fine for tests); id i decodes to
+    chr(48 + i)."""
 
     bos_id, eos_id = 0, -1
 
@@ -143,9 +144,10 @@ def test_chat_with_the_default_template_and_streaming(served):
     )
     # a Hugging Face-style template: bos token, raise_exception, add_generation_prompt
     tpl = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
-        "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]"
-        "{% endif %}"
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
     assert render_chat(tpl, msgs, bos="<s>") == "<s>[system] be brief\n[user] hi\n[assistant]"
 

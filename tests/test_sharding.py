@@ -58,8 +58,9 @@ def test_indivisible_experts_name_the_parameter():
 
 @pytest.mark.slow
 def test_8_devices_match_one_device():
-    """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every preset
-    (pipeline included), restore onto another mesh; and XLA never had to replicate a tensor to reshard it."""
+    """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every
+    preset (pipeline included), restore onto another mesh; and XLA never had to replicate a tensor
+    to reshard it."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",  # (LLVM optimizations off, as in conftest.py)

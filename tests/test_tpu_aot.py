@@ -1,5 +1,6 @@
-"""The Mosaic TPU kernels, and a whole dropless MoE layer forward + backward, compile ahead of time for real
-TPU topologies (v5e, v5p) from this CPU machine. Needs the `tpu` extra (libtpu); CI installs it."""
+"""The Mosaic TPU kernels, and a whole dropless MoE layer forward + backward, compile ahead of time
+for real TPU topologies (v5e, v5p) from this CPU machine. Needs the `tpu` extra (libtpu); CI
+installs it."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_gmm_and_tgmm_compile_for_tpu():
 
     def step(lhs, rhs, sizes):
         def local(lhs, rhs, sizes):
-            # group_offset from the device's position: an expert-parallel shard computes its own 2 experts
+            # group_offset from the device's position: an expert-parallel shard computes its own 2
+            # experts
             off = jax.lax.axis_index("data") * 2
             y = kernels.gmm(
                 lhs, rhs[:2], sizes, group_offset=off, preferred_element_type=jnp.float32
@@ -117,9 +119,9 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
 
 @pytest.mark.parametrize("exchange,rule", [("ragged", ""), ("ragged", "expert=expert+fsdp")])
 def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule):
-    """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert' axis (or
-    over expert x fsdp, a tuple of axes), jax.lax.ragged_all_to_all (not its CPU emulation) for the ragged
-    exchange with the capacity policy's radix select."""
+    """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert'
+    axis (or over expert x fsdp, a tuple of axes), jax.lax.ragged_all_to_all (not its CPU emulation)
+    for the ragged exchange with the capacity policy's radix select."""
     mesh = _mesh("v5p:2x2x1")
     from moejax import sharding
     from moejax.config import MeshConfig
@@ -173,8 +175,9 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
     ids=["mla-v3-dims", "gqa"],
 )
 def test_splash_attention_forward_backward_compiles_for_tpu(heads, kv_heads, head_dim, v_head_dim):
-    """The attention op's TPU default (splash, inside shard_map over the layout's batch and head axes)
-    compiles forward + backward for v5e with packed segments, MLA's 192 / 128 head dims and GQA."""
+    """The attention op's TPU default (splash, inside shard_map over the layout's batch and head
+    axes) compiles forward + backward for v5e with packed segments, MLA's 192 / 128 head dims and
+    GQA."""
     from moejax import pod, sharding
     from moejax.config import MeshConfig
     from moejax.kernels.attention import attention, default_impl

@@ -1,4 +1,5 @@
-"""The training entry point end to end: outputs, exact resume after SIGKILL, preemption, bad input."""
+"""The training entry point end to end: outputs, exact resume after SIGKILL, preemption, bad
+input."""
 
 from __future__ import annotations
 
@@ -218,8 +219,9 @@ def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
 
 
 def test_samples_and_the_generate_cli_from_a_workdir(uninterrupted, tmp_path, capsys):
-    """The run's samples are prompted with validation openings; `python -m moejax.generate` loads the
-    workdir's parameters (not its optimizer state) and writes JSONL; a bad request is one error line."""
+    """The run's samples are prompted with validation openings; `python -m moejax.generate` loads
+    the workdir's parameters (not its optimizer state) and writes JSONL; a bad request is one error
+    line."""
     from moejax.data import layout, mixture
     from moejax.generate import main
     from moejax.train import sample_prompts

@@ -67,7 +67,8 @@ def test_decay_mask_excludes_norms_and_embeddings():
 
 def test_pack_segments_positions_and_row_codec():
     rows = list(pack([[10, 11, 12], [20] * 9, [30]], seq_len=8, bos_id=2, eos_id=3))
-    # doc1: 2 10 11 12 3 | doc2: 2 20 20, spilling over the whole next row | doc3 in a third, padded row
+    # doc1: 2 10 11 12 3 | doc2: 2 20 20, spilling over the whole next row | doc3 in a third, padded
+    # row
     assert rows[0][0].tolist() == [2, 10, 11, 12, 3, 2, 20, 20]
     assert rows[0][1].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
     assert rows[0][2].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
@@ -109,8 +110,8 @@ def _batch(cfg, seed=0):
 
 
 def _packed_batch(cfg, seed=0):
-    """Packed rows with uneven valid-token counts: 1-4 documents of random lengths, then padding that
-    fills from 0 to 90% of the row (one row is nearly all padding)."""
+    """Packed rows with uneven valid-token counts: 1-4 documents of random lengths, then padding
+    that fills from 0 to 90% of the row (one row is nearly all padding)."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
     seg = np.zeros((B, T), np.int32)
@@ -138,8 +139,9 @@ def _setup(cfg):
 
 
 def test_losses_do_not_depend_on_the_microbatch_split():
-    """Token-weighted losses: 1, 2 and 4 microbatches of a packed batch with uneven valid counts give the
-    same loss, metrics and update (CE, MTP, the sequence-wise balance loss, both z-losses)."""
+    """Token-weighted losses: 1, 2 and 4 microbatches of a packed batch with uneven valid counts
+    give the same loss, metrics and update (CE, MTP, the sequence-wise balance loss, both
+    z-losses)."""
     base = tiny_config()
     cfg = dataclasses.replace(
         base,
@@ -193,8 +195,8 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_logged_learning_rate_is_the_applied_one_after_a_skip():
-    """A skipped step does not advance the optimizer's schedule; the logged lr follows the optimizer (here
-    in warmup, where state['step'] and the optimizer's count give different rates)."""
+    """A skipped step does not advance the optimizer's schedule; the logged lr follows the optimizer
+    (here in warmup, where state['step'] and the optimizer's count give different rates)."""
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=10))
     step, state = _setup(cfg)
@@ -223,8 +225,9 @@ def test_logged_learning_rate_is_the_applied_one_after_a_skip():
 
 
 def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path):
-    """setup.init_state(params, router) from a Hugging Face base: the weights and the aux-loss-free biases
-    (DeepSeek-V3's e_score_correction_bias) are the loaded ones, the optimizer starts fresh, and it trains."""
+    """setup.init_state(params, router) from a Hugging Face base: the weights and the aux-loss-free
+    biases (DeepSeek-V3's e_score_correction_bias) are the loaded ones, the optimizer starts fresh,
+    and it trains."""
     from moejax.convert import from_hf, to_hf
     from moejax.trainer.step import split_model
 
@@ -252,7 +255,8 @@ def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path
 
 
 def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
-    """A model field the saved config lacks (added since) compares as its default; a real change is named."""
+    """A model field the saved config lacks (added since) compares as its default; a real change is
+    named."""
     import orbax.checkpoint as ocp
 
     from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint

@@ -4,12 +4,12 @@
     python -m moejax.train --config experiments/moe.py --config.data.source=data/stdlib
 
 Each source: name, path (file, directory or glob), format ('auto' | 'text' | 'jsonl' | 'json' |
-'parquet'), text_field (JSON), kind ('text' | 'code'), weight (mixture: copies per document in train),
-repair_utf8, exclude (fnmatch patterns on path components), max_files (0 = all). Stage thresholds:
-moejax/data/stages.py DEFAULTS. Tokenizer: train one (vocab_size, model_type 'bpe' | 'unigram',
-sample_bytes, user_symbols) or bring one: model (a sentencepiece .model) or hf (a Hugging Face
-tokenizer.json, with eos and optionally bos / pad naming its special tokens). workers: processes for the
-cleaning and the tokenization.
+'parquet'), text_field (JSON), kind ('text' | 'code'), weight (mixture: copies per document in
+train), repair_utf8, exclude (fnmatch patterns on path components), max_files (0 = all). Stage
+thresholds: moejax/data/stages.py DEFAULTS. Tokenizer: train one (vocab_size, model_type
+'bpe' | 'unigram', sample_bytes, user_symbols) or bring one: model (a sentencepiece .model) or hf (a
+Hugging Face tokenizer.json, with eos and optionally bos / pad naming its special tokens). workers:
+processes for the cleaning and the tokenization.
 """
 
 import sysconfig

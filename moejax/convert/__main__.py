@@ -18,7 +18,8 @@ _DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def parse_mesh(text: str, rules: str = "") -> MeshConfig:
-    """'fsdp=-1,expert=2' -> MeshConfig(fsdp=-1, expert=2, rules=rules); unnamed axes keep their defaults."""
+    """'fsdp=-1,expert=2' -> MeshConfig(fsdp=-1, expert=2, rules=rules); unnamed axes keep their
+    defaults."""
     fields = [f.name for f in dataclasses.fields(MeshConfig) if f.name != "rules"]
     kw = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
@@ -46,12 +47,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--model-type",
         default=None,
-        help="moejax-to-hf: deepseek_v3|deepseek_v2|deepseek|mixtral|qwen3_moe (default: from the config)",
+        help="moejax-to-hf: deepseek_v3|deepseek_v2|deepseek|mixtral|qwen3_moe (default: from the "
+        "config)",
     )
     p.add_argument(
         "--mesh",
         default=None,
-        help="device mesh degrees, e.g. 'fsdp=-1,expert=2' (MeshConfig fields; default: one device)",
+        help="device mesh degrees, e.g. 'fsdp=-1,expert=2' (MeshConfig fields; default: one "
+        "device)",
     )
     p.add_argument(
         "--rules",

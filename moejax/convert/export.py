@@ -57,12 +57,12 @@ def _starts_sizes(index: tuple, shape: tuple[int, ...]) -> tuple[list[int], tupl
 def _local_slice(spec: tuple, sizes: tuple[int, ...]):
     """The per-device body of a sharded slot gather (inside shard_map).
 
-    x is this device's block of the parameter. Along a dimension the slot fixes (size 1) and the mesh
-    splits over `axes`, the block holds global rows [i * b, (i + 1) * b) with i = axis_index(axes):
-    the device whose block holds the row contributes it, every other device zeros, and a psum over
-    `axes` leaves the row everywhere. A dimension the slot takes whole is all-gathered over its axes.
-    Communication is the size of the slot, never of the parameter (a plain jitted dynamic_slice
-    would all-gather every expert of every layer first).
+    x is this device's block of the parameter. Along a dimension the slot fixes (size 1) and the
+    mesh splits over `axes`, the block holds global rows [i * b, (i + 1) * b) with
+    i = axis_index(axes): the device whose block holds the row contributes it, every other device
+    zeros, and a psum over `axes` leaves the row everywhere. A dimension the slot takes whole is
+    all-gathered over its axes. Communication is the size of the slot, never of the parameter (a
+    plain jitted dynamic_slice would all-gather every expert of every layer first).
     """
 
     def body(x, starts):
@@ -91,8 +91,9 @@ def _local_slice(spec: tuple, sizes: tuple[int, ...]):
 
 @functools.lru_cache(maxsize=512)
 def _gather_fn(sh, sizes: tuple[int, ...]):
-    """jit(slot gather) for a parameter sharding and slot shape; start indices are traced arguments, so
-    every layer's and expert's slice of a parameter shares one compile (kept across to_hf calls)."""
+    """jit(slot gather) for a parameter sharding and slot shape; start indices are traced arguments,
+    so every layer's and expert's slice of a parameter shares one compile (kept across to_hf
+    calls)."""
     if not isinstance(sh, NamedSharding):  # one device: a plain slice
         return jax.jit(lambda a, st: jax.lax.dynamic_slice(a, list(st), sizes))
     spec = tuple(sh.spec) + (None,) * (len(sizes) - len(sh.spec))

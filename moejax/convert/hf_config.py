@@ -1,9 +1,10 @@
-"""Hugging Face config.json <-> ModelConfig, for deepseek_v3, deepseek_v2, deepseek (DeepSeekMoE v1), mixtral
-and qwen3_moe.
+"""Hugging Face config.json <-> ModelConfig, for deepseek_v3, deepseek_v2, deepseek (DeepSeekMoE
+v1), mixtral and qwen3_moe.
 
-'deepseek' is deepseek-moe-16b's remote-code architecture (transformers has no class for it): Llama-style
-multi-head attention with half-split rope, softmax top-k over fine-grained routed experts plus one fused
-shared MLP, dense layers before first_k_dense_replace and between every moe_layer_freq-th layer.
+'deepseek' is deepseek-moe-16b's remote-code architecture (transformers has no class for it):
+Llama-style multi-head attention with half-split rope, softmax top-k over fine-grained routed
+experts plus one fused shared MLP, dense layers before first_k_dense_replace and between every
+moe_layer_freq-th layer.
 """
 
 from __future__ import annotations
@@ -270,9 +271,10 @@ def _deepseek_v1_problems(d: dict[str, Any]) -> list[str]:
 def _deepseek_v1_fields(d: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields of a 'deepseek' config.json (checked by _deepseek_v1_problems).
 
-    Layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0; the dense layers after
-    first_k_dense_replace become mlp_only_layers. The gate normalises only when top-k > 1, has no scaling
-    factor, and its balance loss (aux_loss_alpha) is sequence-wise when seq_aux, else Switch-style.
+    Layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0; the dense layers
+    after first_k_dense_replace become mlp_only_layers. The gate normalises only when top-k > 1, has
+    no scaling factor, and its balance loss (aux_loss_alpha) is sequence-wise when seq_aux, else
+    Switch-style.
     """
     L, k, freq = (
         d["num_hidden_layers"],
@@ -306,8 +308,9 @@ def _deepseek_v1_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe_layer_rule(cfg: ModelConfig) -> tuple[int, int] | None:
-    """(first_k_dense_replace, moe_layer_freq) whose rule (layer i is MoE when i >= k and i % freq == 0) gives
-    cfg's layer kinds, preferring cfg.first_k_dense_replace; None when no rule does."""
+    """(first_k_dense_replace, moe_layer_freq) whose rule (layer i is MoE when i >= k and
+    i % freq == 0) gives cfg's layer kinds, preferring cfg.first_k_dense_replace; None when no rule
+    does."""
     kinds = cfg.layer_kinds()
     if "moe" not in kinds:
         return None
@@ -416,7 +419,8 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         else:
             if cfg.score_func != "softmax" or cfg.norm_topk_prob or not cfg.rope_interleave:
                 problems.append(
-                    "deepseek_v2 needs score_func='softmax', norm_topk_prob=False, rope_interleave=True"
+                    "deepseek_v2 needs score_func='softmax', norm_topk_prob=False, "
+                    "rope_interleave=True"
                 )
             d.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy")
     elif mt == "deepseek":
@@ -436,11 +440,13 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
                 or cfg.qk_norm
             ):
                 problems.append(
-                    "mixtral needs every layer MoE with moe_intermediate_size == intermediate_size, no qk_norm"
+                    "mixtral needs every layer MoE with moe_intermediate_size == "
+                    "intermediate_size, no qk_norm"
                 )
             if not cfg.norm_topk_prob:
                 problems.append(
-                    "mixtral renormalises the top-k weights (norm_topk_prob=False: export to 'deepseek')"
+                    "mixtral renormalises the top-k weights (norm_topk_prob=False: export to "
+                    "'deepseek')"
                 )
         else:
             d.update(

@@ -105,7 +105,8 @@ def plan(
         if want != got:
             wrong.append(
                 f"{name}: shape {got} in the checkpoint, expected {want} "
-                f"(moejax {'.'.join(map(str, slot.path))}{list(slot.index) if slot.index else ''} {view})"
+                f"(moejax {'.'.join(map(str, slot.path))}{list(slot.index) if slot.index else ''} "
+                f"{view})"
             )
         out[slot.path].append((name, slot, view))
     if wrong:
@@ -129,8 +130,9 @@ def plan(
 def place(
     shape: tuple[int, ...], dtype, target: NamedSharding, parts, ckpt: Checkpoint
 ) -> jax.Array:
-    """One parameter of `shape` and `dtype`, filled from its Hugging Face tensors (`parts`, see plan),
-    put on its shards: one host buffer per distinct shard index, put on every device holding it."""
+    """One parameter of `shape` and `dtype`, filled from its Hugging Face tensors (`parts`, see
+    plan), put on its shards: one host buffer per distinct shard index, put on every device holding
+    it."""
     by_box: dict[regions.Box, list] = {}  # replicas of a shard share one buffer
     for device, index in target.addressable_devices_indices_map(shape).items():
         by_box.setdefault(regions.box_of(index, shape), []).append(device)
@@ -172,13 +174,15 @@ def from_hf(
 
     Args:
       path: directory with config.json and safetensors file(s).
-      mesh: target device mesh (moejax.sharding.make_mesh); None is a 1-device mesh on jax.devices()[0].
+      mesh: target device mesh (moejax.sharding.make_mesh); None is a 1-device mesh on
+        jax.devices()[0].
       rules: logical-axis rules (default moejax.sharding.DEFAULT_RULES).
-      dtype: parameter dtype, e.g. 'bfloat16' (default: cfg.param_dtype). The float32 router stays float32.
+      dtype: parameter dtype, e.g. 'bfloat16' (default: cfg.param_dtype). The float32 router stays
+        float32.
       overrides: ModelConfig fields to change after mapping (e.g. moe_impl='dense', compute_dtype).
     Returns:
-      (model, config); each parameter has the sharding moejax.sharding.tree_shardings gives it, and the
-      model is built for `mesh` (moejax.sharding.Layout).
+      (model, config); each parameter has the sharding moejax.sharding.tree_shardings gives it, and
+      the model is built for `mesh` (moejax.sharding.Layout).
     """
     hf, cfg, ckpt = read_config(path)
     if dtype is not None:

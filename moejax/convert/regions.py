@@ -99,5 +99,5 @@ def fill_shard(buf: np.ndarray, shard: Box, param_shape: tuple[int, ...], parts,
             continue
         dst, region = hit
         buf[dst] = read_view_region(
-            lambda hf: read(name, hf), slot.rule, view, region
+            lambda hf, name=name: read(name, hf), slot.rule, view, region
         )  # casts to buf's dtype

@@ -41,7 +41,8 @@ FP8_DTYPES = (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"])
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes are: file, absolute byte offset, dtype and shape (from the header)."""
+    """Where one tensor's bytes are: file, absolute byte offset, dtype and shape (from the
+    header)."""
 
     name: str
     file: str
@@ -99,8 +100,8 @@ class Checkpoint:
         return self.infos[name].dtype in FP8_DTYPES
 
     def read(self, name: str, region: tuple[slice, ...]) -> np.ndarray:
-        """The region (one [start, stop) slice per dimension) of tensor `name`, as a new array in its
-        file dtype; float8 weights come back dequantized to float32 with their block scales."""
+        """The region (one [start, stop) slice per dimension) of tensor `name`, as a new array in
+        its file dtype; float8 weights come back dequantized to float32 with their block scales."""
         info = self.infos[name]
         if info.dtype not in FP8_DTYPES:
             return read_region(info, region)
@@ -127,8 +128,8 @@ def dequantize_region(
     """w = rows [r0, r1) x cols [c0, c1) of a float8 weight [out, in] -> float32 w * scale_inv.
 
     scale_inv [ceil(out/block), ceil(in/block)] holds one factor per block x block tile; the tiles
-    rows r0 .. r1-1 touch are r0 // block .. (r1-1) // block (likewise columns), so a region that cuts
-    through tiles reads just those scale rows and columns and crops the expanded grid.
+    rows r0 .. r1-1 touch are r0 // block .. (r1-1) // block (likewise columns), so a region that
+    cuts through tiles reads just those scale rows and columns and crops the expanded grid.
     """
     if w.ndim != 2:
         raise ValueError(f"float8 block scales need a 2-D weight, got shape {w.shape}")
@@ -145,7 +146,8 @@ def dequantize_region(
 
 
 def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """DeepSeek-V3 FP8 weights, whole tensor: w [out, in] * scale_inv broadcast over block x block tiles."""
+    """DeepSeek-V3 FP8 weights, whole tensor: w [out, in] * scale_inv broadcast over block x block
+    tiles."""
     out, inn = w.shape
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, axis=0), block, axis=1)[:out, :inn]
     return w.astype(np.float32) * s
@@ -160,7 +162,8 @@ def write_safetensors(
     """Writes a safetensors file one tensor at a time.
 
     specs: (name, shape, dtype) in file order; the header is written first from them, then
-    produce(name) is called once per tensor, in order, and its bytes appended (host memory: one tensor).
+    produce(name) is called once per tensor, in order, and its bytes appended (host memory: one
+    tensor).
     """
     specs = list(specs)
     header: dict = {"__metadata__": metadata} if metadata else {}
@@ -182,6 +185,7 @@ def write_safetensors(
             t = produce(name)
             if t.shape != tuple(shape) or t.dtype != np.dtype(dtype):
                 raise ValueError(
-                    f"{name}: produced {t.dtype}{list(t.shape)}, header says {np.dtype(dtype)}{list(shape)}"
+                    f"{name}: produced {t.dtype}{list(t.shape)}, header says "
+                    f"{np.dtype(dtype)}{list(shape)}"
                 )
             np.ascontiguousarray(t).tofile(f)  # no bytes copy

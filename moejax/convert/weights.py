@@ -32,7 +32,8 @@ def layout(rule: str, view: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[tup
     """How a Hugging Face tensor becomes a slot view of shape `view`: (perm, groups).
 
     The view is `hf.transpose(perm).reshape(sum(groups, ()))`: transposed axis i (Hugging Face axis
-    perm[i]) splits into the view dims groups[i], so Hugging Face axis perm[i] has size prod(groups[i]).
+    perm[i]) splits into the view dims groups[i], so Hugging Face axis perm[i] has size
+    prod(groups[i]).
       copy           [*S] -> [*S]
       linear         torch Linear [out, in] -> [in, *out]  (e.g. wq [D, N, H] from [N*H, D])
       linear2        [out, in] -> [*in, out]               (wo [N, H, D] from [D, N*H])

@@ -2,8 +2,9 @@
 
   python -m moejax.finetune --config experiments/sft.py [--config.base=PATH] [--workdir DIR]
 
-Recipes: experiments/sft.py (full SFT), sft_lora.py (LoRA SFT), continual.py (continual pretraining with
-replay). Re-running with the same workdir resumes; SIGTERM/SIGINT saves and exits, as in pretraining.
+Recipes: experiments/sft.py (full SFT), sft_lora.py (LoRA SFT), continual.py (continual pretraining
+with replay). Re-running with the same workdir resumes; SIGTERM/SIGINT saves and exits, as in
+pretraining.
 """
 
 from __future__ import annotations

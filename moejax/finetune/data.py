@@ -1,4 +1,5 @@
-"""Instruction data for fine-tuning: chat and prompt/completion JSONL -> packed rows with a loss mask.
+"""Instruction data for fine-tuning: chat and prompt/completion JSONL -> packed rows with a loss
+mask.
 
 Two row formats, one per line (a file may mix them):
 
@@ -6,16 +7,16 @@ Two row formats, one per line (a file may mix them):
   {"prompt": "...", "completion": "..."}
 
 A chat example is rendered with the chat template (the base model's `tokenizer_config.json`, or
-moejax.data.chat's built-in one) turn by turn: the text each assistant turn adds to the rendering of the
-conversation before it is the answer, and only answers (with an end-of-sequence token) are trained on
-(`loss_on="assistant"`; `"all"` trains on every token). Special tokens are ids, never text: the template is
-rendered with empty bos/eos strings, BOS is prepended as an id and EOS appended to each answer unless the
-template wrote it.
+moejax.data.chat's built-in one) turn by turn: the text each assistant turn adds to the rendering of
+the conversation before it is the answer, and only answers (with an end-of-sequence token) are
+trained on (`loss_on="assistant"`; `"all"` trains on every token). Special tokens are ids, never
+text: the template is rendered with empty bos/eos strings, BOS is prepended as an id and EOS
+appended to each answer unless the template wrote it.
 
-Packing keeps every example whole in one row (first fit over the rows still open): segment ids number the
-examples of a row from 1 and positions restart at each, so attention never crosses examples (the model's
-segment mask), and `loss_mask` [T] (1 on the tokens to be predicted) travels with the tokens. An example
-that cannot be used is skipped and counted by reason, never a crash.
+Packing keeps every example whole in one row (first fit over the rows still open): segment ids
+number the examples of a row from 1 and positions restart at each, so attention never crosses
+examples (the model's segment mask), and `loss_mask` [T] (1 on the tokens to be predicted) travels
+with the tokens. An example that cannot be used is skipped and counted by reason, never a crash.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def example_pieces(row: dict, template: str, loss_on: str = "assistant") -> list
 
 
 def _completion(value) -> str:
-    """A preference completion: a string, or [{"role": "assistant", "content": ...}] (TRL's conversational form)."""
+    """A preference completion: a string, or [{"role": "assistant", "content": ...}] (TRL's
+    conversational form)."""
     if isinstance(value, str):
         return value
     if (
@@ -114,9 +116,9 @@ def _completion(value) -> str:
 
 
 def pair_pieces(row: dict, template: str) -> tuple[list, list]:
-    """A preference row {"prompt", "chosen", "rejected"} as the pieces of its two examples (chosen, rejected).
-    The prompt is a string (one user turn) or a list of messages; it is rendered with the chat template and
-    only the completions are trained on. Raises Skip."""
+    """A preference row {"prompt", "chosen", "rejected"} as the pieces of its two examples (chosen,
+    rejected). The prompt is a string (one user turn) or a list of messages; it is rendered with the
+    chat template and only the completions are trained on. Raises Skip."""
     if not all(k in row for k in ("prompt", "chosen", "rejected")):
         raise Skip("missing prompt, chosen or rejected")
     prompt = row["prompt"]
@@ -145,9 +147,10 @@ def pair_pieces(row: dict, template: str) -> tuple[list, list]:
 
 
 def tokenize_example(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [n], loss_mask [n]): BOS, then the pieces' text tokenized as one string (as inference encodes
-    a rendered conversation: no piece-boundary artifacts such as a second dummy-prefix space), a token
-    trained on when it starts inside a trained piece; each trained piece (an answer) ends with EOS."""
+    """(tokens [n], loss_mask [n]): BOS, then the pieces' text tokenized as one string (as inference
+    encodes a rendered conversation: no piece-boundary artifacts such as a second dummy-prefix
+    space), a token trained on when it starts inside a trained piece; each trained piece (an answer)
+    ends with EOS."""
     text = "".join(t for t, _ in pieces)
     spans, at = [], 0
     for t, trained in pieces:
@@ -174,9 +177,10 @@ def tokenize_example(pieces: list[tuple[str, bool]], tokenizer) -> tuple[np.ndar
 class SFTPacker:
     """Whole examples into rows of seq_len (first fit over the last `window` open rows).
 
-    `add(tokens, mask)` returns the rows it closed, int32 [k, 4, seq_len] (tokens, segment_ids, positions,
-    loss_mask); `finish()` the rest. Padding: token 0, segment 0, position 0, loss 0. `add_group(examples)`
-    keeps several examples together in one row, in consecutive segments (a preference pair: chosen, rejected).
+    `add(tokens, mask)` returns the rows it closed, int32 [k, 4, seq_len] (tokens, segment_ids,
+    positions, loss_mask); `finish()` the rest. Padding: token 0, segment 0, position 0, loss 0.
+    `add_group(examples)` keeps several examples together in one row, in consecutive segments (a
+    preference pair: chosen, rejected).
     """
 
     def __init__(self, seq_len: int, window: int = 16, max_segments: int = 0):
@@ -212,7 +216,7 @@ class SFTPacker:
 
     def _close(self, which) -> np.ndarray:
         keep, rows = [], []
-        for j, examples in enumerate(self.open):
+        for j, _examples in enumerate(self.open):
             (rows if which(j) else keep).append(j)
         out = np.zeros((len(rows), 4, self.L), np.int32)
         for r, j in enumerate(rows):
@@ -244,10 +248,12 @@ def build_rows(
     kind: str = "sft",
     max_pairs: int = 8,
 ):
-    """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples counted.
+    """(rows by split {split: int32 [n, 4, seq_len]}, counts) from JSONL rows; skipped examples
+    counted.
 
-    kind 'sft': one example per row of the file; 'preference': a pair per row, packed as two consecutive
-    segments (chosen first: odd segment ids), at most `max_pairs` pairs to a packed row."""
+    kind 'sft': one example per row of the file; 'preference': a pair per row, packed as two
+    consecutive segments (chosen first: odd segment ids), at most `max_pairs` pairs to a packed
+    row."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"sft.loss_on: got {loss_on!r}, allowed: {', '.join(map(repr, LOSS_ON))}")
     try:
@@ -298,8 +304,8 @@ def prepare(
 ) -> str:
     """Writes a packed SFT dataset directory (moejax.data.layout, rows of FIELDS) and returns it.
 
-    The directory appears complete (manifest last) or not at all; a split left empty (a tiny file) gets the
-    other split's first row, so that training and validation both run.
+    The directory appears complete (manifest last) or not at all; a split left empty (a tiny file)
+    gets the other split's first row, so that training and validation both run.
     """
     from moejax.data import tokenizer as tokenizer_lib
 
@@ -356,9 +362,10 @@ def prepare(
     if not quiet:
         sk = counts["skipped"]
         print(
-            f"[sft] {sum(counts['examples'].values())} examples -> {manifest['rows']} rows of {seq_len} "
-            f"({manifest['fill']['train']:.0%} filled, {trained['train']} trained tokens); skipped "
-            f"{sum(sk.values())}{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
+            f"[sft] {sum(counts['examples'].values())} examples -> {manifest['rows']} rows of "
+            f"{seq_len} ({manifest['fill']['train']:.0%} filled, {trained['train']} trained "
+            f"tokens); skipped {sum(sk.values())}"
+            f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
             flush=True,
         )
     return out
@@ -386,7 +393,8 @@ def cached(
     kind: str = "sft",
     max_pairs: int = 8,
 ) -> str:
-    """`prepare` into cache_dir/<kind>-<key>, keyed by everything that shapes the rows; reused when complete."""
+    """`prepare` into cache_dir/<kind>-<key>, keyed by everything that shapes the rows; reused when
+    complete."""
     key = json.dumps(
         {
             "v": DATA_VERSION,
@@ -408,7 +416,8 @@ def cached(
         m = layout.read_manifest(out)
         sk = m.get("skipped", {})
         print(
-            f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped {sum(sk.values())}"
+            f"[sft] {out}: {sum(m['examples'].values())} examples in {m['rows']} rows; skipped "
+            f"{sum(sk.values())}"
             f"{': ' + ', '.join(f'{k} {v}' for k, v in sorted(sk.items())) if sk else ''}",
             flush=True,
         )

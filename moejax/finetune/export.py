@@ -1,9 +1,11 @@
-"""Exports a fine-tuning run: its adapters alone, or the merged model (Hugging Face or moejax format).
+"""Exports a fine-tuning run: its adapters alone, or the merged model (Hugging Face or moejax
+format).
 
   python -m moejax.finetune.export --workdir runs/sft_lora --out OUT [--format hf|moejax|adapters]
 
-The merged model is the base with the adapters folded in (moejax.finetune.lora.merge), the way inference
-runs it; `--format hf` writes safetensors + config.json that transformers loads (moejax.convert.to_hf).
+The merged model is the base with the adapters folded in (moejax.finetune.lora.merge), the way
+inference runs it; `--format hf` writes safetensors + config.json that transformers loads
+(moejax.convert.to_hf).
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def export(workdir: str, out: str, fmt: str = "hf", dtype: str = "float32") -> s
 
 
 def _copy_tokenizer(cfg, out: str) -> None:
-    """The run's tokenizer beside the export: the base folder's tokenizer files (chat template included), or
-    the training data's tokenizer."""
+    """The run's tokenizer beside the export: the base folder's tokenizer files (chat template
+    included), or the training data's tokenizer."""
     import shutil
 
     from moejax.data import layout, mixture

@@ -1,17 +1,23 @@
-"""The built-in instruction set: chat and prompt/completion examples made from the Python standard library.
+"""The built-in instruction set: chat and prompt/completion examples made from the Python standard
+library.
 
-Every recipe runs offline on it. Three kinds of example, all with answers a person wrote (the docstrings):
+Every recipe runs offline on it. Three kinds of example, all with answers a person wrote (the
+docstrings):
 
-  chat     "Explain what this Python function does" + the function without its docstring -> its docstring
-  chat     a system turn, then "What is the `pkg.module` module for?" -> the module docstring's first paragraph
-  prompt   "Summarize `module.function` in one line:" -> the docstring's first line (prompt/completion format)
+  chat     "Explain what this Python function does" + the function without its docstring -> its
+           docstring
+  chat     a system turn, then "What is the `pkg.module` module for?" -> the module docstring's
+           first paragraph
+  prompt   "Summarize `module.function` in one line:" -> the docstring's first line
+           (prompt/completion format)
 
-The files are read with `ast` (nothing is imported), in sorted order, so the set is the same on every machine
-with the same Python; it is written once to `cache_dir/instructions-v<N>-py<X.Y>.jsonl`.
+The files are read with `ast` (nothing is imported), in sorted order, so the set is the same on
+every machine with the same Python; it is written once to
+`cache_dir/instructions-v<N>-py<X.Y>.jsonl`.
 
-`build_preferences` makes preference pairs (DPO) from the same answers: chosen is the docstring, rejected the
-same words in a shuffled order (a fixed seed per example): a preference for well-formed text that a small
-model can learn, measured on held-out pairs.
+`build_preferences` makes preference pairs (DPO) from the same answers: chosen is the docstring,
+rejected the same words in a shuffled order (a fixed seed per example): a preference for well-formed
+text that a small model can learn, measured on held-out pairs.
 """
 
 from __future__ import annotations
@@ -154,9 +160,9 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
 def build_arithmetic(
     cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64
 ) -> str:
-    """SFT examples of the built-in arithmetic task (GRPO's starting point): every training problem of
-    `rewards.arithmetic_split` as a user turn answered by its '#### <answer>' line. The held-out problems,
-    which GRPO's evaluation scores, are left out."""
+    """SFT examples of the built-in arithmetic task (GRPO's starting point): every training problem
+    of `rewards.arithmetic_split` as a user turn answered by its '#### <answer>' line. The held-out
+    problems, which GRPO's evaluation scores, are left out."""
     from moejax.finetune import rewards
 
     path = os.path.join(

@@ -1,20 +1,24 @@
 """LoRA: low-rank adapters on attention, dense and shared MLPs, and the routed experts.
 
-`apply(model, cfg)` freezes every base weight (`Frozen`, outside `nnx.Param`, so the optimizer never sees it)
-and gives each weight whose path matches a target pattern two trainable factors (`LoRAParam`):
+`apply(model, cfg)` freezes every base weight (`Frozen`, outside `nnx.Param`, so the optimizer never
+sees it) and gives each weight whose path matches a target pattern two trainable factors
+(`LoRAParam`):
 
-    W [lead..., in..., out...]  ->  A [lead..., in..., Z] (uniform, +-1/sqrt(fan_in)),  B [lead..., Z, out...] (0)
+    W [lead..., in..., out...]  ->  A [lead..., in..., Z] (uniform, +-1/sqrt(fan_in)),
+                                    B [lead..., Z, out...] (0)
 
-applied as W x + (alpha / Z) B (A dropout(x)) on the activations (`moejax.model.layers.project`). `lead` is the
-experts axis of the routed experts: each expert has its own factors, run as grouped matmuls on the rows the
-dispatch sorted by expert (`moejax.model.moe_ep.expert_ffn`: dropless and the expert-parallel exchange alike;
-the dense and capacity references run the merged weights). B starts at zero, so an adapted model computes
-exactly its base. The factors carry logical axes derived from their weight's (A keeps the input axes, B the
-output axes), so they shard with it on any mesh.
+applied as W x + (alpha / Z) B (A dropout(x)) on the activations (`moejax.model.layers.project`).
+`lead` is the experts axis of the routed experts: each expert has its own factors, run as grouped
+matmuls on the rows the dispatch sorted by expert (`moejax.model.moe_ep.expert_ffn`: dropless and
+the expert-parallel exchange alike; the dense and capacity references run the merged weights). B
+starts at zero, so an adapted model computes exactly its base. The factors carry logical axes
+derived from their weight's (A keeps the input axes, B the output axes), so they shard with it on
+any mesh.
 
-`merge` folds the adapters into the weights and returns a plain model (what inference, export and `to_hf`
-take); `unmerge` takes them out again. `adapter_state` / `save_adapters` / `load_adapters` keep them alone.
-Qwix's LoRA intercepts dot_general/einsum and would miss the grouped matmul, hence this module.
+`merge` folds the adapters into the weights and returns a plain model (what inference, export and
+`to_hf` take); `unmerge` takes them out again. `adapter_state` / `save_adapters` / `load_adapters`
+keep them alone. Qwix's LoRA intercepts dot_general/einsum and would miss the grouped matmul, hence
+this module.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class LoRAParam(nnx.Param):
 
 
 def _path(path, name, module=None) -> str:
-    """'segments/1/attn/wq_b'; a MoE layer's routed expert weights read 'segments/1/ffn/experts/w_down' (the
-    shared experts are 'ffn/shared/...', a dense layer's MLP 'ffn/w_down')."""
+    """'segments/1/attn/wq_b'; a MoE layer's routed expert weights read
+    'segments/1/ffn/experts/w_down' (the shared experts are 'ffn/shared/...', a dense layer's MLP
+    'ffn/w_down')."""
     from moejax.model.moe import MoE
 
     path = tuple(path) + (("experts",) if isinstance(module, MoE) else ())
@@ -70,8 +75,8 @@ def _regex(pattern: str):
 
 
 def targets(model, patterns) -> list[tuple[str, object, str]]:
-    """(path, module, weight name) of every adaptable weight a pattern matches (re.search on the path).
-    A pattern that matches none is an error naming it."""
+    """(path, module, weight name) of every adaptable weight a pattern matches (re.search on the
+    path). A pattern that matches none is an error naming it."""
     found, used = [], set()
     for path, module in nnx.iter_modules(model):
         for name in INPUT_AXES:
@@ -112,18 +117,20 @@ def apply(model, cfg: LoRAConfig, rngs: nnx.Rngs):
         return model
     found = targets(model, cfg.targets)
     if cfg.dropout:
-        for p, module, name in found:
+        for p, module, _name in found:
             if "experts" in p and getattr(module, "dispatch", "") in ("dense", "capacity"):
                 raise ConfigError(
-                    f"lora.dropout: routed experts under model.moe_impl={module.dispatch!r} run merged "
-                    "weights, which cannot drop adapter inputs; use 'dropless' or lora.dropout=0"
+                    f"lora.dropout: routed experts under model.moe_impl={module.dispatch!r} run "
+                    "merged weights, which cannot drop adapter inputs; use 'dropless' or "
+                    "lora.dropout=0"
                 )
     for _, module, name in found:
         w = getattr(module, name)
         axes = tuple(w.get_metadata().get("logical_axes", ()) or ())
         a_shape, a_axes, b_shape, b_axes, fan_in = _factor_shapes(w, axes, name, cfg.rank)
         bound = 1.0 / math.sqrt(fan_in)
-        # float32 factors whatever the base's dtype (as PEFT keeps them); the matmuls run in compute_dtype
+        # float32 factors whatever the base's dtype (as PEFT keeps them); the matmuls run in
+        # compute_dtype
         a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
         setattr(module, name + "_lora_a", LoRAParam(a, logical_axes=a_axes))
         setattr(
@@ -178,8 +185,8 @@ def _delta(module, name):
 
 
 def merge(model):
-    """A plain model (nnx.Params, router biases) with W + (alpha / Z) A B in every adapted weight; the
-    argument is unchanged. Inference, export and to_hf take this."""
+    """A plain model (nnx.Params, router biases) with W + (alpha / Z) A B in every adapted weight;
+    the argument is unchanged. Inference, export and to_hf take this."""
     from moejax.model import RouterBias
     from moejax.model.moe import MoE
 
@@ -203,8 +210,8 @@ def merge(model):
 
 
 def unmerge(merged, adapted):
-    """The inverse of `merge`: a copy of `adapted` (a model with adapters) whose frozen weights are `merged`'s
-    minus those adapters."""
+    """The inverse of `merge`: a copy of `adapted` (a model with adapters) whose frozen weights are
+    `merged`'s minus those adapters."""
     graphdef, state = nnx.split(adapted)
     out = nnx.merge(graphdef, state)
     source = dict(nnx.iter_modules(merged))
@@ -255,7 +262,8 @@ def save_adapters(model, path: str, cfg: LoRAConfig) -> None:
 
 
 def load_adapters(model, path: str) -> None:
-    """Sets a model's adapters (built with the same LoRA config) from `save_adapters` output, in place."""
+    """Sets a model's adapters (built with the same LoRA config) from `save_adapters` output, in
+    place."""
     from safetensors.numpy import load_file
 
     saved = load_file(os.path.join(path, "adapters.safetensors"))
@@ -265,6 +273,7 @@ def load_adapters(model, path: str) -> None:
             raise ValueError(f"{path}: no adapter {name!r}")
         if saved[name].shape != v.get_value().shape:
             raise ValueError(
-                f"{path}: adapter {name!r} has shape {saved[name].shape}, the model {v.get_value().shape}"
+                f"{path}: adapter {name!r} has shape {saved[name].shape}, the model "
+                f"{v.get_value().shape}"
             )
         v.set_value(jnp.asarray(saved[name], v.get_value().dtype))

@@ -1,14 +1,16 @@
-"""A reward model: the MoE transformer with a scalar head, trained on preference pairs (Bradley-Terry).
+"""A reward model: the MoE transformer with a scalar head, trained on preference pairs
+(Bradley-Terry).
 
-The reward of a sequence is w . h + b, where h is the final-normed hidden state at its last token (the answer's
-EOS) and (w, b) the `RewardHead` parameters. For a pair,
+The reward of a sequence is w . h + b, where h is the final-normed hidden state at its last token
+(the answer's EOS) and (w, b) the `RewardHead` parameters. For a pair,
 
     loss = -log sigmoid(r(chosen) - r(rejected))
 
-averaged over the batch's pairs (shares of the global pair count, as every moejax loss); pairwise accuracy is
-the share of pairs ranked right. Pairs are packed as in DPO (moejax.finetune.data, kind 'preference': chosen in
-segment 2k + 1, rejected in 2k + 2). With LoRA the base is frozen and the head trains with the adapters.
-`score` gives the reward of every segment of a batch (GRPO's optional reward).
+averaged over the batch's pairs (shares of the global pair count, as every moejax loss); pairwise
+accuracy is the share of pairs ranked right. Pairs are packed as in DPO (moejax.finetune.data, kind
+'preference': chosen in segment 2k + 1, rejected in 2k + 2). With LoRA the base is frozen and the
+head trains with the adapters. `score` gives the reward of every segment of a batch (GRPO's optional
+reward).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class RewardHead(nnx.Param):
 
 
 def add_head(model, seed: int = 0):
-    """Gives a Transformer a reward head (`reward_w` ~ N(0, 1/D), `reward_b` = 0, as TRL initializes its score
-    head: a zero weight would leave the trunk without gradient at the start); in place, returns the model."""
+    """Gives a Transformer a reward head (`reward_w` ~ N(0, 1/D), `reward_b` = 0, as TRL initializes
+    its score head: a zero weight would leave the trunk without gradient at the start); in place,
+    returns the model."""
     D = model.cfg.hidden_size
     w = jax.random.normal(jax.random.key(seed), (D,), jnp.float32) / jnp.sqrt(D)
     model.reward_w = RewardHead(w, logical_axes=("embed",))
@@ -33,7 +36,8 @@ def add_head(model, seed: int = 0):
 
 
 def last_positions(segment_ids, num_segments: int):
-    """Index of the last token of segments 1..num_segments in each row [B, S] (0 for an absent segment)."""
+    """Index of the last token of segments 1..num_segments in each row [B, S] (0 for an absent
+    segment)."""
     T = segment_ids.shape[1]
     onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.int32)  # [B, T, S]
     return jnp.max(onehot * jnp.arange(T, dtype=jnp.int32)[None, :, None], axis=1)
@@ -49,7 +53,8 @@ def score(model, tokens, positions, segment_ids, num_segments: int, rng=None):
 
 
 def reward_share(model, batch, n_pairs, max_pairs: int, rng=None):
-    """This batch's share of the Bradley-Terry loss over the global pair count, metric shares, and aux."""
+    """This batch's share of the Bradley-Terry loss over the global pair count, metric shares, and
+    aux."""
     from moejax.finetune.objectives import segment_sums
     from moejax.trainer.step import shifted_targets
 

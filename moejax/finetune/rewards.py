@@ -1,15 +1,18 @@
-"""Verifiable rewards and group advantages for GRPO (DeepSeek-R1's recipe), and a built-in arithmetic task.
+"""Verifiable rewards and group advantages for GRPO (DeepSeek-R1's recipe), and a built-in
+arithmetic task.
 
-The task: "What is 37 + 45?" style problems the project generates (a seed, digit counts and operators), with a
-reference answer. A completion answers with a final line `#### <number>` (GSM8K's convention). Rule-based
-rewards, each a function (completion, answer) -> float:
+The task: "What is 37 + 45?" style problems the project generates (a seed, digit counts and
+operators), with a reference answer. A completion answers with a final line `#### <number>` (GSM8K's
+convention). Rule-based rewards, each a function (completion, answer) -> float:
 
-  exact_answer   1 when the number after the last '####' equals the answer (commas and spaces ignored), else 0
+  exact_answer   1 when the number after the last '####' equals the answer (commas and spaces
+                 ignored), else 0
   answer_format  1 when the completion ends with a '#### <number>' line, else 0
 
-`score(functions, weights, completions, answers, counts)` sums weighted rewards; a reward function that raises
-or returns a non-number (or NaN) scores 0 for that completion and is counted in `counts` by reason, never a
-crash or a NaN step. `group_advantages` normalizes within each prompt's group of completions:
+`score(functions, weights, completions, answers, counts)` sums weighted rewards; a reward function
+that raises or returns a non-number (or NaN) scores 0 for that completion and is counted in `counts`
+by reason, never a crash or a NaN step. `group_advantages` normalizes within each prompt's group of
+completions:
 
   grpo     (r - mean(r)) / (std(r) + eps)     (DeepSeekMath / R1)
   dr_grpo  r - mean(r)                        (Dr. GRPO: no division by the group's std)
@@ -51,15 +54,15 @@ def arithmetic_task(n: int, seed: int = 0, digits: int = 2, ops: str = "+-") -> 
 def arithmetic_split(
     max_value: int, ops: str = "+-", held_out: int = 64, seed: int = 0
 ) -> tuple[list, list]:
-    """(train, held-out) problems {"prompt", "answer"} over every `a op b` with operands in [0, max_value),
-    shuffled by `seed`; the held-out ones never appear in training (SFT or RL)."""
+    """(train, held-out) problems {"prompt", "answer"} over every `a op b` with operands in [0,
+    max_value), shuffled by `seed`; the held-out ones never appear in training (SFT or RL)."""
     problems = [(a, op, b) for op in ops for a in range(max_value) for b in range(max_value)]
     if held_out >= len(problems):
         from moejax.config import ConfigError
 
         raise ConfigError(
-            f"grpo.held_out={held_out} leaves no training problems (max_value={max_value}, ops={ops!r} "
-            f"give {len(problems)})"
+            f"grpo.held_out={held_out} leaves no training problems (max_value={max_value}, "
+            f"ops={ops!r} give {len(problems)})"
         )
     random.Random(seed).shuffle(problems)
     out = [
@@ -108,7 +111,8 @@ def score(
     answers: Sequence[str],
     counts: collections.Counter | None = None,
 ) -> np.ndarray:
-    """Weighted reward of each completion, float32 [n]. Failures score 0 and are counted by reason."""
+    """Weighted reward of each completion, float32 [n]. Failures score 0 and are counted by
+    reason."""
     counts = counts if counts is not None else collections.Counter()
     out = np.zeros(len(completions), np.float32)
     for fn, w in zip(functions, weights):
@@ -137,7 +141,8 @@ def group_advantages(
     eps: float = 1e-4,
     counts: collections.Counter | None = None,
 ) -> np.ndarray:
-    """rewards [n_groups * group_size] (each prompt's completions consecutive) -> advantages, same shape."""
+    """rewards [n_groups * group_size] (each prompt's completions consecutive) -> advantages, same
+    shape."""
     if kind not in ("grpo", "dr_grpo", "dapo"):
         raise ValueError(f"grpo.loss: got {kind!r}, allowed: 'grpo', 'dr_grpo', 'dapo'")
     r = np.asarray(rewards, np.float32).reshape(-1, group_size)
@@ -147,7 +152,9 @@ def group_advantages(
         counts["groups with equal rewards (zero advantage)"] += int(flat.sum())
     if kind == "dr_grpo":
         adv = centered
-    else:  # grpo and dapo normalize by the group's std (DAPO differs in its token-level loss and clipping)
+    else:
+        # grpo and dapo normalize by the group's std (DAPO differs in its token-level loss and
+        # clipping)
         adv = centered / (r.std(axis=1, keepdims=True) + eps)
     adv[flat] = 0.0
     return adv.reshape(-1)

@@ -1,11 +1,12 @@
 """Fine-tuning runs: a base model, instruction or new-domain data, the pretraining trainer.
 
-`run(cfg, workdir)` resolves the base (`cfg.base`: a training workdir, a moejax checkpoint or a Hugging Face
-folder), takes its architecture and tokenizer, prepares the SFT data with that tokenizer (or checks that the
-continual-pretraining data was tokenized by it), and hands everything to `moejax.train.run`: the same
-trainer, checkpoints, metrics, resume and preemption as pretraining. The base weights are read straight into
-the run's shardings (`moejax.infer.load`); with LoRA they stay frozen in the state and the checkpoints hold
-only the adapters and their optimizer state (a resumed run reads the base again).
+`run(cfg, workdir)` resolves the base (`cfg.base`: a training workdir, a moejax checkpoint or a
+Hugging Face folder), takes its architecture and tokenizer, prepares the SFT data with that
+tokenizer (or checks that the continual-pretraining data was tokenized by it), and hands everything
+to `moejax.train.run`: the same trainer, checkpoints, metrics, resume and preemption as pretraining.
+The base weights are read straight into the run's shardings (`moejax.infer.load`); with LoRA they
+stay frozen in the state and the checkpoints hold only the adapters and their optimizer state (a
+resumed run reads the base again).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from moejax.config import Config, ConfigError, ModelConfig
 from moejax.data import chat, dataset, layout, mixture
 from moejax.finetune.data import file_digest
 
-# How a run executes, not what the base is: these model fields come from the recipe, every other from the base.
+# How a run executes, not what the base is: these model fields come from the recipe, every other
+# from the base.
 RUN_FIELDS = (
     "param_dtype",
     "compute_dtype",
@@ -81,8 +83,8 @@ def base_model_config(path: str) -> ModelConfig:
 
 
 def base_tokenizer(path: str) -> tuple[str, dict]:
-    """(tokenizer file, special tokens) of a base: a workdir's data tokenizer, a folder's tokenizer.json or
-    tokenizer.model."""
+    """(tokenizer file, special tokens) of a base: a workdir's data tokenizer, a folder's
+    tokenizer.json or tokenizer.model."""
     if base_kind(path) == "workdir":
         from moejax.infer.load import workdir_config
 
@@ -107,7 +109,8 @@ def base_tokenizer(path: str) -> tuple[str, dict]:
 
 
 def chat_template(cfg: Config) -> str | None:
-    """sft.template (a jinja2 file, or a tokenizer_config.json), else the base's, else None (built in)."""
+    """sft.template (a jinja2 file, or a tokenizer_config.json), else the base's, else None (built
+    in)."""
     t = cfg.sft.template
     if t:
         if not os.path.exists(t):
@@ -134,14 +137,16 @@ def base_dir(base: str) -> str:
 
 
 def resolve(cfg: Config) -> Config:
-    """The run's config: the base's architecture (RUN_FIELDS from the recipe) and the data source the run
-    reads (SFT data prepared, with the base's tokenizer, into the data cache). Raises BaseError/ConfigError."""
+    """The run's config: the base's architecture (RUN_FIELDS from the recipe) and the data source
+    the run reads (SFT data prepared, with the base's tokenizer, into the data cache). Raises
+    BaseError/ConfigError."""
     from moejax.data.builtin import default_cache_dir
 
     cache = cfg.data.cache_dir or default_cache_dir()
     if cfg.lora.rank and not cfg.base:
         raise ConfigError(
-            "base: LoRA (lora.rank > 0) trains adapters on a base model; name it with --config.base="
+            "base: LoRA (lora.rank > 0) trains adapters on a base model; name it "
+            "with --config.base="
         )
     if cfg.align.method and not cfg.base:
         raise ConfigError(
@@ -168,7 +173,8 @@ def resolve(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, model=model)
         tok_file, special = base_tokenizer(cfg.base)
     elif cfg.sft.data:
-        # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining data
+        # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining
+        # data
         d = mixture.resolve(cfg.data, cfg.model.vocab_size)[0][0]
         tok_file = os.path.join(
             d,
@@ -233,9 +239,9 @@ def resolve(cfg: Config) -> Config:
         for path, _ in mixture.resolve(cfg.data, cfg.model.vocab_size):
             if layout.tokenizer_digest(path) != file_digest(tok_file):
                 raise BaseError(
-                    f"data.source {path} was tokenized with a different tokenizer than base={cfg.base} "
-                    f"({tok_file}); prepare it with that tokenizer (moejax.data.prepare tokenizer.model/"
-                    "tokenizer.hf)"
+                    f"data.source {path} was tokenized with a different tokenizer than "
+                    f"base={cfg.base} ({tok_file}); prepare it with that tokenizer "
+                    "(moejax.data.prepare tokenizer.model/tokenizer.hf)"
                 )
     return cfg
 
@@ -307,8 +313,8 @@ class GRPOStart(BaseStart):
 
 
 def validation_loss(model, path: str, seq_len: int, batch_size: int, batches: int) -> float:
-    """Next-token cross-entropy per token of `model` on the first `batches` validation batches of one
-    prepared dataset (the same rows every call)."""
+    """Next-token cross-entropy per token of `model` on the first `batches` validation batches of
+    one prepared dataset (the same rows every call)."""
     import jax.numpy as jnp
 
     from moejax.trainer.step import shifted_targets, token_loss_sum
@@ -328,10 +334,10 @@ def validation_loss(model, path: str, seq_len: int, batch_size: int, batches: in
 
 
 def forgetting(cfg: Config, workdir: str, batches: int | None = None) -> dict:
-    """Validation loss on every source of the run's data mixture, for the base and for the run's last
-    checkpoint: {source: {"base": loss, "after": loss, "old": bool}}. The base's own training data (a workdir
-    base) is evaluated too, replayed or not: forgetting is the rise of the old domain's loss, the gain the
-    new domain's fall."""
+    """Validation loss on every source of the run's data mixture, for the base and for the run's
+    last checkpoint: {source: {"base": loss, "after": loss, "old": bool}}. The base's own training
+    data (a workdir base) is evaluated too, replayed or not: forgetting is the rise of the old
+    domain's loss, the gain the new domain's fall."""
     from moejax.infer.load import load
 
     sources = [p for p, _ in mixture.resolve(cfg.data, cfg.model.vocab_size)]
@@ -363,8 +369,8 @@ def run(
 ) -> dict:
     """Fine-tunes (or continues pretraining) per cfg in workdir; resumes if it holds checkpoints.
 
-    Continual pretraining (a base, no SFT data) ends with the per-domain losses (`forgetting`), logged as
-    `forgetting` in the returned metrics and printed."""
+    Continual pretraining (a base, no SFT data) ends with the per-domain losses (`forgetting`),
+    logged as `forgetting` in the returned metrics and printed."""
     from moejax import train
 
     cfg = resolve(cfg)
@@ -386,8 +392,8 @@ def run(
             for src, v in table.items():
                 role = "old domain" if v["old"] else "new domain"
                 print(
-                    f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} (base) -> "
-                    f"{v['after']:.4f} ({v['after'] - v['base']:+.4f})",
+                    f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} "
+                    f"(base) -> {v['after']:.4f} ({v['after'] - v['base']:+.4f})",
                     flush=True,
                 )
     return out

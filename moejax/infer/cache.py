@@ -1,17 +1,17 @@
 """KV caches for generation.
 
-MLA layers cache only what DeepSeek-V2 §2.1.3 says decoding needs: the normalized latent (kv_lora_rank
-values) and the rotated decoupled key (qk_rope_head_dim values) per token, shared by every head: 576
-values per token per layer at DeepSeek-V3's shape. Keys and values are never rebuilt for the cache: the
-decode step absorbs the up-projections into the query and the output (moejax.infer.forward). GQA/MHA
-layers cache keys and values per KV head.
+MLA layers cache only what DeepSeek-V2 §2.1.3 says decoding needs: the normalized latent
+(kv_lora_rank values) and the rotated decoupled key (qk_rope_head_dim values) per token, shared by
+every head: 576 values per token per layer at DeepSeek-V3's shape. Keys and values are never rebuilt
+for the cache: the decode step absorbs the up-projections into the query and the output
+(moejax.infer.forward). GQA/MHA layers cache keys and values per KV head.
 
-A cache is a pytree (`KVCache`): per layer segment a dict of arrays stacked on a leading layer axis, the
-same for each MTP depth, and `lengths` [B], the number of positions of each row already written. Rows
-are right-padded: row b holds positions 0 .. lengths[b] - 1, whatever lies beyond is stale and masked.
-MLA entries are [L, B, S, ...]; GQA keys and values are head-major [L, B, Nkv, S, H], the order the
-attention dots consume without a transpose. With `int8=True` every cached vector is stored as int8 with
-one float32 scale per token (and KV head).
+A cache is a pytree (`KVCache`): per layer segment a dict of arrays stacked on a leading layer axis,
+the same for each MTP depth, and `lengths` [B], the number of positions of each row already written.
+Rows are right-padded: row b holds positions 0 .. lengths[b] - 1, whatever lies beyond is stale and
+masked. MLA entries are [L, B, S, ...]; GQA keys and values are head-major [L, B, Nkv, S, H], the
+order the attention dots consume without a transpose. With `int8=True` every cached vector is stored
+as int8 with one float32 scale per token (and KV head).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from moejax.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    segments: list  # per layer segment: {name: [L, B, S, R] or [L, B, Nkv, S, H]} (+ name + '_scale' when int8;
-    #                 + 'route' [L, B, S, K] when recording a MoE segment's expert choices)
+    # per layer segment: {name: [L, B, S, R] or [L, B, Nkv, S, H]} (+ name + '_scale' when int8;
+    # + 'route' [L, B, S, K] when recording a MoE segment's expert choices)
+    segments: list
     mtp: list  # per MTP depth: {name: [1, B, S, ...]}
     lengths: jax.Array  # int32 [B]: positions written per row
 
@@ -75,9 +76,10 @@ def init_cache(
     mtp: bool = False,
     routes: bool = False,
 ) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` positions (dtype: the compute dtype by default).
-    mtp=True adds a cache for each MTP depth (speculative decoding drafts with it). routes=True also records
-    the experts each MoE layer chose for every position ('route' [L, B, S, K], routing replay for RL)."""
+    """An empty cache for `batch` rows of up to `max_len` positions (dtype: the compute dtype by
+    default). mtp=True adds a cache for each MTP depth (speculative decoding drafts with it).
+    routes=True also records the experts each MoE layer chose for every position ('route' [L, B, S,
+    K], routing replay for RL)."""
     from moejax.model.transformer import segments_of
 
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
@@ -115,8 +117,9 @@ def quantize(x):
 
 
 def write(layers: dict, entries: dict, start) -> dict:
-    """Writes every layer's new entries {name: [L, B, T, ...]} at positions start[b] .. start[b] + T - 1 of the
-    stacked cache; writes past S are dropped (the caller sizes the cache so that kept positions always fit)."""
+    """Writes every layer's new entries {name: [L, B, T, ...]} at positions start[b] ..
+    start[b] + T - 1 of the stacked cache; writes past S are dropped (the caller sizes the cache so
+    that kept positions always fit)."""
     out = dict(layers)
     for name, new in entries.items():
         L, B, T = new.shape[:3]

@@ -1,9 +1,9 @@
 """Request batching for a server: concurrent requests are generated together.
 
 A worker thread owns the Generator. It takes the first queued request, waits up to `wait_s` for more
-(up to `max_batch`), generates them as one batch, and resolves each request's future; a request with a
-`stream` callback receives its row's tokens after every decode chunk. A batch runs to completion before
-the next one starts (no continuous batching: a late request waits for the running batch).
+(up to `max_batch`), generates them as one batch, and resolves each request's future; a request with
+a `stream` callback receives its row's tokens after every decode chunk. A batch runs to completion
+before the next one starts (no continuous batching: a late request waits for the running batch).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Engine:
             streams = [r.stream for r in batch]
 
             def on_chunk(tokens, done):
-                for s, t, d in zip(streams, tokens, done):
+                for s, t, d in zip(streams, tokens, done):  # noqa: B023 - called within this batch's generate()
                     if s is not None:
                         s(t, d)
 

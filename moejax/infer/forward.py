@@ -1,17 +1,17 @@
 """The decoder run with a KV cache: prefill and decode steps, MLA decoded with absorbed weights.
 
-`forward(model, tokens, cache, ...)` runs new tokens [B, T] at positions cache.lengths[b] + t, writes
-their cache entries and attends over everything cached before them. Two phases:
+`forward(model, tokens, cache, ...)` runs new tokens [B, T] at positions cache.lengths[b] + t,
+writes their cache entries and attends over everything cached before them. Two phases:
 
   prefill  (the cache is empty) attention stays inside the new block, MLA expanded as in training
   decode   attention reads the cache; MLA either absorbed (default) or expanded
 
 Absorbed MLA (DeepSeek-V2 §2.1.3). With the cached latent c [S, R] and W_UK, W_UV the key and value
-halves of wkv_b [R, N, Hn + Hv], a head's nope score is q_nope . (c W_UK) = (q_nope W_UK^T) . c, and its
-output is softmax(.) (c W_UV) = (softmax(.) c) W_UV. So the query is projected into the latent space
-once per new token, scores and the weighted sum run over the R-wide latent shared by all heads, and the
-result is lifted by W_UV: per step O(S R N) work on a cache of R + Hr values per token instead of
-rebuilding N (Hn + Hv) values for each of the S cached tokens (expanded).
+halves of wkv_b [R, N, Hn + Hv], a head's nope score is q_nope . (c W_UK) = (q_nope W_UK^T) . c, and
+its output is softmax(.) (c W_UV) = (softmax(.) c) W_UV. So the query is projected into the latent
+space once per new token, scores and the weighted sum run over the R-wide latent shared by all
+heads, and the result is lifted by W_UV: per step O(S R N) work on a cache of R + Hr values per
+token instead of rebuilding N (Hn + Hv) values for each of the S cached tokens (expanded).
 """
 
 from __future__ import annotations
@@ -31,22 +31,26 @@ NEG = jnp.finfo(jnp.float32).min
 
 
 def _two_part_softmax(logits_c, logits_n):
-    """Softmax over cached and new keys together: ([..., S], [..., T]) -> the probabilities of each part."""
+    """Softmax over cached and new keys together: ([..., S], [..., T]) -> the probabilities of each
+    part."""
     probs = jax.nn.softmax(jnp.concatenate([logits_c, logits_n], axis=-1), axis=-1)
     return probs[..., : logits_c.shape[-1]], probs[..., logits_c.shape[-1] :]
 
 
 def _masks(start, T: int, S: int):
-    """Cached positions before the block ([B, 1, 1, S]: s < start[b]) and causal inside it ([1, 1, T, T])."""
+    """Cached positions before the block ([B, 1, 1, S]: s < start[b]) and causal inside it ([1, 1,
+    T, T])."""
     cached = (jnp.arange(S)[None] < start[:, None])[:, None, None]
     return cached, jnp.tril(jnp.ones((T, T), bool))[None, None]
 
 
 def attend_cached(q, k_c, v_c, k_n, v_n, start, scale: float):
-    """Grouped attention over the cache (k_c, v_c [B, Nkv, S, H], head-major: positions < start) and the new
-    block (k_n, v_n [B, T, Nkv, H], causal) without concatenating them: q [B, T, N, H] -> [B, T, N, Hv].
+    """Grouped attention over the cache (k_c, v_c [B, Nkv, S, H], head-major: positions < start) and
+    the new block (k_n, v_n [B, T, Nkv, H], causal) without concatenating them: q [B, T, N,
+    H] -> [B, T, N, Hv].
 
-    The einsums keep XLA's natural dot order (batch dims B, Nkv first), so the cache is never transposed.
+    The einsums keep XLA's natural dot order (batch dims B, Nkv first), so the cache is never
+    transposed.
     """
     B, T, N, H = q.shape
     Nkv, S = k_c.shape[1], k_c.shape[2]
@@ -98,7 +102,8 @@ def _mla_project(attn: MLA, x, cos, sin):
 
 
 def _mla_keys_values(attn: MLA, latent, k_rope):
-    """Per-head keys and values rebuilt from latents [B, S, R] and rotary keys [B, S, Hr] (as in training)."""
+    """Per-head keys and values rebuilt from latents [B, S, R] and rotary keys [B, S, Hr] (as in
+    training)."""
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
     kv = jnp.einsum(
@@ -114,7 +119,8 @@ def _mla_keys_values(attn: MLA, latent, k_rope):
 
 
 def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
-    """Attention in the latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
+    """Attention in the latent space: W_UK folded into the query, W_UV applied after the weighted
+    sum."""
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
     Hn = cfg.qk_nope_head_dim
@@ -138,7 +144,8 @@ def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
     pc, pn = _two_part_softmax(
         jnp.where(in_cache, logits(cached), NEG), jnp.where(causal, logits(new), NEG)
     )
-    # [B, N, T, R]: the dot's natural output order (a BTNR output makes XLA:CPU transpose inside the dot, 8x slower)
+    # [B, N, T, R]: the dot's natural output order (a BTNR output makes XLA:CPU transpose inside the
+    # dot, 8x slower)
     o_lat = jnp.einsum(
         "BNTS,BSR->BNTR", pc.astype(cd), cached["latent"], preferred_element_type=jnp.float32
     ) + jnp.einsum(
@@ -203,7 +210,7 @@ def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
     return y, {"k": k, "v": v}
 
 
-# --------------------------------------------------------------------------------------------- blocks
+# ------------------------------------------------------------------------------------------- blocks
 
 
 def block_step(
@@ -218,9 +225,9 @@ def block_step(
     absorbed: bool,
     record: bool = False,
 ):
-    """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B, T, ...]).
-    cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE layer's expert choices
-    join the entries as 'route' [B, T, K]."""
+    """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B,
+    T, ...]). cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE
+    layer's expert choices join the entries as 'route' [B, T, K]."""
     cd = block.compute_dtype
     h = block.attn_norm(x).astype(cd)
     if isinstance(block.attn, MLA):
@@ -240,8 +247,8 @@ def block_step(
 
 def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, prefill, absorbed):
     """The stacked layers in a scan that reads each layer's cache slice and returns the new entries
-    [L, B, T, ...]; they are written after the scan, so a decode step reads the cache once and writes
-    only the new positions (in place: the cache is donated)."""
+    [L, B, T, ...]; they are written after the scan, so a decode step reads the cache once and
+    writes only the new positions (in place: the cache is donated)."""
     graphdef, state = nnx.split(stack)
     record = "route" in layers  # the cache records this MoE segment's expert choices
 
@@ -284,8 +291,9 @@ def forward(
       cache: the model's cache; with prefill=True it must be empty (lengths 0).
       token_mask: [B, T] real tokens (right padding 0), for the MoE statistics only.
     Returns:
-      hidden [B, T, D] after the final norm (float32; `model.head` gives logits, MTP drafts from it) and the
-      cache with the new entries written. `lengths` is left to the caller, which knows how many were kept.
+      hidden [B, T, D] after the final norm (float32; `model.head` gives logits, MTP drafts from it)
+      and the cache with the new entries written. `lengths` is left to the caller, which knows how
+      many were kept.
     """
     cfg = model.cfg
     B, T = tokens.shape
@@ -296,7 +304,7 @@ def forward(
     )
     x = model.embed_tokens(tokens)
     segments = []
-    for (kind, n), stack, layers in zip(segments_of(cfg), model.segments, cache.segments):
+    for (kind, _n), stack, layers in zip(segments_of(cfg), model.segments, cache.segments):
         with jax.named_scope(f"segment_{kind}"):
             x, layers = _run_segment(
                 stack, x, cos, sin, token_mask, layers, start, prefill, absorbed
@@ -315,10 +323,12 @@ def mtp_forward(
     prefill: bool = False,
     absorbed: bool = True,
 ):
-    """The first MTP depth run with its cache: position i combines the main model's final-normed hidden
-    h_i [B, T, D] with the embedding of token i + 1 (next_tokens [B, T]) and predicts token i + 2.
+    """The first MTP depth run with its cache: position i combines the main model's final-normed
+    hidden h_i [B, T, D] with the embedding of token i + 1 (next_tokens [B, T]) and predicts token
+    i + 2.
 
-    Returns the MTP hidden after its final norm [B, T, D] and the cache with the depth's entries written.
+    Returns the MTP hidden after its final norm [B, T, D] and the cache with the depth's entries
+    written.
     """
     cfg = model.cfg
     m = model.mtp[0]

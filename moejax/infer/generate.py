@@ -1,15 +1,18 @@
 """Batched generation: one prefill, then jitted decode steps on a preallocated, donated cache.
 
     gen = Generator(model, tokenizer)
-    [c] = gen.generate(["def fib(n):"], SamplingParams(temperature=0.7, max_new_tokens=64, stop=("\\n\\n",)))
+    [c] = gen.generate(
+        ["def fib(n):"], SamplingParams(temperature=0.7, max_new_tokens=64, stop=("\\n\\n",))
+    )
     c.text, c.tokens, c.logprobs, c.finish_reason      # 'eos' | 'stop' | 'length'
 
-Prompts of different lengths share a batch (right-padded; each row decodes at its own position). Decode
-steps run on the device in chunks (a while loop that also ends when every row is done); between chunks
-the host checks stop strings. With `speculative=True` the first MTP depth drafts one token per step and
-the main model verifies it in the same forward as the next one (DeepSeek-V3 §5.4.3): greedy output is the
-plain greedy output; sampled output keeps the model's distribution (speculative sampling: accept the draft
-d with probability min(1, p(d) / q(d)), else draw from max(p - q, 0)).
+Prompts of different lengths share a batch (right-padded; each row decodes at its own position).
+Decode steps run on the device in chunks (a while loop that also ends when every row is done);
+between chunks the host checks stop strings. With `speculative=True` the first MTP depth drafts one
+token per step and the main model verifies it in the same forward as the next one (DeepSeek-V3
+§5.4.3): greedy output is the plain greedy output; sampled output keeps the model's distribution
+(speculative sampling: accept the draft d with probability min(1, p(d) / q(d)), else draw from
+max(p - q, 0)).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class Completion:
     text: str | None = None  # decoded tokens (with a tokenizer), after the safety filter's action
     safety: dict = dataclasses.field(default_factory=dict)  # safety-filter matches per category
     eos_logprob: float | None = None  # the log-probability of the EOS that ended the row ('eos')
-    # record_routes: the experts each MoE layer of the main stack chose at every position of prompt + tokens
-    # (+ the EOS), int [L_moe, positions, K]; -1 where no forward ran on the position (a row's last token)
+    # record_routes: the experts each MoE layer of the main stack chose at every position of
+    # prompt + tokens (+ the EOS), int [L_moe, positions, K]; -1 where no forward ran on the
+    # position (a row's last token)
     routes: np.ndarray | None = None
 
 
@@ -72,8 +76,8 @@ def _bucket(n: int) -> int:
 
 def for_inference(model):
     """A view of the model that never drops tokens: capacity MoE layers dispatch dropless and the
-    expert-parallel exchange is the dropless one (as DeepSeek serves); the parameters are shared, the
-    caller's model is unchanged."""
+    expert-parallel exchange is the dropless one (as DeepSeek serves); the parameters are shared,
+    the caller's model is unchanged."""
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     for _, m in nnx.iter_modules(view):
@@ -90,18 +94,22 @@ class Generator:
 
     Args:
       model: a moejax Transformer (on one device or built for a mesh).
-      tokenizer: anything with encode/decode (and bos_id / eos_id); optional when prompts are token ids.
+      tokenizer: anything with encode/decode (and bos_id / eos_id); optional when prompts are token
+        ids.
       eos_ids: tokens that end a row (default: the tokenizer's eos_id).
       add_bos: prepend the tokenizer's BOS to text prompts.
-      cache_dtype: the cache's dtype (default: the compute dtype); kv_int8 stores int8 with per-token scales.
-      absorbed: decode MLA with the up-projections absorbed (False: rebuild K and V from the latent cache).
-      chunk: decode steps per device call when stop strings or a safety filter are in play (the host checks
-        them between chunks).
+      cache_dtype: the cache's dtype (default: the compute dtype); kv_int8 stores int8 with
+        per-token scales.
+      absorbed: decode MLA with the up-projections absorbed (False: rebuild K and V from the latent
+        cache).
+      chunk: decode steps per device call when stop strings or a safety filter are in play (the host
+        checks them between chunks).
       safety: a moejax.infer.safety.SafetyFilter applied to every row's text as it is generated.
-      record_routes: record every MoE layer's expert choices (Completion.routes; RL's routing replay).
+      record_routes: record every MoE layer's expert choices (Completion.routes; RL's routing
+        replay).
 
-    A model with LoRA adapters generates as its merged weights: each device call merges them (temporaries)
-    and the model's own arrays are shared, never copied.
+    A model with LoRA adapters generates as its merged weights: each device call merges them
+    (temporaries) and the model's own arrays are shared, never copied.
     """
 
     def __init__(
@@ -143,8 +151,8 @@ class Generator:
         )
 
     def set_params(self, model) -> None:
-        """Generate with another model of the same structure (e.g. the policy after an RL update): the
-        compiled programs are reused, nothing recompiles."""
+        """Generate with another model of the same structure (e.g. the policy after an RL update):
+        the compiled programs are reused, nothing recompiles."""
         graphdef, state = nnx.split(for_inference(model))
         if graphdef != self.graphdef:
             raise ValueError(
@@ -155,13 +163,15 @@ class Generator:
     # ------------------------------------------------------------------------------ host side
 
     def encode(self, prompt, add_bos: bool | None = None) -> list[int]:
-        """Token ids of a text prompt (BOS first when the tokenizer has one of its own) or of a token list."""
+        """Token ids of a text prompt (BOS first when the tokenizer has one of its own) or of a
+        token list."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead")
             ids = list(self.tokenizer.encode(prompt))
             bos = getattr(self.tokenizer, "bos_id", None)
-            # a Hugging Face tokenizer without a BOS token (Qwen) reports EOS as BOS: nothing is prepended
+            # a Hugging Face tokenizer without a BOS token (Qwen) reports EOS as BOS: nothing is
+            # prepended
             own_bos = getattr(self.tokenizer, "special", {}).get("bos", True)
             if (
                 (self.add_bos if add_bos is None else add_bos)
@@ -176,15 +186,16 @@ class Generator:
     def generate(
         self,
         prompts,
-        params: SamplingParams | list[SamplingParams] = SamplingParams(),
+        params: SamplingParams | list[SamplingParams] = SamplingParams(),  # noqa: B008 - frozen, never mutated
         *,
         speculative: bool = False,
         on_chunk=None,
     ) -> list[Completion]:
         """Completes each prompt (text or token ids). params: one for all, or one per prompt.
 
-        on_chunk(tokens, done): called between decode chunks with each row's tokens so far and whether it
-        is done (a streaming server sends text from it); giving it makes decoding chunked.
+        on_chunk(tokens, done): called between decode chunks with each row's tokens so far and
+        whether it is done (a streaming server sends text from it); giving it makes decoding
+        chunked.
         """
         if not prompts:
             return []
@@ -203,12 +214,14 @@ class Generator:
             )
         if speculative and self.record_routes:
             raise ValueError(
-                "record_routes: not with speculative decoding (a verified draft's routing is not kept)"
+                "record_routes: not with speculative decoding (a verified draft's routing is not "
+                "kept)"
             )
         n_real = B
         stats = Stats(prompt_tokens=sum(len(e) for e in encoded))
-        # shapes compile in buckets: rows padded to a power of two with rows that finish at once, the output
-        # buffer to _bucket(max_new_tokens), prompts to _bucket(length); a server sees few distinct programs
+        # shapes compile in buckets: rows padded to a power of two with rows that finish at once,
+        # the output buffer to _bucket(max_new_tokens), prompts to _bucket(length); a server sees
+        # few distinct programs
         B = 1 << (B - 1).bit_length()
         encoded = encoded + [encoded[0][:1]] * (B - n_real)
         plist = plist + [SamplingParams(max_new_tokens=1)] * (B - n_real)
@@ -220,8 +233,8 @@ class Generator:
         if need > limit:
             i = max(range(B), key=lambda i: len(encoded[i]) + plist[i].max_new_tokens)
             raise ValueError(
-                f"prompt ({len(encoded[i])} tokens) + max_new_tokens ({plist[i].max_new_tokens}) exceeds "
-                f"model.max_position_embeddings={limit}"
+                f"prompt ({len(encoded[i])} tokens) + max_new_tokens ({plist[i].max_new_tokens}) "
+                f"exceeds model.max_position_embeddings={limit}"
             )
         # (+2: a speculative step writes two positions; writes past the end are dropped, never kept)
         max_len = min(_round_up(need + 2, 64), limit)
@@ -327,7 +340,8 @@ class Generator:
         return hit
 
     def _cut(self, toks, logp, chars: int):
-        """The longest token prefix whose text fits in `chars` characters (text grows with the prefix)."""
+        """The longest token prefix whose text fits in `chars` characters (text grows with the
+        prefix)."""
         lo, hi = 0, len(toks)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -437,7 +451,8 @@ class Generator:
         if penalty:
             carry["presence"] = presence.at[jnp.arange(B), first].set(True)
         if spec:
-            # MTP over the prompt: position i pairs h_i with token i + 1 (the sampled token after the last)
+            # MTP over the prompt: position i pairs h_i with token i + 1 (the sampled token after
+            # the last)
             nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
             nxt = nxt.at[jnp.arange(B), lengths - 1].set(first)
             hm, cache = mtp_forward(
@@ -516,7 +531,8 @@ class Generator:
         return self._emit(c, tok, sampling.token_logprob(raw, tok), active, rows, eos)
 
     def _spec_step(self, model, c, rows, eos, penalty, mode):
-        """Verify the draft and decode the next token in one forward of two positions, then draft again."""
+        """Verify the draft and decode the next token in one forward of two positions, then draft
+        again."""
         cache = c["cache"]
         start = cache.lengths  # position of c['last']
         active = ~c["done"]
@@ -542,8 +558,8 @@ class Generator:
         y2 = sampling.choose(sampling.keys(rows["seed"], start + 2), l1, rows, mode)
         second = active & accept & ~c["done"]
         c = self._emit(c, y2, sampling.token_logprob(raw[:, 1], y2), second, rows, eos)
-        # the MTP depth's entries for positions start (h, y1) and start + 1 (h, y2); the draft comes from the
-        # last one that is kept
+        # the MTP depth's entries for positions start (h, y1) and start + 1 (h, y2); the draft comes
+        # from the last one that is kept
         hm, cache = mtp_forward(
             model, h, jnp.stack([y1, y2], axis=1), c["cache"], start, absorbed=self.absorbed
         )

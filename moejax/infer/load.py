@@ -1,7 +1,8 @@
 """Loading a model and its tokenizer for generation, from any of the three places a model lives:
 
-a training workdir      runs/NAME (its latest checkpoint: parameters and router biases only, straight
-                        into their shardings; the optimizer state is never read), the run's tokenizer
+a training workdir      runs/NAME (its latest checkpoint: parameters and router biases only,
+                        straight into their shardings; the optimizer state is never read), the run's
+                        tokenizer
 a moejax checkpoint     config.json + state/ (moejax.convert.save_model)
 a Hugging Face folder   config.json + *.safetensors (streamed onto the mesh), tokenizer.json
 """
@@ -46,7 +47,8 @@ def hf_tokenizer(path: str, name: str = "tokenizer.json"):
 
 
 def split_step(path: str) -> tuple[str, int | None]:
-    """'runs/x@240' -> ('runs/x', 240): a training workdir pinned to one checkpoint step; else (path, None)."""
+    """'runs/x@240' -> ('runs/x', 240): a training workdir pinned to one checkpoint step; else
+    (path, None)."""
     head, sep, tail = path.rpartition("@")
     if sep and tail.isdigit() and os.path.isdir(os.path.join(head, "checkpoints")):
         return head, int(tail)
@@ -77,7 +79,8 @@ def latest_step(path: str) -> int:
 
 
 def workdir_config(path: str) -> Config:
-    """The config a training workdir's latest checkpoint (or its pinned step, 'path@step') was saved with."""
+    """The config a training workdir's latest checkpoint (or its pinned step, 'path@step') was saved
+    with."""
     import orbax.checkpoint as ocp
 
     path, step = split_step(path)
@@ -97,7 +100,8 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
     manager, step = _manager(path, step)
     ts = setup_lib.build(cfg, mesh)
     target = {k: ts.abstract[k] for k in ("params", "router")}
-    # parameters and router biases only, each device reading its shards; the optimizer state stays on disk
+    # parameters and router biases only, each device reading its shards; the optimizer state stays
+    # on disk
     restore = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -133,8 +137,8 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
 
 
 def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None = None):
-    """(model, tokenizer or None) from a training workdir (its latest step, or 'workdir@step'), a moejax
-    checkpoint or a Hugging Face folder.
+    """(model, tokenizer or None) from a training workdir (its latest step, or 'workdir@step'), a
+    moejax checkpoint or a Hugging Face folder.
 
     mesh / rules place the parameters (default: one device); dtype casts a checkpoint's parameters.
     `tokenizer` (a .model or tokenizer.json file) overrides the one found with the model.
@@ -162,8 +166,8 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
         tok = None if tokenizer else hf_tokenizer(path)
     else:
         raise LoadError(
-            f"{path}: not a training workdir (checkpoints/), a moejax checkpoint (config.json + state/) "
-            "or a Hugging Face folder (config.json + *.safetensors)"
+            f"{path}: not a training workdir (checkpoints/), a moejax checkpoint "
+            "(config.json + state/) or a Hugging Face folder (config.json + *.safetensors)"
         )
     if tokenizer and tokenizer.endswith(
         ".json"

@@ -1,21 +1,23 @@
-"""Weight-only quantization for inference: int8 (or fp8 e4m3) values with one float32 scale per output channel.
+"""Weight-only quantization for inference: int8 (or fp8 e4m3) values with one float32 scale per
+output channel.
 
-Every projection is covered: attention, dense and shared MLPs, the routed experts (whose weights feed the
-grouped matmul), the MTP projection, the embedding table and the LM head. Norms, the float32 router and
-its correction bias stay as they are.
+Every projection is covered: attention, dense and shared MLPs, the routed experts (whose weights
+feed the grouped matmul), the MTP projection, the embedding table and the LM head. Norms, the
+float32 router and its correction bias stay as they are.
 
-A quantized weight is a `QuantizedParam`: its state holds {'q': int8 [...], 'scale': float32 [...]} and
-reading it (`w[...]`, what every module does) returns q * scale, so the model code is unchanged and the
-dequantization happens inside the jitted step, where the weight is used. What is saved is memory at
-rest (parameters 1/3.9 of float32); each weight is still expanded to a full-precision temporary before its
-matmul (XLA:CPU does not fuse the conversion into the dot, and the grouped-matmul kernels take one dtype),
-so a step is not faster. Feeding int8 tiles to the kernels with the scale applied after the matmul (the
-per-output-channel layout allows it) is the next step. Scales reduce over the contracted axes of each
-weight (named from the end, so a stacked layer axis in front does not matter); the same grouping serves the
-embedding lookup (per row).
+A quantized weight is a `QuantizedParam`: its state holds {'q': int8 [...], 'scale': float32 [...]}
+and reading it (`w[...]`, what every module does) returns q * scale, so the model code is unchanged
+and the dequantization happens inside the jitted step, where the weight is used. What is saved is
+memory at rest (parameters 1/3.9 of float32); each weight is still expanded to a full-precision
+temporary before its matmul (XLA:CPU does not fuse the conversion into the dot, and the
+grouped-matmul kernels take one dtype), so a step is not faster. Feeding int8 tiles to the kernels
+with the scale applied after the matmul (the per-output-channel layout allows it) is the next step.
+Scales reduce over the contracted axes of each weight (named from the end, so a stacked layer axis
+in front does not matter); the same grouping serves the embedding lookup (per row).
 
-qwix quantizes dot_general / einsum calls, not jax.lax.ragged_dot or our grouped-matmul kernels, so it
-would leave the experts (most of a DeepSeek model's weights) in full precision; this module covers them.
+qwix quantizes dot_general / einsum calls, not jax.lax.ragged_dot or our grouped-matmul kernels, so
+it would leave the experts (most of a DeepSeek model's weights) in full precision; this module
+covers them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class QuantizedParam(nnx.Variable):
 
 
 def quantize_array(w, axes, fmt: str = "int8"):
-    """w -> {'q', 'scale'} with one scale per slice over `axes` (absmax / the format's largest value)."""
+    """w -> {'q', 'scale'} with one scale per slice over `axes` (absmax / the format's largest
+    value)."""
     dtype, top = FORMATS[fmt]
     w = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / top
@@ -68,17 +71,18 @@ def quantize_array(w, axes, fmt: str = "int8"):
 
 
 def quantize(model, fmt: str = "int8"):
-    """A copy of the model whose projection weights are QuantizedParams (the caller's model is unchanged).
+    """A copy of the model whose projection weights are QuantizedParams (the caller's model is
+    unchanged).
 
-    The quantization runs in one jitted program; on a mesh GSPMD places its outputs (q follows its weight's
-    sharding elementwise; not yet tested on a mesh).
+    The quantization runs in one jitted program; on a mesh GSPMD places its outputs (q follows its
+    weight's sharding elementwise; not yet tested on a mesh).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"quantize: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     targets = []
-    for path, module in nnx.iter_modules(view):
+    for _path, module in nnx.iter_modules(view):
         for name, axes in CONTRACTED.items():
             var = getattr(module, name, None)
             if isinstance(var, nnx.Param) and not isinstance(var, QuantizedParam):

@@ -1,18 +1,19 @@
 """A content-safety filter on generated text, applied while it is generated.
 
-Categories are the data pipeline's format (moejax.data.stages: `harmful_categories`, category -> words
-or regexes, case-insensitive, each word or phrase matched whole) plus its classifier hook
-(`module:function` or a callable taking text and returning a reason or None). The generator checks each row's text
-between decode chunks, so an action takes effect within a chunk of the offending text:
+Categories are the data pipeline's format (moejax.data.stages: `harmful_categories`,
+category -> words or regexes, case-insensitive, each word or phrase matched whole) plus its
+classifier hook (`module:function` or a callable taking text and returning a reason or None). The
+generator checks each row's text between decode chunks, so an action takes effect within a chunk of
+the offending text:
 
-  block   stop the row; the output ends before the first match        (finish_reason 'content_filter')
+  block   stop the row; the output ends before the first match    (finish_reason 'content_filter')
   redact  keep generating; every match is replaced by `redaction`
-  refuse  stop the row; the whole output becomes `refusal`             (finish_reason 'content_filter')
+  refuse  stop the row; the whole output becomes `refusal`         (finish_reason 'content_filter')
 
-A classifier verdict has no span: it covers the text generated since the previous check (the spans are
-recorded as generation goes, so `redact` removes each flagged stretch). Counts per
-category are returned with each completion. A streaming server holds back `holdback` characters so that
-text is only sent once no later match can start inside it (moejax.serve).
+A classifier verdict has no span: it covers the text generated since the previous check (the spans
+are recorded as generation goes, so `redact` removes each flagged stretch). Counts per category are
+returned with each completion. A streaming server holds back `holdback` characters so that text is
+only sent once no later match can start inside it (moejax.serve).
 """
 
 from __future__ import annotations
@@ -93,19 +94,21 @@ class SafetyFilter:
         ]
 
     def classify(self, text: str, since: int = 0) -> Match | None:
-        """The classifier's verdict on the text, as a span over text[since:] (what it had not seen)."""
+        """The classifier's verdict on the text, as a span over text[since:] (what it had not
+        seen)."""
         if self.classifier is None or len(text) <= since:
             return None
         verdict = self.classifier(text)
         return Match(str(verdict), since, len(text)) if verdict else None
 
     def stops(self, text: str, flagged=()) -> bool:
-        """Whether this text ends the row (block / refuse, and a pattern matched or the classifier flagged)."""
+        """Whether this text ends the row (block / refuse, and a pattern matched or the classifier
+        flagged)."""
         return self.action != "redact" and bool(flagged or self.pattern_matches(text))
 
     def apply(self, text: str, flagged=()) -> tuple[str, dict[str, int], bool]:
-        """(text after the action, counts per category, whether the row was filtered). flagged: classifier
-        spans recorded while generating (clipped to the text)."""
+        """(text after the action, counts per category, whether the row was filtered). flagged:
+        classifier spans recorded while generating (clipped to the text)."""
         found = self.pattern_matches(text) + [
             Match(m.category, m.start, min(m.end, len(text)))
             for m in flagged

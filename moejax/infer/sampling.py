@@ -1,9 +1,9 @@
 """Sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, per request.
 
-Each row of a batch carries its own parameters (`SamplingParams`, stacked by `rows`), so one compiled
-step serves any mix of requests. The order is Hugging Face's: repetition penalty on the raw logits, then
-temperature, top-k, top-p, min-p. Randomness is per request: row b's key at position p is
-fold_in(key(seed_b), p), so a request gives the same tokens in any batch.
+Each row of a batch carries its own parameters (`SamplingParams`, stacked by `rows`), so one
+compiled step serves any mix of requests. The order is Hugging Face's: repetition penalty on the raw
+logits, then temperature, top-k, top-p, min-p. Randomness is per request: row b's key at position p
+is fold_in(key(seed_b), p), so a request gives the same tokens in any batch.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def keys(seed, position, salt: int = 0):
 
 
 def penalize(logits, presence, penalty):
-    """HF's repetition penalty: logits [B, V] of tokens present [B, V] divided by penalty [B] when positive,
-    multiplied when negative."""
+    """HF's repetition penalty: logits [B, V] of tokens present [B, V] divided by penalty [B] when
+    positive, multiplied when negative."""
     p = penalty[:, None]
     hit = jnp.where(logits > 0, logits / p, logits * p)
     return jnp.where(presence, hit, logits)
@@ -90,7 +90,8 @@ def penalize(logits, presence, penalty):
 
 def mode(params: list[SamplingParams]) -> str:
     """What a batch needs, so that a compiled step does only that: 'greedy' (argmax only), 'plain'
-    (temperature and min-p: no sort) or 'full' (top-k / top-p: one sort of the vocabulary per step)."""
+    (temperature and min-p: no sort) or 'full' (top-k / top-p: one sort of the vocabulary per
+    step)."""
     if all(p.temperature <= 0 for p in params):
         return "greedy"
     if any(p.temperature > 0 and (p.top_k or p.top_p < 1) for p in params):
@@ -100,7 +101,8 @@ def mode(params: list[SamplingParams]) -> str:
 
 def filtered(logits, r, mode: str = "full"):
     """Temperature-scaled logits [B, V] with tokens outside top-k, top-p and min-p set to -inf
-    (rows with temperature 0 are returned unscaled: they are greedy). mode 'plain' skips top-k / top-p."""
+    (rows with temperature 0 are returned unscaled: they are greedy). mode 'plain' skips
+    top-k / top-p."""
     V = logits.shape[-1]
     t = r["temperature"]
     x = logits.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)[:, None]
@@ -115,7 +117,8 @@ def filtered(logits, r, mode: str = "full"):
         kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
         p = jax.nn.softmax(desc, axis=-1)
         before = jnp.cumsum(p, axis=-1) - p  # probability mass ranked above each token
-        # the first token is always kept; top_p = 1 keeps all (a float32 cumsum can reach 1 before the tail)
+        # the first token is always kept; top_p = 1 keeps all (a float32 cumsum can reach 1 before
+        # the tail)
         keep = in_k & ((before < r["top_p"][:, None]) | (r["top_p"][:, None] >= 1.0))
         p_cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         cut = jnp.maximum(cut, jnp.maximum(kth, p_cut))
@@ -132,8 +135,8 @@ def distribution(logits, r, mode: str = "full"):
 
 
 def choose(key, logits, r, mode: str = "full"):
-    """One token per row [B] int32: argmax for greedy rows, else a draw from the filtered distribution.
-    key: per-row keys [B]."""
+    """One token per row [B] int32: argmax for greedy rows, else a draw from the filtered
+    distribution. key: per-row keys [B]."""
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return best
@@ -149,11 +152,11 @@ def draw(key, probs):
 def speculative_accept(key_u, key_r, p, q, draft, greedy, all_greedy: bool = False):
     """Speculative sampling's rule for one drafted token per row.
 
-    The draft d [B] was drawn from q [B, V]; p [B, V] is the target distribution. Accept d with probability
-    min(1, p(d) / q(d)); otherwise draw from max(p - q, 0) renormalized. The result is distributed as p
-    (Leviathan et al. 2023, Chen et al. 2023). Greedy rows (p one-hot) accept iff d is p's argmax;
-    all_greedy (static) skips the random draws.
-    Returns (accepted bool [B], token int32 [B]).
+    The draft d [B] was drawn from q [B, V]; p [B, V] is the target distribution. Accept d with
+    probability min(1, p(d) / q(d)); otherwise draw from max(p - q, 0) renormalized. The result is
+    distributed as p (Leviathan et al. 2023, Chen et al. 2023). Greedy rows (p one-hot) accept iff d
+    is p's argmax; all_greedy (static) skips the random draws. Returns (accepted bool [B], token
+    int32 [B]).
     """
     best = jnp.argmax(p, axis=-1)
     if all_greedy:  # no randomness to draw

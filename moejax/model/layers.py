@@ -90,7 +90,8 @@ def lora_update(spec: str, x, a, b, scale: float, dropout: float = 0.0, rng=None
 
 
 def adapters(module, name: str):
-    """(A, B, scale, dropout) of `module.<name>`'s LoRA adapter (moejax.finetune.lora adds them), or None."""
+    """(A, B, scale, dropout) of `module.<name>`'s LoRA adapter (moejax.finetune.lora adds them), or
+    None."""
     a = getattr(module, name + "_lora_a", None)
     if a is None:
         return None
@@ -98,8 +99,8 @@ def adapters(module, name: str):
 
 
 def project(module, name: str, spec: str, x, cd, rng=None):
-    """einsum(spec, x, module.<name>) in compute dtype cd with float32 accumulation, plus the weight's LoRA
-    update when it has one (rng: the adapter's dropout, training only)."""
+    """einsum(spec, x, module.<name>) in compute dtype cd with float32 accumulation, plus the
+    weight's LoRA update when it has one (rng: the adapter's dropout, training only)."""
     x = x.astype(cd)
     y = jnp.einsum(
         spec, x, getattr(module, name)[...].astype(cd), preferred_element_type=jnp.float32
@@ -124,7 +125,8 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)  # [F, D]
 
     def __call__(self, x, rng=None):
-        """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32. rng: LoRA dropout (training)."""
+        """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32. rng: LoRA dropout
+        (training)."""
         cd = self.compute_dtype
         rows = ("batch",) + (None,) * (x.ndim - 2)
         h = project(self, "w_gate_up", "...D,DXF->...XF", x, cd, rng)

@@ -1,16 +1,17 @@
 """DeepSeekMoE layer: fine-grained routed experts + shared experts, three dispatch strategies.
 
 `MoE.__call__` returns `(y, aux)`. aux holds the weighted balance loss (`aux_loss`), each loss
-unweighted, the per-expert token counts (`expert_counts` [E]), `drop_fraction`, and the sums and counts
-behind them (SUM_STATS), from which a caller combines microbatches exactly.
+unweighted, the per-expert token counts (`expert_counts` [E]), `drop_fraction`, and the sums and
+counts behind them (SUM_STATS), from which a caller combines microbatches exactly.
 
 Strategies (cfg.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each token:
   dense     every expert on every token, masked: the readable reference
   capacity  GShard/Switch buffers of C = ceil(capacity_factor * M * K / E) rows per expert; the
             lowest-weight assignments are dropped first, padding never dispatched
   dropless  sort assignments by expert, grouped matmul (moejax.kernels.gmm); on a mesh of several
-            devices the experts run in shard_map with an all-to-all over the expert axes (moe_ep.py);
-            with at most E assignments (decoding) each gathers its expert's weights (experts_gather)
+            devices the experts run in shard_map with an all-to-all over the expert axes
+            (moe_ep.py); with at most E assignments (decoding) each gathers its expert's weights
+            (experts_gather)
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def experts_capacity(
     """Token-dropping dispatch into per-expert buffers [E, C, D]: the reference capacity policy.
 
     Each expert takes at most C = ceil(capacity_factor * M * K / E) assignments, the highest routing
-    weights first (ties: the earlier assignment); padding (token_mask == 0) is never dispatched and never
-    counted. The expert-parallel exchanges apply exactly this policy over the global batch (moe_ep).
+    weights first (ties: the earlier assignment); padding (token_mask == 0) is never dispatched and
+    never counted. The expert-parallel exchanges apply exactly this policy over the global batch
+    (moe_ep).
 
     Returns y [M, D] float32 and the number of real assignments dropped (float32).
     """
@@ -97,8 +99,8 @@ def experts_capacity(
 def experts_dropless(
     x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None
 ):
-    """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted combine.
-    x [M, D] -> [M, D] float32."""
+    """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted
+    combine. x [M, D] -> [M, D] float32."""
     E = w_gate_up.shape[0]
     xs, order, group_sizes = kernels.permute(x.astype(compute_dtype), expert_ids, E)  # [M*K, D]
     ys = moe_ep.expert_ffn(
@@ -115,8 +117,9 @@ def experts_dropless(
 def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None):
     """Each assignment gathers its expert's weights: x [M, D] -> [M, D] float32.
 
-    Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a few
-    tokens), where a grouped matmul's per-group fixed cost dominates. `MoE` picks it by that rule.
+    Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a
+    few tokens), where a grouped matmul's per-group fixed cost dominates. `MoE` picks it by that
+    rule.
     """
     cd = compute_dtype
     x = x.astype(cd)
@@ -151,8 +154,9 @@ def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lor
     return jnp.einsum("MKD,MK->MD", out, weights.astype(jnp.float32))
 
 
-# Per-layer statistics of one MoE call. Sums add up exactly over microbatches and pipeline microbatches;
-# the Switch loss (a product of two batch means) cannot be split and is averaged over microbatches.
+# Per-layer statistics of one MoE call. Sums add up exactly over microbatches and pipeline
+# microbatches; the Switch loss (a product of two batch means) cannot be split and is averaged over
+# microbatches.
 SUM_STATS = ("expert_counts", "seq_aux_sum", "seq_count", "z_sum", "token_count", "dropped")
 MEAN_STATS = ("switch_loss",)
 
@@ -164,13 +168,15 @@ def _per_layer_loss(stats, cfg: ModelConfig, sequences, tokens, switch_weight=1.
 
 
 def balance_loss(stats, cfg: ModelConfig, *, sequences, tokens, switch_weight=1.0):
-    """The weighted balance losses, summed over layers, from the per-layer stats (arrays [L] or scalars):
-    Switch loss x switch_weight, sequence-wise sums / `sequences`, router z sums / `tokens`."""
+    """The weighted balance losses, summed over layers, from the per-layer stats (arrays [L] or
+    scalars): Switch loss x switch_weight, sequence-wise sums / `sequences`, router z
+    sums / `tokens`."""
     return jnp.sum(_per_layer_loss(stats, cfg, sequences, tokens, switch_weight))
 
 
 def with_means(stats, cfg: ModelConfig):
-    """Adds the per-layer means (seq_aux_loss, z_loss, drop_fraction) and this batch's weighted aux_loss."""
+    """Adds the per-layer means (seq_aux_loss, z_loss, drop_fraction) and this batch's weighted
+    aux_loss."""
     out = dict(stats)
     out["seq_aux_loss"] = stats["seq_aux_sum"] / jnp.maximum(stats["seq_count"], 1.0)
     out["z_loss"] = stats["z_sum"] / jnp.maximum(stats["token_count"], 1.0)
@@ -184,8 +190,8 @@ def with_means(stats, cfg: ModelConfig):
 class MoE(nnx.Module):
     """Routed experts [E, D, 2, F] / [E, F, D], a float32 router [D, E], optional shared experts.
 
-    The dispatch is chosen once, here: cfg.moe_impl, except that dropless on a mesh of several devices
-    runs expert-parallel (moe_ep.py) over the axes the rules give the logical 'expert' axis.
+    The dispatch is chosen once, here: cfg.moe_impl, except that dropless on a mesh of several
+    devices runs expert-parallel (moe_ep.py) over the axes the rules give the logical 'expert' axis.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
@@ -215,11 +221,11 @@ class MoE(nnx.Module):
         """x [B, T, D] -> (y [B, T, D] float32, aux). token_mask [B, T] marks real tokens;
         rng enables router jitter (training).
 
-        route: int [B, T, K] experts chosen for these tokens elsewhere (the sampler's, for RL): aux then holds
-        `route_mismatch`, how many of those assignments this router does not make; with replay=True the layer
-        uses them (gate weights from this router's scores); `route_count` is how many were recorded (a token whose
-        row is -1 was not, and keeps this router's choice). record=True puts this call's choice in
-        aux['route'] [B, T, K]."""
+        route: int [B, T, K] experts chosen for these tokens elsewhere (the sampler's, for RL): aux
+        then holds `route_mismatch`, how many of those assignments this router does not make; with
+        replay=True the layer uses them (gate weights from this router's scores); `route_count` is
+        how many were recorded (a token whose row is -1 was not, and keeps this router's choice).
+        record=True puts this call's choice in aux['route'] [B, T, K]."""
         cfg = self.cfg
         B, T, D = x.shape
         cd = dtype_of(cfg.compute_dtype)
@@ -296,8 +302,9 @@ class MoE(nnx.Module):
             return experts_gather(
                 xf, r.expert_ids, r.weights, wgu, wd, cd, lora
             ), zero  # a few tokens: decoding
-        # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a pipeline
-        # stage (a shard_map over 'stage') the exchange is a shard_map nested over the remaining axes.
+        # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a
+        # pipeline stage (a shard_map over 'stage') the exchange is a shard_map nested over the
+        # remaining axes.
         if self.dispatch == "expert_parallel" and moe_ep.can_shard(
             self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts
         ):

@@ -2,13 +2,14 @@
 
 The routed experts are split over the *expert axes*: the mesh axes the rule for the logical 'expert'
 axis gives (default 'expert'; 'fsdp', 'expert+fsdp', ... work too, see `sharding.expert_axes`). Each
-device holds the tokens of its batch shard and E / n experts (n = product of the expert axes). Per device:
+device holds the tokens of its batch shard and E / n experts (n = product of the expert axes). Per
+device:
 
   1. choose which (token, k) assignments are kept (all of them, or the capacity policy below);
   2. sort the kept assignments by expert (moejax.kernels.permute); the rows bound for expert shard j
      are then contiguous;
-  3. send them to their shards over the expert axes (fixed-size all_to_all or ragged_all_to_all), with
-     the per-expert row counts [n, E_local];
+  3. send them to their shards over the expert axes (fixed-size all_to_all or ragged_all_to_all),
+     with the per-expert row counts [n, E_local];
   4. order the received rows by local expert and run the two grouped matmuls (moejax.kernels.gmm,
      whichever backend the platform uses: the Mosaic TPU kernel compiles here because it sits inside
      shard_map);
@@ -18,23 +19,26 @@ Exchange modes:
   'dropless'  every assignment travels, in fixed [n, A] buffers (A = local assignments): nothing is
               ever dropped, at n x buffer memory
   'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
-              C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing weights
-              first (ties: the earlier assignment), padding never dispatched nor counted. The scope
-              (model.capacity_scope) is the whole batch ('global': the single-device answer on every layout)
-              or one expert-parallel group ('group'). The per-expert thresholds come from a radix select
-              whose histograms are summed over the scope's axes (8 rounds of an [E, 16] psum). Transport in
-              fixed buffers of min(A, E_local * C) rows per destination, which always hold every kept row
-              (a second, layout-dependent drop never happens) but, as a fixed buffer must, size for the
-              worst case: with capacity_factor >= 1 that is the dropless buffer
-  'ragged'    the same policy, exact-size transfers with jax.lax.ragged_all_to_all (TPU, GPU) into one
-              receive buffer of E_local * C rows, the tightest bound the policy allows: with the 'group'
-              scope about capacity_factor x the local rows, the memory-bounded choice for a pod.
-              capacity_factor >= E / K drops nothing. XLA:CPU has no ragged all-to-all, so on CPU an
-              all_gather emulation with the same semantics runs instead (for tests, not speed).
+              C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing
+              weights first (ties: the earlier assignment), padding never dispatched nor counted.
+              The scope (model.capacity_scope) is the whole batch ('global': the single-device
+              answer on every layout) or one expert-parallel group ('group'). The per-expert
+              thresholds come from a radix select whose histograms are summed over the scope's axes
+              (8 rounds of an [E, 16] psum). Transport in fixed buffers of min(A, E_local * C) rows
+              per destination, which always hold every kept row (a second, layout-dependent drop
+              never happens) but, as a fixed buffer must, size for the worst case: with
+              capacity_factor >= 1 that is the dropless buffer
+  'ragged'    the same policy, exact-size transfers with jax.lax.ragged_all_to_all (TPU, GPU) into
+              one receive buffer of E_local * C rows, the tightest bound the policy allows: with the
+              'group' scope about capacity_factor x the local rows, the memory-bounded choice for a
+              pod. capacity_factor >= E / K drops nothing. XLA:CPU has no ragged all-to-all, so on
+              CPU an all_gather emulation with the same semantics runs instead (for tests, not
+              speed).
 
-Tensor parallelism splits each expert's hidden size over 'tensor' (partial outputs are psum'd), FSDP's
-sharded embed dimension is gathered by shard_map's input resharding (and its gradient reduce-scattered),
-and the router statistics stay global because routing runs outside, on the whole batch.
+Tensor parallelism splits each expert's hidden size over 'tensor' (partial outputs are psum'd),
+FSDP's sharded embed dimension is gathered by shard_map's input resharding (and its gradient
+reduce-scattered), and the router statistics stay global because routing runs outside, on the whole
+batch.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from moejax.model.layers import swiglu
 
 
 def can_shard(mesh, rules, batch: int, num_experts: int) -> bool:
-    """Whether this batch can run the expert-parallel path on this mesh (rows divide the batch axes)."""
+    """Whether this batch can run the expert-parallel path on this mesh (rows divide the batch
+    axes)."""
     n_batch = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
     n_ep = math.prod(mesh.shape[a] for a in sharding.expert_axes(mesh, rules))
     return batch % n_batch == 0 and num_experts % n_ep == 0
@@ -82,8 +87,8 @@ def experts_ep(
 ):
     """Routed experts with the experts split over the expert axes.
 
-    capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or 'group'
-    (the devices of one expert-parallel exchange).
+    capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or
+    'group' (the devices of one expert-parallel exchange).
 
     Args:
       x: [B, T, D]; expert_ids, weights: [B, T, K]; token_mask: [B, T] (0 = padding);
@@ -102,7 +107,8 @@ def experts_ep(
     b_axes = sharding.axes_of(bspec[0])  # the batch axes still automatic here
     E = w_gate_up.shape[0]
     B, T, K = expert_ids.shape
-    # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one device
+    # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one
+    # device
     scope = b_axes if capacity_scope == "global" else tuple(a for a in b_axes if a in ep_axes)
     scope_sizes = tuple(mesh.shape[a] for a in scope)
     n_batch = math.prod(mesh.shape[a] for a in b_axes)
@@ -190,7 +196,8 @@ def _local(
     gmm_impl,
     lora=None,
 ):
-    """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped count)."""
+    """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped
+    count)."""
     M, K = ids.shape
     A = M * K
     El = wgu.shape[0]
@@ -220,19 +227,20 @@ def _local(
 
 
 def _orderable_bits(w):
-    """float32 -> uint32 keys with the same order (negative floats flipped whole, others by the sign bit)."""
+    """float32 -> uint32 keys with the same order (negative floats flipped whole, others by the sign
+    bit)."""
     b = jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.uint32)
     return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(1 << 31))
 
 
 def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(), axis_sizes=()):
-    """The capacity policy over the global batch: per expert, keep the `cap` valid assignments with the
-    highest weights (ties: lower global assignment index first); padding is never kept.
+    """The capacity policy over the global batch: per expert, keep the `cap` valid assignments with
+    the highest weights (ties: lower global assignment index first); padding is never kept.
 
     Args:
       expert_ids, weights, valid: [A] this shard's assignments, in global order within the shard.
-      axes: the mesh axes the batch is split over (inside shard_map; () on one device), nesting order;
-        axis_sizes their sizes. Shard s holds global assignments [s * A, (s + 1) * A).
+      axes: the mesh axes the batch is split over (inside shard_map; () on one device), nesting
+        order; axis_sizes their sizes. Shard s holds global assignments [s * A, (s + 1) * A).
     Returns:
       keep bool [A]; identical to `moe.experts_capacity`'s choice on the gathered batch.
     """
@@ -241,7 +249,8 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
     key = _orderable_bits(weights)  # [A] uint32
     eid = jnp.where(valid, expert_ids, E)  # padding -> a spare bucket
     total = _psum(jnp.bincount(eid, length=E + 1)[:E], axes)  # [E] valid assignments per expert
-    # Radix select, 4 bits a round from the top: the exact key of each expert's cap-th largest weight.
+    # Radix select, 4 bits a round from the top: the exact key of each expert's cap-th largest
+    # weight.
     prefix = jnp.zeros((E,), jnp.uint32)
     need = jnp.full((E,), cap, jnp.int32)  # rows still to take at or below the prefix so far
     for shift in range(28, -1, -4):
@@ -267,7 +276,8 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
     e = jnp.minimum(eid, E - 1)
     threshold, ties_wanted = prefix[e], need[e]  # [A]
     tie = valid & (key == threshold)
-    # Rank of each tie among its expert's ties: here by local order, plus the ties of earlier shards.
+    # Rank of each tie among its expert's ties: here by local order, plus the ties of earlier
+    # shards.
     tkey = jnp.where(tie, expert_ids, E)
     o = jnp.argsort(tkey, stable=True)
     per_expert = jnp.bincount(tkey, length=E + 1)  # [E + 1]
@@ -287,8 +297,9 @@ def capacity_keep(expert_ids, weights, valid, num_experts: int, cap: int, axes=(
 
 
 class ExpertLoRA(NamedTuple):
-    """Per-expert low-rank adapters of the routed experts (moejax.finetune.lora), applied on the rows inside
-    the grouped matmuls: h = x W_gu + scale (x A_gu) B_gu, y = h W_d + scale (h A_d) B_d."""
+    """Per-expert low-rank adapters of the routed experts (moejax.finetune.lora), applied on the
+    rows inside the grouped matmuls: h = x W_gu + scale (x A_gu) B_gu, y = h W_d + scale (h A_d)
+    B_d."""
 
     a_gu: jax.Array  # [E, D, Z]
     b_gu: jax.Array  # [E, Z, 2, F]
@@ -299,7 +310,8 @@ class ExpertLoRA(NamedTuple):
     rng: jax.Array | None = None  # dropout key (training)
 
     def merged(self, wgu, wd):
-        """The base weights with the update added: (w_gate_up, w_down) for the dense / capacity references."""
+        """The base weights with the update added: (w_gate_up, w_down) for the dense / capacity
+        references."""
         return (
             wgu + self.scale * jnp.einsum("EDZ,EZXF->EDXF", self.a_gu, self.b_gu).astype(wgu.dtype),
             wd + self.scale * jnp.einsum("EFZ,EZD->EFD", self.a_d, self.b_d).astype(wd.dtype),
@@ -316,9 +328,10 @@ def _dropped_out(x, rate: float, rng):
 def expert_ffn(
     rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: ExpertLoRA | None = None
 ):
-    """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A, D] -> [A, D]
-    float32. With tensor-parallel experts (tp_axes) each device holds an F slice and the down projection's
-    partial sums (and the adapter's, which is linear in the slice) are summed once at the end."""
+    """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A,
+    D] -> [A, D] float32. With tensor-parallel experts (tp_axes) each device holds an F slice and
+    the down projection's partial sums (and the adapter's, which is linear in the slice) are summed
+    once at the end."""
     El, D, _, Fl = wgu.shape
     cd = rows.dtype
 
@@ -350,8 +363,8 @@ def _all_to_all(x, axes):
 def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
     """Fixed-size exchange: `rows` slots per destination shard ([n, rows, D] buffers).
 
-    xs [A, D] holds the kept rows sorted by expert first (per_dst [n, El] of them), dropped rows after.
-    Returns the expert outputs [A, D] float32 in the same order (zeros for dropped rows).
+    xs [A, D] holds the kept rows sorted by expert first (per_dst [n, El] of them), dropped rows
+    after. Returns the expert outputs [A, D] float32 in the same order (zeros for dropped rows).
     """
     A, D = xs.shape
     n, El = per_dst.shape
@@ -384,8 +397,9 @@ def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
 
 
 def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
-    """Exact-size exchange: rows bound for shard j travel as one ragged slice into a receive buffer of
-    recv_rows rows; results come back the same way. Returns [A, D] float32 like `_exchange_fixed`."""
+    """Exact-size exchange: rows bound for shard j travel as one ragged slice into a receive buffer
+    of recv_rows rows; results come back the same way. Returns [A, D] float32 like
+    `_exchange_fixed`."""
     A, D = xs.shape
     n, El = per_dst.shape
     R = max(1, recv_rows)
@@ -405,7 +419,8 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     rows = _ragged_all_to_all(
         xs, jnp.zeros((R, D), xs.dtype), send_start, send_keep, land_at, recv_keep, axis
     )
-    # order the received rows by local expert; rows past what arrived sort last (outside every group)
+    # order the received rows by local expert; rows past what arrived sort last (outside every
+    # group)
     r = jnp.arange(R)
     src = jnp.minimum(jnp.searchsorted(jnp.cumsum(recv_keep), r, side="right"), n - 1)
     c = r - recv_start[src]
@@ -421,7 +436,8 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     y = experts(jnp.take(rows, perm, axis=0), group_sizes)  # [R, D] float32
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(R, dtype=perm.dtype))
     y = jnp.take(y, inv, axis=0)  # back to arrival order
-    # the results return to where each row came from: sender's offset send_start, as many as were kept
+    # the results return to where each row came from: sender's offset send_start, as many as were
+    # kept
     back_at = a2a(send_start)
     out = _ragged_all_to_all(
         y, jnp.zeros((A, D), y.dtype), recv_start, recv_keep, back_at, send_keep, axis
@@ -448,8 +464,8 @@ def _ragged_all_to_all(
 
 
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, axis):
-    """ragged_all_to_all's semantics from an all_gather (XLA:CPU lacks the op): every shard sees every
-    shard's operand and slice tables and copies the slices addressed to it."""
+    """ragged_all_to_all's semantics from an all_gather (XLA:CPU lacks the op): every shard sees
+    every shard's operand and slice tables and copies the slices addressed to it."""
     me = jax.lax.axis_index(axis)  # over a tuple of axes: the order all_to_all and all_gather use
     ops = jax.lax.all_gather(operand, axis)  # [n, N, D]
     ins = jax.lax.all_gather(input_offsets, axis)  # [n, n]: row s = sender s's table

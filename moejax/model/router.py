@@ -58,8 +58,8 @@ def route(logits, bias, cfg: ModelConfig) -> Routing:
 
 
 def gate_weights(scores, expert_ids, cfg: ModelConfig):
-    """The gate weights of the chosen experts [M, K]: their unbiased scores, normalized (norm_topk_prob) and
-    scaled by routed_scaling_factor."""
+    """The gate weights of the chosen experts [M, K]: their unbiased scores, normalized
+    (norm_topk_prob) and scaled by routed_scaling_factor."""
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
@@ -67,9 +67,10 @@ def gate_weights(scores, expert_ids, cfg: ModelConfig):
 
 
 def replayed(r: Routing, expert_ids, cfg: ModelConfig) -> Routing:
-    """Routing replay (Rollout Routing Replay, arXiv 2510.11370): the experts chosen elsewhere (by the sampler,
-    expert_ids int [M, K]; a row of -1 was not recorded and keeps this router's choice) with gate weights
-    recomputed from this router's scores, so the router still learns through them."""
+    """Routing replay (Rollout Routing Replay, arXiv 2510.11370): the experts chosen elsewhere (by
+    the sampler, expert_ids int [M, K]; a row of -1 was not recorded and keeps this router's choice)
+    with gate weights recomputed from this router's scores, so the router still learns through
+    them."""
     expert_ids = jnp.where(
         (expert_ids >= 0).all(axis=-1, keepdims=True), expert_ids, r.expert_ids
     ).astype(jnp.int32)
@@ -77,8 +78,8 @@ def replayed(r: Routing, expert_ids, cfg: ModelConfig) -> Routing:
 
 
 def disagreement(r: Routing, expert_ids, token_mask):
-    """(recorded assignments expert_ids [M, K] this routing does not make, recorded assignments), over real
-    tokens whose choice was recorded (a row of -1 was not)."""
+    """(recorded assignments expert_ids [M, K] this routing does not make, recorded assignments),
+    over real tokens whose choice was recorded (a row of -1 was not)."""
     recorded = (expert_ids >= 0).all(axis=-1).astype(jnp.float32) * token_mask  # [M]
     same = (expert_ids[:, :, None] == r.expert_ids[:, None, :]).any(axis=-1)  # [M, K]
     return jnp.sum((~same) * recorded[:, None]), jnp.sum(recorded) * expert_ids.shape[-1]
@@ -111,9 +112,10 @@ def switch_loss(routing: Routing, cfg: ModelConfig, token_mask):
 
 
 def sequence_balance_terms(routing: Routing, cfg: ModelConfig, token_mask, batch: int):
-    """DeepSeek-V3's sequence-wise balance loss per sequence, sum_i f_i P_i with f_i = E / (K T) * count_i
-    and P_i = mean_t s'_{i,t} (1 when balanced). Returns (its sum over the sequences that hold tokens,
-    how many those are), so that microbatches and pipeline stages combine it exactly."""
+    """DeepSeek-V3's sequence-wise balance loss per sequence, sum_i f_i P_i with f_i = E / (K
+    T) * count_i and P_i = mean_t s'_{i,t} (1 when balanced). Returns (its sum over the sequences
+    that hold tokens, how many those are), so that microbatches and pipeline stages combine it
+    exactly."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     M = token_mask.shape[0]
     T = M // batch

@@ -62,7 +62,8 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs per trained token, the standard way: 6 x activated matmul parameters plus
-    3 x the causal attention term per layer; the MTP modules add their block, projection and head."""
+    3 x the causal attention term per layer; the MTP modules add their block, projection and
+    head."""
     c = param_counts(cfg)
     layers = cfg.num_layers
     dense = 6.0 * c.activated_matmul + 3.0 * layers * attention_flops_per_token(cfg, seq_len)

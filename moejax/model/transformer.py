@@ -51,7 +51,8 @@ class Block(nnx.Module):
     def __call__(
         self, x, cos, sin, segment_ids, token_mask, rng=None, route=None, replay: bool = False
     ):
-        """x [B, T, D] -> (x, aux); aux is {} for dense layers. route/replay: MoE.__call__'s (routing replay)."""
+        """x [B, T, D] -> (x, aux); aux is {} for dense layers. route/replay: MoE.__call__'s
+        (routing replay)."""
         cd = self.compute_dtype
         # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
         attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
@@ -103,8 +104,9 @@ def run_stack(
     replay: bool = False,
 ):
     """Applies n stacked blocks in order; returns x and the per-layer aux stacked on axis 0.
-    On a mesh with a 'stage' axis the layers run as a pipeline. routes: int [n, B, T, K] recorded expert choices
-    of these (MoE) layers, compared with the router's and, with replay, used (MoE.__call__)."""
+    On a mesh with a 'stage' axis the layers run as a pipeline. routes: int [n, B, T, K] recorded
+    expert choices of these (MoE) layers, compared with the router's and, with replay, used
+    (MoE.__call__)."""
     stages = mesh.shape.get("stage", 1) if mesh is not None else 1
     if (
         stages > 1 and n % stages == 0
@@ -144,7 +146,7 @@ def _scan_stack(
         return jax.lax.scan(body, x, (state, rngs, routes))
     auxs = []
     for i in range(n):
-        x, aux = body(x, jax.tree.map(lambda a: a[i], (state, rngs, routes)))
+        x, aux = body(x, jax.tree.map(lambda a, i=i: a[i], (state, rngs, routes)))
         auxs.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxs)
 
@@ -156,12 +158,12 @@ def run_stack_pipelined(
 
     The stacked layers are already split over 'stage' (rule layers -> stage): stage s holds layers
     [s*n/S, (s+1)*n/S). The batch is cut into M microbatches (cfg.pipeline_microbatches, default S);
-    in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside [0, M)), then passes
-    its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back to every
-    stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered into [n, ...].
-    The MoE statistics are sums (moe.SUM_STATS), exact over microbatches; the Switch loss, a per-batch
-    mean, is averaged over them. Inside a stage the expert-parallel exchange is a shard_map nested over
-    the remaining mesh axes (moe_ep.experts_ep).
+    in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside [0, M)), then
+    passes its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back
+    to every stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered
+    into [n, ...]. The MoE statistics are sums (moe.SUM_STATS), exact over microbatches; the Switch
+    loss, a per-batch mean, is averaged over them. Inside a stage the expert-parallel exchange is a
+    shard_map nested over the remaining mesh axes (moe_ep.experts_ep).
     """
     S = mesh.shape["stage"]
     M = cfg.pipeline_microbatches or S
@@ -235,7 +237,8 @@ def run_stack_pipelined(
 
 
 def _scan_stack_rngs(stack, n, x, cos, sin, segment_ids, token_mask, rngs, cfg):
-    """_scan_stack with one key per layer given (the pipeline splits the segment's keys by stage)."""
+    """_scan_stack with one key per layer given (the pipeline splits the segment's keys by
+    stage)."""
     graphdef, state = nnx.split(stack)
 
     def body(h, xs):
@@ -270,9 +273,10 @@ class Transformer(nnx.Module):
     (`expert_counts` [L_moe, E], `drop_fraction` [L_moe], ...), and `mtp_logits` [depth, B, T, V]
     when called with return_mtp=True (MTP depth k at position i predicts token i + k + 1).
 
-    `Transformer(cfg, rngs=..., mesh=mesh, rules=rules)` builds it for a device mesh (default: the mesh of
-    an enclosing `jax.set_mesh`, else none): activations are pinned to the layout the rules give and the
-    dropless MoE runs expert-parallel. The layout is fixed at construction (a static attribute).
+    `Transformer(cfg, rngs=..., mesh=mesh, rules=rules)` builds it for a device mesh (default: the
+    mesh of an enclosing `jax.set_mesh`, else none): activations are pinned to the layout the rules
+    give and the dropless MoE runs expert-parallel. The layout is fixed at construction (a static
+    attribute).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh=None, rules=None):
@@ -334,9 +338,10 @@ class Transformer(nnx.Module):
           segment_ids: int [B, T] document ids of packed rows; 0 marks padding (default all 1).
           rng: a PRNG key for training-time randomness (router jitter); None is deterministic.
           return_mtp: also compute the multi-token-prediction logits.
-          routes: int [L_moe, B, T, K] expert choices recorded for these tokens by the main stack's MoE layers
-            (the generator's, for RL): aux['route_mismatch'] [L_moe] counts the recorded assignments each
-            router does not make; replay_routes=True runs the experts on the recorded choices (routing replay).
+          routes: int [L_moe, B, T, K] expert choices recorded for these tokens by the main stack's
+            MoE layers (the generator's, for RL): aux['route_mismatch'] [L_moe] counts the recorded
+            assignments each router does not make; replay_routes=True runs the experts on the
+            recorded choices (routing replay).
         Returns:
           logits float32 [B, T, V] and the aux dict.
         """
@@ -418,7 +423,8 @@ class Transformer(nnx.Module):
                     mtp_logits.append(self.head(m.norm(prev)))
             out["mtp_logits"] = jnp.stack(mtp_logits)
         if moe_aux:
-            # (route_mismatch / route_count: the main stack's layers only; the MTP blocks are not replayed)
+            # (route_mismatch / route_count: the main stack's layers only; the MTP blocks are not
+            # replayed)
             stats = {k: jnp.concatenate([a[k] for a in moe_aux if k in a]) for k in moe_aux[0]}
             out.update(stats)
             out["aux_loss"] = stats["aux_loss"].sum()

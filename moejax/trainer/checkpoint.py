@@ -32,8 +32,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Saves the state without the base's own weights (LoRA's frozen base, DPO's reference): a resumed run
-        reads them from the base again."""
+        """Saves the state without the base's own weights (LoRA's frozen base, DPO's reference): a
+        resumed run reads them from the base again."""
         state = {k: v for k, v in state.items() if k not in ("frozen", "reference")}
         return self.manager.save(
             step,
@@ -67,7 +67,8 @@ class Checkpointer:
             if section not in saved:  # a checkpoint from before the section existed: its defaults
                 saved[section] = dict(self.cfg.to_dict()[section], rank=0, method="")
             diffs += [
-                f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config {mine[section][k]!r}"
+                f"{section}.{k}: checkpoint {saved[section].get(k)!r} vs config "
+                f"{mine[section][k]!r}"
                 for k in keys
                 if saved[section].get(k) != mine[section][k]
             ]

@@ -20,7 +20,8 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, warm, max(total_steps, warm + 1), end_value=floor
         )
-    # warmup-stable-decay: linear warmup, flat, then linear decay over the last decay_fraction of steps
+    # warmup-stable-decay: linear warmup, flat, then linear decay over the last decay_fraction of
+    # steps
     decay = max(1, int(round(total_steps * cfg.decay_fraction)))
     stable_end = max(warm, total_steps - decay)
     return optax.join_schedules(

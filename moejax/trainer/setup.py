@@ -3,9 +3,10 @@
     abstract model -> abstract state -> shardings -> state created by one jitted init whose outputs
     are the shards (`out_shardings`), or restored from a checkpoint straight into those shardings.
 
-Nothing here allocates a parameter until `init_state` or `restore`, and then each device computes only
-its own shards: no device and no host ever holds more than its part of the model. `moejax.compile` and
-`moejax.plan` stop at the abstract state; `moejax.train` goes on to the real one.
+Nothing here allocates a parameter until `init_state` or `restore`, and then each device computes
+only its own shards: no device and no host ever holds more than its part of the model.
+`moejax.compile` and `moejax.plan` stop at the abstract state; `moejax.train` goes on to the real
+one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from moejax.model import Transformer
 from moejax.trainer.optim import make_optimizer
 from moejax.trainer.step import make_eval_step, make_train_step, split_model
 
-# state entries that checkpoints do not hold: they are the base's weights, read from the base again on resume
+# state entries that checkpoints do not hold: they are the base's weights, read from the base again
+# on resume
 NOT_SAVED = ("frozen", "reference")
 
 
@@ -56,13 +58,13 @@ class TrainSetup:
     def init_state(self, params=None, router=None, frozen=None):
         """The train state, created by one jitted program whose outputs are the shards.
 
-        params, router: optional weights to start from (nnx.States laid out as `shardings['params']` and
-        `shardings['router']`, e.g. a Hugging Face base: `split_model(from_hf(path, mesh, rules)[0])`
-        with this setup's mesh and rules). They are used as they are (donated); the optimizer moments and
-        counters are created around them. Without `router`, the aux-loss-free biases start at zero.
-        frozen: with LoRA, the base weights (laid out as `shardings['frozen']`, donated); the adapters and
-        their optimizer state are initialized around them (the random base the init would draw is never
-        computed: nothing uses it).
+        params, router: optional weights to start from (nnx.States laid out as `shardings['params']`
+        and `shardings['router']`, e.g. a Hugging Face base: `split_model(from_hf(path, mesh,
+        rules)[0])` with this setup's mesh and rules). They are used as they are (donated); the
+        optimizer moments and counters are created around them. Without `router`, the aux-loss-free
+        biases start at zero. frozen: with LoRA, the base weights (laid out as
+        `shardings['frozen']`, donated); the adapters and their optimizer state are initialized
+        around them (the random base the init would draw is never computed: nothing uses it).
         """
         if params is None:
             init = jax.jit(
@@ -89,8 +91,9 @@ class TrainSetup:
 
     def restore(self, checkpointer, step: int):
         """(state, data iterator state) read straight into this setup's shardings (Orbax reshards a
-        checkpoint saved on another mesh). Nothing is initialized first. With LoRA the checkpoint holds no
-        frozen base weights (they come from the base: `frozen_of`) and neither does the returned state."""
+        checkpoint saved on another mesh). Nothing is initialized first. With LoRA the checkpoint
+        holds no frozen base weights (they come from the base: `frozen_of`) and neither does the
+        returned state."""
         return checkpointer.restore(
             step, {k: v for k, v in self.abstract.items() if k not in NOT_SAVED}
         )
@@ -121,7 +124,8 @@ class TrainSetup:
         return make_eval_step(self.graphdef, self.rest, self.cfg)
 
     def abstract_batch(self):
-        """The [B, T] int32 batch fields as sharded ShapeDtypeStructs (for ahead-of-time lowering)."""
+        """The [B, T] int32 batch fields as sharded ShapeDtypeStructs (for ahead-of-time
+        lowering)."""
         B, T = self.cfg.train.batch_size, self.cfg.data.seq_len
         return {
             k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=self.batch_sharding)
@@ -139,8 +143,8 @@ class TrainSetup:
 
 
 def build_model(cfg: Config, mesh: Mesh | None, rules: dict | None, seed: int) -> Transformer:
-    """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0, and a reward head when
-    cfg.align.method == 'reward'."""
+    """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0, and a reward head
+    when cfg.align.method == 'reward'."""
     model = Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
     if cfg.lora.rank:
         from moejax.finetune import lora
@@ -167,24 +171,25 @@ def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
     if (
         cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)
     ) and not cfg.lora.rank:
-        # DPO's (and GRPO's KL) reference model: the starting parameters, kept (with LoRA: the base under zero
-        # adapters)
+        # DPO's (and GRPO's KL) reference model: the starting parameters, kept (with LoRA: the base
+        # under zero adapters)
         state["reference"] = jax.tree.map(jnp.copy, params)
     return state
 
 
 def _init(cfg: Config, tx, mesh, rules, frozen=None):
-    """The whole state from cfg.train.seed (traced under jit: each device computes its shards); with LoRA
-    and `frozen`, around those base weights."""
+    """The whole state from cfg.train.seed (traced under jit: each device computes its shards); with
+    LoRA and `frozen`, around those base weights."""
     _, params, router, rest = split_model(build_model(cfg, mesh, rules, cfg.train.seed))
     return _rest_of_state(cfg, tx, params, router, rest if frozen is None else frozen)
 
 
 def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
-    """The setup of a run on `mesh` (default: the config's mesh over all devices). Allocates nothing.
+    """The setup of a run on `mesh` (default: the config's mesh over all devices). Allocates
+    nothing.
 
-    Raises sharding.ShardingError for a mesh or rule the model cannot be laid out on (one line naming the
-    parameter and dimension).
+    Raises sharding.ShardingError for a mesh or rule the model cannot be laid out on (one line
+    naming the parameter and dimension).
     """
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)

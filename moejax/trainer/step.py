@@ -5,8 +5,8 @@ router (nnx.State of the aux-loss-free biases), opt_state, rng (raw key data) an
 (the count of consecutive skipped steps). moejax.trainer.setup builds it, sharded, from a config.
 
 Losses are token-weighted: each term is a sum over valid tokens divided once by the global count
-(`normalizers`), so gradient accumulation, pipeline microbatches and the data-parallel layout give the
-same loss and update as one pass over the whole batch.
+(`normalizers`), so gradient accumulation, pipeline microbatches and the data-parallel layout give
+the same loss and update as one pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def token_loss_sum(logits, labels, valid):
 
 
 def shifted_targets(batch, shift: int):
-    """Labels `shift` tokens ahead and where they are valid (same document, not padding, and, in fine-tuning
-    batches, a token the batch's `loss_mask` trains on).
+    """Labels `shift` tokens ahead and where they are valid (same document, not padding, and, in
+    fine-tuning batches, a token the batch's `loss_mask` trains on).
 
     Returns labels [B, T] and valid [B, T] (positions t + shift >= T are invalid).
     """
@@ -54,11 +54,12 @@ def shifted_targets(batch, shift: int):
 
 
 def normalizers(batch, cfg: Config, microbatches: int = 1) -> dict:
-    """Global counts that every loss term is divided by, once, from the whole batch: valid next-token
-    targets (`tokens`), valid targets of each MTP depth (`mtp` [depth]), real tokens (`real`, for the
-    router z-loss), sequences holding tokens (`sequences`, the sequence-wise balance loss), and the
-    number of gradient-accumulation microbatches (the Switch loss, a batch mean, is averaged over them).
-    Computed on the global batch, they make the loss independent of how the batch is split."""
+    """Global counts that every loss term is divided by, once, from the whole batch: valid
+    next-token targets (`tokens`), valid targets of each MTP depth (`mtp` [depth]), real tokens
+    (`real`, for the router z-loss), sequences holding tokens (`sequences`, the sequence-wise
+    balance loss), and the number of gradient-accumulation microbatches (the Switch loss, a batch
+    mean, is averaged over them). Computed on the global batch, they make the loss independent of
+    how the batch is split."""
     seg = batch["segment_ids"]
     out = {
         "tokens": shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
@@ -94,7 +95,8 @@ def _moe_aux_loss(aux, cfg: Config, norm):
 
 
 def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
-    """A preference objective's (loss, (metrics, stats)) with the MoE balance loss added, as loss_fn returns."""
+    """A preference objective's (loss, (metrics, stats)) with the MoE balance loss added, as loss_fn
+    returns."""
     aux_loss = _moe_aux_loss(aux, cfg, norm)
     metrics.update(
         ce_loss=loss,
@@ -107,8 +109,9 @@ def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
 
 
 def reference_logits(graphdef, params, router, rest, ref, batch):
-    """The reference model's logits on a batch, without gradient: `ref` (a frozen copy of the base's parameters),
-    or, with LoRA (ref None), the same model with its adapters set to zero: exactly the frozen base."""
+    """The reference model's logits on a batch, without gradient: `ref` (a frozen copy of the base's
+    parameters), or, with LoRA (ref None), the same model with its adapters set to zero: exactly the
+    frozen base."""
     ref_params = jax.lax.stop_gradient(
         ref if ref is not None else jax.tree.map(jnp.zeros_like, params)
     )
@@ -119,9 +122,9 @@ def reference_logits(graphdef, params, router, rest, ref, batch):
 
 
 def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
-    """loss_fn for cfg.align.method == 'dpo': the policy and the reference on the same pair rows. The
-    reference is `ref` (a frozen copy of the base's parameters), or, with LoRA (ref None), the same model
-    with its adapters set to zero: exactly the frozen base."""
+    """loss_fn for cfg.align.method == 'dpo': the policy and the reference on the same pair rows.
+    The reference is `ref` (a frozen copy of the base's parameters), or, with LoRA (ref None), the
+    same model with its adapters set to zero: exactly the frozen base."""
     from moejax.finetune.objectives import dpo_share
 
     model = nnx.merge(graphdef, params, router, rest)
@@ -133,7 +136,8 @@ def dpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, c
 
 
 def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
-    """loss_fn for cfg.align.method == 'reward': Bradley-Terry on the pair rows (moejax.finetune.reward)."""
+    """loss_fn for cfg.align.method == 'reward': Bradley-Terry on the pair rows
+    (moejax.finetune.reward)."""
     from moejax.finetune.reward import reward_share
 
     model = nnx.merge(graphdef, params, router, rest)
@@ -142,14 +146,16 @@ def reward_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef
 
 
 def grpo_loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: Config):
-    """loss_fn for cfg.align.method == 'grpo' (moejax.finetune.grpo): the policy over the rollout rows (on the
-    sampler's experts with grpo.routing_replay) and, for the KL penalty, the reference (as in DPO)."""
+    """loss_fn for cfg.align.method == 'grpo' (moejax.finetune.grpo): the policy over the rollout
+    rows (on the sampler's experts with grpo.routing_replay) and, for the KL penalty, the reference
+    (as in DPO)."""
     from moejax.finetune.grpo import grpo_share, split_routes
 
     g = cfg.grpo
     model = nnx.merge(graphdef, params, router, rest)
     tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
-    # (a pipeline does not carry the records: no disagreement metric there, and replay is refused up front)
+    # (a pipeline does not carry the records: no disagreement metric there, and replay is refused up
+    # front)
     routes = (
         None
         if cfg.mesh.stage > 1
@@ -220,8 +226,8 @@ def _tree_select(pred, a, b):
 
 
 def applied_lr(opt_state, sched):
-    """The learning rate the next update applies: the schedule at the optimizer's own step count (which
-    does not advance on a skipped non-finite step, unlike state['step'])."""
+    """The learning rate the next update applies: the schedule at the optimizer's own step count
+    (which does not advance on a skipped non-finite step, unlike state['step'])."""
     found = [
         s
         for s in jax.tree.leaves(
@@ -239,8 +245,8 @@ def applied_lr(opt_state, sched):
 def make_train_step(
     graphdef, rest, tx, sched, cfg: Config, state_shardings=None, batch_sharding=None
 ):
-    """Returns the jitted, state-donating train step; with shardings, the state keeps them. The model in
-    graphdef carries its mesh and rules (moejax.trainer.setup builds it so)."""
+    """Returns the jitted, state-donating train step; with shardings, the state keeps them. The
+    model in graphdef carries its mesh and rules (moejax.trainer.setup builds it so)."""
     grad_fn = jax.value_and_grad(
         functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True
     )
@@ -255,7 +261,8 @@ def make_train_step(
         if n_micro == 1:
             (_, (metrics, stats)), grads = grad_fn(params, router, rest_, batch, rng, norm, ref)
         else:
-            # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every microbatch
+            # microbatch j = rows j, j + n_micro, ...: each device keeps its own rows in every
+            # microbatch
             micro = jax.tree.map(
                 lambda x: x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1),
                 batch,
@@ -273,7 +280,8 @@ def make_train_step(
             )
             (_, (m_shape, s_shape)), g_shape = shapes
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (g_shape, m_shape, s_shape))
-            # every share is already divided by the global counts: the sums are the whole batch's values
+            # every share is already divided by the global counts: the sums are the whole batch's
+            # values
             (grads, metrics, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -281,8 +289,8 @@ def make_train_step(
         new_params = optax.apply_updates(params, updates)
         new_router = router
         if stats and cfg.model.use_score_correction_bias and jax.tree.leaves(router):
-            # merge a copy: the update writes into the merged model's Variables, which would otherwise be
-            # `router`'s own, and a skipped step must keep the old biases
+            # merge a copy: the update writes into the merged model's Variables, which would
+            # otherwise be `router`'s own, and a skipped step must keep the old biases
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest_)
             model.update_router_biases(stats["expert_counts"])
             new_router = nnx.state(model, RouterBias)
@@ -340,10 +348,12 @@ def _unit_counts():
 
 
 def make_eval_step(graphdef, rest, cfg: Config):
-    """Validation: (summed next-token cross-entropy, valid targets) of a batch; sum both over batches."""
+    """Validation: (summed next-token cross-entropy, valid targets) of a batch; sum both over
+    batches."""
 
     def eval_step(params, router, batch, frozen=None, reference=None):
-        """{'loss': summed loss, 'count': its count} (next-token: tokens; DPO: pairs, plus 'correct' pairs)."""
+        """{'loss': summed loss, 'count': its count} (next-token: tokens; DPO: pairs, plus 'correct'
+        pairs)."""
         rest_ = rest if frozen is None else frozen
         if cfg.align.method in ("dpo", "reward"):
             norm = {"pairs": jnp.float32(1.0)}  # sums: divide by 1

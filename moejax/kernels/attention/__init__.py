@@ -1,4 +1,5 @@
-"""Causal attention behind one op with backends (reference, blockwise, splash, pallas_gpu, cudnn)."""
+"""Causal attention behind one op with backends (reference, blockwise, splash, pallas_gpu,
+cudnn)."""
 
 from moejax.kernels.attention.blockwise import blockwise_attention
 from moejax.kernels.attention.ops import IMPLS, attention, default_impl

@@ -50,8 +50,8 @@ def _pairs(nq: int, nk: int, bq: int, bk: int, kv_major: bool) -> np.ndarray:
 
 
 def _e(grouped: bool, spec: str) -> str:
-    """An einsum spec as written (grouped heads, axis Q), or without Q for one query head per KV head:
-    4-D einsums are markedly faster than the grouped form on XLA:CPU."""
+    """An einsum spec as written (grouped heads, axis Q), or without Q for one query head per KV
+    head: 4-D einsums are markedly faster than the grouped form on XLA:CPU."""
     return spec if grouped else spec.replace("Q", "")
 
 
@@ -72,36 +72,36 @@ def _pair_logits(qi, kj, seg, i, j, bq: int, bk: int, scale: float):
 
 
 def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
-    """q [B, T, Nkv, Q, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv], seg int [B, T] (T a multiple of both
-    blocks) -> out [B, T, Nkv, Q, Hv] in v's dtype, lse float32 [B, Nkv, Q, T]. Without the Q axis in
-    q (one query head per KV head), out and lse have none either."""
+    """q [B, T, Nkv, Q, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv], seg int [B, T] (T a multiple of
+    both blocks) -> out [B, T, Nkv, Q, Hv] in v's dtype, lse float32 [B, Nkv, Q, T]. Without the Q
+    axis in q (one query head per KV head), out and lse have none either."""
     B, T = q.shape[:2]
     heads = q.shape[2:-1]  # (K, Q) or (K,)
     g = q.ndim == 5
     Hv = v.shape[-1]
 
     def step(carry, pair):
-        out, lse, m, l, acc = carry
+        out, lse, m, row_sum, acc = carry
         i, j, first = pair[0], pair[1], pair[2] > 0
         qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # [B, bq, K, Q, H]
         kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [B, bk, K, H]
         vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)  # [B, bk, K, Hv]
         s = _pair_logits(qi, kj, seg, i, j, bq, bk, scale)  # [B, K, Q, bq, bk]
         m = jnp.where(first, NEG, m)
-        l = jnp.where(first, 0.0, l)
+        row_sum = jnp.where(first, 0.0, row_sum)
         acc = jnp.where(first, 0.0, acc)
         m_new = jnp.maximum(m, s.max(axis=-1))  # [B, K, Q, bq]
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l = alpha * l + p.sum(axis=-1)
+        row_sum = alpha * row_sum + p.sum(axis=-1)
         acc = alpha[..., None] * acc + jnp.einsum(
             _e(g, "BKQTS,BSKH->BKQTH"), p.astype(v.dtype), vj, preferred_element_type=jnp.float32
         )
         # written after every pair of the run; the run's last write is the result
-        o = jnp.moveaxis(acc / l[..., None], -2, 1).astype(out.dtype)  # [B, bq, K, Q, Hv]
+        o = jnp.moveaxis(acc / row_sum[..., None], -2, 1).astype(out.dtype)  # [B, bq, K, Q, Hv]
         out = jax.lax.dynamic_update_slice_in_dim(out, o, i * bq, axis=1)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, m_new + jnp.log(l), i * bq, axis=-1)
-        return (out, lse, m_new, l, acc), None
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, m_new + jnp.log(row_sum), i * bq, axis=-1)
+        return (out, lse, m_new, row_sum, acc), None
 
     init = (
         jnp.zeros((B, T, *heads, Hv), v.dtype),
@@ -116,7 +116,8 @@ def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
 
 
 def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
-    """Gradients of _forward's output: dq [B, T, Nkv, Q, H] (or without Q, as q), dk, dv in the inputs' dtypes."""
+    """Gradients of _forward's output: dq [B, T, Nkv, Q, H] (or without Q, as q), dk, dv in the
+    inputs' dtypes."""
     B, T, K = q.shape[:3]
     H, Hv = q.shape[-1], v.shape[-1]
     g = q.ndim == 5
@@ -196,7 +197,8 @@ def blockwise_attention(
 
     Args:
       q: [B, T, N, H]; k: [B, T, Nkv, H]; v: [B, T, Nkv, Hv]; N a multiple of Nkv.
-      segment_ids: int [B, T] (tokens attend to earlier tokens of the same id) or None (one document).
+      segment_ids: int [B, T] (tokens attend to earlier tokens of the same id) or None (one
+        document).
       block_q, block_kv: rows per query / key block (cut to T when T is shorter).
     Returns:
       [B, T, N, Hv] in v's dtype.
@@ -205,11 +207,12 @@ def blockwise_attention(
     Nkv, Hv = k.shape[2], v.shape[-1]
     if max(block_q, block_kv) % min(block_q, block_kv):
         raise ValueError(
-            f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one another"
+            f"attention[blockwise]: block_q={block_q} and block_kv={block_kv} must divide one "
+            "another"
         )
     lo, hi = min(block_q, block_kv), max(block_q, block_kv)
-    # padded length: T itself when one block covers it, else a multiple of the smaller block (the larger
-    # cut to it) when that is within the larger block, else a multiple of the larger block
+    # padded length: T itself when one block covers it, else a multiple of the smaller block (the
+    # larger cut to it) when that is within the larger block, else a multiple of the larger block
     Tp = T if T <= lo else -(-T // lo) * lo if T <= hi else -(-T // hi) * hi
     bq, bk = min(block_q, Tp), min(block_kv, Tp)
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)

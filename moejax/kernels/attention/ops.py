@@ -2,20 +2,22 @@
 
 Backends (`impl=`):
   reference  the whole [T, T] score matrix and a materialized mask (reference.py), for tests
-  blockwise  online softmax over (query block, key block) pairs in plain JAX (blockwise.py), default on CPU
+  blockwise  online softmax over (query block, key block) pairs in plain JAX (blockwise.py), default
+             on CPU
   splash     TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention), default on TPU
   pallas_gpu Triton flash attention (jax.experimental.pallas.ops.gpu.attention), default on GPU
-  cudnn      cuDNN flash attention through jax.nn.dot_product_attention, GPU only, unpacked rows only
+  cudnn      cuDNN flash attention through jax.nn.dot_product_attention, GPU only, unpacked rows
+             only
 How each takes MLA's unequal head dims (q/k 192, v 128 at V3 shape) and GQA:
-  reference, blockwise, splash: natively (splash's kernel has its own value head dim; GQA runs its MQA
-    kernel once per KV head);
+  reference, blockwise, splash: natively (splash's kernel has its own value head dim; GQA runs its
+    MQA kernel once per KV head);
   pallas_gpu: the narrower of q/k and v is zero-padded and the output cut back (the kernel needs one
     head dim), KV heads repeated to the query heads;
   cudnn: v zero-padded to the query head dim; bfloat16/float16 only.
 Every backend takes segment ids (tokens attend to earlier tokens of the same id) except cudnn, which
 refuses them. A Pallas backend on a platform that cannot run it natively is refused unless
-interpret=True (the tests run it in Pallas interpret mode); on a mesh it runs inside shard_map over the
-batch and head axes (GSPMD cannot partition a Pallas call).
+interpret=True (the tests run it in Pallas interpret mode); on a mesh it runs inside shard_map over
+the batch and head axes (GSPMD cannot partition a Pallas call).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def default_impl() -> str:
 def _check(q, k, v, segment_ids, impl):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"attention[{impl}]: q, k, v must be [B, T, heads, head_dim], got {q.shape}, {k.shape}, "
-            f"{v.shape}"
+            f"attention[{impl}]: q, k, v must be [B, T, heads, head_dim], got {q.shape}, "
+            f"{k.shape}, {v.shape}"
         )
     B, T, N, H = q.shape
     if k.shape[:2] != (B, T) or v.shape[:3] != k.shape[:3] or k.shape[3] != H:
@@ -89,7 +91,8 @@ def attention(
 
     Args:
       q: [B, T, N, H]; k: [B, T, Nkv, H]; v: [B, T, Nkv, Hv]; N a multiple of Nkv.
-      segment_ids: int [B, T] (a token attends to earlier tokens with the same id) or None (one document).
+      segment_ids: int [B, T] (a token attends to earlier tokens with the same id) or None (one
+        document).
       scale: multiplies q.k.
       impl: one of IMPLS; None or 'auto' picks by platform (default_impl).
       layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it.
@@ -137,7 +140,8 @@ def attention(
 
 
 def _cudnn(q, k, v, segment_ids, scale: float, native: bool):
-    """cuDNN flash attention: unpacked rows, 16-bit inputs; v zero-padded to the query head dim (MLA)."""
+    """cuDNN flash attention: unpacked rows, 16-bit inputs; v zero-padded to the query head dim
+    (MLA)."""
     H, Hv = q.shape[-1], v.shape[-1]
     if not native:
         raise ValueError(
@@ -161,12 +165,13 @@ def _cudnn(q, k, v, segment_ids, scale: float, native: bool):
 
 
 def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
-    """fn(q, k, v, segment_ids) inside shard_map over the layout's batch and head axes (the sequence is
-    not split); fn alone without a layout. Where the mesh does not divide the batch or heads: an error
-    when strict, else None."""
+    """fn(q, k, v, segment_ids) inside shard_map over the layout's batch and head axes (the sequence
+    is not split); fn alone without a layout. Where the mesh does not divide the batch or heads: an
+    error when strict, else None."""
     if layout is None:
         return fn(q, k, v, segment_ids)
-    # imported here: moejax.config imports IMPLS from this module, and moejax.sharding imports config
+    # imported here: moejax.config imports IMPLS from this module, and moejax.sharding imports
+    # config
     from moejax import sharding
 
     mesh, nested = layout.region()
@@ -182,16 +187,17 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
         if not strict:
             return None
         raise ValueError(
-            f"attention[{impl}]: query heads split by {qspec[2]} but KV heads by {kspec[2]} on mesh "
-            f"{dict(mesh.shape)} (q {q.shape}, k {k.shape}); use impl='blockwise' for this layout"
+            f"attention[{impl}]: query heads split by {qspec[2]} but KV heads by {kspec[2]} on "
+            f"mesh {dict(mesh.shape)} (q {q.shape}, k {k.shape}); use impl='blockwise' for this "
+            "layout"
         )
     ways = lambda entry: math.prod(mesh.shape[a] for a in sharding.axes_of(entry))
     if any(dim % ways(e) for x, spec in ((q, qspec), (k, kspec)) for dim, e in zip(x.shape, spec)):
         if not strict:
             return None
         raise ValueError(
-            f"attention[{impl}]: the mesh {dict(mesh.shape)} does not divide q {q.shape} / k {k.shape} "
-            f"by {qspec} / {kspec}; use impl='blockwise' for this shape"
+            f"attention[{impl}]: the mesh {dict(mesh.shape)} does not divide q {q.shape} / k "
+            f"{k.shape} by {qspec} / {kspec}; use impl='blockwise' for this shape"
         )
     auto = {a for a in mesh.axis_names if a not in manual}
     return jax.shard_map(
@@ -205,7 +211,8 @@ def _sharded(fn, q, k, v, segment_ids, layout, impl: str, strict: bool):
 
 
 def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
-    """TPU splash attention, per batch row (vmap). Rows are padded to a block multiple with segment id -1."""
+    """TPU splash attention, per batch row (vmap). Rows are padded to a block multiple with segment
+    id -1."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
@@ -260,9 +267,10 @@ def _splash(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
 
 
 def _pallas_gpu(q, k, v, segment_ids, *, scale: float, block: int, interpret: bool):
-    """Triton flash attention. The kernel needs one head dim for q, k and v and as many KV heads as query
-    heads: the narrower of q/k and v is zero-padded (the output's padded columns are cut off), KV heads
-    repeated. Backward blocks are half the forward's (at most 32, as upstream's defaults) for MLA's dims."""
+    """Triton flash attention. The kernel needs one head dim for q, k and v and as many KV heads as
+    query heads: the narrower of q/k and v is zero-padded (the output's padded columns are cut off),
+    KV heads repeated. Backward blocks are half the forward's (at most 32, as upstream's defaults)
+    for MLA's dims."""
     from jax.experimental.pallas.ops.gpu import attention as triton_attention
 
     T, N, H = q.shape[1:]

@@ -54,7 +54,8 @@ def attention_reference(q, k, v, segment_ids, *, scale: float):
     """Causal attention within packed documents, the mask materialized.
 
     Args:
-      q: [B, T, N, H]; k: [B, T, Nkv, H]; v: [B, T, Nkv, Hv]; segment_ids: int [B, T] or None (one document).
+      q: [B, T, N, H]; k: [B, T, Nkv, H]; v: [B, T, Nkv, Hv]; segment_ids: int [B, T] or None (one
+        document).
     Returns:
       [B, T, N, Hv] in v's dtype.
     """

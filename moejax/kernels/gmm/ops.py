@@ -7,8 +7,8 @@ Backends (`impl=`):
   ragged_dot  jax.lax.ragged_dot
   reference   masked dense matmuls (reference.py), for tests
 The Pallas backends are wired with jax.custom_vjp: the input gradient is gmm with the transposed
-weight, the weight gradient is tgmm. The XLA backends are differentiated by JAX. A Pallas backend on a
-platform that cannot run it natively (e.g. pallas_tpu on CPU) runs in Pallas interpret mode.
+weight, the weight gradient is tgmm. The XLA backends are differentiated by JAX. A Pallas backend on
+a platform that cannot run it natively (e.g. pallas_tpu on CPU) runs in Pallas interpret mode.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ DEFAULT_TILE = 256  # rows per tile of 'tiled'; 256 beat 64/128/512 on the CPU M
 
 
 def default_tile(rows: int, groups: int) -> int:
-    """DEFAULT_TILE, or less when the groups average fewer rows (decoding: a few tokens), so that padding
-    every group to a tile does not multiply the work: the power of two >= rows / groups, at least 8."""
+    """DEFAULT_TILE, or less when the groups average fewer rows (decoding: a few tokens), so that
+    padding every group to a tile does not multiply the work: the power of two >= rows / groups, at
+    least 8."""
     per_group = max(1, -(-rows // groups))
     return min(DEFAULT_TILE, max(8, 1 << (per_group - 1).bit_length()))
 
@@ -44,7 +45,8 @@ def _check_args(lhs, rhs, group_sizes):
         raise ValueError(f"gmm: rhs must be [G, K, N], got shape {rhs.shape}")
     if rhs.shape[1] != lhs.shape[1]:
         raise ValueError(
-            f"gmm: rhs must be [G, {lhs.shape[1]}, N] to match lhs [M, K]={lhs.shape}, got {rhs.shape}"
+            f"gmm: rhs must be [G, {lhs.shape[1]}, N] to match lhs [M, K]={lhs.shape}, got "
+            f"{rhs.shape}"
         )
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(
@@ -231,7 +233,8 @@ def target_platform(platform: str):
     """Pick backends for `platform` ('tpu', 'gpu', 'cpu') instead of jax.default_backend().
 
     For ahead-of-time compilation from another host: inside `with target_platform("tpu"):` the
-    default impl is pallas_tpu and it lowers natively (no interpret mode) although the host is a CPU.
+    default impl is pallas_tpu and it lowers natively (no interpret mode) although the host is a
+    CPU.
     """
     _TARGET.append(platform)
     try:
@@ -272,7 +275,8 @@ def gmm(
     tiles=None,
     interpret=None,
 ):
-    """Grouped matmul [M, K] x [G, K, N] -> [M, N]; see moejax/kernels/gmm/reference.py for semantics.
+    """Grouped matmul [M, K] x [G, K, N] -> [M, N]; see moejax/kernels/gmm/reference.py for
+    semantics.
 
     Args:
       lhs: [M, K] rows sorted by group.
@@ -331,14 +335,16 @@ def tgmm(
     tiles=None,
     interpret=None,
 ):
-    """Transposed grouped matmul: per local group g, lhs[rows_g]^T @ grad[rows_g] -> [G_local, K, N].
+    """Transposed grouped matmul: per local group g, lhs[rows_g]^T @ grad[rows_g] -> [G_local, K,
+    N].
 
-    The weight gradient of gmm. num_groups defaults to len(group_sizes) - group_offset (static ints).
-    'tiled' sums per-tile products per group; 'ragged_dot' is the vjp of its gmm.
+    The weight gradient of gmm. num_groups defaults to len(group_sizes) - group_offset (static
+    ints). 'tiled' sums per-tile products per group; 'ragged_dot' is the vjp of its gmm.
     """
     if lhs.ndim != 2 or grad.ndim != 2 or grad.shape[0] != lhs.shape[0]:
         raise ValueError(
-            f"tgmm: lhs must be [M, K] and grad [M, N] with the same M, got {lhs.shape} and {grad.shape}"
+            f"tgmm: lhs must be [M, K] and grad [M, N] with the same M, got {lhs.shape} and "
+            f"{grad.shape}"
         )
     if lhs.dtype != grad.dtype:
         raise ValueError(f"tgmm: lhs and grad dtypes differ ({lhs.dtype} vs {grad.dtype})")
@@ -410,7 +416,8 @@ def _validate(group_sizes, num_rows):
 
 
 def default_impl() -> str:
-    """The Pallas kernels on TPU and GPU; the tiled einsum on CPU (6x faster than ragged_dot there)."""
+    """The Pallas kernels on TPU and GPU; the tiled einsum on CPU (6x faster than ragged_dot
+    there)."""
     backend = platform()
     if backend == "tpu":
         return "pallas_tpu"

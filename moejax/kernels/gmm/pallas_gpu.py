@@ -2,9 +2,9 @@
 
 gmm grid (visits, N tiles): a visit owns the rows of one group inside one [tm] row tile (see
 schedule.py), loops over K in [tk] steps accumulating in float32 registers, and stores only its own
-rows with a masked store, so visits that share a tile never write the same row. Rows before and after
-the local groups are visits of two framing groups that store zeros; rows past M and columns past N
-are masked, so no shape needs padding.
+rows with a masked store, so visits that share a tile never write the same row. Rows before and
+after the local groups are visits of two framing groups that store zeros; rows past M and columns
+past N are masked, so no shape needs padding.
 
 tgmm grid (local groups, K tiles, N tiles): each program loops over its group's row tiles (a dynamic
 trip count) accumulating lhs^T @ grad; an empty group stores zeros.
@@ -19,7 +19,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from moejax.kernels.gmm import schedule as sched
 
-# (tm, tk, tn): powers of two, >= 16 for tensor-core dots. Picked on an H200 (benchmarks/RESULTS.md).
+# (tm, tk, tn): powers of two, >= 16 for tensor-core dots. Picked on an H200
+# (benchmarks/RESULTS.md).
 DEFAULT_TILES = (128, 64, 128)
 TGMM_TILES = (64, 128, 128)  # tgmm's tm is its contraction step
 DEFAULT_WARPS = 8
@@ -37,7 +38,8 @@ def _in_range(start, size, dim):
 
 
 def _mask(rows, cols, shape):
-    """[R, C] mask from a row mask [R] and a column mask [C] (None means all true); None if both are."""
+    """[R, C] mask from a row mask [R] and a column mask [C] (None means all true); None if both
+    are."""
     if rows is None and cols is None:
         return None
     r = jnp.ones((shape[0],), jnp.bool_) if rows is None else rows

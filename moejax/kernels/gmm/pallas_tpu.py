@@ -1,4 +1,5 @@
-"""Pallas Mosaic TPU kernels for gmm and tgmm (the megablox design: scalar-prefetched visit schedule).
+"""Pallas Mosaic TPU kernels for gmm and tgmm (the megablox design: scalar-prefetched visit
+schedule).
 
 gmm grid (N tiles, visits, K tiles): each visit multiplies one [tm, tk] row tile by its group's
 [tk, tn] weight tile into a float32 VMEM accumulator; on the last K step the rows of the visit's

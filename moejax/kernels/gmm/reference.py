@@ -5,7 +5,8 @@ Semantics shared by every gmm backend:
   rows of global group g use rhs[g - group_offset] when group_offset <= g < group_offset + G_local,
   and give zeros otherwise (an expert-parallel shard computes only its own experts).
   Negative sizes count as 0; rows past sum(group_sizes), or past M, are zero. No size can make an
-  out-of-bounds read or write; `moejax.kernels.gmm(..., validate=True)` turns such sizes into errors.
+  out-of-bounds read or write; `moejax.kernels.gmm(..., validate=True)` turns such sizes into
+  errors.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def gmm_reference(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_ty
 def tgmm_reference(
     lhs, grad, group_sizes, *, group_offset=0, num_groups=None, preferred_element_type=None
 ):
-    """Transposed grouped matmul: [M, K]^T x [M, N] per group -> [G_local, K, N] (weight gradient)."""
+    """Transposed grouped matmul: [M, K]^T x [M, N] per group -> [G_local, K, N] (weight
+    gradient)."""
     out_dtype = preferred_element_type or lhs.dtype
     G = num_groups if num_groups is not None else group_sizes.shape[0] - group_offset
     gid = group_ids(group_sizes, lhs.shape[0]) - group_offset

@@ -1,11 +1,11 @@
 """Visit schedule shared by the Pallas gmm/tgmm kernels (TPU and GPU).
 
 A kernel walks the rows in tiles of `tm`. A group whose rows start or end inside a tile shares that
-tile with its neighbour, so the tile is *visited* once per group it holds, each visit masking the rows
-of its group. With H groups over T tiles there are at most T + H - 1 visits (every group boundary
-inside a tile adds one), which is the static grid size; the real count is a runtime value and the
-visits past it are inactive (they repeat the last real visit's block indices so no extra DMA happens,
-and the kernels skip their work).
+tile with its neighbour, so the tile is *visited* once per group it holds, each visit masking the
+rows of its group. With H groups over T tiles there are at most T + H - 1 visits (every group
+boundary inside a tile adds one), which is the static grid size; the real count is a runtime value
+and the visits past it are inactive (they repeat the last real visit's block indices so no extra DMA
+happens, and the kernels skip their work).
 
 Everything here is plain jnp on small int32 vectors, computed before the kernel launches.
 """
@@ -27,7 +27,8 @@ class Schedule(NamedTuple):
 
 
 def clipped_bounds(group_sizes, num_rows: int):
-    """Row [start, end) of every global group, negatives as empty and clipped to num_rows. int32 [G]."""
+    """Row [start, end) of every global group, negatives as empty and clipped to num_rows. int32
+    [G]."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     ends = jnp.minimum(jnp.cumsum(sizes), num_rows).astype(jnp.int32)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])

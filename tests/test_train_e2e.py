@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -117,6 +118,23 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == steps
     assert "moe/load_cv/layer_0" in acc.Tags()["scalars"]
+
+
+def test_report_plots_the_real_run(uninterrupted, tmp_path):
+    """`python -m moejax.report` on the run the trainer just wrote (synthetic runs: test_report)."""
+    _, wd, _ = uninterrupted
+    r = subprocess.run(
+        [sys.executable, "-m", "moejax.report", wd, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "report.md").read_text()
+    for stem in ("loss", "lr", "grad_norm", "throughput", "moe_load_cv", "moe_bias_range"):
+        assert f"({stem}.png)" in md
+        img = matplotlib.image.imread(tmp_path / f"{stem}.png")
+        assert img.shape[0] > 100 and img[..., :3].std() > 0.05
 
 
 def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, corpus_cache):

@@ -371,3 +371,15 @@ def test_gqa_configs_export_to_the_architecture_that_computes_them():
     ):
         assert hf_model_type(mixtral.replace(**over)) == "deepseek", over
     assert hf_model_type(mixtral.replace(qk_norm=True)) == "qwen3_moe"
+
+
+def test_a_parameter_without_a_hugging_face_name_is_refused_not_dropped(tmp_path):
+    from moejax.config import LoRAConfig
+    from moejax.finetune import lora
+
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    lora.apply(model, LoRAConfig(rank=2, targets=("attn/",)), nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"no Hugging Face name .* would be lost: .*lora"):
+        to_hf(model, CFG, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    to_hf(lora.merge(model), CFG, str(tmp_path / "hf"))  # adapters folded into the weights

@@ -128,6 +128,28 @@ def _plan_files(specs: list[tuple[str, tuple, np.dtype]], shard_bytes: int) -> l
     return files + [cur]
 
 
+def _check_covered(arrays: dict, entries: dict, model_type: str) -> None:
+    """Every element of every model array goes to some Hugging Face tensor: a parameter the name
+    table does not know (a new module, an unmerged LoRA adapter) is refused, not silently left out
+    of the export."""
+    covered = {}
+    for slot in entries.values():
+        n = math.prod(W.view_shape(arrays[slot.path].shape, slot.index))
+        covered[slot.path] = covered.get(slot.path, 0) + n
+    missing = [
+        "/".join(map(str, p))
+        for p, a in sorted(arrays.items(), key=lambda kv: str(kv[0]))
+        if covered.get(p, 0) < math.prod(a.shape)
+    ]
+    if missing:
+        raise ValueError(
+            f"to_hf: {len(missing)} model parameter(s) have no Hugging Face name for "
+            f"{model_type!r} and would be lost: {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''} "
+            "(merge LoRA adapters first: moejax.finetune.export)"
+        )
+
+
 def to_hf(
     model,
     config: ModelConfig,
@@ -152,6 +174,7 @@ def to_hf(
     out_dtype = OUT_DTYPES[dtype]
     arrays = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     entries = W.hf_entries(config, mt, fused=False)
+    _check_covered(arrays, entries, mt)
     specs = [
         (name, W.hf_shape(s, W.view_shape(arrays[s.path].shape, s.index)), out_dtype)
         for name, s in entries.items()

@@ -239,6 +239,33 @@ def test_moe_layer_aux_and_padding():
     assert float(aux["aux_loss"]) == pytest.approx(float(expected))
 
 
+def test_an_undeclared_moe_statistic_stops_the_trace():
+    """A new auxiliary statistic must be declared in moe.STATS (sum or mean over microbatches), or
+    the pipeline's microbatch combination and the metrics would drop it without a word."""
+    cfg = ModelConfig(
+        hidden_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        n_group=1,
+        topk_group=1,
+    )
+
+    class WithANewLoss(moe_lib.MoE):
+        def stats(self, r, mask, batch):
+            out = super().stats(r, mask, batch)
+            out["entropy_sum"] = jnp.zeros(())
+            del out["z_sum"]
+            return out
+
+    x = jnp.ones((1, 4, 16))
+    assert set(moe_lib.MoE(cfg, rngs=nnx.Rngs(0))(x)[1]) >= set(moe_lib.STATS)
+    with pytest.raises(
+        ValueError, match="not declared: entropy_sum; declared but not returned: z_sum"
+    ):
+        WithANewLoss(cfg, rngs=nnx.Rngs(0))(x)
+
+
 @pytest.mark.parametrize("impl", ["dense", "dropless"])
 def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
     """Replay (RL): the recorded experts run, gate weights come from this router's scores (so the

@@ -157,8 +157,32 @@ def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lor
 # Per-layer statistics of one MoE call. Sums add up exactly over microbatches and pipeline
 # microbatches; the Switch loss (a product of two batch means) cannot be split and is averaged over
 # microbatches.
-SUM_STATS = ("expert_counts", "seq_aux_sum", "seq_count", "z_sum", "token_count", "dropped")
-MEAN_STATS = ("switch_loss",)
+# Every statistic a MoE call returns is declared here, once: a new one (a new auxiliary loss) that
+# is not, or one declared and not returned, stops the trace (MoE.__call__) instead of silently
+# dropping out of the pipeline's microbatch combination and the logged metrics.
+STATS = {
+    "expert_counts": "sum",
+    "seq_aux_sum": "sum",
+    "seq_count": "sum",
+    "z_sum": "sum",
+    "token_count": "sum",
+    "dropped": "sum",
+    "switch_loss": "mean",
+}
+SUM_STATS = tuple(k for k, kind in STATS.items() if kind == "sum")
+MEAN_STATS = tuple(k for k, kind in STATS.items() if kind == "mean")
+
+
+def check_stats(stats: dict) -> None:
+    if set(stats) != set(STATS):
+        extra, missing = sorted(set(stats) - set(STATS)), sorted(set(STATS) - set(stats))
+        raise ValueError(
+            "MoE statistics must match moejax.model.moe.STATS: "
+            + "; ".join(
+                ([f"not declared: {', '.join(extra)}"] if extra else [])
+                + ([f"declared but not returned: {', '.join(missing)}"] if missing else [])
+            )
+        )
 
 
 def _per_layer_loss(stats, cfg: ModelConfig, sequences, tokens, switch_weight=1.0):
@@ -255,6 +279,7 @@ class MoE(nnx.Module):
             y = y + self.shared(xf, None if rng is None else jax.random.fold_in(rng, 4))
         stats = self.stats(r, mask, B)
         stats["dropped"] = dropped
+        check_stats(stats)
         aux = with_means(stats, cfg)
         if route is not None:
             aux["route_mismatch"], aux["route_count"] = mismatch

@@ -18,9 +18,10 @@ import dataclasses
 import json
 import sys
 
+from moejax.config import DTYPES as _DTYPES
 from moejax.config import ConfigError
-
-_DTYPES = ["float32", "bfloat16", "float16"]
+from moejax.infer.quantize import FORMATS as QUANT_FORMATS
+from moejax.infer.safety import ACTIONS as SAFETY_ACTIONS
 
 
 def read_requests(path: str) -> list[dict]:
@@ -107,13 +108,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8", "fp8"],
+        choices=tuple(QUANT_FORMATS),
         help="weight-only quantization with per-channel scales (experts included)",
     )
     p.add_argument(
         "--safety",
         default="off",
-        choices=["off", "block", "redact", "refuse"],
+        choices=("off", *SAFETY_ACTIONS),
         help="content-safety filter on the outputs (moejax.infer.safety)",
     )
     p.add_argument("--safety_categories", default=None, help="JSON {category: [words or regexes]}")

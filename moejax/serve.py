@@ -24,6 +24,8 @@ from moejax.config import ConfigError
 from moejax.data import chat
 from moejax.data.chat import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template_of
 from moejax.infer.engine import Engine
+from moejax.infer.quantize import FORMATS as QUANT_FORMATS
+from moejax.infer.safety import ACTIONS as SAFETY_ACTIONS
 from moejax.infer.sampling import SamplingParams
 
 
@@ -355,13 +357,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--chat_template", default=None, help="a jinja2 file (default: the model's, else built in)"
     )
-    p.add_argument("--safety", default="block", choices=["block", "redact", "refuse", "off"])
+    p.add_argument("--safety", default="block", choices=(*SAFETY_ACTIONS, "off"))
     p.add_argument("--safety_categories", default=None, help="JSON {category: [words or regexes]}")
     p.add_argument(
         "--safety_classifier", default=None, help="module:function(text) -> reason or None"
     )
     p.add_argument("--max_batch", type=int, default=16)
-    p.add_argument("--quantize", default=None, choices=["int8", "fp8"])
+    p.add_argument("--quantize", default=None, choices=tuple(QUANT_FORMATS))
     p.add_argument("--kv_int8", action="store_true")
     args = p.parse_args(argv)
 

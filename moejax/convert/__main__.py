@@ -12,9 +12,8 @@ import argparse
 import dataclasses
 import sys
 
+from moejax.config import DTYPES as _DTYPES
 from moejax.config import MeshConfig
-
-_DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def parse_mesh(text: str, rules: str = "") -> MeshConfig:

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from moejax.config import DTYPES
+
 FORMATS = ("hf", "moejax", "adapters")
 
 
@@ -91,9 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="hf", choices=FORMATS)
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf weights"
-    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="hf weights")
     args = p.parse_args(argv)
     try:
         path = export(args.workdir, args.out, args.format, args.dtype)

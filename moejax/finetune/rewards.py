@@ -143,8 +143,10 @@ def group_advantages(
 ) -> np.ndarray:
     """rewards [n_groups * group_size] (each prompt's completions consecutive) -> advantages, same
     shape."""
-    if kind not in ("grpo", "dr_grpo", "dapo"):
-        raise ValueError(f"grpo.loss: got {kind!r}, allowed: 'grpo', 'dr_grpo', 'dapo'")
+    from moejax.config import GRPO_LOSSES
+
+    if kind not in GRPO_LOSSES:
+        raise ValueError(f"grpo.loss: got {kind!r}, allowed: {', '.join(GRPO_LOSSES)}")
     r = np.asarray(rewards, np.float32).reshape(-1, group_size)
     centered = r - r.mean(axis=1, keepdims=True)
     flat = np.ptp(r, axis=1) == 0

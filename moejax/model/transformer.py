@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from moejax import config as config_lib
 from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model import moe as moe_lib
@@ -23,12 +24,14 @@ from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from moejax.model.moe import MoE, RouterBias
 
+# What each of config.REMAT_POLICIES saves ('none' does not rematerialize at all).
 REMAT_POLICIES = {
     "full": None,  # save nothing
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES), "one list of policies"
 
 
 class Block(nnx.Module):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from moejax.config import Config
 from moejax.experiment import load_config_file
@@ -62,3 +64,23 @@ def override_flags(cache_dir: str) -> list[str]:
     for section, values in TINY_OVERRIDES.items():
         out += [f"--config.{section}.{k}={v}" for k, v in values.items()]
     return out + [f"--config.data.cache_dir={cache_dir}"]
+
+
+def run_module(
+    module: str, *args: str, devices: int = 0, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m module *args` from the repository root, on CPU, output captured as text.
+    devices=N simulates N CPU devices (as a mesh test needs); XLA keeps the tests' optimization
+    level (conftest.py). `env` adds to this process's environment."""
+    flags = "--xla_backend_optimization_level=0"
+    if devices:
+        flags = f"--xla_force_host_platform_device_count={devices} {flags}"
+    full = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -26,8 +26,8 @@ from moejax.convert import (
 from moejax.convert.checkpoint import load_model, save_model
 from moejax.convert.safetensors_io import dequantize_fp8
 from moejax.model import Transformer
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
 CFG = ModelConfig(
     vocab_size=64,
     hidden_size=32,

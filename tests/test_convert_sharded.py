@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -19,24 +17,11 @@ from moejax.convert import from_hf, load
 from moejax.convert.__main__ import main
 from moejax.convert.safetensors_io import Checkpoint, dequantize_fp8
 from tests.convert_rss_check import SMALL, write_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_module
 
 
 def _run_8_devices(mode: str, where: str, timeout: int) -> dict:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",  # (LLVM optimizations off, as in conftest.py)
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "tests.convert_rss_check", mode, where],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    r = run_module("tests.convert_rss_check", mode, where, devices=8, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -17,8 +17,8 @@ from moejax.experiment import load_config_file, resolve
 from moejax.infer import Generator, SamplingParams, bytes_per_token, init_cache, sampling
 from moejax.infer.forward import forward
 from moejax.model import Transformer
+from tests.helpers import ROOT, run_module
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
 COMMON = dict(
     hidden_size=32,
     num_layers=3,
@@ -387,22 +387,8 @@ def test_generation_on_a_mesh_matches_one_device():
     """tests/generate_mesh_check.py on 8 CPU devices (fsdp=2 x expert=4, experts
     expert-parallel)."""
     import json
-    import subprocess
-    import sys
 
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "tests.generate_mesh_check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    r = run_module("tests.generate_mesh_check", devices=8, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for B, res in out.items():

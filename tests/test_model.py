@@ -15,8 +15,8 @@ from moejax.config import ConfigError, ModelConfig
 from moejax.experiment import load_config_file, resolve
 from moejax.model import Transformer
 from moejax.model.stats import param_counts
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = ModelConfig(
     vocab_size=64,
     hidden_size=32,

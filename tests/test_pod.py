@@ -10,9 +10,7 @@ import pytest
 
 from moejax import pod
 from moejax.plan import plan, report
-from tests.helpers import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, run_module, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -67,9 +65,7 @@ def test_plan_components_scale_with_the_mesh():
 
 def test_compile_cli_for_a_tpu_topology():
     pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
-    cmd = [
-        sys.executable,
-        "-m",
+    r = run_module(
         "moejax.compile",
         "--config",
         "experiments/deepseek_v3_tiny.py",
@@ -77,14 +73,6 @@ def test_compile_cli_for_a_tpu_topology():
         "v5e:2x2",
         "--config.model.num_layers=2",
         "--config.mesh.expert=2",
-    ]
-    r = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "mesh fsdp=2 expert=2" in r.stdout and "fits" in r.stdout
@@ -93,23 +81,14 @@ def test_compile_cli_for_a_tpu_topology():
 
 def test_compile_cli_names_a_bad_mesh():
     pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
-    cmd = [
-        sys.executable,
-        "-m",
+    r = run_module(
         "moejax.compile",
         "--config",
         "experiments/deepseek_v3_tiny.py",
         "--topology",
         "v5e:2x2",
         "--config.mesh.expert=3",
-    ]
-    r = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     last = r.stderr.strip().splitlines()[-1]  # libtpu prints its own warnings first
     assert r.returncode == 2 and last.startswith("error: mesh") and "divisible" in last, r.stderr[

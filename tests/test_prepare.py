@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moejax.data import dataset, layout, mixture, prepare, sources, stages
+from tests.helpers import ROOT
 
 WORDS = (
     "the river ran past the old mill and the children watched the water with great interest while "
@@ -382,9 +383,7 @@ def _data_imports() -> dict[str, set[str]]:
     """moejax.data module -> the moejax.data modules it imports, at the top or inside a function."""
     import ast
 
-    root = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moejax", "data"
-    )
+    root = os.path.join(ROOT, "moejax", "data")
     names = {f[:-3] for f in os.listdir(root) if f.endswith(".py") and f != "__init__.py"}
     graph = {}
     for name in names:

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from moejax import sharding
 from moejax.config import MeshConfig
-
-from .helpers import ROOT
+from tests.helpers import run_module
 
 
 def test_mesh_resolution_and_errors():
@@ -61,19 +57,7 @@ def test_8_devices_match_one_device():
     """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every
     preset (pipeline included), restore onto another mesh; and XLA never had to replicate a tensor
     to reshard it."""
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",  # (LLVM optimizations off, as in conftest.py)
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-    )
-    r = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    r = run_module("tests.sharded_check", devices=8, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     remat = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
     assert not remat, f"{len(remat)} involuntary reshardings, e.g. {remat[0][:600]}"

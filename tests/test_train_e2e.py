@@ -18,8 +18,7 @@ import pytest
 from moejax.config import Config
 from moejax.train import TrainingError, run
 from moejax.trainer.checkpoint import IncompatibleCheckpoint
-
-from .helpers import ROOT, override_flags, tiny_config
+from tests.helpers import ROOT, override_flags, run_module, tiny_config
 
 RESUME_STEPS = 40  # long enough that the killed run is always stopped part-way
 
@@ -123,12 +122,7 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
 def test_report_plots_the_real_run(uninterrupted, tmp_path):
     """`python -m moejax.report` on the run the trainer just wrote (synthetic runs: test_report)."""
     _, wd, _ = uninterrupted
-    r = subprocess.run(
-        [sys.executable, "-m", "moejax.report", wd, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = run_module("moejax.report", wd, "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "report.md").read_text()
     for stem in ("loss", "lr", "grad_norm", "throughput", "moe_load_cv", "moe_bias_range"):
@@ -216,20 +210,13 @@ def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):
     ],
 )
 def test_cli_bad_config_is_one_clear_line(flag, msg, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moejax.train",
-            "--config",
-            os.path.join(ROOT, "experiments", "moe.py"),
-            flag,
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    r = run_module(
+        "moejax.train",
+        "--config",
+        os.path.join(ROOT, "experiments", "moe.py"),
+        flag,
+        "--workdir",
+        str(tmp_path),
         timeout=120,
     )
     assert r.returncode != 0

@@ -53,10 +53,10 @@ def _params(model):
 
 
 def _randomize_bias(model):
-    model.segments[1].ffn.bias[...] = jax.random.normal(
-        jax.random.key(3), model.segments[1].ffn.bias[...].shape
+    model.segments[1].ffn.router.bias[...] = jax.random.normal(
+        jax.random.key(3), model.segments[1].ffn.router.bias[...].shape
     )
-    model.mtp[0].block.ffn.bias[...] = jnp.arange(4.0)
+    model.mtp[0].block.ffn.router.bias[...] = jnp.arange(4.0)
 
 
 def test_deepseek_v3_round_trip_keeps_every_tensor_including_mtp(tmp_path):

@@ -300,7 +300,7 @@ def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, to
         for m in moes
     )
     assert all(
-        isinstance(m.w_router, nnx.Param) and not isinstance(m.w_router, QuantizedParam)
+        isinstance(m.router.w, nnx.Param) and not isinstance(m.router.w, QuantizedParam)
         for m in moes
     )
     assert isinstance(q.lm_head, QuantizedParam) and isinstance(q.mtp[0].eh_proj, QuantizedParam)

@@ -140,14 +140,14 @@ def test_mtp_outputs_and_router_bias_update():
     n_moe = TINY.layer_kinds().count("moe")
     assert aux["expert_counts"].shape == (n_moe + 1, 4)  # + the MTP block
     np.testing.assert_allclose(aux["expert_counts"].sum(-1), 2 * 10 * 2)
-    before = np.asarray(model.segments[1].ffn.bias[...])
+    before = np.asarray(model.segments[1].ffn.router.bias[...])
     model.update_router_biases(aux["expert_counts"])
-    after = np.asarray(model.segments[1].ffn.bias[...])
+    after = np.asarray(model.segments[1].ffn.router.bias[...])
     counts = np.asarray(aux["expert_counts"][:n_moe])
     np.testing.assert_allclose(
         after - before, TINY.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts)
     )
-    assert not np.allclose(np.asarray(model.mtp[0].block.ffn.bias[...]), 0)
+    assert not np.allclose(np.asarray(model.mtp[0].block.ffn.router.bias[...]), 0)
 
 
 def test_bfloat16_compute_close_to_float32():

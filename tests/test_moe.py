@@ -301,7 +301,7 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
     def reference(state, x):
         m = nnx.merge(graphdef, state)
         xf = x.reshape(10, 16)
-        r = router_lib.route(xf @ m.w_router[...], m.bias[...], cfg)
+        r = router_lib.route(xf @ m.router.w[...], m.router.bias[...], cfg)
         ids = jnp.where(
             jnp.asarray(recorded.reshape(10, 2)) >= 0,
             jnp.asarray(recorded.reshape(10, 2)),
@@ -319,10 +319,12 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert (
-        float(jnp.abs(g["w_router"][...]).sum()) > 0
+        float(jnp.abs(g["router"]["w"][...]).sum()) > 0
     )  # the router learns through the replayed gates
     own = np.asarray(
-        router_lib.route(x.reshape(10, 16) @ layer.w_router[...], layer.bias[...], cfg).expert_ids
+        router_lib.route(
+            x.reshape(10, 16) @ layer.router.w[...], layer.router.bias[...], cfg
+        ).expert_ids
     )
     rec = recorded.reshape(10, 2)
     want = sum(int(e not in own[i]) for i in range(9) for e in rec[i])

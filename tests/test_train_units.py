@@ -233,7 +233,7 @@ def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path
 
     base = tiny_config()
     model = Transformer(base.model, rngs=nnx.Rngs(3))
-    bias = model.segments[1].ffn.bias
+    bias = model.segments[1].ffn.router.bias
     bias[...] = jax.random.normal(jax.random.key(4), bias[...].shape)
     to_hf(model, base.model, str(tmp_path / "hf"))
     loaded, mcfg = from_hf(str(tmp_path / "hf"))
@@ -246,7 +246,12 @@ def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(want_router)):
         np.testing.assert_array_equal(a, b)
-    assert np.abs(np.asarray(state["router"]["segments"][1]["ffn"]["bias"].get_value())).max() > 0.1
+    assert (
+        np.abs(
+            np.asarray(state["router"]["segments"][1]["ffn"]["router"]["bias"].get_value())
+        ).max()
+        > 0.1
+    )
     assert int(state["step"]) == 0 and all(
         not np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"])
     )

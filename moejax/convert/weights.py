@@ -127,9 +127,9 @@ def _block_entries(
         e.update(_mlp_entries(f"{hf}.mlp", f, idx))
         return e
     moe = f"{hf}.block_sparse_moe" if (model_type == "mixtral" and not fused) else f"{hf}.mlp"
-    e[f"{moe}.gate.weight"] = Slot(f + ("w_router",), idx, "linear")
+    e[f"{moe}.gate.weight"] = Slot(f + ("router", "w"), idx, "linear")
     if cfg.use_score_correction_bias:
-        e[f"{moe}.gate.e_score_correction_bias"] = Slot(f + ("bias",), idx, "copy")
+        e[f"{moe}.gate.e_score_correction_bias"] = Slot(f + ("router", "bias"), idx, "copy")
     if fused:
         e[f"{moe}.experts.gate_up_proj"] = Slot(f + ("w_gate_up",), idx, "fused_gate_up")
         e[f"{moe}.experts.down_proj"] = Slot(f + ("w_down",), idx, "fused_down")

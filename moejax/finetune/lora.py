@@ -188,7 +188,7 @@ def merge(model):
     """A plain model (nnx.Params, router biases) with W + (alpha / Z) A B in every adapted weight;
     the argument is unchanged. Inference, export and to_hf take this."""
     from moejax.model import RouterBias
-    from moejax.model.moe import MoE
+    from moejax.model.router import Router
 
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)  # a copy of the structure over the same arrays
@@ -204,7 +204,7 @@ def merge(model):
     for _, module in nnx.iter_modules(out):
         for name, var in list(vars(module).items()):
             if isinstance(var, Frozen):
-                kind = RouterBias if isinstance(module, MoE) and name == "bias" else nnx.Param
+                kind = RouterBias if isinstance(module, Router) and name == "bias" else nnx.Param
                 setattr(module, name, kind(var.get_value(), **_meta(var)))
     return out
 

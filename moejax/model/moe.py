@@ -27,9 +27,7 @@ from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
 from moejax.model.moe_ep import capacity
 
-
-class RouterBias(nnx.Variable):
-    """Non-trainable aux-loss-free balancing bias; changed only by `router.update_router_bias`."""
+RouterBias = router_lib.RouterBias  # (re-exported: moejax.model's public name)
 
 
 def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
@@ -228,12 +226,7 @@ class MoE(nnx.Module):
                 layout.mesh, layout.rule_table
             )  # a rule the exchange cannot honour fails here
             self.dispatch = "expert_parallel"
-        self.w_router = nnx.Param(
-            cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
-            logical_axes=("embed", None),
-        )
-        if cfg.use_score_correction_bias:
-            self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
+        self.router = router_lib.Router(cfg, rngs=rngs)  # first: it draws the first init key
         self.w_gate_up = param(rngs, (E, D, 2, F), ("expert", "embed", None, "expert_mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), cfg)
         if cfg.n_shared_experts:
@@ -258,16 +251,8 @@ class MoE(nnx.Module):
             jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
         )
         mask = mask2.reshape(B * T)
-        router_in = xf.astype(jnp.float32)
-        if rng is not None and cfg.router_jitter > 0:
-            noise = jax.random.uniform(
-                rng, router_in.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter
-            )
-            router_in = router_in * noise
         with jax.named_scope("router"):
-            logits = jnp.dot(router_in, self.w_router[...].astype(jnp.float32))  # [M, E]
-            bias = self.bias[...] if cfg.use_score_correction_bias else None
-            r = router_lib.route(logits, bias, cfg)
+            r = self.router(xf, rng)
             if route is not None:
                 route = route.reshape(B * T, -1).astype(jnp.int32)
                 mismatch = router_lib.disagreement(r, route, mask)

@@ -1,4 +1,8 @@
-"""Top-k routing (float32): softmax or sigmoid scores, group-limited selection, correction bias.
+"""The router: its module (`Router`: weight, correction bias, jitter) and the top-k routing rule
+(float32): softmax or sigmoid scores, group-limited selection, correction bias.
+
+A new router is a new module here with the same call, `Router(x [M, D], rng) -> Routing`; the MoE
+layer (moejax.model.moe) owns one and never looks inside it.
 
 The selection rule follows DeepSeek-V2/V3 (and their Hugging Face ports) exactly:
   scores = softmax(logits) or sigmoid(logits)                              [M, E]
@@ -15,8 +19,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from moejax.config import ModelConfig
+
+
+class RouterBias(nnx.Variable):
+    """Non-trainable aux-loss-free balancing bias; changed only by `update_router_bias`."""
 
 
 class Routing(NamedTuple):
@@ -24,6 +33,42 @@ class Routing(NamedTuple):
     weights: jax.Array  # float32 [M, K]
     scores: jax.Array  # float32 [M, E], unbiased
     logits: jax.Array  # float32 [M, E]
+
+
+class Router(nnx.Module):
+    """The gate of a MoE layer: w [D, E] (float32, whatever the parameter dtype), the aux-loss-free
+    correction bias [E] (when cfg.use_score_correction_bias) and Switch-style multiplicative jitter
+    on its inputs (cfg.router_jitter, training only: when a rng is given)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, E = cfg.hidden_size, cfg.n_routed_experts
+        self.cfg = cfg
+        self.w = nnx.Param(
+            cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
+            logical_axes=("embed", None),
+        )
+        if cfg.use_score_correction_bias:
+            self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
+
+    def logits(self, x, rng=None):
+        """x [M, D] -> float32 logits [M, E] (jittered inputs when rng is given)."""
+        cfg = self.cfg
+        x = x.astype(jnp.float32)
+        if rng is not None and cfg.router_jitter > 0:
+            noise = jax.random.uniform(
+                rng, x.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter
+            )
+            x = x * noise
+        return jnp.dot(x, self.w[...].astype(jnp.float32))
+
+    def __call__(self, x, rng=None) -> Routing:
+        """x [M, D] -> the Routing of every row (this router's choice, before any replay)."""
+        bias = self.bias[...] if self.cfg.use_score_correction_bias else None
+        return route(self.logits(x, rng), bias, self.cfg)
+
+    def update_bias(self, counts, rate: float) -> None:
+        """The aux-loss-free step on this router's bias from a global batch's expert counts."""
+        self.bias[...] = update_router_bias(self.bias[...], counts, rate)
 
 
 def route(logits, bias, cfg: ModelConfig) -> Routing:

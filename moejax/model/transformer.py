@@ -19,7 +19,6 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model import moe as moe_lib
-from moejax.model import router as router_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from moejax.model.moe import MoE, RouterBias
@@ -455,15 +454,11 @@ class Transformer(nnx.Module):
         i = 0
         for (kind, n), stack in zip(segments_of(self.cfg), self.segments):
             if kind == "moe":
-                stack.ffn.bias[...] = router_lib.update_router_bias(
-                    stack.ffn.bias[...], expert_counts[i : i + n], rate
-                )
+                stack.ffn.router.update_bias(expert_counts[i : i + n], rate)
                 i += n
         if expert_counts.shape[0] > i:  # counts include the MTP blocks
             for m in self.mtp:
-                m.block.ffn.bias[...] = router_lib.update_router_bias(
-                    m.block.ffn.bias[...], expert_counts[i], rate
-                )
+                m.block.ffn.router.update_bias(expert_counts[i], rate)
                 i += 1
 
 

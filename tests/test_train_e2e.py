@@ -179,6 +179,30 @@ def test_incompatible_checkpoint_is_refused(uninterrupted):
         run(other, wd, quiet=True)
 
 
+def test_a_checkpoint_from_another_parameter_layout_is_refused_with_the_paths(uninterrupted):
+    """Same config, different code (a module renamed, as the Router move did): refused with the
+    paths before Orbax is asked to restore it."""
+    import jax
+    from flax import nnx
+
+    from moejax.trainer import setup
+    from moejax.trainer.checkpoint import Checkpointer
+
+    cfg, wd, _ = uninterrupted
+    abstract = setup.build(cfg).abstract
+    ckpt = Checkpointer(wd, cfg)
+    saved = {k: v for k, v in abstract.items() if k not in setup.NOT_SAVED}
+    ckpt.check_layout(cfg.train.steps, saved)  # this code's own checkpoint: accepted
+    pure = jax.tree.map(lambda x: x, nnx.to_pure_dict(saved["params"]))
+    pure["segments"][1]["ffn"]["gate"] = pure["segments"][1]["ffn"].pop("router")
+    msg = (
+        r"missing \['params/segments/1/ffn/gate/w'\], unexpected \['params/segments/1/ffn/router/w'"
+    )
+    with pytest.raises(IncompatibleCheckpoint, match=msg):
+        ckpt.check_layout(cfg.train.steps, dict(saved, params=pure))
+    ckpt.close()
+
+
 def test_unwritable_workdir_fails_first(tmp_path, corpus_cache):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from moejax.config import Config, ModelConfig
@@ -81,7 +82,42 @@ class Checkpointer:
                 + ". Use a new --workdir, or the original config."
             )
 
+    def check_layout(self, step: int, abstract_state) -> None:
+        """The checkpoint's parameters and router biases are the ones this code builds: one from a
+        moejax whose parameter paths differ (a module renamed or moved) is refused naming the
+        paths, not left to fail inside Orbax. (The optimizer state mirrors the parameters.)"""
+        from absl import logging as absl_logging
+
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)  # no per-item metadata file: expected here
+        try:
+            with ocp.StandardCheckpointer() as c:
+                saved = c.metadata(os.path.join(self.dir, str(step), "state")).item_metadata
+        except (FileNotFoundError, ValueError):  # no readable metadata: Orbax checks on restore
+            return
+        finally:
+            absl_logging.set_verbosity(verbosity)
+
+        def paths(tree):
+            out = set()
+            for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                names = [str(getattr(k, "key", getattr(k, "name", k))) for k in p]
+                if names and names[0] != "opt_state":
+                    out.add("/".join(n for n in names if n != "value"))
+            return out
+
+        want, have = paths(abstract_state), paths(saved)
+        if want != have:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise IncompatibleCheckpoint(
+                f"{self.dir} holds a checkpoint (step {step}) whose arrays do not match this "
+                f"model's: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+                f"{extra[:3]}{' ...' if len(extra) > 3 else ''} (written by another version of "
+                "moejax?). Use a new --workdir, or the moejax that wrote it."
+            )
+
     def restore(self, step: int, abstract_state):
+        self.check_layout(step, abstract_state)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -21,10 +21,8 @@ import sys
 from dataclasses import dataclass, field
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; never opens a window (and works without a display)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 # Per-MoE-layer statistics the trainer logs as lists (moejax.model.stats), and how to title them.
 LAYER_STATS = {
@@ -302,6 +300,9 @@ def write(workdirs: list[str], out: str | None = None, names: list[str] | None =
 
 
 def main(argv=None) -> int:
+    # Files only: never a window, and no display needed. (Importing this module leaves the backend
+    # alone, so that a notebook's inline figures keep working.)
+    matplotlib.use("Agg")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdirs", nargs="+", help="run directories (each with a metrics.jsonl)")
     ap.add_argument("--out", default=None, help="output folder (default: WORKDIR/report)")

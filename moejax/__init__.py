@@ -25,6 +25,8 @@ def _quiet_libtpu_off_tpu() -> None:
     topology. Neither variable changes a topology built from an explicit name (tests/test_tpu_aot.py
     compiles with them set), and a machine with TPU chips (Google's PCI vendor id, as jax's own
     probe reads it) is left exactly as it was, as is any value the user set."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU device files: a TPU VM
+        return
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
             with open(vendor) as f:

@@ -106,7 +106,7 @@ def load(workdir: str, name: str | None = None) -> Run:
 
 
 def _names(runs: list[Run]) -> list[Run]:
-    """Distinct labels: two workdirs that end in the same folder name get their parents too."""
+    """Distinct labels: runs whose folders share a name are numbered, 'run (1)', 'run (2)'."""
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
         for i, r in enumerate(runs):

@@ -13,7 +13,8 @@ from tests.helpers import ROOT
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 # Seconds a notebook may take here (2 CPU cores, XLA at the tests' optimization level).
-BOUND_S = {"quickstart": 150, "routing": 150, "scaling": 120, "huggingface": 120}
+# quickstart prepares the built-in corpus on a clean machine (~10 s); routing reuses it.
+BOUND_S = {"quickstart": 180, "routing": 150, "scaling": 120, "huggingface": 120}
 
 
 def test_the_four_notebooks_exist():

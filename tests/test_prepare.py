@@ -491,10 +491,34 @@ def test_pii_finds_ipv6_addresses(planted):
         "3.14159265358979",
         "123e4567-e89b-12d3-a456-426614174000",
         "020 7946 0958",  # a UK national number: region US
+        "xs[1::2]",  # slices and scopes are valid-looking compressed IPv6
+        "a[100::200]",
+        "Face::add()",
+        "INT32_MAX = 2147483647",  # a bare integer that is a valid US number
     ],
 )
 def test_pii_leaves_look_alikes(kept):
     assert stages.scrub_pii(f"see {kept} here") == (f"see {kept} here", 0)
+
+
+def test_pii_finds_a_number_after_other_digit_groups():
+    assert stages.scrub_pii("ids 2021 2022 2023 (415) 555-0123 end") == (
+        "ids 2021 2022 2023 <PHONE> end",
+        1,
+    )
+
+
+def test_the_built_in_corpus_names_model_vocab_size(tmp_path, monkeypatch):
+    from moejax.config import DataConfig
+    from moejax.data import builtin
+    from moejax.data.tokenizer import VocabularyTooLarge
+
+    def too_small(*a, **k):
+        raise VocabularyTooLarge(512, 468)
+
+    monkeypatch.setattr(builtin.prepare, "prepare", too_small)
+    with pytest.raises(ValueError, match="^model.vocab_size=512 .* at most 468"):
+        builtin.build(DataConfig(cache_dir=str(tmp_path)), 512)
 
 
 def test_pii_region_takes_national_formats_and_a_bad_region_is_named(tmp_path):

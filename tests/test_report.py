@@ -96,3 +96,17 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "no records yet" in capsys.readouterr().err
     _write_run(tmp_path / "a")
     assert report.main([str(tmp_path / "a"), "--names", "x,y"]) == 2
+
+
+def test_the_trainer_resumes_past_a_half_written_metrics_line(tmp_path):
+    """A run killed mid-write leaves half a line; resuming drops it (and every line past the
+    restored step) instead of failing to parse it."""
+    from moejax.trainer.metrics import MetricWriter
+
+    _write_run(tmp_path, steps=12, partial=True)
+    writer = MetricWriter(str(tmp_path), resume_step=8)
+    writer.write(9, {"loss": 1.0})
+    writer.close()
+    run = report.load(str(tmp_path))
+    assert run.skipped_lines == 0
+    assert [r["step"] for r in run.records if "loss" in r] == list(range(1, 10))

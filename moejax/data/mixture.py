@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from moejax.data import builtin, layout
+from moejax.data import layout
 
 
 def parse_sources(source: str | list) -> list[tuple[str, float]]:
@@ -32,6 +32,10 @@ def resolve(data_cfg, vocab_size: int) -> list[tuple[str, float]]:
     """The datasets a config names, as [(directory, weight)]: a prepared directory, the built-in
     corpus ('builtin') or the built-in docs domain ('builtin-docs', both prepared on first use), or
     a mixture of them `dirA=0.7,builtin=0.3`."""
+    # Imported here: the reader (dataset, in every Grain worker) needs parse_sources only, not the
+    # preparation pipeline behind the built-in corpora.
+    from moejax.data import builtin
+
     named = {"builtin": builtin.build, "builtin-docs": builtin.build_docs}
     mix = [
         (named[p](data_cfg, vocab_size) if p in named else p, w)

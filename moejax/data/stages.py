@@ -84,7 +84,7 @@ IPV6 = re.compile(
 # Phone candidates: a run of digits with the separators numbers are written with (spaces, dots,
 # dashes, parentheses, slashes), optionally after '+'; the phonenumbers library decides which part,
 # if any, is a valid number of some country (or of `pii_region` when written without '+').
-PHONE_CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d \t().\-/]{5,24}\d(?![\w])")
+PHONE_CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d \t().\-/]{5,40}\d(?![\w])")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
 SPACE_RUN = re.compile(r"[ \t]{2,}")
@@ -122,13 +122,25 @@ def _ipv6(m: re.Match) -> str:
         ipaddress.IPv6Address(text)
     except ValueError:
         return text
-    # At least two non-empty groups: a bare '::1' or a slice 'a[::2]' is not an address anyone owns.
-    return "<IP>" if len(groups) >= 2 else text
+    # Code is full of valid-looking two-group forms: slices (x[1::2], a[100::200]) and scopes
+    # (Face::add). A compressed address with only two groups counts when one group mixes hex
+    # letters and digits (fe80::1ff is an address, x[0::2] and Face::add are not); a bare '::1'
+    # is no address anyone owns.
+    if len(groups) < 2:
+        return text
+    if len(groups) == 2 and "::" in text:
+        has_digit = any(c.isdigit() for c in text)
+        has_hex_letter = any(c in "abcdefABCDEF" for c in text)
+        if not (has_digit and has_hex_letter):
+            return text
+    return "<IP>"
 
 
 def _phones(m: re.Match, regions: list[str]) -> str:
     text = m.group(0)
     if sum(c.isdigit() for c in text) < 7:  # no country's subscriber number is shorter
+        return text
+    if text.isdigit():  # a bare integer (INT32_MAX = 2147483647) is a number, not a phone number
         return text
     for region in regions:  # an international number is found under any of them
         found = list(

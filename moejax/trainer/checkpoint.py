@@ -97,6 +97,8 @@ class Checkpointer:
             return
         finally:
             absl_logging.set_verbosity(verbosity)
+        if saved is None:  # Orbax could not read it (it logs why): it checks again on restore
+            return
 
         def paths(tree):
             out = set()

@@ -61,6 +61,16 @@ def to_host(metrics: dict) -> dict:
     return out
 
 
+def _logged_at_or_before(line: str, step: int) -> bool:
+    """A complete line logged at or before `step` (a killed run's half-written last line is not)."""
+    try:
+        return (
+            bool(line.strip()) and line.endswith("\n") and json.loads(line).get("step", 0) <= step
+        )
+    except json.JSONDecodeError:
+        return False
+
+
 class MetricWriter:
     """One JSON object per logged step in WORKDIR/metrics.jsonl, plus TensorBoard events."""
 
@@ -68,9 +78,7 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):  # drop lines a crashed run logged past the restored step
             with open(self.path) as f:
-                keep = [
-                    ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-                ]
+                keep = [ln for ln in f if _logged_at_or_before(ln, resume_step)]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self.file = open(self.path, "a")

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from moejax.config import MeshConfig, ModelConfig
 from moejax.convert.hf_config import to_hf_config
+from tests.helpers import TINY_MLA
 
 BIG = ModelConfig(
     vocab_size=2048,
@@ -291,24 +292,7 @@ def big(path: str) -> dict:
 
 # ------------------------------------------------------------------------------ small
 
-SMALL = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=2,
-    intermediate_size=48,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=1,
-)
+SMALL = TINY_MLA.replace(num_layers=3)
 MESHES = {
     "fsdp2_expert4": (MeshConfig(fsdp=2, expert=4), ""),
     "fsdp2_tensor2_stage2_embed_rule": (MeshConfig(fsdp=2, tensor=2, stage=2), "embed=fsdp+tensor"),

@@ -6,10 +6,31 @@ import os
 import subprocess
 import sys
 
-from moejax.config import Config
+from moejax.config import Config, ModelConfig
 from moejax.experiment import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smallest DeepSeek-V3-shaped model (MLA, group-limited routing, MTP): unit tests take it and
+# change what they test, e.g. TINY_MLA.replace(num_layers=3).
+TINY_MLA = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=48,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+)
 
 TINY_OVERRIDES = {
     "model": dict(

@@ -26,26 +26,9 @@ from moejax.convert import (
 from moejax.convert.checkpoint import load_model, save_model
 from moejax.convert.safetensors_io import dequantize_fp8
 from moejax.model import Transformer
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_MLA
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    intermediate_size=48,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=1,
-)
+CFG = TINY_MLA
 
 
 def _params(model):

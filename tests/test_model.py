@@ -15,27 +15,9 @@ from moejax.config import ConfigError, ModelConfig
 from moejax.experiment import load_config_file, resolve
 from moejax.model import Transformer
 from moejax.model.stats import param_counts
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY_MLA
 
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=2,
-    intermediate_size=48,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=1,
-    seq_aux_loss_coef=1e-3,
-)
+TINY = TINY_MLA.replace(num_layers=3, seq_aux_loss_coef=1e-3)
 
 
 @pytest.mark.parametrize(

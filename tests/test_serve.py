@@ -16,29 +16,13 @@ from flax import nnx
 httpx = pytest.importorskip("httpx", reason="server tests need the test extra (httpx)")
 uvicorn = pytest.importorskip("uvicorn", reason="server tests need the serve extra")
 
-from moejax.config import ModelConfig  # noqa: E402
 from moejax.infer import Generator, SamplingParams  # noqa: E402
 from moejax.infer.safety import SafetyFilter  # noqa: E402
 from moejax.model import Transformer  # noqa: E402
 from moejax.serve import Server, create_app, render_chat  # noqa: E402
+from tests.helpers import TINY_MLA  # noqa: E402
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    intermediate_size=48,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    initializer_range=0.3,
-    max_position_embeddings=256,
-)
+CFG = TINY_MLA.replace(n_group=1, mtp_depth=0, initializer_range=0.3, max_position_embeddings=256)
 
 
 class ModTokenizer:

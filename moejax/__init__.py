@@ -16,6 +16,20 @@ import os
 __version__ = "0.1.0"
 
 
+def tpu_host() -> bool:
+    """This machine has TPU chips: TPU device files, or Google's PCI vendor id (as jax probes)."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _quiet_libtpu_off_tpu() -> None:
     """On a machine without TPU chips, tell libtpu (the `tpu` extra) which host it is not on.
 
@@ -23,17 +37,10 @@ def _quiet_libtpu_off_tpu() -> None:
     not determine TPU accelerator type / worker hostnames" and an InitGoogle trace to stderr, once
     when jax probes its backends and once more when `moejax.compile` loads it to describe a
     topology. Neither variable changes a topology built from an explicit name (tests/test_tpu_aot.py
-    compiles with them set), and a machine with TPU chips (Google's PCI vendor id, as jax's own
-    probe reads it) is left exactly as it was, as is any value the user set."""
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU device files: a TPU VM
+    compiles with them set), and a machine with TPU chips (`tpu_host`) is left exactly as it was,
+    as is any value the user set."""
+    if tpu_host():
         return
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() == "0x1ae0":
-                    return
-        except OSError:
-            continue
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

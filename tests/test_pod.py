@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
 
 import pytest
 
+import moejax
 from moejax import pod
 from moejax.plan import plan, report
 from tests.helpers import ROOT, run_module, tiny_config
@@ -103,7 +103,7 @@ def test_no_libtpu_noise_on_a_machine_without_tpus():
     trace."""
     pytest.importorskip("libtpu")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    if moejax.tpu_host():
         pytest.skip("a TPU machine: libtpu's start-up messages are its own business there")
     code = (
         "import moejax, jax; from moejax import pod; assert jax.devices()[0].platform != 'tpu'; "

@@ -27,8 +27,6 @@ from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
 from moejax.model.moe_ep import capacity
 
-RouterBias = router_lib.RouterBias  # (re-exported: moejax.model's public name)
-
 
 def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
     """Reference: every expert on every token. x [M, D] -> [M, D] float32."""

@@ -21,7 +21,8 @@ from moejax.config import ModelConfig
 from moejax.model import moe as moe_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
-from moejax.model.moe import MoE, RouterBias
+from moejax.model.moe import MoE
+from moejax.model.router import RouterBias
 
 # What each of config.REMAT_POLICIES saves ('none' does not rematerialize at all).
 REMAT_POLICIES = {

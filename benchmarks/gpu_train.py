@@ -39,8 +39,8 @@ DATASHEET_BF16 = {
 def config(layers: int, batch: int, seq: int, attention: str, tiny: bool) -> Config:
     cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v2_lite.py"))
     m = cd.model
-    m.num_layers, m.compute_dtype, m.mtp_depth, m.attention_impl = layers, "bfloat16", 0, attention
-    m.remat_policy = "full"
+    m.num_layers, m.compute_dtype, m.mtp_depth = layers, "bfloat16", 0
+    cd.execution.attention_impl, cd.execution.remat_policy = attention, "full"
     if tiny:
         m.hidden_size, m.num_heads, m.intermediate_size, m.n_routed_experts = 128, 2, 256, 8
         m.moe_intermediate_size, m.kv_lora_rank, m.vocab_size = 64, 32, 1024

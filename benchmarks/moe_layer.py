@@ -20,7 +20,7 @@ from flax import nnx
 
 from benchmarks.common import device_name, time_fn
 from moejax import kernels
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig, RouterConfig
 from moejax.model.layers import MLP
 from moejax.model.moe import MoE
 
@@ -35,14 +35,10 @@ def _config(D, E, k, F, moe_impl, gmm_impl, dtype):
         num_experts_per_tok=k,
         moe_intermediate_size=F,
         n_shared_experts=0,
-        score_func="softmax",
-        use_score_correction_bias=False,
-        moe_impl=moe_impl,
-        gmm_impl=gmm_impl,
-        capacity_factor=1.25,
+        router=RouterConfig(score_func="softmax", use_score_correction_bias=False),
         compute_dtype=dtype,
         param_dtype="float32",
-    )
+    ), ExecutionConfig(moe_impl=moe_impl, gmm_impl=gmm_impl, capacity_factor=1.25)
 
 
 def _step(module, is_moe):
@@ -84,7 +80,7 @@ def main(argv=None):
     )
     x = jax.random.normal(jax.random.key(0), (1, T, D), jnp.float32)
     cot = jax.random.normal(jax.random.key(1), (1, T, D), jnp.float32)
-    base_cfg = _config(D, 8, 2, KF // 2, "dropless", "auto", args.dtype)
+    base_cfg, _ = _config(D, 8, 2, KF // 2, "dropless", "auto", args.dtype)
     dense_t = time_fn(_step(MLP(base_cfg, KF, rngs=nnx.Rngs(0)), False), x, cot, iters=iters)
     fwd_bwd_flops = 3 * 2 * T * D * 3 * KF  # three matmuls of 2*T*D*kF, forward + 2x backward
     print(
@@ -106,8 +102,8 @@ def main(argv=None):
         for label, moe_impl, gmm_impl in rows:
             if any(s in label for s in skip) or ("ragged_dot" in label and E > ragged_max):
                 continue
-            cfg = _config(D, E, k, F, moe_impl, gmm_impl, args.dtype)
-            t = time_fn(_step(MoE(cfg, rngs=nnx.Rngs(0)), True), x, cot, iters=iters)
+            cfg, ex = _config(D, E, k, F, moe_impl, gmm_impl, args.dtype)
+            t = time_fn(_step(MoE(cfg, rngs=nnx.Rngs(0), execution=ex), True), x, cot, iters=iters)
             first.setdefault(label, t)
             print(
                 f"| {E} | {k} | {F} | {label} | {t * 1e3:.1f} | {t / dense_t:.2f}x | "

@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from moejax.config import (
+    Config,
+    DataConfig,
+    ExecutionConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from moejax.model.stats import train_flops_per_token
 from moejax.trainer.metrics import measure_cpu_peak
 
@@ -36,8 +43,7 @@ SHAPES = {
             v_head_dim=32,
             n_routed_experts=8,
             num_experts_per_tok=2,
-            n_group=2,
-            topk_group=1,
+            router=dict(n_group=2, topk_group=1),
             n_shared_experts=1,
             moe_intermediate_size=128,
             intermediate_size=512,
@@ -58,8 +64,7 @@ SHAPES = {
             v_head_dim=64,
             n_routed_experts=32,
             num_experts_per_tok=4,
-            n_group=1,
-            topk_group=1,
+            router=dict(n_group=1, topk_group=1),
             n_shared_experts=1,
             moe_intermediate_size=256,
             intermediate_size=1536,
@@ -71,19 +76,23 @@ SHAPES = {
 }
 
 
-def moejax_config(name: str, **model_over) -> Config:
+def moejax_config(name: str, **execution) -> Config:
     s = SHAPES[name]
-    model = ModelConfig(
-        **s["model"],
-        first_k_dense_replace=1,
+    shape = dict(s["model"])
+    router = dict(
+        shape.pop("router"),
         score_func="sigmoid",
         use_score_correction_bias=True,
         norm_topk_prob=True,
-        mtp_depth=0,
-        max_position_embeddings=4096,
-    ).replace(**model_over)
+    )
+    model = ModelConfig.from_dict(
+        dict(
+            shape, router=router, first_k_dense_replace=1, mtp_depth=0, max_position_embeddings=4096
+        )
+    )
     return Config(
         model=model,
+        execution=ExecutionConfig(**execution),
         data=DataConfig(seq_len=s["seq"]),
         optim=OptimConfig(warmup_steps=1),
         train=TrainConfig(batch_size=s["batch"], steps=1000),
@@ -133,16 +142,16 @@ def hf_config(cfg: Config):
         n_shared_experts=m.n_shared_experts,
         n_routed_experts=m.n_routed_experts,
         num_experts_per_tok=m.num_experts_per_tok,
-        n_group=m.n_group,
-        topk_group=m.topk_group,
+        n_group=m.router.n_group,
+        topk_group=m.router.topk_group,
         kv_lora_rank=m.kv_lora_rank,
         q_lora_rank=m.q_lora_rank,
         qk_rope_head_dim=m.qk_rope_head_dim,
         qk_nope_head_dim=m.qk_nope_head_dim,
         v_head_dim=m.v_head_dim,
         first_k_dense_replace=m.first_k_dense_replace,
-        routed_scaling_factor=m.routed_scaling_factor,
-        norm_topk_prob=m.norm_topk_prob,
+        routed_scaling_factor=m.router.routed_scaling_factor,
+        norm_topk_prob=m.router.norm_topk_prob,
         max_position_embeddings=m.max_position_embeddings,
         num_nextn_predict_layers=0,
     )
@@ -197,7 +206,8 @@ def main(argv=None):
             ("moejax dropless, reference attn", dict(attention_impl="reference")),
             ("moejax capacity 1.25", dict(moe_impl="capacity")),
         ):
-            dt = time_moejax(dataclasses.replace(cfg, model=cfg.model.replace(**over)), args.steps)
+            ex = cfg.execution.replace(**over)
+            dt = time_moejax(dataclasses.replace(cfg, execution=ex), args.steps)
             rows.append((label, dt))
         base = rows[0][1]
         if not args.no_hf:

@@ -16,7 +16,7 @@ def get_config():
     c.base = "runs/default"
     c.data.source = "builtin-docs=0.9,builtin=0.1"  # new domain, 10% replay of the old
     c.data.seq_len = 256
-    c.model.seq_aux_loss_coef = 1e-4
+    c.model.router.seq_aux_loss_coef = 1e-4
     c.train.steps = 80
     c.train.batch_size = 8
     c.train.eval_every = 40

@@ -32,25 +32,25 @@ def model_overrides(m):
     m.first_k_dense_replace = (
         1  # layer 0 keeps a dense FFN (moe_layer_freq 1: every later layer is MoE)
     )
-    m.score_func = "softmax"
-    m.n_group = 1  # plain top-k, no group-limited routing
-    m.topk_group = 1
-    m.norm_topk_prob = False  # gate weights are the raw softmax probabilities
-    m.routed_scaling_factor = 1.0
-    m.use_score_correction_bias = False  # balanced by the auxiliary loss instead
-    m.aux_loss_coef = 0.0
-    m.seq_aux_loss_coef = (
+    m.router.score_func = "softmax"
+    m.router.n_group = 1  # plain top-k, no group-limited routing
+    m.router.topk_group = 1
+    m.router.norm_topk_prob = False  # gate weights are the raw softmax probabilities
+    m.router.routed_scaling_factor = 1.0
+    m.router.use_score_correction_bias = False  # balanced by the auxiliary loss instead
+    m.router.aux_loss_coef = 0.0
+    m.router.seq_aux_loss_coef = (
         0.001  # aux_loss_alpha with seq_aux: the expert-level balance factor of the paper
     )
-    m.router_z_loss_coef = 0.0
+    m.router.z_loss_coef = 0.0
     m.mtp_depth = 0  # no multi-token prediction
     m.compute_dtype = "bfloat16"
-    m.remat_policy = "full"
 
 
 def get_config():
     c = base_config()
     model_overrides(c.model)
+    c.execution.remat_policy = "full"  # one layer's activations rebuilt at a time
     c.data.seq_len = 4096
     c.optim.lr = 4.2e-4  # peak learning rate of the paper
     c.optim.warmup_steps = 2000  # linear warmup

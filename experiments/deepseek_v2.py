@@ -31,21 +31,21 @@ def model_overrides(m):
     m.n_shared_experts = 2
     m.moe_intermediate_size = 1536
     m.first_k_dense_replace = 1
-    m.score_func = "softmax"
-    m.n_group = 8
-    m.topk_group = 3
-    m.norm_topk_prob = False
-    m.routed_scaling_factor = 16.0
-    m.use_score_correction_bias = False
-    m.seq_aux_loss_coef = 0.003  # expert-level balance factor alpha_1 of the paper
+    m.router.score_func = "softmax"
+    m.router.n_group = 8
+    m.router.topk_group = 3
+    m.router.norm_topk_prob = False
+    m.router.routed_scaling_factor = 16.0
+    m.router.use_score_correction_bias = False
+    m.router.seq_aux_loss_coef = 0.003  # expert-level balance factor alpha_1 of the paper
     m.mtp_depth = 0
     m.compute_dtype = "bfloat16"
-    m.remat_policy = "full"
 
 
 def get_config():
     c = base_config()
     model_overrides(c.model)
+    c.execution.remat_policy = "full"  # one layer's activations rebuilt at a time
     c.data.seq_len = 4096
     c.optim.lr = 2.4e-4
     c.optim.warmup_steps = 2000

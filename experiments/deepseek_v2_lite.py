@@ -15,10 +15,10 @@ def model_overrides(m):
     m.num_experts_per_tok = 6
     m.n_shared_experts = 2
     m.moe_intermediate_size = 1408
-    m.n_group = 1  # greedy top-k
-    m.topk_group = 1
-    m.routed_scaling_factor = 1.0
-    m.seq_aux_loss_coef = 0.001
+    m.router.n_group = 1  # greedy top-k
+    m.router.topk_group = 1
+    m.router.routed_scaling_factor = 1.0
+    m.router.seq_aux_loss_coef = 0.001
 
 
 def get_config():

@@ -31,23 +31,23 @@ def model_overrides(m):
     m.n_shared_experts = 1
     m.moe_intermediate_size = 2048
     m.first_k_dense_replace = 3
-    m.score_func = "sigmoid"
-    m.n_group = 8
-    m.topk_group = 4
-    m.norm_topk_prob = True
-    m.routed_scaling_factor = 2.5
-    m.use_score_correction_bias = True
-    m.bias_update_rate = 1e-3  # gamma for the first 14.3T tokens in the paper
-    m.seq_aux_loss_coef = 1e-4  # alpha
+    m.router.score_func = "sigmoid"
+    m.router.n_group = 8
+    m.router.topk_group = 4
+    m.router.norm_topk_prob = True
+    m.router.routed_scaling_factor = 2.5
+    m.router.use_score_correction_bias = True
+    m.router.bias_update_rate = 1e-3  # gamma for the first 14.3T tokens in the paper
+    m.router.seq_aux_loss_coef = 1e-4  # alpha
     m.mtp_depth = 1
     m.mtp_loss_weight = 0.3  # lambda for the first 10T tokens
     m.compute_dtype = "bfloat16"
-    m.remat_policy = "full"
 
 
 def get_config():
     c = base_config()
     model_overrides(c.model)
+    c.execution.remat_policy = "full"  # one layer's activations rebuilt at a time
     c.data.seq_len = 4096
     c.optim.lr = 2.2e-4
     c.optim.warmup_steps = 2000

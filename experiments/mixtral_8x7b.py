@@ -23,22 +23,22 @@ def model_overrides(m):
     m.n_shared_experts = 0
     m.moe_intermediate_size = 14336
     m.first_k_dense_replace = 0
-    m.score_func = "softmax"
-    m.n_group = 1
-    m.topk_group = 1
-    m.norm_topk_prob = True
-    m.routed_scaling_factor = 1.0
-    m.use_score_correction_bias = False
-    m.aux_loss_coef = 0.02  # router_aux_loss_coef
-    m.seq_aux_loss_coef = 0.0
+    m.router.score_func = "softmax"
+    m.router.n_group = 1
+    m.router.topk_group = 1
+    m.router.norm_topk_prob = True
+    m.router.routed_scaling_factor = 1.0
+    m.router.use_score_correction_bias = False
+    m.router.aux_loss_coef = 0.02  # router_aux_loss_coef
+    m.router.seq_aux_loss_coef = 0.0
     m.mtp_depth = 0
     m.compute_dtype = "bfloat16"
-    m.remat_policy = "full"
 
 
 def get_config():
     c = base_config()
     model_overrides(c.model)
+    c.execution.remat_policy = "full"  # one layer's activations rebuilt at a time
     c.data.seq_len = 4096
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 2000

@@ -29,17 +29,17 @@ def get_config():
     m.n_shared_experts = 1
     m.moe_intermediate_size = 128
     m.first_k_dense_replace = 1
-    m.score_func = "sigmoid"
-    m.n_group = 2  # two groups of four experts, top-1 group per token
-    m.topk_group = 1
-    m.norm_topk_prob = True
-    m.routed_scaling_factor = 1.0
-    m.use_score_correction_bias = True  # aux-loss-free balancing
-    m.bias_update_rate = 1e-3  # gamma
-    m.seq_aux_loss_coef = 1e-4  # small sequence-wise balance loss (alpha)
+    m.router.score_func = "sigmoid"
+    m.router.n_group = 2  # two groups of four experts, top-1 group per token
+    m.router.topk_group = 1
+    m.router.norm_topk_prob = True
+    m.router.routed_scaling_factor = 1.0
+    m.router.use_score_correction_bias = True  # aux-loss-free balancing
+    m.router.bias_update_rate = 1e-3  # gamma
+    m.router.seq_aux_loss_coef = 1e-4  # small sequence-wise balance loss (alpha)
     m.mtp_depth = 1
     m.mtp_loss_weight = 0.3
-    m.moe_impl = "dropless"
+    c.execution.moe_impl = "dropless"  # sort by expert, grouped matmul (moejax.model.moe)
     m.max_position_embeddings = 2048
 
     c.data.seq_len = 256

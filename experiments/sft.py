@@ -30,7 +30,7 @@ def get_config():
     c.data.seq_len = (
         256  # whole examples are packed into rows this long (longer ones are skipped, counted)
     )
-    c.model.seq_aux_loss_coef = 1e-4  # keep the base's light balance loss
+    c.model.router.seq_aux_loss_coef = 1e-4  # keep the base's light balance loss
     c.train.steps = 60
     c.train.batch_size = 8
     c.train.log_every = 10

@@ -24,7 +24,7 @@ def get_config():
         "bfloat16"  # frozen base weights in bf16 (32 GB); adapters train in bf16 + fp32 moments
     )
     c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = "full"
+    c.execution.remat_policy = "full"
     c.data.seq_len = 2048
     c.lora.rank = 16
     c.lora.alpha = 32.0

@@ -64,8 +64,8 @@ def compile_for_topology(cfg, topology: str, *, quiet: bool = False) -> dict:
         mesh_s = " ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "single device"
         print(
             f"[compile] {topology}: {len(devices)} x {chip.name} ({chip.hbm_bytes / GiB:.0f} GiB "
-            f"HBM); mesh {mesh_s}; remat {cfg.model.remat_policy}; batch {cfg.train.batch_size} x "
-            f"{cfg.data.seq_len}"
+            f"HBM); mesh {mesh_s}; remat {cfg.execution.remat_policy}; batch "
+            f"{cfg.train.batch_size} x {cfg.data.seq_len}"
         )
         print(f"[compile] lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
         print("[compile] per-device memory (memory_analysis):")

@@ -34,6 +34,138 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """The gating of routed experts (moejax.model.router.Router): how a token's scores are made,
+    which K experts it picks and with what weights, and how the load is balanced.
+
+    Field names follow Hugging Face's DeepseekV3Config where one exists (scoring_func there).
+    """
+
+    score_func: str = "sigmoid"  # 'softmax' (V2, Mixtral, Qwen) or 'sigmoid' (V3)
+    n_group: int = 1  # G for group-limited routing; 1 disables it
+    topk_group: int = 1  # groups a token may pick experts from
+    norm_topk_prob: bool = True  # the K weights renormalized to sum to 1
+    routed_scaling_factor: float = 1.0
+    use_score_correction_bias: bool = True  # aux-loss-free balancing bias (V3)
+    bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update
+    jitter: float = 0.0  # Switch-style multiplicative noise on router inputs (train only)
+    aux_loss_coef: float = 0.0  # Switch-style load-balancing loss
+    seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-wise balance loss (alpha)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+
+    def replace(self, **kw) -> RouterConfig:
+        return dataclasses.replace(self, **kw)
+
+    def __post_init__(self):
+        if self.score_func not in SCORE_FUNCS:
+            raise ConfigError(
+                f"model.router.score_func: got {self.score_func!r}, allowed: "
+                f"{', '.join(map(repr, SCORE_FUNCS))}"
+            )
+        for f in (
+            "jitter",
+            "aux_loss_coef",
+            "seq_aux_loss_coef",
+            "z_loss_coef",
+            "bias_update_rate",
+        ):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"model.router.{f}: must be >= 0, got {getattr(self, f)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How the model is computed, not what it computes: dispatch strategy, kernel backends, the
+    expert-parallel exchange, rematerialization, layer scan and pipeline microbatches. Every choice
+    gives the reference answer (capacity dispatch up to its documented drops), so a checkpoint
+    trained with one runs under any other; these never reach a Hugging Face config.
+    """
+
+    moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless' (moejax.model.moe)
+    capacity_factor: float = 1.25  # expert buffer rows of capacity dispatch and exchanges
+    gmm_impl: str = "auto"  # dropless grouped-matmul backend; 'auto' picks by platform
+    # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moejax.model.moe_ep)
+    ep_exchange: str = "dropless"
+    # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole
+    # batch: the single-device answer on every layout) or 'group' (the tokens of one expert-parallel
+    # group: the ragged exchange then receives at most ~capacity_factor x its own rows, the bound a
+    # pod needs; equal to 'global' when the expert axes split the whole batch).
+    capacity_scope: str = "global"
+    # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU,
+    # pallas_gpu on GPU; 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed
+    # rows.
+    attention_impl: str = "auto"
+    attention_block: int = 0  # query/key block rows of the blockwise kernels; 0 = their default
+    remat_policy: str = "none"  # what the backward pass recomputes (moejax.model.transformer)
+    scan_layers: bool = True  # one compiled layer body scanned over each stack
+    pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 = the stage count
+
+    def replace(self, **kw) -> ExecutionConfig:
+        return dataclasses.replace(self, **kw)
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ConfigError(f"execution.{field}: {msg}")
+
+        for field, allowed in (
+            ("moe_impl", MOE_IMPLS),
+            ("gmm_impl", GMM_IMPLS),
+            ("ep_exchange", EP_EXCHANGES),
+            ("capacity_scope", CAPACITY_SCOPES),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("remat_policy", REMAT_POLICIES),
+        ):
+            v = getattr(self, field)
+            if v not in allowed:
+                fail(field, f"got {v!r}, allowed: {', '.join(map(repr, allowed))}")
+        if self.capacity_factor <= 0:
+            fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        if self.attention_block < 0:
+            fail(
+                "attention_block",
+                f"must be >= 0 (0 = the backend's default), got {self.attention_block}",
+            )
+        if self.pipeline_microbatches < 0:
+            fail("pipeline_microbatches", f"must be >= 0, got {self.pipeline_microbatches}")
+
+
+# Keys that left ModelConfig: where they live now (a config written before the split names them).
+MOVED = {
+    **{
+        f: f"model.router.{f}"
+        for f in (
+            "score_func",
+            "n_group",
+            "topk_group",
+            "norm_topk_prob",
+            "routed_scaling_factor",
+            "use_score_correction_bias",
+            "bias_update_rate",
+            "aux_loss_coef",
+            "seq_aux_loss_coef",
+        )
+    },
+    "router_jitter": "model.router.jitter",
+    "router_z_loss_coef": "model.router.z_loss_coef",
+    **{
+        f: f"execution.{f}"
+        for f in (
+            "moe_impl",
+            "capacity_factor",
+            "gmm_impl",
+            "ep_exchange",
+            "capacity_scope",
+            "attention_impl",
+            "attention_block",
+            "remat_policy",
+            "scan_layers",
+            "pipeline_microbatches",
+        )
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a DeepSeek-style MoE transformer (also Mixtral and Qwen3-MoE).
 
@@ -75,7 +207,7 @@ class ModelConfig:
     rope_mscale: float = 1.0
     rope_mscale_all_dim: float = 0.0
 
-    # Mixture of experts.
+    # Mixture of experts (its gating: the router section, RouterConfig).
     n_routed_experts: int = 8  # E; 0 makes every layer dense
     num_experts_per_tok: int = 2  # K
     n_shared_experts: int = 1
@@ -83,50 +215,17 @@ class ModelConfig:
     first_k_dense_replace: int = 1  # the first k layers use a dense FFN
     decoder_sparse_step: int = 1  # Qwen: layer i is MoE when (i + 1) % step == 0
     mlp_only_layers: tuple[int, ...] = ()  # Qwen: explicit dense layers
-    score_func: str = "sigmoid"  # 'softmax' (V2, Mixtral, Qwen) or 'sigmoid' (V3)
-    n_group: int = 1  # G for group-limited routing; 1 disables it
-    topk_group: int = 1
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    use_score_correction_bias: bool = True  # aux-loss-free balancing bias (V3)
-    router_jitter: float = 0.0  # Switch-style multiplicative noise on router inputs (train only)
-    aux_loss_coef: float = 0.0  # Switch-style load-balancing loss
-    seq_aux_loss_coef: float = 0.0  # DeepSeek sequence-wise balance loss (alpha)
-    router_z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update
-    moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless'
-    capacity_factor: float = 1.25
-    gmm_impl: str = (
-        "auto"  # dropless grouped-matmul backend; 'auto' picks by platform (moejax.kernels)
-    )
-    # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU,
-    # pallas_gpu on GPU; 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed
-    # rows.
-    attention_impl: str = "auto"
-    attention_block: int = (
-        0  # query/key block rows of blockwise/splash/pallas_gpu; 0 = the backend's default
-    )
-    pipeline_microbatches: int = (
-        0  # microbatches of the 'stage' pipeline; 0 means the number of stages
-    )
-    ep_exchange: str = (
-        "dropless"  # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moe_ep.py)
-    )
-    # Over which tokens the capacity exchanges rank an expert's assignments: 'global' (the whole
-    # batch: the single-device answer on every layout) or 'group' (the tokens of one expert-parallel
-    # group: the ragged exchange then receives at most ~capacity_factor x its own rows, the bound a
-    # pod needs; equal to 'global' when the expert axes split the whole batch).
-    capacity_scope: str = "global"
+    router: RouterConfig = RouterConfig()
 
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
     mtp_loss_weight: float = 0.3  # lambda
 
-    # Numerics and memory.
+    # Numerics: what the parameters are stored in and what the matmuls run in. They stay with the
+    # architecture because they change the function computed (and Hugging Face's torch_dtype is a
+    # config field); how it is computed is ExecutionConfig's.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat_policy: str = "none"
-    scan_layers: bool = True
 
     # ------------------------------------------------------------------ construction
 
@@ -140,8 +239,12 @@ class ModelConfig:
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
+    def with_router(self, **kw) -> ModelConfig:
+        """This config with router fields changed: cfg.with_router(n_group=1)."""
+        return self.replace(router=self.router.replace(**kw))
+
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(self)  # router as a nested dict
         out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out
 
@@ -210,19 +313,7 @@ class ModelConfig:
             if getattr(self, f) < 1:
                 fail(f, f"must be >= 1, got {getattr(self, f)}")
         choice("attention_type", ATTENTION_TYPES)
-        choice("score_func", SCORE_FUNCS)
-        choice("moe_impl", MOE_IMPLS)
-        choice("gmm_impl", GMM_IMPLS)
-        choice("attention_impl", ATTENTION_IMPLS)
-        if self.attention_block < 0:
-            fail(
-                "attention_block",
-                f"must be >= 0 (0 = the backend's default), got {self.attention_block}",
-            )
-        choice("ep_exchange", EP_EXCHANGES)
-        choice("capacity_scope", CAPACITY_SCOPES)
         choice("rope_type", ROPE_TYPES)
-        choice("remat_policy", REMAT_POLICIES)
         choice("param_dtype", DTYPES)
         choice("compute_dtype", DTYPES)
         if self.attention_type == "mla":
@@ -267,29 +358,31 @@ class ModelConfig:
                 )
             if self.moe_intermediate_size < 1:
                 fail("moe_intermediate_size", f"must be >= 1, got {self.moe_intermediate_size}")
-            if self.n_group < 1 or self.n_routed_experts % self.n_group:
+            r = self.router
+            if r.n_group < 1 or self.n_routed_experts % r.n_group:
                 fail(
-                    "n_group",
+                    "router.n_group",
                     f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}, got "
-                    f"{self.n_group}",
+                    f"{r.n_group}",
                 )
-            if not 1 <= self.topk_group <= self.n_group:
-                fail("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
-            per_group = self.n_routed_experts // self.n_group
-            if self.n_group > 1 and self.topk_group * per_group < self.num_experts_per_tok:
+            if not 1 <= r.topk_group <= r.n_group:
                 fail(
-                    "topk_group",
-                    f"topk_group * experts per group = {self.topk_group * per_group} < "
+                    "router.topk_group",
+                    f"must be in [1, n_group={r.n_group}], got {r.topk_group}",
+                )
+            per_group = self.n_routed_experts // r.n_group
+            if r.n_group > 1 and r.topk_group * per_group < self.num_experts_per_tok:
+                fail(
+                    "router.topk_group",
+                    f"topk_group * experts per group = {r.topk_group * per_group} < "
                     f"num_experts_per_tok={self.num_experts_per_tok}",
                 )
-            if self.n_group > 1 and self.use_score_correction_bias and per_group < 2:
+            if r.n_group > 1 and r.use_score_correction_bias and per_group < 2:
                 fail(
-                    "n_group",
+                    "router.n_group",
                     "with a correction bias the group score is a top-2 sum, so each group "
                     "needs >= 2 experts",
                 )
-            if self.capacity_factor <= 0:
-                fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
         if self.n_shared_experts < 0:
             fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
         if self.first_k_dense_replace < 0:
@@ -301,15 +394,6 @@ class ModelConfig:
             fail("mlp_only_layers", f"layer indices must be in [0, {self.num_layers}), got {bad}")
         if self.mtp_depth < 0:
             fail("mtp_depth", f"must be >= 0, got {self.mtp_depth}")
-        for f in (
-            "router_jitter",
-            "aux_loss_coef",
-            "seq_aux_loss_coef",
-            "router_z_loss_coef",
-            "bias_update_rate",
-        ):
-            if getattr(self, f) < 0:
-                fail(f, f"must be >= 0, got {getattr(self, f)}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -317,6 +401,25 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def upgrade_saved(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict moejax saved before the router and execution sections existed, in today's
+    layout: a model section's MOVED keys go to model.router / execution. Takes a whole config
+    (with a 'model' section) or a model section alone (a checkpoint's config.json), whose
+    execution keys are dropped. User-written configs are not upgraded: their old keys are an error
+    that names the new place."""
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    whole = "model" in d
+    model = d["model"] if whole else d
+    for key in [k for k in model if k in MOVED]:
+        value = model.pop(key)
+        section, *rest = MOVED[key].split(".")
+        if section == "model":
+            model.setdefault("router", {}).setdefault(rest[-1], value)
+        elif whole:
+            d.setdefault("execution", {}).setdefault(rest[-1], value)
+    return d
 
 
 # ---------------------------------------------------------------------- generic coercion
@@ -335,6 +438,8 @@ def coerce_fields(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
+        if key not in names and prefix == "model" and key in MOVED:
+            raise ConfigError(f"model.{key}: moved to {MOVED[key]}")
         if key not in names:
             raise ConfigError(
                 f"{prefix}.{key}: unknown key; known keys: {', '.join(sorted(names))}"
@@ -362,6 +467,13 @@ def _coerce(value, tp, where):
             raise ConfigError(f"{where}: expected a tuple, got {type(value).__name__} {value!r}")
         (elem, *_rest) = typing.get_args(tp)
         return tuple(_coerce(v, elem, where) for v in value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+            value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+            return tp(**coerce_fields(tp, value, where))
+        raise ConfigError(f"{where}: expected a section (dict), got {type(value).__name__}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -694,6 +806,7 @@ class Config:
     optim: OptimConfig
     train: TrainConfig
     mesh: MeshConfig = MeshConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     sft: SFTConfig = SFTConfig()
     lora: LoRAConfig = LoRAConfig()
     align: AlignConfig = AlignConfig()
@@ -702,7 +815,18 @@ class Config:
     # Face folder ('' = random initialization, i.e. pretraining)
     base: str = ""
 
-    SECTIONS = ("model", "data", "optim", "train", "mesh", "sft", "lora", "align", "grpo")
+    SECTIONS = (
+        "model",
+        "data",
+        "optim",
+        "train",
+        "mesh",
+        "execution",
+        "sft",
+        "lora",
+        "align",
+        "grpo",
+    )
 
     @classmethod
     def from_dict(cls, d) -> Config:
@@ -715,6 +839,7 @@ class Config:
             "optim": OptimConfig,
             "train": TrainConfig,
             "mesh": MeshConfig,
+            "execution": ExecutionConfig,
             "sft": SFTConfig,
             "lora": LoRAConfig,
             "align": AlignConfig,

@@ -15,6 +15,7 @@ from moejax.config import (
     AlignConfig,
     Config,
     DataConfig,
+    ExecutionConfig,
     GRPOConfig,
     LoRAConfig,
     MeshConfig,
@@ -32,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         "optim": OptimConfig(),
         "train": TrainConfig(),
         "mesh": MeshConfig(),
+        "execution": ExecutionConfig(),
         "sft": SFTConfig(),
         "lora": LoRAConfig(),
         "align": AlignConfig(),
@@ -105,8 +107,8 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.num_experts_per_tok = 4
         m.moe_intermediate_size = 32
         m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
-        m.n_group = min(m.n_group, 4)
-        m.topk_group = min(m.topk_group, 2)
+        m.router.n_group = min(m.router.n_group, 4)
+        m.router.topk_group = min(m.router.topk_group, 2)
     else:
         m.num_kv_heads = 2
         m.head_dim = 32
@@ -114,7 +116,7 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.moe_intermediate_size = 64 if moe_equals_dense else 32
         m.num_experts_per_tok = min(m.num_experts_per_tok, 4)
     m.compute_dtype = "float32"
-    m.remat_policy = "none"
+    c.execution.remat_policy = "none"
     c.data.seq_len = 128
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 20

@@ -33,12 +33,12 @@ def _shard_bytes(tree) -> int:
     )
 
 
-def attention_score_bytes(m, B: float, H: float, T: int) -> float:
+def attention_score_bytes(ex, B: float, H: float, T: int) -> float:
     """What attention keeps per layer beyond its inputs and output, per device: the reference's
     float32 probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN;
     'auto' picks one on every platform) keep a float32 log-sum-exp [B, H, T] (their one block pair's
     transient scores are too small to count against the activations)."""
-    if m.attention_impl == "reference":
+    if ex.attention_impl == "reference":
         return B * H * T * T * 4
     return B * H * T * 4
 
@@ -54,7 +54,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     """
     from moejax import sharding
 
-    m = cfg.model
+    m, ex = cfg.model, cfg.execution
     shape_only = type("S", (), {"shape": mesh_shape})  # the rule helpers read only mesh.shape
     rules = sharding.rules_for(cfg.mesh)
     n_batch = math.prod(mesh_shape[a] for a in sharding.batch_axes(shape_only, rules))
@@ -70,28 +70,28 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     else:
         qk = v = m.head_dim or D // m.num_heads
         proj = 0
-    scores = attention_score_bytes(m, B, H, T)
+    scores = attention_score_bytes(ex, B, H, T)
     attn = tokens * H * (2 * qk + 2 * v) * cb + proj + scores + 2 * tokens * D * cb
     kinds = m.layer_kinds()
     A = tokens * m.num_experts_per_tok
     if m.n_routed_experts:
         Fl = m.moe_intermediate_size / tp
         if (
-            m.moe_impl == "dropless" and math.prod(mesh_shape.values()) > 1
+            ex.moe_impl == "dropless" and math.prod(mesh_shape.values()) > 1
         ):  # expert-parallel (moe_ep.py)
-            n_scope = n_batch if m.capacity_scope == "global" else n_ep
+            n_scope = n_batch if ex.capacity_scope == "global" else n_ep
             kept = (
-                m.capacity_factor * A * n_scope / n_ep
+                ex.capacity_factor * A * n_scope / n_ep
             )  # rows one device's experts may keep (E_local x C)
             if (
-                m.ep_exchange == "ragged"
+                ex.ep_exchange == "ragged"
             ):  # send A rows, receive at most `kept`, and the results back
                 exchange = 2 * (A + min(n_ep * A, kept)) * D * cb
             else:  # fixed [n_ep, rows] buffers: send, receive, results, results back
-                rows = A if m.ep_exchange == "dropless" else min(A, kept)
+                rows = A if ex.ep_exchange == "dropless" else min(A, kept)
                 exchange = 4 * n_ep * rows * D * cb
-        elif m.moe_impl == "capacity":
-            exchange = 2 * A * m.capacity_factor * D * cb
+        elif ex.moe_impl == "capacity":
+            exchange = 2 * A * ex.capacity_factor * D * cb
         else:
             exchange = 2 * A * D * cb
         moe = exchange + A * Fl * (2 * 4 + cb) + tokens * m.n_routed_experts * 4 * 3
@@ -103,9 +103,9 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     layers = [per_layer[k] for k in kinds] + [
         per_layer["moe" if m.n_routed_experts else "dense"]
     ] * m.mtp_depth
-    if m.remat_policy == "full":
+    if ex.remat_policy == "full":
         kept = tokens * D * 4 * len(layers) + 2 * max(layers)
-    elif m.remat_policy == "none":
+    elif ex.remat_policy == "none":
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
         kept = sum(layers) - len(layers) * scores + 2 * max(layers)
@@ -183,7 +183,7 @@ def plan(
 def report(p: dict, cfg: Config) -> str:
     mesh = " ".join(f"{a}={n}" for a, n in p["mesh"].items() if n > 1) or "single device"
     lines = [
-        f"[plan] {p['chips']} x {p['chip']}; mesh {mesh}; remat {cfg.model.remat_policy}; "
+        f"[plan] {p['chips']} x {p['chip']}; mesh {mesh}; remat {cfg.execution.remat_policy}; "
         f"batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens",
         f"[plan] parameters {p['params_total'] / 1e9:.2f}B total, "
         f"{p['params_activated'] / 1e9:.2f}B activated; {p['flops_per_token'] / 1e9:.1f} GFLOPs "

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from moejax.config import MeshConfig, ModelConfig
+from moejax.config import ExecutionConfig, MeshConfig, ModelConfig
 from moejax.convert.hf_config import to_hf_config
 from tests.helpers import TINY_MLA
 
@@ -43,6 +43,7 @@ BIG = ModelConfig(
     compute_dtype="float32",
     param_dtype="bfloat16",
 )
+DENSE = ExecutionConfig(moe_impl="dense")  # the reference dispatch: the logits compared
 
 
 # ------------------------------------------------------------------------------ memory
@@ -248,7 +249,7 @@ def big(path: str) -> dict:
     gc.collect()
     base = reset_peak_rss()
     t0 = time.time()
-    model, cfg = from_hf(path, mesh=mesh, dtype="bfloat16", moe_impl="dense")
+    model, cfg = from_hf(path, mesh=mesh, dtype="bfloat16", execution=DENSE)
     jax.block_until_ready(_flat(model))
     t_load = time.time() - t0
     peak = peak_rss() - base
@@ -266,7 +267,7 @@ def big(path: str) -> dict:
     del model, flat
     gc.collect()
     t0 = time.time()
-    single, _ = from_hf(path, dtype="bfloat16", moe_impl="dense")
+    single, _ = from_hf(path, dtype="bfloat16", execution=DENSE)
     t_single = time.time() - t0
     ref = _logits(single, ids)
     return {

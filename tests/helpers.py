@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from moejax.config import Config, ModelConfig
+from moejax.config import Config, ModelConfig, RouterConfig
 from moejax.experiment import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +27,7 @@ TINY_MLA = ModelConfig(
     n_routed_experts=4,
     num_experts_per_tok=2,
     moe_intermediate_size=16,
-    n_group=2,
-    topk_group=1,
+    router=RouterConfig(n_group=2, topk_group=1),
     mtp_depth=1,
 )
 
@@ -46,9 +45,7 @@ TINY_OVERRIDES = {
         v_head_dim=16,
         n_routed_experts=4,
         num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        n_group=2,
-        topk_group=1,
+        moe_intermediate_size=32,  # (routing: experiments/moe.py's, two groups of two)
     ),
     "data": dict(seq_len=64, max_files=60, tokenizer_sample_bytes=2_000_000),
     "train": dict(

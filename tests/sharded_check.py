@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import sharding
-from moejax.config import Config, MeshConfig
+from moejax.config import Config, ExecutionConfig, MeshConfig
 from moejax.experiment import load_config_file
 from moejax.model.moe import MoE
 from moejax.trainer import setup
@@ -162,8 +162,7 @@ def check_exchanges():
     base = tiny_config().model.replace(
         n_routed_experts=8,
         num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
+        router=tiny_config().model.router.replace(n_group=1, topk_group=1),
         hidden_size=32,
         moe_intermediate_size=16,
         n_shared_experts=1,
@@ -172,11 +171,12 @@ def check_exchanges():
     mask = jnp.ones((8, 16)).at[2, 5:].set(0).at[5, :].set(0)
     _, state = nnx.split(MoE(base, rngs=nnx.Rngs(0)))
 
-    def run(layer_cfg, mesh, rules, rows=slice(None)):
-        """((loss, (y, dropped)), (param grads, x grads)) of the layer on batch rows `rows`."""
+    def run(ex, mesh, rules, rows=slice(None)):
+        """((loss, (y, dropped)), (param grads, x grads)) of the layer executed as `ex` on batch
+        rows `rows`."""
         layout = sharding.layout(mesh, rules)
         graphdef, _ = nnx.split(
-            nnx.eval_shape(lambda: MoE(layer_cfg, rngs=nnx.Rngs(0), layout=layout))
+            nnx.eval_shape(lambda: MoE(base, rngs=nnx.Rngs(0), layout=layout, execution=ex))
         )
         m = mask[rows]
 
@@ -186,11 +186,9 @@ def check_exchanges():
 
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x[rows])
 
-    def per_group(
-        layer_cfg,
-    ):  # the single-device layer on each half of the batch (fsdp=2's two groups)
-        (la, (ya, da)), (ga, xa) = run(layer_cfg, None, None, slice(0, 4))
-        (lb, (yb, db)), (gb, xb) = run(layer_cfg, None, None, slice(4, 8))
+    def per_group(ex):  # the single-device layer on each half of the batch (fsdp=2's two groups)
+        (la, (ya, da)), (ga, xa) = run(ex, None, None, slice(0, 4))
+        (lb, (yb, db)), (gb, xb) = run(ex, None, None, slice(4, 8))
         return (
             (la + lb, (jnp.concatenate([ya, yb]), da + db)),
             (jax.tree.map(jnp.add, ga, gb), jnp.concatenate([xa, xb])),
@@ -222,7 +220,7 @@ def check_exchanges():
         ("capacity", 0.5, "group"),
         ("ragged", 0.5, "group"),
     ):
-        ref_cfg = base.replace(
+        ref_ex = ExecutionConfig(
             moe_impl="dropless" if exchange == "dropless" else "capacity", capacity_factor=cf
         )
         if exchange == "capacity" and cf < 1 and scope == "global":
@@ -233,16 +231,16 @@ def check_exchanges():
             cases = {k: RULES[k] for k in ("default", "expert=expert+fsdp")}
         for name, (rule_str, mc) in cases.items():
             split = scope == "group" and mc.expert < 8  # two expert-parallel groups of 4 devices
-            key = (ref_cfg.moe_impl, cf, split)
+            key = (ref_ex.moe_impl, cf, split)
             if key not in refs:
-                refs[key] = per_group(ref_cfg) if split else run(ref_cfg, None, None)
+                refs[key] = per_group(ref_ex) if split else run(ref_ex, None, None)
             rules = sharding.rules_for(dataclasses.replace(mc, rules=rule_str))
-            cfg = base.replace(
+            ex = ExecutionConfig(
                 moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf, capacity_scope=scope
             )
             check(
                 f"{exchange} cf={cf} {scope} {name}",
-                run(cfg, sharding.make_mesh(mc), rules),
+                run(ex, sharding.make_mesh(mc), rules),
                 refs[key],
             )
     assert out["capacity cf=0.5 global default"] > 5  # the routing overflows
@@ -319,9 +317,8 @@ def step_config():
     return dataclasses.replace(
         base,
         train=dataclasses.replace(base.train, batch_size=16),
-        model=base.model.replace(
-            num_heads=4, num_layers=3, first_k_dense_replace=1, pipeline_microbatches=4, mtp_depth=1
-        ),
+        model=base.model.replace(num_heads=4, num_layers=3, first_k_dense_replace=1, mtp_depth=1),
+        execution=base.execution.replace(pipeline_microbatches=4),
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig
 from moejax.kernels.attention import attention, attention_reference, blockwise_attention
 from moejax.kernels.attention.blockwise import _pairs
 from moejax.model.transformer import Transformer
@@ -184,10 +184,10 @@ def test_bad_backend_shapes_and_platform_fail_in_one_line():
         attention(q, k, v, seg, scale=1.0, impl="splash")
     with pytest.raises(ValueError, match=r"attention\[pallas_gpu\]: cannot run on platform 'cpu'"):
         attention(q, k, v, seg, scale=1.0, impl="pallas_gpu")
-    with pytest.raises(ValueError, match=r"model\.attention_impl.*'blockwise'"):
-        ModelConfig(attention_impl="flash")
-    with pytest.raises(ValueError, match=r"model\.attention_block"):
-        ModelConfig(attention_block=-1)
+    with pytest.raises(ValueError, match=r"execution\.attention_impl.*'blockwise'"):
+        ExecutionConfig(attention_impl="flash")
+    with pytest.raises(ValueError, match=r"execution\.attention_block"):
+        ExecutionConfig(attention_block=-1)
 
 
 @pytest.mark.parametrize("attention_type", ["mla", "gqa"])
@@ -216,7 +216,9 @@ def test_model_loss_and_grads_equal_across_backends(attention_type):
     got = {}
     for impl in ("reference", "blockwise"):
         model = Transformer(
-            ModelConfig(**kw, attention_impl=impl, attention_block=16), rngs=nnx.Rngs(0)
+            ModelConfig(**kw),
+            rngs=nnx.Rngs(0),
+            execution=ExecutionConfig(attention_impl=impl, attention_block=16),
         )
         loss, grads = nnx.value_and_grad(lambda m: m(ids, segment_ids=seg)[0].mean())(model)
         got[impl] = (float(loss), jax.tree.leaves(nnx.state(grads)))

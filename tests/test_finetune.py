@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import Config, ConfigError, LoRAConfig, ModelConfig
+from moejax.config import Config, ConfigError, ExecutionConfig, LoRAConfig, ModelConfig
 from moejax.data import chat
 from moejax.finetune import data as sft
 from moejax.finetune import lora
@@ -269,10 +269,9 @@ def _randomize_b(model, scale=0.05):
 
 @pytest.mark.parametrize("moe_impl", ["dropless", "capacity"])
 def test_lora_zero_init_merge_and_unmerge(moe_impl):
-    cfg = Config.from_dict(tiny_config_dict()).model.replace(
-        num_layers=3, mtp_depth=1, moe_impl=moe_impl, capacity_factor=4.0
-    )
-    base = Transformer(cfg, rngs=nnx.Rngs(0))
+    cfg = Config.from_dict(tiny_config_dict()).model.replace(num_layers=3, mtp_depth=1)
+    ex = ExecutionConfig(moe_impl=moe_impl, capacity_factor=4.0)
+    base = Transformer(cfg, rngs=nnx.Rngs(0), execution=ex)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     fwd = jax.jit(lambda m, t: m(t, return_mtp=True))
     ref = fwd(base, tokens)

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="parity tests need the
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from moejax.config import ExecutionConfig  # noqa: E402
 from moejax.convert import from_hf, from_hf_config, to_hf  # noqa: E402
 
 TOL = 1e-4
@@ -193,7 +194,8 @@ def test_logit_parity_and_round_trip(name, tmp_path):
     want = _hf_logits(hf, ids)
 
     for impl in ("dense", "dropless", "capacity"):
-        model, mcfg = from_hf(str(src), moe_impl=impl, capacity_factor=64.0)
+        ex = ExecutionConfig(moe_impl=impl, capacity_factor=64.0)
+        model, mcfg = from_hf(str(src), execution=ex)
         got, _ = model(jnp.asarray(ids))
         err = float(np.abs(np.asarray(got) - want).max())
         assert err <= TOL, f"{name} [{impl}] max |logit diff| = {err:.2e}"
@@ -430,7 +432,8 @@ def test_deepseek_moe_v1_logit_parity_and_round_trip(name, tmp_path):
     want = _hf_logits(ref, ids)
 
     for impl in ("dense", "dropless", "capacity"):
-        model, mcfg = from_hf(str(src), moe_impl=impl, capacity_factor=64.0)
+        ex = ExecutionConfig(moe_impl=impl, capacity_factor=64.0)
+        model, mcfg = from_hf(str(src), execution=ex)
         got, _ = model(jnp.asarray(ids))
         err = float(np.abs(np.asarray(got) - want).max())
         assert err <= TOL, f"{name} [{impl}] max |logit diff| = {err:.2e}"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ConfigError, ModelConfig
+from moejax.config import ConfigError, ExecutionConfig, ModelConfig, RouterConfig
 from moejax.experiment import load_config_file, resolve
 from moejax.infer import Generator, SamplingParams, bytes_per_token, init_cache, sampling
 from moejax.infer.forward import forward
@@ -37,8 +37,7 @@ MLA = ModelConfig(
     qk_nope_head_dim=8,
     qk_rope_head_dim=8,
     v_head_dim=8,
-    n_group=2,
-    topk_group=1,
+    router=RouterConfig(n_group=2, topk_group=1),
     mtp_depth=1,
 )
 GQA = ModelConfig(
@@ -48,8 +47,7 @@ GQA = ModelConfig(
     num_kv_heads=2,
     qk_norm=True,
     rope_interleave=False,
-    score_func="softmax",
-    use_score_correction_bias=False,
+    router=RouterConfig(score_func="softmax", use_score_correction_bias=False),
     n_shared_experts=0,
 )
 # a small vocabulary makes the random MTP head's drafts right often enough to exercise acceptance
@@ -280,7 +278,9 @@ def test_stop_strings_and_eos(models):
 def test_capacity_models_decode_dropless(models):
     """A model trained with capacity dispatch generates without drops (as DeepSeek serves)."""
     dropless = models["mla"]
-    capacity = Transformer(MLA.replace(moe_impl="capacity", capacity_factor=0.25), rngs=nnx.Rngs(0))
+    capacity = Transformer(
+        MLA, rngs=nnx.Rngs(0), execution=ExecutionConfig(moe_impl="capacity", capacity_factor=0.25)
+    )
     want = Generator(dropless, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=6))
     got = Generator(capacity, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=6))
     assert [o.tokens for o in got] == [o.tokens for o in want]
@@ -463,7 +463,7 @@ def test_recorded_routes_line_up_with_the_training_forward(models):
     prompt + completion, given them, finds the same choices (float32: no mismatch) and the same
     token log-probabilities, with or without replay; the EOS's log-probability is kept for RL."""
     model = Transformer(
-        MLA.replace(n_routed_experts=8, n_group=1, topk_group=1), rngs=nnx.Rngs(0)
+        MLA.replace(n_routed_experts=8).with_router(n_group=1, topk_group=1), rngs=nnx.Rngs(0)
     )  # many routes
     gen = Generator(model, eos_ids=[5], record_routes=True)
     outs = gen.generate(

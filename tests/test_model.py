@@ -11,31 +11,53 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ConfigError, ModelConfig
+from moejax.config import (
+    Config,
+    ConfigError,
+    ExecutionConfig,
+    ModelConfig,
+    RouterConfig,
+    upgrade_saved,
+)
 from moejax.experiment import load_config_file, resolve
 from moejax.model import Transformer
 from moejax.model.stats import param_counts
 from tests.helpers import ROOT, TINY_MLA
 
-TINY = TINY_MLA.replace(num_layers=3, seq_aux_loss_coef=1e-3)
+TINY = TINY_MLA.replace(num_layers=3).with_router(seq_aux_loss_coef=1e-3)
 
 
 @pytest.mark.parametrize(
-    "overrides,field",
+    "section,values,field",
     [
-        (dict(n_group=2, topk_group=3), "model.topk_group"),
-        (dict(num_experts_per_tok=9), "model.num_experts_per_tok"),
-        (dict(score_func="relu"), "model.score_func"),
-        (dict(moe_impl="fast"), "model.moe_impl"),
-        (dict(n_group=3), "model.n_group"),
-        (dict(attention_type="gqa", num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
+        ("model", dict(router=dict(n_group=2, topk_group=3)), "model.router.topk_group"),
+        ("model", dict(num_experts_per_tok=9), "model.num_experts_per_tok"),
+        ("model", dict(router=dict(score_func="relu")), "model.router.score_func"),
+        ("execution", dict(moe_impl="fast"), "execution.moe_impl"),
+        ("model", dict(router=dict(n_group=3)), "model.router.n_group"),
+        ("model", dict(router=dict(typo=3)), "model.router.typo: unknown key"),
+        ("model", dict(attention_type="gqa", num_heads=4, num_kv_heads=3), "model.num_kv_heads"),
+        # a key that left the model section says where it went
+        ("model", dict(n_group=2), "model.n_group: moved to model.router.n_group"),
+        ("model", dict(remat_policy="full"), "model.remat_policy: moved to execution.remat_policy"),
     ],
 )
-def test_config_errors_name_the_field(overrides, field):
+def test_config_errors_name_the_field(section, values, field):
     with pytest.raises(ConfigError) as e:
-        ModelConfig(**overrides)
+        Config.from_dict({section: values})
     msg = str(e.value)
     assert msg.startswith(field) and "\n" not in msg
+
+
+def test_configs_saved_before_the_router_and_execution_sections_still_load():
+    """A checkpoint's config written with the flat model section reads as today's layout."""
+    flat = {k: v for k, v in TINY.to_dict().items() if k != "router"}
+    flat.update(n_group=2, topk_group=1, router_jitter=0.1, seq_aux_loss_coef=1e-3)
+    flat.update(moe_impl="capacity", remat_policy="full")
+    cfg = Config.from_dict(upgrade_saved({"model": flat}))
+    assert cfg.model == TINY.with_router(jitter=0.1)
+    assert (cfg.execution.moe_impl, cfg.execution.remat_policy) == ("capacity", "full")
+    assert ModelConfig.from_dict(upgrade_saved(flat)) == cfg.model  # a config.json: model alone
 
 
 def test_config_is_hashable_and_round_trips():
@@ -75,8 +97,10 @@ def _logits(cfg, ids, **kw):
     return apply(Transformer(cfg, rngs=nnx.Rngs(0)), ids, **kw)
 
 
-def _loss_and_grads(cfg, ids):
-    model = Transformer(cfg, rngs=nnx.Rngs(0))  # same seed: same parameters for every variant
+def _loss_and_grads(cfg, ids, execution=None):
+    model = Transformer(
+        cfg, rngs=nnx.Rngs(0), execution=execution
+    )  # same seed: same parameters for every variant
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
@@ -91,7 +115,7 @@ def test_scan_unrolled_and_remat_agree():
     ids = jax.random.randint(jax.random.key(0), (2, 12), 0, TINY.vocab_size)
     ref_val, ref_grad = _loss_and_grads(TINY, ids)
     for over in (dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")):
-        val, grad = _loss_and_grads(TINY.replace(**over), ids)
+        val, grad = _loss_and_grads(TINY, ids, ExecutionConfig(**over))
         assert float(val) == pytest.approx(float(ref_val), rel=1e-6), over
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
@@ -127,7 +151,8 @@ def test_mtp_outputs_and_router_bias_update():
     after = np.asarray(model.segments[1].ffn.router.bias[...])
     counts = np.asarray(aux["expert_counts"][:n_moe])
     np.testing.assert_allclose(
-        after - before, TINY.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts)
+        after - before,
+        TINY.router.bias_update_rate * np.sign(counts.mean(-1, keepdims=True) - counts),
     )
     assert not np.allclose(np.asarray(model.mtp[0].block.ffn.router.bias[...]), 0)
 
@@ -155,9 +180,7 @@ def test_router_jitter_only_with_an_rng():
         n_routed_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=8,
-        n_group=1,
-        topk_group=1,
-        router_jitter=0.5,
+        router=RouterConfig(n_group=1, topk_group=1, jitter=0.5),
     )
     from moejax.model.moe import MoE
 

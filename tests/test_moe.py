@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig, RouterConfig
 from moejax.model import moe as moe_lib
 from moejax.model import router as router_lib
 
@@ -132,19 +132,19 @@ def _route_reference(scores, bias, cfg):
     out_ids, out_w = [], []
     for m in range(Mr):
         choice = scores[m] + (0 if bias is None else bias)
-        per = Er // cfg.n_group
-        groups = choice.reshape(cfg.n_group, per)
+        per = Er // cfg.router.n_group
+        groups = choice.reshape(cfg.router.n_group, per)
         gscore = groups.max(1) if bias is None else np.sort(groups, axis=1)[:, -2:].sum(1)
-        keep = np.argsort(-gscore, kind="stable")[: cfg.topk_group]
+        keep = np.argsort(-gscore, kind="stable")[: cfg.router.topk_group]
         allowed = np.full(Er, -np.inf)
         for g in keep:
             allowed[g * per : (g + 1) * per] = choice[g * per : (g + 1) * per]
         ids = np.argsort(-allowed, kind="stable")[: cfg.num_experts_per_tok]
         w = scores[m, ids]
-        if cfg.norm_topk_prob:
+        if cfg.router.norm_topk_prob:
             w = w / (w.sum() + 1e-20)
         out_ids.append(ids)
-        out_w.append(w * cfg.routed_scaling_factor)
+        out_w.append(w * cfg.router.routed_scaling_factor)
     return np.array(out_ids), np.array(out_w)
 
 
@@ -156,12 +156,14 @@ def test_group_limited_routing_matches_reference(score_func, use_bias, norm):
     cfg = ModelConfig(
         n_routed_experts=16,
         num_experts_per_tok=3,
-        n_group=4,
-        topk_group=2,
-        score_func=score_func,
-        use_score_correction_bias=use_bias,
-        norm_topk_prob=norm,
-        routed_scaling_factor=2.5,
+        router=RouterConfig(
+            n_group=4,
+            topk_group=2,
+            score_func=score_func,
+            use_score_correction_bias=use_bias,
+            norm_topk_prob=norm,
+            routed_scaling_factor=2.5,
+        ),
     )
     logits = jax.random.normal(jax.random.key(0), (64, 16))
     bias = 0.1 * jax.random.normal(jax.random.key(1), (16,)) if use_bias else None
@@ -178,10 +180,7 @@ def test_bias_affects_selection_only():
     cfg = ModelConfig(
         n_routed_experts=8,
         num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        score_func="sigmoid",
-        norm_topk_prob=False,
+        router=RouterConfig(score_func="sigmoid", norm_topk_prob=False),
     )
     logits = jax.random.normal(jax.random.key(0), (32, 8))
     bias = jnp.zeros(8).at[5].set(10.0)  # expert 5 always chosen, weight stays sigmoid(logit)
@@ -201,7 +200,7 @@ def test_bias_update_rule():
 
 def test_balance_losses_are_one_when_balanced():
     cfg = ModelConfig(
-        n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1, score_func="softmax"
+        n_routed_experts=4, num_experts_per_tok=1, router=RouterConfig(score_func="softmax")
     )
     # 8 tokens, expert i chosen by tokens 2i, 2i+1, with uniform probabilities
     logits = jnp.zeros((8, 4))
@@ -220,15 +219,10 @@ def test_moe_layer_aux_and_padding():
         n_routed_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=8,
-        n_group=1,
-        topk_group=1,
-        aux_loss_coef=0.01,
-        seq_aux_loss_coef=0.001,
-        router_z_loss_coef=1e-3,
-        moe_impl="capacity",
-        capacity_factor=0.5,
+        router=RouterConfig(aux_loss_coef=0.01, seq_aux_loss_coef=0.001, z_loss_coef=1e-3),
     )
-    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+    ex = ExecutionConfig(moe_impl="capacity", capacity_factor=0.5)
+    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0), execution=ex)
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
     token_mask = jnp.ones((2, 8)).at[1, 4:].set(0)
     y, aux = layer(x, token_mask)
@@ -247,8 +241,6 @@ def test_an_undeclared_moe_statistic_stops_the_trace():
         n_routed_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=8,
-        n_group=1,
-        topk_group=1,
     )
 
     class WithANewLoss(moe_lib.MoE):
@@ -277,13 +269,11 @@ def test_routing_replay_uses_the_recorded_experts_with_this_routers_gates(impl):
         n_routed_experts=6,
         num_experts_per_tok=2,
         moe_intermediate_size=8,
-        n_group=2,
-        topk_group=1,
+        router=RouterConfig(n_group=2, topk_group=1),
         n_shared_experts=0,
-        moe_impl=impl,
         initializer_range=0.3,
     )
-    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+    layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0), execution=ExecutionConfig(moe_impl=impl))
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     rng = np.random.default_rng(1)
     recorded = (

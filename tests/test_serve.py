@@ -22,7 +22,9 @@ from moejax.model import Transformer  # noqa: E402
 from moejax.serve import Server, create_app, render_chat  # noqa: E402
 from tests.helpers import TINY_MLA  # noqa: E402
 
-CFG = TINY_MLA.replace(n_group=1, mtp_depth=0, initializer_range=0.3, max_position_embeddings=256)
+CFG = TINY_MLA.replace(mtp_depth=0, initializer_range=0.3, max_position_embeddings=256).with_router(
+    n_group=1
+)
 
 
 class ModTokenizer:

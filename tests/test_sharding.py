@@ -32,7 +32,10 @@ def test_indivisible_experts_name_the_parameter():
     from tests.helpers import tiny_config
 
     layer = nnx.eval_shape(
-        lambda: MoE(tiny_config().model.replace(n_routed_experts=6, n_group=1), rngs=nnx.Rngs(0))
+        lambda: MoE(
+            tiny_config().model.replace(n_routed_experts=6).with_router(n_group=1),
+            rngs=nnx.Rngs(0),
+        )
     )
     state = nnx.state(layer, nnx.Param)
     mesh = Mesh(np.array(jax.devices()[:1] * 1).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)

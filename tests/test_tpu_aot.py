@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig, RouterConfig
 from moejax.model.moe import MoE
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is not installed")
@@ -87,12 +87,9 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
         num_experts_per_tok=2,
         moe_intermediate_size=256,
         n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        moe_impl="dropless",
+        router=RouterConfig(n_group=2, topk_group=1, seq_aux_loss_coef=1e-3),
         compute_dtype="bfloat16",
-        seq_aux_loss_coef=1e-3,
-    )
+    )  # (execution: the default, dropless)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
 
     def loss(state, x):
@@ -135,14 +132,12 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
         num_experts_per_tok=2,
         moe_intermediate_size=256,
         n_shared_experts=0,
-        moe_impl="dropless",
         compute_dtype="bfloat16",
-        ep_exchange=exchange,
-        capacity_factor=2.0,
     )
+    ex = ExecutionConfig(moe_impl="dropless", ep_exchange=exchange, capacity_factor=2.0)
     layout = sharding.layout(ep_mesh, sharding.rules_for(mesh_cfg))
     graphdef, abstract_state = nnx.split(
-        nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout))
+        nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout, execution=ex))
     )
 
     def step(state, x):

@@ -227,8 +227,8 @@ def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):
     [
         ("--config.model.foo=1", "--config.model.foo: unknown key 'foo' in model"),
         (
-            "--config.model.score_func=relu",
-            "error: model.score_func: got 'relu', allowed: 'softmax', 'sigmoid'",
+            "--config.model.router.score_func=relu",
+            "error: model.router.score_func: got 'relu', allowed: 'softmax', 'sigmoid'",
         ),
         ("--config.train.steps=abc", "--config.train.steps=abc: invalid literal for int()"),
     ],

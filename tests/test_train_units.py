@@ -146,7 +146,7 @@ def test_losses_do_not_depend_on_the_microbatch_split():
     cfg = dataclasses.replace(
         base,
         train=dataclasses.replace(base.train, batch_size=8, logit_z_loss=1e-3),
-        model=base.model.replace(seq_aux_loss_coef=0.01, router_z_loss_coef=1e-3, mtp_depth=2),
+        model=base.model.replace(mtp_depth=2).with_router(seq_aux_loss_coef=0.01, z_loss_coef=1e-3),
     )
     batch = _packed_batch(cfg)
     valid = np.asarray(shifted_targets(batch, 1)[1]).sum(1)
@@ -260,15 +260,19 @@ def test_state_around_a_loaded_base_keeps_its_weights_and_router_biases(tmp_path
 
 
 def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
-    """A model field the saved config lacks (added since) compares as its default; a real change is
-    named."""
+    """A checkpoint written with the flat model section of before the router and execution sections
+    resumes; a model field it lacks (added since) compares as its default; how the model executes
+    may change on resume; a real change of the model is named."""
     import orbax.checkpoint as ocp
 
     from moejax.trainer.checkpoint import Checkpointer, IncompatibleCheckpoint
 
     cfg = tiny_config()
     old = cfg.to_dict()
-    del old["model"]["capacity_scope"]  # as written before the field existed
+    renamed = {"jitter": "router_jitter", "z_loss_coef": "router_z_loss_coef"}
+    old["model"].update({renamed.get(k, k): v for k, v in old["model"].pop("router").items()})
+    old["model"].update(old.pop("execution"))
+    del old["model"]["capacity_scope"], old["model"]["router_z_loss_coef"]  # not yet fields
     ck = Checkpointer(str(tmp_path), cfg)
     ck.manager.save(
         1,
@@ -280,8 +284,10 @@ def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
     )
     ck.close()
     Checkpointer(str(tmp_path), cfg).check_compatible(1)
-    changed = dataclasses.replace(cfg, model=cfg.model.replace(capacity_scope="group"))
+    ex = cfg.execution.replace(remat_policy="full", capacity_scope="group", moe_impl="capacity")
+    Checkpointer(str(tmp_path), dataclasses.replace(cfg, execution=ex)).check_compatible(1)
+    changed = dataclasses.replace(cfg, model=cfg.model.with_router(z_loss_coef=1e-3))
     with pytest.raises(
-        IncompatibleCheckpoint, match=r"model.capacity_scope: checkpoint 'global' vs config 'group'"
+        IncompatibleCheckpoint, match=r"model.router.z_loss_coef: checkpoint 0.0 vs config 0.001"
     ):
         Checkpointer(str(tmp_path), changed).check_compatible(1)

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig, upgrade_saved
 from moejax.convert.load import default_mesh, target_shardings
 from moejax.model import Transformer
 
@@ -32,19 +32,25 @@ def save_model(model: Transformer, cfg: ModelConfig, path: str) -> None:
 
 
 def load_model(
-    path: str, mesh: Mesh | None = None, rules: Mapping[str, object] | None = None, **overrides
+    path: str,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, object] | None = None,
+    execution: ExecutionConfig | None = None,
+    **overrides,
 ) -> tuple[Transformer, ModelConfig]:
     """Restores a save_model checkpoint straight into its target shardings on `mesh` (None: one
     device), each device reading only its shards; overrides change ModelConfig fields (a changed
-    param_dtype casts while restoring)."""
+    param_dtype casts while restoring); execution is how the model computes."""
     path = os.path.abspath(path)
     with open(os.path.join(path, "config.json")) as f:
-        cfg = ModelConfig.from_dict(json.load(f))
+        cfg = ModelConfig.from_dict(upgrade_saved(json.load(f)))
     if overrides:
         cfg = cfg.replace(**overrides)
     mesh = mesh if mesh is not None else default_mesh()
     graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+        nnx.eval_shape(
+            lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules, execution=execution)
+        )
     )
     _, _, shardings = target_shardings(abstract, mesh, rules)
     target = jax.tree.map(

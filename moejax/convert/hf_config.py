@@ -9,9 +9,10 @@ moe_layer_freq-th layer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, RouterConfig
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
 
@@ -164,8 +165,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         **rope,
         aux_loss_coef=0.0,
         seq_aux_loss_coef=0.0,
-        router_z_loss_coef=0.0,
-        router_jitter=0.0,
+        z_loss_coef=0.0,
+        jitter=0.0,
     )
     if mt in ("deepseek_v3", "deepseek_v2"):
         c.update(
@@ -249,7 +250,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(
             f"config.json ({mt}) has settings moejax cannot honour: {'; '.join(problems)}"
         )
-    return ModelConfig.from_dict(c)
+    # the gating keys above are the router section's
+    router = {f.name: c.pop(f.name) for f in dataclasses.fields(RouterConfig) if f.name in c}
+    return ModelConfig.from_dict({**c, "router": router})
 
 
 def _deepseek_v1_problems(d: dict[str, Any]) -> list[str]:
@@ -326,14 +329,14 @@ def _mixtral_expressible(cfg: ModelConfig) -> bool:
         cfg.moe_intermediate_size == cfg.intermediate_size
         and "dense" not in cfg.layer_kinds()
         and not cfg.n_shared_experts
-        and cfg.norm_topk_prob
+        and cfg.router.norm_topk_prob
     )
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a moejax config exports to."""
     if cfg.attention_type == "mla":
-        return "deepseek_v3" if cfg.use_score_correction_bias else "deepseek_v2"
+        return "deepseek_v3" if cfg.router.use_score_correction_bias else "deepseek_v2"
     if cfg.qk_norm:
         return "qwen3_moe"
     return "mixtral" if _mixtral_expressible(cfg) else "deepseek"
@@ -402,13 +405,13 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
             n_shared_experts=cfg.n_shared_experts,
             moe_intermediate_size=cfg.moe_intermediate_size,
             first_k_dense_replace=cfg.first_k_dense_replace,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.router.routed_scaling_factor,
+            n_group=cfg.router.n_group,
+            topk_group=cfg.router.topk_group,
+            norm_topk_prob=cfg.router.norm_topk_prob,
         )
         if mt == "deepseek_v3":
-            if cfg.score_func != "sigmoid":
+            if cfg.router.score_func != "sigmoid":
                 problems.append("score_func must be 'sigmoid' for transformers' deepseek_v3")
             d.update(
                 rope_interleave=cfg.rope_interleave,
@@ -417,12 +420,16 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
                 topk_method="noaux_tc",
             )
         else:
-            if cfg.score_func != "softmax" or cfg.norm_topk_prob or not cfg.rope_interleave:
+            if (
+                cfg.router.score_func != "softmax"
+                or cfg.router.norm_topk_prob
+                or not cfg.rope_interleave
+            ):
                 problems.append(
                     "deepseek_v2 needs score_func='softmax', norm_topk_prob=False, "
                     "rope_interleave=True"
                 )
-            d.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy")
+            d.update(topk_method="group_limited_greedy" if cfg.router.n_group > 1 else "greedy")
     elif mt == "deepseek":
         problems += _deepseek_v1_out(cfg, d)
     else:
@@ -443,7 +450,7 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
                     "mixtral needs every layer MoE with moe_intermediate_size == "
                     "intermediate_size, no qk_norm"
                 )
-            if not cfg.norm_topk_prob:
+            if not cfg.router.norm_topk_prob:
                 problems.append(
                     "mixtral renormalises the top-k weights (norm_topk_prob=False: export to "
                     "'deepseek')"
@@ -451,7 +458,7 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         else:
             d.update(
                 moe_intermediate_size=cfg.moe_intermediate_size,
-                norm_topk_prob=cfg.norm_topk_prob,
+                norm_topk_prob=cfg.router.norm_topk_prob,
                 decoder_sparse_step=cfg.decoder_sparse_step,
                 mlp_only_layers=list(cfg.mlp_only_layers),
             )
@@ -459,9 +466,9 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
                 problems.append("qwen3_moe has no first_k_dense_replace (use mlp_only_layers)")
         if (
             cfg.n_shared_experts
-            or cfg.score_func != "softmax"
-            or cfg.n_group > 1
-            or cfg.routed_scaling_factor != 1.0
+            or cfg.router.score_func != "softmax"
+            or cfg.router.n_group > 1
+            or cfg.router.routed_scaling_factor != 1.0
         ):
             problems.append(
                 f"{mt} routing is plain softmax top-k without shared experts, groups or scaling"
@@ -484,15 +491,15 @@ def _deepseek_v1_out(cfg: ModelConfig, d: dict[str, Any]) -> list[str]:
     if cfg.num_heads * cfg.gqa_head_dim != cfg.hidden_size:
         problems.append(f"head_dim={cfg.gqa_head_dim} must be hidden_size / num_heads")
     if (
-        cfg.score_func != "softmax"
-        or cfg.n_group > 1
-        or cfg.routed_scaling_factor != 1.0
-        or cfg.use_score_correction_bias
+        cfg.router.score_func != "softmax"
+        or cfg.router.n_group > 1
+        or cfg.router.routed_scaling_factor != 1.0
+        or cfg.router.use_score_correction_bias
     ):
         problems.append(
             "routing must be plain softmax top-k (no groups, scaling or correction bias)"
         )
-    if cfg.norm_topk_prob and cfg.num_experts_per_tok == 1:
+    if cfg.router.norm_topk_prob and cfg.num_experts_per_tok == 1:
         problems.append("norm_topk_prob with top-1 (deepseek normalises only when top-k > 1)")
     if cfg.mtp_depth:
         problems.append("mtp_depth must be 0")
@@ -502,7 +509,7 @@ def _deepseek_v1_out(cfg: ModelConfig, d: dict[str, Any]) -> list[str]:
             "the MoE layers must be every moe_layer_freq-th layer from first_k_dense_replace on "
             f"(layer kinds: {', '.join(cfg.layer_kinds())})"
         )
-    seq_aux = cfg.seq_aux_loss_coef > 0 or cfg.aux_loss_coef == 0
+    seq_aux = cfg.router.seq_aux_loss_coef > 0 or cfg.router.aux_loss_coef == 0
     d.pop("rope_parameters")
     d.pop("dtype")
     d.update(
@@ -512,9 +519,9 @@ def _deepseek_v1_out(cfg: ModelConfig, d: dict[str, Any]) -> list[str]:
         moe_intermediate_size=cfg.moe_intermediate_size,
         first_k_dense_replace=rule[0] if rule else cfg.first_k_dense_replace,
         moe_layer_freq=rule[1] if rule else 1,
-        norm_topk_prob=cfg.norm_topk_prob,
+        norm_topk_prob=cfg.router.norm_topk_prob,
         scoring_func="softmax",
-        aux_loss_alpha=cfg.seq_aux_loss_coef if seq_aux else cfg.aux_loss_coef,
+        aux_loss_alpha=cfg.router.seq_aux_loss_coef if seq_aux else cfg.router.aux_loss_coef,
         seq_aux=seq_aux,
         rope_theta=cfg.rope_theta,
         rope_scaling=None,

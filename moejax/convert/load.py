@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from moejax import sharding
-from moejax.config import MeshConfig, ModelConfig
+from moejax.config import ExecutionConfig, MeshConfig, ModelConfig
 from moejax.convert import regions
 from moejax.convert import weights as W
 from moejax.convert.hf_config import from_hf_config
@@ -168,6 +168,7 @@ def from_hf(
     mesh: Mesh | None = None,
     rules: Mapping[str, object] | None = None,
     dtype=None,
+    execution: ExecutionConfig | None = None,
     **overrides,
 ) -> tuple[Transformer, ModelConfig]:
     """Loads a Hugging Face checkpoint directory into a moejax Transformer, sharded as it loads.
@@ -179,7 +180,8 @@ def from_hf(
       rules: logical-axis rules (default moejax.sharding.DEFAULT_RULES).
       dtype: parameter dtype, e.g. 'bfloat16' (default: cfg.param_dtype). The float32 router stays
         float32.
-      overrides: ModelConfig fields to change after mapping (e.g. moe_impl='dense', compute_dtype).
+      execution: how the model computes (dispatch, kernels; config.ExecutionConfig's default).
+      overrides: ModelConfig fields to change after mapping (e.g. compute_dtype).
     Returns:
       (model, config); each parameter has the sharding moejax.sharding.tree_shardings gives it, and
       the model is built for `mesh` (moejax.sharding.Layout).
@@ -193,7 +195,9 @@ def from_hf(
     rules = rules if rules is not None else sharding.DEFAULT_RULES
     # built for its mesh: on several devices the model runs expert-parallel there
     graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+        nnx.eval_shape(
+            lambda: Transformer(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules, execution=execution)
+        )
     )
     mesh, rules, shardings = target_shardings(state, mesh, rules)
     flat = list(nnx.to_flat_state(state))

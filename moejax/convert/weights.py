@@ -128,7 +128,7 @@ def _block_entries(
         return e
     moe = f"{hf}.block_sparse_moe" if (model_type == "mixtral" and not fused) else f"{hf}.mlp"
     e[f"{moe}.gate.weight"] = Slot(f + ("router", "w"), idx, "linear")
-    if cfg.use_score_correction_bias:
+    if cfg.router.use_score_correction_bias:
         e[f"{moe}.gate.e_score_correction_bias"] = Slot(f + ("router", "bias"), idx, "copy")
     if fused:
         e[f"{moe}.experts.gate_up_proj"] = Slot(f + ("w_gate_up",), idx, "fused_gate_up")

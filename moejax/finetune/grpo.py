@@ -188,9 +188,9 @@ class Rollouts:
                 "host (any mesh of its devices)"
             )
         # the policy pass must compute what the sampler computed: no training-only randomness
-        if cfg.model.router_jitter > 0:
+        if cfg.model.router.jitter > 0:
             raise ConfigError(
-                f"model.router_jitter={cfg.model.router_jitter}: GRPO's policy pass must route as "
+                f"model.router.jitter={cfg.model.router.jitter}: GRPO's policy pass must route as "
                 "the sampler did; set it to 0"
             )
         if cfg.lora.dropout > 0:

@@ -120,8 +120,8 @@ def apply(model, cfg: LoRAConfig, rngs: nnx.Rngs):
         for p, module, _name in found:
             if "experts" in p and getattr(module, "dispatch", "") in ("dense", "capacity"):
                 raise ConfigError(
-                    f"lora.dropout: routed experts under model.moe_impl={module.dispatch!r} run "
-                    "merged weights, which cannot drop adapter inputs; use 'dropless' or "
+                    f"lora.dropout: routed experts under execution.moe_impl={module.dispatch!r} "
+                    "run merged weights, which cannot drop adapter inputs; use 'dropless' or "
                     "lora.dropout=0"
                 )
     for _, module, name in found:

@@ -17,31 +17,19 @@ import os
 
 import jax
 
-from moejax.config import Config, ConfigError, ModelConfig
+from moejax.config import Config, ConfigError, ModelConfig, upgrade_saved
 from moejax.data import chat, dataset, layout, mixture
 from moejax.finetune.data import file_digest
 
-# How a run executes, not what the base is: these model fields come from the recipe, every other
-# from the base.
-RUN_FIELDS = (
-    "param_dtype",
-    "compute_dtype",
-    "remat_policy",
-    "scan_layers",
-    "moe_impl",
-    "gmm_impl",
-    "attention_impl",
-    "attention_block",
-    "capacity_factor",
-    "ep_exchange",
-    "capacity_scope",
-    "pipeline_microbatches",
-    "router_jitter",
+# How a run trains, not what the base is: these model and router fields come from the recipe,
+# every other from the base (the execution section is the recipe's whole).
+RUN_FIELDS = ("param_dtype", "compute_dtype", "mtp_loss_weight")
+RUN_ROUTER_FIELDS = (
+    "jitter",
     "aux_loss_coef",
     "seq_aux_loss_coef",
-    "router_z_loss_coef",
+    "z_loss_coef",
     "bias_update_rate",
-    "mtp_loss_weight",
 )
 
 
@@ -76,7 +64,7 @@ def base_model_config(path: str) -> ModelConfig:
     with open(os.path.join(base_dir(path), "config.json")) as f:
         d = json.load(f)
     if kind == "moejax":
-        return ModelConfig.from_dict(d)
+        return ModelConfig.from_dict(upgrade_saved(d))
     from moejax.convert.hf_config import from_hf_config
 
     return from_hf_config(d)
@@ -169,7 +157,8 @@ def resolve(cfg: Config) -> Config:
             )  # pinned: a base run that goes on training does not move under the adapters
         cfg = dataclasses.replace(cfg, base=path if step is None else f"{path}@{step}")
         base = base_model_config(cfg.base)
-        model = base.replace(**{f: getattr(cfg.model, f) for f in RUN_FIELDS})
+        router = base.router.replace(**{f: getattr(cfg.model.router, f) for f in RUN_ROUTER_FIELDS})
+        model = base.replace(router=router, **{f: getattr(cfg.model, f) for f in RUN_FIELDS})
         cfg = dataclasses.replace(cfg, model=model)
         tok_file, special = base_tokenizer(cfg.base)
     elif cfg.sft.data:
@@ -252,7 +241,7 @@ def load_base(cfg: Config, mesh=None, rules=None):
 
     kind = base_kind(cfg.base)
     dtype = None if kind == "workdir" else cfg.model.param_dtype
-    model, _ = load(cfg.base, mesh=mesh, rules=rules, dtype=dtype)
+    model, _ = load(cfg.base, mesh=mesh, rules=rules, dtype=dtype, execution=cfg.execution)
     if kind == "workdir" and cfg.model.param_dtype != model.cfg.param_dtype:
         raise BaseError(
             f"model.param_dtype={cfg.model.param_dtype!r} but the base workdir keeps "

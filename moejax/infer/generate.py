@@ -84,8 +84,8 @@ def for_inference(model):
         if isinstance(m, MoE):
             if m.dispatch == "capacity":
                 m.dispatch = "dropless"
-            if m.cfg.ep_exchange != "dropless":
-                m.cfg = m.cfg.replace(ep_exchange="dropless")
+            if m.execution.ep_exchange != "dropless":
+                m.execution = m.execution.replace(ep_exchange="dropless")
     return view
 
 

@@ -9,13 +9,14 @@ a Hugging Face folder   config.json + *.safetensors (streamed onto the mesh), to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
 from flax import nnx
 
-from moejax.config import Config
+from moejax.config import Config, ExecutionConfig, upgrade_saved
 
 
 class LoadError(ValueError):
@@ -87,16 +88,18 @@ def workdir_config(path: str) -> Config:
     manager, step = _manager(os.path.abspath(path), step)
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     manager.close()
-    return Config.from_dict(saved)
+    return Config.from_dict(upgrade_saved(saved))
 
 
-def _train_workdir(path: str, mesh, rules, step: int | None = None):
+def _train_workdir(path: str, mesh, rules, step: int | None = None, execution=None):
     import orbax.checkpoint as ocp
 
     from moejax.data import layout, mixture
     from moejax.trainer import setup as setup_lib
 
     cfg = workdir_config(path if step is None else f"{path}@{step}")
+    if execution is not None:
+        cfg = dataclasses.replace(cfg, execution=execution)
     manager, step = _manager(path, step)
     ts = setup_lib.build(cfg, mesh)
     target = {k: ts.abstract[k] for k in ("params", "router")}
@@ -136,12 +139,21 @@ def _train_workdir(path: str, mesh, rules, step: int | None = None):
     return model, tokenizer
 
 
-def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None = None):
+def load(
+    path: str,
+    *,
+    mesh=None,
+    rules=None,
+    dtype=None,
+    tokenizer: str | None = None,
+    execution: ExecutionConfig | None = None,
+):
     """(model, tokenizer or None) from a training workdir (its latest step, or 'workdir@step'), a
     moejax checkpoint or a Hugging Face folder.
 
     mesh / rules place the parameters (default: one device); dtype casts a checkpoint's parameters.
     `tokenizer` (a .model or tokenizer.json file) overrides the one found with the model.
+    `execution` is how the model computes (default: a workdir's own, else ExecutionConfig()).
     """
     path, step = split_step(os.path.abspath(path))
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -149,20 +161,24 @@ def load(path: str, *, mesh=None, rules=None, dtype=None, tokenizer: str | None 
             raise LoadError(
                 "--dtype applies to model checkpoints; a training workdir keeps its config's dtypes"
             )
-        model, tok = _train_workdir(path, mesh, rules, step)
+        model, tok = _train_workdir(path, mesh, rules, step, execution)
     elif os.path.isdir(os.path.join(path, "state")) and os.path.exists(
         os.path.join(path, "config.json")
     ):
         from moejax.convert.checkpoint import load_model
 
         model, _ = load_model(
-            path, mesh=mesh, rules=rules, **({"param_dtype": dtype} if dtype else {})
+            path,
+            mesh=mesh,
+            rules=rules,
+            execution=execution,
+            **({"param_dtype": dtype} if dtype else {}),
         )
         tok = None
     elif os.path.exists(os.path.join(path, "config.json")):
         from moejax.convert import from_hf
 
-        model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype)
+        model, _ = from_hf(path, mesh=mesh, rules=rules, dtype=dtype, execution=execution)
         tok = None if tokenizer else hf_tokenizer(path)
     else:
         raise LoadError(

@@ -2,7 +2,7 @@
 
 Both take x [B, T, D], rotary cos/sin [B, T, P] and segment ids [B, T] (causal attention within
 each packed document) and return [B, T, D]. The attention itself is `moejax.kernels.attention`'s op,
-its backend chosen by `model.attention_impl`; softmax statistics are float32 on every backend.
+its backend chosen by `execution.attention_impl`; softmax statistics are float32 on every backend.
 """
 
 from __future__ import annotations
@@ -12,23 +12,23 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig
 from moejax.kernels.attention import attention
 from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, rms_norm
 
 
 def _attend(self, q, k, v, segment_ids):
     """The configured attention backend on q [B, T, N, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv]."""
-    cfg = self.cfg
+    ex = self.execution
     return attention(
         q,
         k,
         v,
         segment_ids,
-        scale=cfg.softmax_scale,
-        impl=cfg.attention_impl,
+        scale=self.cfg.softmax_scale,
+        impl=ex.attention_impl,
         layout=self.layout,
-        block=cfg.attention_block or None,
+        block=ex.attention_block or None,
     )
 
 
@@ -40,10 +40,18 @@ class MLA(nnx.Module):
     of qk_rope_head_dim is shared by all heads.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         D, N = cfg.hidden_size, cfg.num_heads
         R, Hn, Hr, Hv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.cfg = cfg
+        self.execution = execution  # the attention backend
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), cfg)  # [D, Rq]
@@ -107,9 +115,17 @@ class MLA(nnx.Module):
 class GQA(nnx.Module):
     """Multi-head / grouped-query attention with optional per-head QK RMSNorm (Qwen3)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         D, N, Nkv, H = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.gqa_head_dim
         self.cfg = cfg
+        self.execution = execution  # the attention backend
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
         self.wk = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)

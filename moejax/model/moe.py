@@ -4,7 +4,7 @@
 unweighted, the per-expert token counts (`expert_counts` [E]), `drop_fraction`, and the sums and
 counts behind them (SUM_STATS), from which a caller combines microbatches exactly.
 
-Strategies (cfg.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each token:
+Strategies (execution.moe_impl), all computing sum_k w_k * expert_{e_k}(x) for each token:
   dense     every expert on every token, masked: the readable reference
   capacity  GShard/Switch buffers of C = ceil(capacity_factor * M * K / E) rows per expert; the
             lowest-weight assignments are dropped first, padding never dispatched
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import kernels, sharding
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig
 from moejax.model import layers, moe_ep
 from moejax.model import router as router_lib
 from moejax.model.layers import MLP, dtype_of, param, swiglu
@@ -182,9 +182,11 @@ def check_stats(stats: dict) -> None:
 
 
 def _per_layer_loss(stats, cfg: ModelConfig, sequences, tokens, switch_weight=1.0):
-    total = cfg.aux_loss_coef * switch_weight * stats["switch_loss"]
-    total = total + cfg.seq_aux_loss_coef * stats["seq_aux_sum"] / jnp.maximum(sequences, 1.0)
-    return total + cfg.router_z_loss_coef * stats["z_sum"] / jnp.maximum(tokens, 1.0)
+    total = cfg.router.aux_loss_coef * switch_weight * stats["switch_loss"]
+    total = total + cfg.router.seq_aux_loss_coef * stats["seq_aux_sum"] / jnp.maximum(
+        sequences, 1.0
+    )
+    return total + cfg.router.z_loss_coef * stats["z_sum"] / jnp.maximum(tokens, 1.0)
 
 
 def balance_loss(stats, cfg: ModelConfig, *, sequences, tokens, switch_weight=1.0):
@@ -210,16 +212,24 @@ def with_means(stats, cfg: ModelConfig):
 class MoE(nnx.Module):
     """Routed experts [E, D, 2, F] / [E, F, D], a float32 router [D, E], optional shared experts.
 
-    The dispatch is chosen once, here: cfg.moe_impl, except that dropless on a mesh of several
+    The dispatch is chosen once, here: execution.moe_impl, except that dropless on a mesh of several
     devices runs expert-parallel (moe_ep.py) over the axes the rules give the logical 'expert' axis.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         self.cfg = cfg
+        self.execution = execution  # dispatch, grouped-matmul backend, exchange, capacity
         self.layout = layout  # sharding.Layout (None: no mesh)
-        self.dispatch = cfg.moe_impl
-        if cfg.moe_impl == "dropless" and layout is not None:
+        self.dispatch = execution.moe_impl
+        if execution.moe_impl == "dropless" and layout is not None:
             sharding.expert_axes(
                 layout.mesh, layout.rule_table
             )  # a rule the exchange cannot honour fails here
@@ -290,7 +300,7 @@ class MoE(nnx.Module):
 
     def _experts(self, x, xf, r: router_lib.Routing, mask, mask2, cd, rng=None):
         """Routed experts by this layer's dispatch: (y [M, D] float32, real assignments dropped)."""
-        cfg, wgu, wd = self.cfg, self.w_gate_up[...], self.w_down[...]
+        cfg, ex, wgu, wd = self.cfg, self.execution, self.w_gate_up[...], self.w_down[...]
         lora = self.expert_lora(rng)
         zero = jnp.zeros((), jnp.float32)
         if lora is not None and self.dispatch in ("dense", "capacity"):
@@ -302,9 +312,9 @@ class MoE(nnx.Module):
             return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd), zero
         if self.dispatch == "capacity":
             return experts_capacity(
-                xf, r.expert_ids, r.weights, wgu, wd, cd, cfg.capacity_factor, mask
+                xf, r.expert_ids, r.weights, wgu, wd, cd, ex.capacity_factor, mask
             )
-        impl = None if cfg.gmm_impl == "auto" else cfg.gmm_impl
+        impl = None if ex.gmm_impl == "auto" else ex.gmm_impl
         B, T, D = x.shape
         if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
             return experts_gather(
@@ -328,9 +338,9 @@ class MoE(nnx.Module):
                 cd,
                 mesh=mesh,
                 rules=self.layout.rule_table,
-                exchange=cfg.ep_exchange,
-                capacity_factor=cfg.capacity_factor,
-                capacity_scope=cfg.capacity_scope,
+                exchange=ex.ep_exchange,
+                capacity_factor=ex.capacity_factor,
+                capacity_scope=ex.capacity_scope,
                 gmm_impl=impl,
                 lora=lora,
             )
@@ -350,10 +360,12 @@ class MoE(nnx.Module):
         seq_sum, seq_count = router_lib.sequence_balance_terms(r, cfg, mask, batch)
         z_sum, tokens = router_lib.router_z_terms(r, mask)
         return {
-            "switch_loss": router_lib.switch_loss(r, cfg, mask) if cfg.aux_loss_coef else zero,
-            "seq_aux_sum": seq_sum if cfg.seq_aux_loss_coef else zero,
+            "switch_loss": router_lib.switch_loss(r, cfg, mask)
+            if cfg.router.aux_loss_coef
+            else zero,
+            "seq_aux_sum": seq_sum if cfg.router.seq_aux_loss_coef else zero,
             "seq_count": seq_count,
-            "z_sum": z_sum if cfg.router_z_loss_coef else zero,
+            "z_sum": z_sum if cfg.router.z_loss_coef else zero,
             "token_count": tokens,
             "expert_counts": router_lib.expert_counts(r.expert_ids, cfg.n_routed_experts, mask),
         }

@@ -21,7 +21,7 @@ Exchange modes:
   'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
               C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing
               weights first (ties: the earlier assignment), padding never dispatched nor counted.
-              The scope (model.capacity_scope) is the whole batch ('global': the single-device
+              The scope (execution.capacity_scope) is the whole batch ('global': the single-device
               answer on every layout) or one expert-parallel group ('group'). The per-expert
               thresholds come from a radix select whose histograms are summed over the scope's axes
               (8 rounds of an [E, 16] psum). Transport in fixed buffers of min(A, E_local * C) rows

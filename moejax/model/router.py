@@ -37,8 +37,9 @@ class Routing(NamedTuple):
 
 class Router(nnx.Module):
     """The gate of a MoE layer: w [D, E] (float32, whatever the parameter dtype), the aux-loss-free
-    correction bias [E] (when cfg.use_score_correction_bias) and Switch-style multiplicative jitter
-    on its inputs (cfg.router_jitter, training only: when a rng is given)."""
+    correction bias [E] (when cfg.router.use_score_correction_bias) and Switch-style
+    multiplicative jitter on its inputs (cfg.router.jitter, training only: when a rng is given).
+    Its settings are the model config's router section (config.RouterConfig)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, E = cfg.hidden_size, cfg.n_routed_experts
@@ -47,23 +48,23 @@ class Router(nnx.Module):
             cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
             logical_axes=("embed", None),
         )
-        if cfg.use_score_correction_bias:
+        if cfg.router.use_score_correction_bias:
             self.bias = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
 
     def logits(self, x, rng=None):
         """x [M, D] -> float32 logits [M, E] (jittered inputs when rng is given)."""
         cfg = self.cfg
         x = x.astype(jnp.float32)
-        if rng is not None and cfg.router_jitter > 0:
+        if rng is not None and cfg.router.jitter > 0:
             noise = jax.random.uniform(
-                rng, x.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter
+                rng, x.shape, jnp.float32, 1 - cfg.router.jitter, 1 + cfg.router.jitter
             )
             x = x * noise
         return jnp.dot(x, self.w[...].astype(jnp.float32))
 
     def __call__(self, x, rng=None) -> Routing:
         """x [M, D] -> the Routing of every row (this router's choice, before any replay)."""
-        bias = self.bias[...] if self.cfg.use_score_correction_bias else None
+        bias = self.bias[...] if self.cfg.router.use_score_correction_bias else None
         return route(self.logits(x, rng), bias, self.cfg)
 
     def update_bias(self, counts, rate: float) -> None:
@@ -80,19 +81,19 @@ def route(logits, bias, cfg: ModelConfig) -> Routing:
     """
     M, E = logits.shape
     logits = logits.astype(jnp.float32)
-    if cfg.score_func == "softmax":
+    if cfg.router.score_func == "softmax":
         scores = jax.nn.softmax(logits, axis=-1)
     else:
         scores = jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)[None]
-    if cfg.n_group > 1:
-        G = cfg.n_group
+    if cfg.router.n_group > 1:
+        G = cfg.router.n_group
         grouped = choice.reshape(M, G, E // G)  # [M, G, E/G]
         if bias is None:
             group_scores = grouped.max(axis=-1)  # [M, G]
         else:
             group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
-        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [M, topk_group]
+        _, top_groups = jax.lax.top_k(group_scores, cfg.router.topk_group)  # [M, topk_group]
         group_mask = jnp.zeros((M, G), bool).at[jnp.arange(M)[:, None], top_groups].set(True)
         expert_mask = jnp.repeat(group_mask, E // G, axis=1)  # [M, E]
         choice = jnp.where(expert_mask, choice, -jnp.inf)
@@ -106,9 +107,9 @@ def gate_weights(scores, expert_ids, cfg: ModelConfig):
     """The gate weights of the chosen experts [M, K]: their unbiased scores, normalized
     (norm_topk_prob) and scaled by routed_scaling_factor."""
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
-    if cfg.norm_topk_prob:
+    if cfg.router.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor
+    return weights * cfg.router.routed_scaling_factor
 
 
 def replayed(r: Routing, expert_ids, cfg: ModelConfig) -> Routing:
@@ -141,7 +142,7 @@ def expert_counts(expert_ids, num_experts: int, token_mask=None):
 def balance_probs(routing: Routing, cfg: ModelConfig):
     """Per-token probabilities over experts used by the balance losses: the softmax scores, or
     sigmoid scores normalised to sum to one (DeepSeek-V3's s'_{i,t})."""
-    if cfg.score_func == "softmax":
+    if cfg.router.score_func == "softmax":
         return routing.scores
     return routing.scores / (routing.scores.sum(axis=-1, keepdims=True) + 1e-20)
 

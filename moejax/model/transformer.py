@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
 from moejax import sharding
-from moejax.config import ModelConfig
+from moejax.config import ExecutionConfig, ModelConfig
 from moejax.model import moe as moe_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
@@ -37,15 +37,23 @@ assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES), "one li
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)); ffn dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        kind: str,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         self.kind = kind
         self.layout = layout  # sharding.Layout: the residual stream is pinned to it (None: no mesh)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         attention = MLA if cfg.attention_type == "mla" else GQA
-        self.attn = attention(cfg, rngs=rngs, layout=layout)
+        self.attn = attention(cfg, rngs=rngs, layout=layout, execution=execution)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         self.ffn = (
-            MoE(cfg, rngs=rngs, layout=layout)
+            MoE(cfg, rngs=rngs, layout=layout, execution=execution)
             if kind == "moe"
             else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout)
         )
@@ -76,13 +84,20 @@ class Block(nnx.Module):
 RESIDUAL = ("batch", None, None)  # logical axes of the residual stream [B, T, D]
 
 
-def make_stack(cfg: ModelConfig, kind: str, n: int, rngs: nnx.Rngs, layout=None) -> Block:
+def make_stack(
+    cfg: ModelConfig,
+    kind: str,
+    n: int,
+    rngs: nnx.Rngs,
+    layout=None,
+    execution: ExecutionConfig = ExecutionConfig(),
+) -> Block:
     """n Blocks with parameters stacked on a leading layer axis."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
     def create(r):
-        return Block(cfg, kind, rngs=r, layout=layout)
+        return Block(cfg, kind, rngs=r, layout=layout, execution=execution)
 
     return create(rngs)
 
@@ -102,6 +117,7 @@ def run_stack(
     token_mask,
     rng,
     cfg: ModelConfig,
+    ex: ExecutionConfig,
     mesh=None,
     routes=None,
     replay: bool = False,
@@ -118,8 +134,10 @@ def run_stack(
             raise ValueError(
                 "routing replay is not supported with a pipeline ('stage' mesh axis > 1)"
             )
-        return run_stack_pipelined(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, mesh)
-    return _scan_stack(stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, routes, replay)
+        return run_stack_pipelined(
+            stack, n, x, cos, sin, segment_ids, token_mask, rng, cfg, ex, mesh
+        )
+    return _scan_stack(stack, n, x, cos, sin, segment_ids, token_mask, rng, ex, routes, replay)
 
 
 def _scan_stack(
@@ -131,7 +149,7 @@ def _scan_stack(
     segment_ids,
     token_mask,
     rng,
-    cfg: ModelConfig,
+    ex: ExecutionConfig,
     routes=None,
     replay: bool = False,
 ):
@@ -143,9 +161,9 @@ def _scan_stack(
         block = nnx.merge(graphdef, layer_state)
         return block(h, cos, sin, segment_ids, token_mask, layer_rng, layer_route, replay)
 
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    if cfg.scan_layers:
+    if ex.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[ex.remat_policy], prevent_cse=False)
+    if ex.scan_layers:
         return jax.lax.scan(body, x, (state, rngs, routes))
     auxs = []
     for i in range(n):
@@ -155,21 +173,31 @@ def _scan_stack(
 
 
 def run_stack_pipelined(
-    stack: Block, n: int, x, cos, sin, segment_ids, token_mask, rng, cfg: ModelConfig, mesh
+    stack: Block,
+    n: int,
+    x,
+    cos,
+    sin,
+    segment_ids,
+    token_mask,
+    rng,
+    cfg: ModelConfig,
+    ex: ExecutionConfig,
+    mesh,
 ):
     """GPipe-style pipeline over the mesh's 'stage' axis.
 
     The stacked layers are already split over 'stage' (rule layers -> stage): stage s holds layers
-    [s*n/S, (s+1)*n/S). The batch is cut into M microbatches (cfg.pipeline_microbatches, default S);
-    in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside [0, M)), then
-    passes its activations to stage s+1 with a ppermute. The last stage's outputs are broadcast back
-    to every stage (psum), and each stage's per-layer aux, summed over microbatches, is gathered
-    into [n, ...]. The MoE statistics are sums (moe.SUM_STATS), exact over microbatches; the Switch
-    loss, a per-batch mean, is averaged over them. Inside a stage the expert-parallel exchange is a
-    shard_map nested over the remaining mesh axes (moe_ep.experts_ep).
+    [s*n/S, (s+1)*n/S). The batch is cut into M microbatches (execution.pipeline_microbatches,
+    default S); in step t = 0 .. M+S-2 stage s runs its layers on microbatch t - s (idle outside
+    [0, M)), then passes its activations to stage s+1 with a ppermute. The last stage's outputs are
+    broadcast back to every stage (psum), and each stage's per-layer aux, summed over microbatches,
+    is gathered into [n, ...]. The MoE statistics are sums (moe.SUM_STATS), exact over microbatches;
+    the Switch loss, a per-batch mean, is averaged over them. Inside a stage the expert-parallel
+    exchange is a shard_map nested over the remaining mesh axes (moe_ep.experts_ep).
     """
     S = mesh.shape["stage"]
-    M = cfg.pipeline_microbatches or S
+    M = ex.pipeline_microbatches or S
     B = x.shape[0]
     if B % M:
         raise ValueError(
@@ -193,8 +221,8 @@ def run_stack_pipelined(
             args = jax.tree.map(lambda a: a[i], (cos, sin, segment_ids, token_mask))
             sub = nnx.merge(graphdef, state)
             if rngs is None:
-                return _scan_stack(sub, local, h, *args, None, cfg)
-            return _scan_stack_rngs(sub, local, h, *args, rngs, cfg)
+                return _scan_stack(sub, local, h, *args, None, ex)
+            return _scan_stack_rngs(sub, local, h, *args, rngs, ex)
 
         aux_shape = jax.eval_shape(run_layers, xs[0], 0)[1]
         aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
@@ -239,7 +267,7 @@ def run_stack_pipelined(
     return outs.swapaxes(0, 1).reshape((B,) + outs.shape[2:]), aux
 
 
-def _scan_stack_rngs(stack, n, x, cos, sin, segment_ids, token_mask, rngs, cfg):
+def _scan_stack_rngs(stack, n, x, cos, sin, segment_ids, token_mask, rngs, ex: ExecutionConfig):
     """_scan_stack with one key per layer given (the pipeline splits the segment's keys by
     stage)."""
     graphdef, state = nnx.split(stack)
@@ -248,8 +276,8 @@ def _scan_stack_rngs(stack, n, x, cos, sin, segment_ids, token_mask, rngs, cfg):
         layer_state, layer_rng = xs
         return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, token_mask, layer_rng)
 
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    if ex.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[ex.remat_policy], prevent_cse=False)
     return jax.lax.scan(body, x, (state, rngs))
 
 
@@ -257,14 +285,20 @@ class MTPModule(nnx.Module):
     """One multi-token-prediction depth (DeepSeek-V3): [enorm(emb(t_{i+k})); hnorm(h_i)] -> eh_proj
     -> one decoder block -> final norm; embedding and LM head are the main model's."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg, rngs=rngs)
         self.hnorm = RMSNorm(D, cfg, rngs=rngs)
         self.eh_proj = param(rngs, (2 * D, D), (None, "embed"), cfg)  # [2D, D]
-        self.block = Block(
-            cfg, "moe" if cfg.n_routed_experts else "dense", rngs=rngs, layout=layout
-        )
+        kind = "moe" if cfg.n_routed_experts else "dense"
+        self.block = Block(cfg, kind, rngs=rngs, layout=layout, execution=execution)
         self.norm = RMSNorm(D, cfg, rngs=rngs)
 
 
@@ -279,24 +313,37 @@ class Transformer(nnx.Module):
     `Transformer(cfg, rngs=..., mesh=mesh, rules=rules)` builds it for a device mesh (default: the
     mesh of an enclosing `jax.set_mesh`, else none): activations are pinned to the layout the rules
     give and the dropless MoE runs expert-parallel. The layout is fixed at construction (a static
-    attribute).
+    attribute), and so is `execution` (how it computes: dispatch, kernels, remat, scan; the
+    parameters do not depend on it).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh=None, rules=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        mesh=None,
+        rules=None,
+        execution: ExecutionConfig | None = None,
+    ):
         self.cfg = cfg
+        self.execution = execution = execution or ExecutionConfig()
         # the layout is fixed here, from the arguments or an enclosing jax.set_mesh(...)
         layout = sharding.layout(mesh if mesh is not None else sharding.context_mesh(), rules)
         self.layout = layout
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
         self.segments = nnx.List(
-            [make_stack(cfg, kind, n, rngs, layout) for kind, n in segments_of(cfg)]
+            [make_stack(cfg, kind, n, rngs, layout, execution) for kind, n in segments_of(cfg)]
         )
         self.norm = RMSNorm(D, cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (D, V), ("embed", "vocab"), cfg)  # [D, V]
         self.mtp = nnx.List(
-            [MTPModule(cfg, rngs=rngs, layout=layout) for _ in range(cfg.mtp_depth)]
+            [
+                MTPModule(cfg, rngs=rngs, layout=layout, execution=execution)
+                for _ in range(cfg.mtp_depth)
+            ]
         )
 
     @property
@@ -382,6 +429,7 @@ class Transformer(nnx.Module):
                     token_mask,
                     rngs[i],
                     cfg,
+                    self.execution,
                     self.mesh,
                     seg_routes,
                     replay_routes,
@@ -449,9 +497,9 @@ class Transformer(nnx.Module):
           expert_counts: [L_moe (+ MTP MoE blocks), E] token counts over the whole global batch,
             as returned in aux['expert_counts'].
         """
-        if not self.cfg.use_score_correction_bias or not self.cfg.n_routed_experts:
+        if not self.cfg.router.use_score_correction_bias or not self.cfg.n_routed_experts:
             return
-        rate = self.cfg.bias_update_rate
+        rate = self.cfg.router.bias_update_rate
         i = 0
         for (kind, n), stack in zip(segments_of(self.cfg), self.segments):
             if kind == "moe":

@@ -11,7 +11,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from moejax.config import Config, ModelConfig
+from moejax.config import Config, ModelConfig, upgrade_saved
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -50,14 +50,15 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"
         ]
+        saved = upgrade_saved(saved)
         mine = self.cfg.to_dict()
         # a field newer than the checkpoint compares as its default (what the run that saved it had)
-        defaults = ModelConfig().to_dict()
-        saved_model = {k: saved["model"].get(k, defaults[k]) for k in mine["model"]}
+        defaults = _flat(ModelConfig().to_dict())
+        saved_model = _flat(saved["model"])
         diffs = [
-            f"model.{k}: checkpoint {saved_model[k]!r} vs config {v!r}"
-            for k, v in mine["model"].items()
-            if saved_model[k] != v
+            f"model.{k}: checkpoint {saved_model.get(k, defaults[k])!r} vs config {v!r}"
+            for k, v in _flat(mine["model"]).items()
+            if saved_model.get(k, defaults[k]) != v
         ]
         for section, keys in (
             ("data", ("seq_len", "source")),
@@ -134,3 +135,14 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'router': {'n_group': 2}} -> {'router.n_group': 2}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -145,7 +145,9 @@ class TrainSetup:
 def build_model(cfg: Config, mesh: Mesh | None, rules: dict | None, seed: int) -> Transformer:
     """The model, with frozen weights and LoRA adapters when cfg.lora.rank > 0, and a reward head
     when cfg.align.method == 'reward'."""
-    model = Transformer(cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
+    model = Transformer(
+        cfg.model, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules, execution=cfg.execution
+    )
     if cfg.lora.rank:
         from moejax.finetune import lora
 

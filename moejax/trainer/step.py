@@ -288,7 +288,7 @@ def make_train_step(
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_router = router
-        if stats and cfg.model.use_score_correction_bias and jax.tree.leaves(router):
+        if stats and cfg.model.router.use_score_correction_bias and jax.tree.leaves(router):
             # merge a copy: the update writes into the merged model's Variables, which would
             # otherwise be `router`'s own, and a skipped step must keep the old biases
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest_)

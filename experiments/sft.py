@@ -2,10 +2,10 @@
 
 The base is the README's first run (runs/default) unless --config.base names another: a training
 workdir, a moejax checkpoint or a Hugging Face folder. Its architecture and tokenizer are the
-base's; the model fields below that say how to run (dtypes, remat, dispatch, loss coefficients) are
-this file's. The data is the built-in instruction set (moejax.finetune.instructions:
-explain-this-function / module questions / one-line summaries, from the standard library's
-docstrings) or your JSONL files:
+base's; how to run is this file's: the execution section (dispatch, kernels, remat), the dtypes, and
+the training knobs of the router (balance-loss coefficients, bias rate, jitter). The data is the
+built-in instruction set (moejax.finetune.instructions: explain-this-function / module questions /
+one-line summaries, from the standard library's docstrings) or your JSONL files:
 
   python -m moejax.finetune --config experiments/sft.py --workdir runs/sft
   python -m moejax.finetune --config experiments/sft.py --config.sft.data=chats.jsonl \\

@@ -416,7 +416,8 @@ def upgrade_saved(d: Mapping[str, Any]) -> dict[str, Any]:
         value = model.pop(key)
         section, *rest = MOVED[key].split(".")
         if section == "model":
-            model.setdefault("router", {}).setdefault(rest[-1], value)
+            model["router"] = dict(model.get("router") or {})
+            model["router"].setdefault(rest[-1], value)
         elif whole:
             d.setdefault("execution", {}).setdefault(rest[-1], value)
     return d

@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from moejax.config import (
+    MOVED,
     AlignConfig,
     Config,
     DataConfig,
@@ -142,6 +143,8 @@ def check_override_keys(argv: list[str]) -> str | None:
         keys = a[len("--config.") :].split("=", 1)[0].split(".")
         node = cd
         for depth, k in enumerate(keys):
+            if keys[:depth] == ["model"] and k in MOVED and k not in node.keys():
+                return f"--config.{'.'.join(keys)}: moved to --config.{MOVED[k]}"
             if not hasattr(node, "keys") or k not in node.keys():
                 where = ".".join(keys[:depth]) or "config"
                 known = (

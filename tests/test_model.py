@@ -49,6 +49,17 @@ def test_config_errors_name_the_field(section, values, field):
     assert msg.startswith(field) and "\n" not in msg
 
 
+def test_a_moved_key_on_the_command_line_names_its_new_place():
+    from moejax.experiment import check_override_keys
+
+    path = os.path.join(ROOT, "experiments", "moe.py")
+    got = check_override_keys(["--config", path, "--config.model.remat_policy=full"])
+    assert got == "--config.model.remat_policy: moved to --config.execution.remat_policy"
+    got = check_override_keys(["--config", path, "--config.model.n_group=2"])
+    assert got == "--config.model.n_group: moved to --config.model.router.n_group"
+    assert check_override_keys(["--config", path, "--config.model.router.n_group=2"]) is None
+
+
 def test_configs_saved_before_the_router_and_execution_sections_still_load():
     """A checkpoint's config written with the flat model section reads as today's layout."""
     flat = {k: v for k, v in TINY.to_dict().items() if k != "router"}

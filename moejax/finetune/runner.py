@@ -125,9 +125,9 @@ def base_dir(base: str) -> str:
 
 
 def resolve(cfg: Config) -> Config:
-    """The run's config: the base's architecture (RUN_FIELDS from the recipe) and the data source
-    the run reads (SFT data prepared, with the base's tokenizer, into the data cache). Raises
-    BaseError/ConfigError."""
+    """The run's config: the base's architecture (RUN_FIELDS, RUN_ROUTER_FIELDS and the whole
+    execution section from the recipe) and the data source the run reads (SFT data prepared, with
+    the base's tokenizer, into the data cache). Raises BaseError/ConfigError."""
     from moejax.data.builtin import default_cache_dir
 
     cache = cfg.data.cache_dir or default_cache_dir()

@@ -714,10 +714,9 @@ def write_report(
     path: str, c: Counters, skips: sources.SkipLog, splits: dict, seconds: float
 ) -> dict:
     """report.md with per-stage tables and plots (length histogram, duplicate clusters)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures without pyplot: switching the process's backend would stop a notebook that prepares
+    # the corpus in-process from showing its own plots.
+    from matplotlib.figure import Figure
 
     rows, summary = (
         [],
@@ -797,24 +796,24 @@ def write_report(
     md += [
         f"| {s} | {v['documents']:,} | {v['tokens']:,} | {v['rows']:,} |" for s, v in splits.items()
     ]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     lengths = splits["train"]["lengths"]
     ax.hist(np.log10(np.maximum(lengths, 1)), bins=40)
     ax.set_xlabel("log10 tokens per document (train)")
     ax.set_ylabel("documents")
     fig.tight_layout()
     fig.savefig(os.path.join(path, "lengths.png"), dpi=100)
-    plt.close(fig)
     md += ["", "![document lengths](lengths.png)"]
     clusters = c.cluster_sizes
     if clusters:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         ax.hist(clusters, bins=min(40, max(clusters)))
         ax.set_xlabel("near-duplicate cluster size")
         ax.set_ylabel("clusters")
         fig.tight_layout()
         fig.savefig(os.path.join(path, "duplicate_clusters.png"), dpi=100)
-        plt.close(fig)
         md += [
             "",
             f"{len(clusters)} near-duplicate clusters, largest {clusters[0]} documents.",

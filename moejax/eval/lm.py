@@ -1,0 +1,152 @@
+"""The model side of evaluation: log-likelihoods and greedy generations from a moejax Transformer.
+
+lm-evaluation-harness's causal-LM backend (``HFLM``, lm-eval 0.4.12) defines what a score is, and
+this module computes the same quantities on a moejax model:
+
+- ``loglikelihood(context, continuation)``: the pair is tokenized by ``tasks.encode_pair`` (the
+  context's trailing spaces move to the continuation, the whole string encoded once); an empty
+  context is conditioned on the prefix token (BOS, else EOS); the input is the last
+  ``max_length + 1`` tokens of context + continuation, less the final one; the result is the sum
+  of the continuation tokens' log-probabilities and whether each is the greedy argmax.
+- ``generate_until``: greedy decoding with the request's stop strings (and the tokenizer's
+  end-of-text), through ``moejax.infer.Generator`` (KV cache, absorbed MLA).
+
+Requests are deduplicated (a multiple-choice document's choices share their context; few-shot
+contexts repeat across tasks) and batched by length: rows are sorted longest first, padded to a
+multiple of ``pad_to`` tokens (few distinct shapes, so few compilations) and the padding is masked
+with segment id 0, so a row's score does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.eval import tasks as tasks_lib
+from moejax.infer.generate import Generator, for_inference
+from moejax.infer.sampling import SamplingParams
+
+
+class ModelLM:
+    """Scores and generates with a moejax Transformer and its tokenizer.
+
+    Args:
+      model: a moejax Transformer (one device or built for a mesh).
+      tokenizer: encode/decode with bos_id / eos_id (moejax.data.tokenizer).
+      batch_size: rows per forward pass of the log-likelihood requests.
+      max_length: the longest input scored (default: the model's max_position_embeddings).
+      pad_to: rows are padded to a multiple of this many tokens.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        pad_to: int = 64,
+    ):
+        if batch_size < 1 or pad_to < 1:
+            raise ValueError(f"batch_size and pad_to must be >= 1, got {batch_size}, {pad_to}")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.pad_to = batch_size, pad_to
+        self.max_length = max_length or model.cfg.max_position_embeddings
+        bos, eos = getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)
+        self.prefix_id = bos if bos is not None and bos >= 0 else eos
+        self.eos_id = eos if eos is not None and eos >= 0 else None
+        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._graphdef, self._state = nnx.split(for_inference(model))
+        self._forward = jax.jit(self._forward_fn)
+        self._generator = None
+
+    # ------------------------------------------------------------------ log-likelihoods
+
+    def _forward_fn(self, state, ids, targets, segment_ids):
+        """Per-position log-probability of the targets and whether each is the argmax."""
+        logits, _ = nnx.merge(self._graphdef, state)(ids, segment_ids=segment_ids)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+        chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return chosen, jnp.argmax(logp, axis=-1) == targets
+
+    def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], int]:
+        """(tokens of context + continuation, how many of them are the continuation)."""
+        if context:
+            ctx, cont = tasks_lib.encode_pair(context, continuation, self.tokenizer.encode)
+        else:
+            ctx, cont = [self.prefix_id], list(self.tokenizer.encode(continuation))
+        if not cont:
+            raise ValueError(f"empty continuation after tokenization: {continuation!r}")
+        return ctx + cont, len(cont)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(sum of log P(continuation | context), whether greedy decoding gives it) per pair."""
+        todo = list(dict.fromkeys(p for p in pairs if p not in self._cache))
+        rows = []
+        for pair in todo:
+            tokens, n_cont = self._pair_tokens(*pair)
+            tokens = tokens[-(self.max_length + 1) :]  # lm-eval keeps the end of a long input
+            rows.append((pair, tokens, min(n_cont, len(tokens) - 1)))
+        rows.sort(key=lambda r: -len(r[1]))  # longest first: similar lengths share a batch
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            T = -(-max(len(t) - 1 for _, t, _ in batch) // self.pad_to) * self.pad_to
+            B = self.batch_size  # one batch shape: fewer compilations
+            ids = np.zeros((B, T), np.int32)
+            targets = np.zeros((B, T), np.int32)
+            seg = np.zeros((B, T), np.int32)
+            for b, (_, tokens, _) in enumerate(batch):
+                n = len(tokens) - 1
+                ids[b, :n], targets[b, :n], seg[b, :n] = tokens[:-1], tokens[1:], 1
+            chosen, greedy = jax.device_get(
+                self._forward(self._state, jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(seg))
+            )
+            for b, (pair, tokens, n_cont) in enumerate(batch):
+                n = len(tokens) - 1
+                span = slice(n - n_cont, n)
+                self._cache[pair] = (float(chosen[b, span].sum()), bool(greedy[b, span].all()))
+        return [self._cache[p] for p in pairs]
+
+    def choice_loglikelihoods(self, requests: Sequence[tasks_lib.MCRequest]) -> list[list[float]]:
+        """Each multiple-choice request's [C] log-likelihoods (what tasks.score takes)."""
+        pairs = [(r.context, c) for r in requests for c in r.continuations]
+        lls = iter(ll for ll, _ in self.loglikelihood(pairs))
+        return [[next(lls) for _ in r.continuations] for r in requests]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests: Sequence[tasks_lib.GenRequest]) -> list[str]:
+        """Greedy continuations, cut at the request's stop strings (and end-of-text)."""
+        if not requests:
+            return []
+        if self._generator is None:
+            eos = [] if self.eos_id is None else [self.eos_id]
+            self._generator = Generator(self.model, self.tokenizer, eos_ids=eos, add_bos=False)
+        prompts, params = [], []
+        for r in requests:
+            ids = list(self.tokenizer.encode(r.context)) or [self.prefix_id]
+            budget = self.max_length - r.max_gen_toks
+            prompts.append(ids[-budget:] if budget > 0 else ids[-1:])
+            params.append(SamplingParams(max_new_tokens=r.max_gen_toks, stop=tuple(r.until)))
+        outs = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            for r, o in zip(
+                requests[chunk], self._generator.generate(prompts[chunk], params[chunk])
+            ):
+                outs.append(tasks_lib.truncate_at_stop(o.text, r.until))
+        return outs
+
+    # ------------------------------------------------------------------ whole tasks
+
+    def run(self, requests: Sequence[tasks_lib.MCRequest | tasks_lib.GenRequest]) -> list:
+        """Each request's output in order: [C] log-likelihoods or a generated text."""
+        mc = [r for r in requests if isinstance(r, tasks_lib.MCRequest)]
+        gen = [r for r in requests if isinstance(r, tasks_lib.GenRequest)]
+        by_id = dict(zip(map(id, mc), self.choice_loglikelihoods(mc)))
+        by_id.update(zip(map(id, gen), self.generate_until(gen)))
+        return [by_id[id(r)] for r in requests]

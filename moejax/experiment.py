@@ -124,10 +124,10 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def check_override_keys(argv: list[str]) -> str | None:
+def check_override_keys(argv: list[str], default: str = "experiments/moe.py") -> str | None:
     """One-line error for a --config.a.b=v override naming a key the config file lacks (absl would
     otherwise print a traceback)."""
-    path = "experiments/moe.py"
+    path = default
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
@@ -155,7 +155,7 @@ def check_override_keys(argv: list[str]) -> str | None:
     return None
 
 
-def config_cli(main, define_flags=None) -> None:
+def config_cli(main, define_flags=None, default: str = "experiments/moe.py") -> None:
     """The shared entry of the config-driven commands (train, plan, compile): a one-line error for
     an unknown --config.* key, the --config file flag, the command's own flags, then absl's
     app.run."""
@@ -164,13 +164,11 @@ def config_cli(main, define_flags=None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    problem = check_override_keys(sys.argv[1:])
+    problem = check_override_keys(sys.argv[1:], default)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    config_flags.DEFINE_config_file(
-        "config", "experiments/moe.py", "experiment config file", lock_config=True
-    )
+    config_flags.DEFINE_config_file("config", default, "experiment config file", lock_config=True)
     if define_flags:
         define_flags(flags)
     app.run(main)

@@ -1,6 +1,7 @@
-"""Evaluation: sandboxed execution of generated code, pass@k, HumanEval and MBPP.
+"""Evaluation: MMLU, ARC, TruthfulQA, GSM8K (lm-evaluation-harness-exact), HumanEval and MBPP.
 
-``moejax.eval.sandbox`` runs untrusted programs confined (namespaces, Landlock, resource
-limits); ``moejax.eval.code`` builds HumanEval / MBPP programs and scores them with the
-unbiased pass@k estimator.
+``formats`` (documents and prompts as lm-eval builds them) and ``tasks`` (requests, metrics,
+aggregation) are model-independent; ``lm`` computes log-likelihoods and generations on a moejax
+model; ``sandbox`` runs generated programs confined and ``code`` scores them by pass@k; ``run``
+ties them together (``python -m moejax.eval --config experiments/eval.py``).
 """

@@ -119,27 +119,32 @@ class ModelLM:
 
     # ------------------------------------------------------------------ generation
 
-    def generate_until(self, requests: Sequence[tasks_lib.GenRequest]) -> list[str]:
-        """Greedy continuations, cut at the request's stop strings (and end-of-text)."""
-        if not requests:
+    def complete(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[str]:
+        """Each prompt's continuation text with its own sampling settings (stop strings cut it;
+        the tokenizer's end-of-text ends it). A prompt too long for its budget keeps its end."""
+        if not prompts:
             return []
         if self._generator is None:
             eos = [] if self.eos_id is None else [self.eos_id]
             self._generator = Generator(self.model, self.tokenizer, eos_ids=eos, add_bos=False)
-        prompts, params = [], []
-        for r in requests:
-            ids = list(self.tokenizer.encode(r.context)) or [self.prefix_id]
-            budget = self.max_length - r.max_gen_toks
-            prompts.append(ids[-budget:] if budget > 0 else ids[-1:])
-            params.append(SamplingParams(max_new_tokens=r.max_gen_toks, stop=tuple(r.until)))
+        ids = []
+        for prompt, p in zip(prompts, params):
+            tokens = list(self.tokenizer.encode(prompt)) or [self.prefix_id]
+            budget = max(self.max_length - p.max_new_tokens, 1)
+            ids.append(tokens[-budget:])
         outs = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in range(0, len(ids), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            for r, o in zip(
-                requests[chunk], self._generator.generate(prompts[chunk], params[chunk])
-            ):
-                outs.append(tasks_lib.truncate_at_stop(o.text, r.until))
+            outs += [o.text for o in self._generator.generate(ids[chunk], list(params[chunk]))]
         return outs
+
+    def generate_until(self, requests: Sequence[tasks_lib.GenRequest]) -> list[str]:
+        """Greedy continuations, cut at the request's stop strings (and end-of-text)."""
+        params = [
+            SamplingParams(max_new_tokens=r.max_gen_toks, stop=tuple(r.until)) for r in requests
+        ]
+        texts = self.complete([r.context for r in requests], params)
+        return [tasks_lib.truncate_at_stop(t, r.until) for t, r in zip(texts, requests)]
 
     # ------------------------------------------------------------------ whole tasks
 

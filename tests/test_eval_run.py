@@ -158,6 +158,13 @@ def test_bad_config_and_missing_data_are_one_clear_error(tmp_path):
         EvalConfig(data={"arcc": "x"})
     with pytest.raises(FileNotFoundError, match="no such data file or folder"):
         split_files(str(tmp_path / "nowhere"), "test")
+    data = _fixtures(str(tmp_path / "data"))  # GSM8K's default 5 shots from a 3-row train split
+    with pytest.raises(ConfigError, match="gsm8k draws 5 examples from its 'train' split, which"):
+        evaluate(
+            EvalConfig(tasks=("gsm8k",), data=data),
+            Transformer(CFG, rngs=nnx.Rngs(0)),
+            CharTokenizer(),
+        )
     r = run_module(
         "moejax.eval",
         "--config",

@@ -139,6 +139,12 @@ def _lm_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
             if spec.fewshot_split == spec.eval_split
             else _docs(task, location, spec.fewshot_split, report)
         )
+        need = shots + int(spec.fewshot_excludes_eval_doc)
+        if len(fewshot) < need:
+            raise ConfigError(
+                f"num_fewshot: {task} draws {need} examples from its '{spec.fewshot_split}' split, "
+                f"which has {len(fewshot)} documents under {location}"
+            )
     if cfg.limit:
         docs = docs[: cfg.limit]
     requests = tasks_lib.build_requests(

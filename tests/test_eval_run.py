@@ -41,10 +41,11 @@ def _fixtures(root) -> dict[str, str]:
     mmlu = [
         {
             "question": f"{i} + 1 = ?",
-            "subject": "elementary_mathematics",
+            "subject": subject,
             "answer": 1,
             "choices": [str(i), str(i + 1), str(i + 2), "7"],
         }  # fmt: skip
+        for subject in ("elementary_mathematics", "world_religions")
         for i in range(3)
     ]
     _write(f"{root}/mmlu/all/test.jsonl", mmlu)
@@ -62,19 +63,17 @@ def _fixtures(root) -> dict[str, str]:
            for i in range(3)]  # fmt: skip
     _write(f"{root}/gsm8k/main/test.jsonl", gsm)
     _write(f"{root}/gsm8k/main/train.jsonl", gsm)
-    mbpp = [
-        {
-            "task_id": i,
-            "text": "Add one.",
-            "code": "def f(x):\n    return x + 1",
-            "test_list": ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 1"],
-            "test_setup_code": "",
-            "challenge_test_list": [],
-        }  # fmt: skip
-        for i in range(3)
-    ]
-    _write(f"{root}/mbpp/full/test.jsonl", mbpp)
-    _write(f"{root}/mbpp/full/prompt.jsonl", mbpp)
+
+    def mbpp(task_id):
+        return {"task_id": task_id, "text": f"Add one (task {task_id}).",
+                "code": "def f(x):\n    return x + 1",
+                "test_list": ["assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 1"],
+                "test_setup_code": "", "challenge_test_list": []}  # fmt: skip
+
+    _write(f"{root}/mbpp/full/test.jsonl", [mbpp(i) for i in (11, 12, 13)] + [{"task_id": 14}])
+    _write(f"{root}/mbpp/full/prompt.jsonl", [mbpp(i) for i in (1, 2, 3, 4)])
+    # the original single file: ids 1-10 are the few-shot pool, 11-510 the test problems
+    _write(f"{root}/mbpp.jsonl", [mbpp(i) for i in (1, 2, 3, 4, 11, 12, 600)])
     return {
         "arc_easy": f"{root}/ai2_arc/ARC-Easy",
         "mmlu": f"{root}/mmlu/all",
@@ -120,13 +119,15 @@ def test_the_six_benchmarks_run_end_to_end(tmp_path):
         ("mbpp", "pass@1"),
     ]:
         v = r[task][metric]
-        assert 0.0 <= v["value"] <= 1.0 and v["n"] == 2, (task, metric, v)
+        n = 4 if task == "mmlu" else 2  # lm-eval's limit is per MMLU subject
+        assert 0.0 <= v["value"] <= 1.0 and v["n"] == n, (task, metric, v)
     assert "mmlu_elementary_mathematics" in r and "mmlu_stem" in r  # subjects and groups
     # a random model writes no working code: every program ran in the sandbox and failed
     assert r["humaneval"]["pass@1"]["value"] == 0.0 and r["mbpp"]["pass@1"]["value"] == 0.0
     assert report["isolation"]  # which confinement the programs ran under
     (skipped,) = report["skipped"]["arc_easy/test"].items()  # the bad row, counted
     assert skipped[0].startswith("invalid JSON") and skipped[1] == 1
+    assert report["skipped"]["mbpp/test"] == {"missing or not str: text": 1}
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["results"].keys() == r.keys()
     table = open(tmp_path / "out" / "results.md").read()
@@ -140,15 +141,30 @@ def test_correct_code_passes_through_the_whole_code_path(tmp_path, monkeypatch):
 
     canonical = {p["prompt"]: p["canonical_solution"] for p in code.load_humaneval()}
 
+    seen = []
+
     def oracle(self, prompts, params):
+        seen.extend(prompts)
         return [canonical.get(p, "def f(x):\n    return x + 1\n[DONE]\nmore") for p in prompts]
 
     monkeypatch.setattr(lm.ModelLM, "complete", oracle)
-    data = _fixtures(str(tmp_path / "data"))
+    root = str(tmp_path / "data")
+    data = _fixtures(root)
     cfg = EvalConfig(tasks=("humaneval", "mbpp"), data=data, limit=3, samples=2, ks=(1, 2))
-    r = evaluate(cfg, Transformer(CFG, rngs=nnx.Rngs(0)), CharTokenizer())["results"]
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    r = evaluate(cfg, model, CharTokenizer())["results"]
     assert r["humaneval"]["pass@1"]["value"] == 1.0 and r["humaneval"]["pass@2"]["n"] == 3
-    assert r["mbpp"]["pass@1"]["value"] == 1.0
+    assert r["mbpp"]["pass@1"]["value"] == 1.0 and r["mbpp"]["pass@1"]["n"] == 3
+    # MBPP's prompt: lm-eval's three examples (task ids 2, 3, 4 of the prompt split), then the task
+    prompt = seen[-1]
+    assert [f"(task {i})" in prompt for i in (1, 2, 3, 4)] == [False, True, True, True]
+    assert prompt.count("[DONE]") == 3 and prompt.endswith("[BEGIN]\n")
+    assert prompt.startswith("You are an expert Python programmer, and here is your task: Add")
+    # the original single mbpp.jsonl: the test ids only, the same few-shot examples
+    seen.clear()
+    cfg = EvalConfig(tasks=("mbpp",), data={"mbpp": f"{root}/mbpp.jsonl"}, num_fewshot=2)
+    r = evaluate(cfg, model, CharTokenizer())["results"]
+    assert r["mbpp"]["pass@1"]["n"] == 2 and len(seen) == 2 and seen[0].count("[DONE]") == 2
 
 
 def test_bad_config_and_missing_data_are_one_clear_error(tmp_path):

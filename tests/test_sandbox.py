@@ -80,6 +80,9 @@ def _escapes(listener_port: int, evaluator_pid: int, outside: list[str]) -> dict
             "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n"
             "raise SystemExit(3)\n"
         ),
+        # exiting with status 0 before the last line (the tests after it never ran) is no pass
+        "exit_zero": "import sys\nsys.exit(0)\nprint('ALIVE')\n",
+        "os_exit_zero": "import os\nos._exit(0)\nprint('ALIVE')\n",
     }
 
 
@@ -94,6 +97,8 @@ EXPECTED = {
     "sleep_forever": {"timeout"},
     "kill_parent": {"failed", "killed"},
     "daemon": {"failed"},
+    "exit_zero": {"failed"},
+    "os_exit_zero": {"failed"},
 }
 
 

@@ -89,10 +89,11 @@ def humaneval_program(problem: Mapping, completion: str) -> str:
 
 
 def mbpp_program(problem: Mapping, completion: str) -> str:
-    """The program MBPP runs for a completion: the code, the setup code, then each assert."""
+    """The program MBPP runs for a completion: the code, the setup code (empty but for a few
+    problems' imports), then each assert of test_list (as lm-eval scores it; the harder
+    challenge_test_list is not run)."""
     setup = problem.get("test_setup_code") or ""
-    tests = list(problem["test_list"]) + list(problem.get("challenge_test_list") or [])
-    return completion + "\n" + setup + "\n" + "\n".join(tests) + "\n"
+    return completion + "\n" + setup + "\n" + "\n".join(problem["test_list"]) + "\n"
 
 
 def evaluate(

@@ -58,6 +58,8 @@ class ModelLM:
         self.max_length = max_length or model.cfg.max_position_embeddings
         bos, eos = getattr(tokenizer, "bos_id", -1), getattr(tokenizer, "eos_id", -1)
         self.prefix_id = bos if bos is not None and bos >= 0 else eos
+        if self.prefix_id is None or self.prefix_id < 0:
+            self.prefix_id = None  # an empty context cannot be scored (see _prefix)
         self.eos_id = eos if eos is not None and eos >= 0 else None
         self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
         self._graphdef, self._state = nnx.split(for_inference(model))
@@ -73,12 +75,19 @@ class ModelLM:
         chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return chosen, jnp.argmax(logp, axis=-1) == targets
 
+    def _prefix(self) -> int:
+        if self.prefix_id is None:
+            raise ValueError(
+                "an empty context is conditioned on the BOS (or EOS) token; this tokenizer has none"
+            )
+        return self.prefix_id
+
     def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], int]:
         """(tokens of context + continuation, how many of them are the continuation)."""
         if context:
             ctx, cont = tasks_lib.encode_pair(context, continuation, self.tokenizer.encode)
         else:
-            ctx, cont = [self.prefix_id], list(self.tokenizer.encode(continuation))
+            ctx, cont = [self._prefix()], list(self.tokenizer.encode(continuation))
         if not cont:
             raise ValueError(f"empty continuation after tokenization: {continuation!r}")
         return ctx + cont, len(cont)
@@ -129,7 +138,7 @@ class ModelLM:
             self._generator = Generator(self.model, self.tokenizer, eos_ids=eos, add_bos=False)
         ids = []
         for prompt, p in zip(prompts, params):
-            tokens = list(self.tokenizer.encode(prompt)) or [self.prefix_id]
+            tokens = list(self.tokenizer.encode(prompt)) or [self._prefix()]
             budget = max(self.max_length - p.max_new_tokens, 1)
             ids.append(tokens[-budget:])
         outs = []

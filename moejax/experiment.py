@@ -14,6 +14,7 @@ import ml_collections
 from moejax.config import (
     MOVED,
     AlignConfig,
+    BenchmarkConfig,
     Config,
     DataConfig,
     ExecutionConfig,
@@ -39,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
         "lora": LoRAConfig(),
         "align": AlignConfig(),
         "grpo": GRPOConfig(),
+        "eval": BenchmarkConfig(),
     }
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():

@@ -132,7 +132,7 @@ def plot_scalars(runs: list[Run], keys: list[str], title: str, ax=None, logy: bo
             ok = np.isfinite(v)
             if not ok.any():
                 continue
-            val = key.startswith("val_")
+            val = key.startswith(("val_", "eval/"))  # sparse points: markers
             label = key if len(runs) == 1 else f"{run.name}: {key}"
             ax.plot(
                 s[ok],
@@ -193,11 +193,22 @@ def plot_layer_mean(runs: list[Run], key: str, ax=None):
     return ax
 
 
+def _benchmarks(runs: list[Run]) -> dict[str, list[str]]:
+    """{task: its eval/<task>/<metric> keys}: the benchmarks scored during training."""
+    out: dict[str, list[str]] = {}
+    for k in sorted(set().union(*(r.keys() for r in runs))):
+        if k.startswith("eval/") and k.count("/") >= 2 and any(len(r.series(k)[0]) for r in runs):
+            out.setdefault(k.split("/")[1], []).append(k)
+    return out
+
+
 def _other_scalars(runs: list[Run]) -> list[str]:
     taken = {k for _, keys in PANELS.values() for k in keys} | set(LAYER_STATS) | _NOT_PLOTTED
     out = set()
     for run in runs:
         for k in run.keys() - taken:
+            if k.startswith("eval/") and k.count("/") >= 2:  # the benchmarks panel
+                continue
             if len(run.series(k)[0]):
                 out.add(k)
     return sorted(out)
@@ -227,6 +238,17 @@ def figures(runs: list[Run]) -> dict[str, plt.Figure]:
         plot_layer_mean(with_data, key, axes[n, 0])
         fig.tight_layout()
         figs[f"moe_{stem}"] = fig
+    bench = _benchmarks(runs)
+    if bench:
+        cols = min(3, len(bench))
+        rows = math.ceil(len(bench) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, (task, keys) in zip(axes.ravel(), bench.items()):
+            plot_scalars(runs, keys, task, ax)
+        for ax in axes.ravel()[len(bench) :]:
+            ax.set_axis_off()
+        fig.tight_layout()
+        figs["benchmarks"] = fig
     other = _other_scalars(runs)
     if other:
         cols = 3

@@ -145,19 +145,49 @@ def sample_prompts(cfg: Config, data) -> list:
     return [list(p) for p in dict.fromkeys(docs + rows)][:n]
 
 
-def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
-    """Continues the sample prompts with the KV-cache generator and prints them."""
+def inference_model(cfg: Config, ts, state):
+    """The model of a train state, as the generator and the evaluation read it (LoRA merged)."""
     from flax import nnx
-
-    from moejax.infer import Generator, SamplingParams
 
     model = nnx.merge(ts.graphdef, state["params"], state["router"], state.get("frozen", ts.rest))
     if cfg.lora.rank:
         from moejax.finetune import lora
 
-        model = lora.merge(
-            model
-        )  # the generator decodes plain weights (absorbed MLA needs them merged)
+        model = lora.merge(model)  # the generator decodes plain weights (absorbed MLA)
+    return model
+
+
+class Benchmarks:
+    """cfg.eval's benchmarks (moejax.eval) on the train state: documents and prompts read once at
+    the start (a bad location is an error before the first step), scored at every evaluation."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        from moejax.eval.run import Benchmarks as Scorer
+
+        if cfg.align.method == "reward":
+            raise TrainingError(
+                "eval.tasks: a reward model scores answers, it does not generate or rank text"
+            )
+        try:
+            self.scorer = Scorer(cfg.eval.to_eval_config(), tokenizer)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            raise TrainingError(f"eval: {e}") from None
+        self.cfg = cfg
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval.every or self.cfg.train.eval_every
+        return bool(every) and step % every == 0
+
+    def __call__(self, ts, state) -> dict:
+        results = self.scorer(inference_model(self.cfg, ts, state))
+        return self.scorer.scalars(results)
+
+
+def print_samples(cfg: Config, ts, state, data, tokenizer) -> None:
+    """Continues the sample prompts with the KV-cache generator and prints them."""
+    from moejax.infer import Generator, SamplingParams
+
+    model = inference_model(cfg, ts, state)
     prompts = sample_prompts(cfg, data)
     params = [
         SamplingParams(
@@ -250,6 +280,8 @@ def run(
             )
         except ValueError as e:
             raise TrainingError(str(e)) from None
+
+    bench = Benchmarks(cfg, tokenizer) if cfg.eval.task_list() else None
 
     from moejax.trainer import setup as setup_lib
 
@@ -370,12 +402,16 @@ def run(
                             "gradient (updates skipped; last complete checkpoint kept). Lower "
                             "optim.lr or check the data."
                         )
+                shown = {}
                 if (
                     cfg.train.eval_every
                     and step % cfg.train.eval_every == 0
                     and step < cfg.train.steps
                 ):
                     shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
+                if bench is not None and bench.due(step) and step < cfg.train.steps:
+                    shown.update(bench(ts, state))
+                if shown:
                     writer.write(step, shown)
                     bar.write(
                         f"[train] step {step}: "
@@ -398,6 +434,8 @@ def run(
 
     if step >= cfg.train.steps:
         shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
+        if bench is not None:
+            shown.update(bench(ts, state))
         writer = metrics_lib.MetricWriter(workdir, resume_step=step) if primary else _NullWriter()
         writer.write(step, shown)
         writer.close()
@@ -412,6 +450,10 @@ def run(
                 final = f"final val_loss {shown['val_loss']:.4f}{acc}"
             else:
                 final = "held-out " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            if bench is not None and "val_loss" in shown:
+                final += "; " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in shown.items() if k.startswith("eval/")
+                )
             print(
                 f"[train] done: {step} steps in {time.time() - t_start:.0f}s; {final}; "
                 f"outputs in {os.path.abspath(workdir)}",

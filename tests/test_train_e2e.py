@@ -78,10 +78,41 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
+def _benchmark_files(root) -> str:
+    """ARC-Easy and GSM8K fixture files (the Hub layouts); eval.data for them."""
+    os.makedirs(f"{root}/arc", exist_ok=True)
+    os.makedirs(f"{root}/gsm8k", exist_ok=True)
+    arc = [
+        {"id": str(i), "question": f"What does def {i} do?", "answerKey": "A",
+         "choices": {"text": ["defines a function", "imports"], "label": ["A", "B"]}}
+        for i in range(3)
+    ]  # fmt: skip
+    gsm = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+           for i in range(3)]  # fmt: skip
+    for path, rows in (("arc/test.jsonl", arc), ("arc/train.jsonl", arc),
+                       ("gsm8k/test.jsonl", gsm), ("gsm8k/train.jsonl", gsm)):  # fmt: skip
+        with open(f"{root}/{path}", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return f"arc_easy={root}/arc,gsm8k={root}/gsm8k"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus_cache):
+    """40 steps, with two benchmarks scored at steps 20 and 40 (moejax.eval during training)."""
     cfg = tiny_config(corpus_cache)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=RESUME_STEPS))
+    bench = dataclasses.replace(
+        cfg.eval,
+        tasks="arc_easy,gsm8k",
+        data=_benchmark_files(str(tmp_path_factory.mktemp("bench"))),
+        every=20,
+        limit=2,
+        num_fewshot=1,
+        max_gen_toks=8,
+        batch_size=4,
+    )
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=RESUME_STEPS), eval=bench
+    )
     wd = str(tmp_path_factory.mktemp("uninterrupted"))
     last = run(cfg, wd, quiet=True)
     return cfg, wd, last
@@ -117,6 +148,14 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == steps
     assert "moe/load_cv/layer_0" in acc.Tags()["scalars"]
+    # the benchmarks, scored from the train state at steps 20 and 40 (lm-eval's metrics)
+    for key in ("eval/arc_easy/acc", "eval/arc_easy/acc_norm",
+                "eval/gsm8k/exact_match/strict-match",
+                "eval/gsm8k/exact_match/flexible-extract"):  # fmt: skip
+        logged = [(m["step"], m[key]) for m in ms if key in m]
+        assert [st for st, _ in logged] == [20, 40] and all(0 <= v <= 1 for _, v in logged), key
+        assert [e.step for e in acc.Scalars(key)] == [20, 40]
+    assert last["eval/arc_easy/acc_norm"] == ms[-1]["eval/arc_easy/acc_norm"]
 
 
 def test_report_plots_the_real_run(uninterrupted, tmp_path):
@@ -125,7 +164,15 @@ def test_report_plots_the_real_run(uninterrupted, tmp_path):
     r = run_module("moejax.report", wd, "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     md = (tmp_path / "report.md").read_text()
-    for stem in ("loss", "lr", "grad_norm", "throughput", "moe_load_cv", "moe_bias_range"):
+    for stem in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "throughput",
+        "moe_load_cv",
+        "moe_bias_range",
+        "benchmarks",
+    ):
         assert f"({stem}.png)" in md
         img = matplotlib.image.imread(tmp_path / f"{stem}.png")
         assert img.shape[0] > 100 and img[..., :3].std() > 0.05
@@ -208,6 +255,12 @@ def test_unwritable_workdir_fails_first(tmp_path, corpus_cache):
     blocker.write_text("x")
     with pytest.raises(TrainingError, match="not writable"):
         run(tiny_config(corpus_cache), str(blocker / "run"), quiet=True)
+    # a benchmark's data is checked before the first step, not at the first evaluation
+    cfg = tiny_config(corpus_cache)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tasks="mmlu"))
+    with pytest.raises(TrainingError, match=r"^eval: data.mmlu: where are its files"):
+        run(cfg, str(tmp_path / "bench"), quiet=True)
+    assert not os.path.exists(tmp_path / "bench" / "checkpoints")
 
 
 def test_repeated_nonfinite_steps_stop_with_a_message(tmp_path, corpus_cache):

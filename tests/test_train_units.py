@@ -44,6 +44,12 @@ def test_config_errors_are_one_line():
         Config.from_dict({"train": {"batch_size": 6, "microbatches": 4}})
     with pytest.raises(ConfigError, match=r"^train.steps: expected int, got str"):
         Config.from_dict({"train": {"steps": "ten"}})
+    with pytest.raises(ConfigError, match=r"^eval.tasks: unknown 'arc_esy'; known: mmlu, "):
+        Config.from_dict({"eval": {"tasks": "arc_esy"}})
+    with pytest.raises(ConfigError, match=r"^eval.data: expected task=location pairs, got 'x'"):
+        Config.from_dict({"eval": {"tasks": "arc_easy", "data": "x"}})
+    with pytest.raises(ConfigError, match=r"^eval.data.gsm8kk: not a task"):
+        Config.from_dict({"eval": {"tasks": "arc_easy", "data": "gsm8kk=/a,arc_easy=/b"}})
 
 
 def test_decay_mask_excludes_norms_and_embeddings():

@@ -1,7 +1,7 @@
 """The model side of evaluation: log-likelihoods and greedy generations from a moejax Transformer.
 
-lm-evaluation-harness's causal-LM backend (``HFLM``, lm-eval 0.4.12 and 0.4.13) defines what a score is, and
-this module computes the same quantities on a moejax model:
+lm-evaluation-harness's causal-LM backend (``HFLM``, lm-eval 0.4.12 and 0.4.13) defines what a
+score is, and this module computes the same quantities on a moejax model:
 
 - ``loglikelihood(context, continuation)``: the pair is tokenized by ``tasks.encode_pair`` (the
   context's trailing spaces move to the continuation, the whole string encoded once); an empty
@@ -65,6 +65,17 @@ class ModelLM:
         self._graphdef, self._state = nnx.split(for_inference(model))
         self._forward = jax.jit(self._forward_fn)
         self._generator = None
+
+    def set_model(self, model) -> None:
+        """Score and generate with another model of the same structure (a training run's newer
+        parameters): the compiled programs are reused; cached scores are dropped."""
+        graphdef, state = nnx.split(for_inference(model))
+        if graphdef != self._graphdef:
+            raise ValueError("set_model: the model's structure differs from the one compiled for")
+        self._state, self.model = state, model
+        self._cache.clear()
+        if self._generator is not None:
+            self._generator.set_params(model)
 
     # ------------------------------------------------------------------ log-likelihoods
 

@@ -136,7 +136,8 @@ def _docs(task: str, location: str, split: str, report: dict) -> list[dict]:
 # ------------------------------------------------------------------------------ the tasks
 
 
-def _lm_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
+def _lm_requests(task: str, cfg: EvalConfig, report: dict) -> list:
+    """A log-likelihood or GSM8K task's requests (documents read, few-shot contexts built)."""
     spec = formats.TASKS[task]
     location = cfg.data.get(task)
     if not location:
@@ -166,10 +167,9 @@ def _lm_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
         docs = kept
     elif cfg.limit:
         docs = docs[: cfg.limit]
-    requests = tasks_lib.build_requests(
+    return tasks_lib.build_requests(
         task, docs, num_fewshot=shots, fewshot_docs=fewshot, max_gen_toks=cfg.max_gen_toks
     )
-    return tasks_lib.evaluate(requests, lm.run(requests))
 
 
 def _mbpp_prompt(problem: Mapping, shots: Sequence[Mapping]) -> str:
@@ -215,9 +215,8 @@ def _code_rows(task: str, location: str, split: str, report: dict) -> list[dict]
     return kept
 
 
-def _code_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
-    from moejax.infer.sampling import SamplingParams
-
+def _code_problems(task: str, cfg: EvalConfig, report: dict) -> tuple:
+    """A code task's (problems, prompts, stop strings, program builder)."""
     location = cfg.data.get(task)
     if task == "humaneval":
         problems = _code_rows(task, location, "test", report) if location else None
@@ -246,6 +245,13 @@ def _code_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
         stop, build = MBPP_STOP, code.mbpp_program
     if cfg.limit:
         problems, prompts = problems[: cfg.limit], prompts[: cfg.limit]
+    return problems, prompts, stop, build
+
+
+def _code_task(task: str, lm, cfg: EvalConfig, prepared: tuple) -> dict:
+    from moejax.infer.sampling import SamplingParams
+
+    problems, prompts, stop, build = prepared
     params = [
         SamplingParams(
             temperature=cfg.temperature,
@@ -279,20 +285,73 @@ def _code_task(task: str, lm, cfg: EvalConfig, report: dict) -> dict:
 # ------------------------------------------------------------------------------ the run
 
 
-def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
-    """Scores the model on every task of cfg; writes results.json / results.md to cfg.output.
-
-    `model` / `tokenizer` skip loading (evaluation from a training loop or a notebook).
-    Returns {'results': {task: {metric: {value, stderr, n}}}, 'config', 'seconds', ...}.
-    """
-    from moejax.eval.lm import ModelLM
-
-    for task in cfg.tasks:  # before loading a model: a missing location is found at once
+def check_data(cfg: EvalConfig) -> None:
+    """Every task has a data location that exists (before a model is loaded or trained)."""
+    for task in cfg.tasks:
         location = cfg.data.get(task)
         if not location and task != "humaneval":
             raise ConfigError(f"data.{task}: where are its files? (a file or a Hub-layout folder)")
         if location and not os.path.exists(os.path.expanduser(location)):
             raise FileNotFoundError(f"data.{task}: no such data file or folder: {location}")
+
+
+class Benchmarks:
+    """Scores models on cfg's tasks, as often as asked (a training run's periodic evaluation).
+
+    The documents are read, checked and turned into prompts once, here (a data problem is an
+    error before the first training step); the scorer and the generator compile on the first call
+    and are reused by later ones (a model of the same structure: new parameters, no recompilation).
+    """
+
+    def __init__(self, cfg: EvalConfig, tokenizer):
+        check_data(cfg)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.report: dict = {}  # skipped rows per task/split, the sandbox's isolation
+        self.prepared = {
+            task: (_code_problems if task in CODE_TASKS else _lm_requests)(task, cfg, self.report)
+            for task in cfg.tasks
+        }
+        self.lm = None
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, model) -> dict:
+        """{task (and MMLU's subjects and groups): {metric: {value, stderr, n}}} for `model`."""
+        from moejax.eval.lm import ModelLM
+
+        if self.lm is None:
+            self.lm = ModelLM(model, self.tokenizer, batch_size=self.cfg.batch_size)
+        else:
+            self.lm.set_model(model)
+        results: dict = {}
+        for task, prepared in self.prepared.items():
+            t = time.time()
+            if task in CODE_TASKS:
+                got = _code_task(task, self.lm, self.cfg, prepared)
+                self.report["isolation"] = got[task].pop("_isolation")
+            else:
+                got = tasks_lib.evaluate(prepared, self.lm.run(prepared))
+            results.update(got)
+            self.seconds[task] = round(time.time() - t, 2)
+        return results
+
+    def scalars(self, results: Mapping, prefix: str = "eval/") -> dict[str, float]:
+        """The configured tasks' metrics as flat names (`eval/gsm8k/exact_match/strict-match`),
+        for metrics.jsonl and TensorBoard; MMLU's subjects stay in the full results."""
+        return {
+            f"{prefix}{task}/{metric.replace(',', '/')}": float(v["value"])
+            for task in self.cfg.tasks
+            for metric, v in results[task].items()
+            if v.get("value") is not None
+        }
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Scores the model on every task of cfg; writes results.json / results.md to cfg.output.
+
+    `model` / `tokenizer` skip loading (evaluation from a notebook or a script).
+    Returns {'results': {task: {metric: {value, stderr, n}}}, 'config', 'seconds', ...}.
+    """
+    check_data(cfg)  # before loading a model: a missing location is found at once
     if model is None:
         from moejax.infer.load import load
 
@@ -302,17 +361,11 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         tokenizer = tokenizer or found
     if tokenizer is None:
         raise ConfigError("tokenizer: the model came without one; name a .model or .json file")
-    lm = ModelLM(model, tokenizer, batch_size=cfg.batch_size)
-    report: dict = {"config": dataclasses.asdict(cfg), "results": {}, "seconds": {}}
-    for task in cfg.tasks:
-        t = time.time()
-        if task in CODE_TASKS:
-            got = _code_task(task, lm, cfg, report)
-            report.setdefault("isolation", got[task].pop("_isolation"))
-        else:
-            got = _lm_task(task, lm, cfg, report)
-        report["results"].update(got)
-        report["seconds"][task] = round(time.time() - t, 2)
+    bench = Benchmarks(cfg, tokenizer)
+    results = bench(model)
+    report: dict = {"config": dataclasses.asdict(cfg), "results": results}
+    report["seconds"] = bench.seconds
+    report.update(bench.report)
     report["markdown"] = tasks_lib.markdown_table(report["results"])
     if cfg.output:
         os.makedirs(cfg.output, exist_ok=True)

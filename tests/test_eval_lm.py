@@ -54,6 +54,7 @@ def test_loglikelihoods_equal_a_direct_forward_in_any_batch(model):
         ("The trailing space moves ", "here"),
         ("", "an empty context is conditioned on BOS"),
         ("x" * 70, " crosses a padding boundary"),
+        *[("Pick one.\nAnswer:", f" {c}") for c in "ABCD"],  # equal inputs: one shared row
     ]
     lm = ModelLM(model, tok, batch_size=4, pad_to=16)
     got = lm.loglikelihood(pairs)

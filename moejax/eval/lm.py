@@ -79,10 +79,15 @@ class ModelLM:
 
     # ------------------------------------------------------------------ log-likelihoods
 
-    def _forward_fn(self, state, ids, targets, segment_ids):
-        """Per-position log-probability of the targets and whether each is the argmax."""
-        logits, _ = nnx.merge(self._graphdef, state)(ids, segment_ids=segment_ids)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    def _forward_fn(self, state, ids, segment_ids, pos, targets):
+        """Log-probabilities of `targets` [B, C] at positions `pos` [B, C] of the rows `ids`, and
+        whether each is the argmax. Only those C positions go through the LM head: a
+        multiple-choice continuation is a few tokens of a long context, and the head (and its
+        log-softmax over the vocabulary) would otherwise cost as much as the trunk."""
+        model = nnx.merge(self._graphdef, state)
+        _, aux = model(ids, segment_ids=segment_ids, return_hidden=True)  # logits: dead code
+        h = jnp.take_along_axis(aux["hidden"], pos[..., None], axis=1)  # [B, C, D]
+        logp = jax.nn.log_softmax(model.head(h).astype(jnp.float32), axis=-1)  # [B, C, V]
         chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return chosen, jnp.argmax(logp, axis=-1) == targets
 
@@ -124,27 +129,39 @@ class ModelLM:
         for tokens, n in keys:
             if not 1 <= n < len(tokens):
                 raise ValueError(f"score the last {n} of {len(tokens)} tokens: need 1 <= n < len")
-        rows = []
+        # Requests whose inputs are identical share one row (HFLM does this for one-token
+        # continuations): MMLU's four choices " A".." D" differ only in the token predicted after
+        # the context, so the context runs once and each choice reads its own target there.
+        rows: dict[tuple[int, ...], list] = {}
         for key in dict.fromkeys(k for k in keys if k not in self._cache):
             tokens = key[0][-(self.max_length + 1) :]  # lm-eval keeps the end of a long input
-            rows.append((key, tokens, min(key[1], len(tokens) - 1)))
-        rows.sort(key=lambda r: -len(r[1]))  # longest first: similar lengths share a batch
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            T = -(-max(len(t) - 1 for _, t, _ in batch) // self.pad_to) * self.pad_to
+            n_cont = min(key[1], len(tokens) - 1)
+            rows.setdefault(tokens[:-1], []).append((key, n_cont, tokens[len(tokens) - n_cont :]))
+        ordered = sorted(rows.items(), key=lambda r: -len(r[0]))  # longest first
+        for start in range(0, len(ordered), self.batch_size):
+            batch = ordered[start : start + self.batch_size]
+            T = -(-max(len(inp) for inp, _ in batch) // self.pad_to) * self.pad_to
+            slots = max(sum(n for _, n, _ in reqs) for _, reqs in batch)
+            C = max(8, 1 << (slots - 1).bit_length())
             B = self.batch_size  # one batch shape: fewer compilations
             ids = np.zeros((B, T), np.int32)
-            targets = np.zeros((B, T), np.int32)
             seg = np.zeros((B, T), np.int32)
-            for b, (_, tokens, _) in enumerate(batch):
-                n = len(tokens) - 1
-                ids[b, :n], targets[b, :n], seg[b, :n] = tokens[:-1], tokens[1:], 1
+            pos = np.zeros((B, C), np.int32)
+            targets = np.zeros((B, C), np.int32)
+            spans = []
+            for b, (inp, reqs) in enumerate(batch):
+                n = len(inp)
+                ids[b, :n], seg[b, :n] = inp, 1
+                at = 0
+                for key, n_cont, tgt in reqs:
+                    pos[b, at : at + n_cont] = np.arange(n - n_cont, n)
+                    targets[b, at : at + n_cont] = tgt
+                    spans.append((key, b, slice(at, at + n_cont)))
+                    at += n_cont
             chosen, greedy = jax.device_get(
-                self._forward(self._state, jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(seg))
+                self._forward(self._state, *map(jnp.asarray, (ids, seg, pos, targets)))
             )
-            for b, (key, tokens, n_cont) in enumerate(batch):
-                n = len(tokens) - 1
-                span = slice(n - n_cont, n)
+            for key, b, span in spans:
                 self._cache[key] = (float(chosen[b, span].sum()), bool(greedy[b, span].all()))
         return [self._cache[k] for k in keys]
 

@@ -853,8 +853,10 @@ class BenchmarkConfig:
             raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
         if self.task_list():
             self.to_eval_config()
-        elif self.data.strip():
-            self.locations()
+        elif self.data.strip() or self.every:
+            raise ConfigError(
+                "eval.tasks: empty, but eval.data / eval.every are set; name the tasks to score"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

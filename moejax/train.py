@@ -8,6 +8,7 @@ saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -168,10 +169,18 @@ class Benchmarks:
             raise TrainingError(
                 "eval.tasks: a reward model scores answers, it does not generate or rank text"
             )
+        if jax.process_count() > 1:
+            raise TrainingError(
+                "eval.tasks: benchmarks during training run in one process for now (the "
+                "generator is single-process); score the checkpoints with python -m moejax.eval"
+            )
         try:
             self.scorer = Scorer(cfg.eval.to_eval_config(), tokenizer)
         except (ConfigError, ValueError, FileNotFoundError) as e:
-            raise TrainingError(f"eval: {e}") from None
+            msg = str(e)
+            fields = {f.name for f in dataclasses.fields(cfg.eval)}
+            named = msg.split(":")[0].split(".")[0] in fields
+            raise TrainingError(f"eval.{msg}" if named else f"eval: {msg}") from None
         self.cfg = cfg
 
     def due(self, step: int) -> bool:
@@ -180,6 +189,7 @@ class Benchmarks:
 
     def __call__(self, ts, state) -> dict:
         results = self.scorer(inference_model(self.cfg, ts, state))
+        self.scorer.lm.release()  # no reference to this step's (or a LoRA-merged) weights stays
         return self.scorer.scalars(results)
 
 
@@ -349,10 +359,14 @@ def run(
         total=cfg.train.steps, initial=start, disable=quiet, dynamic_ncols=True, desc="train"
     )
     t_last, steps_since = None, 0
+    shown = {}
     if (
         on_policy is not None and start == 0 and cfg.train.eval_every
     ):  # the curve starts at the base's reward
         shown = validate(eval_step, state, data, cfg, batch_sh, on_policy)
+    if bench is not None and start == 0 and start_from is not None:  # ... and the base's scores
+        shown.update(bench(ts, state))
+    if shown:
         writer.write(0, shown)
         bar.write("[train] step 0: " + "; ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     try:
@@ -402,6 +416,14 @@ def run(
                             "gradient (updates skipped; last complete checkpoint kept). Lower "
                             "optim.lr or check the data."
                         )
+                if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    ckpt.save(step, state, batches.state())
+                if pre.requested:
+                    ckpt.save(step, state, batches.state(), force=True)
+                    ckpt.wait()
+                    bar.write(f"[train] {pre.requested}: saved step {step} to {ckpt.dir}; exiting")
+                    return last
+                # evaluations come after the step's checkpoint: a failure in one loses no state
                 shown = {}
                 if (
                     cfg.train.eval_every
@@ -417,13 +439,8 @@ def run(
                         f"[train] step {step}: "
                         + "; ".join(f"{k} {v:.4f}" for k, v in shown.items())
                     )
-                if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
-                    ckpt.save(step, state, batches.state())
-                if pre.requested:
-                    ckpt.save(step, state, batches.state(), force=True)
-                    ckpt.wait()
-                    bar.write(f"[train] {pre.requested}: saved step {step} to {ckpt.dir}; exiting")
-                    return last
+                    # the throughput logged next covers training steps only
+                    t_last, steps_since = time.perf_counter(), 0
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, batches.state(), force=True)
             ckpt.wait()

@@ -208,14 +208,21 @@ def test_loglikelihood_rolling_equals_direct_forwards(setup):
 
 
 def test_generation_kwargs_and_bad_model_args():
+    from types import SimpleNamespace
+
     lm = harness.MoejaxLM.__new__(harness.MoejaxLM)
-    lm.max_gen_toks, lm.seed = 256, 3
+    lm.max_gen_toks, lm.seed, lm.lm = 256, 3, SimpleNamespace(max_length=512)
     p = lm.sampling_params({"until": "Q:", "do_sample": False, "temperature": 0.7}, index=2)
     assert p.temperature == 0.0 and p.stop == ("Q:",) and p.max_new_tokens == 256
     p = lm.sampling_params({"until": [], "temperature": 0.6, "top_p": 0.9, "max_gen_toks": 7})
     assert (p.temperature, p.top_p, p.max_new_tokens, p.stop) == (0.6, 0.9, 7, ())
     assert lm.sampling_params({"do_sample": True}, index=1).temperature == 1.0
     assert lm.sampling_params({"do_sample": True}, index=1).seed == 4
+    assert lm.sampling_params({"max_new_tokens": 9}).max_new_tokens == 9  # lm-eval's aliases
+    with pytest.raises(ValueError, match=r"max_gen_toks=512 leaves no room .*max_length=512"):
+        lm.sampling_params({"max_gen_toks": 512})
+    with pytest.raises(ValueError, match="model_args.batch_size: must be >= 1, got 0"):
+        harness.MoejaxLM(model=object(), tokenizer=object(), batch_size=0)
     with pytest.raises(ValueError, match="model_args: unknown pretraind"):
         harness.MoejaxLM(pretraind="x")
     with pytest.raises(ValueError, match="model_args.pretrained"):

@@ -127,3 +127,22 @@ def test_generation_stops_at_the_stop_strings_as_greedy_decoding(model):
     )[0]
     want = tasks.truncate_at_stop(free.text, req.until)
     assert text == want and "Q" not in text and "z" not in text
+
+
+def test_set_model_scores_and_generates_with_the_new_parameters(model):
+    """A scorer compiled for one model, given another of the same structure, answers as a fresh
+    scorer of the other would (no stale cached scores, the generator's parameters swapped too)."""
+    tok = CharTokenizer()
+    other = Transformer(CFG, rngs=nnx.Rngs(7))
+    pairs = [("Question: 1+1?\nAnswer:", " 2"), ("abc", "def")]
+    gen = [tasks.GenRequest("gsm8k", "gsm8k", 0, "Q: 3+4?\nA:", "7", until=("\n",),
+                            max_gen_toks=6)]  # fmt: skip
+    lm = ModelLM(model, tok, batch_size=2, pad_to=16)
+    first, first_text = lm.loglikelihood(pairs), lm.generate_until(gen)
+    lm.release()
+    lm.set_model(other)
+    fresh = ModelLM(other, tok, batch_size=2, pad_to=16)
+    assert lm.loglikelihood(pairs) == fresh.loglikelihood(pairs) != first
+    assert lm.generate_until(gen) == fresh.generate_until(gen)
+    lm.set_model(model)
+    assert lm.loglikelihood(pairs) == first and lm.generate_until(gen) == first_text

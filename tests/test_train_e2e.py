@@ -158,6 +158,20 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_learns(uninterrupted):
     assert last["eval/arc_easy/acc_norm"] == ms[-1]["eval/arc_easy/acc_norm"]
 
 
+def test_benchmarks_during_training_equal_evaluating_the_checkpoint(uninterrupted):
+    """The scores logged at the last step are those of `moejax.eval` on the saved step (the
+    scorer compiled at step 20 was given the step-40 parameters, with no stale cached scores)."""
+    from moejax.eval.run import evaluate
+    from moejax.infer.load import load
+
+    cfg, wd, last = uninterrupted
+    model, tok = load(wd)
+    r = evaluate(cfg.eval.to_eval_config(), model, tok)["results"]
+    for task, metric in (("arc_easy", "acc_norm"), ("gsm8k", "exact_match,flexible-extract")):
+        key = f"eval/{task}/{metric.replace(',', '/')}"
+        assert last[key] == pytest.approx(r[task][metric]["value"], abs=1e-6), key
+
+
 def test_report_plots_the_real_run(uninterrupted, tmp_path):
     """`python -m moejax.report` on the run the trainer just wrote (synthetic runs: test_report)."""
     _, wd, _ = uninterrupted
@@ -258,7 +272,7 @@ def test_unwritable_workdir_fails_first(tmp_path, corpus_cache):
     # a benchmark's data is checked before the first step, not at the first evaluation
     cfg = tiny_config(corpus_cache)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tasks="mmlu"))
-    with pytest.raises(TrainingError, match=r"^eval: data.mmlu: where are its files"):
+    with pytest.raises(TrainingError, match=r"^eval.data.mmlu: where are its files"):
         run(cfg, str(tmp_path / "bench"), quiet=True)
     assert not os.path.exists(tmp_path / "bench" / "checkpoints")
 

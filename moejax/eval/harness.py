@@ -33,7 +33,6 @@ metrics) read local files in the Hugging Face layouts, for machines without the 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from collections.abc import Mapping
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.models import utils as lm_utils_models
 
 from moejax.eval.lm import ModelLM
 from moejax.infer.sampling import SamplingParams
@@ -60,7 +60,6 @@ def _int(name: str, value, default: int | None = None) -> int | None:
         raise ValueError(f"model_args.{name}: an integer, got {value!r}") from None
 
 
-@register_model("moejax")
 class MoejaxLM(LM):
     """lm-eval's ``LM`` interface on a moejax model.
 
@@ -111,9 +110,13 @@ class MoejaxLM(LM):
             from moejax.infer.load import load
 
             tok_file = tokenizer if isinstance(tokenizer, str) and tokenizer else None
-            model, found = load(
-                str(pretrained), tokenizer=tok_file, dtype=jnp.dtype(dtype) if dtype else None
-            )
+            try:
+                dt = jnp.dtype(dtype) if dtype else None
+            except TypeError:
+                raise ValueError(
+                    f"model_args.dtype: got {dtype!r}, allowed: float32, bfloat16, float16"
+                ) from None
+            model, found = load(str(pretrained), tokenizer=tok_file, dtype=dt)
             tokenizer = found
         elif isinstance(tokenizer, str):
             from moejax.data import tokenizer as tokenizer_lib
@@ -123,12 +126,21 @@ class MoejaxLM(LM):
             raise ValueError("model_args.tokenizer: the model came without one; name a file")
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             batch_size = DEFAULT_BATCH
+        sizes = {
+            "batch_size": _int("batch_size", batch_size),
+            "max_length": _int("max_length", max_length),
+            "pad_to": _int("pad_to", pad_to),
+            "max_gen_toks": _int("max_gen_toks", max_gen_toks),
+        }
+        for name, v in sizes.items():
+            if v is not None and v < 1:
+                raise ValueError(f"model_args.{name}: must be >= 1, got {v}")
         self.lm = ModelLM(
             model,
             tokenizer,
-            batch_size=_int("batch_size", batch_size),
-            max_length=_int("max_length", max_length),
-            pad_to=_int("pad_to", pad_to),
+            batch_size=sizes["batch_size"],
+            max_length=sizes["max_length"],
+            pad_to=sizes["pad_to"],
         )
         self.tokenizer = tokenizer
         self.max_gen_toks = _int("max_gen_toks", max_gen_toks)
@@ -178,16 +190,20 @@ class MoejaxLM(LM):
         return out
 
     def sampling_params(self, gen_kwargs: Mapping, index: int = 0) -> SamplingParams:
-        """A task's generation_kwargs as moejax sampling settings (HFLM's reading of them:
-        greedy unless do_sample, or a temperature > 0 without do_sample=False)."""
-        kw = copy.deepcopy(dict(gen_kwargs))
-        until = kw.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+        """A task's generation_kwargs as moejax sampling settings, read by lm-eval's own
+        ``normalize_gen_kwargs`` (as HFLM reads them: greedy unless do_sample, or a temperature > 0
+        without do_sample=False; max_gen_toks or its aliases). Sampling applies only the filters
+        the task names (top_k, top_p, min_p): no implicit defaults."""
+        kw = dict(lm_utils_models.normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks))
+        until = [u for u in kw.pop("until") if u]
+        max_new = int(kw.pop("max_gen_toks"))
+        if max_new >= self.lm.max_length:
+            raise ValueError(
+                f"max_gen_toks={max_new} leaves no room for the prompt within "
+                f"max_length={self.lm.max_length} (model_args.max_length)"
+            )
+        do_sample = bool(kw.pop("do_sample"))
         temperature = float(kw.pop("temperature", 0.0) or 0.0)
-        do_sample = kw.pop("do_sample", None)
-        if do_sample is None:
-            do_sample = temperature > 0
         top_p = float(kw.pop("top_p", 1.0) or 1.0)
         top_k = int(kw.pop("top_k", 0) or 0)
         min_p = float(kw.pop("min_p", 0.0) or 0.0)
@@ -203,7 +219,7 @@ class MoejaxLM(LM):
             top_p=top_p,
             min_p=min_p,
             max_new_tokens=max_new,
-            stop=tuple(u for u in until if u),
+            stop=tuple(until),
             seed=(self.seed + index) % 2**32,
         )
 
@@ -215,7 +231,7 @@ class MoejaxLM(LM):
         out = []
         for r, p, text in zip(requests, params, texts):
             text = truncate_at_stop(text, p.stop)
-            self.cache_hook.add_partial("generate_until", tuple(_hashable(a) for a in r.args), text)
+            self.cache_hook.add_partial("generate_until", r.args, text)
             out.append(text)
         return out
 
@@ -241,10 +257,6 @@ class MoejaxLM(LM):
         )
 
 
-def _hashable(x):
-    return json.dumps(x, sort_keys=True, default=str) if isinstance(x, dict) else x
-
-
 # ------------------------------------------------------------------------------ local tasks
 
 # moejax task -> (lm-eval's YAML, relative to lm_eval/tasks; splits the YAML reads -> ours)
@@ -262,6 +274,10 @@ SPLIT_KEYS = {  # the YAML fields naming each split
     "validation": "validation_split",
     "dev": "fewshot_split",
 }
+
+
+if __name__ != "__main__":  # `python -m moejax.eval.harness` registers the imported module's class
+    register_model("moejax")(MoejaxLM)
 
 
 def _yaml_lines(fields: Mapping) -> str:
@@ -290,6 +306,9 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
             raise ValueError(f"no local lm-eval task for {task!r}; known: {', '.join(LOCAL_TASKS)}")
         yaml_rel, splits = LOCAL_TASKS[task]
         files = {s: split_files(location, s) for s in splits}
+        if not files[splits[0]]:  # the evaluated split; the few-shot one may be absent
+            raise ValueError(f"{task}: no '{splits[0]}' split under {location}")
+        files = {s: paths for s, paths in files.items() if paths}
         if task == "mmlu":
             by_subject: dict[str, dict[str, list]] = {}
             for split, paths in files.items():
@@ -310,13 +329,18 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
             include = os.path.join(root, rel)
             if not os.path.exists(include):
                 raise ValueError(f"lm-eval has no task definition {rel} (for {name})")
+            kinds = {
+                "parquet" if p.endswith(".parquet") else "json"
+                for ps in split_paths.values()
+                for p in ps
+            }
+            if len(kinds) > 1:
+                raise ValueError(f"{name}: parquet and JSON files mixed under {location}")
             fields = {
                 "include": include,
                 "task": name + suffix,
                 "tag": [],
-                "dataset_path": "parquet"
-                if all(p.endswith(".parquet") for ps in split_paths.values() for p in ps)
-                else "json",
+                "dataset_path": kinds.pop(),
                 "dataset_name": None,
                 "dataset_kwargs": {"data_files": {s: p for s, p in split_paths.items()}},
             }
@@ -327,6 +351,8 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
                 key = SPLIT_KEYS[split]
                 if split not in split_paths and key not in fields:
                     fields[key] = None
+            if not set(splits) <= set(split_paths):  # no few-shot source: zero-shot only
+                fields["fewshot_split"] = None
             with open(os.path.join(out_dir, f"{name}{suffix}.yaml"), "w") as f:
                 f.write(_yaml_lines(fields))
             names.append(name + suffix)
@@ -346,4 +372,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moejax.eval.harness import main as _main  # the registered module, not this __main__ copy
+
+    _main()

@@ -66,6 +66,13 @@ class ModelLM:
         self._forward = jax.jit(self._forward_fn)
         self._generator = None
 
+    def release(self) -> None:
+        """Drop the references to the model's parameters (until the next set_model): a training
+        run evaluates its state, then donates those buffers to the next step."""
+        self._state, self.model = None, None
+        if self._generator is not None:
+            self._generator.state = None
+
     def set_model(self, model) -> None:
         """Score and generate with another model of the same structure (a training run's newer
         parameters): the compiled programs are reused; cached scores are dropped."""

@@ -75,10 +75,17 @@ class EvalConfig:
         for name in ("batch_size", "max_gen_toks", "code_max_tokens", "samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_fewshot < -1 or self.limit < 0 or self.workers < 0:
-            raise ConfigError("num_fewshot must be >= -1, limit and workers >= 0")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.timeout <= 0:
-            raise ConfigError("temperature must be >= 0, top_p in (0, 1], timeout > 0")
+        checks = (
+            ("num_fewshot", self.num_fewshot >= -1, ">= -1"),
+            ("limit", self.limit >= 0, ">= 0"),
+            ("workers", self.workers >= 0, ">= 0"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("timeout", self.timeout > 0, "> 0"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)}")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"ks: must be >= 1, got {self.ks}")
 

@@ -34,6 +34,9 @@ def get_config():
             )
         }
     )
+    # a folder of Hub dataset repositories (cais/mmlu/all, openai/gsm8k/main, ...) for the tasks
+    # without a data entry; python -m moejax.eval.fixtures DIR writes small ones to try
+    c.data_root = ""
     c.num_fewshot = -1  # each task's lm-eval default (MMLU 0, GSM8K 5, MBPP 3)
     c.limit = 0  # documents per task (0: all)
     c.batch_size = 16

@@ -189,3 +189,39 @@ def test_bad_config_and_missing_data_are_one_clear_error(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "error: tasks: unknown 'hellaswag'" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_command_runs_all_six_benchmarks_on_the_fixture_files(tmp_path):
+    """README: `python -m moejax.eval.fixtures DIR`, then `python -m moejax.eval ...
+    --config.data_root=DIR`: every task found in the Hub layout, scored, written."""
+    from moejax.convert.checkpoint import save_model
+    from moejax.data.tokenizer import train_sentencepiece
+
+    r = run_module("moejax.eval.fixtures", str(tmp_path / "data"), timeout=60)
+    assert r.returncode == 0 and "openai/gsm8k/main" in r.stdout, r.stderr
+    lines = [f"Question: what is {i} + {i}? Answer: {2 * i}. def f(x): return x" for i in range(99)]
+    tok = train_sentencepiece(lines, str(tmp_path / "tok.model"), vocab_size=320)
+    cfg = CFG.replace(vocab_size=tok.vocab_size)
+    save_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path / "ckpt"))
+    r = run_module(
+        "moejax.eval",
+        "--config",
+        os.path.join(ROOT, "experiments", "eval.py"),
+        f"--config.model={tmp_path}/ckpt",
+        f"--config.tokenizer={tmp_path}/tok.model",
+        f"--config.data_root={tmp_path}/data",
+        "--config.limit=2",
+        "--config.max_gen_toks=16",
+        "--config.code_max_tokens=16",
+        f"--config.output={tmp_path}/out",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    tasks = ("mmlu", "arc_easy", "arc_challenge", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k")
+    for task in (*tasks, "humaneval", "mbpp"):
+        assert task in saved["results"], task
+    assert saved["results"]["gsm8k"]["exact_match,strict-match"]["n"] == 2
+    assert "skipped" not in saved  # the fixture files are clean
+    assert "| mbpp | pass@1 |" in open(tmp_path / "out" / "results.md").read()

@@ -145,9 +145,9 @@ def _setup(cfg):
 
 
 def test_losses_do_not_depend_on_the_microbatch_split():
-    """Token-weighted losses: 1, 2 and 4 microbatches of a packed batch with uneven valid counts
+    """Token-weighted losses: 1 and 4 microbatches of a packed batch with uneven valid counts
     give the same loss, metrics and update (CE, MTP, the sequence-wise balance loss, both
-    z-losses)."""
+    z-losses). (2 microbatches run the same scan as 4: left out for CI time.)"""
     base = tiny_config()
     cfg = dataclasses.replace(
         base,
@@ -158,13 +158,13 @@ def test_losses_do_not_depend_on_the_microbatch_split():
     valid = np.asarray(shifted_targets(batch, 1)[1]).sum(1)
     assert valid.max() > 3 * valid.min()  # uneven on purpose
     results = {}
-    for n in (1, 2, 4):
+    for n in (1, 4):
         step, state = _setup(
             dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=n))
         )
         results[n] = step(state, batch)
     s1, m1 = results[1]
-    for n in (2, 4):
+    for n in (4,):
         s, m = results[n]
         for k in ("loss", "ce_loss", "mtp_loss", "aux_loss", "logit_z_loss", "tokens", "grad_norm"):
             assert float(m[k]) == pytest.approx(float(m1[k]), rel=2e-5), (n, k)

@@ -19,6 +19,7 @@ with segment id 0, so a row's score does not depend on its batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,6 +30,21 @@ from flax import nnx
 from moejax.eval import tasks as tasks_lib
 from moejax.infer.generate import Generator, for_inference
 from moejax.infer.sampling import SamplingParams
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef, state, ids, segment_ids, pos, targets):
+    """Log-probabilities of `targets` [B, C] at positions `pos` [B, C] of the rows `ids`, and
+    whether each is the argmax. Only those C positions go through the LM head: a multiple-choice
+    continuation is a few tokens of a long context, and the head (and its log-softmax over the
+    vocabulary) would otherwise cost as much as the trunk. Jitted once per model structure (the
+    graphdef is static), so every scorer of that structure shares the compiled programs."""
+    model = nnx.merge(graphdef, state)
+    _, aux = model(ids, segment_ids=segment_ids, return_hidden=True)  # logits: dead code
+    h = jnp.take_along_axis(aux["hidden"], pos[..., None], axis=1)  # [B, C, D]
+    logp = jax.nn.log_softmax(model.head(h).astype(jnp.float32), axis=-1)  # [B, C, V]
+    chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return chosen, jnp.argmax(logp, axis=-1) == targets
 
 
 class ModelLM:
@@ -63,7 +79,6 @@ class ModelLM:
         self.eos_id = eos if eos is not None and eos >= 0 else None
         self._cache: dict[tuple[tuple[int, ...], int], tuple[float, bool]] = {}
         self._graphdef, self._state = nnx.split(for_inference(model))
-        self._forward = jax.jit(self._forward_fn)
         self._generator = None
 
     def release(self) -> None:
@@ -85,18 +100,6 @@ class ModelLM:
             self._generator.set_params(model)
 
     # ------------------------------------------------------------------ log-likelihoods
-
-    def _forward_fn(self, state, ids, segment_ids, pos, targets):
-        """Log-probabilities of `targets` [B, C] at positions `pos` [B, C] of the rows `ids`, and
-        whether each is the argmax. Only those C positions go through the LM head: a
-        multiple-choice continuation is a few tokens of a long context, and the head (and its
-        log-softmax over the vocabulary) would otherwise cost as much as the trunk."""
-        model = nnx.merge(self._graphdef, state)
-        _, aux = model(ids, segment_ids=segment_ids, return_hidden=True)  # logits: dead code
-        h = jnp.take_along_axis(aux["hidden"], pos[..., None], axis=1)  # [B, C, D]
-        logp = jax.nn.log_softmax(model.head(h).astype(jnp.float32), axis=-1)  # [B, C, V]
-        chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return chosen, jnp.argmax(logp, axis=-1) == targets
 
     def _prefix(self) -> int:
         if self.prefix_id is None:
@@ -166,7 +169,7 @@ class ModelLM:
                     spans.append((key, b, slice(at, at + n_cont)))
                     at += n_cont
             chosen, greedy = jax.device_get(
-                self._forward(self._state, *map(jnp.asarray, (ids, seg, pos, targets)))
+                _scores(self._graphdef, self._state, *map(jnp.asarray, (ids, seg, pos, targets)))
             )
             for key, b, span in spans:
                 self._cache[key] = (float(chosen[b, span].sum()), bool(greedy[b, span].all()))

@@ -49,6 +49,9 @@ class EvalConfig:
     tasks: tuple[str, ...] = ("arc_easy", "arc_challenge", "gsm8k")
     # task -> a data file or a folder in the Hub layout (see the module docstring)
     data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # a folder of Hub dataset repositories (cais/mmlu/all, allenai/ai2_arc/ARC-Easy, ...: see
+    # moejax.eval.fixtures.HUB_LAYOUT) where tasks without a data entry are looked for
+    data_root: str = ""
     num_fewshot: int = -1  # -1: each task's own (lm-eval's YAML; MMLU 0 there, 5 is common)
     limit: int = 0  # documents per task (0: all)
     batch_size: int = 16  # log-likelihood rows / generations per device call
@@ -72,6 +75,18 @@ class EvalConfig:
         extra = [t for t in self.data if t not in TASKS]
         if extra:
             raise ConfigError(f"data.{extra[0]}: not a task; known: {', '.join(TASKS)}")
+        if self.data_root:
+            from moejax.eval.fixtures import HUB_LAYOUT
+
+            root = os.path.expanduser(self.data_root)
+            if not os.path.isdir(root):
+                raise ConfigError(f"data_root: no such folder: {self.data_root}")
+            found = {
+                t: os.path.join(root, HUB_LAYOUT[t])
+                for t in self.tasks
+                if t not in self.data and os.path.isdir(os.path.join(root, HUB_LAYOUT[t]))
+            }
+            object.__setattr__(self, "data", {**self.data, **found})
         for name in ("batch_size", "max_gen_toks", "code_max_tokens", "samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -297,7 +312,12 @@ def check_data(cfg: EvalConfig) -> None:
     for task in cfg.tasks:
         location = cfg.data.get(task)
         if not location and task != "humaneval":
-            raise ConfigError(f"data.{task}: where are its files? (a file or a Hub-layout folder)")
+            from moejax.eval.fixtures import HUB_LAYOUT
+
+            where = f" (none at data_root/{HUB_LAYOUT[task]})" if cfg.data_root else ""
+            raise ConfigError(
+                f"data.{task}: where are its files? (a file or a Hub-layout folder){where}"
+            )
         if location and not os.path.exists(os.path.expanduser(location)):
             raise FileNotFoundError(f"data.{task}: no such data file or folder: {location}")
 

@@ -434,6 +434,8 @@ def test_lora_sft_from_a_converted_hf_base_exports_a_model_transformers_loads(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moejax.eval import fixtures
+    from moejax.eval.run import evaluate
     from moejax.finetune.export import export
     from moejax.finetune.runner import run
     from moejax.infer.load import load
@@ -441,6 +443,10 @@ def test_lora_sft_from_a_converted_hf_base_exports_a_model_transformers_loads(
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(60)))
     cfg = _sft_config(hf_base, str(data), str(tmp_path / "cache"), rank=4, targets=TARGETS)
+    arc = fixtures.write(str(tmp_path / "bench"))["arc_easy"]  # a benchmark scored as it trains
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, tasks="arc_easy", data=f"arc_easy={arc}", limit=2)
+    )
     wd = str(tmp_path / "run")
     run(
         cfg, wd, max_steps_this_run=2
@@ -453,6 +459,13 @@ def test_lora_sft_from_a_converted_hf_base_exports_a_model_transformers_loads(
     # the run's model is the base with its adapters merged; transformers reads the merged export
     model, tok = load(wd)
     assert tok is not None and not lora.has_adapters(model)
+    # the benchmark: the base's score at step 0 (before the interruption), the adapted model's at
+    # the end (after the resume), equal to evaluating the merged model the run wrote
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        scored = [m for m in map(json.loads, f) if "eval/arc_easy/acc_norm" in m]
+    assert [m["step"] for m in scored] == [0, 3]
+    r = evaluate(cfg.eval.to_eval_config(), model, tok)["results"]["arc_easy"]
+    assert scored[-1]["eval/arc_easy/acc_norm"] == pytest.approx(r["acc_norm"]["value"], abs=1e-6)
     hf_dir = export(wd, str(tmp_path / "merged"), "hf")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     ids = np.random.default_rng(0).integers(3, 400, (2, 12))

@@ -833,18 +833,14 @@ class BenchmarkConfig:
         from moejax.eval.run import EvalConfig
 
         data = self.locations()
+        theirs = {f.name for f in dataclasses.fields(EvalConfig)}
+        shared = {  # limit, num_fewshot, batch_size, ...: the same names there
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name in theirs and f.name not in ("tasks", "data")
+        }
         try:
-            return EvalConfig(
-                tasks=self.task_list(),
-                data=data,
-                num_fewshot=self.num_fewshot,
-                limit=self.limit,
-                batch_size=self.batch_size,
-                max_gen_toks=self.max_gen_toks,
-                code_max_tokens=self.code_max_tokens,
-                workers=self.workers,
-                timeout=self.timeout,
-            )
+            return EvalConfig(tasks=self.task_list(), data=data, **shared)
         except ConfigError as e:
             raise ConfigError(f"eval.{e}") from None
 

@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval")  # the eval extra
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from moejax.eval import harness  # noqa: E402
+from moejax.eval import fixtures, harness  # noqa: E402
 from moejax.eval import tasks as tasks_lib  # noqa: E402
 from moejax.eval.run import EvalConfig, evaluate  # noqa: E402
 from moejax.model import Transformer  # noqa: E402
@@ -29,64 +29,12 @@ from tests.test_eval_lm import CharTokenizer  # noqa: E402
 CFG = TINY_MLA.replace(mtp_depth=0, initializer_range=0.3, max_position_embeddings=1024)
 
 
-def _write(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def _data(root) -> dict[str, str]:
-    arc = [
-        {
-            "id": f"a{i}",
-            "question": f"Which one is {i}?",
-            "choices": {"text": [str(i), "none", "many more"][: 2 + i % 2], "label": list("ABC")},
-            "answerKey": "AB"[i % 2],
-        }
-        for i in range(6)
-    ]
-    for d in arc:
-        d["choices"]["label"] = d["choices"]["label"][: len(d["choices"]["text"])]
-    _write(f"{root}/ARC-Easy/test.jsonl", arc[:4])
-    _write(f"{root}/ARC-Easy/train.jsonl", arc[2:])
-    mmlu = [
-        {
-            "question": f"{i} + 1 = ?",
-            "subject": s,
-            "answer": i % 4,
-            "choices": [str(i), str(i + 1), str(i + 2), "7"],
-        }  # fmt: skip
-        for s in ("elementary_mathematics", "world_religions")
-        for i in range(3)
-    ]
-    _write(f"{root}/mmlu/test.jsonl", mmlu)
-    _write(f"{root}/mmlu/dev.jsonl", mmlu[::-1])
-    tqa = [
-        {
-            "question": f"Is {i} a number?",
-            "mc1_targets": {"choices": ["Yes.", "No."], "labels": [1, 0]},
-            "mc2_targets": {"choices": ["Yes.", "It is.", "No way."], "labels": [1, 1, 0]},
-        }
-        for i in range(3)
-    ]
-    _write(f"{root}/tqa/validation.jsonl", tqa)
-    gsm = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
-           for i in range(8)]  # fmt: skip
-    _write(f"{root}/gsm8k/test.jsonl", gsm[:2])
-    _write(f"{root}/gsm8k/train.jsonl", gsm[2:])
-    return {
-        "arc_easy": f"{root}/ARC-Easy",
-        "mmlu": f"{root}/mmlu",
-        "truthfulqa_mc1": f"{root}/tqa",
-        "truthfulqa_mc2": f"{root}/tqa",
-        "gsm8k": f"{root}/gsm8k",
-    }
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("harness"))
-    data = _data(root + "/data")
+    data = fixtures.write(root + "/data")  # the Hub layout; ARC, MMLU, TruthfulQA, GSM8K
+    data.pop("mbpp")
+    data.pop("arc_challenge")
     names = harness.write_local_tasks(data, root + "/tasks")
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     lm = harness.MoejaxLM(model=model, tokenizer=CharTokenizer(), batch_size=8, max_gen_toks=12)
@@ -120,7 +68,7 @@ def test_lm_eval_scores_equal_moejax_scores(setup):
         [
             "arc_easy_local",
             "mmlu_elementary_mathematics_local",
-            "mmlu_world_religions_local",
+            "mmlu_high_school_computer_science_local",
             "truthfulqa_mc1_local",
             "truthfulqa_mc2_local",
             "gsm8k_local",
@@ -132,7 +80,7 @@ def test_lm_eval_scores_equal_moejax_scores(setup):
     pairs = [
         ("arc_easy_local", "arc_easy", "acc"),
         ("arc_easy_local", "arc_easy", "acc_norm"),
-        ("mmlu_world_religions_local", "mmlu_world_religions", "acc"),
+        ("mmlu_high_school_computer_science_local", "mmlu_high_school_computer_science", "acc"),
         ("mmlu_elementary_mathematics_local", "mmlu_elementary_mathematics", "acc"),
         ("truthfulqa_mc1_local", "truthfulqa_mc1", "acc"),
         ("truthfulqa_mc2_local", "truthfulqa_mc2", "acc"),  # lm-eval's mc2 is reported as acc
@@ -162,12 +110,12 @@ def test_lm_eval_scores_equal_moejax_scores(setup):
 
 def test_few_shot_selection_equals_lm_evals(setup):
     """ARC's random few-shot draw (seed 1234, the document itself excluded) and MMLU's first_n."""
-    names = ["arc_easy_local", "mmlu_world_religions_local"]
+    names = ["arc_easy_local", "mmlu_high_school_computer_science_local"]
     theirs = _lm_eval(setup, names, num_fewshot=2)
     ours = _ours(setup, ("arc_easy", "mmlu"), num_fewshot=2)
     for their_task, our_task, metric in [
         ("arc_easy_local", "arc_easy", "acc_norm"),
-        ("mmlu_world_religions_local", "mmlu_world_religions", "acc"),
+        ("mmlu_high_school_computer_science_local", "mmlu_high_school_computer_science", "acc"),
     ]:
         got = theirs["results"][their_task][f"{metric},none"]
         assert got == pytest.approx(ours[our_task][metric]["value"], abs=1e-6)

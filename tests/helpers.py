@@ -102,3 +102,19 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def saved_checkpoint(root, cfg) -> tuple[str, str]:
+    """A random moejax checkpoint of `cfg` (its vocabulary set to a small sentencepiece model's)
+    under root/ckpt, and that tokenizer's .model file: (checkpoint dir, tokenizer file)."""
+    from flax import nnx
+
+    from moejax.convert.checkpoint import save_model
+    from moejax.data.tokenizer import train_sentencepiece
+    from moejax.model import Transformer
+
+    lines = [f"Question: what is {i} + {i}? Answer: {2 * i}. def f(x): return x" for i in range(99)]
+    tok = train_sentencepiece(lines, os.path.join(root, "tok.model"), vocab_size=320)
+    cfg = cfg.replace(vocab_size=tok.vocab_size)
+    save_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, os.path.join(root, "ckpt"))
+    return os.path.join(root, "ckpt"), os.path.join(root, "tok.model")

@@ -23,7 +23,7 @@ from moejax.eval import fixtures, harness  # noqa: E402
 from moejax.eval import tasks as tasks_lib  # noqa: E402
 from moejax.eval.run import EvalConfig, evaluate  # noqa: E402
 from moejax.model import Transformer  # noqa: E402
-from tests.helpers import TINY_MLA, run_module  # noqa: E402
+from tests.helpers import TINY_MLA, run_module, saved_checkpoint  # noqa: E402
 from tests.test_eval_lm import CharTokenizer  # noqa: E402
 
 CFG = TINY_MLA.replace(mtp_depth=0, initializer_range=0.3, max_position_embeddings=1024)
@@ -183,19 +183,13 @@ def test_generation_kwargs_and_bad_model_args():
 def test_command_line_runs_a_saved_checkpoint(setup, tmp_path):
     """`python -m moejax.eval.harness --model moejax --model_args pretrained=...`: lm-eval's own
     command line, on a moejax checkpoint with a sentencepiece tokenizer."""
-    from moejax.convert.checkpoint import save_model
-    from moejax.data.tokenizer import train_sentencepiece
-
-    lines = [f"Question: which one is {i}? Answer: {i} or none or many more" for i in range(200)]
-    tok = train_sentencepiece(lines, str(tmp_path / "tok.model"), vocab_size=320)
-    cfg = CFG.replace(vocab_size=tok.vocab_size)
-    save_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path / "ckpt"))
+    ckpt, tok = saved_checkpoint(str(tmp_path), CFG)
     r = run_module(
         "moejax.eval.harness",
         "--model",
         "moejax",
         "--model_args",
-        f"pretrained={tmp_path}/ckpt,tokenizer={tmp_path}/tok.model",
+        f"pretrained={ckpt},tokenizer={tok}",
         "--tasks",
         "arc_easy_local",
         "--include_path",

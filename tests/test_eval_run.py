@@ -13,7 +13,7 @@ from flax import nnx
 from moejax.config import ConfigError
 from moejax.eval.run import EvalConfig, evaluate, split_files
 from moejax.model import Transformer
-from tests.helpers import ROOT, TINY_MLA, run_module
+from tests.helpers import ROOT, TINY_MLA, run_module, saved_checkpoint
 from tests.test_eval_lm import CharTokenizer
 
 CFG = TINY_MLA.replace(mtp_depth=0, initializer_range=0.3, max_position_embeddings=1024)
@@ -195,21 +195,15 @@ def test_bad_config_and_missing_data_are_one_clear_error(tmp_path):
 def test_the_readme_command_runs_all_six_benchmarks_on_the_fixture_files(tmp_path):
     """README: `python -m moejax.eval.fixtures DIR`, then `python -m moejax.eval ...
     --config.data_root=DIR`: every task found in the Hub layout, scored, written."""
-    from moejax.convert.checkpoint import save_model
-    from moejax.data.tokenizer import train_sentencepiece
-
     r = run_module("moejax.eval.fixtures", str(tmp_path / "data"), timeout=60)
     assert r.returncode == 0 and "openai/gsm8k/main" in r.stdout, r.stderr
-    lines = [f"Question: what is {i} + {i}? Answer: {2 * i}. def f(x): return x" for i in range(99)]
-    tok = train_sentencepiece(lines, str(tmp_path / "tok.model"), vocab_size=320)
-    cfg = CFG.replace(vocab_size=tok.vocab_size)
-    save_model(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path / "ckpt"))
+    ckpt, tok = saved_checkpoint(str(tmp_path), CFG)
     r = run_module(
         "moejax.eval",
         "--config",
         os.path.join(ROOT, "experiments", "eval.py"),
-        f"--config.model={tmp_path}/ckpt",
-        f"--config.tokenizer={tmp_path}/tok.model",
+        f"--config.model={ckpt}",
+        f"--config.tokenizer={tok}",
         f"--config.data_root={tmp_path}/data",
         "--config.limit=2",
         "--config.max_gen_toks=16",

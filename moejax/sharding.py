@@ -323,6 +323,21 @@ def expert_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
     return axes
 
 
+def check_pipeline(stages: int, stacks: list[tuple[str, int]]) -> None:
+    """A pipeline ('stage' > 1) must pipeline something: a stack whose depth the stages do not
+    divide runs replicated on every stage (stage_fallback), so a stage count that divides none of
+    them would replicate the whole model over the 'stage' axis and pipeline nothing."""
+    if stages <= 1 or any(n % stages == 0 for _, n in stacks):
+        return
+    fits = sorted({d for _, n in stacks for d in range(2, n + 1) if n % d == 0})
+    desc = ", ".join(f"{kind} {n}" for kind, n in stacks)
+    raise ShardingError(
+        f"mesh.stage={stages} divides none of the layer stacks ({desc}): every layer would run "
+        "replicated on every stage and nothing would be pipelined; "
+        + (f"stage counts that divide a stack: {fits}" if fits else "use mesh.stage=1")
+    )
+
+
 def check_batch(batch_size: int, sharding: NamedSharding) -> None:
     axes = sharding.spec[0]
     n = (

@@ -19,6 +19,14 @@ def test_mesh_resolution_and_errors():
         sharding.resolve_mesh(MeshConfig(fsdp=2, tensor=2), 8)
     with pytest.raises(sharding.ShardingError, match="only one axis may be -1"):
         sharding.resolve_mesh(MeshConfig(fsdp=-1, data=-1), 8)
+    # a stage count dividing no layer stack would pipeline nothing (DeepSeek-V3: 3 dense, 58 MoE)
+    sharding.check_pipeline(2, [("dense", 3), ("moe", 58)])  # the MoE stack is pipelined
+    with pytest.raises(
+        sharding.ShardingError,
+        match=r"mesh.stage=4 divides none of the layer stacks \(dense 3, moe 58\).*"
+        r"divide a stack: \[2, 3, 29, 58\]",
+    ):
+        sharding.check_pipeline(4, [("dense", 3), ("moe", 58)])
 
 
 def test_indivisible_experts_name_the_parameter():

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from moejax import sharding
 from moejax.config import Config
 from moejax.model import Transformer
+from moejax.model.transformer import segments_of
 from moejax.trainer.optim import make_optimizer
 from moejax.trainer.step import make_eval_step, make_train_step, split_model
 
@@ -196,6 +197,7 @@ def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_for(cfg.mesh)
+    sharding.check_pipeline(mesh.shape.get("stage", 1), segments_of(cfg.model))
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed))
     graphdef, params, _, rest = split_model(abstract_model)
     tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)

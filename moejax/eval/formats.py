@@ -128,8 +128,34 @@ class TaskSpec:
     metrics: tuple[str, ...]  # the per-document metrics lm-eval reports
     fewshot_excludes_eval_doc: bool = False  # draw n + 1 and drop the evaluated doc
     source: str = ""
+    yaml: str = ""  # the task's YAML under lm_eval/tasks (moejax.eval.harness includes it)
 
 
+_ARC_EASY = TaskSpec(
+    name="arc_easy",
+    output_type="multiple_choice",
+    dataset="allenai/ai2_arc ARC-Easy",
+    eval_split="test",
+    fewshot_split="train",
+    sampler="default",
+    num_fewshot=0,
+    metrics=("acc", "acc_norm"),
+    source="lm_eval/tasks/arc/arc_easy.yaml",
+    yaml="arc/arc_easy.yaml",
+)
+_TRUTHFULQA_MC1 = TaskSpec(
+    name="truthfulqa_mc1",
+    output_type="multiple_choice",
+    dataset="truthfulqa/truthful_qa multiple_choice",
+    eval_split="validation",
+    fewshot_split="validation",
+    sampler="default",
+    num_fewshot=0,
+    metrics=("acc",),
+    fewshot_excludes_eval_doc=True,
+    source="lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml",
+    yaml="truthfulqa/truthfulqa_mc1.yaml",
+)
 TASKS: dict[str, TaskSpec] = {
     "mmlu": TaskSpec(
         name="mmlu",
@@ -141,52 +167,23 @@ TASKS: dict[str, TaskSpec] = {
         num_fewshot=0,
         metrics=("acc",),
         source="lm_eval/tasks/mmlu/default/_default_template_yaml",
+        yaml="mmlu/default/mmlu_{subject}.yaml",
     ),
-    "arc_easy": TaskSpec(
-        name="arc_easy",
-        output_type="multiple_choice",
-        dataset="allenai/ai2_arc ARC-Easy",
-        eval_split="test",
-        fewshot_split="train",
-        sampler="default",
-        num_fewshot=0,
-        metrics=("acc", "acc_norm"),
-        source="lm_eval/tasks/arc/arc_easy.yaml",
-    ),
-    "arc_challenge": TaskSpec(
+    "arc_easy": _ARC_EASY,
+    # (the YAMLs include arc_easy.yaml / truthfulqa_mc1.yaml and change what is below)
+    "arc_challenge": dataclasses.replace(
+        _ARC_EASY,
         name="arc_challenge",
-        output_type="multiple_choice",
         dataset="allenai/ai2_arc ARC-Challenge",
-        eval_split="test",
-        fewshot_split="train",
-        sampler="default",
-        num_fewshot=0,
-        metrics=("acc", "acc_norm"),
         source="lm_eval/tasks/arc/arc_challenge.yaml (includes arc_easy.yaml)",
+        yaml="arc/arc_challenge.yaml",
     ),
-    "truthfulqa_mc1": TaskSpec(
-        name="truthfulqa_mc1",
-        output_type="multiple_choice",
-        dataset="truthfulqa/truthful_qa multiple_choice",
-        eval_split="validation",
-        fewshot_split="validation",
-        sampler="default",
-        num_fewshot=0,
-        metrics=("acc",),
-        fewshot_excludes_eval_doc=True,
-        source="lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml",
-    ),
-    "truthfulqa_mc2": TaskSpec(
+    "truthfulqa_mc1": _TRUTHFULQA_MC1,
+    "truthfulqa_mc2": dataclasses.replace(
+        _TRUTHFULQA_MC1,
         name="truthfulqa_mc2",
-        output_type="multiple_choice",
-        dataset="truthfulqa/truthful_qa multiple_choice",
-        eval_split="validation",
-        fewshot_split="validation",
-        sampler="default",
-        num_fewshot=0,
-        metrics=("acc",),
-        fewshot_excludes_eval_doc=True,
         source="lm_eval/tasks/truthfulqa/truthfulqa_mc2.yaml, utils.process_results_mc2",
+        yaml="truthfulqa/truthfulqa_mc2.yaml",
     ),
     "gsm8k": TaskSpec(
         name="gsm8k",
@@ -198,6 +195,7 @@ TASKS: dict[str, TaskSpec] = {
         num_fewshot=5,
         metrics=("exact_match,strict-match", "exact_match,flexible-extract"),
         source="lm_eval/tasks/gsm8k/gsm8k.yaml",
+        yaml="gsm8k/gsm8k.yaml",
     ),
 }
 

@@ -259,15 +259,6 @@ class MoejaxLM(LM):
 
 # ------------------------------------------------------------------------------ local tasks
 
-# moejax task -> (lm-eval's YAML, relative to lm_eval/tasks; splits the YAML reads -> ours)
-LOCAL_TASKS = {
-    "arc_easy": ("arc/arc_easy.yaml", ("test", "train")),
-    "arc_challenge": ("arc/arc_challenge.yaml", ("test", "train")),
-    "truthfulqa_mc1": ("truthfulqa/truthfulqa_mc1.yaml", ("validation",)),
-    "truthfulqa_mc2": ("truthfulqa/truthfulqa_mc2.yaml", ("validation",)),
-    "gsm8k": ("gsm8k/gsm8k.yaml", ("test", "train")),
-    "mmlu": ("mmlu/default/mmlu_{subject}.yaml", ("test", "dev")),
-}
 SPLIT_KEYS = {  # the YAML fields naming each split
     "test": "test_split",
     "train": "training_split",
@@ -302,9 +293,11 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
     os.makedirs(out_dir, exist_ok=True)
     names = []
     for task, location in data.items():
-        if task not in LOCAL_TASKS:
-            raise ValueError(f"no local lm-eval task for {task!r}; known: {', '.join(LOCAL_TASKS)}")
-        yaml_rel, splits = LOCAL_TASKS[task]
+        if task not in formats.TASKS:
+            known = ", ".join(formats.TASKS)
+            raise ValueError(f"no local lm-eval task for {task!r}; known: {known}")
+        spec = formats.TASKS[task]
+        yaml_rel, splits = spec.yaml, tuple(dict.fromkeys((spec.eval_split, spec.fewshot_split)))
         files = {s: split_files(location, s) for s in splits}
         if not files[splits[0]]:  # the evaluated split; the few-shot one may be absent
             raise ValueError(f"{task}: no '{splits[0]}' split under {location}")

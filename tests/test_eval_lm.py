@@ -139,7 +139,14 @@ def test_set_model_scores_and_generates_with_the_new_parameters(model):
                             max_gen_toks=6)]  # fmt: skip
     lm = ModelLM(model, tok, batch_size=2, pad_to=16)
     first, first_text = lm.loglikelihood(pairs), lm.generate_until(gen)
-    lm.release()
+
+    def held():  # the model's parameter arrays the scorer (or its generator) still references
+        params = {id(x) for x in jax.tree.leaves(nnx.state(model))}
+        return [x for x in jax.tree.leaves([vars(lm), vars(lm._generator)]) if id(x) in params]
+
+    assert held()
+    lm.release()  # a training run donates these buffers to its next step: nothing may keep them
+    assert not held()
     lm.set_model(other)
     fresh = ModelLM(other, tok, batch_size=2, pad_to=16)
     assert lm.loglikelihood(pairs) == fresh.loglikelihood(pairs) != first

@@ -43,7 +43,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models import utils as lm_utils_models
 
+from moejax.eval import formats
 from moejax.eval.lm import ModelLM
+from moejax.eval.run import split_files
 from moejax.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -257,6 +259,10 @@ class MoejaxLM(LM):
         )
 
 
+if __name__ != "__main__":  # `python -m moejax.eval.harness` registers the imported module's class
+    register_model("moejax")(MoejaxLM)
+
+
 # ------------------------------------------------------------------------------ local tasks
 
 SPLIT_KEYS = {  # the YAML fields naming each split
@@ -265,10 +271,6 @@ SPLIT_KEYS = {  # the YAML fields naming each split
     "validation": "validation_split",
     "dev": "fewshot_split",
 }
-
-
-if __name__ != "__main__":  # `python -m moejax.eval.harness` registers the imported module's class
-    register_model("moejax")(MoejaxLM)
 
 
 def _yaml_lines(fields: Mapping) -> str:
@@ -285,9 +287,6 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
     as lm-eval defines MMLU. Returns the task names; pass `out_dir` as lm-eval's include_path.
     """
     import lm_eval.tasks
-
-    from moejax.eval import formats
-    from moejax.eval.run import split_files
 
     root = os.path.dirname(lm_eval.tasks.__file__)
     os.makedirs(out_dir, exist_ok=True)
@@ -335,7 +334,7 @@ def write_local_tasks(data: Mapping[str, str], out_dir: str, suffix: str = "_loc
                 "tag": [],
                 "dataset_path": kinds.pop(),
                 "dataset_name": None,
-                "dataset_kwargs": {"data_files": {s: p for s, p in split_paths.items()}},
+                "dataset_kwargs": {"data_files": dict(split_paths)},
             }
             for split, key in SPLIT_KEYS.items():
                 if split in split_paths:

@@ -168,9 +168,9 @@ class Recording(prepare.Counters):
         super().__init__()
         self.removed_ids: dict[str, str] = {}
 
-    def remove(self, stage, reason, doc, nbytes, text):
-        super().remove(stage, reason, doc, nbytes, text)
-        self.removed_ids[doc.path] = stage
+    def remove(self, stage, reason, where, nbytes, text, key=None):
+        super().remove(stage, reason, where, nbytes, text, key)
+        self.removed_ids[where] = stage
 
 
 def pr(pred: set, truth: set) -> tuple[float, float]:
@@ -426,7 +426,9 @@ def main(argv=None):
         st = dict(prepare.stages.DEFAULTS, **cfg["stages"])
         rec = Recording()
         docs = (sources.Document(d["text"], "web", d["id"]) for d in corpus["docs"])
-        for _ in prepare.clean(docs, st, rec, seed=0, workers=args.workers):
+        dedup = prepare.Dedup(st, 0)
+        survivors = list(prepare.clean(docs, st, rec, 0, workers=args.workers, dedup=dedup))
+        for _ in prepare.decide(survivors, st, rec, dedup, 0):
             pass
         labels = corpus["labels"]
         removed = rec.removed_ids

@@ -43,10 +43,13 @@ from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
 STAGE_ORDER = ("read", "normalize", "quality", "harmful", "exact_dedup", "near_dedup", "pii", "fim")
 CHUNK = 128  # documents per task sent to a worker
 PROGRESS = "progress.json"
+FINAL = "final.pkl"  # in the build directory: the documents that survive every stage
 
 
 class Counters:
-    """Per stage: documents and bytes in / removed, removal reasons with examples."""
+    """Per stage: documents and bytes in / removed, removal reasons with examples. Mergeable
+    (`merge`): the Beam pipeline fills one per bundle and adds them up; examples are the earliest
+    by `key` (document order), so any merge order keeps what a sequential run keeps."""
 
     def __init__(self):
         self.docs_in = collections.Counter()
@@ -54,23 +57,46 @@ class Counters:
         self.removed = collections.Counter()
         self.bytes_removed = collections.Counter()
         self.reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.examples: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        self.keyed: dict[tuple[str, str], list] = collections.defaultdict(list)  # [(key, text)]
         self.changes = collections.Counter()  # transforms: e.g. pii replacements
         self.seconds = collections.Counter()  # per stage: seconds summed over the workers
         self.wall = collections.Counter()  # per phase: wall seconds
         self.cluster_sizes: list[int] = []
         self.split_docs = collections.Counter()  # cleaned documents per split
+        self._seq = 0
 
     def seen(self, stage: str, nbytes: int):
         self.docs_in[stage] += 1
         self.bytes_in[stage] += nbytes
 
-    def remove(self, stage: str, reason: str, doc, nbytes: int, text: str):
+    def remove(self, stage: str, reason: str, where: str, nbytes: int, text: str, key=None):
         self.removed[stage] += 1
         self.bytes_removed[stage] += nbytes
         self.reasons[stage][reason] += 1
-        if len(self.examples[(stage, reason)]) < 3:
-            self.examples[(stage, reason)].append(f"{doc.path}: {text[:80]!r}")
+        self._seq += 1
+        ex = self.keyed[(stage, reason)]
+        if len(ex) < 3 or key is not None:
+            sources._keep_earliest(
+                ex, [(self._seq if key is None else key, f"{where}: {text[:80]!r}")], 3
+            )
+
+    @property
+    def examples(self) -> dict[tuple[str, str], list[str]]:
+        return collections.defaultdict(
+            list, {k: [e for _, e in ex] for k, ex in self.keyed.items()}
+        )
+
+    def merge(self, other: Counters) -> Counters:
+        for name in ("docs_in", "bytes_in", "removed", "bytes_removed", "changes", "seconds"):
+            getattr(self, name).update(getattr(other, name))
+        for name in ("wall", "split_docs"):
+            getattr(self, name).update(getattr(other, name))
+        for stage, r in other.reasons.items():
+            self.reasons[stage].update(r)
+        for k, ex in other.keyed.items():
+            sources._keep_earliest(self.keyed[k], ex, 3)
+        self.cluster_sizes = sorted(self.cluster_sizes + other.cluster_sizes, reverse=True)
+        return self
 
 
 # ------------------------------------------------------------------------------ per-document work
@@ -236,8 +262,7 @@ def _chunks(docs, size: int, counters: Counters):
 
 
 class Dedup:
-    """The order-dependent decisions: exact hashes seen, the near-duplicate LSH index, the FIM
-    coin."""
+    """The order-dependent state: exact hashes seen, the near-duplicate LSH index."""
 
     def __init__(self, st: dict, seed: int):
         self.exact: set[bytes] = set()
@@ -246,7 +271,23 @@ class Dedup:
             if st["near_dedup"]
             else None
         )
-        self.rng = np.random.default_rng(seed)
+
+
+def count_early(counters: Counters, where: str, result, key=None) -> bool:
+    """Counts one document's passage through normalize, quality and harmful (a `_clean_chunk`
+    result); True if it survived them."""
+    stage, reason, text, raw, nbytes, _, boiler, _ = result
+    counters.seen("normalize", raw)
+    counters.changes["boilerplate lines dropped"] += boiler
+    if stage == "normalize":
+        counters.remove(stage, reason, where, raw, text, key)
+        return False
+    for s in ("quality", "harmful"):
+        counters.seen(s, nbytes)
+        if stage == s:
+            counters.remove(s, reason, where, nbytes, text, key)
+            return False
+    return stage is None
 
 
 def clean(
@@ -258,7 +299,10 @@ def clean(
     dedup: Dedup | None = None,
     pool: _Workers | None = None,
 ):
-    """The stages in order; yields the documents that survive, transformed."""
+    """The stages in document order up to exact deduplication; registers the survivors with the
+    near-duplicate index. Yields (document with its cleaned text, near-dedup id or -1, cleaned
+    bytes, PII replacements) per survivor; `decide` then takes the near-duplicate decisions, which
+    need every document first."""
     dedup = dedup or Dedup(st, seed)
     own = pool is None
     pool = pool or _Workers(workers, _init_cleaner, (st, seed))
@@ -268,44 +312,62 @@ def clean(
             counters.seconds.update(secs)
             t = tick()
             k = 0
-            for doc, (stage, reason, text, raw, nbytes, h, boiler, npii) in zip(batch, results):
-                counters.seen("normalize", raw)
-                counters.changes["boilerplate lines dropped"] += boiler
-                if stage == "normalize":
-                    counters.remove(stage, reason, doc, raw, text)
+            for doc, res in zip(batch, results):
+                if not count_early(counters, doc.path, res):
                     continue
-                for s in ("quality", "harmful"):
-                    counters.seen(s, nbytes)
-                    if stage == s:
-                        counters.remove(s, reason, doc, nbytes, text)
-                        break
-                if stage is not None:
-                    continue
+                text, nbytes, h, npii = res[2], res[4], res[5], res[7]
                 sig, keys = (sigs[0][k], sigs[1][k]) if sigs is not None else (None, None)
                 k += 1
                 if st["exact_dedup"]:
                     counters.seen("exact_dedup", nbytes)
                     if h in dedup.exact:
-                        counters.remove("exact_dedup", "exact duplicate", doc, nbytes, text)
+                        counters.remove("exact_dedup", "exact duplicate", doc.path, nbytes, text)
                         continue
                     dedup.exact.add(h)
+                doc_id = -1
                 if dedup.near is not None:
                     counters.seen("near_dedup", nbytes)
-                    if dedup.near.add_signature(sig, keys) is not None:
-                        counters.remove("near_dedup", "near duplicate", doc, nbytes, text)
-                        continue
-                if st["pii"]:
-                    counters.seen("pii", nbytes)
-                    counters.changes["pii replacements"] += npii
+                    dedup.near.add_signature(sig, keys)
+                    doc_id = len(dedup.near.signatures) - 1
                 doc.text = text
-                if doc.lang and st["fim_rate"] and dedup.rng.random() < st["fim_rate"]:
-                    doc.text = stages.fim(doc.text, dedup.rng, st["fim_spm_rate"])
-                    counters.changes["fim documents"] += 1
-                yield doc
+                yield doc, doc_id, nbytes, npii
             counters.seconds["decisions"] += tick() - t
     finally:
         if own:
             pool.close()
+
+
+def finish_document(
+    text: str, where: str, lang: str, nbytes: int, npii: int, st: dict, counters: Counters, seed
+) -> str:
+    """The stages after deduplication for a kept document: PII counts (the text was scrubbed in
+    `_clean_chunk`) and fill-in-the-middle on code, by a coin and a generator drawn from the
+    document's path (so any worker draws the same)."""
+    if st["pii"]:
+        counters.seen("pii", nbytes)
+        counters.changes["pii replacements"] += npii
+    if lang and st["fim_rate"] and _hash_fraction("fim:" + where, seed) < st["fim_rate"]:
+        h = int(hashlib.sha256(f"{seed}:fim:{where}".encode()).hexdigest()[:16], 16)
+        text = stages.fim(text, np.random.default_rng(h), st["fim_spm_rate"])
+        counters.changes["fim documents"] += 1
+    return text
+
+
+def split_of(where: str, seed: int, val_fraction: float) -> str:
+    return "validation" if _hash_fraction(where, seed) < val_fraction else "train"
+
+
+def decide(records, st: dict, counters: Counters, dedup: Dedup, seed: int):
+    """Near-duplicate decisions (`stages.NearDedup`: connected components, the earliest document
+    of each kept) and the later stages over `clean`'s survivors in the same order; yields the kept
+    (document, cleaned bytes) with their final text."""
+    dup = dedup.near.duplicates() if dedup.near is not None else None
+    for doc, doc_id, nbytes, npii in records:
+        if dup is not None and dup[doc_id]:
+            counters.remove("near_dedup", "near duplicate", doc.path, nbytes, doc.text)
+            continue
+        doc.text = finish_document(doc.text, doc.path, doc.lang, nbytes, npii, st, counters, seed)
+        yield doc, nbytes
     if dedup.near is not None:
         counters.cluster_sizes = dedup.near.cluster_sizes()
 
@@ -355,40 +417,43 @@ def _load_pickle(path: str):
         return pickle.load(f)
 
 
-def _cleaned_docs(build: str, n_sources: int, split: str | None = None):
-    """(text, path, split, source) of the cleaned documents, sources in order. They are stored as a
-    stream of pickled lists (no escaping, unlike JSON)."""
-    for i in range(n_sources):
-        with open(os.path.join(build, "cleaned", f"{i}.pkl"), "rb") as f:
-            while True:
-                try:
-                    chunk = pickle.load(f)
-                except EOFError:
-                    break
-                for d in chunk:
-                    if split is None or d[2] == split:
-                        yield d
+def _pickled(path: str):
+    """The items of a stream of pickled lists (no escaping, unlike JSON)."""
+    with open(path, "rb") as f:
+        while True:
+            try:
+                chunk = pickle.load(f)
+            except EOFError:
+                return
+            yield from chunk
 
 
-def _write_cleaned(
-    f,
-    docs,
-    seed: int,
-    val_fraction: float,
-    source: int,
-    counts: collections.Counter,
-    chunk: int = 256,
-):
-    batch = []
-    for doc in docs:
-        split = "validation" if _hash_fraction(doc.path, seed) < val_fraction else "train"
-        counts[split] += 1
-        batch.append((doc.text, doc.path, split, source))
-        if len(batch) == chunk:
-            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
-            batch = []
-    if batch:
+def _write_pickled(f, items, chunk: int = 256) -> None:
+    for batch in iter(lambda: list(itertools.islice(items, chunk)), []):
         pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _cleaned_docs(build: str, split: str | None = None):
+    """(text, path, split, source) of the final documents, in document order."""
+    for d in _pickled(os.path.join(build, FINAL)):
+        if split is None or d[2] == split:
+            yield d
+
+
+def _final_rows(kept, seed: int, val_fraction: float, counts: collections.Counter):
+    for doc, _ in kept:
+        split = split_of(doc.path, seed, val_fraction)
+        counts[split] += 1
+        yield doc.text, doc.path, split, int(doc.source)
+
+
+def _survivors(build: str, n_sources: int):
+    """`clean`'s survivors as `decide` takes them, sources in order."""
+    for i in range(n_sources):
+        for text, path, lang, source, doc_id, nbytes, npii in _pickled(
+            os.path.join(build, "cleaned", f"{i}.pkl")
+        ):
+            yield sources.Document(text, str(source), path, lang), doc_id, nbytes, npii
 
 
 def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
@@ -463,7 +528,13 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
             progress = json.load(f)
     if progress.get("key") != key:  # a different config or changed inputs: start over
         shutil.rmtree(build, ignore_errors=True)
-        progress = {"key": key, "sources_done": 0, "tokenizer": False, "splits": {}}
+        progress = {
+            "key": key,
+            "sources_done": 0,
+            "decided": False,
+            "tokenizer": False,
+            "splits": {},
+        }
     elif not quiet:
         print(
             f"[prepare] resuming {build}: {progress['sources_done']} sources cleaned, "
@@ -504,13 +575,14 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
             )
             t = time.time()
             with open(os.path.join(build, "cleaned", f"{i}.pkl"), "wb") as f:
-                _write_cleaned(
+                _write_pickled(
                     f,
-                    clean(bar, st, counters, seed, dedup=dedup, pool=pool),
-                    seed,
-                    cfg.get("val_fraction", 0.01),
-                    i,
-                    counters.split_docs,
+                    (
+                        (doc.text, doc.path, doc.lang, i, doc_id, nbytes, npii)
+                        for doc, doc_id, nbytes, npii in clean(
+                            bar, st, counters, seed, dedup=dedup, pool=pool
+                        )
+                    ),
                 )
             counters.wall["clean"] += time.time() - t
             _save_pickle(state_file, (counters, skips, dedup, inputs, time.time() - t0))
@@ -519,9 +591,16 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     finally:
         if pool is not None:
             pool.close()
-    if dedup.near is not None:
-        counters.cluster_sizes = dedup.near.cluster_sizes()
-    n_src = len(cfg["sources"])
+    if not progress.get("decided"):  # near-duplicate clusters need every source's documents
+        t = time.time()
+        val_fraction = cfg.get("val_fraction", 0.01)
+        with open(os.path.join(build, FINAL), "wb") as f:
+            kept = decide(_survivors(build, len(cfg["sources"])), st, counters, dedup, seed)
+            _write_pickled(f, _final_rows(kept, seed, val_fraction, counters.split_docs))
+        counters.wall["clean"] += time.time() - t
+        _save_pickle(state_file, (counters, skips, None, inputs, time.time() - t0))
+        progress["decided"] = True
+        save_progress()
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     train_bytes = counters.bytes_in["pii"] if st["pii"] else None
 
@@ -535,13 +614,13 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         elif tcfg.get("model"):
             shutil.copy(os.path.expanduser(tcfg["model"]), tok_file)
         else:
-            if not any(True for _ in _cleaned_docs(build, n_src, "train")):
+            if not any(True for _ in _cleaned_docs(build, "train")):
                 raise ValueError(
                     "no training documents survived the stages; see the counts:\n"
                     + _counts_text(counters, skips)
                 )
             sample = _sample_lines(
-                _cleaned_docs(build, n_src, "train"),
+                _cleaned_docs(build, "train"),
                 tcfg.get("sample_bytes", 20_000_000),
                 train_bytes,
                 seed,
@@ -570,7 +649,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         and counters.split_docs["train"] > 1
     ):
         promoted = min(
-            (d[1] for d in _cleaned_docs(build, n_src, "train")),
+            (d[1] for d in _cleaned_docs(build, "train")),
             key=lambda p: _hash_fraction(p, seed),
         )
 
@@ -594,7 +673,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
             try:
                 texts = (
                     d[0]
-                    for d in _cleaned_docs(build, n_src)
+                    for d in _cleaned_docs(build)
                     if split_of(d) == split
                     for _ in range(_copies(weights[d[3]], d[1], seed) if split == "train" else 1)
                 )
@@ -644,7 +723,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         "seconds": round(time.time() - t0, 1),
     }
     shutil.rmtree(os.path.join(build, "cleaned"))
-    for f in (PROGRESS, "state.pkl"):
+    for f in (PROGRESS, "state.pkl", FINAL):
         os.remove(os.path.join(build, f))
     layout.write_manifest(build, manifest)  # last: marks the directory complete
     if os.path.exists(out):
@@ -798,8 +877,12 @@ def write_report(
     ]
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    lengths = splits["train"]["lengths"]
-    ax.hist(np.log10(np.maximum(lengths, 1)), bins=40)
+    lengths = splits["train"]["lengths"]  # per document, or {length: documents}
+    if isinstance(lengths, dict):
+        values, weights = np.array(list(lengths), np.int64), np.array(list(lengths.values()))
+    else:
+        values, weights = np.unique(np.asarray(lengths, np.int64), return_counts=True)
+    ax.hist(np.log10(np.maximum(values, 1)), bins=40, weights=weights)
     ax.set_xlabel("log10 tokens per document (train)")
     ax.set_ylabel("documents")
     fig.tight_layout()

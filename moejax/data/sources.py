@@ -49,17 +49,45 @@ class Document:
 
 
 class SkipLog:
-    """Counts of skipped inputs per reason, with a few example paths each."""
+    """Counts of skipped inputs per reason, with a few example paths each: the earliest ones by
+    `key` (the order of the calls unless given), so that logs filled in any order and merged
+    (`merge`, the Beam pipeline) keep the examples a sequential run keeps."""
 
     def __init__(self, examples: int = 3):
         self.counts: collections.Counter = collections.Counter()
-        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.keyed: dict[str, list] = collections.defaultdict(list)  # reason -> [(key, where)]
         self.n_examples = examples
+        self._seq = 0
 
-    def add(self, reason: str, where: str, n: int = 1) -> None:
+    def add(self, reason: str, where: str, n: int = 1, key=None) -> None:
         self.counts[reason] += n
-        if len(self.examples[reason]) < self.n_examples:
-            self.examples[reason].append(where)
+        self._seq += 1
+        _keep_earliest(
+            self.keyed[reason], [(self._seq if key is None else key, where)], self.n_examples
+        )
+
+    def merge(self, other: SkipLog) -> SkipLog:
+        self.counts.update(other.counts)
+        for reason, ex in other.keyed.items():
+            _keep_earliest(self.keyed[reason], ex, self.n_examples)
+        return self
+
+    def rekey(self, prefix: tuple) -> SkipLog:
+        """Orders this log's examples after `prefix` (e.g. a file's place among all files)."""
+        for ex in self.keyed.values():
+            ex[:] = [((*prefix, k if isinstance(k, tuple) else (k,)), w) for k, w in ex]
+        return self
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        return {r: [w for _, w in ex] for r, ex in self.keyed.items()}
+
+
+def _keep_earliest(into: list, new: list, n: int) -> None:
+    into.extend(new)
+    if len(into) > n:
+        into.sort(key=lambda e: e[0])
+        del into[n:]
 
 
 def expand(path: str, skips: SkipLog) -> list[str]:
@@ -90,15 +118,23 @@ def expand(path: str, skips: SkipLog) -> list[str]:
 
 
 def _open_bytes(path: str) -> io.BufferedIOBase:
+    return decompressed(path, open(path, "rb"))
+
+
+def decompressed(path: str, raw) -> io.BufferedIOBase:
+    """A reader of `raw` (a binary file object) decompressed as the name's extension says."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        f = gzip.GzipFile(fileobj=raw, mode="rb")
+        f.myfileobj = raw  # closed with it, as gzip.open arranges for the files it opens
+        return f
     if path.endswith((".zst", ".zstd")):
         try:
             import zstandard
         except ImportError:
+            raw.close()
             raise _Skip("zstd file but the zstandard package is not installed") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
-    return open(path, "rb")
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
 
 
 class _Skip(Exception):
@@ -127,22 +163,46 @@ def _decode(data: bytes, repair: bool) -> str:
         return data.decode("utf-8", errors="replace")
 
 
+class LocalFiles:
+    """How `read_file` reaches a file: the local filesystem. `moejax.data.beam` passes one backed
+    by Beam's FileSystems (gs://, s3://, hdfs://) with the same three methods."""
+
+    @staticmethod
+    def isfile(path: str) -> bool:
+        return os.path.isfile(path)
+
+    @staticmethod
+    def size(path: str) -> int:
+        return os.path.getsize(path)
+
+    @staticmethod
+    def open(path: str):
+        """The file's bytes, decompressed by its extension."""
+        return _open_bytes(path)
+
+
 def read_file(
-    path: str, fmt: str, text_field: str, repair_utf8: bool, skips: SkipLog, max_bytes: int
+    path: str,
+    fmt: str,
+    text_field: str,
+    repair_utf8: bool,
+    skips: SkipLog,
+    max_bytes: int,
+    fs=LocalFiles,
 ) -> Iterator[tuple[str, str]]:
     """(text, where) pairs of one file; problems are recorded in skips."""
     ext = _base_ext(path)
     if fmt == "auto":
         fmt = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(ext, "text")
     try:
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise _Skip("not a regular file")
-        if os.path.getsize(path) == 0:
+        if fs.size(path) == 0:
             raise _Skip("empty file")
         if fmt == "parquet":
-            yield from _read_parquet(path, text_field, skips)
+            yield from _read_parquet(path, text_field, skips, fs)
             return
-        with _open_bytes(path) as f:
+        with fs.open(path) as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise _Skip(f"larger than {max_bytes} bytes")
@@ -198,13 +258,17 @@ def _excluded(path: str, patterns: list[str]) -> bool:
     )
 
 
-def _read_parquet(path, text_field, skips):
+def _read_parquet(path, text_field, skips, fs=LocalFiles):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise _Skip("parquet file but pyarrow is not installed") from None
     try:
-        table = pq.read_table(path, columns=[text_field])
+        if fs is LocalFiles:
+            table = pq.read_table(path, columns=[text_field])
+        else:
+            with fs.open(path) as f:
+                table = pq.read_table(io.BytesIO(f.read()), columns=[text_field])
     except Exception:
         raise _Skip("unreadable parquet file") from None
     for i, text in enumerate(table.column(text_field).to_pylist()):
@@ -245,20 +309,27 @@ def documents(source: dict, skips: SkipLog, max_bytes: int = 256 << 20) -> Itera
     """Documents of one source config: name, path, format ('auto'), text_field ('text'), kind
     ('text' | 'code'), repair_utf8 (False), exclude (fnmatch patterns matched against each path
     component and the whole path, e.g. ["site-packages", "test*"]), max_files (0 = all)."""
+    for path in files(source, skips):
+        yield from file_documents(source, path, skips, max_bytes)
+
+
+def file_documents(
+    source: dict, path: str, skips: SkipLog, max_bytes: int = 256 << 20, fs=LocalFiles
+) -> Iterator[Document]:
+    """The documents of one file of a source."""
     name = source["name"]
     kind = source.get("kind", "text")
-    for path in files(source, skips):
-        ext = _base_ext(path)
-        lang = CODE_EXTENSIONS.get(ext, "") if kind == "code" else ""
-        if kind == "code" and not lang:
-            skips.add("not a known code extension", path)
-            continue
-        for text, where in read_file(
-            path,
-            source.get("format", "auto"),
-            source.get("text_field", "text"),
-            source.get("repair_utf8", False),
-            skips,
-            max_bytes,
-        ):
-            yield Document(text, name, where, lang)
+    lang = CODE_EXTENSIONS.get(_base_ext(path), "") if kind == "code" else ""
+    if kind == "code" and not lang:
+        skips.add("not a known code extension", path)
+        return
+    for text, where in read_file(
+        path,
+        source.get("format", "auto"),
+        source.get("text_field", "text"),
+        source.get("repair_utf8", False),
+        skips,
+        max_bytes,
+        fs,
+    ):
+        yield Document(text, name, where, lang)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import collections
 import ipaddress
-import itertools
 import operator
 import re
 import unicodedata
@@ -27,7 +26,7 @@ DEFAULTS = dict(
     num_perm=128,  # MinHash permutations = bands * rows
     # 32 bands of 4 rows: a pair at Jaccard 0.6 shares a band with probability 0.99, at 0.3 0.23
     bands=32,
-    # estimated Jaccard (3-word shingles) from which a later document is a near duplicate; a 10%
+    # estimated Jaccard (3-word shingles) from which two documents are near duplicates; a 10%
     # word-edited copy sits near 0.55, unrelated documents below 0.1
     threshold=0.5,
     # larger documents are removed before any stage (a 100 MB single line)
@@ -583,12 +582,18 @@ class MinHasher:
 
 
 class NearDedup:
-    """LSH over MinHash signatures. A document whose estimated Jaccard similarity with an earlier
-    kept document reaches `threshold` (checked on the signatures of candidates sharing a band) is a
-    duplicate. Union-find over the duplicate edges gives cluster sizes for the report.
+    """LSH over MinHash signatures, with near-duplicate clusters as connected components.
 
-    Signatures can be computed elsewhere (worker processes, `MinHasher`) and registered in document
-    order with `add_signature`, which is what makes the decisions independent of the worker count.
+    Each band key's bucket has a centre: its earliest document. Every later document in the
+    bucket is compared with the centre on the full signatures, and an estimated Jaccard
+    similarity of at least `threshold` is an edge. The clusters are the connected components of
+    these edges; each keeps its earliest document and loses the rest. Because the rule depends
+    only on the documents' order and not on when they arrive, the same clusters come out of this
+    in-memory index (the single-machine pipeline, union-find) and out of `moejax.data.beam`
+    (grouping on band keys, then connected components computed in the pipeline).
+
+    Register documents in order with `add_signature` (signatures may be computed elsewhere:
+    `MinHasher` in worker processes), then read `duplicates()` once all are in.
     """
 
     def __init__(
@@ -601,9 +606,9 @@ class NearDedup:
         self.hasher = MinHasher(num_perm, shingle_size, seed)
         self.bands, self.rows = bands, num_perm // bands
         self.threshold = threshold
-        self.index: dict[int, int] = {}  # band key -> the first kept document with it
+        self.index: dict[int, int] = {}  # band key -> its bucket's centre (the first document)
         self.signatures: list[np.ndarray] = []
-        self.parent: list[int] = []
+        self.parent: list[int] = []  # union-find; a root is its component's earliest document
 
     def band_keys(self, sigs: np.ndarray) -> list[list[int]]:
         """One 64-bit key per band (a hash of its rows and the band's number, so that all bands
@@ -614,39 +619,51 @@ class NearDedup:
             key = _mix64(key ^ b[:, :, r])
         return key.tolist()
 
+    def similar(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """The edge test: estimated Jaccard similarity of two signatures reaches the threshold."""
+        return np.count_nonzero(a == b) >= self.threshold * len(a)
+
     def add(self, text: str) -> int | None:
         sig = self.hasher.signatures([text])
         return self.add_signature(sig[0], self.band_keys(sig)[0])
 
     def add_signature(self, sig: np.ndarray, keys: list[int]) -> int | None:
-        """Registers a document (its signature and band keys); returns the id of the earliest kept
-        document sharing a band whose estimated Jaccard similarity reaches the threshold (a
-        duplicate), or None."""
-        best = None
-        candidates = set(map(self.index.get, keys))
-        candidates.discard(None)
-        for j in sorted(candidates):
-            if np.count_nonzero(self.signatures[j] == sig) >= self.threshold * len(sig):
-                best = j
-                break
+        """Registers the next document; returns the earliest bucket centre it has an edge to (it
+        is then a duplicate), or None (it may still join a cluster through a later document)."""
         doc_id = len(self.signatures)
         self.signatures.append(sig)
-        self.parent.append(doc_id if best is None else self._find(best))
-        if best is None:
-            collections.deque(map(self.index.setdefault, keys, itertools.repeat(doc_id)), maxlen=0)
+        self.parent.append(doc_id)
+        centres = {self.index.setdefault(k, doc_id) for k in keys}
+        centres.discard(doc_id)
+        best = None
+        for j in sorted(centres):
+            if self.similar(self.signatures[j], sig):
+                self._union(j, doc_id)
+                best = j if best is None else best
         return best
 
     def _find(self, i: int) -> int:
-        while self.parent[i] != i:
-            i = self.parent[i]
-        return i
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def duplicates(self) -> np.ndarray:
+        """bool per registered document: it is in a cluster whose earliest document is another."""
+        return np.fromiter(
+            (self._find(i) != i for i in range(len(self.parent))), bool, len(self.parent)
+        )
 
     def cluster_sizes(self) -> list[int]:
-        counts: dict[int, int] = {}
-        for i in range(len(self.parent)):
-            r = self._find(i)
-            counts[r] = counts.get(r, 0) + 1
-        return sorted((c for c in counts.values() if c > 1), reverse=True)
+        roots = [self._find(i) for i in range(len(self.parent))]
+        return sorted((c for c in collections.Counter(roots).values() if c > 1), reverse=True)
 
 
 _STOP_HASHES = np.sort(WordHashes([" ".join(sorted(STOP_WORDS))]).h)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from moejax.data.layout import read_manifest, shard_name, tokenizer_digest
+from moejax.data.layout import read_manifest, shard_paths, tokenizer_digest
 from moejax.data.mixture import parse_sources
 from moejax.data.packing import decode_row
 
@@ -70,7 +68,7 @@ class Batches:
             )
         parts = []
         for i, (p, _) in enumerate(mix):
-            source = grain.sources.ArrayRecordDataSource([os.path.join(p, shard_name(split))])
+            source = grain.sources.ArrayRecordDataSource(shard_paths(p, split))
             if len(source) == 0:
                 raise ValueError(f"{p}: split {split!r} has no rows")
             ds = grain.MapDataset.source(source)

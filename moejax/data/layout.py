@@ -2,6 +2,9 @@
 
     manifest.json  tokenizer.model (or tokenizer.json)  train.arrayrecord  validation.arrayrecord
 
+(or, written by the Beam pipeline, several shards per split that the manifest lists:
+`splits.<split>.shards`, e.g. train-00000-of-00004.arrayrecord).
+
 The manifest is written last (atomically); a directory without it is incomplete and never read.
 Everything that writes a dataset (`moejax.data.prepare`, `moejax.finetune.data`) and everything that
 reads one (`moejax.data.dataset`, the trainer, the generator) names its files through this module,
@@ -24,6 +27,12 @@ SPLITS = ("train", "validation")
 
 def shard_name(split: str) -> str:
     return f"{split}.arrayrecord"
+
+
+def shard_paths(path: str, split: str) -> list[str]:
+    """The ArrayRecord files of a split of a complete dataset, in order."""
+    names = read_manifest(path)["splits"].get(split, {}).get("shards") or [shard_name(split)]
+    return [os.path.join(path, n) for n in names]
 
 
 def is_complete(path: str) -> bool:

@@ -63,6 +63,7 @@ class Counters:
         self.wall = collections.Counter()  # per phase: wall seconds
         self.cluster_sizes: list[int] = []
         self.split_docs = collections.Counter()  # cleaned documents per split
+        self.kept_bytes = 0  # cleaned bytes of the documents every stage kept
         self._seq = 0
 
     def seen(self, stage: str, nbytes: int):
@@ -89,13 +90,14 @@ class Counters:
     def merge(self, other: Counters) -> Counters:
         for name in ("docs_in", "bytes_in", "removed", "bytes_removed", "changes", "seconds"):
             getattr(self, name).update(getattr(other, name))
-        for name in ("wall", "split_docs"):
-            getattr(self, name).update(getattr(other, name))
+        self.wall.update(other.wall)
+        self.split_docs.update(other.split_docs)
         for stage, r in other.reasons.items():
             self.reasons[stage].update(r)
         for k, ex in other.keyed.items():
             sources._keep_earliest(self.keyed[k], ex, 3)
         self.cluster_sizes = sorted(self.cluster_sizes + other.cluster_sizes, reverse=True)
+        self.kept_bytes += other.kept_bytes
         return self
 
 
@@ -367,6 +369,7 @@ def decide(records, st: dict, counters: Counters, dedup: Dedup, seed: int):
             counters.remove("near_dedup", "near duplicate", doc.path, nbytes, doc.text)
             continue
         doc.text = finish_document(doc.text, doc.path, doc.lang, nbytes, npii, st, counters, seed)
+        counters.kept_bytes += nbytes
         yield doc, nbytes
     if dedup.near is not None:
         counters.cluster_sizes = dedup.near.cluster_sizes()
@@ -471,9 +474,9 @@ def prepare(cfg: dict, out: str, quiet: bool = False) -> dict:
         return _prepare(cfg, out, quiet)
 
 
-def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
-    from tqdm import tqdm
-
+def check_config(cfg: dict) -> tuple[dict, dict]:
+    """The stage settings (defaults filled in) and the tokenizer section of a data config; a wrong
+    key or value is a ValueError naming it."""
     st = dict(stages.DEFAULTS, **cfg.get("stages", {}))
     unknown = set(cfg.get("stages", {})) - set(stages.DEFAULTS)
     if unknown:
@@ -509,6 +512,15 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         )
     if not cfg.get("sources"):
         raise ValueError("sources: the config names no sources")
+    if "seq_len" not in cfg:
+        raise ValueError("seq_len: the config sets no sequence length")
+    return st, tcfg
+
+
+def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
+    from tqdm import tqdm
+
+    st, tcfg = check_config(cfg)
     seed, seq_len = cfg.get("seed", 0), cfg["seq_len"]
     workers = max(1, int(cfg.get("workers", 1)))
     out = os.path.abspath(out)
@@ -602,7 +614,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         progress["decided"] = True
         save_progress()
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
-    train_bytes = counters.bytes_in["pii"] if st["pii"] else None
+    train_bytes = counters.kept_bytes
 
     # ---- phase 2: the tokenizer
     special = {k: tcfg[k] for k in ("bos", "eos", "pad") if tcfg.get(k)}
@@ -918,12 +930,28 @@ def main(argv=None):
     ap.add_argument("--config", required=True, help="experiments/data/<name>.py with get_config()")
     ap.add_argument("--out", required=True, help="output dataset directory")
     ap.add_argument("--overwrite", action="store_true", help="rebuild a complete dataset at --out")
+    ap.add_argument(
+        "--runner",
+        choices=("local", "beam"),
+        default="local",
+        help="local: this machine's processes; beam: Apache Beam (pipeline options after --)",
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    beam_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     args = ap.parse_args(argv)
+    if beam_args and args.runner != "beam":
+        ap.error("Beam pipeline options after -- need --runner beam")
     try:
         cfg = _load_module(args.config, "data_config").get_config()
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         cfg["overwrite"] = args.overwrite or cfg.get("overwrite", False)
-        prepare(cfg, args.out)
+        if args.runner == "beam":
+            from moejax.data import beam
+
+            beam.run(cfg, args.out, beam_args)
+        else:
+            prepare(cfg, args.out)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@
     python -m benchmarks.data_prep                 # ~200 MB, 2 workers, unigram tokenizer
     python -m benchmarks.data_prep --model-type bpe
     python -m benchmarks.data_prep --mb 30         # quicker
+    python -m benchmarks.data_prep --mb 30 --runner beam   # and the Beam pipeline beside it
 
 Documents are pseudo-English (Zipf-distributed words from a vocabulary harvested from the Python
 standard library's comments, plus stop words), written as JSONL shards (half gzip'd). Planted: exact
@@ -376,6 +377,13 @@ def main(argv=None):
         help="sentencepiece model (unigram encodes ~4x faster than bpe on this machine)",
     )
     ap.add_argument("--pii-only", action="store_true", help="only the PII recall table")
+    ap.add_argument(
+        "--runner",
+        choices=("local", "beam"),
+        default="local",
+        help="beam: also run moejax.data.beam on Beam's local DirectRunner (same corpus, same "
+        "workers) and print its MB/s beside the single-machine path's",
+    )
     args = ap.parse_args(argv)
     if args.pii_only:
         pii_recall(args.seed)
@@ -415,6 +423,30 @@ def main(argv=None):
             "wall seconds per phase: "
             + ", ".join(f"{k} {v:.1f}" for k, v in manifest["counts"]["wall"].items())
         )
+        if args.runner == "beam":
+            from moejax.data import beam
+
+            t = time.time()
+            bm = beam.run(cfg, os.path.join(tmp, "beam"), quiet=False)
+            bwall = time.time() - t
+            same = all(
+                bm["counts"][k] == manifest["counts"][k]
+                for k in ("stages", "skipped_inputs", "changes", "near_duplicate_clusters")
+            ) and all(
+                bm["splits"][s][k] == manifest["splits"][s][k]
+                for s in ("train", "validation")
+                for k in ("documents", "tokens", "bytes")
+            )
+            print(
+                f"Beam DirectRunner ({args.workers} workers): {bwall:.0f} s, "
+                f"{corpus['bytes'] / 1e6 / bwall:.2f} MB/s; single-machine path {wall:.0f} s, "
+                f"{corpus['bytes'] / 1e6 / wall:.2f} MB/s; Beam / local time {bwall / wall:.2f}x; "
+                f"same documents, tokens and counts: {same}"
+            )
+            print(
+                "Beam wall seconds per pipeline: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in bm["counts"]["wall"].items())
+            )
         print("| stage | seconds (summed over workers) | MB/s of its input per worker |")
         print("| --- | --- | --- |")
         for stage, s in secs.items():

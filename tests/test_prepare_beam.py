@@ -108,3 +108,43 @@ def test_bad_beam_options_and_outputs_fail_before_any_work(raw, tmp_path):  # no
     with pytest.raises(ValueError, match="stages.nope"):
         beam.run(_config(raw, nope=1), str(tmp_path / "a"), [], quiet=True)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_failed_beam_job_leaves_nothing_that_looks_complete(raw, tmp_path, monkeypatch):  # noqa: F811
+    def boom(*a, **k):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(beam, "_pack_pipeline", boom)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        beam.run(_config(raw), str(tmp_path / "ds"), quiet=True)
+    assert not (tmp_path / "ds").exists()
+    assert not layout.is_complete(str(tmp_path / ".ds.beam-building"))
+
+
+def test_the_cli_refuses_a_bad_beam_option_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moejax.data.prepare",
+            "--config",
+            f"{ROOT}/experiments/data/stdlib.py",
+            "--out",
+            str(tmp_path / "ds"),
+            "--runner",
+            "beam",
+            "--",
+            "--no_such_option=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: Beam option --no_such_option")
+    assert not (tmp_path / "ds").exists()

@@ -42,6 +42,7 @@ import base64
 import collections
 import itertools
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -722,6 +723,10 @@ def pipeline_options(beam_args: list[str], workers: int):
     if unknown:
         raise ValueError(f"Beam option --{unknown[0]}: not an option of Beam or its runners")
     name = opts.view_as(StandardOptions).runner
+    if name in ("DirectRunner", None):  # its worker processes log routine warnings per bundle
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.ERROR
+        )
     try:
         runner = create_runner(name)
     except ValueError as e:

@@ -4,13 +4,14 @@ single-machine pipeline keeps, counts the same, and writes a dataset training re
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
 
 from moejax.data import beam, dataset, layout, prepare, stages
 from moejax.data.packing import decode_row
-from tests.test_prepare import _config, raw  # noqa: F401  (raw: the planted corpus fixture)
+from tests.test_prepare import _config, _doc, raw  # noqa: F401  (raw: the planted corpus fixture)
 
 
 def _documents(path: str, split: str) -> collections.Counter:
@@ -38,10 +39,34 @@ def _documents(path: str, split: str) -> collections.Counter:
     return docs
 
 
+def _more_formats(root) -> dict:
+    """A source of Parquet and zstd files (valid, corrupt, and a row that is not text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    d = root / "more"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [_doc(rng) for _ in range(4)] + [None]}), d / "a.parquet")
+    (d / "broken.parquet").write_bytes(b"PAR1 not really")
+    try:
+        import zstandard
+
+        z = zstandard.ZstdCompressor().compress(
+            "\n".join(json.dumps({"text": _doc(rng)}) for _ in range(3)).encode()
+        )
+        (d / "b.jsonl.zst").write_bytes(z)
+        (d / "cut.jsonl.zst").write_bytes(z[: len(z) // 2])
+    except ImportError:  # both pipelines then skip nothing here
+        pass
+    return {"name": "more", "path": str(d), "kind": "text"}
+
+
 @pytest.fixture(scope="module")
 def both(raw, tmp_path_factory):  # noqa: F811
-    cfg = _config(raw, fim_rate=1.0)
     out = tmp_path_factory.mktemp("both")
+    cfg = _config(raw, fim_rate=1.0)
+    cfg["sources"].append(_more_formats(out))
     ref = prepare.prepare(cfg, str(out / "local"), quiet=True)
     old = beam.SHARD_BYTES
     beam.SHARD_BYTES = 2000  # several shards per split

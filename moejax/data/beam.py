@@ -5,7 +5,7 @@
         -- --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp ...
 
 Nothing here reimplements a stage: the Beam transforms call the functions the single-machine path
-calls (`prepare._clean_chunk`, `prepare.count_early`, `prepare.finish_document`,
+calls (`steps._clean_chunk`, `steps.count_early`, `steps.finish_document`,
 `stages.NearDedup.similar`, `packing.Packer`, ...). What changes is who holds the state:
 
 1. clean: the input files are listed by the launcher (so every document has a key, (source, file,
@@ -29,7 +29,7 @@ calls (`prepare._clean_chunk`, `prepare.count_early`, `prepare.finish_document`,
 Then the launcher writes report.md and the manifest (last). A local output is built in
 `.<name>.building` and renamed; a remote one (gs://...) is complete when its manifest exists.
 
-Counts (per stage, skipped inputs with their earliest examples) are `prepare.Counters` and
+Counts (per stage, skipped inputs with their earliest examples) are `steps.Counters` and
 `sources.SkipLog` objects filled per bundle and merged by a CombineFn, so the report reads the same
 as the single-machine one. The kept documents, the counts and the examples are the same as
 `prepare.prepare` gives for the same config (tests/test_prepare_beam.py); the rows differ only in
@@ -52,8 +52,7 @@ import typing
 
 import numpy as np
 
-from moejax.data import layout, sources, stages
-from moejax.data import prepare as local
+from moejax.data import layout, sources, stages, steps
 from moejax.data import tokenizer as tokenizers
 from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
 
@@ -144,9 +143,16 @@ def _list_files(src: dict, skips: sources.SkipLog) -> list[str]:
             f"known: {', '.join(sources.SOURCE_KEYS)}"
         )
     pattern = src["path"]
-    if not any(c in pattern for c in "*?["):
-        pattern = pattern.rstrip("/") + "/**" if pattern.endswith("/") else pattern
-    found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+    def match(pat):
+        try:
+            return sorted(m.path for m in FileSystems.match([pat])[0].metadata_list)
+        except Exception:  # BeamIOError: nothing matched, or the bucket cannot be listed
+            return []
+
+    found = match(pattern)
+    if not found and not any(c in pattern for c in "*?["):  # a directory: everything under it
+        found = match(pattern.rstrip("/") + "/**")
     if not found:
         skips.add("missing path", src["path"])
     exclude = list(src.get("exclude", ()))
@@ -161,7 +167,7 @@ class Stats:
     """What the pipelines count: stage counters, skipped inputs, split statistics."""
 
     def __init__(self):
-        self.counters = local.Counters()
+        self.counters = steps.Counters()
         self.skips = sources.SkipLog()
         self.splits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.lengths: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -283,7 +289,7 @@ def _read(p, prefix: str, label: str):
 
 
 def _fraction(key, seed: int, salt: str) -> float:
-    return local._hash_fraction(f"{salt}:{key}", seed)
+    return steps._hash_fraction(f"{salt}:{key}", seed)
 
 
 # ------------------------------------------------------------------------------- pipelines
@@ -321,15 +327,15 @@ def _clean_pipeline(p, cfg: dict, st: dict, files: list, tmp: str, seed: int) ->
 
     class Clean(Counting):
         def setup(self):
-            local._init_cleaner(st, seed)
+            steps._init_cleaner(st, seed)
 
         def process(self, batch):
-            results, sigs, secs = local._clean_chunk([(d.text, d.lang) for d in batch])
+            results, sigs, secs = steps._clean_chunk([(d.text, d.lang) for d in batch])
             c = self.stats.counters
             c.seconds.update(secs)
             k = 0
             for d, res in zip(batch, results):
-                if not local.count_early(c, d.where, res, d.key):
+                if not steps.count_early(c, d.where, res, d.key):
                     continue
                 sig, bands = (sigs[0][k], tuple(sigs[1][k])) if sigs is not None else (None, ())
                 k += 1
@@ -356,7 +362,7 @@ def _clean_pipeline(p, cfg: dict, st: dict, files: list, tmp: str, seed: int) ->
     )
     cleaned = (
         read.docs
-        | "batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=local.CHUNK)
+        | "batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=steps.CHUNK)
         | "clean" >> beam.ParDo(Clean()).with_outputs("stats", main="docs")
     )
     stats = [read.stats, cleaned.stats]
@@ -517,9 +523,9 @@ def _finish_pipeline(
                 if dup:
                     c.remove("near_dedup", "near duplicate", d.where, d.nbytes, d.text, d.key)
                     continue
-                text = local.finish_document(d.text, d.where, d.lang, d.nbytes, d.npii, st, c, seed)
+                text = steps.finish_document(d.text, d.where, d.lang, d.nbytes, d.npii, st, c, seed)
                 c.kept_bytes += d.nbytes
-                split = local.split_of(d.where, seed, val_fraction)
+                split = steps.split_of(d.where, seed, val_fraction)
                 c.split_docs[split] += 1
                 self.stats.splits[split]["bytes"] += len(text.encode())
                 yield Final(d.key, text, d.where, split, d.source, d.nbytes)
@@ -558,13 +564,13 @@ def _finish_pipeline(
 
     def first_validation(f):  # the train document promoted when the fraction draws none
         s = Stats()
-        s.promote = (local._hash_fraction(f.where, seed), f.key, f.where)
+        s.promote = (steps._hash_fraction(f.where, seed), f.key, f.where)
         return s
 
     train = final | "train documents" >> beam.Filter(lambda f: f.split == "train")
     stats.append(
         train
-        | "promotion keys" >> beam.Map(lambda f: (local._hash_fraction(f.where, seed), f))
+        | "promotion keys" >> beam.Map(lambda f: (steps._hash_fraction(f.where, seed), f))
         | "smallest" >> beam.combiners.Top.Smallest(1, key=lambda kv: (kv[0], kv[1].key))
         | "promotion" >> beam.FlatMap(lambda top: [first_validation(kv[1]) for kv in top])
     )
@@ -574,14 +580,14 @@ def _finish_pipeline(
 
         def in_sample(f, total):
             share = 1.0 if not total else min(1.0, 1.2 * budget / total)
-            return share >= 1.0 or local._hash_fraction("s" + f.where, seed) < share
+            return share >= 1.0 or steps._hash_fraction("s" + f.where, seed) < share
 
         def train_tokenizer(item):
             docs = sorted(item[1], key=lambda d: d[2])
             with tempfile.TemporaryDirectory() as d:
                 f = os.path.join(d, layout.TOKENIZER)
                 tokenizers.train_sentencepiece(
-                    local._sample_lines(docs, budget, None, seed),
+                    steps._sample_lines(docs, budget, None, seed),
                     f,
                     tcfg.get("vocab_size", 8192),
                     tcfg.get("model_type", "bpe"),
@@ -629,7 +635,7 @@ def _pack_pipeline(
 
     def copies(f):
         split = "validation" if f.where == promoted else f.split
-        n = local._copies(weights[f.source], f.where, seed) if split == "train" else 1
+        n = steps._copies(weights[f.source], f.where, seed) if split == "train" else 1
         return [(split, f.key, c, f.text) for c in range(n)]
 
     class Tokenize(beam.DoFn):
@@ -759,7 +765,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
     """Runs the pipeline for a data config on Beam; returns the manifest (as `prepare.prepare`)."""
     from apache_beam.io.filesystems import FileSystems
 
-    st, tcfg = local.check_config(cfg)
+    st, tcfg = steps.check_config(cfg)
     seed, seq_len = cfg.get("seed", 0), cfg["seq_len"]
     workers = max(1, int(cfg.get("workers", 1)))
     opts = pipeline_options(list(beam_args), workers)
@@ -801,7 +807,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
             "weight": float(src.get("weight", 1.0)),
             "sha256": {
                 os.path.basename(f) if remote else os.path.relpath(f, os.path.dirname(out)): (
-                    local._file_hash(f) if "://" not in f else ""
+                    steps._file_hash(f) if "://" not in f else ""
                 )
                 for f in fs[:1000]
             },
@@ -849,7 +855,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
     if not c.split_docs["train"] or not FileSystems.exists(tok_file):
         raise ValueError(
             "no training documents survived the stages; see the counts:\n"
-            + local._counts_text(c, total.skips)
+            + steps._counts_text(c, total.skips)
         )
     promoted = ""
     if cfg.get("val_fraction", 0.01) > 0 and not c.split_docs["validation"]:
@@ -888,7 +894,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
         }
     c.wall.update(wall)
     with tempfile.TemporaryDirectory() as d:
-        report = local.write_report(d, c, total.skips, splits, time.time() - t0)
+        report = steps.write_report(d, c, total.skips, splits, time.time() - t0)
         for name in os.listdir(d):
             with open(os.path.join(d, name), "rb") as fh:
                 _write_bytes(_join(build, name), fh.read())
@@ -905,8 +911,8 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
         "vocab_size": vocab_size,
         "splits": {s: {k: v for k, v in x.items() if k != "lengths"} for s, x in splits.items()},
         "sources": inputs,
-        "config": local._jsonable(cfg),
-        "stages": local._jsonable(st),
+        "config": steps._jsonable(cfg),
+        "stages": steps._jsonable(st),
         "special_tokens": special,
         "counts": report,
         "seconds": round(time.time() - t0, 1),

@@ -189,7 +189,10 @@ def test_an_interrupted_prepare_resumes_and_a_changed_config_starts_over(
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(_config(raw), str(out), quiet=True)
     assert not out.exists() and not layout.is_complete(str(building))
-    assert json.loads((building / prepare.PROGRESS).read_text())["sources_done"] == 3
+    progress = json.loads((building / prepare.PROGRESS).read_text())
+    assert progress["sources_done"] == 3 and progress["decided"]
+    # as if killed after the decisions' state was saved but before progress.json said so
+    (building / prepare.PROGRESS).write_text(json.dumps(dict(progress, decided=False)))
     monkeypatch.undo()
     # the rerun resumes: no source is read again, and the result is what an uninterrupted run gives
     monkeypatch.setattr(prepare, "clean", boom)

@@ -125,8 +125,9 @@ def test_bad_beam_options_and_outputs_fail_before_any_work(raw, tmp_path):  # no
         beam.run(cfg, str(tmp_path / "a"), ["--no_such_option=1"], quiet=True)
     with pytest.raises(ValueError, match="runner=NoSuchRunner"):
         beam.run(cfg, str(tmp_path / "a"), ["--runner=NoSuchRunner"], quiet=True)
-    with pytest.raises(ValueError, match="project"):
-        beam.run(cfg, str(tmp_path / "a"), ["--runner=DataflowRunner"], quiet=True)
+    # a runner whose workers are other machines cannot use local paths (checked before any work)
+    with pytest.raises(ValueError, match="--out=.*a local path, but FlinkRunner"):
+        beam.run(cfg, str(tmp_path / "a"), ["--runner=FlinkRunner"], quiet=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot write"):
         beam.run(cfg, str(tmp_path / "file" / "ds"), [], quiet=True)

@@ -27,13 +27,13 @@ calls (`steps._clean_chunk`, `steps.count_early`, `steps.finish_document`,
    `SHARD_BYTES` of text each), and each shard is packed in document order into one ArrayRecord
    file.
 Then the launcher writes report.md and the manifest (last). A local output is built in
-`.<name>.building` and renamed; a remote one (gs://...) is complete when its manifest exists.
+`.<name>.beam-building` and renamed; a remote one (gs://...) is complete when its manifest exists.
 
 Counts (per stage, skipped inputs with their earliest examples) are `steps.Counters` and
 `sources.SkipLog` objects filled per bundle and merged by a CombineFn, so the report reads the same
 as the single-machine one. The kept documents, the counts and the examples are the same as
-`prepare.prepare` gives for the same config (tests/test_prepare_beam.py); the rows differ only in
-where shards end.
+`prepare.prepare` gives for the same config and the same input paths (tests/test_prepare_beam.py);
+the rows differ, because documents are spread over shards by a hash of their key.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import shutil
 import tempfile
 import time
 import typing
+import uuid
 
 import numpy as np
 
@@ -59,6 +60,8 @@ from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
 CC_ROUNDS = 6  # large-star + small-star rounds per components pipeline
 SHARD_BYTES = 256 << 20  # text per output shard
 TMP = "tmp"  # in the build directory: what the pipelines hand each other
+# Runners whose workers share the launcher's filesystem (local paths are fine)
+LOCAL_RUNNERS = ("Direct", "Prism", "FnApi", "Interactive")
 
 
 def _beam():
@@ -151,8 +154,14 @@ def _list_files(src: dict, skips: sources.SkipLog) -> list[str]:
             return []
 
     found = match(pattern)
-    if not found and not any(c in pattern for c in "*?["):  # a directory: everything under it
-        found = match(pattern.rstrip("/") + "/**")
+    if not found and not any(c in pattern for c in "*?["):  # a directory: everything under it,
+        root = pattern.rstrip("/") + "/"  # in the order os.walk gives a local one (a folder's
+        found = sorted(  # files, then its subfolders')
+            match(root + "**"),
+            key=lambda f: (
+                [(1, d) for d in f[len(root) :].split("/")[:-1]] + [(0, f.rsplit("/", 1)[-1])]
+            ),
+        )
     if not found:
         skips.add("missing path", src["path"])
     exclude = list(src.get("exclude", ()))
@@ -233,11 +242,25 @@ def _save_stats(stats, path: str):
 def _write_bytes(path: str, data: bytes) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.create(path + ".tmp") as f:
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # two attempts at one bundle may run at once
+    with FileSystems.create(tmp) as f:
         f.write(data)
     if FileSystems.exists(path):
         FileSystems.delete([path])
-    FileSystems.rename([path + ".tmp"], [path])
+    FileSystems.rename([tmp], [path])
+
+
+def _delete_tree(path: str) -> None:
+    """Removes a directory and everything under it (on object stores: every object under the
+    prefix, which FileSystems.delete does only for a path ending in /)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    prefix = path.rstrip("/") + "/"
+    if FileSystems.match([prefix + "**"])[0].metadata_list:
+        FileSystems.delete([prefix])
 
 
 def _read_bytes(path: str) -> bytes:
@@ -362,6 +385,7 @@ def _clean_pipeline(p, cfg: dict, st: dict, files: list, tmp: str, seed: int) ->
     )
     cleaned = (
         read.docs
+        | "spread documents" >> beam.Reshuffle()  # a few large files: still every worker cleans
         | "batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=steps.CHUNK)
         | "clean" >> beam.ParDo(Clean()).with_outputs("stats", main="docs")
     )
@@ -513,6 +537,7 @@ def _finish_pipeline(
     beam = _beam()
     Counting = _counting()
     val_fraction = cfg.get("val_fraction", 0.01)
+    weights = [float(x.get("weight", 1.0)) for x in cfg["sources"]]
 
     class Decide(Counting):
         def process(self, item):
@@ -527,7 +552,8 @@ def _finish_pipeline(
                 c.kept_bytes += d.nbytes
                 split = steps.split_of(d.where, seed, val_fraction)
                 c.split_docs[split] += 1
-                self.stats.splits[split]["bytes"] += len(text.encode())
+                copies = weights[d.source] if split == "train" else 1  # shards: bytes to pack
+                self.stats.splits[split]["bytes"] += int(len(text.encode()) * copies)
                 yield Final(d.key, text, d.where, split, d.source, d.nbytes)
 
     docs = _read(p, _join(tmp, "docs", "part"), "read documents") | "key documents" >> beam.Map(
@@ -763,6 +789,7 @@ def _run(opts, build_fn, label: str, quiet: bool) -> float:
 
 def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> dict:
     """Runs the pipeline for a data config on Beam; returns the manifest (as `prepare.prepare`)."""
+    _beam()
     from apache_beam.io.filesystems import FileSystems
 
     st, tcfg = steps.check_config(cfg)
@@ -770,6 +797,17 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
     workers = max(1, int(cfg.get("workers", 1)))
     opts = pipeline_options(list(beam_args), workers)
     remote = "://" in out
+    runner = opts.get_all_options()["runner"] or "DirectRunner"
+    if not any(k in runner for k in LOCAL_RUNNERS):  # workers on other machines
+        local_paths = [("--out", out)] + [
+            (f"sources[{x['name']}].path", x["path"]) for x in cfg["sources"]
+        ]
+        for what, path in local_paths:
+            if "://" not in path:
+                raise ValueError(
+                    f"{what}={path}: a local path, but {runner} runs on other machines; use a path "
+                    "they can reach (gs://, s3://, hdfs://)"
+                )
     if not remote:
         out = os.path.abspath(out)
     if FileSystems.exists(_join(out, layout.MANIFEST)) and not cfg.get("overwrite", False):
@@ -785,13 +823,14 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
     try:
         if not remote:
             os.makedirs(parent, exist_ok=True)
-        if FileSystems.exists(build):
-            FileSystems.delete([build])
+        if remote and FileSystems.exists(_join(build, layout.MANIFEST)):  # overwrite: first of all,
+            FileSystems.delete([_join(build, layout.MANIFEST)])  # it no longer looks complete
+        _delete_tree(build)
         _write_bytes(probe, b"")
         FileSystems.delete([probe])
     except Exception as e:
         raise ValueError(f"--out {out}: cannot write there ({type(e).__name__}: {e})") from None
-    tmp = _join(build, TMP)
+    tmp = _join(build, TMP, uuid.uuid4().hex)  # this run's own: nothing stale is read back
     t0 = time.time()
 
     skips = sources.SkipLog()
@@ -805,8 +844,8 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
             "path": src["path"],
             "files": len(fs),
             "weight": float(src.get("weight", 1.0)),
-            "sha256": {
-                os.path.basename(f) if remote else os.path.relpath(f, os.path.dirname(out)): (
+            "sha256": {  # remote inputs: named in full, not hashed (the launcher would read them)
+                (f if remote or "://" in f else os.path.relpath(f, os.path.dirname(out))): (
                     steps._file_hash(f) if "://" not in f else ""
                 )
                 for f in fs[:1000]
@@ -918,7 +957,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
         "seconds": round(time.time() - t0, 1),
         "runner": opts.get_all_options()["runner"] or "DirectRunner",
     }
-    FileSystems.delete([tmp])
+    _delete_tree(_join(build, TMP))
     _write_bytes(
         _join(build, layout.MANIFEST), json.dumps(manifest, indent=2).encode()
     )  # last: marks the directory complete

@@ -7,18 +7,22 @@ The output directory has the layout training reads (`data.source=DIR`; see moeja
 ArrayRecord shards per split, the tokenizer, manifest.json (sources, input hashes, counts, the
 config) and report.md with plots.
 
-Work runs in three phases, each recorded in a build directory next to the output
-(`.<name>.building`):
+Work runs in phases, each recorded in a build directory next to the output (`.<name>.building`):
 1. clean, one source at a time: the main process reads documents and sends chunks to `workers`
-   processes that normalize, filter, hash, compute MinHash signatures and scrub PII; the main
-   process takes the deduplication decisions in document order (so the result does not depend on the
-   worker count) and appends the survivors to `cleaned/<n>.jsonl`; after each source the counters
-   and the deduplication index are saved;
-2. the tokenizer: trained with sentencepiece on a sample of the cleaned training text, or copied;
-3. tokenize and pack each split over the workers into ArrayRecord shards.
+   processes that normalize, filter, hash, compute MinHash signatures and scrub PII
+   (`moejax.data.steps`); the main process drops exact duplicates in document order (so the result
+   does not depend on the worker count), registers the survivors' signatures with the near-duplicate
+   index and appends them to `cleaned/<n>.pkl`; after each source the counters and the index are
+   saved;
+2. decide: near-duplicate clusters (connected components, `stages.NearDedup`) need every source, so
+   one pass over the survivors then keeps each cluster's earliest document, applies the stages after
+   deduplication (PII counts, fill-in-the-middle) and assigns splits (`final.pkl`);
+3. the tokenizer: trained with sentencepiece on a sample of the cleaned training text, or copied;
+4. tokenize and pack each split over the workers into ArrayRecord shards.
 A rerun with the same config and inputs resumes after the last finished source or phase; with
 anything changed it starts over. The build directory is renamed to the output only when every shard
-and the manifest are written, so nothing incomplete ever looks complete.
+and the manifest are written, so nothing incomplete ever looks complete. `--runner beam` runs the
+same stages on Apache Beam instead (`moejax.data.beam`).
 """
 
 from __future__ import annotations
@@ -332,6 +336,9 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
     if progress["sources_done"]:
         counters, skips, dedup, inputs, elapsed = _load_pickle(state_file)
         t0 -= elapsed
+        # The state written after the decisions (dedup dropped) is what commits them: a run killed
+        # before progress.json said so must not decide (and count) again.
+        progress["decided"] = progress.get("decided") or dedup is None
     else:
         counters, skips, dedup, inputs = Counters(), sources.SkipLog(), Dedup(st, seed), {}
 

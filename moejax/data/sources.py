@@ -268,7 +268,7 @@ def _read_parquet(path, text_field, skips, fs=LocalFiles):
             table = pq.read_table(path, columns=[text_field])
         else:
             with fs.open(path) as f:
-                table = pq.read_table(io.BytesIO(f.read()), columns=[text_field])
+                table = pq.read_table(f, columns=[text_field])
     except Exception:
         raise _Skip("unreadable parquet file") from None
     for i, text in enumerate(table.column(text_field).to_pylist()):

@@ -966,12 +966,5 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
             shutil.rmtree(out)
         os.replace(build, out)
     if not quiet:
-        print(
-            f"[prepare:beam] {out}: "
-            + ", ".join(
-                f"{s} {x['tokens']:,} tokens in {x['rows']:,} rows in {len(x['shards'])} shards"
-                for s, x in manifest["splits"].items()
-            )
-            + f" ({manifest['seconds']} s)"
-        )
+        print(steps.summary("prepare:beam", out, manifest))
     return manifest

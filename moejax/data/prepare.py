@@ -59,6 +59,7 @@ from moejax.data.steps import (  # noqa: F401  (Counters, STAGE_ORDER: part of t
     count_early,
     finish_document,
     split_of,
+    summary,
     write_report,
 )
 
@@ -520,14 +521,7 @@ def _prepare(cfg: dict, out: str, quiet: bool) -> dict:
         shutil.rmtree(out)
     os.replace(build, out)
     if not quiet:
-        print(
-            f"[prepare] {out}: "
-            + ", ".join(
-                f"{s} {c['tokens']:,} tokens in {c['rows']:,} rows"
-                for s, c in manifest["splits"].items()
-            )
-            + f" ({manifest['seconds']} s)"
-        )
+        print(summary("prepare", out, manifest))
     return manifest
 
 

@@ -426,3 +426,13 @@ def _file_hash(path: str) -> str:
     except OSError:
         return "unreadable"
     return h.hexdigest()[:16]
+
+
+def summary(tag: str, out: str, manifest: dict) -> str:
+    """The line a finished preparation prints."""
+    splits = ", ".join(
+        f"{s} {c['tokens']:,} tokens in {c['rows']:,} rows"
+        + (f" in {len(c['shards'])} shards" if "shards" in c else "")
+        for s, c in manifest["splits"].items()
+    )
+    return f"[{tag}] {out}: {splits} ({manifest['seconds']} s)"

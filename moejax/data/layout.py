@@ -31,7 +31,8 @@ def shard_name(split: str) -> str:
 
 def shard_paths(path: str, split: str) -> list[str]:
     """The ArrayRecord files of a split of a complete dataset, in order."""
-    names = read_manifest(path)["splits"].get(split, {}).get("shards") or [shard_name(split)]
+    entry = read_manifest(path).get("splits", {}).get(split)  # fine-tuning sets list no splits
+    names = (entry.get("shards") if isinstance(entry, dict) else None) or [shard_name(split)]
     return [os.path.join(path, n) for n in names]
 
 

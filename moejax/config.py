@@ -856,6 +856,64 @@ class BenchmarkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtendConfig:
+    """A long-context extension stage (DeepSeek-V3 report §4.3; moejax.finetune with a base):
+    training continues from the base at `data.seq_len` with its rotary embedding made YaRN. V3 ran
+    two such stages from its 4K pretraining, at 32K and then 128K, both with s=40,
+    alpha (beta_slow) = 1, beta (beta_fast) = 32 and sqrt(t) = 0.1 ln s + 1 (mscale =
+    mscale_all_dim = 1)."""
+
+    rope_factor: float = 0.0  # YaRN's scale s (>= 1); 0 keeps the base's rotary embedding as it is
+    # the length the base was pretrained at: 0 takes the base's YaRN original length if it already
+    # has one, else the base workdir's data.seq_len
+    original_length: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    def __post_init__(self):
+        if self.rope_factor and self.rope_factor < 1.0:
+            raise ConfigError(
+                f"extend.rope_factor: must be 0 (off) or >= 1, got {self.rope_factor}"
+            )
+        if self.original_length < 0:
+            raise ConfigError(f"extend.original_length: must be >= 0, got {self.original_length}")
+        if self.beta_fast <= self.beta_slow:
+            raise ConfigError(
+                f"extend.beta_fast={self.beta_fast} must exceed extend.beta_slow={self.beta_slow}"
+            )
+
+    def apply(self, model: ModelConfig, trained_length: int = 0) -> ModelConfig:
+        """The base's model config with this stage's rotary embedding; `trained_length` is the
+        base run's sequence length when known."""
+        if not self.rope_factor:
+            return model
+        original = self.original_length or (
+            model.rope_original_max_position_embeddings
+            if model.rope_type == "yarn"
+            else trained_length
+        )
+        if not original:
+            raise ConfigError(
+                "extend.original_length: the base is not a training workdir and has no YaRN "
+                "settings, so name the length it was pretrained at"
+            )
+        return model.replace(
+            rope_type="yarn",
+            rope_factor=float(self.rope_factor),
+            rope_original_max_position_embeddings=int(original),
+            rope_beta_fast=float(self.beta_fast),
+            rope_beta_slow=float(self.beta_slow),
+            rope_mscale=float(self.mscale),
+            rope_mscale_all_dim=float(self.mscale_all_dim),
+            max_position_embeddings=max(
+                model.max_position_embeddings, int(original * self.rope_factor)
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run: built once from the ConfigDict in experiments/*.py."""
 
@@ -870,6 +928,7 @@ class Config:
     align: AlignConfig = AlignConfig()
     grpo: GRPOConfig = GRPOConfig()
     eval: BenchmarkConfig = BenchmarkConfig()
+    extend: ExtendConfig = ExtendConfig()
     # fine-tuning starts from these weights: a training workdir, a moejax checkpoint or a Hugging
     # Face folder ('' = random initialization, i.e. pretraining)
     base: str = ""
@@ -886,6 +945,7 @@ class Config:
         "align",
         "grpo",
         "eval",
+        "extend",
     )
 
     @classmethod
@@ -905,6 +965,7 @@ class Config:
             "align": AlignConfig,
             "grpo": GRPOConfig,
             "eval": BenchmarkConfig,
+            "extend": ExtendConfig,
         }
         unknown = set(d) - set(sections) - {"base"}
         if unknown:

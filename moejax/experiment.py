@@ -18,6 +18,7 @@ from moejax.config import (
     Config,
     DataConfig,
     ExecutionConfig,
+    ExtendConfig,
     GRPOConfig,
     LoRAConfig,
     MeshConfig,
@@ -41,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
         "align": AlignConfig(),
         "grpo": GRPOConfig(),
         "eval": BenchmarkConfig(),
+        "extend": ExtendConfig(),
     }
     cd = ml_collections.ConfigDict()
     for name, dc in sections.items():

@@ -244,6 +244,11 @@ def run(
             f"align.method={cfg.align.method!r} optimizes a base model against itself: run "
             "python -m moejax.finetune with --config.base="
         )
+    if cfg.extend.rope_factor and start_from is None:
+        raise TrainingError(
+            "extend.rope_factor > 0 extends a pretrained model to a longer context: run python -m "
+            "moejax.finetune with --config.base= (pretraining sets model.rope_type='yarn' itself)"
+        )
     if cfg.lora.rank and start_from is None:
         raise TrainingError(
             "lora.rank > 0 trains adapters on a base model: run python -m moejax.finetune with "

@@ -136,6 +136,11 @@ def resolve(cfg: Config) -> Config:
             "base: LoRA (lora.rank > 0) trains adapters on a base model; name it "
             "with --config.base="
         )
+    if cfg.extend.rope_factor and not cfg.base:
+        raise ConfigError(
+            "base: a long-context extension (extend.rope_factor > 0) continues a pretrained model; "
+            "name it with --config.base="
+        )
     if cfg.align.method and not cfg.base:
         raise ConfigError(
             f"base: align.method={cfg.align.method!r} needs the model to align (--config.base=)"
@@ -159,7 +164,12 @@ def resolve(cfg: Config) -> Config:
         base = base_model_config(cfg.base)
         router = base.router.replace(**{f: getattr(cfg.model.router, f) for f in RUN_ROUTER_FIELDS})
         model = base.replace(router=router, **{f: getattr(cfg.model, f) for f in RUN_FIELDS})
-        cfg = dataclasses.replace(cfg, model=model)
+        trained = 0  # the base run's sequence length: YaRN's original length by default
+        if base_kind(cfg.base) == "workdir":
+            from moejax.infer.load import workdir_config
+
+            trained = workdir_config(cfg.base).data.seq_len
+        cfg = dataclasses.replace(cfg, model=cfg.extend.apply(model, trained))
         tok_file, special = base_tokenizer(cfg.base)
     elif cfg.sft.data:
         # no base (a from-scratch run, e.g. a test): the tokenizer of the configured pretraining
@@ -380,6 +390,8 @@ def run(
         if not quiet:
             for src, v in table.items():
                 role = "old domain" if v["old"] else "new domain"
+                if cfg.extend.rope_factor:  # a long-context stage: the same data, longer rows
+                    role = f"at {cfg.data.seq_len} tokens (YaRN x{cfg.extend.rope_factor:g})"
                 print(
                     f"[continual] {role} {os.path.basename(src)}: validation loss {v['base']:.4f} "
                     f"(base) -> {v['after']:.4f} ({v['after'] - v['base']:+.4f})",

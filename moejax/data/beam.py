@@ -55,7 +55,7 @@ import numpy as np
 
 from moejax.data import layout, sources, stages, steps
 from moejax.data import tokenizer as tokenizers
-from moejax.data.packing import WRITER_OPTIONS, Packer, encode_row
+from moejax.data.packing import Packer, write_rows
 
 CC_ROUNDS = 6  # large-star + small-star rounds per components pipeline
 SHARD_BYTES = 256 << 20  # text per output shard
@@ -651,13 +651,9 @@ def _pack_pipeline(
     Counting = _counting()
     weights = [float(s.get("weight", 1.0)) for s in cfg["sources"]]
     seq_len = cfg["seq_len"]
-    with tempfile.TemporaryDirectory() as d:  # the ids of BOS and EOS
-        path = os.path.join(d, os.path.basename(tok_file))
-        with open(path, "wb") as fh:
-            fh.write(_read_bytes(tok_file))
-        tok = tokenizers.load(path, special)
-        bos, eos = tok.bos_id, tok.eos_id
-        del tok
+    tok = _load_tokenizer(tok_file, special)
+    bos, eos = tok.bos_id, tok.eos_id
+    del tok
 
     def copies(f):
         split = "validation" if f.where == promoted else f.split
@@ -666,14 +662,7 @@ def _pack_pipeline(
 
     class Tokenize(beam.DoFn):
         def setup(self):
-            self.dir = tempfile.mkdtemp()
-            path = os.path.join(self.dir, os.path.basename(tok_file))
-            with open(path, "wb") as fh:
-                fh.write(_read_bytes(tok_file))
-            self.tok = tokenizers.load(path, special)
-
-        def teardown(self):
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.tok = _load_tokenizer(tok_file, special)
 
         def process(self, batch):
             enc = self.tok.encode_batch([b[3] for b in batch])
@@ -689,30 +678,19 @@ def _pack_pipeline(
             stats = self.stats.splits[split]
             lengths = self.stats.lengths[split]
             packer = Packer(seq_len, bos, eos)
-            from array_record.python.array_record_module import ArrayRecordWriter
 
-            with tempfile.TemporaryDirectory() as d:
-                f = os.path.join(d, name)
-                writer = ArrayRecordWriter(f, WRITER_OPTIONS)
-                try:
-                    for chunk in _batched(docs, 512):
-                        ids = [x[2] for x in chunk]
-                        lens = np.fromiter(map(len, ids), np.int64, len(ids))
-                        flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-                        stats["documents"] += len(chunk)
-                        stats["bytes"] += sum(x[3] for x in chunk)
-                        stats["tokens"] += int(lens.sum()) + 2 * len(lens)
-                        lengths.update(lens.tolist())
-                        for row in packer.add(flat, lens):
-                            writer.write(encode_row(row))
-                            stats["rows"] += 1
-                    for row in packer.finish():
-                        writer.write(encode_row(row))
-                        stats["rows"] += 1
-                finally:
-                    writer.close()
-                with open(f, "rb") as fh:
-                    _write_bytes(_join(build, name), fh.read())
+            def rows():
+                for chunk in _batched(docs, 512):
+                    ids = [x[2] for x in chunk]
+                    lens = np.fromiter(map(len, ids), np.int64, len(ids))
+                    stats["documents"] += len(chunk)
+                    stats["bytes"] += sum(x[3] for x in chunk)
+                    stats["tokens"] += int(lens.sum()) + 2 * len(lens)
+                    lengths.update(lens.tolist())
+                    yield from packer.add(np.concatenate(ids), lens)
+                yield from packer.finish()
+
+            stats["rows"] += _write_shard(build, name, rows())
             self.stats.shards[split].append(name)
 
     packed = (
@@ -724,6 +702,26 @@ def _pack_pipeline(
         | "pack" >> beam.ParDo(Pack()).with_outputs("stats", main="_")
     )
     _save_stats(packed.stats, _join(tmp, "stats-pack.pkl"))
+
+
+def _load_tokenizer(path: str, special: dict):
+    """A tokenizer file on any Beam filesystem, loaded (into memory: its local copy is removed)."""
+    with tempfile.TemporaryDirectory() as d:
+        local_copy = os.path.join(d, os.path.basename(path))
+        with open(local_copy, "wb") as fh:
+            fh.write(_read_bytes(path))
+        return tokenizers.load(local_copy, special)
+
+
+def _write_shard(build: str, name: str, rows) -> int:
+    """Packed rows as the ArrayRecord file build/name (written locally, then copied through
+    FileSystems); returns the row count."""
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, name)
+        n = write_rows(f, rows)
+        with open(f, "rb") as fh:
+            _write_bytes(_join(build, name), fh.read())
+    return n
 
 
 def _batched(items, n: int):
@@ -914,14 +912,8 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
     for s in layout.SPLITS:
         names = packed.shards.get(s, [])
         if not names:  # a split without documents: one empty shard, as the local path writes
-            name = f"{s}-00000-of-00001.arrayrecord"
-            with tempfile.TemporaryDirectory() as d:
-                from moejax.data.packing import write_rows
-
-                write_rows(os.path.join(d, name), [])
-                with open(os.path.join(d, name), "rb") as fh:
-                    _write_bytes(_join(build, name), fh.read())
-            names = [name]
+            names = [f"{s}-00000-of-00001.arrayrecord"]
+            _write_shard(build, names[0], [])
         st_s = packed.splits.get(s, collections.Counter())
         splits[s] = {
             "documents": st_s["documents"],
@@ -937,13 +929,7 @@ def run(cfg: dict, out: str, beam_args: list[str] = (), quiet: bool = False) -> 
         for name in os.listdir(d):
             with open(os.path.join(d, name), "rb") as fh:
                 _write_bytes(_join(build, name), fh.read())
-    tok = None
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, os.path.basename(tok_file))
-        with open(path, "wb") as fh:
-            fh.write(_read_bytes(tok_file))
-        tok = tokenizers.load(path, special)
-        vocab_size = tok.vocab_size
+    vocab_size = _load_tokenizer(tok_file, special).vocab_size
     manifest = {
         "name": cfg.get("name", os.path.basename(out.rstrip("/"))),
         "seq_len": seq_len,

@@ -14,4 +14,9 @@ def get_config():
     c = sibling(__file__, "deepseek_v3_extend_32k").get_config()
     c.data.seq_len = 131072
     c.train.batch_size = 480
+    # 512 v5p chips (python -m moejax.plan, 69 GiB of 95 per chip): the sequence split 32 ways,
+    # experts 16 ways, one 128K row per expert group and microbatch
+    c.mesh.context = 32
+    c.mesh.expert = 16
+    c.train.microbatches = 30
     return c

@@ -7,6 +7,9 @@
       --config.base=gs://BUCKET/runs/v3-pretrain --config.data.source=gs://BUCKET/data/long-32k \\
       --workdir gs://BUCKET/runs/v3-32k
   python -m moejax.plan --config experiments/deepseek_v3_extend_32k.py --topology v5p-1024
+
+The mesh below is for 512 v5p chips; on another pod change mesh.* and train.microbatches (each
+microbatch should hold about one row per expert group).
 """
 
 from moejax.experiment import base_config, sibling
@@ -31,4 +34,13 @@ def get_config():
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.1
+    # 512 v5p chips (python -m moejax.plan, 63 GiB of 95 per chip): the sequence split 8 ways
+    # (context parallelism, load-balanced), experts 32 ways, one 32K row per expert group and
+    # microbatch; the capacity exchange bounds the MoE buffers
+    c.mesh.fsdp = -1
+    c.mesh.expert = 32
+    c.mesh.context = 8
+    c.train.microbatches = 30
+    c.execution.ep_exchange = "ragged"
+    c.execution.capacity_scope = "group"
     return c

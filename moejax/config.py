@@ -618,6 +618,9 @@ class MeshConfig:
     expert: int = 1  # expert parallelism (experts split, batch split)
     tensor: int = 1  # tensor parallelism (heads, FFN hidden, vocab split)
     stage: int = 1  # pipeline stages (stacked layers split)
+    # context parallelism: the sequence split (activations; attention all-gathers keys and values,
+    # load-balanced), parameters sharded over it as over fsdp
+    context: int = 1
     # Degrees across slices / nodes (dcn; the fields above are within one, ici). Each mesh axis has
     # ici x dcn devices; the dcn product must equal the number of slices (TPU) or processes
     # (GPU/CPU).
@@ -626,6 +629,7 @@ class MeshConfig:
     dcn_expert: int = 1
     dcn_tensor: int = 1
     dcn_stage: int = 1
+    dcn_context: int = 1
     # Logical -> mesh axis rule overrides on moejax.sharding.DEFAULT_RULES, e.g.
     # "embed=fsdp+expert,expert_mlp=none" ('+' joins axes, 'none' replicates).
     rules: str = ""

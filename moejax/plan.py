@@ -63,15 +63,24 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     cb = jnp.dtype(m.compute_dtype).itemsize
     B = cfg.train.batch_size / max(1, n_batch) / cfg.train.microbatches
     T, D, H = cfg.data.seq_len, m.hidden_size, m.num_heads / tp
-    tokens = B * T
+    # context parallelism: each device holds T / n_seq positions (kernels/attention/context.py)
+    n_seq = math.prod(mesh_shape[a] for a in sharding.sequence_axes(shape_only, rules))
+    n_seq = n_seq if T % (2 * n_seq) == 0 else 1
+    tokens = B * T / n_seq
     if m.attention_type == "mla":
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         proj = tokens * ((m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim) * cb
+        kv_heads = H
     else:
         qk = v = m.head_dim or D // m.num_heads
         proj = 0
-    scores = attention_score_bytes(ex, B, H, T)
-    attn = tokens * H * (2 * qk + 2 * v) * cb + proj + scores + 2 * tokens * D * cb
+        kv_heads = max(1.0, m.kv_heads / tp)
+    scores = attention_score_bytes(ex, B, H, T / n_seq)  # each device's queries ...
+    if ex.attention_impl == "reference":
+        scores *= n_seq  # ... over every key
+    # the all-gathered keys and values of the whole sequence, kept for the backward pass
+    gathered = B * T * kv_heads * (qk + v) * cb if n_seq > 1 else 0
+    attn = tokens * H * (2 * qk + 2 * v) * cb + proj + scores + gathered + 2 * tokens * D * cb
     kinds = m.layer_kinds()
     A = tokens * m.num_experts_per_tok
     if m.n_routed_experts:

@@ -2,8 +2,9 @@
 
 Every parameter records logical axis names (`nnx.Param(..., logical_axes=(...))`); stacked layers
 add a leading 'layers' axis. A rule table maps each logical name to mesh axes; the mesh has the
-axes data, fsdp, expert, tensor, stage. The same table serves every parallelism layout: a mesh
-axis of size 1 simply does nothing, so presets differ only in the mesh shape (and in a few rules).
+axes data, fsdp, expert, context, tensor, stage. The same table serves every parallelism layout: a
+mesh axis of size 1 simply does nothing, so presets differ only in the mesh shape (and in a few
+rules).
 """
 
 from __future__ import annotations
@@ -21,21 +22,22 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "stage")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor", "stage")
 
 # logical name -> mesh axis (or tuple of axes), MaxText-style. Batch spreads over every data-like
 # axis.
 DEFAULT_RULES: dict[str, object] = {
     "batch": ("data", "fsdp", "expert"),
+    "sequence": "context",  # activations' sequence axis (context parallelism)
     "layers": "stage",
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),  # parameters: FSDP over the context axis too (MaxText's rule)
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
-    "q_lora": "fsdp",  # used only where embed (also fsdp) is absent: wq_b
-    "kv_lora": "fsdp",  # likewise wkv_b
+    "q_lora": ("fsdp", "context"),  # used only where embed (the same axes) is absent: wq_b
+    "kv_lora": ("fsdp", "context"),  # likewise wkv_b
     "norm": None,
     "expert": "expert",
     "expert_mlp": "tensor",
@@ -68,6 +70,15 @@ class Layout:
             return x  # every axis is manual here (inside the expert-parallel shard_map)
         spec = spec_for(
             logical, self.rule_table, self.mesh, exclude=mesh.manual_axes if nested else ()
+        )
+        # a sequence the context axes do not split evenly (a prompt of odd length) stays whole
+        spec = P(
+            *(
+                None
+                if name == "sequence" and dim % math.prod(mesh.shape[a] for a in axes_of(e))
+                else e
+                for name, dim, e in zip(logical, x.shape, spec)
+            )
         )
         for dim, axes in zip(x.shape, spec):
             if dim % math.prod(mesh.shape[a] for a in axes_of(axes)):
@@ -231,15 +242,16 @@ def abstract_mesh(shape: MeshConfig, num_devices: int) -> jax.sharding.AbstractM
 
 
 def spec_for(
-    logical: Sequence[str | None], rules: Mapping[str, object], mesh: Mesh, exclude=()
+    logical: Sequence[str | tuple | None], rules: Mapping[str, object], mesh: Mesh, exclude=()
 ) -> P:
     """PartitionSpec for logical axis names; a mesh axis is used at most once per array. Axes in
-    `exclude` (manual axes of an enclosing shard_map) are never named."""
+    `exclude` (manual axes of an enclosing shard_map) are never named. A tuple of names is one
+    dimension holding them flattened, major first (tokens [B * T] as ('batch', 'sequence'))."""
     used: set[str] = set(exclude)
     out = []
     for name in logical:
-        target = rules.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        names = name if isinstance(name, tuple) else (name,)
+        axes = tuple(a for n in names if n is not None for a in axes_of(rules.get(n)))
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -296,8 +308,8 @@ def check_divisible(tree, shardings, mesh: Mesh) -> None:
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
-    """Rows of a [B, T] batch split over the data-like axes."""
-    return NamedSharding(mesh, spec_for(("batch", None), rules, mesh))
+    """Rows of a [B, T] batch split over the data-like axes, positions over the context axes."""
+    return NamedSharding(mesh, spec_for(("batch", "sequence"), rules, mesh))
 
 
 def batch_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
@@ -306,13 +318,39 @@ def batch_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
     return axes_of(spec_for(("batch",), rules, mesh)[0])
 
 
+def sequence_axes(mesh, rules: Mapping[str, object], exclude=()) -> tuple[str, ...]:
+    """The mesh axes (of size > 1, not in `exclude`) that split the sequence: context
+    parallelism."""
+    return axes_of(spec_for(("batch", "sequence"), rules, mesh, exclude=exclude)[1])
+
+
+def check_context(mesh, rules: Mapping[str, object], seq_len: int) -> None:
+    """Context parallelism needs 2 x (context ways) to divide the sequence (each device holds an
+    early and a late chunk) and no pipeline."""
+    axes = sequence_axes(mesh, rules)
+    if not axes:
+        return
+    n = math.prod(mesh.shape[a] for a in axes)
+    if seq_len % (2 * n):
+        raise ShardingError(
+            f"data.seq_len={seq_len} must be a multiple of 2 x the context ways "
+            f"({'+'.join(axes)} = {n}): each device holds an early and a late chunk of "
+            f"{seq_len}/{2 * n} tokens"
+        )
+    if mesh.shape.get("stage", 1) > 1:
+        raise ShardingError(
+            "mesh.context > 1 with mesh.stage > 1: context parallelism inside a pipeline is not "
+            "supported; use mesh.stage=1 or mesh.context=1"
+        )
+
+
 def expert_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
     """The mesh axes the routed experts are split over (the rule for logical 'expert', as the expert
     weights are actually sharded). The expert-parallel exchange runs over exactly these axes, so
-    they must also split the batch: a device exchanges its own tokens. Anything else is refused
-    here."""
+    they must also split the tokens (the batch or the sequence): a device exchanges its own tokens.
+    Anything else is refused here."""
     axes = axes_of(spec_for(("expert", "embed", None, "expert_mlp"), rules, mesh)[0])
-    stray = [a for a in axes if a not in batch_axes(mesh, rules)]
+    stray = [a for a in axes if a not in batch_axes(mesh, rules) + sequence_axes(mesh, rules)]
     if stray:
         raise ShardingError(
             f"mesh.rules: the logical 'expert' axis maps to {'+'.join(axes)}, but {stray[0]!r} "

@@ -46,7 +46,9 @@ def test_indivisible_experts_name_the_parameter():
         )
     )
     state = nnx.state(layer, nnx.Param)
-    mesh = Mesh(np.array(jax.devices()[:1] * 1).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES)
+    mesh = Mesh(
+        np.array(jax.devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES
+    )
     fake = type(
         "FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1, "stage": 1}}
     )()
@@ -121,6 +123,7 @@ def test_rules_from_the_config_and_hybrid_mesh_sizes():
         "data": 2,
         "fsdp": 4,
         "expert": 1,
+        "context": 1,
         "tensor": 2,
         "stage": 1,
     }

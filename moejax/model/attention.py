@@ -76,7 +76,7 @@ class MLA(nnx.Module):
         cd = dtype_of(cfg.compute_dtype)
         R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
         x = x.astype(cd)
-        rows, heads = ("batch", None, None), ("batch", None, "heads", None)
+        rows, heads = ("batch", "sequence", None), ("batch", "sequence", "heads", None)
         if cfg.q_lora_rank:
             q_lat = project(self, "wq_a", "BTD,DR->BTR", x, cd, rng)
             q_lat = sharding.constrain(
@@ -145,7 +145,8 @@ class GQA(nnx.Module):
         q = project(self, "wq", "BTD,DNH->BTNH", x, cd, rng)
         k = project(self, "wk", "BSD,DNH->BSNH", x, cd, rng)
         v = project(self, "wv", "BSD,DNH->BSNH", x, cd, rng)
-        heads, kv_heads = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+        heads = ("batch", "sequence", "heads", None)
+        kv_heads = ("batch", "sequence", "kv_heads", None)
         q = sharding.constrain(q, self.layout, heads)
         k = sharding.constrain(k, self.layout, kv_heads)
         v = sharding.constrain(v, self.layout, kv_heads)
@@ -157,4 +158,4 @@ class GQA(nnx.Module):
         out = self._attend(q, k, v.astype(cd), segment_ids)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
-        return sharding.constrain(y, self.layout, ("batch", None, None))
+        return sharding.constrain(y, self.layout, ("batch", "sequence", None))

@@ -128,7 +128,8 @@ class MLP(nnx.Module):
         """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32. rng: LoRA dropout
         (training)."""
         cd = self.compute_dtype
-        rows = ("batch",) + (None,) * (x.ndim - 2)
+        # [B, T, D] or tokens [M, D] (M = B * T flattened, split like batch then sequence)
+        rows = ("batch", "sequence") if x.ndim == 3 else (("batch", "sequence"),)
         h = project(self, "w_gate_up", "...D,DXF->...XF", x, cd, rng)
         h = sharding.constrain(h, self.layout, rows + (None, "mlp"))  # [..., 2, F]
         h = swiglu(h).astype(cd)

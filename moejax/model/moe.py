@@ -324,7 +324,7 @@ class MoE(nnx.Module):
         # pipeline stage (a shard_map over 'stage') the exchange is a shard_map nested over the
         # remaining axes.
         if self.dispatch == "expert_parallel" and moe_ep.can_shard(
-            self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts
+            self.layout.mesh, self.layout.rule_table, B, cfg.n_routed_experts, T
         ):
             k = r.expert_ids.shape[-1]
             mesh, _ = self.layout.region()

@@ -55,12 +55,13 @@ from moejax import kernels, sharding
 from moejax.model.layers import swiglu
 
 
-def can_shard(mesh, rules, batch: int, num_experts: int) -> bool:
+def can_shard(mesh, rules, batch: int, num_experts: int, seq_len: int = 0) -> bool:
     """Whether this batch can run the expert-parallel path on this mesh (rows divide the batch
-    axes)."""
+    axes, and positions the sequence axes)."""
     n_batch = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    n_seq = math.prod(mesh.shape[a] for a in sharding.sequence_axes(mesh, rules))
     n_ep = math.prod(mesh.shape[a] for a in sharding.expert_axes(mesh, rules))
-    return batch % n_batch == 0 and num_experts % n_ep == 0
+    return batch % n_batch == 0 and seq_len % n_seq == 0 and num_experts % n_ep == 0
 
 
 def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -98,13 +99,14 @@ def experts_ep(
     """
     rules = dict(rules)
     manual = tuple(getattr(mesh, "manual_axes", ()))  # inside a pipeline stage: 'stage' is taken
-    bspec = sharding.spec_for(("batch", None, None), rules, mesh, exclude=manual)
-    mspec = sharding.spec_for(("batch", None), rules, mesh, exclude=manual)
+    bspec = sharding.spec_for(("batch", "sequence", None), rules, mesh, exclude=manual)
+    mspec = sharding.spec_for(("batch", "sequence"), rules, mesh, exclude=manual)
     wgu_spec = sharding.spec_for(("expert", None, None, "expert_mlp"), rules, mesh, exclude=manual)
     wd_spec = sharding.spec_for(("expert", "expert_mlp", None), rules, mesh, exclude=manual)
     ep_axes = sharding.expert_axes(mesh, rules)
     tp_axes = sharding.axes_of(wgu_spec[3])
-    b_axes = sharding.axes_of(bspec[0])  # the batch axes still automatic here
+    # the axes still automatic here that split the tokens: batch, then sequence (context)
+    b_axes = sharding.axes_of(bspec[0]) + sharding.axes_of(bspec[1])
     E = w_gate_up.shape[0]
     B, T, K = expert_ids.shape
     # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one

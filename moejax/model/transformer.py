@@ -8,6 +8,7 @@ layers, then the MoE layers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -18,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import config as config_lib
 from moejax import sharding
 from moejax.config import ExecutionConfig, ModelConfig
+from moejax.kernels.attention import context
 from moejax.model import moe as moe_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
@@ -81,7 +83,7 @@ class Block(nnx.Module):
         ), aux
 
 
-RESIDUAL = ("batch", None, None)  # logical axes of the residual stream [B, T, D]
+RESIDUAL = ("batch", "sequence", None)  # logical axes of the residual stream [B, T, D]
 
 
 def make_stack(
@@ -405,6 +407,14 @@ class Transformer(nnx.Module):
             if segment_ids is None
             else (segment_ids > 0).astype(jnp.float32)
         )
+        # context parallelism: token-level inputs into the balanced order (each device an early
+        # and a late chunk); the hidden states go back to natural order before the LM head
+        bal = functools.partial(context.to_balanced, layout=self.layout)
+        unbal = functools.partial(context.from_balanced, layout=self.layout)
+        ids = bal(input_ids)
+        positions, token_mask = bal(positions), bal(token_mask)
+        segment_ids = None if segment_ids is None else bal(segment_ids)
+        routes = None if routes is None else bal(routes, axis=2)
         cos, sin = rope_cos_sin(positions, cfg)
         rngs = (
             [None] * (len(self.segments) + len(self.mtp))
@@ -412,7 +422,7 @@ class Transformer(nnx.Module):
             else list(jax.random.split(rng, len(self.segments) + len(self.mtp)))
         )
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(ids)
         moe_aux = []
         first = 0  # the first MoE layer of this segment, in `routes`
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
@@ -439,17 +449,20 @@ class Transformer(nnx.Module):
                 )  # (a pipeline's output has no layout of its own)
             if kind == "moe":
                 moe_aux.append(aux)
-        h = self.norm(x)
+        h_bal = self.norm(x)
+        h = unbal(h_bal)
         logits = self.head(h)
 
         out = {}
         mtp_logits = []
         if return_mtp and self.mtp:
-            prev = h
+            prev = h_bal
             for k, m in enumerate(self.mtp, start=1):
                 with jax.named_scope(f"mtp_{k}"):
-                    shifted = jnp.concatenate(
-                        [input_ids[:, k:], jnp.zeros((B, k), input_ids.dtype)], axis=1
+                    shifted = bal(
+                        jnp.concatenate(
+                            [input_ids[:, k:], jnp.zeros((B, k), input_ids.dtype)], axis=1
+                        )
                     )
                     e = m.enorm(self.embed_tokens(shifted))
                     cd = dtype_of(cfg.compute_dtype)
@@ -471,7 +484,7 @@ class Transformer(nnx.Module):
                     )
                     if aux:
                         moe_aux.append(jax.tree.map(lambda a: a[None], aux))
-                    mtp_logits.append(self.head(m.norm(prev)))
+                    mtp_logits.append(self.head(unbal(m.norm(prev))))
             out["mtp_logits"] = jnp.stack(mtp_logits)
         if moe_aux:
             # (route_mismatch / route_count: the main stack's layers only; the MTP blocks are not

@@ -197,6 +197,7 @@ def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_for(cfg.mesh)
+    sharding.check_context(mesh, rules, cfg.data.seq_len)
     sharding.check_pipeline(mesh.shape.get("stage", 1), segments_of(cfg.model))
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed))
     graphdef, params, _, rest = split_model(abstract_model)

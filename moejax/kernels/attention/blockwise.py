@@ -18,6 +18,7 @@ id, so no real query sees a padded key) and cut off again.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,18 @@ def pad_rows(x, T: int, value=0):
 
 
 def _pairs(nq: int, nk: int, bq: int, bk: int, kv_major: bool) -> np.ndarray:
-    """int32 [P, 3]: (query block i, key block j, first) for every pair whose key block starts at or
-    before query block i's last row; `first` marks the first pair of its run (of i when query-major,
-    of j when kv_major), where the accumulators restart."""
-    pairs = [(i, j) for i in range(nq) for j in range(nk) if j * bk <= (i + 1) * bq - 1]
+    """int32 [P, 3]: (query block i, key block j, first) for every pair of causal self-attention
+    over nq query and nk key blocks whose key block starts at or before query block i's last row;
+    `first` marks the first pair of its run (of i when query-major, of j when kv_major), where the
+    accumulators restart."""
+    pairs = pairs_from_starts([i * bq for i in range(nq)], bq, bk, kv_major)
+    return pairs[pairs[:, 1] < nk]
+
+
+def pairs_from_starts(starts, bq: int, bk: int, kv_major: bool) -> np.ndarray:
+    """As `_pairs`, for query blocks whose first rows sit at the given natural positions (keys in
+    natural order from 0): query block i meets key blocks 0 .. (starts[i] + bq - 1) // bk."""
+    pairs = [(i, j) for i, s in enumerate(starts) for j in range((s + bq - 1) // bk + 1)]
     if kv_major:
         pairs.sort(key=lambda p: (p[1], p[0]))
     run = 1 if kv_major else 0
@@ -55,26 +64,57 @@ def _e(grouped: bool, spec: str) -> str:
     return spec if grouped else spec.replace("Q", "")
 
 
-def _pair_logits(qi, kj, seg, i, j, bq: int, bk: int, scale: float):
+class Rows(NamedTuple):
+    """Which rows meet which: segment ids and sequence positions of the query rows (qseg, qpos
+    [B, Tq] / [Tq]) and key rows (kseg, kpos [B, Tk] / [Tk]), and the (query block, key block,
+    first) pairs to visit, query-major for the forward pass and key-major for the backward pass
+    (int32 [P, 3], see `_pairs`). A query attends to keys of its segment at positions <= its
+    own. One device's rows of a context-parallel attention are not contiguous (context.py), so
+    positions and pairs are data here, not derived from block indices."""
+
+    qseg: jax.Array
+    kseg: jax.Array
+    qpos: jax.Array
+    kpos: jax.Array
+    fwd_pairs: jax.Array
+    bwd_pairs: jax.Array
+
+
+def self_rows(seg, bq: int, bk: int) -> Rows:
+    """Rows of causal self-attention over one whole sequence: positions 0..T-1 on both sides."""
+    T = seg.shape[1]
+    pos = jnp.arange(T, dtype=jnp.int32)
+    return Rows(
+        seg,
+        seg,
+        pos,
+        pos,
+        jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=False)),
+        jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=True)),
+    )
+
+
+def _pair_logits(qi, kj, rows: Rows, i, j, bq: int, bk: int, scale: float):
     """Masked scaled scores of one pair, float32 [B, Nkv, Q, bq, bk] ([B, Nkv, bq, bk] ungrouped).
 
-    qi: [B, bq, Nkv, Q, H] or [B, bq, Nkv, H]; kj: [B, bk, Nkv, H]; seg: int [B, T]."""
+    qi: [B, bq, Nkv, Q, H] or [B, bq, Nkv, H]; kj: [B, bk, Nkv, H]."""
     g = qi.ndim == 5
     s = jnp.einsum(_e(g, "BTKQH,BSKH->BKQTS"), qi, kj, preferred_element_type=jnp.float32) * scale
-    qpos = i * bq + jnp.arange(bq)
-    kpos = j * bk + jnp.arange(bk)
-    sq = jax.lax.dynamic_slice_in_dim(seg, i * bq, bq, axis=1)  # [B, bq]
-    sk = jax.lax.dynamic_slice_in_dim(seg, j * bk, bk, axis=1)  # [B, bk]
-    mask = (qpos[:, None] >= kpos[None, :])[None] & (
+    qpos = jax.lax.dynamic_slice_in_dim(rows.qpos, i * bq, bq, axis=-1)  # [bq] or [B, bq]
+    kpos = jax.lax.dynamic_slice_in_dim(rows.kpos, j * bk, bk, axis=-1)
+    sq = jax.lax.dynamic_slice_in_dim(rows.qseg, i * bq, bq, axis=1)  # [B, bq]
+    sk = jax.lax.dynamic_slice_in_dim(rows.kseg, j * bk, bk, axis=1)  # [B, bk]
+    mask = (qpos[..., :, None] >= kpos[..., None, :]) & (
         sq[:, :, None] == sk[:, None, :]
     )  # [B, bq, bk]
     return jnp.where(mask[(slice(None),) + (None,) * (s.ndim - 3)], s, NEG)
 
 
-def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
-    """q [B, T, Nkv, Q, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv], seg int [B, T] (T a multiple of
-    both blocks) -> out [B, T, Nkv, Q, Hv] in v's dtype, lse float32 [B, Nkv, Q, T]. Without the Q
-    axis in q (one query head per KV head), out and lse have none either."""
+def _forward(q, k, v, rows: Rows, scale: float, bq: int, bk: int):
+    """q [B, Tq, Nkv, Q, H], k [B, Tk, Nkv, H], v [B, Tk, Nkv, Hv] (lengths multiples of the
+    blocks) -> out [B, Tq, Nkv, Q, Hv] in v's dtype, lse float32 [B, Nkv, Q, Tq]. Without the Q
+    axis in q (one query head per KV head), out and lse have none either. A query row no pair
+    visits (none in `rows.fwd_pairs`) is left at zero."""
     B, T = q.shape[:2]
     heads = q.shape[2:-1]  # (K, Q) or (K,)
     g = q.ndim == 5
@@ -86,7 +126,7 @@ def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
         qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # [B, bq, K, Q, H]
         kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [B, bk, K, H]
         vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)  # [B, bk, K, Hv]
-        s = _pair_logits(qi, kj, seg, i, j, bq, bk, scale)  # [B, K, Q, bq, bk]
+        s = _pair_logits(qi, kj, rows, i, j, bq, bk, scale)  # [B, K, Q, bq, bk]
         m = jnp.where(first, NEG, m)
         row_sum = jnp.where(first, 0.0, row_sum)
         acc = jnp.where(first, 0.0, acc)
@@ -110,15 +150,15 @@ def _forward(q, k, v, seg, scale: float, bq: int, bk: int):
         jnp.zeros((B, *heads, bq), jnp.float32),
         jnp.zeros((B, *heads, bq, Hv), jnp.float32),
     )
-    pairs = jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=False))
-    (out, lse, *_), _ = jax.lax.scan(step, init, pairs)
+    (out, lse, *_), _ = jax.lax.scan(step, init, rows.fwd_pairs)
     return out, lse
 
 
-def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
-    """Gradients of _forward's output: dq [B, T, Nkv, Q, H] (or without Q, as q), dk, dv in the
+def _backward(q, k, v, rows: Rows, out, lse, do, scale: float, bq: int, bk: int):
+    """Gradients of _forward's output: dq [B, Tq, Nkv, Q, H] (or without Q, as q), dk, dv in the
     inputs' dtypes."""
-    B, T, K = q.shape[:3]
+    B, _, K = q.shape[:3]
+    T = k.shape[1]
     H, Hv = q.shape[-1], v.shape[-1]
     g = q.ndim == 5
     delta = jnp.einsum(
@@ -134,7 +174,7 @@ def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
         vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)  # [B, bk, K, Hv]
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=-1)  # [B, K, Q, bq]
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=-1)
-        s = _pair_logits(qi, kj, seg, i, j, bq, bk, scale)
+        s = _pair_logits(qi, kj, rows, i, j, bq, bk, scale)
         p = jnp.exp(s - lse_i[..., None])  # [B, K, Q, bq, bk]; 0 where masked
         dk_acc = jnp.where(first, 0.0, dk_acc)
         dv_acc = jnp.where(first, 0.0, dv_acc)
@@ -166,28 +206,29 @@ def _backward(q, k, v, seg, out, lse, do, scale: float, bq: int, bk: int):
         jnp.zeros((B, bk, K, H), jnp.float32),
         jnp.zeros((B, bk, K, Hv), jnp.float32),
     )
-    pairs = jnp.asarray(_pairs(T // bq, T // bk, bq, bk, kv_major=True))
-    (dq, dk, dv, _, _), _ = jax.lax.scan(step, init, pairs)
+    (dq, dk, dv, _, _), _ = jax.lax.scan(step, init, rows.bwd_pairs)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, seg, scale, bq, bk):
-    return _forward(q, k, v, seg, scale, bq, bk)[0]
+def flash(q, k, v, rows: Rows, scale, bq, bk):
+    """The online-softmax attention of q [B, Tq, Nkv, (Q,) H] over k, v [B, Tk, Nkv, H|Hv] for the
+    rows and pairs in `rows`, with the memory-light backward pass."""
+    return _forward(q, k, v, rows, scale, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, seg, scale, bq, bk):
-    out, lse = _forward(q, k, v, seg, scale, bq, bk)
-    return out, (q, k, v, seg, out, lse)
+def _flash_fwd(q, k, v, rows, scale, bq, bk):
+    out, lse = _forward(q, k, v, rows, scale, bq, bk)
+    return out, (q, k, v, rows, out, lse)
 
 
 def _flash_bwd(scale, bq, bk, res, do):
-    q, k, v, seg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, out, lse, do, scale, bq, bk)
-    return dq, dk, dv, None
+    q, k, v, rows, out, lse = res
+    dq, dk, dv = _backward(q, k, v, rows, out, lse, do, scale, bq, bk)
+    return dq, dk, dv, jax.tree.map(lambda _: None, rows)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(
@@ -221,5 +262,5 @@ def blockwise_attention(
     qg = (
         q if N == Nkv else q.reshape(B, Tp, Nkv, N // Nkv, H)
     )  # [B, Tp, Nkv, Q, H]: query heads grouped
-    out = _flash(qg, k, v, seg, float(scale), bq, bk)  # [B, Tp, Nkv, (Q,) Hv]
+    out = flash(qg, k, v, self_rows(seg, bq, bk), float(scale), bq, bk)  # [B, Tp, Nkv, (Q,) Hv]
     return out.reshape(B, Tp, N, Hv)[:, :T]

@@ -18,6 +18,11 @@ Every backend takes segment ids (tokens attend to earlier tokens of the same id)
 refuses them. A Pallas backend on a platform that cannot run it natively is refused unless
 interpret=True (the tests run it in Pallas interpret mode); on a mesh it runs inside shard_map over
 the batch and head axes (GSPMD cannot partition a Pallas call).
+
+On a layout whose context axes split the sequence (context.py), q, k, v and segment_ids are in
+that module's balanced order and every device runs the blockwise online softmax (impl 'auto' or
+'blockwise'; 'reference' materializes each device's scores) over all-gathered keys and values; the
+Pallas and cuDNN kernels are not used there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax.kernels.attention import context
 from moejax.kernels.attention.blockwise import blockwise_attention, pad_rows
 from moejax.kernels.attention.reference import attention_reference
 from moejax.kernels.gmm.ops import platform
@@ -95,7 +101,8 @@ def attention(
         document).
       scale: multiplies q.k.
       impl: one of IMPLS; None or 'auto' picks by platform (default_impl).
-      layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it.
+      layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it. Where
+        its context axes split T, the rows are in context.to_balanced's order.
       block: query/key block rows (blockwise, splash, pallas_gpu); None is the backend's default.
       interpret: run a Pallas backend in Pallas interpret mode (any platform; for tests).
     Returns:
@@ -106,6 +113,25 @@ def attention(
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {('auto',) + IMPLS}, got {impl!r}")
     _check(q, k, v, segment_ids, impl)
+    if context.ways(layout, q.shape[1]) > 1:
+        if impl not in ("reference", "blockwise"):
+            if not auto:
+                raise ValueError(
+                    f"attention[{impl}]: a sequence split over the context axes runs the blockwise "
+                    "online softmax over gathered keys; use impl='blockwise' or 'auto' (or "
+                    "mesh.context=1 for this kernel)"
+                )
+            impl = "blockwise"
+        return context.context_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            scale=scale,
+            layout=layout,
+            impl=impl,
+            block=block or DEFAULT_BLOCK,
+        )
     if impl == "reference":
         return attention_reference(q, k, v, segment_ids, scale=scale)
     if impl == "blockwise":

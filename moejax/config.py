@@ -99,6 +99,9 @@ class ExecutionConfig:
     remat_policy: str = "none"  # what the backward pass recomputes (moejax.model.transformer)
     scan_layers: bool = True  # one compiled layer body scanned over each stack
     pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 = the stage count
+    # FP8 (E4M3) matmuls with DeepSeek-V3's fine-grained scales in the attention projections, the
+    # dense FFN and the dropless experts (moejax.kernels.fp8); master weights stay float32
+    fp8: bool = False
 
     def replace(self, **kw) -> ExecutionConfig:
         return dataclasses.replace(self, **kw)
@@ -127,6 +130,12 @@ class ExecutionConfig:
             )
         if self.pipeline_microbatches < 0:
             fail("pipeline_microbatches", f"must be >= 0, got {self.pipeline_microbatches}")
+        if self.fp8 and self.moe_impl != "dropless":
+            fail(
+                "fp8",
+                f"quantizes the dropless experts; moe_impl={self.moe_impl!r} is a reference "
+                "dispatch that stays in the compute dtype: use moe_impl='dropless'",
+            )
 
 
 # Keys that left ModelConfig: where they live now (a config written before the split names them).

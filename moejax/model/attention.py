@@ -52,6 +52,7 @@ class MLA(nnx.Module):
         R, Hn, Hr, Hv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.cfg = cfg
         self.execution = execution  # the attention backend
+        self.fp8 = execution.fp8  # FP8 projections (layers.project)
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), cfg)  # [D, Rq]
@@ -126,6 +127,7 @@ class GQA(nnx.Module):
         D, N, Nkv, H = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.gqa_head_dim
         self.cfg = cfg
         self.execution = execution  # the attention backend
+        self.fp8 = execution.fp8  # FP8 projections (layers.project)
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), cfg)
         self.wk = param(rngs, (D, Nkv, H), ("embed", "kv_heads", "head_dim"), cfg)

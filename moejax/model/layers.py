@@ -12,6 +12,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
+from moejax.kernels.fp8 import fp8_einsum
 
 
 def dtype_of(name: str):
@@ -102,9 +103,11 @@ def project(module, name: str, spec: str, x, cd, rng=None):
     """einsum(spec, x, module.<name>) in compute dtype cd with float32 accumulation, plus the
     weight's LoRA update when it has one (rng: the adapter's dropout, training only)."""
     x = x.astype(cd)
-    y = jnp.einsum(
-        spec, x, getattr(module, name)[...].astype(cd), preferred_element_type=jnp.float32
-    )
+    w = getattr(module, name)[...].astype(cd)
+    if getattr(module, "fp8", False):  # execution.fp8: DeepSeek-V3's fine-grained FP8
+        y = fp8_einsum(spec, x, w, jnp.float32)
+    else:
+        y = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
     lora = adapters(module, name)
     if lora is not None:
         a, b, scale, dropout = lora
@@ -117,8 +120,11 @@ def project(module, name: str, spec: str, x, cd, rng=None):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
 
-    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs, layout=None):
+    def __init__(
+        self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs, layout=None, fp8: bool = False
+    ):
         D = cfg.hidden_size
+        self.fp8 = fp8  # FP8 matmuls (execution.fp8)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.w_gate_up = param(rngs, (D, 2, hidden), ("embed", None, "mlp"), cfg)  # [D, 2, F]

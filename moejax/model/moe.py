@@ -93,7 +93,7 @@ def experts_capacity(
 
 
 def experts_dropless(
-    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None
+    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None, fp8=False
 ):
     """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted
     combine. x [M, D] -> [M, D] float32."""
@@ -106,6 +106,7 @@ def experts_dropless(
         w_down.astype(compute_dtype),
         gmm_impl=gmm_impl,
         lora=lora,
+        fp8=fp8,
     )  # [M*K, D]
     return kernels.unpermute(ys, order, weights)
 
@@ -238,7 +239,9 @@ class MoE(nnx.Module):
         self.w_gate_up = param(rngs, (E, D, 2, F), ("expert", "embed", None, "expert_mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), cfg)
         if cfg.n_shared_experts:
-            self.shared = MLP(cfg, F * cfg.n_shared_experts, rngs=rngs, layout=layout)
+            self.shared = MLP(
+                cfg, F * cfg.n_shared_experts, rngs=rngs, layout=layout, fp8=execution.fp8
+            )
 
     def __call__(
         self, x, token_mask=None, rng=None, route=None, replay: bool = False, record: bool = False
@@ -343,6 +346,7 @@ class MoE(nnx.Module):
                 capacity_scope=ex.capacity_scope,
                 gmm_impl=impl,
                 lora=lora,
+                fp8=ex.fp8,
             )
             return y.reshape(B * T, D), dropped
         if (
@@ -351,7 +355,7 @@ class MoE(nnx.Module):
             and kernels.default_impl().startswith("pallas")
         ):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
-        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora), zero
+        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora, ex.fp8), zero
 
     def stats(self, r: router_lib.Routing, mask, batch: int):
         """This call's SUM_STATS and MEAN_STATS (without 'dropped', which the dispatch gives)."""

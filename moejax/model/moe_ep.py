@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels, sharding
+from moejax.kernels.fp8 import fp8_gmm
 from moejax.model.layers import swiglu
 
 
@@ -85,6 +86,7 @@ def experts_ep(
     capacity_scope: str = "global",
     gmm_impl=None,
     lora: ExpertLoRA | None = None,
+    fp8: bool = False,
 ):
     """Routed experts with the experts split over the expert axes.
 
@@ -161,6 +163,7 @@ def experts_ep(
             exchange=exchange,
             gmm_impl=gmm_impl,
             lora=local_lora,
+            fp8=fp8,
         )
         return y.reshape(Bl, T, D), dropped
 
@@ -197,6 +200,7 @@ def _local(
     exchange,
     gmm_impl,
     lora=None,
+    fp8=False,
 ):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped
     count)."""
@@ -214,7 +218,7 @@ def _local(
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
     experts = functools.partial(
-        expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora
+        expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora, fp8=fp8
     )
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
@@ -328,12 +332,21 @@ def _dropped_out(x, rate: float, rng):
 
 
 def expert_ffn(
-    rows, group_sizes, wgu, wd, *, tp_axes=(), gmm_impl=None, lora: ExpertLoRA | None = None
+    rows,
+    group_sizes,
+    wgu,
+    wd,
+    *,
+    tp_axes=(),
+    gmm_impl=None,
+    lora: ExpertLoRA | None = None,
+    fp8: bool = False,
 ):
     """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A,
     D] -> [A, D] float32. With tensor-parallel experts (tp_axes) each device holds an F slice and
     the down projection's partial sums (and the adapter's, which is linear in the slice) are summed
-    once at the end."""
+    once at the end. fp8: the experts' own two matmuls in FP8 (kernels.fp8.fp8_gmm; adapters
+    stay in the compute dtype)."""
     El, D, _, Fl = wgu.shape
     cd = rows.dtype
 
@@ -342,13 +355,18 @@ def expert_ffn(
             x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl
         )
 
-    h = gmm(rows, wgu.reshape(El, D, 2 * Fl))
+    def base(x, w):
+        if fp8:
+            return fp8_gmm(x, w.astype(cd), group_sizes, jnp.dtype(jnp.float32), gmm_impl)
+        return gmm(x, w)
+
+    h = base(rows, wgu.reshape(El, D, 2 * Fl))
     if lora is not None:
         r0, r1 = (None, None) if lora.rng is None else jax.random.split(lora.rng)
         z = gmm(_dropped_out(rows, lora.dropout, r0), lora.a_gu).astype(cd)  # [A, Z]
         h = h + lora.scale * gmm(z, lora.b_gu.reshape(El, -1, 2 * Fl))
     h = swiglu(h.reshape(-1, 2, Fl)).astype(cd)
-    y = gmm(h, wd)
+    y = base(h, wd)
     if lora is not None:
         z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(
             cd

@@ -57,7 +57,7 @@ class Block(nnx.Module):
         self.ffn = (
             MoE(cfg, rngs=rngs, layout=layout, execution=execution)
             if kind == "moe"
-            else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout)
+            else MLP(cfg, cfg.intermediate_size, rngs=rngs, layout=layout, fp8=execution.fp8)
         )
         self.compute_dtype = dtype_of(cfg.compute_dtype)
 

@@ -1,0 +1,156 @@
+"""FP8 training (moejax/kernels/fp8.py): the block layout of DeepSeek-V3's checkpoints, the matmuls'
+forward and both gradients against a numpy statement of the tiling, and the tiny model's loss in
+FP8 against bf16."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from moejax.config import ConfigError, ExecutionConfig
+from moejax.kernels import fp8
+
+
+def np_qdq(x, bm, bn):
+    """numpy: x [M, N] through E4M3 with one scale (amax / 448) per bm x bn tile, and back."""
+    x = np.asarray(x, np.float32)
+    out = np.empty_like(x)
+    for i in range(0, x.shape[0], bm):
+        for j in range(0, x.shape[1], bn):
+            t = x[i : i + bm, j : j + bn]
+            amax = np.abs(t).max()
+            s = amax / 448.0 if amax > 0 else 1.0
+            out[i : i + bm, j : j + bn] = (t / s).astype(ml_dtypes.float8_e4m3fn).astype(
+                np.float32
+            ) * s
+    return out
+
+
+def test_weight_blocks_are_the_checkpoint_layout():
+    from moejax.convert.safetensors_io import dequantize_fp8
+
+    w = np.random.default_rng(0).normal(0, 0.02, (300, 200)).astype(np.float32)
+    w[5, 7] = 3.0  # an outlier costs only its own 128 x 128 block
+    q, scale_inv = fp8.quantize_weight(jnp.asarray(w))
+    assert q.dtype == jnp.float8_e4m3fn and scale_inv.shape == (3, 2)
+    ours = np.asarray(fp8.dequantize_weight(q, scale_inv))
+    np.testing.assert_array_equal(dequantize_fp8(np.asarray(q), np.asarray(scale_inv)), ours)
+    np.testing.assert_allclose(ours, np_qdq(w, 128, 128), rtol=1e-6, atol=1e-9)
+    # E4M3 keeps 3 mantissa bits: each value within 2^-4 of itself (plus the subnormal step)
+    step = np.repeat(np.repeat(np.asarray(scale_inv), 128, 0), 128, 1)[:300, :200] * 2.0**-9
+    assert np.all(np.abs(ours - w) <= np.abs(w) * 2.0**-4 + step)
+    assert np.abs(ours - w)[128:, 128:].max() < 1e-3  # blocks without the outlier stay fine
+
+
+def test_fp8_dot_forward_and_gradients_are_the_tiled_formulas():
+    rng = np.random.default_rng(1)
+    M, K, N = 160, 300, 200  # partial tiles on every axis
+    x = rng.normal(0, 1, (M, K)).astype(np.float32)
+    w = rng.normal(0, 0.05, (K, N)).astype(np.float32)
+    dy = rng.normal(0, 1, (M, N)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_dot(x, w, jnp.float32), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    wq = np_qdq(w, 128, 128)
+    np.testing.assert_allclose(y, np_qdq(x, 1, 128) @ wq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, np_qdq(dy, 1, 128) @ wq.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np_qdq(x, 128, 1).T @ np_qdq(dy, 128, 1), rtol=1e-5, atol=1e-4)
+    exact = x @ w
+    rel = np.linalg.norm(np.asarray(y) - exact) / np.linalg.norm(exact)
+    assert 1e-3 < rel < 0.06, rel  # quantized (not a plain matmul), yet close
+
+
+def test_fp8_gmm_is_fp8_dot_per_expert():
+    rng = np.random.default_rng(2)
+    sizes = np.array([40, 0, 70, 26], np.int32)  # an empty expert; 8 rows past the groups
+    M, K, N = 144, 200, 96
+    x = rng.normal(0, 1, (M, K)).astype(np.float32)
+    w = rng.normal(0, 0.05, (4, K, N)).astype(np.float32)
+    dy = rng.normal(0, 1, (M, N)).astype(np.float32)
+    dy[136:] = 0  # rows past the groups have no output
+    f = lambda x, w: fp8.fp8_gmm(x, w, jnp.asarray(sizes), jnp.dtype(jnp.float32))
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    xq, dq_rows, dq_cols, xq_cols = (
+        np_qdq(x, 1, 128),
+        np_qdq(dy, 1, 128),
+        np_qdq(dy, 128, 1),
+        np_qdq(x, 128, 1),
+    )
+    for g in range(4):
+        r = slice(starts[g], starts[g + 1])
+        wq = np_qdq(w[g], 128, 128)
+        np.testing.assert_allclose(y[r], xq[r] @ wq, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx[r], dq_rows[r] @ wq.T, rtol=1e-5, atol=1e-5)
+        # wgrad's 128 x 1 tiles run over the sorted rows (a tile may straddle two experts)
+        np.testing.assert_allclose(dw[g], xq_cols[r].T @ dq_cols[r], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(y)[136:], 0)
+
+
+def test_fp8_einsum_flattens_the_projection_specs():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(0, 1, (2, 3, 4, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(0, 1, (4, 16, 8)), jnp.float32)
+    got = fp8.fp8_einsum("BTNH,NHD->BTD", x, w)
+    want = fp8.fp8_dot(x.reshape(6, 64), w.reshape(64, 8), jnp.float32).reshape(2, 3, 8)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="contract x's trailing and w's leading"):
+        fp8.fp8_einsum("BTD,ND->BTN", x[..., 0, :], w[0])
+
+
+def test_fp8_switch_is_checked():
+    assert ExecutionConfig(fp8=True).fp8
+    with pytest.raises(ConfigError, match=r"execution.fp8: .*moe_impl='capacity'.*dropless"):
+        ExecutionConfig(fp8=True, moe_impl="capacity")
+
+
+def _curve(fp8_on: bool, steps: int):
+    """Losses of the tests' tiny model (MLA, routed and shared experts, a dense layer, MTP) in
+    bfloat16 on a learnable synthetic language (rows of arithmetic progressions)."""
+    from moejax import sharding
+    from moejax.config import MeshConfig
+    from moejax.trainer import setup
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(
+        cfg,
+        model=cfg.model.replace(compute_dtype="bfloat16"),
+        mesh=MeshConfig(fsdp=1),
+        execution=cfg.execution.replace(fp8=fp8_on),
+        train=dataclasses.replace(cfg.train, batch_size=8, steps=steps),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=10),
+    )
+    ts = setup.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    state, step = ts.init_state(), ts.train_step()
+    rng = np.random.default_rng(0)
+    B, T, V = 8, cfg.data.seq_len, cfg.model.vocab_size
+    losses = []
+    for _ in range(steps):
+        a, s = rng.integers(1, 7, (B, 1)), rng.integers(4, V, (B, 1))
+        batch = {
+            "tokens": ((s + a * np.arange(T)) % (V - 4) + 4).astype(np.int32),
+            "segment_ids": np.ones((B, T), np.int32),
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        }
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return np.asarray(losses)
+
+
+@pytest.mark.slow
+def test_fp8_loss_curve_tracks_bf16():
+    """240 steps: the FP8 run's loss, smoothed over 20 steps, stays within 3% of the bf16 run's at
+    every step while both fall from ~8.1 to ~1."""
+    steps = 240
+    ref, got = _curve(False, steps), _curve(True, steps)
+    smooth = lambda x: np.convolve(x, np.ones(20) / 20, mode="valid")
+    rel = np.abs(smooth(got) - smooth(ref)) / smooth(ref)
+    assert ref[-20:].mean() < 0.25 * ref[0], ref[-20:].mean()  # it learned
+    assert rel.max() < 0.03, (rel.max(), int(rel.argmax()))
+    assert np.abs(got - ref).max() > 0  # FP8 did change the numbers

@@ -44,7 +44,9 @@ def test_weight_blocks_are_the_checkpoint_layout():
     # E4M3 keeps 3 mantissa bits: each value within 2^-4 of itself (plus the subnormal step)
     step = np.repeat(np.repeat(np.asarray(scale_inv), 128, 0), 128, 1)[:300, :200] * 2.0**-9
     assert np.all(np.abs(ours - w) <= np.abs(w) * 2.0**-4 + step)
-    assert np.abs(ours - w)[128:, 128:].max() < 1e-3  # blocks without the outlier stay fine
+    # the outlier coarsens only its own block's scale
+    s = np.asarray(scale_inv)
+    assert s[0, 0] > 10 * max(s[0, 1], s[1, 0], s[1, 1], s[2, 0], s[2, 1])
 
 
 def test_fp8_dot_forward_and_gradients_are_the_tiled_formulas():

@@ -230,3 +230,28 @@ def test_context_parallel_train_step_compiles_for_tpu():
     text = c.as_text()
     assert "collective-permute" in text and "all-gather" in text
     assert c.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_fp8_train_step_compiles_for_tpu():
+    """The train step with execution.fp8 (E4M3 operands with fine-grained scales in the projections
+    and the experts' grouped matmuls) compiles for v5e with expert parallelism: the E4M3 conversions
+    survive into the TPU program and the experts still run the Mosaic grouped matmul."""
+    import dataclasses
+    import os
+
+    from moejax import pod, sharding
+    from moejax.config import Config, MeshConfig
+    from moejax.experiment import load_config_file
+    from tests.helpers import ROOT
+
+    cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v3_tiny.py"))
+    cd.model.num_layers = 2
+    cd.execution.fp8 = True
+    mesh_cfg = MeshConfig(fsdp=-1, expert=2)
+    cfg = dataclasses.replace(Config.from_dict(cd), mesh=mesh_cfg)
+    _, devices = pod.tpu_devices("v5e:2x2")
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    step, state, batch = pod.abstract_train_step(cfg, mesh)
+    with kernels.target_platform("tpu"), jax.set_mesh(mesh):
+        text = step.lower(state, batch).compile().as_text()
+    assert "f8e4m3fn" in text and "moejax_gmm" in text

@@ -98,12 +98,14 @@ def fp8_dot(x, w, out_dtype):
 
 
 def _dot_fwd(x, w, out_dtype):
-    wq = qdq(w, W_BLOCK)
-    return _mm(qdq(x, ROW_TILE), wq, out_dtype), (x, wq)  # wq: w's dtype
+    # the residuals are the operands themselves (what a plain matmul keeps); the backward pass
+    # quantizes them again rather than keeping a second, dequantized copy of the weight
+    return fp8_dot(x, w, out_dtype), (x, w)
 
 
 def _dot_bwd(out_dtype, res, dy):
-    x, wq = res
+    x, w = res
+    wq = qdq(w, W_BLOCK)
     cd = x.dtype
     dx = _mm(qdq(dy, ROW_TILE, cd), wq.T, cd)
     dw = _mm(qdq(x, COL_TILE).T, qdq(dy, COL_TILE, cd), wq.dtype)
@@ -133,13 +135,12 @@ def fp8_gmm(lhs, rhs, group_sizes, out_dtype, impl=None):
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, impl):
-    rq = _qdq_groups(rhs)
-    y = gmm(qdq(lhs, ROW_TILE), rq, group_sizes, preferred_element_type=out_dtype, impl=impl)
-    return y, (lhs, rq, group_sizes)  # rq: rhs's dtype
+    return fp8_gmm(lhs, rhs, group_sizes, out_dtype, impl), (lhs, rhs, group_sizes)
 
 
 def _gmm_bwd(out_dtype, impl, res, dy):
-    lhs, rq, group_sizes = res
+    lhs, rhs, group_sizes = res
+    rq = _qdq_groups(rhs)
     cd = lhs.dtype
     dlhs = gmm(
         qdq(dy, ROW_TILE, cd),

@@ -34,8 +34,8 @@ timeout 150 "$PY" -m benchmarks.attention --impls reference,blockwise,pallas_gpu
   --shapes 1x4096x16x192x128,4x2048x16x128x128 2>&1 | grep -v "^W0\|^I0" | tee "$LOG/attention.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== ~1B MoE (V2-Lite shapes, 2 layers) train step, bf16, 8 x 4096: tokens/s and MFU per attention backend"
-timeout 240 "$PY" -m benchmarks.gpu_train --attention pallas_gpu,blockwise 2>&1 | grep -v "^W0\|^I0" \
+echo "== ~1B MoE (V2-Lite shapes, 2 layers) train step, bf16 and FP8 matmuls, 8 x 4096: tokens/s and MFU per attention backend"
+timeout 300 "$PY" -m benchmarks.gpu_train --attention pallas_gpu,blockwise --precision bf16,fp8 2>&1 | grep -v "^W0\|^I0" \
   | tee "$LOG/gpu_train.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -5,6 +5,7 @@ layers).
                                                           # bf16, 8 x 4096
   python -m benchmarks.gpu_train --layers 3 --batch 4 --attention pallas_gpu,reference
   python -m benchmarks.gpu_train --tiny                   # the same code path on a CPU, in seconds
+  python -m benchmarks.gpu_train --precision bf16,fp8     # FP8 matmuls (execution.fp8) vs bf16
 
 Builds the real train step (`moejax.trainer.setup`, AdamW, clipping, aux-loss-free bias update) on
 one device, times --steps steps per attention backend in the same run, and prints tokens/s and MFU
@@ -36,8 +37,11 @@ DATASHEET_BF16 = {
 }  # dense bf16 FLOP/s
 
 
-def config(layers: int, batch: int, seq: int, attention: str, tiny: bool) -> Config:
+def config(
+    layers: int, batch: int, seq: int, attention: str, tiny: bool, fp8: bool = False
+) -> Config:
     cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v2_lite.py"))
+    cd.execution.fp8 = fp8
     m = cd.model
     m.num_layers, m.compute_dtype, m.mtp_depth = layers, "bfloat16", 0
     cd.execution.attention_impl, cd.execution.remat_policy = attention, "full"
@@ -97,6 +101,12 @@ def main(argv=None):
     p.add_argument(
         "--tiny", action="store_true", help="small widths (a CPU smoke run of the same code)"
     )
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        help="comma-separated: bf16 and/or fp8 (execution.fp8: E4M3 operands with fine-grained "
+        "scales, emulated by quantize/dequantize; MFU counts the same model FLOPs)",
+    )
     a = p.parse_args(argv)
     if a.tiny:
         a.seq, a.batch = min(a.seq, 256), min(a.batch, 2)
@@ -108,18 +118,21 @@ def main(argv=None):
         f"{peak / 1e12:.1f} TFLOP/s" + (f", datasheet {sheet / 1e12:.0f}" if sheet else "")
     )
     print(
-        f"{'attention':12s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} "
+        f"{'attention':12s} {'precision':9s} {'params':>8s} {'step s':>8s} {'tokens/s':>10s} "
         f"{'MFU (measured)':>15s} {'MFU (datasheet)':>16s}"
     )
-    for attn in a.attention.split(","):
-        cfg = config(a.layers, a.batch, a.seq, attn, a.tiny)
+    runs = [(attn, prec) for attn in a.attention.split(",") for prec in a.precision.split(",")]
+    for attn, prec in runs:
+        if prec not in ("bf16", "fp8"):
+            p.error(f"--precision: {prec!r} is not bf16 or fp8")
+        cfg = config(a.layers, a.batch, a.seq, attn, a.tiny, fp8=prec == "fp8")
         dt, n = time_steps(cfg, a.steps)
         tokens = a.batch * a.seq
         flops = train_flops_per_token(cfg.model, a.seq) * tokens / dt
         mfu_sheet = f"{100 * flops / sheet:15.1f}%" if sheet else f"{'-':>16s}"
         print(
-            f"{attn:12s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} {100 * flops / peak:14.1f}% "
-            f"{mfu_sheet}"
+            f"{attn:12s} {prec:9s} {n / 1e9:7.2f}B {dt:8.3f} {tokens / dt:10.0f} "
+            f"{100 * flops / peak:14.1f}% {mfu_sheet}"
         )
 
 

@@ -159,6 +159,9 @@ def plan(
         # token
         fpt = fpt * 4 / 6
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    # FP8 (execution.fp8) is emulated: operands are quantized per tile on the fly and kept in the
+    # compute dtype (no bytes saved), matmuls run at the compute dtype's peak, whatever FP8 peak
+    # the chip has (kernels/fp8.py)
     step_s = fpt * tokens_per_step / (chips * chip.bf16_flops * mfu)
     price = chip.price_per_hour if price is None else price
     out = {
@@ -176,6 +179,19 @@ def plan(
         "step_s": step_s,
         "tokens_per_s": tokens_per_step / step_s,
     }
+    if cfg.execution.fp8:
+        cd = cfg.model.compute_dtype
+        out["fp8"] = (
+            f"execution.fp8: emulated (E4M3 per-tile quantize/dequantize, {cd} matmuls): memory "
+            f"as {cd}, time at the "
+            f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak; "
+            + (
+                f"this chip's FP8 peak ({chip.fp8_flops / 1e12:.0f} TFLOP/s) needs a fused FP8 "
+                "kernel moejax does not have"
+                if chip.fp8_flops
+                else f"the {chip.name} has no FP8 matmul units"
+            )
+        )
     if tokens:
         hours = tokens / out["tokens_per_s"] / 3600
         out.update(
@@ -209,6 +225,8 @@ def report(p: dict, cfg: Config) -> str:
         f"[plan] at {100 * p.get('mfu', 0.4):.0f}% MFU: {p['step_s']:.2f} s per step, "
         f"{p['tokens_per_s'] / 1e6:.2f}M tokens/s"
     )
+    if "fp8" in p:
+        lines.append(f"[plan] {p['fp8']}")
     if "train_tokens" in p:
         lines.append(
             f"[plan] {p['train_tokens'] / 1e12:.2f}T tokens: {p['hours'] / 24:.1f} days, "

@@ -27,6 +27,7 @@ class Chip:
         int  # v4-N / v5p-N count TensorCores (2 per chip); v5e-N / v6e-N count chips
     )
     dims: int  # torus dimensions of the topology string
+    fp8_flops: float = 0.0  # dense FP8 peak per chip; 0: no FP8 matmul units
 
 
 GiB = 1024**3
@@ -35,8 +36,8 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 1.20, 1, 2),
     "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 4.20, 2, 3),
     "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 2.70, 1, 2),
-    "h100": Chip("NVIDIA H100 SXM", 80 * 10**9, 989e12, 3.00, 1, 0),
-    "h200": Chip("NVIDIA H200 SXM", 141 * 10**9, 989e12, 3.80, 1, 0),
+    "h100": Chip("NVIDIA H100 SXM", 80 * 10**9, 989e12, 3.00, 1, 0, fp8_flops=1979e12),
+    "h200": Chip("NVIDIA H200 SXM", 141 * 10**9, 989e12, 3.80, 1, 0, fp8_flops=1979e12),
 }
 
 

@@ -335,6 +335,10 @@ def run(
             f"{jax.devices()[0].device_kind}",
             flush=True,
         )
+        if cfg.execution.fp8:
+            from moejax.kernels.fp8 import fallback_note
+
+            print(f"[train] {fallback_note(jax.devices()[0], cfg.model.compute_dtype)}", flush=True)
         if ts.has_frozen:
             import math
 

@@ -4,8 +4,6 @@ FP8 against bf16."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -111,48 +109,42 @@ def test_fp8_switch_is_checked():
         ExecutionConfig(fp8=True, moe_impl="capacity")
 
 
-def _curve(fp8_on: bool, steps: int):
-    """Losses of the tests' tiny model (MLA, routed and shared experts, a dense layer, MTP) in
-    bfloat16 on a learnable synthetic language (rows of arithmetic progressions)."""
-    from moejax import sharding
-    from moejax.config import MeshConfig
-    from moejax.trainer import setup
-    from tests.helpers import tiny_config
-
-    cfg = tiny_config()
-    cfg = dataclasses.replace(
-        cfg,
-        model=cfg.model.replace(compute_dtype="bfloat16"),
-        mesh=MeshConfig(fsdp=1),
-        execution=cfg.execution.replace(fp8=fp8_on),
-        train=dataclasses.replace(cfg.train, batch_size=8, steps=steps),
-        optim=dataclasses.replace(cfg.optim, warmup_steps=10),
-    )
-    ts = setup.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    state, step = ts.init_state(), ts.train_step()
-    rng = np.random.default_rng(0)
-    B, T, V = 8, cfg.data.seq_len, cfg.model.vocab_size
-    losses = []
-    for _ in range(steps):
-        a, s = rng.integers(1, 7, (B, 1)), rng.integers(4, V, (B, 1))
-        batch = {
-            "tokens": ((s + a * np.arange(T)) % (V - 4) + 4).astype(np.int32),
-            "segment_ids": np.ones((B, T), np.int32),
-            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-        }
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
-    return np.asarray(losses)
-
-
 @pytest.mark.slow
 def test_fp8_loss_curve_tracks_bf16():
     """240 steps: the FP8 run's loss, smoothed over 20 steps, stays within 3% of the bf16 run's at
     every step while both fall from ~8.1 to ~1."""
-    steps = 240
-    ref, got = _curve(False, steps), _curve(True, steps)
-    smooth = lambda x: np.convolve(x, np.ones(20) / 20, mode="valid")
-    rel = np.abs(smooth(got) - smooth(ref)) / smooth(ref)
+    from benchmarks.fp8_curve import curve, smoothed_gap
+
+    (ref, _), (got, _) = curve(False, 240), curve(True, 240)
+    rel = smoothed_gap(ref, got)
     assert ref[-20:].mean() < 0.25 * ref[0], ref[-20:].mean()  # it learned
     assert rel.max() < 0.03, (rel.max(), int(rel.argmax()))
     assert np.abs(got - ref).max() > 0  # FP8 did change the numbers
+
+
+def test_fp8_on_a_platform_says_what_runs():
+    dev = lambda **kw: type("D", (), kw)()
+    assert fp8.has_fp8_units(dev(device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0"))
+    assert not fp8.has_fp8_units(dev(device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0"))
+    assert not fp8.has_fp8_units(dev(device_kind="TPU v5p"))
+    note = fp8.fallback_note(dev(device_kind="cpu"), "bfloat16")
+    assert "no FP8 matmul units" in note and "emulated" in note and "bfloat16 matmuls" in note
+    h100 = fp8.fallback_note(dev(device_kind="H100", compute_capability="9.0"), "bfloat16")
+    assert "does not use yet" in h100
+
+
+def test_plan_names_the_fp8_fallback():
+    import os
+
+    from moejax.config import Config
+    from moejax.experiment import load_config_file
+    from moejax.plan import plan, report
+    from tests.helpers import ROOT
+
+    cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v3_tiny.py"))
+    cd.execution.fp8 = True
+    cfg = Config.from_dict(cd)
+    text = report(plan(cfg, chips=1, gen="v5p"), cfg)
+    assert "execution.fp8: emulated" in text and "TPU v5p has no FP8 matmul units" in text
+    h100 = report(plan(cfg, chips=1, gen="h100"), cfg)
+    assert "FP8 peak (1979 TFLOP/s) needs a fused FP8 kernel" in h100

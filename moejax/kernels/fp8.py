@@ -44,6 +44,31 @@ E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
 BLOCK = 128
 
 
+def has_fp8_units(device) -> bool:
+    """Whether a device has FP8 matmul units: NVIDIA compute capability >= 8.9 (Ada, Hopper,
+    Blackwell), AMD MI300 and later, TPU v7 (Ironwood)."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    cc = getattr(device, "compute_capability", None)
+    if cc:
+        major, minor = (int(p) for p in str(cc).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    return "mi300" in kind or "mi325" in kind or "mi355" in kind or "tpu7" in kind.replace(" ", "")
+
+
+def fallback_note(device, compute_dtype: str) -> str:
+    """What execution.fp8 does on this device, for the run's log."""
+    units = (
+        "it has FP8 matmul units, which moejax does not use yet (no fused FP8 kernel)"
+        if has_fp8_units(device)
+        else "it has no FP8 matmul units"
+    )
+    return (
+        f"execution.fp8 on {getattr(device, 'device_kind', device)}: {units}; FP8 numerics run "
+        f"emulated (E4M3 quantize/dequantize per tile, {compute_dtype} matmuls with float32 "
+        "accumulation), at the speed of the compute dtype or below"
+    )
+
+
 def quantize(x, block: tuple[int, int]):
     """x [M, N] -> (E4M3 values [M, N], float32 scales [ceil(M / bm), ceil(N / bn)]) with one scale
     per bm x bn tile (a partial tile at the edge has its own); x ~= values * scale per tile."""

@@ -20,9 +20,12 @@ import time
 import jax
 import numpy as np
 
+from moejax.kernels import fp8 as fp8_lib
 
-def curve(fp8: bool, steps: int, dtype: str = "bfloat16", seed: int = 0):
-    """(losses [steps], seconds per step after the first) of one run."""
+
+def curve(fp8: bool, steps: int, dtype: str = "bfloat16", seed: int = 0, block: int = 128):
+    """(losses [steps], seconds per step after the first) of one run; block: the FP8 tile size
+    (kernels.fp8.block_size)."""
     from moejax import sharding
     from moejax.config import MeshConfig
     from moejax.trainer import setup
@@ -39,6 +42,11 @@ def curve(fp8: bool, steps: int, dtype: str = "bfloat16", seed: int = 0):
     )
     ts = setup.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     state, step = ts.init_state(), ts.train_step()
+    with fp8_lib.block_size(block):  # (the step is traced at its first call)
+        return _run(cfg, state, step, steps, seed)
+
+
+def _run(cfg, state, step, steps: int, seed: int):
     rng = np.random.default_rng(seed)
     B, T, V = 8, cfg.data.seq_len, cfg.model.vocab_size
     losses, t0 = [], None
@@ -68,10 +76,20 @@ def main(argv=None):
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of both runs")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=128,
+        help="FP8 tile size (DeepSeek: 128; the tiny model's rows are 64 wide, so 128 gives one "
+        "tile per row: 16 exercises several)",
+    )
     a = p.parse_args(argv)
     ref, t_ref = curve(False, a.steps, a.dtype)
-    got, t_fp8 = curve(True, a.steps, a.dtype)
-    print(f"device {jax.devices()[0].device_kind}; compute {a.dtype}; {a.steps} steps")
+    got, t_fp8 = curve(True, a.steps, a.dtype, block=a.block)
+    print(
+        f"device {jax.devices()[0].device_kind}; compute {a.dtype}; {a.steps} steps; FP8 tiles "
+        f"of {a.block}"
+    )
     print(f"{'step':>5s} {a.dtype:>9s} {'fp8':>9s} {'gap':>7s}")
     for i in list(range(0, a.steps, max(1, a.steps // 10))) + [a.steps - 1]:
         print(f"{i:5d} {ref[i]:9.4f} {got[i]:9.4f} {abs(got[i] - ref[i]) / ref[i]:7.2%}")

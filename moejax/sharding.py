@@ -308,8 +308,10 @@ def check_divisible(tree, shardings, mesh: Mesh) -> None:
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
-    """Rows of a [B, T] batch split over the data-like axes, positions over the context axes."""
-    return NamedSharding(mesh, spec_for(("batch", "sequence"), rules, mesh))
+    """Rows of a [B, T] batch split over the data-like axes. The positions are not split here
+    even under context parallelism: each process loads whole rows, and the model splits them
+    (context.to_balanced, a local slice)."""
+    return NamedSharding(mesh, spec_for(("batch", None), rules, mesh))
 
 
 def batch_axes(mesh: Mesh, rules: Mapping[str, object]) -> tuple[str, ...]:

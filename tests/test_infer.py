@@ -385,16 +385,17 @@ def test_safety_filter_while_generating(models):
 
 def test_generation_on_a_mesh_matches_one_device():
     """tests/generate_mesh_check.py on 8 CPU devices (fsdp=2 x expert=4, experts
-    expert-parallel)."""
+    expert-parallel; fsdp=2 x expert=2 x context=2)."""
     import json
 
     r = run_module("tests.generate_mesh_check", devices=8, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == {"8", "3", "context 8"}
     for B, res in out.items():
         assert res["equal"] and res["speculative_equal"], (B, res)
         assert (
-            res["expert_shard_rows"] * 4 == res["experts"]
+            res["expert_shard_rows"] * res["expert_ways"] == res["experts"]
         )  # the experts stayed split over 'expert'
 
 

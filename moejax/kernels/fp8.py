@@ -31,6 +31,7 @@ matmul units, and a Hopper/Blackwell kernel with block scales is not built here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -111,6 +112,19 @@ COL_TILE = (BLOCK, 1)  # both operands of wgrad
 W_BLOCK = (BLOCK, BLOCK)
 
 
+@contextlib.contextmanager
+def block_size(n: int):
+    """Tiles of n instead of 128 for what is traced inside (tests and benchmarks: a tiny model's
+    64-wide rows then hold several tiles, as V3's 7168-wide ones hold 56)."""
+    global ROW_TILE, COL_TILE, W_BLOCK
+    saved = ROW_TILE, COL_TILE, W_BLOCK
+    ROW_TILE, COL_TILE, W_BLOCK = (1, n), (n, 1), (n, n)
+    try:
+        yield
+    finally:
+        ROW_TILE, COL_TILE, W_BLOCK = saved
+
+
 def _mm(a, b, out_dtype):
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
@@ -171,9 +185,9 @@ def _gmm_bwd(out_dtype, impl, res, dy):
         qdq(dy, ROW_TILE, cd),
         rq.swapaxes(1, 2),
         group_sizes,
-        preferred_element_type=cd,
+        preferred_element_type=jnp.float32,
         impl=impl,
-    )
+    ).astype(cd)
     drhs = tgmm(
         qdq(lhs, COL_TILE),
         qdq(dy, COL_TILE, cd),

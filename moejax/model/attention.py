@@ -17,8 +17,10 @@ from moejax.kernels.attention import attention
 from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, rms_norm
 
 
-def _attend(self, q, k, v, segment_ids):
-    """The configured attention backend on q [B, T, N, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv]."""
+def _attend(self, q, k, v, segment_ids, balanced: bool = False):
+    """The configured attention backend on q [B, T, N, H], k [B, T, Nkv, H], v [B, T, Nkv, Hv].
+    balanced: rows in the context-parallel order (Transformer.__call__; the generator's prefill
+    passes natural order)."""
     ex = self.execution
     return attention(
         q,
@@ -29,6 +31,7 @@ def _attend(self, q, k, v, segment_ids):
         impl=ex.attention_impl,
         layout=self.layout,
         block=ex.attention_block or None,
+        balanced=balanced,
     )
 
 
@@ -107,7 +110,7 @@ class MLA(nnx.Module):
         k = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1
         )
-        out = self._attend(q, k, v, segment_ids)  # [B, T, N, Hv]
+        out = self._attend(q, k, v, segment_ids, balanced=True)  # [B, T, N, Hv]
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, rows)
@@ -157,7 +160,7 @@ class GQA(nnx.Module):
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q.astype(cd), cos, sin, cfg.rope_interleave)
         k = apply_rope(k.astype(cd), cos, sin, cfg.rope_interleave)
-        out = self._attend(q, k, v.astype(cd), segment_ids)
+        out = self._attend(q, k, v.astype(cd), segment_ids, balanced=True)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
         return sharding.constrain(y, self.layout, ("batch", "sequence", None))

@@ -112,7 +112,8 @@ def experts_ep(
     E = w_gate_up.shape[0]
     B, T, K = expert_ids.shape
     # the scope's axes in the batch's nesting order, so that ties go to the earlier row as on one
-    # device
+    # device (under context parallelism the positions are in the balanced order: an exact tie of
+    # weights at an expert's threshold may then keep another of the tied assignments)
     scope = b_axes if capacity_scope == "global" else tuple(a for a in b_axes if a in ep_axes)
     scope_sizes = tuple(mesh.shape[a] for a in scope)
     n_batch = math.prod(mesh.shape[a] for a in b_axes)

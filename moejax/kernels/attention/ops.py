@@ -19,10 +19,10 @@ refuses them. A Pallas backend on a platform that cannot run it natively is refu
 interpret=True (the tests run it in Pallas interpret mode); on a mesh it runs inside shard_map over
 the batch and head axes (GSPMD cannot partition a Pallas call).
 
-On a layout whose context axes split the sequence (context.py), q, k, v and segment_ids are in
-that module's balanced order and every device runs the blockwise online softmax (impl 'auto' or
-'blockwise'; 'reference' materializes each device's scores) over all-gathered keys and values; the
-Pallas and cuDNN kernels are not used there.
+On a layout whose context axes split the sequence (context.py), with q, k, v and segment_ids in
+that module's balanced order (balanced=True), every device runs the blockwise online softmax (impl
+'auto' or 'blockwise'; 'reference' materializes each device's scores) over all-gathered keys and
+values; the Pallas and cuDNN kernels are not used there.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def attention(
     layout=None,
     block: int | None = None,
     interpret: bool | None = None,
+    balanced: bool = False,
 ):
     """Causal softmax attention within packed documents.
 
@@ -101,8 +102,10 @@ def attention(
         document).
       scale: multiplies q.k.
       impl: one of IMPLS; None or 'auto' picks by platform (default_impl).
-      layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it. Where
-        its context axes split T, the rows are in context.to_balanced's order.
+      layout: the model's sharding.Layout; a Pallas backend runs inside shard_map over it.
+      balanced: the rows are in context.to_balanced's order for this layout (the Transformer's
+        own calls, where its context axes split T): attention then runs context-parallel. Rows in
+        natural order (False) are attended whole, whatever the layout.
       block: query/key block rows (blockwise, splash, pallas_gpu); None is the backend's default.
       interpret: run a Pallas backend in Pallas interpret mode (any platform; for tests).
     Returns:
@@ -113,7 +116,7 @@ def attention(
     if impl not in IMPLS:
         raise ValueError(f"attention: impl must be one of {('auto',) + IMPLS}, got {impl!r}")
     _check(q, k, v, segment_ids, impl)
-    if context.ways(layout, q.shape[1]) > 1:
+    if balanced and context.ways(layout, q.shape[1]) > 1:
         if impl not in ("reference", "blockwise"):
             if not auto:
                 raise ValueError(

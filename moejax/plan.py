@@ -78,8 +78,12 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     scores = attention_score_bytes(ex, B, H, T / n_seq)  # each device's queries ...
     if ex.attention_impl == "reference":
         scores *= n_seq  # ... over every key
-    # the all-gathered keys and values of the whole sequence, kept for the backward pass
-    gathered = B * T * kv_heads * (qk + v) * cb if n_seq > 1 else 0
+    # context parallelism: every layer keeps the all-gathered keys and values of the whole
+    # sequence for its backward pass (in natural order); one layer at a time also holds the
+    # gathered copy, the float32 gradients of all of them, and those cast and put back in the
+    # balanced order before the reduce-scatter (kernels/attention/context.py)
+    kv_elems = B * T * kv_heads * (qk + v) if n_seq > 1 else 0
+    gathered = kv_elems * cb
     attn = tokens * H * (2 * qk + 2 * v) * cb + proj + scores + gathered + 2 * tokens * D * cb
     kinds = m.layer_kinds()
     A = tokens * m.num_experts_per_tok
@@ -118,6 +122,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
         kept = sum(layers) - len(layers) * scores + 2 * max(layers)
+    kept += kv_elems * (3 * cb + 4)  # the one layer's gather transients (above)
     logits = tokens * m.vocab_size / tp * 4 * 2 * (1 + m.mtp_depth)
     return {"activations": int(kept), "logits": int(logits)}
 

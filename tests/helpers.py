@@ -104,6 +104,19 @@ def run_module(
     )
 
 
+def run_mesh_check(module: str, devices: int = 8, timeout: float = 1500) -> dict:
+    """Run a multi-device check script (`python -m module` on `devices` CPU devices): it must exit 0
+    and XLA must never have replicated a tensor to change its layout ("Involuntary full
+    rematerialization" on stderr). Returns the JSON of its last stdout line."""
+    import json
+
+    r = run_module(module, devices=devices, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    remat = [line for line in r.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    assert not remat, f"{len(remat)} involuntary reshardings, e.g. {remat[0][:600]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def saved_checkpoint(root, cfg) -> tuple[str, str]:
     """A random moejax checkpoint of `cfg` (its vocabulary set to a small sentencepiece model's)
     under root/ckpt, and that tokenizer's .model file: (checkpoint dir, tokenizer file)."""

@@ -17,6 +17,7 @@ from typing import Any
 from moejax.kernels.attention import ops as attention_ops
 from moejax.kernels.gmm import ops as gmm_ops
 
+DSA_STAGES = ("warmup", "sparse")
 ATTENTION_TYPES = ("mla", "gqa")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_IMPLS = ("dense", "capacity", "dropless")
@@ -226,6 +227,16 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # Qwen: explicit dense layers
     router: RouterConfig = RouterConfig()
 
+    # DeepSeek Sparse Attention (V3.2, MLA only): a lightning indexer scores every earlier key for
+    # each query (index_n_heads ReLU heads of index_head_dim) and attention keeps the top
+    # index_topk keys. 0 = dense MLA, no indexer. dsa_stage: 'warmup' (V3.2's dense warm-up:
+    # attention stays dense, only the indexer trains, on its KL loss) or 'sparse' (attention over
+    # the selected keys; the indexer keeps learning from its KL loss on detached inputs).
+    index_topk: int = 0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    dsa_stage: str = "sparse"
+
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
     mtp_loss_weight: float = 0.3  # lambda
@@ -403,6 +414,25 @@ class ModelConfig:
             fail("mlp_only_layers", f"layer indices must be in [0, {self.num_layers}), got {bad}")
         if self.mtp_depth < 0:
             fail("mtp_depth", f"must be >= 0, got {self.mtp_depth}")
+        if self.index_topk < 0:
+            fail("index_topk", f"must be >= 0 (0 = dense attention), got {self.index_topk}")
+        choice("dsa_stage", DSA_STAGES)
+        if self.index_topk:
+            if self.attention_type != "mla" or not self.q_lora_rank:
+                fail(
+                    "index_topk",
+                    "DeepSeek Sparse Attention needs MLA with a query bottleneck "
+                    f"(attention_type='mla', q_lora_rank > 0); got {self.attention_type!r}, "
+                    f"q_lora_rank={self.q_lora_rank}",
+                )
+            if self.index_n_heads < 1:
+                fail("index_n_heads", f"must be >= 1, got {self.index_n_heads}")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                fail(
+                    "index_head_dim",
+                    f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its first "
+                    f"qk_rope_head_dim dims are rotated), got {self.index_head_dim}",
+                )
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -765,6 +795,9 @@ class GRPOConfig:
     routing_replay: bool = (
         False  # MoE: the policy pass runs the experts the sampler chose (Rollout Routing Replay)
     )
+    # DAPO's dynamic sampling: up to this many extra generation batches per round replace the
+    # groups whose rewards are all equal (zero advantage) with groups that differ; 0: off
+    dynamic_sampling: int = 0
 
     def __post_init__(self):
         if self.loss not in GRPO_LOSSES:
@@ -780,6 +813,7 @@ class GRPOConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name}: must be >= 1, got {getattr(self, name)}")
         checks = {
+            "dynamic_sampling": (self.dynamic_sampling >= 0, ">= 0"),
             "epsilon": (0 < self.epsilon < 1, "in (0, 1)"),
             "epsilon_high": (self.epsilon_high >= 0, ">= 0"),
             "beta": (self.beta >= 0, ">= 0"),

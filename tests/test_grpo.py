@@ -4,6 +4,7 @@ interrupted and resumed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -206,6 +207,85 @@ def test_rollout_rows_line_up_tokens_masks_old_logps_and_routes():
 
     _, valid = shifted_targets({k: jnp.asarray(v) for k, v in b.items()}, 1)
     assert ((b["old_logps"] != 0) == np.asarray(valid)).all()
+
+
+def _fake_rollouts(dynamic_sampling, n_problems=40, P=4, G=4):
+    """Rollouts whose draws are scripted: the group of prompt [1, 3 + i] scores all 1 when
+    i % 3 == 0 (equal rewards), else [1, 0, 0, 0]."""
+    import collections
+    from types import SimpleNamespace
+
+    from moejax.infer.generate import Completion
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=P * G, seed=3))
+    r = grpo.Rollouts.__new__(grpo.Rollouts)
+    r.cfg, r.tokenizer = cfg, SimpleNamespace(eos_id=2)
+    r.g = GRPOConfig(group_size=G, dynamic_sampling=dynamic_sampling)
+    r.prompts = [[1, 3 + i] for i in range(n_problems)]
+    r.counts = collections.Counter()
+    draws = []
+
+    def draw(state, problems, seeds):
+        draws.append(list(problems))
+        prompts, outs, total = [], [], []
+        for i in problems:
+            for k in range(G):
+                prompts.append(r.prompts[i])
+                outs.append(Completion(r.prompts[i], [5 + i], [-0.5], "length"))
+                total.append(1.0 if (r.prompts[i][1] - 3) % 3 == 0 or k == 0 else 0.0)
+        total = np.array(total, np.float32)
+        return prompts, outs, total, {"exact_answer": total}
+
+    r._draw = draw
+    return r, draws
+
+
+def test_dynamic_sampling_replaces_equal_reward_groups():
+    """DAPO's dynamic sampling: the batch's equal-reward groups are swapped for groups of further
+    problems whose rewards differ; the rollout rates stay those of the round's own problems; with
+    the extra draws spent, the first draw's equal-reward groups fill what is missing."""
+    P, G = 4, 4
+    plain, draws = _fake_rollouts(0)
+    b0, m0 = plain._rollout(None, 5)
+    assert len(draws) == 1
+    first = draws[0]
+    flat0 = sum(i % 3 == 0 for i in first)
+    assert m0["rollout/zero_advantage_groups"] == flat0 / P and flat0 > 0  # the scripted round
+    assert "rollout/resampled_groups" not in m0
+    adv0 = b0["advantages"][:, 0].reshape(P, G)
+    assert (np.ptp(adv0, axis=1) == 0).sum() == flat0
+
+    dyn, draws = _fake_rollouts(3)
+    b, m = dyn._rollout(None, 5)
+    assert draws[0] == first and 2 <= len(draws) <= 4
+    # the batch: the first draw's differing groups in order, then differing groups of later draws
+    want = [i for i in first if i % 3] + [i for d in draws[1:] for i in d if i % 3]
+    got = b["tokens"][:, 1].reshape(P, G)
+    assert (got == got[:, :1]).all()
+    assert [int(t) - 3 for t in got[:, 0]] == want[:P]
+    adv = b["advantages"][:, 0].reshape(P, G)
+    assert (np.ptp(adv, axis=1) > 0).all()
+    assert (
+        m["rollout/resampled_groups"] == flat0 and m["rollout/trained_zero_advantage_groups"] == 0
+    )
+    # the rates describe the round's own problems, as without dynamic sampling
+    for k in ("rollout/reward", "rollout/zero_advantage_groups", "rollout/exact_answer"):
+        assert m[k] == m0[k], k
+    # the same round draws the same problems and seeds again (a resumed run repeats it)
+    again, draws2 = _fake_rollouts(3)
+    b2, _ = again._rollout(None, 5)
+    assert draws2 == draws and (b2["tokens"] == b["tokens"]).all()
+
+    # every problem's rewards are equal: the extra draws are spent and the first draw fills in
+    allflat, draws = _fake_rollouts(2, n_problems=30)
+    allflat.prompts = [[1, 3 + 3 * i] for i in range(10)]  # problems 0, 3, 6, ... only
+    b, m = allflat._rollout(None, 0)
+    assert len(draws) == 3 and m["rollout/resampled_groups"] == 0
+    assert m["rollout/trained_zero_advantage_groups"] == 1.0 and (b["advantages"] == 0).all()
+    with pytest.raises(ConfigError, match="grpo.dynamic_sampling"):
+        GRPOConfig(dynamic_sampling=-1)
 
 
 def _cfg(tmp_path, **grpo_over):

@@ -324,15 +324,14 @@ class Rollouts:
                 str(f["metrics"])
             )
 
-    def _rollout(self, state, r: int):
-        import time
-
+    def _draw(self, state, problems: list[int], seeds: list[int]):
+        """G completions of each problem (consecutive), their texts' total rewards and each reward
+        function's part."""
         from moejax.finetune import rewards as rewards_lib
         from moejax.infer import SamplingParams
 
-        g, cfg = self.g, self.cfg
+        g = self.g
         G = g.group_size
-        problems = self._round_problems(r)
         prompts = [self.prompts[i] for i in problems for _ in range(G)]
         answers = [self.train[i]["answer"] for i in problems for _ in range(G)]
         params = [
@@ -340,13 +339,11 @@ class Rollouts:
                 temperature=g.temperature,
                 top_p=g.top_p,
                 max_new_tokens=g.max_new_tokens,
-                seed=(cfg.train.seed * 1_000_003 + r * len(prompts) + j) % (2**31),
+                seed=seed,
             )
-            for j in range(len(prompts))
+            for seed in seeds
         ]
-        t0 = time.perf_counter()
         outs = self._generator(state).generate(prompts, params)
-        t_gen = time.perf_counter() - t0
         texts = [o.text for o in outs]
         parts = {}
         total = np.zeros(len(outs), np.float32)
@@ -358,19 +355,69 @@ class Rollouts:
             )
             parts[name] = s
             total += w * s
+        return prompts, outs, total, parts
+
+    def _rollout(self, state, r: int):
+        import time
+
+        from moejax.finetune import rewards as rewards_lib
+
+        g, cfg = self.g, self.cfg
+        G = g.group_size
+        problems = self._round_problems(r)
+        P, B = len(problems), len(problems) * G
+        t0 = time.perf_counter()
+        seeds = [(cfg.train.seed * 1_000_003 + r * B + j) % (2**31) for j in range(B)]
+        prompts, outs, total, parts = self._draw(state, problems, seeds)
+        first = (total, parts, outs)
+        flat = np.ptp(total.reshape(P, G), axis=1) == 0
+        resampled = 0
+        if g.dynamic_sampling and flat.any():
+            # DAPO's dynamic sampling: groups whose completions all scored the same teach nothing
+            # (zero advantage); replace them with groups of further problems that do, drawing at
+            # most grpo.dynamic_sampling more batches (same shape: one compiled generator). What
+            # is still missing after that is filled with the first draw's equal-reward groups.
+            keep = [i for i in range(P) if not flat[i]]
+            spare = [i for i in range(P) if flat[i]]
+            pool = [(prompts, outs, total, parts)]
+            slots = [(0, i) for i in keep]
+            n = len(self.prompts)
+            for attempt in range(1, g.dynamic_sampling + 1):
+                if len(slots) >= P:
+                    break
+                rng = np.random.default_rng([cfg.train.seed, r, attempt])
+                extra = [int(i) for i in rng.choice(n, size=P, replace=n < P)]
+                seeds_x = [int(s) for s in rng.integers(0, 2**31, size=B)]
+                pool.append(self._draw(state, extra, seeds_x))
+                flat_x = np.ptp(pool[-1][2].reshape(P, G), axis=1) == 0
+                slots += [(attempt, i) for i in range(P) if not flat_x[i]]
+            resampled = max(0, min(len(slots), P) - len(keep))
+            slots = (slots + [(0, i) for i in spare])[:P]
+            rows = [(a, i * G + k) for a, i in slots for k in range(G)]
+            prompts = [pool[a][0][j] for a, j in rows]
+            outs = [pool[a][1][j] for a, j in rows]
+            total = np.array([pool[a][2][j] for a, j in rows], np.float32)
+        t_gen = time.perf_counter() - t0
         adv = rewards_lib.group_advantages(total, G, g.loss, counts=self.counts)
         batch = self._rows(prompts, outs, adv)
-        lengths = np.array([len(o.tokens) + (o.finish_reason == "eos") for o in outs], np.float32)
-        flat = np.ptp(total.reshape(-1, G), axis=1) == 0
+        # the rollout rates describe the policy on the round's own problems (the first draw), not
+        # the groups dynamic sampling picked for their spread
+        total0, parts0, outs0 = first
+        lengths = np.array([len(o.tokens) + (o.finish_reason == "eos") for o in outs0], np.float32)
         metrics = {
-            "rollout/reward": float(total.mean()),
-            "rollout/reward_std": float(total.std()),
+            "rollout/reward": float(total0.mean()),
+            "rollout/reward_std": float(total0.std()),
             "rollout/completion_tokens": float(lengths.mean()),
-            "rollout/eos_fraction": float(np.mean([o.finish_reason == "eos" for o in outs])),
+            "rollout/eos_fraction": float(np.mean([o.finish_reason == "eos" for o in outs0])),
             "rollout/zero_advantage_groups": float(flat.mean()),
             "rollout/generate_seconds": t_gen,
         }
-        metrics.update({f"rollout/{k}": float(v.mean()) for k, v in parts.items()})
+        if g.dynamic_sampling:
+            metrics["rollout/resampled_groups"] = float(resampled)
+            metrics["rollout/trained_zero_advantage_groups"] = float(
+                (np.ptp(total.reshape(P, G), axis=1) == 0).mean()
+            )
+        metrics.update({f"rollout/{k}": float(v.mean()) for k, v in parts0.items()})
         return batch, metrics
 
     def _rows(self, prompts, outs, adv) -> dict:

@@ -15,6 +15,7 @@ def get_config():
     c = sibling(__file__, "sft").get_config()
     c.base = "runs/default"
     c.sft.data = "arithmetic"  # made from the grpo section's task (max_value, ops, held_out)
+    c.grpo.held_out = 256  # the problems GRPO scores (never trained on): 544 of 800 train
     c.data.seq_len = 64  # a problem and its answer take ~30 tokens: several per row
     c.train.steps = 600  # ~10 minutes on 2 cores: held-out exact match ~40% (greedy)
     c.train.batch_size = 16

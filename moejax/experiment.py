@@ -114,6 +114,10 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
         m.router.n_group = min(m.router.n_group, 4)
         m.router.topk_group = min(m.router.topk_group, 2)
+        if m.get("index_topk"):  # DeepSeek Sparse Attention: a quarter of the 128 positions
+            m.index_topk = 32
+            m.index_n_heads = 4
+            m.index_head_dim = 16
     else:
         m.num_kv_heads = 2
         m.head_dim = 32

@@ -78,6 +78,10 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     scores = attention_score_bytes(ex, B, H, T / n_seq)  # each device's queries ...
     if ex.attention_impl == "reference":
         scores *= n_seq  # ... over every key
+    if m.index_topk:  # DeepSeek Sparse Attention's reference form (model/dsa.py): the float32
+        # probabilities [B, H, T, T], the indexer's ReLU inputs [B, T, Hi, T], its scores and the
+        # attention target [B, T, T] (float32) and the key mask (bool)
+        scores = B * T * T * (4 * H + 4 * m.index_n_heads + 4 * 2 + 1)
     # context parallelism: every layer keeps the all-gathered keys and values of the whole
     # sequence for its backward pass (in natural order); one layer at a time also holds the
     # gathered copy, the float32 gradients of all of them, and those cast and put back in the

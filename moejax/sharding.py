@@ -272,6 +272,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES
     def one(x):
         if isinstance(x, nnx.Variable):
             value = x.get_value()
+            if not hasattr(value, "shape"):  # no array (optax.multi_transform's MaskedNode)
+                return x
             names = stage_fallback(logical_axes_of(x, value), value.shape, rules, mesh.shape)
             return x.replace(NamedSharding(mesh, spec_for(names, rules, mesh)))
         return NamedSharding(mesh, P())

@@ -9,6 +9,7 @@
   presets   every mesh preset's train step (the pipeline's two stages too) matches one device, with
             the shardings the rules give
   restore   a checkpoint saved on one mesh restores onto another (Orbax resharding)
+  dsa       DeepSeek Sparse Attention's train step (sparse and warm-up) equals one device
 
 Prints one JSON line of results. The parent test also fails on XLA's "Involuntary full
 rematerialization" warnings, which every step compiled here would print to stderr.
@@ -374,6 +375,35 @@ def check_presets_and_restore():
     return results
 
 
+def check_dsa():
+    """DeepSeek Sparse Attention (V3.2) on fsdp=2 x expert=2 x tensor=2, sparse and warm-up stages:
+    the train step equals one device (loss with the indexer KL, gradient norm, parameters); the
+    indexers are sharded as their logical axes say; a pipeline is refused with one line."""
+    from moejax.config import ConfigError
+
+    out = {}
+    mesh = MeshConfig(fsdp=2, expert=2, tensor=2)
+    for stage in ("sparse", "warmup"):
+        base = step_config()
+        cfg = dataclasses.replace(
+            base,
+            model=base.model.replace(
+                index_topk=8, index_n_heads=2, index_head_dim=16, dsa_stage=stage
+            ),
+        )
+        ref_state, ref_m, _ = one_step(cfg, ONE, jax.devices()[:1])
+        state, m, _ = one_step(cfg, mesh)
+        _close(state, m, ref_state, ref_m, f"dsa {stage}")
+        wk = state["params"]["segments"][1]["attn"]["indexer"]["wk"].get_value()
+        out[stage] = {"indexer_kl": float(m["indexer_kl"]), "wk_spec": str(wk.sharding.spec)}
+    try:
+        one_step(cfg, PRESETS["pipeline"])
+        out["pipeline"] = "accepted"
+    except ConfigError as e:
+        out["pipeline"] = str(e)
+    return out
+
+
 def check_restore(cfg, state):
     """Saved from the fsdp=8 layout, restored into expert=4 x tensor=2: same values, the new
     shardings."""
@@ -403,7 +433,12 @@ def check_restore(cfg, state):
 def main():
     assert jax.device_count() == 8, jax.devices()
     only = [a[2:] for a in sys.argv[1:] if a.startswith("--")]
-    checks = {"init": check_init, "exchange": check_exchanges, "presets": check_presets_and_restore}
+    checks = {
+        "init": check_init,
+        "exchange": check_exchanges,
+        "presets": check_presets_and_restore,
+        "dsa": check_dsa,
+    }
     results, seconds = {}, {}
     for name, f in checks.items():
         if not only or name in only:

@@ -44,6 +44,8 @@ def _cases():
         DeepseekV2ForCausalLM,
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
+        DeepseekV32Config,
+        DeepseekV32ForCausalLM,
         MixtralConfig,
         MixtralForCausalLM,
         Qwen3MoeConfig,
@@ -99,6 +101,28 @@ def _cases():
                 first_k_dense_replace=1,
                 norm_topk_prob=False,
                 num_nextn_predict_layers=0,
+            ),
+            True,
+        ),
+        # V3.2: DeepSeek Sparse Attention, each query keeping the indexer's top 8 of up to 24 keys
+        "deepseek_v32_sparse": (
+            DeepseekV32ForCausalLM,
+            DeepseekV32Config(
+                **COMMON,
+                **MLA,
+                num_hidden_layers=3,
+                num_key_value_heads=4,
+                q_lora_rank=24,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                index_topk=8,
+                index_n_heads=8,  # (few heads make exact-zero scores, ties at the cut, likely)
+                index_head_dim=16,
             ),
             True,
         ),
@@ -169,6 +193,22 @@ def _cases():
 CASES = list(_cases())
 
 
+def _perturb(hf, has_bias: bool):
+    """Non-zero correction biases (so selection really depends on them) and a non-trivial indexer
+    key norm (DeepSeek Sparse Attention)."""
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if has_bias and gate is not None and hasattr(gate, "e_score_correction_bias"):
+                gate.e_score_correction_bias.copy_(
+                    0.05 * torch.randn_like(gate.e_score_correction_bias)
+                )
+            ix = getattr(layer.self_attn, "indexer", None)
+            if ix is not None:
+                ix.k_norm.weight.copy_(1 + 0.2 * torch.randn_like(ix.k_norm.weight))
+                ix.k_norm.bias.copy_(0.2 * torch.randn_like(ix.k_norm.bias))
+
+
 def _hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
@@ -179,14 +219,7 @@ def test_logit_parity_and_round_trip(name, tmp_path):
     cls, cfg, has_bias = _cases()[name]
     torch.manual_seed(0)
     hf = cls(cfg).eval()
-    if has_bias:  # non-zero correction biases so selection really depends on them
-        with torch.no_grad():
-            for layer in hf.model.layers:
-                gate = getattr(layer.mlp, "gate", None)
-                if gate is not None and hasattr(gate, "e_score_correction_bias"):
-                    gate.e_score_correction_bias.copy_(
-                        0.05 * torch.randn_like(gate.e_score_correction_bias)
-                    )
+    _perturb(hf, has_bias)
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     rng = np.random.default_rng(0)
@@ -206,9 +239,14 @@ def test_logit_parity_and_round_trip(name, tmp_path):
     again = cls.from_pretrained(dst).eval()
     err = float(np.abs(_hf_logits(again, ids) - want).max())
     assert err <= TOL, f"{name} round trip: max |logit diff| = {err:.2e}"
+    if mcfg.index_topk:  # the indexer's selection decides the logits: attending to all differs
+        dense, _ = from_hf(str(src), index_topk=10**6)
+        assert float(np.abs(np.asarray(dense(jnp.asarray(ids))[0]) - want).max()) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_sigmoid_groups", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "name", ["deepseek_v3_sigmoid_groups", "deepseek_v32_sparse", "mixtral", "qwen3_moe"]
+)
 def test_greedy_generation_matches_transformers(name, tmp_path):
     """Batched cached greedy decoding (mixed prompt lengths; one row with a repetition penalty)
     equals transformers' generate token for token; with the V3 MTP layer, speculative decoding

@@ -50,6 +50,8 @@ GQA = ModelConfig(
     router=RouterConfig(score_func="softmax", use_score_correction_bias=False),
     n_shared_experts=0,
 )
+# DeepSeek Sparse Attention (V3.2): each query reads the indexer's top 3 keys
+DSA = MLA.replace(index_topk=3, index_n_heads=4, index_head_dim=12)
 # a small vocabulary makes the random MTP head's drafts right often enough to exercise acceptance
 SPEC = MLA.replace(vocab_size=12)
 PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 12], [3]]
@@ -59,7 +61,7 @@ PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 12], [3]]
 def models():
     return {
         name: Transformer(cfg, rngs=nnx.Rngs(0))
-        for name, cfg in (("mla", MLA), ("gqa", GQA), ("spec", SPEC))
+        for name, cfg in (("mla", MLA), ("gqa", GQA), ("spec", SPEC), ("dsa", DSA))
     }
 
 
@@ -85,7 +87,7 @@ def recompute_greedy(model, prompt, n, width=32):
     return toks[len(prompt) :], logps
 
 
-@pytest.mark.parametrize("name", ["mla", "gqa"])
+@pytest.mark.parametrize("name", ["mla", "gqa", "dsa"])
 def test_cached_greedy_equals_full_recompute(models, name):
     model = models[name]
     outs = Generator(model, eos_ids=[]).generate(PROMPTS, SamplingParams(max_new_tokens=10))
@@ -106,8 +108,9 @@ def _prefill_then_step(model, prompt, nxt, **kw):
     return np.asarray(model.head(h))[0, -1]
 
 
-def test_absorbed_and_expanded_mla_decode_agree(models):
-    model = models["mla"]
+@pytest.mark.parametrize("name", ["mla", "dsa"])
+def test_absorbed_and_expanded_mla_decode_agree(models, name):
+    model = models[name]
     prompt = [4, 8, 15, 16, 23, 42, 7, 1, 9]
     absorbed = _prefill_then_step(model, prompt, 33, absorbed=True)
     expanded = _prefill_then_step(model, prompt, 33, absorbed=False)

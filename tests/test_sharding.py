@@ -68,8 +68,8 @@ def test_indivisible_experts_name_the_parameter():
 @pytest.mark.slow
 def test_8_devices_match_one_device():
     """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every
-    preset (pipeline included), restore onto another mesh; and XLA never had to replicate a tensor
-    to reshard it."""
+    preset (pipeline included), restore onto another mesh, sparse attention's two stages; and XLA
+    never had to replicate a tensor to reshard it."""
     out = run_mesh_check("tests.sharded_check")
     results = out["presets"]
     assert set(results) == {
@@ -98,6 +98,10 @@ def test_8_devices_match_one_device():
     assert "tensor" in results["restore"] and "expert" in results["restore"]
     assert out["init"]["init_temp_bytes_per_device"] < out["init"]["state_bytes_per_device"]
     assert out["exchange"]["capacity cf=0.5 global default"] > 5  # assignments dropped
+    dsa = out["dsa"]  # DeepSeek Sparse Attention: both stages equal one device (checked there)
+    assert dsa["sparse"]["indexer_kl"] > 0 and dsa["warmup"]["indexer_kl"] > 0
+    assert "fsdp" in dsa["sparse"]["wk_spec"]  # the indexer's key projection sharded like embed
+    assert "index_topk" in dsa["pipeline"] and "mesh.stage" in dsa["pipeline"]
     print(json.dumps(out["seconds"]))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from moejax.config import ModelConfig, RouterConfig
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
 
 # Keys that carry no architecture (or that we derive), accepted and ignored.
 _IGNORED = {
@@ -60,7 +60,10 @@ _IGNORED = {
     "id2label",
     "label2id",
     "_name_or_path",
+    "mlp_layer_types",  # deepseek_v32: checked against first_k_dense_replace
+    "layer_types",  # deepseek_v32: checked (every layer 'indexed_attention')
 }
+MLA_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
 
 
 class UnsupportedConfig(ValueError):
@@ -129,7 +132,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         "intermediate_size",
         "num_experts_per_tok",
     ]
-    if mt in ("deepseek_v3", "deepseek_v2"):
+    if mt in MLA_TYPES:
         required += [
             "kv_lora_rank",
             "qk_nope_head_dim",
@@ -168,7 +171,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         z_loss_coef=0.0,
         jitter=0.0,
     )
-    if mt in ("deepseek_v3", "deepseek_v2"):
+    if mt in MLA_TYPES:
         c.update(
             attention_type="mla",
             q_lora_rank=d.get("q_lora_rank") or 0,
@@ -176,7 +179,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
             qk_nope_head_dim=d["qk_nope_head_dim"],
             qk_rope_head_dim=d["qk_rope_head_dim"],
             v_head_dim=d["v_head_dim"],
-            rope_interleave=bool(d.get("rope_interleave", True)),
+            # (transformers' deepseek_v32 always rotates MLA's rope dims in interleaved pairs)
+            rope_interleave=mt == "deepseek_v32" or bool(d.get("rope_interleave", True)),
             n_routed_experts=d["n_routed_experts"],
             num_experts_per_tok=d["num_experts_per_tok"],
             n_shared_experts=d.get("n_shared_experts") or 0,
@@ -186,10 +190,17 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
         if d.get("moe_layer_freq", 1) != 1:
             problems.append(f"moe_layer_freq={d['moe_layer_freq']}")
-        if mt == "deepseek_v3":
+        if mt == "deepseek_v32":
+            problems += _deepseek_v32_problems(d)
+            c.update(
+                index_topk=d.get("index_topk", 2048),
+                index_n_heads=d.get("index_n_heads", 64),
+                index_head_dim=d.get("index_head_dim", 128),
+            )
+        if mt in ("deepseek_v3", "deepseek_v32"):
             method = d.get("topk_method", "noaux_tc")
             if method != "noaux_tc":
-                problems.append(f"topk_method={method!r} (deepseek_v3 uses 'noaux_tc')")
+                problems.append(f"topk_method={method!r} ({mt} uses 'noaux_tc')")
             c.update(
                 score_func=d.get("scoring_func", "sigmoid"),
                 n_group=d.get("n_group") or 1,
@@ -253,6 +264,22 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     # the gating keys above are the router section's
     router = {f.name: c.pop(f.name) for f in dataclasses.fields(RouterConfig) if f.name in c}
     return ModelConfig.from_dict({**c, "router": router})
+
+
+def _deepseek_v32_problems(d: dict[str, Any]) -> list[str]:
+    """deepseek_v32's per-layer lists must say what moejax builds: the first first_k_dense_replace
+    layers dense, every layer DeepSeek Sparse Attention."""
+    out = []
+    n, k = d.get("num_hidden_layers") or 0, d.get("first_k_dense_replace", 3)
+    mlp = d.get("mlp_layer_types")
+    if mlp is not None and list(mlp) != ["dense"] * min(k, n) + ["sparse"] * max(n - k, 0):
+        out.append(f"mlp_layer_types={mlp} (moejax: first_k_dense_replace={k} dense, then MoE)")
+    kinds = d.get("layer_types")
+    if kinds is not None and set(kinds) - {"indexed_attention"}:
+        out.append(f"layer_types with {sorted(set(kinds) - {'indexed_attention'})}")
+    if not d.get("q_lora_rank"):
+        out.append("q_lora_rank is missing (the indexer reads the query latent)")
+    return out
 
 
 def _deepseek_v1_problems(d: dict[str, Any]) -> list[str]:
@@ -336,6 +363,8 @@ def _mixtral_expressible(cfg: ModelConfig) -> bool:
 def hf_model_type(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a moejax config exports to."""
     if cfg.attention_type == "mla":
+        if cfg.index_topk:
+            return "deepseek_v32"
         return "deepseek_v3" if cfg.router.use_score_correction_bias else "deepseek_v2"
     if cfg.qk_norm:
         return "qwen3_moe"
@@ -366,6 +395,7 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         )
     arch = {
         "deepseek_v3": "DeepseekV3ForCausalLM",
+        "deepseek_v32": "DeepseekV32ForCausalLM",
         "deepseek_v2": "DeepseekV2ForCausalLM",
         "deepseek": "DeepseekForCausalLM",
         "mixtral": "MixtralForCausalLM",
@@ -388,7 +418,11 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         num_experts_per_tok=cfg.num_experts_per_tok,
         dtype="float32",
     )
-    if mt in ("deepseek_v3", "deepseek_v2"):
+    if bool(cfg.index_topk) != (mt == "deepseek_v32"):
+        problems.append(
+            "DeepSeek Sparse Attention (model.index_topk > 0) exports to deepseek_v32 only"
+        )
+    if mt in MLA_TYPES:
         if cfg.attention_type != "mla":
             problems.append("attention_type must be 'mla'")
         if any(k == "dense" for k in cfg.layer_kinds()[cfg.first_k_dense_replace :]):
@@ -410,9 +444,17 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
             topk_group=cfg.router.topk_group,
             norm_topk_prob=cfg.router.norm_topk_prob,
         )
-        if mt == "deepseek_v3":
+        if mt in ("deepseek_v3", "deepseek_v32"):
             if cfg.router.score_func != "sigmoid":
-                problems.append("score_func must be 'sigmoid' for transformers' deepseek_v3")
+                problems.append(f"score_func must be 'sigmoid' for transformers' {mt}")
+            if mt == "deepseek_v32":
+                if not cfg.rope_interleave or not cfg.q_lora_rank:
+                    problems.append("deepseek_v32 needs rope_interleave=True and q_lora_rank > 0")
+                d.update(
+                    index_topk=cfg.index_topk,
+                    index_n_heads=cfg.index_n_heads,
+                    index_head_dim=cfg.index_head_dim,
+                )
             d.update(
                 rope_interleave=cfg.rope_interleave,
                 num_nextn_predict_layers=cfg.mtp_depth,

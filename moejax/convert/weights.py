@@ -93,6 +93,13 @@ def _attention_entries(cfg: ModelConfig, hf: str, base: tuple, idx: tuple) -> di
         e[f"{hf}.self_attn.kv_a_proj_with_mqa.weight"] = Slot(a + ("wkv_a",), idx, "linear")
         e[f"{hf}.self_attn.kv_a_layernorm.weight"] = Slot(a + ("kv_norm", "weight"), idx, "copy")
         e[f"{hf}.self_attn.kv_b_proj.weight"] = Slot(a + ("wkv_b",), idx, "linear")
+        if cfg.index_topk:  # DeepSeek Sparse Attention's lightning indexer (deepseek_v32)
+            i, n = a + ("indexer",), f"{hf}.self_attn.indexer"
+            e[f"{n}.wq_b.weight"] = Slot(i + ("wq_b",), idx, "linear")  # [Rq, Hi, Di]
+            e[f"{n}.wk.weight"] = Slot(i + ("wk",), idx, "linear")  # [D, Di]
+            e[f"{n}.k_norm.weight"] = Slot(i + ("k_norm", "weight"), idx, "copy")
+            e[f"{n}.k_norm.bias"] = Slot(i + ("k_norm", "bias"), idx, "copy")
+            e[f"{n}.weights_proj.weight"] = Slot(i + ("weights_proj",), idx, "linear")  # [D, Hi]
     else:
         for n in ("q", "k", "v"):
             e[f"{hf}.self_attn.{n}_proj.weight"] = Slot(a + (f"w{n}",), idx, "linear")

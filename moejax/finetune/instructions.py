@@ -121,6 +121,7 @@ def build(cache_dir: str, max_examples: int = 4000) -> str:
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     """Writes rows to a temporary file renamed into place: a reader never sees a partial file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:

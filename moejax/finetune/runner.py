@@ -23,7 +23,7 @@ from moejax.finetune.data import file_digest
 
 # How a run trains, not what the base is: these model and router fields come from the recipe,
 # every other from the base (the execution section is the recipe's whole).
-RUN_FIELDS = ("param_dtype", "compute_dtype", "mtp_loss_weight")
+RUN_FIELDS = ("param_dtype", "compute_dtype", "mtp_loss_weight", "dsa_stage")
 RUN_ROUTER_FIELDS = (
     "jitter",
     "aux_loss_coef",
@@ -31,6 +31,10 @@ RUN_ROUTER_FIELDS = (
     "z_loss_coef",
     "bias_update_rate",
 )
+
+
+# a recipe's model.index_topk > 0 on a base without indexers adds them (with these shapes)
+INDEXER_FIELDS = ("index_topk", "index_n_heads", "index_head_dim")
 
 
 class BaseError(ValueError):
@@ -164,6 +168,10 @@ def resolve(cfg: Config) -> Config:
         base = base_model_config(cfg.base)
         router = base.router.replace(**{f: getattr(cfg.model.router, f) for f in RUN_ROUTER_FIELDS})
         model = base.replace(router=router, **{f: getattr(cfg.model, f) for f in RUN_FIELDS})
+        if cfg.model.index_topk and not base.index_topk:
+            # DeepSeek-V3.2's recipe: a dense MLA base gets new lightning indexers (BaseStart
+            # draws them), trained alone in the dense warm-up, then with everything (sparse)
+            model = model.replace(**{f: getattr(cfg.model, f) for f in INDEXER_FIELDS})
         trained = 0  # the base run's sequence length: YaRN's original length by default
         if base_kind(cfg.base) == "workdir":
             from moejax.infer.load import workdir_config
@@ -260,6 +268,36 @@ def load_base(cfg: Config, mesh=None, rules=None):
     return model
 
 
+def with_new_indexers(params, ts):
+    """A dense base's parameters with freshly drawn lightning indexers (DeepSeek Sparse Attention)
+    added: drawn by one jitted program straight into their shardings (the rest of the model it
+    builds is dead code, never materialized)."""
+    from flax import nnx
+
+    from moejax.trainer.setup import build_model
+
+    cfg = ts.cfg
+
+    def indexers():
+        model = build_model(cfg, ts.mesh, ts.rules, cfg.train.seed + 29)
+        flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        return nnx.from_flat_state([(p, v) for p, v in flat if "indexer" in p])
+
+    shardings = dict(nnx.to_flat_state(ts.shardings["params"]))
+    abstract = nnx.to_flat_state(jax.eval_shape(indexers))
+    out = nnx.from_flat_state([(p, shardings[p]) for p, _ in abstract])
+    fresh = jax.jit(indexers, out_shardings=out)()
+    merged = nnx.from_flat_state(list(nnx.to_flat_state(params)) + list(nnx.to_flat_state(fresh)))
+    want = {p for p, _ in nnx.to_flat_state(ts.abstract["params"])}
+    got = {p for p, _ in nnx.to_flat_state(merged)}
+    if got != want:
+        raise BaseError(
+            f"adding indexers to base={cfg.base}: parameters differ from the run's "
+            f"({sorted(map(str, got ^ want))[:4]})"
+        )
+    return merged
+
+
 class BaseStart:
     """The starting weights of a fine-tuning run (moejax.train.run's `start_from`)."""
 
@@ -280,6 +318,8 @@ class BaseStart:
 
             reward.add_head(model, self.cfg.train.seed)  # the head is new; the trunk is the base's
         _, params, router, _ = split_model(model)
+        if self.cfg.model.index_topk and not model.cfg.index_topk:
+            params = with_new_indexers(params, ts)
         params = jax.device_put(params, ts.shardings["params"])
         router = jax.device_put(router, ts.shardings["router"])
         return ts.init_state(params, router if jax.tree.leaves(router) else None)

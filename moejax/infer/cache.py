@@ -44,7 +44,10 @@ HEAD_MAJOR = ("k", "v")  # stored [L, B, Nkv, S, H]
 def entry_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Per-token shape of each cached tensor of one layer."""
     if cfg.attention_type == "mla":
-        return {"latent": (cfg.kv_lora_rank,), "rope": (cfg.qk_rope_head_dim,)}
+        out = {"latent": (cfg.kv_lora_rank,), "rope": (cfg.qk_rope_head_dim,)}
+        if cfg.index_topk:  # DeepSeek Sparse Attention: the indexer's key (rotated, normed)
+            out["index_k"] = (cfg.index_head_dim,)
+        return out
     return {"k": (cfg.kv_heads, cfg.gqa_head_dim), "v": (cfg.kv_heads, cfg.gqa_head_dim)}
 
 

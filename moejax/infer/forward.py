@@ -23,6 +23,7 @@ from flax import nnx
 from moejax import sharding
 from moejax.infer import cache as cache_lib
 from moejax.infer.cache import KVCache
+from moejax.model import dsa
 from moejax.model.attention import MLA
 from moejax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin
 from moejax.model.transformer import RESIDUAL, Block, Transformer, segments_of
@@ -44,18 +45,20 @@ def _masks(start, T: int, S: int):
     return cached, jnp.tril(jnp.ones((T, T), bool))[None, None]
 
 
-def attend_cached(q, k_c, v_c, k_n, v_n, start, scale: float):
+def attend_cached(q, k_c, v_c, k_n, v_n, start, scale: float, masks=None):
     """Grouped attention over the cache (k_c, v_c [B, Nkv, S, H], head-major: positions < start) and
     the new block (k_n, v_n [B, T, Nkv, H], causal) without concatenating them: q [B, T, N,
     H] -> [B, T, N, Hv].
 
     The einsums keep XLA's natural dot order (batch dims B, Nkv first), so the cache is never
-    transposed.
+    transposed. masks: the keys to read ([B, T, S] cached, [B, T, T] new), as _mla_absorbed.
     """
     B, T, N, H = q.shape
     Nkv, S = k_c.shape[1], k_c.shape[2]
     qg = q.reshape(B, T, Nkv, N // Nkv, H)  # [B, T, Nkv, Q, H]
     cached, causal = _masks(start, T, S)  # [B, 1, 1, S], [1, 1, T, T]
+    if masks is not None:
+        cached, causal = masks[0][:, None], masks[1][:, None]
     lc = jnp.einsum("BTKQH,BKSH->BKTQS", qg, k_c, preferred_element_type=jnp.float32) * scale
     ln = jnp.einsum("BTKQH,BUKH->BKTQU", qg, k_n, preferred_element_type=jnp.float32) * scale
     pc, pn = _two_part_softmax(
@@ -98,7 +101,28 @@ def _mla_project(attn: MLA, x, cos, sin):
     k_rope = apply_rope(kv_a[..., None, R:].astype(cd), cos, sin, cfg.rope_interleave)[
         :, :, 0
     ]  # [B, T, Hr]
-    return q_nope, q_rope, {"latent": latent, "rope": k_rope}
+    new = {"latent": latent, "rope": k_rope}
+    index = None
+    if cfg.index_topk:  # DeepSeek Sparse Attention: the indexer's queries, and its keys to cache
+        iq, iw, new["index_k"] = attn.indexer.project(x, q_lat, cos, sin)
+        index = (iq, iw)
+    return q_nope, q_rope, new, index
+
+
+def _sparse_masks(attn: MLA, index, cached_k, new_k, start):
+    """DeepSeek Sparse Attention in a decode step: the keys each new query reads, bool ([B, T, S]
+    cached, [B, T, T] new), chosen together among the cached positions before `start` and the
+    causal new ones."""
+    T, S = new_k.shape[1], cached_k.shape[1]
+    in_cache, causal = _masks(start, T, S)
+    scores = jnp.concatenate([dsa.score(*index, cached_k), dsa.score(*index, new_k)], axis=-1)
+    B = start.shape[0]
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to(in_cache[:, 0], (B, T, S)), jnp.broadcast_to(causal[:, 0], (B, T, T))],
+        axis=-1,
+    )
+    mask = dsa.attention_mask(attn.cfg, scores, allowed)
+    return mask[..., :S], mask[..., S:]
 
 
 def _mla_keys_values(attn: MLA, latent, k_rope):
@@ -118,9 +142,10 @@ def _mla_keys_values(attn: MLA, latent, k_rope):
     return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
 
-def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
+def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start, masks=None):
     """Attention in the latent space: W_UK folded into the query, W_UV applied after the weighted
-    sum."""
+    sum. masks: the keys to read ([B, T, S] cached, [B, T, T] new; sparse attention), default
+    every cached position before `start` and the causal new ones."""
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
     Hn = cfg.qk_nope_head_dim
@@ -141,6 +166,8 @@ def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
 
     T, S = q_nope.shape[1], cached["latent"].shape[1]
     in_cache, causal = _masks(start, T, S)
+    if masks is not None:
+        in_cache, causal = masks[0][:, None], masks[1][:, None]
     pc, pn = _two_part_softmax(
         jnp.where(in_cache, logits(cached), NEG), jnp.where(causal, logits(new), NEG)
     )
@@ -159,16 +186,28 @@ def _mla_absorbed(attn: MLA, q_nope, q_rope, cached: dict, new: dict, start):
 def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bool):
     cfg = attn.cfg
     cd = dtype_of(cfg.compute_dtype)
-    q_nope, q_rope, new = _mla_project(attn, x, cos, sin)
+    q_nope, q_rope, new, index = _mla_project(attn, x, cos, sin)
     if (
         prefill
     ):  # the cache holds nothing before this block: attend inside it, expanded as in training
         k, v = _mla_keys_values(attn, new["latent"], new["rope"])
-        out = attn._attend(jnp.concatenate([q_nope, q_rope], -1), k, v, None)
+        q = jnp.concatenate([q_nope, q_rope], -1)
+        if index is not None:
+            T = x.shape[1]
+            scores = dsa.score(*index, new["index_k"])
+            mask = dsa.attention_mask(cfg, scores, dsa.visible(None, T))
+            out = dsa.attend(q, k, v, mask, cfg.softmax_scale)[0]
+        else:
+            out = attn._attend(q, k, v, None)
     else:
-        cached = {name: cache_lib.read(cached, name, cd) for name in ("latent", "rope")}
+        cached = {name: cache_lib.read(cached, name, cd) for name in cache_lib.entry_shapes(cfg)}
+        masks = (
+            None
+            if index is None
+            else _sparse_masks(attn, index, cached["index_k"], new["index_k"], start)
+        )
         if absorbed:
-            out = _mla_absorbed(attn, q_nope, q_rope, cached, new, start)
+            out = _mla_absorbed(attn, q_nope, q_rope, cached, new, start, masks)
         else:
             k_c, v_c = (
                 a.transpose(0, 2, 1, 3)
@@ -176,7 +215,14 @@ def _mla_step(attn: MLA, x, cos, sin, cached, start, prefill: bool, absorbed: bo
             )
             k_n, v_n = _mla_keys_values(attn, new["latent"], new["rope"])
             out = attend_cached(
-                jnp.concatenate([q_nope, q_rope], -1), k_c, v_c, k_n, v_n, start, cfg.softmax_scale
+                jnp.concatenate([q_nope, q_rope], -1),
+                k_c,
+                v_c,
+                k_n,
+                v_n,
+                start,
+                cfg.softmax_scale,
+                masks,
             )
     y = jnp.einsum(
         "BTNH,NHD->BTD", out, attn.wo[...].astype(cd), preferred_element_type=jnp.float32

@@ -14,7 +14,16 @@ from jax.ad_checkpoint import checkpoint_name
 from moejax import sharding
 from moejax.config import ExecutionConfig, ModelConfig
 from moejax.kernels.attention import attention
-from moejax.model.layers import RMSNorm, apply_rope, dtype_of, param, project, rms_norm
+from moejax.model import dsa
+from moejax.model.layers import (
+    RMSNorm,
+    adapters,
+    apply_rope,
+    dtype_of,
+    param,
+    project,
+    rms_norm,
+)
 
 
 def _attend(self, q, k, v, segment_ids, balanced: bool = False):
@@ -71,11 +80,26 @@ class MLA(nnx.Module):
             rngs, (R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), cfg
         )  # [R, N, Hn+Hv]
         self.wo = param(rngs, (N, Hv, D), ("heads", "head_dim", "embed"), cfg)  # [N, Hv, D]
+        if cfg.index_topk:  # DeepSeek Sparse Attention (V3.2)
+            self.indexer = dsa.Indexer(cfg, rngs=rngs)
 
     _attend = _attend
 
-    def __call__(self, x, cos, sin, segment_ids, rng=None):
-        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training)."""
+    def _sparse_mqa(self) -> bool:
+        """DeepSeek Sparse Attention runs gathered, in MLA's MQA form (dsa.sparse_mla), in the
+        sparse stage; the reference form (dense scores and mask) under attention_impl='reference',
+        in the dense warm-up, and where W_UK / W_UV are not plain weights (LoRA on wkv_b, FP8)."""
+        return (
+            self.cfg.dsa_stage == "sparse"
+            and self.execution.attention_impl != "reference"
+            and not self.fp8
+            and adapters(self, "wkv_b") is None
+        )
+
+    def __call__(self, x, cos, sin, segment_ids, rng=None, return_aux: bool = False):
+        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training).
+        return_aux: return (y, aux), aux {'indexer_kl': the sparse-attention indexer's KL loss
+        summed over this layer's query tokens} ({} without an indexer)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         R, Hn = cfg.kv_lora_rank, cfg.qk_nope_head_dim
@@ -110,10 +134,31 @@ class MLA(nnx.Module):
         k = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1
         )
-        out = self._attend(q, k, v, segment_ids, balanced=True)  # [B, T, N, Hv]
+        aux = {}
+        if cfg.index_topk and self._sparse_mqa():
+            out, aux["indexer_kl"] = dsa.sparse_mla(
+                q_nope,
+                q_rope,
+                kv_lat,
+                k_rope[:, :, 0],
+                self.wkv_b[...],
+                self.indexer.project(x, q_lat, cos, sin),
+                segment_ids,
+                cfg,
+                self.execution.attention_block or 128,
+            )
+        elif cfg.index_topk:  # the reference form (and the dense warm-up)
+            allowed = dsa.visible(segment_ids, x.shape[1])
+            scores = self.indexer(x, q_lat, cos, sin)
+            mask = dsa.attention_mask(cfg, scores, allowed)
+            out, target = dsa.attend(q, k, v, mask, cfg.softmax_scale)
+            aux["indexer_kl"] = dsa.indexer_kl(scores, target, mask)
+        else:
+            out = self._attend(q, k, v, segment_ids, balanced=True)  # [B, T, N, Hv]
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
-        return sharding.constrain(y, self.layout, rows)
+        y = sharding.constrain(y, self.layout, rows)
+        return (y, aux) if return_aux else y
 
 
 class GQA(nnx.Module):
@@ -142,8 +187,9 @@ class GQA(nnx.Module):
 
     _attend = _attend
 
-    def __call__(self, x, cos, sin, segment_ids, rng=None):
-        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training)."""
+    def __call__(self, x, cos, sin, segment_ids, rng=None, return_aux: bool = False):
+        """segment_ids: int [B, T] or None (one document per row); rng: LoRA dropout (training).
+        return_aux: return (y, {}) (MLA's signature)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         x = x.astype(cd)
@@ -163,4 +209,5 @@ class GQA(nnx.Module):
         out = self._attend(q, k, v.astype(cd), segment_ids, balanced=True)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         y = project(self, "wo", "BTNH,NHD->BTD", out, cd, rng)
-        return sharding.constrain(y, self.layout, ("batch", "sequence", None))
+        y = sharding.constrain(y, self.layout, ("batch", "sequence", None))
+        return (y, {}) if return_aux else y

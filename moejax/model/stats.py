@@ -51,13 +51,33 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
+    """Keys a query attends to, averaged over the positions of a causal row: T / 2 dense (the usual
+    half square); with DeepSeek Sparse Attention's top-k (sparse stage), query t reads
+    min(k, t + 1) keys."""
+    T, k = seq_len, cfg.index_topk
+    if not k or cfg.dsa_stage != "sparse" or k >= T:
+        return T / 2
+    return (k * (k + 1) / 2 + (T - k) * k) / T
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs of QK^T and PV per token under a causal mask (half the full square)."""
+    """Forward FLOPs of QK^T and PV per token over the keys it attends to (causal: about half the
+    full square; sparse attention: its top-k keys)."""
     if cfg.attention_type == "mla":
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
     else:
         qk = v = cfg.gqa_head_dim
-    return 2.0 * cfg.num_heads * (qk + v) * seq_len / 2
+    return 2.0 * cfg.num_heads * (qk + v) * keys_per_query(cfg, seq_len)
+
+
+def indexer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of DeepSeek Sparse Attention's index scores per token: a q.k of index_head_dim
+    per index head and the weighted head sum, over every visible key (T / 2 on average).
+    Its projections are parameters (counted with them)."""
+    if not cfg.index_topk:
+        return 0.0
+    return 2.0 * cfg.index_n_heads * (cfg.index_head_dim + 1) * seq_len / 2
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -66,15 +86,30 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head."""
     c = param_counts(cfg)
     layers = cfg.num_layers
-    dense = 6.0 * c.activated_matmul + 3.0 * layers * attention_flops_per_token(cfg, seq_len)
+    # DeepSeek Sparse Attention: the indexer's inputs are detached, so its projections get weight
+    # gradients but pass none back (4x, not 6x, their parameters); its scores run forward and
+    # backward (3x). In the dense warm-up the rest of the model gets no update, but its backward
+    # still runs to reach nothing: counted as training anyway, as the step computes it.
+    ix_params = _indexer_params(cfg)
+    per_layer = 3.0 * (
+        attention_flops_per_token(cfg, seq_len) + indexer_flops_per_token(cfg, seq_len)
+    )
+    dense = 6.0 * c.activated_matmul - 2.0 * layers * ix_params + layers * per_layer
     if cfg.mtp_depth:
         block = _mtp_block_activated(cfg)
         head = cfg.hidden_size * cfg.vocab_size
         dense += cfg.mtp_depth * (
-            6.0 * (block + 2 * cfg.hidden_size**2 + head)
-            + 3.0 * attention_flops_per_token(cfg, seq_len)
+            6.0 * (block + 2 * cfg.hidden_size**2 + head) - 2.0 * ix_params + per_layer
         )
     return dense
+
+
+def _indexer_params(cfg: ModelConfig) -> int:
+    """Matmul parameters of one layer's lightning indexer (DeepSeek Sparse Attention)."""
+    if not cfg.index_topk:
+        return 0
+    Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+    return cfg.q_lora_rank * Hi * Di + cfg.hidden_size * (Di + Hi)
 
 
 def _mtp_block_activated(cfg: ModelConfig) -> int:

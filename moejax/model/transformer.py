@@ -70,7 +70,9 @@ class Block(nnx.Module):
         # the layer's rng: router jitter (MoE) as before; folded for the LoRA adapters' dropout
         attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
         with jax.named_scope("attention"):
-            h = self.attn(self.attn_norm(x).astype(cd), cos, sin, segment_ids, rng=attn_rng)
+            h, attn_aux = self.attn(
+                self.attn_norm(x).astype(cd), cos, sin, segment_ids, rng=attn_rng, return_aux=True
+            )
         x = (x.astype(jnp.float32) + h).astype(cd)
         with jax.named_scope("ffn"):
             hn = self.ffn_norm(x).astype(cd)
@@ -78,9 +80,10 @@ class Block(nnx.Module):
                 h, aux = self.ffn(hn, token_mask, rng, route=route, replay=replay)
             else:
                 h, aux = self.ffn(hn, None if rng is None else jax.random.fold_in(rng, 2)), {}
-        return sharding.constrain(
-            (x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL
-        ), aux
+        return sharding.constrain((x.astype(jnp.float32) + h).astype(cd), self.layout, RESIDUAL), {
+            **aux,
+            **attn_aux,
+        }
 
 
 RESIDUAL = ("batch", "sequence", None)  # logical axes of the residual stream [B, T, D]
@@ -309,8 +312,10 @@ class Transformer(nnx.Module):
 
     `logits, aux = model(input_ids)` gives float32 logits [B, T, V]. aux holds `aux_loss` (the
     weighted balance losses summed over MoE layers), per-MoE-layer stats stacked on a leading axis
-    (`expert_counts` [L_moe, E], `drop_fraction` [L_moe], ...), and `mtp_logits` [depth, B, T, V]
-    when called with return_mtp=True (MTP depth k at position i predicts token i + k + 1).
+    (`expert_counts` [L_moe, E], `drop_fraction` [L_moe], ...), `mtp_logits` [depth, B, T, V]
+    when called with return_mtp=True (MTP depth k at position i predicts token i + k + 1), and
+    with DeepSeek Sparse Attention `indexer_kl` [layers (+ MTP blocks run)]: each layer's indexer
+    KL summed over its query tokens.
 
     `Transformer(cfg, rngs=..., mesh=mesh, rules=rules)` builds it for a device mesh (default: the
     mesh of an enclosing `jax.set_mesh`, else none): activations are pinned to the layout the rules
@@ -333,6 +338,16 @@ class Transformer(nnx.Module):
         # the layout is fixed here, from the arguments or an enclosing jax.set_mesh(...)
         layout = sharding.layout(mesh if mesh is not None else sharding.context_mesh(), rules)
         self.layout = layout
+        if cfg.index_topk and layout is not None:
+            stage = layout.mesh.shape.get("stage", 1)
+            seq = sharding.sequence_axes(layout.mesh, layout.rule_table)
+            if stage > 1 or seq:
+                raise config_lib.ConfigError(
+                    "model.index_topk (DeepSeek Sparse Attention) runs on data / fsdp / expert / "
+                    f"tensor meshes for now, not with mesh.stage={stage} or a context axis "
+                    f"({'+'.join(seq) or 'none'}): its indexer loss is not carried through a "
+                    "pipeline and its keys are not gathered over the sequence"
+                )
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
         self.segments = nnx.List(
@@ -423,7 +438,7 @@ class Transformer(nnx.Module):
         )
 
         x = self.embed_tokens(ids)
-        moe_aux = []
+        moe_aux, index_kl = [], []  # (index_kl: DeepSeek Sparse Attention's per-layer KL sums)
         first = 0  # the first MoE layer of this segment, in `routes`
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
             seg_routes = None if routes is None or kind != "moe" else routes[first : first + n]
@@ -447,6 +462,9 @@ class Transformer(nnx.Module):
                 x = sharding.constrain(
                     x, self.layout, RESIDUAL
                 )  # (a pipeline's output has no layout of its own)
+            if "indexer_kl" in aux:
+                aux = dict(aux)
+                index_kl.append(aux.pop("indexer_kl"))
             if kind == "moe":
                 moe_aux.append(aux)
         h_bal = self.norm(x)
@@ -482,6 +500,9 @@ class Transformer(nnx.Module):
                         token_mask,
                         rngs[len(self.segments) + k - 1],
                     )
+                    if "indexer_kl" in aux:
+                        aux = dict(aux)
+                        index_kl.append(aux.pop("indexer_kl")[None])
                     if aux:
                         moe_aux.append(jax.tree.map(lambda a: a[None], aux))
                     mtp_logits.append(self.head(unbal(m.norm(prev))))
@@ -494,6 +515,8 @@ class Transformer(nnx.Module):
             out["aux_loss"] = stats["aux_loss"].sum()
         else:
             out["aux_loss"] = jnp.zeros((), jnp.float32)
+        if index_kl:
+            out["indexer_kl"] = jnp.concatenate(index_kl)  # [layers (+ MTP blocks)]
         if return_hidden:
             out["hidden"] = h
         return logits, out

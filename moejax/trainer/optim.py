@@ -39,9 +39,7 @@ def decay_mask(params: nnx.State, cfg: OptimConfig):
     excluded unless the config says otherwise."""
 
     def wants_decay(path, _):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        if names[-1] == "value":  # nnx Variables flatten to their value attribute
-            names = names[:-1]
+        names = _names(path)  # (nnx Variables flatten to their value attribute)
         leaf = names[-1]
         joined = "/".join(names)
         if "norm" in joined and not cfg.decay_norms:
@@ -55,9 +53,24 @@ def decay_mask(params: nnx.State, cfg: OptimConfig):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(cfg: OptimConfig, params: nnx.State, total_steps: int):
-    """Returns (optax transformation, schedule)."""
+def _names(path) -> list[str]:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def make_optimizer(cfg: OptimConfig, params: nnx.State, total_steps: int, trainable=None):
+    """Returns (optax transformation, schedule). trainable: a predicate on a parameter's path names;
+    the others get no update and no optimizer state (DeepSeek Sparse Attention's warm-up trains
+    only the indexers)."""
     sched = schedule(cfg, total_steps)
+    if trainable is not None:
+        tx, _ = make_optimizer(cfg, params, total_steps)
+        labels = jax.tree_util.tree_map_with_path(
+            lambda p, _: "train" if trainable(_names(p)) else "frozen", params
+        )
+        if "train" not in jax.tree.leaves(labels):
+            raise ValueError("make_optimizer: `trainable` selects no parameter")
+        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels), sched
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

@@ -187,6 +187,13 @@ def _init(cfg: Config, tx, mesh, rules, frozen=None):
     return _rest_of_state(cfg, tx, params, router, rest if frozen is None else frozen)
 
 
+def _trainable(cfg: Config):
+    """DeepSeek Sparse Attention's dense warm-up trains the indexers alone (V3.2 report, 2.1)."""
+    if cfg.model.index_topk and cfg.model.dsa_stage == "warmup":
+        return lambda names: "indexer" in names
+    return None
+
+
 def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
     """The setup of a run on `mesh` (default: the config's mesh over all devices). Allocates
     nothing.
@@ -201,7 +208,7 @@ def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
     sharding.check_pipeline(mesh.shape.get("stage", 1), segments_of(cfg.model))
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed))
     graphdef, params, _, rest = split_model(abstract_model)
-    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps)
+    tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps, trainable=_trainable(cfg))
     state = jax.eval_shape(functools.partial(_init, cfg, tx, mesh, rules))
     shardings = sharding.tree_shardings(state, mesh, rules)
     sharding.check_divisible(state, shardings, mesh)

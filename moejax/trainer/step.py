@@ -94,9 +94,17 @@ def _moe_aux_loss(aux, cfg: Config, norm):
     )
 
 
+def _indexer_loss(aux, norm):
+    """DeepSeek Sparse Attention's indexer KL: per query token, averaged over layers (0 without an
+    indexer). It trains only the indexers (their inputs and the attention target are detached)."""
+    if "indexer_kl" not in aux:
+        return None
+    return aux["indexer_kl"].mean() / jnp.maximum(norm["real"], 1.0)
+
+
 def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
-    """A preference objective's (loss, (metrics, stats)) with the MoE balance loss added, as loss_fn
-    returns."""
+    """A preference objective's (loss, (metrics, stats)) with the MoE balance loss (and the sparse
+    attention indexer's loss) added, as loss_fn returns."""
     aux_loss = _moe_aux_loss(aux, cfg, norm)
     metrics.update(
         ce_loss=loss,
@@ -104,6 +112,9 @@ def _with_moe_terms(loss, metrics, aux, batch, cfg: Config, norm):
         tokens=shifted_targets(batch, 1)[1].sum().astype(jnp.float32),
     )
     metrics["loss"] = loss + aux_loss
+    if (ikl := _indexer_loss(aux, norm)) is not None:
+        metrics["indexer_kl"] = ikl
+        metrics["loss"] = metrics["loss"] + ikl
     stats = {k: aux[k] for k in ("expert_counts", "dropped", "token_count") if k in aux}
     return metrics["loss"], (metrics, stats)
 
@@ -201,6 +212,9 @@ def loss_fn(params, router, rest, batch, rng, norm, ref=None, *, graphdef, cfg: 
     aux_loss = _moe_aux_loss(aux, cfg, norm)
     loss = ce + aux_loss
     metrics = {"ce_loss": ce, "aux_loss": aux_loss, "tokens": valid.sum().astype(jnp.float32)}
+    if (ikl := _indexer_loss(aux, norm)) is not None:
+        loss = loss + ikl
+        metrics["indexer_kl"] = ikl
     if mcfg.mtp_depth:
         mtp = []
         for k in range(mcfg.mtp_depth):

@@ -1,0 +1,12 @@
+"""deepseek_v32 at CPU size: DeepSeek-V3's tiny shape with DeepSeek Sparse Attention (each query
+keeps its indexer's top 32 of up to 128 keys). Trains from scratch in the sparse stage; the dense
+warm-up (only the indexers train) is --config.model.dsa_stage=warmup.
+
+  python -m moejax.train --config experiments/deepseek_v32_tiny.py --workdir runs/v32_tiny
+"""
+
+from moejax.experiment import shrink_to_cpu, sibling
+
+
+def get_config():
+    return shrink_to_cpu(sibling(__file__, "deepseek_v32").get_config())

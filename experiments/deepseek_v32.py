@@ -3,12 +3,14 @@ Sparse Attention, every MLA layer's lightning indexer keeping the top 2048 keys 
 (config.json of deepseek-ai/DeepSeek-V3.2-Exp: index_topk 2048, index_n_heads 64,
 index_head_dim 128).
 
-Training follows the V3.2 report: from a dense V3 base, a dense warm-up that trains only the
-indexers on their KL loss (model.dsa_stage='warmup'), then sparse training of everything
+Training follows the V3.2 report: from a dense V3 base, new indexers and a dense warm-up that
+trains only them on their KL loss (model.dsa_stage='warmup'), then sparse training of everything
 (model.dsa_stage='sparse', the default):
 
-  python -m moejax.finetune --config experiments/continual.py \\
-      --config.base=<a DeepSeek-V3.2 folder or moejax workdir> --config.model.dsa_stage=warmup ...
+  python -m moejax.finetune --config experiments/continual.py --config.base=<a dense V3 base> \\
+      --config.model.index_topk=2048 --config.model.index_n_heads=64 \\
+      --config.model.index_head_dim=128 --config.model.dsa_stage=warmup --workdir runs/v32_warmup
+  python -m moejax.finetune --config experiments/continual.py --config.base=runs/v32_warmup ...
 """
 
 from moejax.experiment import sibling

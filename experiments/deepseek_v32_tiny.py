@@ -1,6 +1,7 @@
 """deepseek_v32 at CPU size: DeepSeek-V3's tiny shape with DeepSeek Sparse Attention (each query
-keeps its indexer's top 32 of up to 128 keys). Trains from scratch in the sparse stage; the dense
-warm-up (only the indexers train) is --config.model.dsa_stage=warmup.
+keeps its indexer's top 32 of up to 128 keys), trained from scratch in the sparse stage. V3.2's
+own recipe (new indexers on a trained dense base, warmed up alone, then sparse training) is
+`python -m benchmarks.dsa_stages` at this size.
 
   python -m moejax.train --config experiments/deepseek_v32_tiny.py --workdir runs/v32_tiny
 """

@@ -26,6 +26,7 @@ def get_config():
     g = c.grpo
     # or a JSONL file of {"prompt", "answer"} rows (the last grpo.held_out are held out)
     g.task = "arithmetic"
+    g.held_out = 256  # the split experiments/sft_arithmetic.py left out (never trained on)
     g.group_size = 8  # completions per prompt
     g.max_new_tokens = 12
     g.temperature = 1.0
@@ -37,6 +38,7 @@ def get_config():
     g.rewards = ("exact_answer", "answer_format")
     g.reward_weights = (1.0, 0.1)
     g.routing_replay = False
+    g.dynamic_sampling = 4  # DAPO: up to 4 more draws replace groups whose rewards are all equal
     c.data.seq_len = 64  # prompt + completion rows
     c.train.batch_size = 128  # completions per round: 16 prompts x 8
     c.train.steps = 60

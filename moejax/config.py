@@ -417,6 +417,12 @@ class ModelConfig:
         if self.index_topk < 0:
             fail("index_topk", f"must be >= 0 (0 = dense attention), got {self.index_topk}")
         choice("dsa_stage", DSA_STAGES)
+        if self.dsa_stage == "warmup" and not self.index_topk:
+            fail(
+                "dsa_stage",
+                "'warmup' trains the sparse-attention indexers alone, but model.index_topk=0 "
+                "gives the model none (set index_topk, e.g. 2048, to add them to a dense base)",
+            )
         if self.index_topk:
             if self.attention_type != "mla" or not self.q_lora_rank:
                 fail(

@@ -78,7 +78,18 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     scores = attention_score_bytes(ex, B, H, T / n_seq)  # each device's queries ...
     if ex.attention_impl == "reference":
         scores *= n_seq  # ... over every key
-    if m.index_topk:  # DeepSeek Sparse Attention's reference form (model/dsa.py): the float32
+    mqa = not (ex.attention_impl == "reference" or ex.fp8 or cfg.lora.rank)  # MLA._sparse_mqa
+    if m.index_topk and m.dsa_stage == "sparse" and mqa:
+        # DeepSeek Sparse Attention, gathered (dsa.sparse_mla): the absorbed queries [B, T, H,
+        # R + Hr] and the indexer's queries and head weights (float32) are kept; one query block
+        # at a time holds the indexer's ReLU inputs and their gradient [B, bq, Hi, S], its scores
+        # and key mask [B, bq, S], the gathered latents [B, bq, k, R + Hr] and the logits /
+        # probabilities / their gradient [B, bq, H, k]
+        bq, k = min(ex.attention_block or 128, T), min(m.index_topk, T)
+        C = m.kv_lora_rank + m.qk_rope_head_dim
+        scores = tokens * (H * C * cb + m.index_n_heads * (m.index_head_dim + 1) * 4)
+        scores += B * bq * (T * 4 * (2 + 2 * m.index_n_heads) + k * C * cb + H * k * 4 * 3)
+    elif m.index_topk:  # its reference form and the dense warm-up (model/dsa.py): the float32
         # probabilities [B, H, T, T], the indexer's ReLU inputs [B, T, Hi, T], its scores and the
         # attention target [B, T, T] (float32) and the key mask (bool)
         scores = B * T * T * (4 * H + 4 * m.index_n_heads + 4 * 2 + 1)

@@ -233,7 +233,13 @@ def test_training_stages(stage):
     ts = setup.build(cfg)
     step, state = ts.train_step(), ts.init_state()
     before = jax.tree.map(np.asarray, state["params"])
+    biases = [np.asarray(x) for x in jax.tree.leaves(state["router"])]
     state, metrics = step(state, _batch(cfg))
+    moved = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(biases, jax.tree.leaves(state["router"]))
+    ]
+    assert biases and (not any(moved) if stage == "warmup" else any(moved))  # the routing too
     assert np.isfinite(float(metrics["indexer_kl"])) and float(metrics["indexer_kl"]) > 0
     changed = {
         path: not np.array_equal(
@@ -256,6 +262,8 @@ def test_bad_configs_name_the_field():
         CFG.replace(index_head_dim=2)
     with pytest.raises(ConfigError, match="model.dsa_stage"):
         CFG.replace(dsa_stage="dense")
+    with pytest.raises(ConfigError, match="model.dsa_stage"):  # a warm-up needs indexers
+        CFG.replace(index_topk=0, dsa_stage="warmup")
 
 
 def test_indexers_join_a_dense_base_and_warm_up_alone(tmp_path):
@@ -299,6 +307,55 @@ def test_indexers_join_a_dense_base_and_warm_up_alone(tmp_path):
         "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
     }
     after, _ = ts.train_step()(state, batch)
+    with pytest.raises(ConfigError, match="model.index_topk"):  # new indexers: full weights only
+        cd.lora.rank, cd.model.dsa_stage = 4, "sparse"
+        runner.resolve(Config.from_dict(cd))
     for p, v in nnx.to_flat_state(after["params"]):
         same = np.array_equal(np.asarray(v.get_value()), params[p])
         assert same != ("indexer" in p), p
+
+
+def test_flops_count_the_keys_each_query_reads():
+    """Sparse attention's FLOPs: query t reads min(index_topk, t + 1) keys (brute force), the
+    indexer scores every visible key; the dense warm-up attends to all of them."""
+    from moejax.model import stats
+
+    T = 1000
+    for k in (1, 64, 999, 4096):
+        want = np.mean([min(k, t + 1) for t in range(T)]) if k < T else T / 2
+        assert stats.keys_per_query(CFG.replace(index_topk=k), T) == pytest.approx(want)
+    assert stats.keys_per_query(CFG.replace(index_topk=64, dsa_stage="warmup"), T) == T / 2
+    sparse = stats.train_flops_per_token(CFG.replace(index_topk=64), T)
+    dense = stats.train_flops_per_token(CFG.replace(index_topk=0), T)
+    idx = stats.indexer_flops_per_token(CFG, T)
+    assert idx == 2 * 3 * 9 * T / 2  # heads x (head dim + the weighted sum) x visible keys
+    assert sparse < dense + CFG.num_layers * 3 * idx  # fewer attention FLOPs than dense
+
+
+def test_lora_leaves_the_indexer_alone_and_falls_back_to_the_reference_form():
+    """LoRA on attention adapts MLA's projections, never the indexer's (it learns from its own KL
+    only); with an adapter on wkv_b, W_UK / W_UV are not plain weights: the reference form runs."""
+    from moejax.config import LoRAConfig
+    from moejax.finetune import lora
+
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    lora.apply(model, LoRAConfig(rank=2, targets=("attn/",)), nnx.Rngs(1))
+    names = [str(p) for p, _ in nnx.to_flat_state(nnx.state(model, lora.LoRAParam))]
+    assert names and not any("indexer" in n for n in names)
+    assert not model.segments[0].attn._sparse_mqa()
+    logits, aux = model(jnp.ones((1, 9), jnp.int32))
+    assert np.isfinite(np.asarray(logits)).all() and aux["indexer_kl"].shape == (CFG.num_layers,)
+
+
+def test_weight_quantization_keeps_the_indexer_in_full_precision():
+    """int8 weight-only quantization covers MLA and the experts, not the indexer's own small
+    projections (their layouts differ from the attention weights of the same names), MTP block
+    included."""
+    from moejax.infer.quantize import QuantizedParam, quantize
+
+    model = Transformer(CFG.replace(mtp_depth=1), rngs=nnx.Rngs(0))
+    q = quantize(model, "int8")
+    quantized = [str(p) for p, _ in nnx.to_flat_state(nnx.state(q, QuantizedParam))]
+    assert quantized and not any("indexer" in p for p in quantized)
+    ids = jnp.ones((1, 9), jnp.int32)
+    assert np.isfinite(np.asarray(q(ids, return_mtp=True)[1]["mtp_logits"])).all()

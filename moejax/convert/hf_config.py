@@ -270,7 +270,7 @@ def _deepseek_v32_problems(d: dict[str, Any]) -> list[str]:
     """deepseek_v32's per-layer lists must say what moejax builds: the first first_k_dense_replace
     layers dense, every layer DeepSeek Sparse Attention."""
     out = []
-    n, k = d.get("num_hidden_layers") or 0, d.get("first_k_dense_replace", 3)
+    n, k = d.get("num_hidden_layers") or 0, d.get("first_k_dense_replace", 0)  # (as read below)
     mlp = d.get("mlp_layer_types")
     if mlp is not None and list(mlp) != ["dense"] * min(k, n) + ["sparse"] * max(n - k, 0):
         out.append(f"mlp_layer_types={mlp} (moejax: first_k_dense_replace={k} dense, then MoE)")

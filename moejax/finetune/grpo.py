@@ -382,11 +382,15 @@ class Rollouts:
             pool = [(prompts, outs, total, parts)]
             slots = [(0, i) for i in keep]
             n = len(self.prompts)
+            drawn = set(problems)
             for attempt in range(1, g.dynamic_sampling + 1):
                 if len(slots) >= P:
                     break
                 rng = np.random.default_rng([cfg.train.seed, r, attempt])
-                extra = [int(i) for i in rng.choice(n, size=P, replace=n < P)]
+                # problems not yet in this round (a repeat would weigh twice), while there are any
+                fresh = np.array(sorted(set(range(n)) - drawn)) if len(drawn) < n else np.arange(n)
+                extra = [int(i) for i in rng.choice(fresh, size=P, replace=len(fresh) < P)]
+                drawn.update(extra)
                 seeds_x = [int(s) for s in rng.integers(0, 2**31, size=B)]
                 pool.append(self._draw(state, extra, seeds_x))
                 flat_x = np.ptp(pool[-1][2].reshape(P, G), axis=1) == 0
@@ -413,7 +417,7 @@ class Rollouts:
             "rollout/generate_seconds": t_gen,
         }
         if g.dynamic_sampling:
-            metrics["rollout/resampled_groups"] = float(resampled)
+            metrics["rollout/resampled_groups"] = resampled / P  # (a share, like the others)
             metrics["rollout/trained_zero_advantage_groups"] = float(
                 (np.ptp(total.reshape(P, G), axis=1) == 0).mean()
             )

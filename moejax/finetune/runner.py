@@ -167,11 +167,25 @@ def resolve(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, base=path if step is None else f"{path}@{step}")
         base = base_model_config(cfg.base)
         router = base.router.replace(**{f: getattr(cfg.model.router, f) for f in RUN_ROUTER_FIELDS})
-        model = base.replace(router=router, **{f: getattr(cfg.model, f) for f in RUN_FIELDS})
+        run = {f: getattr(cfg.model, f) for f in RUN_FIELDS}
         if cfg.model.index_topk and not base.index_topk:
             # DeepSeek-V3.2's recipe: a dense MLA base gets new lightning indexers (BaseStart
             # draws them), trained alone in the dense warm-up, then with everything (sparse)
-            model = model.replace(**{f: getattr(cfg.model, f) for f in INDEXER_FIELDS})
+            if cfg.lora.rank or cfg.align.method:
+                raise ConfigError(
+                    "model.index_topk: new sparse-attention indexers are added to a dense base by "
+                    "full continual pretraining (experiments/continual.py), not under LoRA or "
+                    f"align.method={cfg.align.method!r}; add them first, then fine-tune that run"
+                )
+            run.update({f: getattr(cfg.model, f) for f in INDEXER_FIELDS})
+        elif cfg.model.index_topk and base.index_topk:  # the keys kept: no parameter changes
+            run["index_topk"] = cfg.model.index_topk
+        if run["dsa_stage"] == "warmup" and cfg.lora.rank:
+            raise ConfigError(
+                "model.dsa_stage='warmup' trains the indexers alone, which LoRA freezes with the "
+                "base; run the warm-up with full weights (lora.rank=0)"
+            )
+        model = base.replace(router=router, **run)
         trained = 0  # the base run's sequence length: YaRN's original length by default
         if base_kind(cfg.base) == "workdir":
             from moejax.infer.load import workdir_config

@@ -82,7 +82,11 @@ def quantize(model, fmt: str = "int8"):
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     targets = []
+    from moejax.model.dsa import Indexer
+
     for _path, module in nnx.iter_modules(view):
+        if isinstance(module, Indexer):  # small, and its own layouts: kept in full precision
+            continue
         for name, axes in CONTRACTED.items():
             var = getattr(module, name, None)
             if isinstance(var, nnx.Param) and not isinstance(var, QuantizedParam):

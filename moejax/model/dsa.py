@@ -19,9 +19,14 @@ heads, L1-normalized) to softmax(I[t, :]), over every visible key in the dense w
 over the selected keys in sparse training (`'sparse'`). The main model never gets a gradient from
 that loss.
 
-This is the reference form: the [T, S] index scores and the attention mask are materialized, like
-`kernels.attention.reference`. A sparse kernel that gathers only the selected latents (FlashMLA's
-sparse decode, or a blockwise Pallas kernel) is what long contexts need; it is not written yet.
+Two forms compute the same function. `sparse_mla` (the sparse stage's default) runs MLA in its MQA
+form over the gathered top-k latents, in query blocks under a rematerialized scan: attention costs
+O(T k) and nothing of size [T, S] outlives a block, though the indexer's scores still cost O(T^2)
+compute (one [block, S] slab at a time), as in DeepSeek's own design. The reference form
+(`attend` on `select`'s mask, the [T, S] scores and mask materialized like
+`kernels.attention.reference`) runs in the dense warm-up, under attention_impl='reference', with
+FP8 projections or LoRA on wkv_b (where W_UK / W_UV are not plain weights), and is the oracle the
+tests hold the gathered form to. No Pallas kernel yet: the gather and the block scan are XLA's.
 """
 
 from __future__ import annotations

@@ -261,9 +261,21 @@ def make_train_step(
 ):
     """Returns the jitted, state-donating train step; with shardings, the state keeps them. The
     model in graphdef carries its mesh and rules (moejax.trainer.setup builds it so)."""
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, graphdef=graphdef, cfg=cfg), has_aux=True
-    )
+    loss = functools.partial(loss_fn, graphdef=graphdef, cfg=cfg)
+    warmup = cfg.model.index_topk and cfg.model.dsa_stage == "warmup"
+    if warmup:
+        # DeepSeek Sparse Attention's dense warm-up trains the indexers alone: the other weights
+        # enter as constants, so no backward pass runs through them (their update is zero anyway)
+        def loss(params, *args, _loss=loss, **kw):
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, x: (
+                    x if "indexer" in jax.tree_util.keystr(p) else jax.lax.stop_gradient(x)
+                ),
+                params,
+            )
+            return _loss(params, *args, **kw)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     n_micro = cfg.train.microbatches
 
     def train_step(state, batch):
@@ -302,7 +314,12 @@ def make_train_step(
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_router = router
-        if stats and cfg.model.router.use_score_correction_bias and jax.tree.leaves(router):
+        if (
+            stats
+            and cfg.model.router.use_score_correction_bias
+            and jax.tree.leaves(router)
+            and not warmup  # (the warm-up changes nothing but the indexers)
+        ):
             # merge a copy: the update writes into the merged model's Variables, which would
             # otherwise be `router`'s own, and a skipped step must keep the old biases
             model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, router), rest_)

@@ -12,7 +12,22 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # this.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test module, drop JAX's compiled programs (and the modules' own, gone with their
+    fixtures). Every XLA:CPU executable holds memory maps: one module can leave ~12,000, and the
+    whole suite in one process would pass Linux's vm.max_map_count (65,530), at which the compiler
+    crashes (a segmentation fault in backend_compile)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

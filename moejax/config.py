@@ -18,8 +18,16 @@ from moejax.kernels.attention import ops as attention_ops
 from moejax.kernels.gmm import ops as gmm_ops
 
 DSA_STAGES = ("warmup", "sparse")
-ATTENTION_TYPES = ("mla", "gqa")
-SCORE_FUNCS = ("softmax", "sigmoid")
+ATTENTION_TYPES = ("mla", "gqa", "v4")
+# DeepSeek-V4's per-layer attention (Hugging Face's layer_types): a sliding window alone, plus
+# compressed sparse attention (CSA: entries of compress_rate_csa tokens, top index_topk by a
+# lightning indexer), or plus heavily compressed attention (HCA: every compress_rate_hca entry).
+V4_LAYER_TYPES = (
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+)
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 MOE_IMPLS = ("dense", "capacity", "dropless")
 EP_EXCHANGES = ("dropless", "capacity", "ragged")
 CAPACITY_SCOPES = ("global", "group")
@@ -42,7 +50,8 @@ class RouterConfig:
     Field names follow Hugging Face's DeepseekV3Config where one exists (scoring_func there).
     """
 
-    score_func: str = "sigmoid"  # 'softmax' (V2, Mixtral, Qwen) or 'sigmoid' (V3)
+    # 'softmax' (V2, Mixtral, Qwen), 'sigmoid' (V3) or 'sqrtsoftplus' (V4: sqrt(softplus(logit)))
+    score_func: str = "sigmoid"
     n_group: int = 1  # G for group-limited routing; 1 disables it
     topk_group: int = 1  # groups a token may pick experts from
     norm_topk_prob: bool = True  # the K weights renormalized to sum to 1
@@ -194,14 +203,16 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     # Attention.
-    attention_type: str = "mla"  # 'mla' (DeepSeek) or 'gqa' (Mixtral, Qwen3)
+    attention_type: str = (
+        "mla"  # 'mla' (DeepSeek V2/V3), 'gqa' (Mixtral, Qwen3), 'v4' (DeepSeek-V4)
+    )
     # MLA.
     q_lora_rank: int = 96  # 0 means a plain query projection (DeepSeek-V2-Lite)
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
-    # GQA.
+    # GQA (and V4's head_dim).
     num_kv_heads: int = 0  # 0 means num_heads (plain MHA)
     head_dim: int = 0  # 0 means hidden_size // num_heads
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
@@ -237,6 +248,30 @@ class ModelConfig:
     index_head_dim: int = 128
     dsa_stage: str = "sparse"
 
+    # DeepSeek-V4 (attention_type='v4'). One key/value head of head_dim, shared as key and value,
+    # its last qk_rope_head_dim dims rotated; queries through q_lora_rank; per-head attention sinks;
+    # a grouped low-rank output projection (o_groups groups of heads, each to o_lora_rank). Each
+    # layer attends over a sliding window of sliding_window keys, plus compressed entries by its
+    # layer_types entry (V4_LAYER_TYPES; empty: every layer sliding). The index_* fields above size
+    # the CSA layers' lightning indexer. The residual is hc_mult streams mixed by manifold-
+    # constrained hyper-connections (Sinkhorn-normalized, hc_sinkhorn_iters iterations). The first
+    # num_hash_layers MoE layers route by a frozen token -> experts table. swiglu_limit clamps the
+    # experts' gate (above) and up (both sides) pre-activations; 0 = no clamp. The main rope is
+    # rope_theta with no scaling; compressed layers use compress_rope_theta with the rope_type /
+    # YaRN fields (YaRN's attention factor fixed at 1, as V4 does).
+    layer_types: tuple[str, ...] = ()
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope_theta: float = 160000.0
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    num_hash_layers: int = 0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: float = 0.0
+
     # Multi-token prediction.
     mtp_depth: int = 0  # D of DeepSeek-V3's MTP (num_nextn_predict_layers)
     mtp_loss_weight: float = 0.3  # lambda
@@ -266,6 +301,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # router as a nested dict
         out["mlp_only_layers"] = list(self.mlp_only_layers)
+        out["layer_types"] = list(self.layer_types)
         return out
 
     def __post_init__(self):
@@ -287,11 +323,25 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.attention_type == "mla" else self.gqa_head_dim
+        return self.qk_rope_head_dim if self.attention_type in ("mla", "v4") else self.gqa_head_dim
+
+    @property
+    def v4_layer_types(self) -> tuple[str, ...]:
+        """DeepSeek-V4's attention type of each layer (layer_types; empty: all sliding)."""
+        return self.layer_types or ("sliding_attention",) * self.num_layers
+
+    def compress_rate(self, layer_type: str) -> int:
+        """Tokens per compressed entry of a V4 layer type (0: sliding window only)."""
+        return {
+            "compressed_sparse_attention": self.compress_rate_csa,
+            "heavily_compressed_attention": self.compress_rate_hca,
+        }.get(layer_type, 0)
 
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(head dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek)."""
+        if self.attention_type == "v4":
+            return self.head_dim**-0.5
         dim = self.qk_head_dim if self.attention_type == "mla" else self.gqa_head_dim
         scale = dim**-0.5
         if self.rope_type == "yarn" and self.rope_mscale_all_dim:
@@ -313,6 +363,13 @@ class ModelConfig:
         return tuple(kinds)
 
     # ------------------------------------------------------------------ validation
+
+    def _validate_v4(self, fail):
+        problems = _v4_problems(self)
+        if problems:
+            field, msg = problems[0]
+            more = "".join(f"; model.{f}: {m}" for f, m in problems[1:])
+            fail(field, msg + more)
 
     def _validate(self):
         def fail(field, msg):
@@ -357,9 +414,20 @@ class ModelConfig:
                     f"is 0, so num_heads={self.num_heads} must divide "
                     f"hidden_size={self.hidden_size}",
                 )
+        if self.attention_type == "v4":
+            self._validate_v4(fail)
+        else:
+            for f in ("layer_types", "num_hash_layers"):
+                if getattr(self, f):
+                    fail(
+                        f,
+                        f"is a DeepSeek-V4 setting (attention_type='v4'), got {getattr(self, f)!r}",
+                    )
+        if self.swiglu_limit < 0:
+            fail("swiglu_limit", f"must be >= 0 (0 = no clamp), got {self.swiglu_limit}")
         if self.rope_dim % 2:
             fail(
-                "qk_rope_head_dim" if self.attention_type == "mla" else "head_dim",
+                "qk_rope_head_dim" if self.attention_type in ("mla", "v4") else "head_dim",
                 f"rotary dim must be even, got {self.rope_dim}",
             )
         if self.rope_type == "yarn":
@@ -423,7 +491,16 @@ class ModelConfig:
                 "'warmup' trains the sparse-attention indexers alone, but model.index_topk=0 "
                 "gives the model none (set index_topk, e.g. 2048, to add them to a dense base)",
             )
-        if self.index_topk:
+        if self.index_topk and self.attention_type == "v4":
+            if self.index_n_heads < 1:
+                fail("index_n_heads", f"must be >= 1, got {self.index_n_heads}")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                fail(
+                    "index_head_dim",
+                    f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its last "
+                    f"qk_rope_head_dim dims are rotated), got {self.index_head_dim}",
+                )
+        elif self.index_topk:
             if self.attention_type != "mla" or not self.q_lora_rank:
                 fail(
                     "index_topk",
@@ -439,6 +516,93 @@ class ModelConfig:
                     f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its first "
                     f"qk_rope_head_dim dims are rotated), got {self.index_head_dim}",
                 )
+
+
+def _v4_problems(self) -> list[tuple[str, str]]:
+    """(field, what is wrong) for every DeepSeek-V4 setting moejax cannot honour."""
+    out = []
+    if self.head_dim < 1 or self.head_dim % 2:
+        out.append(
+            (
+                "head_dim",
+                f"V4's single key/value head needs an even head_dim >= 2, got {self.head_dim}",
+            )
+        )
+    if not 0 < self.qk_rope_head_dim <= self.head_dim:
+        out.append(
+            (
+                "qk_rope_head_dim",
+                f"must be in [1, head_dim={self.head_dim}], got {self.qk_rope_head_dim}",
+            )
+        )
+    if self.q_lora_rank < 1:
+        out.append(
+            (
+                "q_lora_rank",
+                f"V4 queries go through a bottleneck: must be >= 1, got {self.q_lora_rank}",
+            )
+        )
+    if self.layer_types and len(self.layer_types) != self.num_layers:
+        out.append(
+            ("layer_types", f"has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+        )
+    bad = sorted({t for t in self.layer_types if t not in V4_LAYER_TYPES})
+    if bad:
+        out.append(("layer_types", f"got {bad}, allowed: {', '.join(map(repr, V4_LAYER_TYPES))}"))
+    types_ = set(self.v4_layer_types)
+    if "compressed_sparse_attention" in types_ and self.compress_rate_csa < 1:
+        out.append(("compress_rate_csa", f"must be >= 1, got {self.compress_rate_csa}"))
+    if "heavily_compressed_attention" in types_ and self.compress_rate_hca < 1:
+        out.append(("compress_rate_hca", f"must be >= 1, got {self.compress_rate_hca}"))
+    if "compressed_sparse_attention" in types_ and self.index_topk < 1:
+        out.append(("index_topk", "compressed sparse attention layers need index_topk >= 1"))
+    if self.sliding_window < 1:
+        out.append(("sliding_window", f"must be >= 1, got {self.sliding_window}"))
+    if self.o_groups < 1 or self.num_heads % self.o_groups:
+        out.append(
+            ("o_groups", f"must be >= 1 and divide num_heads={self.num_heads}, got {self.o_groups}")
+        )
+    if self.o_lora_rank < 1:
+        out.append(("o_lora_rank", f"must be >= 1, got {self.o_lora_rank}"))
+    if self.hc_mult < 1:
+        out.append(("hc_mult", f"must be >= 1, got {self.hc_mult}"))
+    if self.hc_sinkhorn_iters < 1:
+        out.append(("hc_sinkhorn_iters", f"must be >= 1, got {self.hc_sinkhorn_iters}"))
+    if self.n_routed_experts < 1:
+        out.append(("n_routed_experts", "V4 layers are all MoE: must be >= 1"))
+    if self.first_k_dense_replace or self.mlp_only_layers or self.decoder_sparse_step != 1:
+        out.append(
+            (
+                "first_k_dense_replace",
+                "V4 has no dense layers: first_k_dense_replace=0, mlp_only_layers=(), "
+                "decoder_sparse_step=1",
+            )
+        )
+    if self.n_shared_experts != 1:
+        out.append(
+            (
+                "n_shared_experts",
+                f"V4 has one shared expert of moe_intermediate_size, got {self.n_shared_experts}",
+            )
+        )
+    if not 0 <= self.num_hash_layers <= self.num_layers:
+        out.append(
+            (
+                "num_hash_layers",
+                f"must be in [0, num_layers={self.num_layers}], got {self.num_hash_layers}",
+            )
+        )
+    if self.router.n_group != 1:
+        out.append(
+            ("router.n_group", f"V4 routes without groups: must be 1, got {self.router.n_group}")
+        )
+    if self.mtp_depth:
+        out.append(("mtp_depth", "V4's multi-token prediction is not built yet: must be 0"))
+    if self.dsa_stage != "sparse":
+        out.append(("dsa_stage", "V4's indexers train in the sparse stage only: must be 'sparse'"))
+    if self.tie_word_embeddings:
+        out.append(("tie_word_embeddings", "V4 has a separate LM head"))
+    return out
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

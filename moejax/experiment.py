@@ -118,6 +118,32 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             m.index_topk = 32
             m.index_n_heads = 4
             m.index_head_dim = 16
+    elif m.attention_type == "v4":  # every layer type once, windows that fit 128 positions
+        m.num_layers = 4
+        m.layer_types = [
+            "sliding_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+        ]
+        m.num_hash_layers = 1
+        m.head_dim = 32
+        m.qk_rope_head_dim = 8
+        m.q_lora_rank = 48
+        m.o_groups = 2
+        m.o_lora_rank = 32
+        m.sliding_window = 16
+        m.compress_rate_csa = 4
+        m.compress_rate_hca = 16
+        m.index_topk = 8  # of up to 32 CSA entries
+        m.index_n_heads = 4
+        m.index_head_dim = 16
+        m.rope_factor = 4.0
+        m.rope_original_max_position_embeddings = 256
+        m.hc_mult = 2
+        m.n_routed_experts = 16
+        m.num_experts_per_tok = 4
+        m.moe_intermediate_size = 32
     else:
         m.num_kv_heads = 2
         m.head_dim = 32

@@ -44,6 +44,8 @@ def _cases():
         DeepseekV2ForCausalLM,
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
+        DeepseekV4Config,
+        DeepseekV4ForCausalLM,
         DeepseekV32Config,
         DeepseekV32ForCausalLM,
         MixtralConfig,
@@ -126,6 +128,49 @@ def _cases():
             ),
             True,
         ),
+        # V4: sliding, CSA (entries of 2 tokens, the indexer's top 2) and HCA (of 4) layers, a
+        # hash-routed first layer, 2 hyper-connection streams, grouped output projection, YaRN on
+        # the compressed rope, sinks, sqrt-softplus routing, clamped SwiGLU
+        "deepseek_v4": (
+            DeepseekV4ForCausalLM,
+            DeepseekV4Config(
+                **COMMON,
+                num_hidden_layers=4,
+                head_dim=16,
+                q_lora_rank=24,
+                partial_rotary_factor=0.5,
+                moe_intermediate_size=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                layer_types=[
+                    "sliding_attention",
+                    "compressed_sparse_attention",
+                    "heavily_compressed_attention",
+                    "compressed_sparse_attention",
+                ],
+                mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+                compress_rates={
+                    "compressed_sparse_attention": 2,
+                    "heavily_compressed_attention": 4,
+                },
+                sliding_window=4,
+                o_groups=2,
+                o_lora_rank=8,
+                index_n_heads=8,  # (few heads make exact-zero scores, ties at the cut, likely)
+                index_head_dim=16,
+                index_topk=2,
+                hc_mult=2,
+                swiglu_limit=0.5,  # (small: the clamp really cuts at this init)
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+            ),
+            True,
+        ),
         # softmax routing, group-limited greedy (group score = max), V2 (complex-pair rope)
         "deepseek_v2_softmax_groups": (
             DeepseekV2ForCausalLM,
@@ -195,8 +240,21 @@ CASES = list(_cases())
 
 def _perturb(hf, has_bias: bool):
     """Non-zero correction biases (so selection really depends on them) and a non-trivial indexer
-    key norm (DeepSeek Sparse Attention)."""
+    key norm (DeepSeek Sparse Attention); for V4 every parameter transformers initializes to a
+    constant (sinks, position biases, hyper-connection biases and scales, norms) and the hash
+    table (zeros: every token on expert 0) drawn at random."""
     with torch.no_grad():
+        if hf.config.model_type == "deepseek_v4":
+            E, K = hf.config.n_routed_experts, hf.config.num_experts_per_tok
+            for name, p in hf.named_parameters():
+                if name.endswith(("sinks", "position_bias", ".base", "hc_base")):
+                    p.copy_(0.3 * torch.randn_like(p))
+                elif name.endswith(("scale", "norm.weight", "layernorm.weight")):
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+            for layer in hf.model.layers:
+                if hasattr(layer.mlp.gate, "tid2eid"):
+                    table = [torch.randperm(E)[:K] for _ in range(hf.config.vocab_size)]
+                    layer.mlp.gate.tid2eid.copy_(torch.stack(table))
         for layer in hf.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if has_bias and gate is not None and hasattr(gate, "e_score_correction_bias"):
@@ -245,7 +303,8 @@ def test_logit_parity_and_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["deepseek_v3_sigmoid_groups", "deepseek_v32_sparse", "mixtral", "qwen3_moe"]
+    "name",
+    ["deepseek_v3_sigmoid_groups", "deepseek_v32_sparse", "deepseek_v4", "mixtral", "qwen3_moe"],
 )
 def test_greedy_generation_matches_transformers(name, tmp_path):
     """Batched cached greedy decoding (mixed prompt lengths; one row with a repetition penalty)
@@ -256,6 +315,8 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     cls, cfg, _ = _cases()[name]
     torch.manual_seed(1)
     hf = cls(cfg).eval()
+    if cfg.model_type == "deepseek_v4":
+        _perturb(hf, False)  # a real hash table
     hf.generation_config.eos_token_id = None  # run every row to max_new_tokens
     src = tmp_path / "hf"
     hf.save_pretrained(src)

@@ -78,6 +78,7 @@ def test_config_is_hashable_and_round_trips():
 PUBLISHED = {  # (total, activated) in billions, from the model cards / papers
     "deepseek_v3": (671, 37),
     "deepseek_v32": (671.9, 37),  # V3 + 61 lightning indexers (14M each); the card's 685B adds MTP
+    "deepseek_v4_flash": (284, 13),  # (the 13B activated leaves out the embeddings)
     "deepseek_v2": (236, 21),
     "deepseek_v2_lite": (15.7, 2.4),
     "mixtral_8x7b": (46.7, 12.9),

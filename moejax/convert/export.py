@@ -175,8 +175,16 @@ def to_hf(
     arrays = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     entries = W.hf_entries(config, mt, fused=False)
     _check_covered(arrays, entries, mt)
+
+    def dtype_of(slot):  # integer tables (V4's hash routing) stay int64, as torch keeps them
+        return (
+            np.dtype(np.int64)
+            if jnp.issubdtype(arrays[slot.path].dtype, jnp.integer)
+            else out_dtype
+        )
+
     specs = [
-        (name, W.hf_shape(s, W.view_shape(arrays[s.path].shape, s.index)), out_dtype)
+        (name, W.hf_shape(s, W.view_shape(arrays[s.path].shape, s.index)), dtype_of(s))
         for name, s in entries.items()
     ]
     files = _plan_files(specs, shard_bytes)
@@ -190,7 +198,7 @@ def to_hf(
     def produce(name):  # [HF shape] in out_dtype
         slot = entries[name]
         view = gather_slot(arrays[slot.path], slot, to_host=writer)
-        return None if view is None else W.export_tensor(slot, view).astype(out_dtype)
+        return None if view is None else W.export_tensor(slot, view).astype(dtype_of(slot))
 
     tmp = None
     try:

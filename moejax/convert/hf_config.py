@@ -14,7 +14,15 @@ from typing import Any
 
 from moejax.config import ModelConfig, RouterConfig
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek", "mixtral", "qwen3_moe")
+MODEL_TYPES = (
+    "deepseek_v3",
+    "deepseek_v32",
+    "deepseek_v4",
+    "deepseek_v2",
+    "deepseek",
+    "mixtral",
+    "qwen3_moe",
+)
 
 # Keys that carry no architecture (or that we derive), accepted and ignored.
 _IGNORED = {
@@ -113,6 +121,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(
             f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}"
         )
+    if mt == "deepseek_v4":
+        return _deepseek_v4_config(d)
     problems: list[str] = []
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d.get('hidden_act')!r} (only 'silu')")
@@ -266,6 +276,293 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict({**c, "router": router})
 
 
+# config.json keys of deepseek_v4 that carry no architecture moejax builds, accepted and ignored
+_V4_IGNORED = _IGNORED | {
+    "num_nextn_predict_layers",  # V4's MTP module: transformers does not build it, nor does moejax
+    "router_aux_loss_coef",
+    "partial_rotary_factor",
+    "expert_dtype",
+    "compress_ratios",
+    "compress_rate_csa",
+    "compress_rate_hca",
+    "num_hash_layers",
+}
+V4_SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+
+
+def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
+    """A deepseek_v4 config.json -> ModelConfig (model.attention_type='v4'), legacy keys
+    (compress_ratios, compress_rate_csa / _hca, num_hash_layers, qk_rope_head_dim) read as
+    transformers reads them. Raises UnsupportedConfig listing every value moejax cannot honour,
+    before any weight is read."""
+    from moejax.config import V4_LAYER_TYPES
+
+    problems: list[str] = []
+    n = d.get("num_hidden_layers")
+    required = [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "head_dim",
+        "q_lora_rank",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "num_experts_per_tok",
+    ]
+    problems += [f"{k} is missing" for k in required if d.get(k) is None]
+    if problems:
+        raise UnsupportedConfig(
+            f"config.json (deepseek_v4) has settings moejax cannot honour: {'; '.join(problems)}"
+        )
+    for key, want in (
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("num_key_value_heads", 1),
+        ("n_shared_experts", 1),
+        ("tie_word_embeddings", False),
+    ):
+        if d.get(key, want) != want:
+            problems.append(f"{key}={d.get(key)!r} (deepseek_v4: {want!r})")
+    if d.get("scoring_func", "sqrtsoftplus") not in V4_SCORE_FUNCS:
+        problems.append(
+            f"scoring_func={d.get('scoring_func')!r} (moejax: {', '.join(V4_SCORE_FUNCS)})"
+        )
+    rates = dict(d.get("compress_rates") or {})
+    for key, t in (
+        ("compress_rate_csa", "compressed_sparse_attention"),
+        ("compress_rate_hca", "heavily_compressed_attention"),
+    ):
+        if d.get(key) is not None:
+            rates[t] = d[key]
+    rates.setdefault("compressed_sparse_attention", 4)
+    rates.setdefault("heavily_compressed_attention", 128)
+    for t, r in rates.items():
+        if t not in V4_LAYER_TYPES[1:]:
+            problems.append(f"compress_rates has {t!r} (moejax: {', '.join(V4_LAYER_TYPES[1:])})")
+        elif not isinstance(r, int) or r < 1:
+            problems.append(f"compress_rates[{t!r}]={r!r} (a rate is an integer >= 1)")
+    types = d.get("layer_types")
+    if types is None and d.get("compress_ratios") is not None:
+        by_rate = {0: "sliding_attention"}
+        by_rate[rates.get("compressed_sparse_attention", 4)] = "compressed_sparse_attention"
+        by_rate[rates.get("heavily_compressed_attention", 128)] = "heavily_compressed_attention"
+        bad = sorted({r for r in d["compress_ratios"] if r not in by_rate})
+        if bad:
+            problems.append(f"compress_ratios with {bad} (moejax: {sorted(by_rate)})")
+        types = [by_rate.get(r, "?") for r in d["compress_ratios"]]
+    if types is None:  # transformers' default: 2 HCA, then CSA / HCA alternating
+        types = ["heavily_compressed_attention"] * min(n, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+            for i in range(max(n - 2, 0))
+        ]
+    types = list(types)[:n]
+    bad = sorted({t for t in types if t not in V4_LAYER_TYPES})
+    if bad:
+        problems.append(f"layer_types with {bad} (moejax: {', '.join(V4_LAYER_TYPES)})")
+    mlp = d.get("mlp_layer_types")
+    if mlp is None:
+        n_hash = d.get("num_hash_layers")
+        n_hash = 3 if n_hash is None else n_hash
+        mlp = ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash)
+    mlp = list(mlp)[:n]
+    n_hash = next((i for i, t in enumerate(mlp) if t != "hash_moe"), len(mlp))
+    if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
+        problems.append(f"mlp_layer_types={mlp} (moejax: hash_moe layers first, then moe)")
+    head_dim = d["head_dim"]
+    if d.get("qk_rope_head_dim") is not None:
+        rope_dim = int(d["qk_rope_head_dim"])
+    else:
+        rope_dim = int(head_dim * (d.get("partial_rotary_factor") or 64 / 512))
+    # rope: 'main' (sliding layers) must be the plain rope; 'compress' may be YaRN
+    rp = dict(d.get("rope_parameters") or {})
+    if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
+        main, comp = dict(rp["main"]), dict(rp["compress"])
+    else:
+        flat = {k: v for k, v in (rp or dict(d.get("rope_scaling") or {})).items()}
+        main = {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+        comp = {**flat, "rope_theta": d.get("compress_rope_theta", 160000.0)}
+    if main.get("rope_type", main.get("type", "default")) != "default":
+        problems.append(
+            f"rope_parameters.main.rope_type={main.get('rope_type')!r} (only 'default')"
+        )
+    comp_attention_factor = comp.pop("attention_factor", 1.0)
+    if comp_attention_factor not in (None, 1.0):
+        problems.append(
+            f"rope_parameters.compress.attention_factor={comp_attention_factor} (V4 applies none)"
+        )
+    comp.pop("partial_rotary_factor", None)
+    main_theta = float(main.get("rope_theta", d.get("rope_theta", 10000.0)))
+    comp_rope, comp_problems = _rope(
+        {"rope_parameters": comp, "max_position_embeddings": d.get("max_position_embeddings", 4096)}
+    )
+    problems += [p.replace("rope_parameters", "rope_parameters.compress") for p in comp_problems]
+    if problems:
+        raise UnsupportedConfig(
+            f"config.json (deepseek_v4) has settings moejax cannot honour: {'; '.join(problems)}"
+        )
+    comp_theta = comp_rope.pop("rope_theta")
+    c: dict[str, Any] = dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=n,
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["moe_intermediate_size"],
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        initializer_range=d.get("initializer_range", 0.02),
+        attention_type="v4",
+        head_dim=head_dim,
+        q_lora_rank=d["q_lora_rank"],
+        qk_rope_head_dim=rope_dim,
+        rope_theta=main_theta,
+        compress_rope_theta=float(comp_theta),
+        **comp_rope,
+        layer_types=tuple(types),
+        compress_rate_csa=rates["compressed_sparse_attention"],
+        compress_rate_hca=rates["heavily_compressed_attention"],
+        sliding_window=d.get("sliding_window", 128),
+        o_groups=d.get("o_groups", 8),
+        o_lora_rank=d.get("o_lora_rank", 1024),
+        index_topk=d.get("index_topk", 512),
+        index_n_heads=d.get("index_n_heads", 64),
+        index_head_dim=d.get("index_head_dim", 128),
+        num_hash_layers=n_hash,
+        hc_mult=d.get("hc_mult", 4),
+        hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
+        hc_eps=float(d.get("hc_eps", 1e-6)),
+        swiglu_limit=float(d.get("swiglu_limit", 10.0) or 0.0),
+        n_routed_experts=d["n_routed_experts"],
+        num_experts_per_tok=d["num_experts_per_tok"],
+        n_shared_experts=1,
+        moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense_replace=0,
+    )
+    router = RouterConfig(
+        score_func=d.get("scoring_func", "sqrtsoftplus"),
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.5)),
+        use_score_correction_bias=True,
+    )
+    unknown = sorted(k for k in d if k not in _V4_IGNORED and k not in _V4_KEYS)
+    if unknown:
+        raise UnsupportedConfig(
+            f"config.json (deepseek_v4) has keys moejax does not know: {', '.join(unknown)}"
+        )
+    try:
+        return ModelConfig.from_dict({**c, "router": router})
+    except ValueError as e:
+        raise UnsupportedConfig(f"config.json (deepseek_v4): {e}") from e
+
+
+# the deepseek_v4 config.json keys _deepseek_v4_config reads
+_V4_KEYS = {
+    "vocab_size",
+    "hidden_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "n_shared_experts",
+    "scoring_func",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "max_position_embeddings",
+    "rope_theta",
+    "layer_types",
+    "compress_rates",
+    "compress_rope_theta",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "hc_eps",
+    "mlp_layer_types",
+    "swiglu_limit",
+    "sliding_window",
+    "o_groups",
+    "o_lora_rank",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+}
+
+
+def _deepseek_v4_out(cfg: ModelConfig) -> dict[str, Any]:
+    """The deepseek_v4 config.json of a V4 ModelConfig (transformers' nested rope form)."""
+    if cfg.attention_type != "v4":
+        raise UnsupportedConfig("cannot export to deepseek_v4: attention_type must be 'v4'")
+    comp = {k: v for k, v in _rope_out(cfg).items() if k not in ("mscale", "mscale_all_dim")}
+    comp["rope_theta"] = cfg.compress_rope_theta
+    prf = cfg.qk_rope_head_dim / cfg.head_dim
+    comp["partial_rotary_factor"] = prf
+    if cfg.rope_type == "yarn":
+        comp["attention_factor"] = 1.0
+    return dict(
+        architectures=["DeepseekV4ForCausalLM"],
+        model_type="deepseek_v4",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=1,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        partial_rotary_factor=prf,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=1,
+        scoring_func=cfg.router.score_func,
+        norm_topk_prob=cfg.router.norm_topk_prob,
+        routed_scaling_factor=cfg.router.routed_scaling_factor,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rope_parameters={
+            "main": {
+                "rope_type": "default",
+                "rope_theta": cfg.rope_theta,
+                "partial_rotary_factor": prf,
+            },
+            "compress": comp,
+        },
+        layer_types=list(cfg.v4_layer_types),
+        compress_rates={
+            "compressed_sparse_attention": cfg.compress_rate_csa,
+            "heavily_compressed_attention": cfg.compress_rate_hca,
+        },
+        compress_rope_theta=cfg.compress_rope_theta,
+        hc_mult=cfg.hc_mult,
+        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        hc_eps=cfg.hc_eps,
+        mlp_layer_types=["hash_moe"] * cfg.num_hash_layers
+        + ["moe"] * (cfg.num_layers - cfg.num_hash_layers),
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.sliding_window,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_n_heads=cfg.index_n_heads,
+        index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk,
+        num_nextn_predict_layers=0,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        dtype="float32",
+    )
+
+
 def _deepseek_v32_problems(d: dict[str, Any]) -> list[str]:
     """deepseek_v32's per-layer lists must say what moejax builds: the first first_k_dense_replace
     layers dense, every layer DeepSeek Sparse Attention."""
@@ -362,6 +659,8 @@ def _mixtral_expressible(cfg: ModelConfig) -> bool:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a moejax config exports to."""
+    if cfg.attention_type == "v4":
+        return "deepseek_v4"
     if cfg.attention_type == "mla":
         if cfg.index_topk:
             return "deepseek_v32"
@@ -393,6 +692,10 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         raise UnsupportedConfig(
             f"model_type={mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}"
         )
+    if mt == "deepseek_v4" or cfg.attention_type == "v4":
+        if mt != "deepseek_v4":
+            raise UnsupportedConfig(f"cannot export to {mt}: a V4 model exports to deepseek_v4")
+        return _deepseek_v4_out(cfg)
     arch = {
         "deepseek_v3": "DeepseekV3ForCausalLM",
         "deepseek_v32": "DeepseekV32ForCausalLM",

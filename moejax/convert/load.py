@@ -65,8 +65,9 @@ def plan(
     tensor, a tensor of the wrong shape (naming both shapes) or a float8 tensor without its scales.
     """
     names = ckpt.names()
-    disk = W.hf_entries(cfg, model_type, fused=False)
-    fused = W.hf_entries(cfg, model_type, fused=True)
+    release = model_type == "deepseek_v4" and "embed.weight" in names  # DeepSeek's own naming
+    disk = W.hf_entries(cfg, model_type, fused=False, release=release)
+    fused = W.hf_entries(cfg, model_type, fused=True, release=release)
     fused_layers = {
         n.rsplit(".", 1)[0]
         for n in fused

@@ -151,12 +151,100 @@ def _block_entries(
     return e
 
 
-def hf_entries(cfg: ModelConfig, model_type: str, fused: bool = False) -> dict[str, Slot]:
+def _v4_block_entries(cfg: ModelConfig, hf: str, base: tuple, idx: tuple, kind) -> dict:
+    """One DeepSeek-V4 layer in its checkpoint names (DeepSeek's release naming, which
+    transformers' save_pretrained writes back)."""
+    from moejax.model.v4 import CSA
+
+    layer_type, hashed = kind
+    a, f, at, fp = base + ("attn",), base + ("ffn",), f"{hf}.attn", f"{hf}.ffn"
+    e = {
+        f"{hf}.attn_norm.weight": Slot(base + ("attn_norm", "weight"), idx, "copy"),
+        f"{hf}.ffn_norm.weight": Slot(base + ("ffn_norm", "weight"), idx, "copy"),
+        f"{at}.wq_a.weight": Slot(a + ("wq_a",), idx, "linear"),
+        f"{at}.q_norm.weight": Slot(a + ("q_norm", "weight"), idx, "copy"),
+        f"{at}.wq_b.weight": Slot(a + ("wq_b",), idx, "linear"),  # [Rq, N, H]
+        f"{at}.wkv.weight": Slot(a + ("wkv",), idx, "linear"),  # [D, H]
+        f"{at}.norm.weight": Slot(a + ("kv_norm", "weight"), idx, "copy"),
+        f"{at}.wo_a.weight": Slot(a + ("wo_a",), idx, "linear2"),  # [N/G, H, G, Ro]
+        f"{at}.wo_b.weight": Slot(a + ("wo_b",), idx, "linear2"),  # [G, Ro, D]
+        f"{at}.attn_sink": Slot(a + ("sinks",), idx, "copy"),
+        f"{fp}.gate.weight": Slot(f + ("router", "w"), idx, "linear"),
+    }
+    for hc in ("attn", "ffn"):  # fn [(2 + n) n, n D] -> [n, D, (2 + n) n]
+        e[f"{hf}.hc_{hc}_fn"] = Slot(base + (f"{hc}_hc", "fn"), idx, "linear2")
+        e[f"{hf}.hc_{hc}_base"] = Slot(base + (f"{hc}_hc", "base"), idx, "copy")
+        e[f"{hf}.hc_{hc}_scale"] = Slot(base + (f"{hc}_hc", "scale"), idx, "copy")
+
+    def compressor(name, path):
+        e[f"{name}.wkv.weight"] = Slot(path + ("wkv",), idx, "linear")  # [D, c, H]
+        e[f"{name}.wgate.weight"] = Slot(path + ("wgate",), idx, "linear")
+        e[f"{name}.ape"] = Slot(path + ("position_bias",), idx, "copy")  # [m, c H]
+        e[f"{name}.norm.weight"] = Slot(path + ("norm", "weight"), idx, "copy")
+
+    if cfg.compress_rate(layer_type):
+        compressor(f"{at}.compressor", a + ("compressor",))
+    if layer_type == CSA:
+        i = a + ("indexer",)
+        compressor(f"{at}.indexer.compressor", i + ("compressor",))
+        e[f"{at}.indexer.wq_b.weight"] = Slot(i + ("wq_b",), idx, "linear")  # [Rq, Hi, Di]
+        e[f"{at}.indexer.weights_proj.weight"] = Slot(i + ("weights_proj",), idx, "linear")
+    if hashed:
+        e[f"{fp}.gate.tid2eid"] = Slot(f + ("router", "table"), idx, "copy")  # int [V, K]
+    elif cfg.router.use_score_correction_bias:
+        e[f"{fp}.gate.bias"] = Slot(f + ("router", "bias"), idx, "copy")
+    for x in range(cfg.n_routed_experts):
+        e.update(_mlp_entries(f"{fp}.experts.{x}", f, idx + (x,), ("w1", "w3", "w2")))
+    e.update(_mlp_entries(f"{fp}.shared_experts", f + ("shared",), idx, ("w1", "w3", "w2")))
+    return e
+
+
+def release_name(name: str) -> str:
+    """A DeepSeek-V4 tensor name as transformers' save_pretrained writes it -> as DeepSeek's
+    release checkpoints name it (no 'model.' prefix, embed / hc_head_* at the top)."""
+    top = {
+        "model.embed_tokens.weight": "embed.weight",
+        "model.hc_head.hc_fn": "hc_head_fn",
+        "model.hc_head.hc_base": "hc_head_base",
+        "model.hc_head.hc_scale": "hc_head_scale",
+    }
+    if name in top:
+        return top[name]
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def _v4_entries(cfg: ModelConfig) -> dict[str, Slot]:
+    from moejax.model.transformer import v4_kinds
+
+    e = {
+        "model.embed_tokens.weight": Slot(("embed",), (), "copy"),
+        "model.norm.weight": Slot(("norm", "weight"), (), "copy"),
+        "head.weight": Slot(("lm_head",), (), "linear"),
+        "model.hc_head.hc_fn": Slot(("hc_head", "fn"), (), "linear2"),
+        "model.hc_head.hc_base": Slot(("hc_head", "base"), (), "copy"),
+        "model.hc_head.hc_scale": Slot(("hc_head", "scale"), (), "copy"),
+    }
+    layer = 0
+    for s, ((_, n), kind) in enumerate(zip(segments_of(cfg), v4_kinds(cfg))):
+        for j in range(n):
+            e.update(_v4_block_entries(cfg, f"model.layers.{layer}", ("segments", s), (j,), kind))
+            layer += 1
+    return e
+
+
+def hf_entries(
+    cfg: ModelConfig, model_type: str, fused: bool = False, release: bool = False
+) -> dict[str, Slot]:
     """All Hugging Face tensor names for cfg, each with its moejax slot.
 
     fused=False gives the on-disk per-expert names save_pretrained writes; fused=True gives
     transformers' in-memory layout (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]).
+    DeepSeek-V4 has its on-disk names only: save_pretrained's (release=False) or those of
+    DeepSeek's release checkpoints (release=True, `release_name`).
     """
+    if model_type == "deepseek_v4":
+        e = _v4_entries(cfg)
+        return {release_name(n): s for n, s in e.items()} if release else e
     e = {
         "model.embed_tokens.weight": Slot(("embed",), (), "copy"),
         "model.norm.weight": Slot(("norm", "weight"), (), "copy"),
@@ -197,6 +285,8 @@ def hf_entries(cfg: ModelConfig, model_type: str, fused: bool = False) -> dict[s
 def ignorable(name: str, cfg: ModelConfig) -> bool:
     if name.endswith("rotary_emb.inv_freq"):
         return True
+    if cfg.attention_type == "v4" and name.startswith(("mtp.", "model.mtp.")):
+        return True  # V4's MTP module is not built (ModelConfig refuses mtp_depth with V4)
     for k in range(cfg.mtp_depth):
         hf = f"model.layers.{cfg.num_layers + k}"
         if name in (f"{hf}.embed_tokens.weight", f"{hf}.shared_head.head.weight"):

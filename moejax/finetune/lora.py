@@ -78,10 +78,13 @@ def targets(model, patterns) -> list[tuple[str, object, str]]:
     """(path, module, weight name) of every adaptable weight a pattern matches (re.search on the
     path). A pattern that matches none is an error naming it."""
     from moejax.model.dsa import Indexer
+    from moejax.model.v4 import V4Indexer
 
     found, used = [], set()
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, Indexer):  # its own small projections, trained on its KL loss only
+        if isinstance(
+            module, (Indexer, V4Indexer)
+        ):  # its own small projections, trained on its KL loss only
             continue
         for name in INPUT_AXES:
             var = getattr(module, name, None)

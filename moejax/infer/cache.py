@@ -41,8 +41,32 @@ class KVCache(NamedTuple):
 HEAD_MAJOR = ("k", "v")  # stored [L, B, Nkv, S, H]
 
 
-def entry_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Per-token shape of each cached tensor of one layer."""
+# DeepSeek-V4's raw compressor projections: cached in float32 whatever the cache dtype (the gate
+# logits go through a softmax, as in training)
+V4_RAW = ("ckv", "cgate", "ikv", "igate")
+
+
+def entry_shapes(cfg: ModelConfig, v4_kind=None) -> dict[str, tuple[int, ...]]:
+    """Per-token shape of each cached tensor of one layer (v4_kind: a DeepSeek-V4 segment's
+    (layer type, hash-routed), transformer.v4_kinds).
+
+    DeepSeek-V4 caches each position's rotated key/value `kv` [head_dim] and, on compressed
+    layers, the raw projections its compressors pool (`ckv` / `cgate`, and the CSA indexer's
+    `ikv` / `igate`); a step compresses the windows from them, so any prefix length, padding and
+    per-row length needs no window bookkeeping. (That keeps every position, not only the sliding
+    window and the compressed entries as transformers' cache does: simpler and exact, more memory.)
+    """
+    if cfg.attention_type == "v4":
+        from moejax.model.v4 import CSA
+
+        layer_type = v4_kind[0]
+        out = {"kv": (cfg.head_dim,)}
+        if cfg.compress_rate(layer_type):
+            c = 2 if layer_type == CSA else 1
+            out["ckv"] = out["cgate"] = (c * cfg.head_dim,)
+        if layer_type == CSA:
+            out["ikv"] = out["igate"] = (2 * cfg.index_head_dim,)
+        return out
     if cfg.attention_type == "mla":
         out = {"latent": (cfg.kv_lora_rank,), "rope": (cfg.qk_rope_head_dim,)}
         if cfg.index_topk:  # DeepSeek Sparse Attention: the indexer's key (rotated, normed)
@@ -52,14 +76,15 @@ def entry_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _layer_cache(
-    cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype, int8: bool
+    cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype, int8: bool, v4_kind=None
 ) -> dict:
     out = {}
-    for name, shape in entry_shapes(cfg).items():
+    for name, shape in entry_shapes(cfg, v4_kind).items():
         full = (layers, batch) + (
             (shape[0], max_len) + shape[1:] if name in HEAD_MAJOR else (max_len,) + shape
         )
-        out[name] = jnp.zeros(full, jnp.int8 if int8 else dtype)
+        kind = jnp.float32 if name in V4_RAW else dtype
+        out[name] = jnp.zeros(full, jnp.int8 if int8 else kind)
         if int8:  # one scale per token (and per KV head): the last axis is quantized together
             out[name + "_scale"] = jnp.zeros(full[:-1], jnp.float32)
     return out
@@ -83,10 +108,18 @@ def init_cache(
     default). mtp=True adds a cache for each MTP depth (speculative decoding drafts with it).
     routes=True also records the experts each MoE layer chose for every position ('route' [L, B, S,
     K], routing replay for RL)."""
-    from moejax.model.transformer import segments_of
+    from moejax.model.transformer import segments_of, v4_kinds
 
+    if int8 and cfg.attention_type == "v4":
+        raise ValueError(
+            "kv_int8: DeepSeek-V4 caches are not quantized (its compressor gate logits are cached "
+            "raw); use a bfloat16 or float32 cache"
+        )
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    segs = [_layer_cache(cfg, n, batch, max_len, dtype, int8) for _, n in segments_of(cfg)]
+    segs = [
+        _layer_cache(cfg, n, batch, max_len, dtype, int8, kind)
+        for (_, n), kind in zip(segments_of(cfg), v4_kinds(cfg))
+    ]
     if routes:
         for seg, (kind, n) in zip(segs, segments_of(cfg)):
             if kind == "moe":
@@ -104,6 +137,15 @@ def bytes_per_token(
     cfg: ModelConfig, dtype="bfloat16", *, int8: bool = False, mtp: bool = False
 ) -> int:
     """Cache bytes one token occupies over all layers (MLA at V3 shape: 576 x 61 x dtype size)."""
+    if cfg.attention_type == "v4":
+        from moejax.model.transformer import segments_of, v4_kinds
+
+        total = 0
+        for (_, n), kind in zip(segments_of(cfg), v4_kinds(cfg)):
+            for name, shape in entry_shapes(cfg, kind).items():
+                size = 4 if name in V4_RAW else jnp.dtype(dtype).itemsize
+                total += n * int(np.prod(shape)) * size
+        return total
     per_layer = 0
     for shape in entry_shapes(cfg).values():
         n = int(np.prod(shape))

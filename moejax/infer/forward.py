@@ -24,6 +24,7 @@ from moejax import sharding
 from moejax.infer import cache as cache_lib
 from moejax.infer.cache import KVCache
 from moejax.model import dsa
+from moejax.model import v4 as v4_lib
 from moejax.model.attention import MLA
 from moejax.model.layers import apply_rope, dtype_of, rms_norm, rope_cos_sin
 from moejax.model.transformer import RESIDUAL, Block, Transformer, segments_of
@@ -256,6 +257,46 @@ def _gqa_step(attn, x, cos, sin, cached, start, prefill: bool):
     return y, {"k": k, "v": v}
 
 
+# -------------------------------------------------------------------------------------- DeepSeek-V4
+
+
+def _v4_attn_step(attn: v4_lib.V4Attention, x, ctx, cached, start, prefill: bool):
+    """V4 attention of the new tokens over every cached position and themselves: the training
+    computation (V4Attention.attend) with the cache as its keys. Returns (y, new entries)."""
+    B, T = x.shape[:2]
+    q, q_lat, kv, raw = attn.project(x, ctx)
+    new = {"kv": kv, **raw}
+    ones = jnp.ones((B, T), jnp.int32)
+    if prefill:
+        keys = v4_lib.Keys(kv, raw, ctx.positions, ones)
+    else:
+        cols = start[:, None] + jnp.arange(T)[None]
+        rows = jnp.arange(B)[:, None]
+        full = {
+            name: cached[name].at[rows, cols].set(v.astype(cached[name].dtype), mode="drop")
+            for name, v in new.items()
+        }
+        S = full["kv"].shape[1]
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        seg = (pos < (start + T)[:, None]).astype(jnp.int32)  # written positions only
+        keys = v4_lib.Keys(full["kv"], {k: full[k] for k in raw}, pos, seg)
+    y, _ = attn.attend(x, q, q_lat, ctx, ones, keys)
+    return y, new
+
+
+def _v4_block_step(block, x, ctx, token_mask, cached, start, prefill: bool, record: bool):
+    cd = block.compute_dtype
+    post, comb, h = block.attn_hc(x)
+    a, new = _v4_attn_step(block.attn, block.attn_norm(h).astype(cd), ctx, cached, start, prefill)
+    x = v4_lib.mix(post, a, comb, x).astype(cd)
+    post, comb, h = block.ffn_hc(x)
+    f, aux = block.ffn(block.ffn_norm(h).astype(cd), token_mask, record=record, ids=ctx.ids)
+    if record:
+        new = dict(new, route=aux["route"])
+    x = v4_lib.mix(post, f, comb, x).astype(cd)
+    return sharding.constrain(x, block.layout, v4_lib.STREAMS), new
+
+
 # ------------------------------------------------------------------------------------------- blocks
 
 
@@ -273,7 +314,10 @@ def block_step(
 ):
     """Block.__call__ with cached attention: x [B, T, D] -> (x, this block's new cache entries [B,
     T, ...]). cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE
-    layer's expert choices join the entries as 'route' [B, T, K]."""
+    layer's expert choices join the entries as 'route' [B, T, K]. (A DeepSeek-V4 block reads a
+    v4.Context in cos's place.)"""
+    if isinstance(block, v4_lib.V4Block):
+        return _v4_block_step(block, x, cos, token_mask, cached, start, prefill, record)
     cd = block.compute_dtype
     h = block.attn_norm(x).astype(cd)
     if isinstance(block.attn, MLA):
@@ -344,11 +388,17 @@ def forward(
     cfg = model.cfg
     B, T = tokens.shape
     start = cache.lengths
-    cos, sin = rope_cos_sin(_positions(start, T), cfg)
+    v4 = cfg.attention_type == "v4"
+    if v4:  # V4 blocks read a v4.Context in cos's place
+        cos, sin = v4_lib.context(tokens, _positions(start, T), cfg), None
+    else:
+        cos, sin = rope_cos_sin(_positions(start, T), cfg)
     token_mask = (
         jnp.ones((B, T), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
     )
     x = model.embed_tokens(tokens)
+    if v4:  # hc_mult residual streams
+        x = jnp.broadcast_to(x[:, :, None], x.shape[:2] + (cfg.hc_mult,) + x.shape[2:])
     segments = []
     for (kind, _n), stack, layers in zip(segments_of(cfg), model.segments, cache.segments):
         with jax.named_scope(f"segment_{kind}"):
@@ -356,7 +406,7 @@ def forward(
                 stack, x, cos, sin, token_mask, layers, start, prefill, absorbed
             )
         segments.append(layers)
-    return model.norm(x), cache._replace(segments=segments)
+    return model.norm(model.hc_head(x) if v4 else x), cache._replace(segments=segments)
 
 
 def mtp_forward(

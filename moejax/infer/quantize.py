@@ -83,9 +83,12 @@ def quantize(model, fmt: str = "int8"):
     view = nnx.merge(graphdef, state)
     targets = []
     from moejax.model.dsa import Indexer
+    from moejax.model.v4 import V4Indexer
 
     for _path, module in nnx.iter_modules(view):
-        if isinstance(module, Indexer):  # small, and its own layouts: kept in full precision
+        if isinstance(
+            module, (Indexer, V4Indexer)
+        ):  # small, and its own layouts: kept in full precision
             continue
         for name, axes in CONTRACTED.items():
             var = getattr(module, name, None)

@@ -53,10 +53,15 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
-def swiglu(gate_up):
-    """silu(gate) * up in float32, for gate_up [..., 2, F] -> [..., F]."""
+def swiglu(gate_up, limit: float = 0.0):
+    """silu(gate) * up in float32, for gate_up [..., 2, F] -> [..., F]. limit > 0 (DeepSeek-V4's
+    swiglu_limit) first clamps gate to <= limit and up to [-limit, limit]."""
     gate_up = gate_up.astype(jnp.float32)
-    return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    if limit:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+    return jax.nn.silu(gate) * up
 
 
 # ------------------------------------------------------------------------------- LoRA
@@ -129,6 +134,7 @@ class MLP(nnx.Module):
         self.layout = layout  # sharding.Layout: activations pinned to it (None: no mesh)
         self.w_gate_up = param(rngs, (D, 2, hidden), ("embed", None, "mlp"), cfg)  # [D, 2, F]
         self.w_down = param(rngs, (hidden, D), ("mlp", "embed"), cfg)  # [F, D]
+        self.limit = cfg.swiglu_limit  # DeepSeek-V4's clamp (0: none)
 
     def __call__(self, x, rng=None):
         """x [..., D] (rows first: [B, T, D] or [M, D]) -> [..., D] float32. rng: LoRA dropout
@@ -138,7 +144,7 @@ class MLP(nnx.Module):
         rows = ("batch", "sequence") if x.ndim == 3 else (("batch", "sequence"),)
         h = project(self, "w_gate_up", "...D,DXF->...XF", x, cd, rng)
         h = sharding.constrain(h, self.layout, rows + (None, "mlp"))  # [..., 2, F]
-        h = swiglu(h).astype(cd)
+        h = swiglu(h, self.limit).astype(cd)
         y = project(self, "w_down", "...F,FD->...D", h, cd, rng)
         return sharding.constrain(y, self.layout, rows + (None,))
 

@@ -28,7 +28,7 @@ from moejax.model.layers import MLP, dtype_of, param, swiglu
 from moejax.model.moe_ep import capacity
 
 
-def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
+def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, limit=0.0):
     """Reference: every expert on every token. x [M, D] -> [M, D] float32."""
     E = w_gate_up.shape[0]
     combine = jnp.einsum(
@@ -40,7 +40,7 @@ def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
         w_gate_up.astype(compute_dtype),
         preferred_element_type=jnp.float32,
     )
-    h = swiglu(h).astype(compute_dtype)  # [M, E, F]
+    h = swiglu(h, limit).astype(compute_dtype)  # [M, E, F]
     out = jnp.einsum(
         "MEF,EFD->MED", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32
     )
@@ -48,7 +48,7 @@ def experts_dense(x, expert_ids, weights, w_gate_up, w_down, compute_dtype):
 
 
 def experts_capacity(
-    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, capacity_factor, token_mask
+    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, capacity_factor, token_mask, limit=0.0
 ):
     """Token-dropping dispatch into per-expert buffers [E, C, D]: the reference capacity policy.
 
@@ -82,7 +82,7 @@ def experts_capacity(
     h = jnp.einsum(
         "ECD,EDXF->ECXF", buf, w_gate_up.astype(compute_dtype), preferred_element_type=jnp.float32
     )
-    h = swiglu(h).astype(compute_dtype)
+    h = swiglu(h, limit).astype(compute_dtype)
     out = jnp.einsum(
         "ECF,EFD->ECD", h, w_down.astype(compute_dtype), preferred_element_type=jnp.float32
     )
@@ -93,7 +93,16 @@ def experts_capacity(
 
 
 def experts_dropless(
-    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, gmm_impl=None, lora=None, fp8=False
+    x,
+    expert_ids,
+    weights,
+    w_gate_up,
+    w_down,
+    compute_dtype,
+    gmm_impl=None,
+    lora=None,
+    fp8=False,
+    limit=0.0,
 ):
     """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted
     combine. x [M, D] -> [M, D] float32."""
@@ -107,11 +116,12 @@ def experts_dropless(
         gmm_impl=gmm_impl,
         lora=lora,
         fp8=fp8,
+        limit=limit,
     )  # [M*K, D]
     return kernels.unpermute(ys, order, weights)
 
 
-def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None):
+def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None, limit=0.0):
     """Each assignment gathers its expert's weights: x [M, D] -> [M, D] float32.
 
     Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a
@@ -134,7 +144,7 @@ def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lor
             lora.b_gu[expert_ids].astype(cd),
             preferred_element_type=jnp.float32,
         )
-    h = swiglu(h).astype(cd)  # [M, K, F]
+    h = swiglu(h, limit).astype(cd)  # [M, K, F]
     out = jnp.einsum(
         "MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32
     )
@@ -224,6 +234,7 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
         layout=None,
         execution: ExecutionConfig = ExecutionConfig(),
+        hashed: bool = False,
     ):
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         self.cfg = cfg
@@ -235,7 +246,10 @@ class MoE(nnx.Module):
                 layout.mesh, layout.rule_table
             )  # a rule the exchange cannot honour fails here
             self.dispatch = "expert_parallel"
-        self.router = router_lib.Router(cfg, rngs=rngs)  # first: it draws the first init key
+        # first: it draws the first init key. hashed: DeepSeek-V4's frozen token -> experts table
+        self.hashed = hashed
+        router = router_lib.HashRouter if hashed else router_lib.Router
+        self.router = router(cfg, rngs=rngs)
         self.w_gate_up = param(rngs, (E, D, 2, F), ("expert", "embed", None, "expert_mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), cfg)
         if cfg.n_shared_experts:
@@ -244,7 +258,14 @@ class MoE(nnx.Module):
             )
 
     def __call__(
-        self, x, token_mask=None, rng=None, route=None, replay: bool = False, record: bool = False
+        self,
+        x,
+        token_mask=None,
+        rng=None,
+        route=None,
+        replay: bool = False,
+        record: bool = False,
+        ids=None,
     ):
         """x [B, T, D] -> (y [B, T, D] float32, aux). token_mask [B, T] marks real tokens;
         rng enables router jitter (training).
@@ -253,7 +274,8 @@ class MoE(nnx.Module):
         then holds `route_mismatch`, how many of those assignments this router does not make; with
         replay=True the layer uses them (gate weights from this router's scores); `route_count` is
         how many were recorded (a token whose row is -1 was not, and keeps this router's choice).
-        record=True puts this call's choice in aux['route'] [B, T, K]."""
+        record=True puts this call's choice in aux['route'] [B, T, K]. ids: the token ids [B, T]
+        (hash routing reads them)."""
         cfg = self.cfg
         B, T, D = x.shape
         cd = dtype_of(cfg.compute_dtype)
@@ -263,7 +285,7 @@ class MoE(nnx.Module):
         )
         mask = mask2.reshape(B * T)
         with jax.named_scope("router"):
-            r = self.router(xf, rng)
+            r = self.router(xf, rng, None if ids is None else ids.reshape(B * T))
             if route is not None:
                 route = route.reshape(B * T, -1).astype(jnp.int32)
                 mismatch = router_lib.disagreement(r, route, mask)
@@ -311,17 +333,18 @@ class MoE(nnx.Module):
                 wgu, wd
             )  # the references run the merged weights (no adapter dropout)
             lora = None
+        lim = cfg.swiglu_limit
         if self.dispatch == "dense":
-            return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd), zero
+            return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd, lim), zero
         if self.dispatch == "capacity":
             return experts_capacity(
-                xf, r.expert_ids, r.weights, wgu, wd, cd, ex.capacity_factor, mask
+                xf, r.expert_ids, r.weights, wgu, wd, cd, ex.capacity_factor, mask, lim
             )
         impl = None if ex.gmm_impl == "auto" else ex.gmm_impl
         B, T, D = x.shape
         if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
             return experts_gather(
-                xf, r.expert_ids, r.weights, wgu, wd, cd, lora
+                xf, r.expert_ids, r.weights, wgu, wd, cd, lora, lim
             ), zero  # a few tokens: decoding
         # A batch the batch axes do not divide (e.g. sampling 3 prompts) is left to GSPMD. Inside a
         # pipeline stage (a shard_map over 'stage') the exchange is a shard_map nested over the
@@ -347,6 +370,7 @@ class MoE(nnx.Module):
                 gmm_impl=impl,
                 lora=lora,
                 fp8=ex.fp8,
+                limit=lim,
             )
             return y.reshape(B * T, D), dropped
         if (
@@ -355,7 +379,9 @@ class MoE(nnx.Module):
             and kernels.default_impl().startswith("pallas")
         ):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
-        return experts_dropless(xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora, ex.fp8), zero
+        return experts_dropless(
+            xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora, ex.fp8, lim
+        ), zero
 
     def stats(self, r: router_lib.Routing, mask, batch: int):
         """This call's SUM_STATS and MEAN_STATS (without 'dropped', which the dispatch gives)."""

@@ -87,8 +87,9 @@ def experts_ep(
     gmm_impl=None,
     lora: ExpertLoRA | None = None,
     fp8: bool = False,
+    limit: float = 0.0,
 ):
-    """Routed experts with the experts split over the expert axes.
+    """Routed experts with the experts split over the expert axes (limit: swiglu's clamp).
 
     capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or
     'group' (the devices of one expert-parallel exchange).
@@ -165,6 +166,7 @@ def experts_ep(
             gmm_impl=gmm_impl,
             lora=local_lora,
             fp8=fp8,
+            limit=limit,
         )
         return y.reshape(Bl, T, D), dropped
 
@@ -202,6 +204,7 @@ def _local(
     gmm_impl,
     lora=None,
     fp8=False,
+    limit=0.0,
 ):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped
     count)."""
@@ -219,7 +222,14 @@ def _local(
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
     experts = functools.partial(
-        expert_ffn, wgu=wgu, wd=wd, tp_axes=tp_axes, gmm_impl=gmm_impl, lora=lora, fp8=fp8
+        expert_ffn,
+        wgu=wgu,
+        wd=wd,
+        tp_axes=tp_axes,
+        gmm_impl=gmm_impl,
+        lora=lora,
+        fp8=fp8,
+        limit=limit,
     )
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
@@ -342,6 +352,7 @@ def expert_ffn(
     gmm_impl=None,
     lora: ExpertLoRA | None = None,
     fp8: bool = False,
+    limit: float = 0.0,
 ):
     """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A,
     D] -> [A, D] float32. With tensor-parallel experts (tp_axes) each device holds an F slice and
@@ -366,7 +377,7 @@ def expert_ffn(
         r0, r1 = (None, None) if lora.rng is None else jax.random.split(lora.rng)
         z = gmm(_dropped_out(rows, lora.dropout, r0), lora.a_gu).astype(cd)  # [A, Z]
         h = h + lora.scale * gmm(z, lora.b_gu.reshape(El, -1, 2 * Fl))
-    h = swiglu(h.reshape(-1, 2, Fl)).astype(cd)
+    h = swiglu(h.reshape(-1, 2, Fl), limit).astype(cd)
     y = base(h, wd)
     if lora is not None:
         z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(

@@ -25,7 +25,12 @@ from moejax.config import ModelConfig
 
 
 class RouterBias(nnx.Variable):
-    """Non-trainable aux-loss-free balancing bias; changed only by `update_router_bias`."""
+    """Non-trainable router state: the aux-loss-free balancing bias (changed only by
+    `update_router_bias`) and DeepSeek-V4's hash-routing table (`HashTable`, never changed)."""
+
+
+class HashTable(RouterBias):
+    """DeepSeek-V4's frozen token id -> expert ids table, int32 [V, K] (never trained)."""
 
 
 class Routing(NamedTuple):
@@ -62,14 +67,56 @@ class Router(nnx.Module):
             x = x * noise
         return jnp.dot(x, self.w[...].astype(jnp.float32))
 
-    def __call__(self, x, rng=None) -> Routing:
-        """x [M, D] -> the Routing of every row (this router's choice, before any replay)."""
+    def __call__(self, x, rng=None, ids=None) -> Routing:
+        """x [M, D] -> the Routing of every row (this router's choice, before any replay). ids:
+        the rows' token ids [M] (read by HashRouter only)."""
         bias = self.bias[...] if self.cfg.router.use_score_correction_bias else None
         return route(self.logits(x, rng), bias, self.cfg)
 
     def update_bias(self, counts, rate: float) -> None:
         """The aux-loss-free step on this router's bias from a global batch's expert counts."""
         self.bias[...] = update_router_bias(self.bias[...], counts, rate)
+
+
+class HashRouter(Router):
+    """DeepSeek-V4's hash routing (its first num_hash_layers MoE layers): each token's experts are
+    a frozen lookup `table[token id]`; the learned gate only weighs them (scores as `route`,
+    gathered at the looked-up experts, normalized and scaled). There is no correction bias.
+
+    A fresh table gives each vocabulary id K distinct experts drawn uniformly (a checkpoint's
+    table, e.g. V4's `tid2eid`, replaces it)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, E, K, V = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.vocab_size
+        self.cfg = cfg
+        self.w = nnx.Param(
+            cfg.initializer_range * jax.random.normal(rngs.params(), (D, E), jnp.float32),
+            logical_axes=("embed", None),
+        )
+        draw = jax.random.uniform(rngs.params(), (V, E))
+        table = jax.lax.top_k(draw, K)[1].astype(jnp.int32)  # K distinct experts per id
+        self.table = HashTable(table, logical_axes=("vocab", None))
+
+    def __call__(self, x, rng=None, ids=None) -> Routing:
+        if ids is None:
+            raise ValueError("a hash-routed MoE layer needs the token ids of its rows")
+        logits = self.logits(x, rng)
+        scores = score(logits, self.cfg)
+        expert_ids = jnp.take(self.table[...], ids.reshape(-1), axis=0).astype(jnp.int32)
+        return Routing(expert_ids, gate_weights(scores, expert_ids, self.cfg), scores, logits)
+
+    def update_bias(self, counts, rate: float) -> None:
+        """Hash routing has no balancing bias: the table is fixed."""
+
+
+def score(logits, cfg: ModelConfig):
+    """Router scores [M, E] float32 from logits by cfg.router.score_func."""
+    logits = logits.astype(jnp.float32)
+    if cfg.router.score_func == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if cfg.router.score_func == "sqrtsoftplus":  # DeepSeek-V4
+        return jnp.sqrt(jax.nn.softplus(logits))
+    return jax.nn.sigmoid(logits)
 
 
 def route(logits, bias, cfg: ModelConfig) -> Routing:
@@ -81,10 +128,7 @@ def route(logits, bias, cfg: ModelConfig) -> Routing:
     """
     M, E = logits.shape
     logits = logits.astype(jnp.float32)
-    if cfg.router.score_func == "softmax":
-        scores = jax.nn.softmax(logits, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(logits)
+    scores = score(logits, cfg)
     choice = scores if bias is None else scores + bias.astype(jnp.float32)[None]
     if cfg.router.n_group > 1:
         G = cfg.router.n_group
@@ -141,7 +185,7 @@ def expert_counts(expert_ids, num_experts: int, token_mask=None):
 
 def balance_probs(routing: Routing, cfg: ModelConfig):
     """Per-token probabilities over experts used by the balance losses: the softmax scores, or
-    sigmoid scores normalised to sum to one (DeepSeek-V3's s'_{i,t})."""
+    sigmoid (sqrt-softplus) scores normalised to sum to one (DeepSeek-V3's s'_{i,t})."""
     if cfg.router.score_func == "softmax":
         return routing.scores
     return routing.scores / (routing.scores.sum(axis=-1, keepdims=True) + 1e-20)

@@ -21,6 +21,7 @@ from moejax import sharding
 from moejax.config import ExecutionConfig, ModelConfig
 from moejax.kernels.attention import context
 from moejax.model import moe as moe_lib
+from moejax.model import v4 as v4_lib
 from moejax.model.attention import GQA, MLA
 from moejax.model.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from moejax.model.moe import MoE
@@ -96,20 +97,34 @@ def make_stack(
     rngs: nnx.Rngs,
     layout=None,
     execution: ExecutionConfig = ExecutionConfig(),
+    v4_kind: tuple[str, bool] | None = None,
 ) -> Block:
-    """n Blocks with parameters stacked on a leading layer axis."""
+    """n Blocks with parameters stacked on a leading layer axis. v4_kind: (attention layer type,
+    hash-routed) of DeepSeek-V4 blocks (v4.V4Block)."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
     def create(r):
+        if v4_kind is not None:
+            return v4_lib.V4Block(cfg, *v4_kind, rngs=r, layout=layout, execution=execution)
         return Block(cfg, kind, rngs=r, layout=layout, execution=execution)
 
     return create(rngs)
 
 
 def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """Runs of consecutive layers of one kind, e.g. [('dense', 1), ('moe', 26)]."""
+    """Runs of consecutive layers of one kind, e.g. [('dense', 1), ('moe', 26)]. DeepSeek-V4's
+    layers are all 'moe'; its runs are of one attention type and routing (v4.block_runs)."""
+    if cfg.attention_type == "v4":
+        return [("moe", n) for _, _, n in v4_lib.block_runs(cfg)]
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
+
+
+def v4_kinds(cfg: ModelConfig) -> list:
+    """Each segment's v4_kind for make_stack (None for every segment of other models)."""
+    if cfg.attention_type == "v4":
+        return [(t, h) for t, h, _ in v4_lib.block_runs(cfg)]
+    return [None] * len(segments_of(cfg))
 
 
 def run_stack(
@@ -338,12 +353,17 @@ class Transformer(nnx.Module):
         # the layout is fixed here, from the arguments or an enclosing jax.set_mesh(...)
         layout = sharding.layout(mesh if mesh is not None else sharding.context_mesh(), rules)
         self.layout = layout
-        if cfg.index_topk and layout is not None:
+        if (cfg.index_topk or cfg.attention_type == "v4") and layout is not None:
             stage = layout.mesh.shape.get("stage", 1)
             seq = sharding.sequence_axes(layout.mesh, layout.rule_table)
             if stage > 1 or seq:
+                what = (
+                    "model.attention_type='v4' (DeepSeek-V4)"
+                    if cfg.attention_type == "v4"
+                    else "model.index_topk (DeepSeek Sparse Attention)"
+                )
                 raise config_lib.ConfigError(
-                    "model.index_topk (DeepSeek Sparse Attention) runs on data / fsdp / expert / "
+                    f"{what} runs on data / fsdp / expert / "
                     f"tensor meshes for now, not with mesh.stage={stage} or a context axis "
                     f"({'+'.join(seq) or 'none'}): its indexer loss is not carried through a "
                     "pipeline and its keys are not gathered over the sequence"
@@ -351,8 +371,13 @@ class Transformer(nnx.Module):
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]
         self.segments = nnx.List(
-            [make_stack(cfg, kind, n, rngs, layout, execution) for kind, n in segments_of(cfg)]
+            [
+                make_stack(cfg, kind, n, rngs, layout, execution, v4_kind)
+                for (kind, n), v4_kind in zip(segments_of(cfg), v4_kinds(cfg))
+            ]
         )
+        if cfg.attention_type == "v4":  # the final collapse of the hyper-connection streams
+            self.hc_head = v4_lib.HyperHead(cfg, rngs=rngs)
         self.norm = RMSNorm(D, cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (D, V), ("embed", "vocab"), cfg)  # [D, V]
@@ -430,7 +455,12 @@ class Transformer(nnx.Module):
         positions, token_mask = bal(positions), bal(token_mask)
         segment_ids = None if segment_ids is None else bal(segment_ids)
         routes = None if routes is None else bal(routes, axis=2)
-        cos, sin = rope_cos_sin(positions, cfg)
+        v4 = cfg.attention_type == "v4"
+        if v4:  # V4 blocks read a v4.Context where others read the rotary cos (and no sin)
+            cos, sin = v4_lib.context(ids, positions, cfg), None
+        else:
+            cos, sin = rope_cos_sin(positions, cfg)
+        residual = v4_lib.STREAMS if v4 else RESIDUAL
         rngs = (
             [None] * (len(self.segments) + len(self.mtp))
             if rng is None
@@ -438,6 +468,9 @@ class Transformer(nnx.Module):
         )
 
         x = self.embed_tokens(ids)
+        if v4:  # hc_mult copies of the embedding
+            x = jnp.broadcast_to(x[:, :, None], x.shape[:2] + (cfg.hc_mult,) + x.shape[2:])
+            x = sharding.constrain(x, self.layout, residual)
         moe_aux, index_kl = [], []  # (index_kl: DeepSeek Sparse Attention's per-layer KL sums)
         first = 0  # the first MoE layer of this segment, in `routes`
         for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
@@ -460,14 +493,14 @@ class Transformer(nnx.Module):
                     replay_routes,
                 )
                 x = sharding.constrain(
-                    x, self.layout, RESIDUAL
+                    x, self.layout, residual
                 )  # (a pipeline's output has no layout of its own)
             if "indexer_kl" in aux:
                 aux = dict(aux)
                 index_kl.append(aux.pop("indexer_kl"))
             if kind == "moe":
                 moe_aux.append(aux)
-        h_bal = self.norm(x)
+        h_bal = self.norm(self.hc_head(x) if v4 else x)
         h = unbal(h_bal)
         logits = self.head(h)
 

@@ -21,6 +21,7 @@ from flax import nnx
 from moejax.config import Config
 from moejax.model import RouterBias, Transformer
 from moejax.model.moe import balance_loss
+from moejax.model.router import HashTable
 
 
 def split_model(model: Transformer):
@@ -366,7 +367,9 @@ def moe_stats(stats, router, top_k: int):
         "moe/load_cv": counts.std(-1) / jnp.maximum(mean, 1e-9),
         "moe/drop_fraction": stats["dropped"] / jnp.maximum(stats["token_count"] * top_k, 1.0),
     }
-    biases = [v.get_value() for _, v in nnx.to_flat_state(router)]
+    biases = [  # (V4's hash-routing tables are router state too, but no bias)
+        v.get_value() for _, v in nnx.to_flat_state(router) if not isinstance(v, HashTable)
+    ]
     if biases:
         flat = jnp.concatenate([b.reshape(-1, b.shape[-1]) for b in biases])  # [L_moe (+MTP), E]
         out["moe/bias_range"] = flat.max(-1) - flat.min(-1)

@@ -1,0 +1,515 @@
+"""DeepSeek-V4: hybrid compressed attention, manifold-constrained hyper-connections, hash routing.
+
+What each piece computes follows transformers' `deepseek_v4` (5.25) exactly; the tests hold the
+two to 1e-4 on tiny random models.
+
+Attention (`V4Attention`). One key/value head of head_dim, read as both key and value; queries
+through a low-rank bottleneck (q_lora_rank, its latent RMS-normed) and an unweighted RMSNorm per
+head; interleaved rotary on the *last* qk_rope_head_dim dims of each head, undone on the output
+(rotation by -position) because the values carry it too; a learned sink logit per head (gpt-oss
+style: it takes softmax mass and adds no value); a grouped low-rank output projection (o_groups
+groups of heads, each to o_lora_rank, then one linear to hidden_size). Each layer attends over
+  - a sliding window: the key's own position and the sliding_window - 1 before it, and
+  - by its layer type (config.V4_LAYER_TYPES), compressed entries:
+    'heavily_compressed_attention' (HCA) every entry, each a softmax-gated sum of one window of
+    compress_rate_hca tokens; 'compressed_sparse_attention' (CSA) the index_topk entries a
+    lightning indexer picks, each gated over 2 * compress_rate_csa tokens (the window and the one
+    before it: two series per token, Ca for the next entry and Cb for its own).
+A query sees an entry only once its whole window is in the past: entry w (window [w m, (w+1) m))
+is visible from position p when (w + 1) m <= p + 1. Entries are RMS-normed and rotated at their
+window's first position with the compressed layers' rope (compress_rope_theta, YaRN when
+configured, attention factor 1); the main rope (rope_theta, unscaled) rotates sliding layers.
+
+Packed rows: windows are aligned to each document's positions (a document's tokens 0..m-1 make its
+first window, as if it were alone in its row), a window that does not fit in its document makes no
+entry, and a query sees only its own document's entries, so a packed document computes what it
+computes alone. Entries are gathered from the window starts of each row (at most T // m of them).
+
+Indexer training. transformers defines only the forward pass, where the indexer's top-k has no
+gradient. moejax trains the indexer as DeepSeek-V3.2 does (moejax.model.dsa): on detached inputs,
+by the KL divergence from the main attention's distribution over the selected entries (summed over
+heads, L1-normalized) to the softmax of its scores over them (aux 'indexer_kl', per layer).
+
+Hyper-connections (`HyperConnection`): the residual is hc_mult streams [B, T, n, D]. Before each
+attention or MoE sublayer a one-layer map of the RMS-normed streams gives pre [n] (sigmoid + eps:
+the streams' weights into the sublayer), post [n] (2 sigmoid: the sublayer output's weight into
+each stream) and comb [n, n] (softmax + eps, then Sinkhorn-Knopp to doubly stochastic); the new
+streams are post * out + comb^T streams. `HyperHead` collapses the streams before the final norm.
+
+MoE: all layers; the first num_hash_layers route by a frozen token -> experts table
+(router.HashRouter), the rest by sqrt(softplus(logits)) top-k with the aux-loss-free bias; the
+routed and shared experts clamp their SwiGLU pre-activations at swiglu_limit.
+
+This is the reference form: each layer materializes its [T, T + entries] scores (the tiny presets,
+parity, training on CPU). A blockwise / gathered form for long sequences is future work.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax import sharding
+from moejax.config import ExecutionConfig, ModelConfig
+from moejax.model import dsa
+from moejax.model.layers import RMSNorm, dtype_of, param, project, rope_inv_freq
+from moejax.model.moe import MoE
+
+CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
+STREAMS = ("batch", "sequence", None, None)  # logical axes of the residual streams [B, T, n, D]
+
+
+class Context(NamedTuple):
+    """What every V4 block reads besides its input (passed where other blocks take rotary cos)."""
+
+    main_cos: jax.Array  # [B, T, P] the sliding layers' rope at the tokens' positions
+    main_sin: jax.Array
+    comp_cos: jax.Array  # [B, T, P] the compressed layers' rope
+    comp_sin: jax.Array
+    positions: jax.Array  # int [B, T]
+    ids: jax.Array  # int [B, T] token ids (hash routing)
+
+
+def rope_tables(cfg: ModelConfig):
+    """(main, compress) inverse frequencies [P]: the main rope is rope_theta without scaling; the
+    compressed layers' is compress_rope_theta with the configured rope_type (YaRN's attention
+    factor is not applied, as V4 does)."""
+    main, _ = rope_inv_freq(cfg.replace(rope_type="default"))
+    comp, _ = rope_inv_freq(cfg.replace(rope_theta=cfg.compress_rope_theta))
+    return main, comp
+
+
+def _cos_sin(positions, inv_freq):
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def context(input_ids, positions, cfg: ModelConfig) -> Context:
+    main, comp = rope_tables(cfg)
+    return Context(*_cos_sin(positions, main), *_cos_sin(positions, comp), positions, input_ids)
+
+
+def rope_tail(x, cos, sin):
+    """Interleaved rotary on the last 2P dims of x [..., H] (pairs (x0, x1), (x2, x3), ...), the
+    layout kept: V4 reads the rotated slice back out of the attention output. cos / sin broadcast
+    against x[..., :P]."""
+    P2 = 2 * cos.shape[-1]
+    head, tail = x[..., :-P2], x[..., -P2:].astype(jnp.float32)
+    x1, x2 = tail[..., 0::2], tail[..., 1::2]
+    rot = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(tail.shape)
+    return jnp.concatenate([head, rot.astype(x.dtype)], axis=-1)
+
+
+def unit_rms(x, eps: float):
+    """RMSNorm without a weight (float32)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+# ------------------------------------------------------------------------------- compression
+
+
+class Windows(NamedTuple):
+    """The complete windows of each row, in order: start row, validity, first position, document."""
+
+    start: jax.Array  # int [B, S]
+    ok: jax.Array  # bool [B, S]
+    pos: jax.Array  # int [B, S] the window's first position (w * m)
+    seg: jax.Array  # int [B, S]
+    prev_ok: jax.Array  # bool [B, S] the same document has a window just before (CSA's Ca)
+
+
+def windows(positions, segment_ids, m: int) -> Windows:
+    """Complete windows of m tokens aligned to document positions: a window starts at a token
+    whose position is a multiple of m and holds the next m tokens of its document."""
+    B, T = positions.shape
+    S = T // m
+    seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if S == 0:
+        z = jnp.zeros((B, 0), jnp.int32)
+        return Windows(z, z.astype(bool), z, z, z.astype(bool))
+    last = jnp.arange(T) + m - 1
+    inside = last < T
+    lc = jnp.minimum(last, T - 1)
+    end_seg = jnp.take_along_axis(seg, jnp.broadcast_to(lc, (B, T)), axis=1)
+    end_pos = jnp.take_along_axis(positions, jnp.broadcast_to(lc, (B, T)), axis=1)
+    starts = (
+        (positions % m == 0)
+        & inside
+        & (end_seg == seg)
+        & (end_pos == positions + m - 1)
+        & (seg > 0)
+    )
+    idx = jax.vmap(lambda s: jnp.nonzero(s, size=S, fill_value=0)[0])(starts).astype(jnp.int32)
+    ok = jnp.arange(S)[None] < starts.sum(axis=1, keepdims=True)
+    pos = jnp.take_along_axis(positions, idx, axis=1)
+    wseg = jnp.take_along_axis(seg, idx, axis=1)
+    prev = jnp.maximum(idx - m, 0)  # the window before: same document, m positions earlier
+    prev_ok = (
+        ok
+        & (idx >= m)
+        & (jnp.take_along_axis(seg, prev, axis=1) == wseg)
+        & (jnp.take_along_axis(positions, prev, axis=1) == pos - m)
+    )
+    return Windows(idx, ok, pos, wseg, prev_ok)
+
+
+def visible(w: Windows, positions, segment_ids, m: int):
+    """bool [B, T, S]: query t may read entry s (its document's, window wholly at or before t)."""
+    seg = jnp.ones_like(positions) if segment_ids is None else segment_ids
+    return (
+        w.ok[:, None, :]
+        & (w.seg[:, None, :] == seg[:, :, None])
+        & (w.pos[:, None, :] + m <= positions[:, :, None] + 1)
+    )
+
+
+class Compressor(nnx.Module):
+    """Softmax-gated compression of windows of m tokens into entries of `dim` (one series per
+    token, or two with overlap: Ca into the next window's entry, Cb into its own)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, m: int, overlap: bool, *, rngs: nnx.Rngs):
+        D, c = cfg.hidden_size, 2 if overlap else 1
+        self.m, self.overlap, self.dim = m, overlap, dim
+        self.wkv = param(rngs, (D, c, dim), ("embed", None, "head_dim"), cfg)
+        self.wgate = param(rngs, (D, c, dim), ("embed", None, "head_dim"), cfg)
+        # [m, c * dim] as Hugging Face stores it
+        self.position_bias = nnx.Param(
+            jnp.zeros((m, c * dim), jnp.float32), logical_axes=(None,) * 2
+        )
+        self.norm = RMSNorm(dim, cfg, rngs=rngs)
+
+    def raw(self, x, cd):
+        """Each token's two projections (values, gate logits) [B, T, c * dim] float32: what the
+        generator caches."""
+        B, T, _ = x.shape
+        kv = project(self, "wkv", "BTD,DCH->BTCH", x, cd)
+        gate = project(self, "wgate", "BTD,DCH->BTCH", x, cd)
+        return kv.reshape(B, T, -1), gate.reshape(B, T, -1)
+
+    def compress(self, kv, gate, w: Windows, cos_sin_at):
+        """The raw projections of a row's tokens [B, S, c * dim] -> its windows' entries
+        [B, n_windows, dim] float32 (normed, rotated at each window's first position)."""
+        m, c = self.m, 2 if self.overlap else 1
+        kv = kv.astype(jnp.float32).reshape(kv.shape[:2] + (c, self.dim))
+        gate = gate.astype(jnp.float32).reshape(gate.shape[:2] + (c, self.dim))
+        rows = w.start[:, :, None] + jnp.arange(m)  # [B, W, m]
+        take = jax.vmap(lambda a, r: a[r])  # a [S, ...], r [W, m] -> [W, m, ...]
+        bias = self.position_bias[...].reshape(m, c, self.dim)
+        if self.overlap:
+            prev = jnp.maximum(rows - m, 0)
+            ca, ga = take(kv[:, :, 0], prev), take(gate[:, :, 0], prev) + bias[:, 0]
+            cb, gb = take(kv[:, :, 1], rows), take(gate[:, :, 1], rows) + bias[:, 1]
+            ga = jnp.where(w.prev_ok[:, :, None, None], ga, -jnp.inf)
+            vals, gates = jnp.concatenate([ca, cb], axis=2), jnp.concatenate([ga, gb], axis=2)
+        else:
+            vals, gates = take(kv[:, :, 0], rows), take(gate[:, :, 0], rows) + bias[:, 0]
+        probs = jax.nn.softmax(gates, axis=2)
+        entry = self.norm(jnp.sum(vals * probs, axis=2))  # [B, W, dim] float32
+        cos, sin = cos_sin_at(w.pos)
+        return rope_tail(entry, cos, sin)
+
+
+class V4Indexer(nnx.Module):
+    """CSA's lightning indexer: its own overlapping compressor at index_head_dim, queries from the
+    query latent (index_n_heads heads, rotated with the compressed rope), per-head weights from
+    x; I[t, s] = sum_h w[t, h] relu(q[t, h] . k[s]) / sqrt(Di) with w = x W / sqrt(Hi)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, Rq, Hi, Di = cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+        self.compressor = Compressor(cfg, Di, cfg.compress_rate_csa, True, rngs=rngs)
+        self.wq_b = param(rngs, (Rq, Hi, Di), ("q_lora", None, None), cfg)
+        self.weights_proj = param(rngs, (D, Hi), ("embed", None), cfg)
+
+    def scores(self, x, q_lat, comp_cos, comp_sin, keys, cd):
+        """Scores float32 [B, T, W] of the queries (x, q_lat [B, T, .], detached by the caller)
+        against the compressed index keys [B, W, Di]."""
+        Hi, Di = self.wq_b.shape[-2:]
+        q = project(self, "wq_b", "BTR,RHI->BTHI", q_lat, cd)
+        q = rope_tail(q, comp_cos[:, :, None], comp_sin[:, :, None])
+        s = jax.nn.relu(jnp.einsum("BTHI,BSI->BTHS", q, keys)) * Di**-0.5
+        weights = project(self, "weights_proj", "BTD,DH->BTH", x, cd) * Hi**-0.5
+        return jnp.einsum("BTHS,BTH->BTS", s, weights)
+
+
+def top_k_mask(scores, allowed, k: int):
+    """bool [B, T, S]: the top-k allowed entries of each query by score (all when fewer); ties go
+    to the earlier entry."""
+    S = scores.shape[-1]
+    if k >= S:
+        return allowed
+    masked = jnp.where(allowed, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(masked, k)  # [B, T, k]
+    chosen = jnp.zeros(allowed.shape, bool)
+    chosen = jax.vmap(jax.vmap(lambda c, i: c.at[i].set(True)))(chosen, idx)
+    return chosen & allowed
+
+
+class Keys(NamedTuple):
+    """What a V4 layer attends over: every key position's rotated key/value, the raw projections
+    of its compressors (V4Attention.RAW names) and where each sits."""
+
+    kv: jax.Array  # [B, S, H]
+    raw: dict  # name -> [B, S, .]
+    pos: jax.Array  # int [B, S]
+    seg: jax.Array  # int [B, S]; 0: no token (padding, or not written yet)
+
+
+class V4Attention(nnx.Module):
+    """DeepSeek-V4 attention of one layer type (the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_type: str,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
+        D, N, H, Rq = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank
+        G, Ro = cfg.o_groups, cfg.o_lora_rank
+        self.cfg, self.layer_type, self.layout = cfg, layer_type, layout
+        self.execution = execution
+        self.fp8 = execution.fp8
+        self.wq_a = param(rngs, (D, Rq), ("embed", "q_lora"), cfg)
+        self.q_norm = RMSNorm(Rq, cfg, rngs=rngs)
+        self.wq_b = param(rngs, (Rq, N, H), ("q_lora", "heads", "head_dim"), cfg)
+        self.wkv = param(rngs, (D, H), ("embed", "head_dim"), cfg)
+        self.kv_norm = RMSNorm(H, cfg, rngs=rngs)
+        # [N / G, H, G, Ro]: group g maps its heads' outputs to Ro
+        self.wo_a = param(rngs, (N // G, H, G, Ro), (None, "head_dim", "heads", None), cfg)
+        self.wo_b = param(rngs, (G, Ro, D), ("heads", None, "embed"), cfg)
+        self.sinks = nnx.Param(jnp.zeros((N,), jnp.float32), logical_axes=("heads",))
+        self.m = cfg.compress_rate(layer_type)
+        if self.m:
+            self.compressor = Compressor(cfg, H, self.m, layer_type == CSA, rngs=rngs)
+        if layer_type == CSA:
+            self.indexer = V4Indexer(cfg, rngs=rngs)
+
+    def rope(self, ctx: Context):
+        if self.layer_type == "sliding_attention":
+            return ctx.main_cos, ctx.main_sin
+        return ctx.comp_cos, ctx.comp_sin
+
+    def project(self, x, ctx: Context, rng=None):
+        """x [B, T, D] -> (q [B, T, N, H] rotated, q_lat [B, T, Rq], this block's Keys entries:
+        kv [B, T, H] rotated and the raw compressor projections)."""
+        cfg = self.cfg
+        cd = dtype_of(cfg.compute_dtype)
+        x = x.astype(cd)
+        rows, heads = ("batch", "sequence", None), ("batch", "sequence", "heads", None)
+        cos, sin = self.rope(ctx)
+        q_lat = project(self, "wq_a", "BTD,DR->BTR", x, cd, rng)
+        q_lat = sharding.constrain(self.q_norm(q_lat).astype(cd), self.layout, rows)
+        q = project(self, "wq_b", "BTR,RNH->BTNH", q_lat, cd, rng)
+        q = unit_rms(q, cfg.rms_norm_eps).astype(cd)
+        q = sharding.constrain(rope_tail(q, cos[:, :, None], sin[:, :, None]), self.layout, heads)
+        kv = self.kv_norm(project(self, "wkv", "BTD,DH->BTH", x, cd, rng))
+        kv = rope_tail(kv, cos, sin).astype(cd)  # [B, T, H]
+        raw = {}
+        if self.m:
+            raw["ckv"], raw["cgate"] = self.compressor.raw(x, cd)
+        if self.layer_type == CSA:  # (the indexer's inputs are detached)
+            raw["ikv"], raw["igate"] = self.indexer.compressor.raw(jax.lax.stop_gradient(x), cd)
+        return q, q_lat, kv, raw
+
+    def attend(self, x, q, q_lat, ctx: Context, q_seg, keys: Keys, rng=None):
+        """The queries (x [B, T, D], q, q_lat from `project`, at ctx.positions in documents q_seg
+        [B, T]) over `keys` -> (y [B, T, D] float32, aux)."""
+        cfg = self.cfg
+        cd = dtype_of(cfg.compute_dtype)
+        B, T, _ = x.shape
+        heads = ("batch", "sequence", "heads", None)
+        cos, sin = self.rope(ctx)
+        qp = ctx.positions
+        same = keys.seg[:, None, :] == q_seg[:, :, None]  # [B, T, S]
+        dist = qp[:, :, None] - keys.pos[:, None, :]
+        mask = same & (keys.seg[:, None, :] > 0) & (dist >= 0) & (dist < cfg.sliding_window)
+        kk, aux = keys.kv, {}
+        if self.m:
+            w = windows(keys.pos, keys.seg, self.m)
+            inv = rope_tables(cfg)[1]
+
+            def at(p):
+                return _cos_sin(p, inv)
+
+            entries = self.compressor.compress(keys.raw["ckv"], keys.raw["cgate"], w, at)
+            chosen = visible(w, qp, q_seg, self.m)  # [B, T, W]
+            if self.layer_type == CSA:
+                index_keys = self.indexer.compressor.compress(
+                    keys.raw["ikv"], keys.raw["igate"], w, at
+                )
+                scores = self.indexer.scores(
+                    jax.lax.stop_gradient(x),
+                    jax.lax.stop_gradient(q_lat),
+                    ctx.comp_cos,
+                    ctx.comp_sin,
+                    index_keys,
+                    cd,
+                )
+                chosen = top_k_mask(scores, chosen, cfg.index_topk)
+            kk = jnp.concatenate([kk, entries.astype(cd)], axis=1)  # [B, S + W, H]
+            mask = jnp.concatenate([mask, chosen], axis=2)
+        S = keys.kv.shape[1]
+        logits = jnp.einsum("BTNH,BSH->BNTS", q, kk, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, None], logits * cfg.softmax_scale, -jnp.inf)
+        sink = self.sinks[...].astype(jnp.float32)[None, :, None]  # [1, N, 1]
+        top = jnp.maximum(logits.max(axis=-1), sink)  # [B, N, T]
+        p = jnp.exp(logits - top[..., None])
+        probs = p / (p.sum(axis=-1) + jnp.exp(sink - top))[..., None]
+        out = jnp.einsum("BNTS,BSH->BTNH", probs.astype(cd), kk, preferred_element_type=jnp.float32)
+        if self.layer_type == CSA:
+            target = probs[..., S:].sum(axis=1)  # [B, T, W] over the chosen entries
+            target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30)
+            aux["indexer_kl"] = dsa.indexer_kl(scores, jax.lax.stop_gradient(target), chosen)
+        out = rope_tail(out, cos[:, :, None], -sin[:, :, None]).astype(cd)
+        out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
+        G = cfg.o_groups
+        out = out.reshape(B, T, G, cfg.num_heads // G, cfg.head_dim)
+        z = project(self, "wo_a", "BTGNH,NHGR->BTGR", out, cd, rng)
+        y = project(self, "wo_b", "BTGR,GRD->BTD", z.astype(cd), cd, rng)
+        return sharding.constrain(y, self.layout, ("batch", "sequence", None)), aux
+
+    def __call__(self, x, ctx: Context, segment_ids, rng=None):
+        """x [B, T, D] (a training batch: keys are its own tokens) -> (y [B, T, D] float32, aux:
+        {'indexer_kl'} on CSA layers)."""
+        B, T, _ = x.shape
+        q, q_lat, kv, raw = self.project(x, ctx, rng)
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+        # (padding, segment 0, is never a key; its own rows are ignored by every loss)
+        keys = Keys(kv, raw, ctx.positions, seg)
+        return self.attend(x, q, q_lat, ctx, seg, keys, rng)
+
+
+# ------------------------------------------------------------------------------- hyper-connections
+
+
+class HyperConnection(nnx.Module):
+    """mHC weights of one sublayer from the streams: fn [n, D, (2 + n) n], base, scale [3]
+    (float32, as V4 keeps them)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        n, D = cfg.hc_mult, cfg.hidden_size
+        k = (2 + n) * n
+        self.n, self.iters, self.eps, self.norm_eps = (
+            n,
+            cfg.hc_sinkhorn_iters,
+            cfg.hc_eps,
+            cfg.rms_norm_eps,
+        )
+        self.fn = nnx.Param(
+            cfg.initializer_range * jax.random.normal(rngs.params(), (n, D, k), jnp.float32),
+            logical_axes=(None, "embed", None),
+        )
+        self.base = nnx.Param(jnp.zeros((k,), jnp.float32), logical_axes=(None,))
+        self.scale = nnx.Param(jnp.ones((3,), jnp.float32), logical_axes=(None,))
+
+    def __call__(self, streams):
+        """streams [B, T, n, D] -> (post [B, T, n], comb [B, T, n, n] float32, collapsed [B, T, D]
+        in the streams' dtype)."""
+        n, eps = self.n, self.eps
+        B, T = streams.shape[:2]
+        flat = unit_rms(streams.reshape(B, T, -1), self.norm_eps).reshape(streams.shape)
+        mix = jnp.einsum("BTnD,nDk->BTk", flat, self.fn[...])
+        base, scale = self.base[...], self.scale[...]
+        pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + eps
+        post = 2 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+        comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
+        comb = jax.nn.softmax(comb.reshape(B, T, n, n), axis=-1) + eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        for _ in range(self.iters - 1):  # Sinkhorn-Knopp: rows, then columns
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        collapsed = jnp.einsum("BTn,BTnD->BTD", pre, streams.astype(jnp.float32))
+        return post, comb, collapsed.astype(streams.dtype)
+
+
+def mix(post, out, comb, streams):
+    """New streams post * out + comb^T streams: [B, T, n, D] float32."""
+    return post[..., None] * out[:, :, None, :].astype(jnp.float32) + jnp.einsum(
+        "BTjk,BTjD->BTkD", comb, streams.astype(jnp.float32)
+    )
+
+
+class HyperHead(nnx.Module):
+    """The final collapse of the streams: fn [n, D, n], base [n], scale [1] (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
+        self.fn = nnx.Param(
+            cfg.initializer_range * jax.random.normal(rngs.params(), (n, D, n), jnp.float32),
+            logical_axes=(None, "embed", None),
+        )
+        self.base = nnx.Param(jnp.zeros((n,), jnp.float32), logical_axes=(None,))
+        self.scale = nnx.Param(jnp.ones((1,), jnp.float32), logical_axes=(None,))
+
+    def __call__(self, streams):
+        B, T = streams.shape[:2]
+        flat = unit_rms(streams.reshape(B, T, -1), self.norm_eps).reshape(streams.shape)
+        mixes = jnp.einsum("BTnD,nDk->BTk", flat, self.fn[...])
+        pre = jax.nn.sigmoid(mixes * self.scale[...][0] + self.base[...]) + self.eps
+        return jnp.einsum("BTn,BTnD->BTD", pre, streams.astype(jnp.float32)).astype(streams.dtype)
+
+
+# ------------------------------------------------------------------------------- the block
+
+
+class V4Block(nnx.Module):
+    """One V4 layer: hyper-connected attention, then hyper-connected MoE (hash-routed or not)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_type: str,
+        hashed: bool,
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
+        self.kind = "moe"
+        self.layout = layout
+        self.attn_hc = HyperConnection(cfg, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.attn = V4Attention(cfg, layer_type, rngs=rngs, layout=layout, execution=execution)
+        self.ffn_hc = HyperConnection(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.ffn = MoE(cfg, rngs=rngs, layout=layout, execution=execution, hashed=hashed)
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def __call__(
+        self, x, ctx: Context, _sin, segment_ids, token_mask, rng=None, route=None, replay=False
+    ):
+        """x [B, T, n, D] streams -> (streams, aux). (The signature is Block's: ctx in cos's
+        place.)"""
+        cd = self.compute_dtype
+        attn_rng = None if rng is None else jax.random.fold_in(rng, 1)
+        with jax.named_scope("attention"):
+            post, comb, h = self.attn_hc(x)
+            a, attn_aux = self.attn(self.attn_norm(h).astype(cd), ctx, segment_ids, attn_rng)
+            x = mix(post, a, comb, x).astype(cd)
+        with jax.named_scope("ffn"):
+            post, comb, h = self.ffn_hc(x)
+            f, aux = self.ffn(
+                self.ffn_norm(h).astype(cd),
+                token_mask,
+                rng,
+                route=route,
+                replay=replay,
+                ids=ctx.ids,
+            )
+            x = mix(post, f, comb, x).astype(cd)
+        return sharding.constrain(x, self.layout, STREAMS), {**aux, **attn_aux}
+
+
+def block_runs(cfg: ModelConfig) -> list[tuple[str, bool, int]]:
+    """Runs of consecutive V4 layers of one (attention type, hash-routed) kind, in order."""
+    kinds = [(t, i < cfg.num_hash_layers) for i, t in enumerate(cfg.v4_layer_types)]
+    return [(t, h, len(list(g))) for (t, h), g in itertools.groupby(kinds)]

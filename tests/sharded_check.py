@@ -404,6 +404,60 @@ def check_dsa():
     return out
 
 
+def check_v4():
+    """DeepSeek-V4 (sliding, CSA and HCA layers, a hash-routed layer, 2 hyper-connection streams)
+    on fsdp=2 x expert=2 x tensor=2 and on expert=4 x tensor=2: the train step equals one device
+    (loss with the indexer KL, gradient norm, parameters, router biases and hash tables); a
+    pipeline is refused with one line."""
+    from moejax.config import ConfigError
+
+    base = step_config()
+    m = base.model
+    model = m.replace(
+        attention_type="v4",
+        head_dim=16,
+        qk_rope_head_dim=8,
+        o_groups=2,
+        o_lora_rank=16,
+        num_layers=4,
+        layer_types=(
+            "sliding_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+        ),
+        compress_rate_csa=4,
+        compress_rate_hca=8,
+        sliding_window=8,
+        index_topk=4,
+        index_n_heads=4,
+        index_head_dim=16,
+        num_hash_layers=1,
+        hc_mult=2,
+        first_k_dense_replace=0,
+        mtp_depth=0,
+        swiglu_limit=10.0,
+        router=m.router.replace(score_func="sqrtsoftplus", n_group=1, topk_group=1),
+    )
+    cfg = dataclasses.replace(base, model=model)
+    ref_state, ref_m, _ = one_step(cfg, ONE, jax.devices()[:1])
+    out = {"indexer_kl": float(ref_m["indexer_kl"])}
+    for name, mesh in (
+        ("fsdp_expert_tensor", MeshConfig(fsdp=2, expert=2, tensor=2)),
+        ("expert_tensor", PRESETS["expert_tensor"]),
+    ):
+        state, metrics, _ = one_step(cfg, mesh)
+        _close(state, metrics, ref_state, ref_m, f"v4 {name}")
+        wo_a = state["params"]["segments"][1]["attn"]["wo_a"].get_value()
+        out[name] = str(wo_a.sharding.spec)
+    try:
+        one_step(cfg, PRESETS["pipeline"])
+        out["pipeline"] = "accepted"
+    except (ConfigError, sharding.ShardingError) as e:
+        out["pipeline"] = str(e)
+    return out
+
+
 def check_restore(cfg, state):
     """Saved from the fsdp=8 layout, restored into expert=4 x tensor=2: same values, the new
     shardings."""
@@ -438,6 +492,7 @@ def main():
         "exchange": check_exchanges,
         "presets": check_presets_and_restore,
         "dsa": check_dsa,
+        "v4": check_v4,
     }
     results, seconds = {}, {}
     for name, f in checks.items():

@@ -68,8 +68,8 @@ def test_indivisible_experts_name_the_parameter():
 @pytest.mark.slow
 def test_8_devices_match_one_device():
     """tests/sharded_check.py on 8 CPU devices: sharded init, every exchange and expert rule, every
-    preset (pipeline included), restore onto another mesh, sparse attention's two stages; and XLA
-    never had to replicate a tensor to reshard it."""
+    preset (pipeline included), restore onto another mesh, sparse attention's two stages,
+    DeepSeek-V4 on two layouts; and XLA never had to replicate a tensor to reshard it."""
     out = run_mesh_check("tests.sharded_check")
     results = out["presets"]
     assert set(results) == {
@@ -102,6 +102,9 @@ def test_8_devices_match_one_device():
     assert dsa["sparse"]["indexer_kl"] > 0 and dsa["warmup"]["indexer_kl"] > 0
     assert "fsdp" in dsa["sparse"]["wk_spec"]  # the indexer's key projection sharded like embed
     assert "index_topk" in dsa["pipeline"] and "mesh.stage" in dsa["pipeline"]
+    v4 = out["v4"]  # DeepSeek-V4: two layouts equal one device (checked there)
+    assert v4["indexer_kl"] > 0 and "tensor" in v4["expert_tensor"]
+    assert "mesh.stage" in v4["pipeline"]  # refused (no layer stack it can split, or V4's own)
     print(json.dumps(out["seconds"]))
 
 

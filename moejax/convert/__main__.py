@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--model-type",
         default=None,
-        help="moejax-to-hf: deepseek_v3|deepseek_v32|deepseek_v2|deepseek|mixtral|qwen3_moe "
+        help="moejax-to-hf: deepseek_v3|deepseek_v32|deepseek_v4|deepseek_v2|deepseek|mixtral|"
+        "qwen3_moe "
         "(default: from the config)",
     )
     p.add_argument(

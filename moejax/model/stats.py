@@ -61,9 +61,36 @@ def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
     return (k * (k + 1) / 2 + (T - k) * k) / T
 
 
+def _mean_over_positions(f, T: int) -> float:
+    """f(t) averaged over the positions t = 0 .. T - 1 of a causal row."""
+    t = np.arange(T)
+    return float(np.mean(f(t)))
+
+
+def v4_keys_per_query(cfg: ModelConfig, layer_type: str, seq_len: int) -> tuple[float, float]:
+    """(keys attended, compressed entries the indexer scores) per query of one DeepSeek-V4 layer,
+    averaged over a causal row of seq_len: the sliding window's min(W, t + 1) keys, plus on HCA
+    every complete entry (floor((t + 1) / m)), on CSA min(index_topk, floor((t + 1) / m)) of the
+    entries the indexer scores."""
+    T, W = seq_len, cfg.sliding_window
+    window = _mean_over_positions(lambda t: np.minimum(W, t + 1), T)
+    m = cfg.compress_rate(layer_type)
+    if not m:
+        return window, 0.0
+    entries = _mean_over_positions(lambda t: (t + 1) // m, T)
+    if layer_type == "heavily_compressed_attention":
+        return window + entries, 0.0
+    chosen = _mean_over_positions(lambda t: np.minimum(cfg.index_topk, (t + 1) // m), T)
+    return window + chosen, entries
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of QK^T and PV per token over the keys it attends to (causal: about half the
-    full square; sparse attention: its top-k keys)."""
+    full square; sparse attention: its top-k keys), per layer (DeepSeek-V4: averaged over its
+    layers, whose types attend over different keys)."""
+    if cfg.attention_type == "v4":
+        per = [v4_keys_per_query(cfg, t, seq_len)[0] for t in cfg.v4_layer_types]
+        return 2.0 * cfg.num_heads * 2 * cfg.head_dim * float(np.mean(per))
     if cfg.attention_type == "mla":
         qk, v = cfg.qk_head_dim, cfg.v_head_dim
     else:
@@ -77,6 +104,9 @@ def indexer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     Its projections are parameters (counted with them)."""
     if not cfg.index_topk:
         return 0.0
+    if cfg.attention_type == "v4":  # CSA layers score the compressed entries (mean over layers)
+        per = [v4_keys_per_query(cfg, t, seq_len)[1] for t in cfg.v4_layer_types]
+        return 2.0 * cfg.index_n_heads * (cfg.index_head_dim + 1) * float(np.mean(per))
     return 2.0 * cfg.index_n_heads * (cfg.index_head_dim + 1) * seq_len / 2
 
 
@@ -90,7 +120,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     # gradients but pass none back (4x, not 6x, their parameters); its scores run forward and
     # backward (3x). In the dense warm-up the rest of the model gets no update, but its backward
     # still runs to reach nothing: counted as training anyway, as the step computes it.
-    ix_params = _indexer_params(cfg)
+    ix_params = _indexer_params(cfg)  # (per layer: V4 averages over its layers)
     per_layer = 3.0 * (
         attention_flops_per_token(cfg, seq_len) + indexer_flops_per_token(cfg, seq_len)
     )
@@ -105,10 +135,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def _indexer_params(cfg: ModelConfig) -> int:
-    """Matmul parameters of one layer's lightning indexer (DeepSeek Sparse Attention)."""
+    """Matmul parameters of one layer's lightning indexer (DeepSeek Sparse Attention; DeepSeek-V4:
+    a CSA indexer with its own compressor, averaged over the layers)."""
     if not cfg.index_topk:
         return 0
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+    if cfg.attention_type == "v4":
+        n_csa = cfg.v4_layer_types.count("compressed_sparse_attention")
+        one = cfg.q_lora_rank * Hi * Di + cfg.hidden_size * (Hi + 2 * 2 * Di)
+        return one * n_csa / cfg.num_layers
     return cfg.q_lora_rank * Hi * Di + cfg.hidden_size * (Di + Hi)
 
 

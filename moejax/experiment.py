@@ -118,13 +118,14 @@ def shrink_to_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             m.index_topk = 32
             m.index_n_heads = 4
             m.index_head_dim = 16
-    elif m.attention_type == "v4":  # every layer type once, windows that fit 128 positions
-        m.num_layers = 4
-        m.layer_types = [
+    elif m.attention_type == "v4":  # V4-Flash's pattern, windows that fit 128 positions
+        m.num_layers = 5
+        m.layer_types = [  # segments: [sliding], [CSA, HCA] x 2
             "sliding_attention",
             "compressed_sparse_attention",
             "heavily_compressed_attention",
             "compressed_sparse_attention",
+            "heavily_compressed_attention",
         ]
         m.num_hash_layers = 1
         m.head_dim = 32

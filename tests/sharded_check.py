@@ -405,8 +405,9 @@ def check_dsa():
 
 
 def check_v4():
-    """DeepSeek-V4 (sliding, CSA and HCA layers, a hash-routed layer, 2 hyper-connection streams)
-    on fsdp=2 x expert=2 x tensor=2 and on expert=4 x tensor=2: the train step equals one device
+    """DeepSeek-V4 (sliding, CSA and HCA layers, a hash-routed layer, 2 hyper-connection streams,
+    a segment of two scanned [CSA, HCA] groups) on fsdp=2 x expert=2 x tensor=2 and on
+    expert=4 x tensor=2: the train step equals one device
     (loss with the indexer KL, gradient norm, parameters, router biases and hash tables); a
     pipeline is refused with one line."""
     from moejax.config import ConfigError
@@ -419,12 +420,13 @@ def check_v4():
         qk_rope_head_dim=8,
         o_groups=2,
         o_lora_rank=16,
-        num_layers=4,
-        layer_types=(
+        num_layers=5,
+        layer_types=(  # segments: [sliding], [CSA, HCA] x 2
             "sliding_attention",
             "compressed_sparse_attention",
             "heavily_compressed_attention",
             "compressed_sparse_attention",
+            "heavily_compressed_attention",
         ),
         compress_rate_csa=4,
         compress_rate_hca=8,
@@ -448,7 +450,7 @@ def check_v4():
     ):
         state, metrics, _ = one_step(cfg, mesh)
         _close(state, metrics, ref_state, ref_m, f"v4 {name}")
-        wo_a = state["params"]["segments"][1]["attn"]["wo_a"].get_value()
+        wo_a = state["params"]["segments"][1]["blocks"][0]["attn"]["wo_a"].get_value()
         out[name] = str(wo_a.sharding.spec)
     try:
         one_step(cfg, PRESETS["pipeline"])

@@ -135,7 +135,7 @@ def _cases():
             DeepseekV4ForCausalLM,
             DeepseekV4Config(
                 **COMMON,
-                num_hidden_layers=4,
+                num_hidden_layers=5,  # (moejax: [sliding], [CSA, HCA] x 2 scanned)
                 head_dim=16,
                 q_lora_rank=24,
                 partial_rotary_factor=0.5,
@@ -147,8 +147,9 @@ def _cases():
                     "compressed_sparse_attention",
                     "heavily_compressed_attention",
                     "compressed_sparse_attention",
+                    "heavily_compressed_attention",
                 ],
-                mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+                mlp_layer_types=["hash_moe", "moe", "moe", "moe", "moe"],
                 compress_rates={
                     "compressed_sparse_attention": 2,
                     "heavily_compressed_attention": 4,

@@ -28,14 +28,14 @@ CFG = ModelConfig(
     attention_type="v4",
     vocab_size=64,
     hidden_size=32,
-    num_layers=4,
+    num_layers=5,
     num_heads=4,
     head_dim=16,
     qk_rope_head_dim=8,
     q_lora_rank=24,
     o_groups=2,
     o_lora_rank=8,
-    layer_types=(SW, CSA, HCA, CSA),
+    layer_types=(SW, CSA, HCA, CSA, HCA),  # segments: [SW], [CSA, HCA] x 2
     compress_rate_csa=2,
     compress_rate_hca=4,
     sliding_window=4,
@@ -135,8 +135,8 @@ def test_hash_and_sqrtsoftplus_routing():
     from moejax.model import router as router_lib
 
     model = Transformer(CFG, rngs=nnx.Rngs(2))
-    assert isinstance(model.segments[0].ffn.router, router_lib.HashRouter)  # layer 0
-    assert isinstance(model.segments[1].ffn.router, router_lib.Router)
+    assert isinstance(model.segments[0].blocks[0].ffn.router, router_lib.HashRouter)  # layer 0
+    assert not isinstance(model.segments[1].blocks[0].ffn.router, router_lib.HashRouter)
     sub = router_lib.HashRouter(CFG, rngs=nnx.Rngs(3))
     table = np.asarray(sub.table[...])
     assert table.shape == (64, 2) and (table[:, 0] != table[:, 1]).all()
@@ -165,7 +165,7 @@ def test_swiglu_limit_clamps():
 
 def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="model.layer_types"):
-        CFG.replace(layer_types=(SW, CSA, "global_attention", CSA))
+        CFG.replace(layer_types=(SW, CSA, "global_attention", CSA, HCA))
     with pytest.raises(ConfigError, match="model.o_groups"):
         CFG.replace(o_groups=3)
     with pytest.raises(ConfigError, match="model.mtp_depth"):
@@ -187,10 +187,11 @@ def _hf_dict(**changes):
 def test_hf_config_round_trip_and_refusals():
     """config.json both ways (transformers' nested rope and legacy keys), and a config.json moejax
     cannot honour refused with the list of every problem, before any weight is read."""
+    assert v4.groups(CFG) == [(((SW, True),), 1), (((CSA, False), (HCA, False)), 2)]
     assert from_hf_config(_hf_dict()) == CFG.with_router(
         bias_update_rate=CFG.router.bias_update_rate
     ).replace(intermediate_size=CFG.moe_intermediate_size, max_position_embeddings=4096)
-    legacy = _hf_dict(compress_ratios=[0, 2, 4, 2, 0], num_hash_layers=1)
+    legacy = _hf_dict(compress_ratios=[0, 2, 4, 2, 4, 0], num_hash_layers=1)
     for k in ("layer_types", "mlp_layer_types", "compress_rates"):
         legacy.pop(k)
     legacy.update(compress_rate_csa=2, compress_rate_hca=4)
@@ -198,7 +199,7 @@ def test_hf_config_round_trip_and_refusals():
     with pytest.raises(UnsupportedConfig) as e:
         from_hf_config(
             _hf_dict(
-                layer_types=[SW, CSA, "linear_attention", CSA],
+                layer_types=[SW, CSA, "linear_attention", CSA, HCA],
                 scoring_func="tanhsoftplus",
                 compress_rates={CSA: 0, HCA: 4},
             )
@@ -206,7 +207,7 @@ def test_hf_config_round_trip_and_refusals():
     for bad in ("linear_attention", "tanhsoftplus", "compress_rates"):
         assert bad in str(e.value)
     with pytest.raises(UnsupportedConfig, match="mlp_layer_types"):
-        from_hf_config(_hf_dict(mlp_layer_types=["moe", "hash_moe", "moe", "moe"]))
+        from_hf_config(_hf_dict(mlp_layer_types=["moe", "hash_moe", "moe", "moe", "moe"]))
 
 
 def test_flash_preset_shape():
@@ -216,7 +217,11 @@ def test_flash_preset_shape():
 
     cfg = resolve(load_config_file(f"{ROOT}/experiments/deepseek_v4_flash.py")).model
     assert cfg.v4_layer_types[:4] == (SW, SW, CSA, HCA) and cfg.v4_layer_types[-1] == CSA
-    assert v4.block_runs(cfg)[:3] == [(SW, True, 2), (CSA, True, 1), (HCA, False, 1)]
+    assert v4.groups(cfg) == [
+        (((SW, True),), 2),
+        (((CSA, True),), 1),
+        (((HCA, False), (CSA, False)), 20),
+    ]
 
 
 @pytest.mark.slow

@@ -224,11 +224,13 @@ def _v4_entries(cfg: ModelConfig) -> dict[str, Slot]:
         "model.hc_head.hc_base": Slot(("hc_head", "base"), (), "copy"),
         "model.hc_head.hc_scale": Slot(("hc_head", "scale"), (), "copy"),
     }
-    layer = 0
-    for s, ((_, n), kind) in enumerate(zip(segments_of(cfg), v4_kinds(cfg))):
-        for j in range(n):
-            e.update(_v4_block_entries(cfg, f"model.layers.{layer}", ("segments", s), (j,), kind))
-            layer += 1
+    layer = 0  # segment s stacks groups of len(kinds) layers: layer j of group g
+    for s, ((_, n), kinds) in enumerate(zip(segments_of(cfg), v4_kinds(cfg))):
+        for g in range(n // len(kinds)):
+            for j, kind in enumerate(kinds):
+                base = ("segments", s, "blocks", j)
+                e.update(_v4_block_entries(cfg, f"model.layers.{layer}", base, (g,), kind))
+                layer += 1
     return e
 
 

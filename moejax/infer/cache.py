@@ -48,7 +48,7 @@ V4_RAW = ("ckv", "cgate", "ikv", "igate")
 
 def entry_shapes(cfg: ModelConfig, v4_kind=None) -> dict[str, tuple[int, ...]]:
     """Per-token shape of each cached tensor of one layer (v4_kind: a DeepSeek-V4 segment's
-    (layer type, hash-routed), transformer.v4_kinds).
+    kinds, transformer.v4_kinds: then of one group, layer j's entries named 'j/name').
 
     DeepSeek-V4 caches each position's rotated key/value `kv` [head_dim] and, on compressed
     layers, the raw projections its compressors pool (`ckv` / `cgate`, and the CSA indexer's
@@ -59,13 +59,14 @@ def entry_shapes(cfg: ModelConfig, v4_kind=None) -> dict[str, tuple[int, ...]]:
     if cfg.attention_type == "v4":
         from moejax.model.v4 import CSA
 
-        layer_type = v4_kind[0]
-        out = {"kv": (cfg.head_dim,)}
-        if cfg.compress_rate(layer_type):
-            c = 2 if layer_type == CSA else 1
-            out["ckv"] = out["cgate"] = (c * cfg.head_dim,)
-        if layer_type == CSA:
-            out["ikv"] = out["igate"] = (2 * cfg.index_head_dim,)
+        out = {}
+        for j, (layer_type, _hashed) in enumerate(v4_kind):
+            out[f"{j}/kv"] = (cfg.head_dim,)
+            if cfg.compress_rate(layer_type):
+                c = 2 if layer_type == CSA else 1
+                out[f"{j}/ckv"] = out[f"{j}/cgate"] = (c * cfg.head_dim,)
+            if layer_type == CSA:
+                out[f"{j}/ikv"] = out[f"{j}/igate"] = (2 * cfg.index_head_dim,)
         return out
     if cfg.attention_type == "mla":
         out = {"latent": (cfg.kv_lora_rank,), "rope": (cfg.qk_rope_head_dim,)}
@@ -79,11 +80,13 @@ def _layer_cache(
     cfg: ModelConfig, layers: int, batch: int, max_len: int, dtype, int8: bool, v4_kind=None
 ) -> dict:
     out = {}
+    if v4_kind is not None:  # stacked by group (transformer.make_stack)
+        layers //= len(v4_kind)
     for name, shape in entry_shapes(cfg, v4_kind).items():
         full = (layers, batch) + (
             (shape[0], max_len) + shape[1:] if name in HEAD_MAJOR else (max_len,) + shape
         )
-        kind = jnp.float32 if name in V4_RAW else dtype
+        kind = jnp.float32 if name.split("/")[-1] in V4_RAW else dtype
         out[name] = jnp.zeros(full, jnp.int8 if int8 else kind)
         if int8:  # one scale per token (and per KV head): the last axis is quantized together
             out[name + "_scale"] = jnp.zeros(full[:-1], jnp.float32)
@@ -141,10 +144,10 @@ def bytes_per_token(
         from moejax.model.transformer import segments_of, v4_kinds
 
         total = 0
-        for (_, n), kind in zip(segments_of(cfg), v4_kinds(cfg)):
-            for name, shape in entry_shapes(cfg, kind).items():
-                size = 4 if name in V4_RAW else jnp.dtype(dtype).itemsize
-                total += n * int(np.prod(shape)) * size
+        for (_, n), kinds in zip(segments_of(cfg), v4_kinds(cfg)):
+            for name, shape in entry_shapes(cfg, kinds).items():
+                size = 4 if name.split("/")[-1] in V4_RAW else jnp.dtype(dtype).itemsize
+                total += n // len(kinds) * int(np.prod(shape)) * size
         return total
     per_layer = 0
     for shape in entry_shapes(cfg).values():

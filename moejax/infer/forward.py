@@ -284,6 +284,25 @@ def _v4_attn_step(attn: v4_lib.V4Attention, x, ctx, cached, start, prefill: bool
     return y, new
 
 
+def _v4_group_step(group, x, ctx, token_mask, cached, start, prefill: bool, record: bool):
+    """A V4 group's layers in order; their cache entries named 'j/name' (cache.entry_shapes),
+    their expert choices stacked [p, B, T, K] under 'route'."""
+    new, routes = {}, []
+    for j, block in enumerate(group.blocks):
+        mine = (
+            None
+            if prefill
+            else {k.split("/")[1]: v for k, v in cached.items() if k.startswith(f"{j}/")}
+        )
+        x, entries = _v4_block_step(block, x, ctx, token_mask, mine, start, prefill, record)
+        if record:
+            routes.append(entries.pop("route"))
+        new.update({f"{j}/{k}": v for k, v in entries.items()})
+    if record:
+        new["route"] = jnp.stack(routes)
+    return x, new
+
+
 def _v4_block_step(block, x, ctx, token_mask, cached, start, prefill: bool, record: bool):
     cd = block.compute_dtype
     post, comb, h = block.attn_hc(x)
@@ -316,8 +335,8 @@ def block_step(
     T, ...]). cached: this layer's cache {name: [B, S, ...]} (None with prefill). record: a MoE
     layer's expert choices join the entries as 'route' [B, T, K]. (A DeepSeek-V4 block reads a
     v4.Context in cos's place.)"""
-    if isinstance(block, v4_lib.V4Block):
-        return _v4_block_step(block, x, cos, token_mask, cached, start, prefill, record)
+    if isinstance(block, v4_lib.V4Group):
+        return _v4_group_step(block, x, cos, token_mask, cached, start, prefill, record)
     cd = block.compute_dtype
     h = block.attn_norm(x).astype(cd)
     if isinstance(block.attn, MLA):
@@ -341,6 +360,8 @@ def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, pre
     writes only the new positions (in place: the cache is donated)."""
     graphdef, state = nnx.split(stack)
     record = "route" in layers  # the cache records this MoE segment's expert choices
+    grouped = isinstance(stack, v4_lib.V4Group)  # V4: stacked groups of layers; routes per layer
+    xs = {k: v for k, v in layers.items() if k != "route"} if grouped else layers
 
     def body(h, xs):
         layer_state, cached = xs
@@ -357,7 +378,9 @@ def _run_segment(stack: Block, x, cos, sin, token_mask, layers: dict, start, pre
             record,
         )
 
-    x, new = jax.lax.scan(body, x, (state, None if prefill else layers))
+    x, new = jax.lax.scan(body, x, (state, None if prefill else xs))
+    if grouped and record:  # [groups, p, B, T, K] -> per layer
+        new["route"] = new["route"].reshape((-1,) + new["route"].shape[2:])
     return x, cache_lib.write(layers, new, start)
 
 

@@ -97,16 +97,18 @@ def make_stack(
     rngs: nnx.Rngs,
     layout=None,
     execution: ExecutionConfig = ExecutionConfig(),
-    v4_kind: tuple[str, bool] | None = None,
+    v4_kind: tuple | None = None,
 ) -> Block:
-    """n Blocks with parameters stacked on a leading layer axis. v4_kind: (attention layer type,
-    hash-routed) of DeepSeek-V4 blocks (v4.V4Block)."""
+    """n Blocks with parameters stacked on a leading layer axis. v4_kind: the kinds of one
+    DeepSeek-V4 group (v4.groups): n // len(v4_kind) v4.V4Group are stacked instead."""
+    if v4_kind is not None:
+        n //= len(v4_kind)
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
     def create(r):
         if v4_kind is not None:
-            return v4_lib.V4Block(cfg, *v4_kind, rngs=r, layout=layout, execution=execution)
+            return v4_lib.V4Group(cfg, v4_kind, rngs=r, layout=layout, execution=execution)
         return Block(cfg, kind, rngs=r, layout=layout, execution=execution)
 
     return create(rngs)
@@ -114,16 +116,18 @@ def make_stack(
 
 def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     """Runs of consecutive layers of one kind, e.g. [('dense', 1), ('moe', 26)]. DeepSeek-V4's
-    layers are all 'moe'; its runs are of one attention type and routing (v4.block_runs)."""
+    layers are all 'moe'; its segments repeat a pattern of attention types and routing
+    (v4.groups), each ('moe', its layers)."""
     if cfg.attention_type == "v4":
-        return [("moe", n) for _, _, n in v4_lib.block_runs(cfg)]
+        return [("moe", len(kinds) * r) for kinds, r in v4_lib.groups(cfg)]
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
 def v4_kinds(cfg: ModelConfig) -> list:
-    """Each segment's v4_kind for make_stack (None for every segment of other models)."""
+    """Each segment's v4_kind for make_stack: the (attention type, hash-routed) of each layer of
+    one DeepSeek-V4 group (None for every segment of other models)."""
     if cfg.attention_type == "v4":
-        return [(t, h) for t, h, _ in v4_lib.block_runs(cfg)]
+        return [kinds for kinds, _ in v4_lib.groups(cfg)]
     return [None] * len(segments_of(cfg))
 
 
@@ -473,13 +477,18 @@ class Transformer(nnx.Module):
             x = sharding.constrain(x, self.layout, residual)
         moe_aux, index_kl = [], []  # (index_kl: DeepSeek Sparse Attention's per-layer KL sums)
         first = 0  # the first MoE layer of this segment, in `routes`
-        for i, ((kind, n), stack) in enumerate(zip(segments_of(cfg), self.segments)):
+        for i, ((kind, n), stack, v4_kind) in enumerate(
+            zip(segments_of(cfg), self.segments, v4_kinds(cfg))
+        ):
             seg_routes = None if routes is None or kind != "moe" else routes[first : first + n]
             first += n if kind == "moe" else 0
+            p = 1 if v4_kind is None else len(v4_kind)  # (V4: groups of p layers are scanned)
+            if seg_routes is not None and v4_kind is not None:
+                seg_routes = seg_routes.reshape((n // p, p) + seg_routes.shape[1:])
             with jax.named_scope(f"segment_{i}_{kind}"):
                 x, aux = run_stack(
                     stack,
-                    n,
+                    n // p,
                     x,
                     cos,
                     sin,
@@ -495,6 +504,8 @@ class Transformer(nnx.Module):
                 x = sharding.constrain(
                     x, self.layout, residual
                 )  # (a pipeline's output has no layout of its own)
+            if v4_kind is not None:  # [groups, p, ...] -> per layer (indexer KL: per CSA layer)
+                aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
             if "indexer_kl" in aux:
                 aux = dict(aux)
                 index_kl.append(aux.pop("indexer_kl"))
@@ -570,8 +581,15 @@ class Transformer(nnx.Module):
             return
         rate = self.cfg.router.bias_update_rate
         i = 0
-        for (kind, n), stack in zip(segments_of(self.cfg), self.segments):
-            if kind == "moe":
+        for (kind, n), stack, v4_kind in zip(
+            segments_of(self.cfg), self.segments, v4_kinds(self.cfg)
+        ):
+            if kind == "moe" and v4_kind is not None:  # V4 groups: layer j of every group
+                counts = expert_counts[i : i + n].reshape((n // len(v4_kind), len(v4_kind), -1))
+                for j, block in enumerate(stack.blocks):
+                    block.ffn.router.update_bias(counts[:, j], rate)
+                i += n
+            elif kind == "moe":
                 stack.ffn.router.update_bias(expert_counts[i : i + n], rate)
                 i += n
         if expert_counts.shape[0] > i:  # counts include the MTP blocks

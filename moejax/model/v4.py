@@ -46,7 +46,6 @@ parity, training on CPU). A blockwise / gathered form for long sequences is futu
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import jax
@@ -509,7 +508,71 @@ class V4Block(nnx.Module):
         return sharding.constrain(x, self.layout, STREAMS), {**aux, **attn_aux}
 
 
-def block_runs(cfg: ModelConfig) -> list[tuple[str, bool, int]]:
-    """Runs of consecutive V4 layers of one (attention type, hash-routed) kind, in order."""
+Kind = tuple  # (attention layer type, hash-routed)
+
+
+def groups(cfg: ModelConfig, max_period: int = 4) -> list[tuple[tuple[Kind, ...], int]]:
+    """The V4 layers as segments of a repeating pattern: [(kinds of one group, repeats)], in
+    order. Each segment is scanned over its repeats (one compiled body however deep the model),
+    so the period is chosen greedily to cover the most layers (the shortest on a tie): V4-Flash's
+    43 layers are [(sliding, hash)] x 2, [(CSA, hash)] x 1, [(HCA), (CSA)] x 20."""
     kinds = [(t, i < cfg.num_hash_layers) for i, t in enumerate(cfg.v4_layer_types)]
-    return [(t, h, len(list(g))) for (t, h), g in itertools.groupby(kinds)]
+    out, i = [], 0
+    while i < len(kinds):
+        best = (1, 1)  # (period, repeats)
+        for p in range(1, max_period + 1):
+            unit, r = kinds[i : i + p], 0
+            if len(unit) < p:
+                break
+            while kinds[i + r * p : i + (r + 1) * p] == unit:
+                r += 1
+            if (p == 1 or r >= 2) and p * r > best[0] * best[1]:
+                best = (p, r)
+        p, r = best
+        out.append((tuple(kinds[i : i + p]), r))
+        i += p * r
+    return out
+
+
+class V4Group(nnx.Module):
+    """One repeat of a segment's pattern: consecutive V4 layers run in order (transformer.py
+    stacks the groups and scans them). aux: each MoE statistic stacked over the group's layers
+    [p, ...], the indexer KL over its CSA layers [c]."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        kinds: tuple[Kind, ...],
+        *,
+        rngs: nnx.Rngs,
+        layout=None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
+        self.kind = "moe"
+        self.blocks = nnx.List(
+            [V4Block(cfg, t, h, rngs=rngs, layout=layout, execution=execution) for t, h in kinds]
+        )
+
+    def __call__(
+        self, x, ctx: Context, _sin, segment_ids, token_mask, rng=None, route=None, replay=False
+    ):
+        """Block.__call__'s signature; route: [p, B, T, K] (one per layer of the group)."""
+        auxs = []
+        for j, block in enumerate(self.blocks):
+            r = None if rng is None else jax.random.fold_in(rng, j)
+            x, aux = block(
+                x,
+                ctx,
+                None,
+                segment_ids,
+                token_mask,
+                r,
+                None if route is None else route[j],
+                replay,
+            )
+            auxs.append(aux)
+        kl = [a.pop("indexer_kl") for a in auxs if "indexer_kl" in a]
+        out = jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+        if kl:
+            out["indexer_kl"] = jnp.stack(kl)
+        return x, out

@@ -43,6 +43,30 @@ def attention_score_bytes(ex, B: float, H: float, T: int) -> float:
     return B * H * T * 4
 
 
+def _v4_layer_bytes(m, layer_type: str, B, T: int, H, tp: int, cb: int, scores_only=False) -> float:
+    """One DeepSeek-V4 layer's activations per device in its reference form (model/v4.py): the
+    float32 logits, exponentials and probabilities over [T, T + entries] per head and the key
+    mask; on CSA the indexer's ReLU inputs [T, Hi, entries] and its scores and target (float32);
+    queries, outputs and their gradients over the 512-wide head; the compressors' raw float32
+    projections; the grouped output projection; the hyper-connections' float32 streams."""
+    rate = m.compress_rate(layer_type)
+    entries = T // rate if rate else 0
+    keys = T + entries
+    scores = B * T * keys * (H * 4 * 3 + 1)
+    if layer_type == "compressed_sparse_attention":
+        scores += B * T * entries * (m.index_n_heads * 4 * 2 + 4 * 3)
+    if scores_only:
+        return scores
+    tokens, Hd, D = B * T, m.head_dim, m.hidden_size
+    c = 2 if layer_type == "compressed_sparse_attention" else 1
+    raw = (2 * c * Hd if rate else 0) + (
+        2 * 2 * m.index_head_dim if layer_type == "compressed_sparse_attention" else 0
+    )
+    proj = tokens * ((m.q_lora_rank + Hd) * cb + raw * 4 + m.o_groups * m.o_lora_rank / tp * cb)
+    streams = 2 * tokens * m.hc_mult * D * 4 * 2  # two sublayers: normed streams and the mix
+    return tokens * H * 4 * Hd * cb + proj + scores + streams + 2 * tokens * D * cb + tokens * D * 8
+
+
 def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     """Estimated activation memory per device at the peak of the backward pass.
 
@@ -131,8 +155,15 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     layers = [per_layer[k] for k in kinds] + [
         per_layer["moe" if m.n_routed_experts else "dense"]
     ] * m.mtp_depth
+    carry = tokens * D * 4  # what remat 'full' keeps per layer: its input
+    if m.attention_type == "v4":
+        layers = [_v4_layer_bytes(m, t, B, T, H, tp, cb) + moe for t in m.v4_layer_types]
+        scores = max(
+            _v4_layer_bytes(m, t, B, T, H, tp, cb, scores_only=True) for t in m.v4_layer_types
+        )
+        carry = tokens * m.hc_mult * D * 4
     if ex.remat_policy == "full":
-        kept = tokens * D * 4 * len(layers) + 2 * max(layers)
+        kept = carry * len(layers) + 2 * max(layers)
     elif ex.remat_policy == "none":
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax

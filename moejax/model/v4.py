@@ -225,15 +225,20 @@ class V4Indexer(nnx.Module):
         self.wq_b = param(rngs, (Rq, Hi, Di), ("q_lora", None, None), cfg)
         self.weights_proj = param(rngs, (D, Hi), ("embed", None), cfg)
 
-    def scores(self, x, q_lat, comp_cos, comp_sin, keys, cd):
-        """Scores float32 [B, T, W] of the queries (x, q_lat [B, T, .], detached by the caller)
-        against the compressed index keys [B, W, Di]."""
+    def queries(self, x, q_lat, comp_cos, comp_sin, cd):
+        """The queries' index heads (float32 [B, T, Hi, Di], rotated, scaled by 1 / sqrt(Di)) and
+        head weights ([B, T, Hi], scaled by 1 / sqrt(Hi)); x and q_lat are detached by the
+        caller."""
         Hi, Di = self.wq_b.shape[-2:]
         q = project(self, "wq_b", "BTR,RHI->BTHI", q_lat, cd)
-        q = rope_tail(q, comp_cos[:, :, None], comp_sin[:, :, None])
-        s = jax.nn.relu(jnp.einsum("BTHI,BSI->BTHS", q, keys)) * Di**-0.5
-        weights = project(self, "weights_proj", "BTD,DH->BTH", x, cd) * Hi**-0.5
-        return jnp.einsum("BTHS,BTH->BTS", s, weights)
+        q = rope_tail(q, comp_cos[:, :, None], comp_sin[:, :, None]) * Di**-0.5
+        return q, project(self, "weights_proj", "BTD,DH->BTH", x, cd) * Hi**-0.5
+
+
+def index_scores(q, weights, keys):
+    """I[t, s] = sum_h w[t, h] relu(q[t, h] . k[s]): float32 [B, T, W] (V4Indexer.queries)."""
+    s = jax.nn.relu(jnp.einsum("BTHI,BSI->BTHS", q, keys.astype(jnp.float32)))
+    return jnp.einsum("BTHS,BTH->BTS", s, weights)
 
 
 def top_k_mask(scores, allowed, k: int):
@@ -318,19 +323,15 @@ class V4Attention(nnx.Module):
             raw["ikv"], raw["igate"] = self.indexer.compressor.raw(jax.lax.stop_gradient(x), cd)
         return q, q_lat, kv, raw
 
-    def attend(self, x, q, q_lat, ctx: Context, q_seg, keys: Keys, rng=None):
+    def attend(self, x, q, q_lat, ctx: Context, q_seg, keys: Keys, rng=None, blocked=False):
         """The queries (x [B, T, D], q, q_lat from `project`, at ctx.positions in documents q_seg
-        [B, T]) over `keys` -> (y [B, T, D] float32, aux)."""
+        [B, T]) over `keys` -> (y [B, T, D] float32, aux). blocked: the queries are the keys (a
+        training batch): run `blocked_attention` instead of the reference form."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         B, T, _ = x.shape
-        heads = ("batch", "sequence", "heads", None)
         cos, sin = self.rope(ctx)
-        qp = ctx.positions
-        same = keys.seg[:, None, :] == q_seg[:, :, None]  # [B, T, S]
-        dist = qp[:, :, None] - keys.pos[:, None, :]
-        mask = same & (keys.seg[:, None, :] > 0) & (dist >= 0) & (dist < cfg.sliding_window)
-        kk, aux = keys.kv, {}
+        comp = None
         if self.m:
             w = windows(keys.pos, keys.seg, self.m)
             inv = rope_tables(cfg)[1]
@@ -339,35 +340,38 @@ class V4Attention(nnx.Module):
                 return _cos_sin(p, inv)
 
             entries = self.compressor.compress(keys.raw["ckv"], keys.raw["cgate"], w, at)
-            chosen = visible(w, qp, q_seg, self.m)  # [B, T, W]
+            index = None
             if self.layer_type == CSA:
                 index_keys = self.indexer.compressor.compress(
                     keys.raw["ikv"], keys.raw["igate"], w, at
                 )
-                scores = self.indexer.scores(
+                iq, iw = self.indexer.queries(
                     jax.lax.stop_gradient(x),
                     jax.lax.stop_gradient(q_lat),
                     ctx.comp_cos,
                     ctx.comp_sin,
-                    index_keys,
                     cd,
                 )
-                chosen = top_k_mask(scores, chosen, cfg.index_topk)
-            kk = jnp.concatenate([kk, entries.astype(cd)], axis=1)  # [B, S + W, H]
-            mask = jnp.concatenate([mask, chosen], axis=2)
-        S = keys.kv.shape[1]
-        logits = jnp.einsum("BTNH,BSH->BNTS", q, kk, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None], logits * cfg.softmax_scale, -jnp.inf)
-        sink = self.sinks[...].astype(jnp.float32)[None, :, None]  # [1, N, 1]
-        top = jnp.maximum(logits.max(axis=-1), sink)  # [B, N, T]
-        p = jnp.exp(logits - top[..., None])
-        probs = p / (p.sum(axis=-1) + jnp.exp(sink - top))[..., None]
-        out = jnp.einsum("BNTS,BSH->BTNH", probs.astype(cd), kk, preferred_element_type=jnp.float32)
-        if self.layer_type == CSA:
-            target = probs[..., S:].sum(axis=1)  # [B, T, W] over the chosen entries
-            target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30)
-            aux["indexer_kl"] = dsa.indexer_kl(scores, jax.lax.stop_gradient(target), chosen)
+                index = (iq, iw, index_keys)
+            comp = (entries.astype(cd), w, index)
+        sinks = self.sinks[...].astype(jnp.float32)
+        if blocked:
+            out, kl = blocked_attention(
+                q,
+                keys.kv,
+                ctx.positions,
+                q_seg,
+                comp,
+                sinks,
+                cfg,
+                self.m,
+                self.execution.attention_block or 128,
+            )
+        else:
+            out, kl = reference_attention(q, ctx.positions, q_seg, keys, comp, sinks, cfg, self.m)
+        aux = {"indexer_kl": kl} if self.layer_type == CSA else {}
         out = rope_tail(out, cos[:, :, None], -sin[:, :, None]).astype(cd)
+        heads = ("batch", "sequence", "heads", None)
         out = checkpoint_name(sharding.constrain(out, self.layout, heads), "attn_out")
         G = cfg.o_groups
         out = out.reshape(B, T, G, cfg.num_heads // G, cfg.head_dim)
@@ -377,13 +381,125 @@ class V4Attention(nnx.Module):
 
     def __call__(self, x, ctx: Context, segment_ids, rng=None):
         """x [B, T, D] (a training batch: keys are its own tokens) -> (y [B, T, D] float32, aux:
-        {'indexer_kl'} on CSA layers)."""
+        {'indexer_kl'} on CSA layers). The blocked form unless execution.attention_impl is
+        'reference'."""
         B, T, _ = x.shape
         q, q_lat, kv, raw = self.project(x, ctx, rng)
         seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
         # (padding, segment 0, is never a key; its own rows are ignored by every loss)
         keys = Keys(kv, raw, ctx.positions, seg)
-        return self.attend(x, q, q_lat, ctx, seg, keys, rng)
+        blocked = self.execution.attention_impl != "reference"
+        return self.attend(x, q, q_lat, ctx, seg, keys, rng, blocked=blocked)
+
+
+def _softmax_with_sink(logits, sinks):
+    """Softmax over the last axis of logits [B, N, T, S] (-inf where masked) with one more logit
+    per head, the sink, whose probability is dropped: probs [B, N, T, S] float32."""
+    sink = sinks[None, :, None]  # [1, N, 1]
+    top = jnp.maximum(logits.max(axis=-1), sink)
+    p = jnp.exp(logits - top[..., None])
+    return p / (p.sum(axis=-1) + jnp.exp(sink - top))[..., None]
+
+
+def reference_attention(q, q_pos, q_seg, keys: Keys, comp, sinks, cfg: ModelConfig, m: int):
+    """Every query over every key position and entry, the [T, S + W] scores and mask
+    materialized: the oracle (and the generator's form, whose queries are few). q [B, T, N, H];
+    comp: (entries [B, W, H], Windows, index (q, w, keys) or None) or None. Returns (out [B, T,
+    N, H] float32 before the output rotation, the indexer KL summed over query tokens)."""
+    cd = q.dtype
+    same = keys.seg[:, None, :] == q_seg[:, :, None]  # [B, T, S]
+    dist = q_pos[:, :, None] - keys.pos[:, None, :]
+    mask = same & (keys.seg[:, None, :] > 0) & (dist >= 0) & (dist < cfg.sliding_window)
+    kk, kl = keys.kv, jnp.zeros((), jnp.float32)
+    if comp is not None:
+        entries, w, index = comp
+        chosen = visible(w, q_pos, q_seg, m)  # [B, T, W]
+        if index is not None:
+            scores = index_scores(*index)
+            chosen = top_k_mask(scores, chosen, cfg.index_topk)
+        kk = jnp.concatenate([kk, entries], axis=1)  # [B, S + W, H]
+        mask = jnp.concatenate([mask, chosen], axis=2)
+    S = keys.kv.shape[1]
+    logits = jnp.einsum("BTNH,BSH->BNTS", q, kk, preferred_element_type=jnp.float32)
+    probs = _softmax_with_sink(
+        jnp.where(mask[:, None], logits * cfg.softmax_scale, -jnp.inf), sinks
+    )
+    out = jnp.einsum("BNTS,BSH->BTNH", probs.astype(cd), kk, preferred_element_type=jnp.float32)
+    if comp is not None and comp[2] is not None:
+        target = probs[..., S:].sum(axis=1)  # [B, T, W] over the chosen entries
+        target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30)
+        kl = dsa.indexer_kl(scores, jax.lax.stop_gradient(target), chosen)
+    return out, kl
+
+
+def blocked_attention(q, kv, pos, seg, comp, sinks, cfg: ModelConfig, m: int, block: int):
+    """reference_attention for a training batch (the queries are the keys), one block of queries
+    at a time under a rematerialized scan: each block reads only its sliding-window rows (its own
+    and the sliding_window - 1 before it), on HCA every entry, on CSA the index_topk entries the
+    indexer picks, gathered. Nothing of size [T, T] is ever built: per block the scores are
+    [bq, bq + W - 1 + entries read] per head, and the indexer's ReLU scores [bq, Hi, entries]. The
+    same function as the reference (tested), at O(T (W + entries read)) attention cost."""
+    B, T, N, H = q.shape
+    W = cfg.sliding_window
+    bq = block if T % block == 0 else T
+    P = W - 1  # rows before a block that its window reaches
+    kvp = jnp.pad(kv, ((0, 0), (P, 0), (0, 0)))
+    posp = jnp.pad(pos, ((0, 0), (P, 0)))
+    segp = jnp.pad(seg, ((0, 0), (P, 0)))  # (segment 0: never a key)
+    scale = cfg.softmax_scale
+
+    def body(kl, s0):
+        def rows(a, n, start=s0):
+            return jax.lax.dynamic_slice_in_dim(a, start, n, axis=1)
+
+        qb, pq, sq = rows(q, bq), rows(pos, bq), rows(seg, bq)
+        kb, pk, sk = rows(kvp, bq + P), rows(posp, bq + P), rows(segp, bq + P)
+        dist = pq[:, :, None] - pk[:, None, :]
+        mask = (sk[:, None, :] == sq[:, :, None]) & (sk[:, None, :] > 0) & (dist >= 0) & (dist < W)
+        ls = jnp.einsum("BTNH,BSH->BNTS", qb, kb, preferred_element_type=jnp.float32)
+        parts = [(jnp.where(mask[:, None], ls * scale, -jnp.inf), kb, "BNTS,BSH->BTNH")]
+        if comp is not None:
+            entries, w, index = comp
+            vis = (
+                w.ok[:, None, :]
+                & (w.seg[:, None, :] == sq[:, :, None])
+                & (w.pos[:, None, :] + m <= pq[:, :, None] + 1)
+            )  # [B, bq, W]
+            if index is None:  # HCA: every entry
+                lc = jnp.einsum("BTNH,BSH->BNTS", qb, entries, preferred_element_type=jnp.float32)
+                parts.append(
+                    (jnp.where(vis[:, None], lc * scale, -jnp.inf), entries, "BNTS,BSH->BTNH")
+                )
+            else:  # CSA: the top-k entries, gathered
+                iq, iw, ik = index
+                scores = index_scores(rows(iq, bq), rows(iw, bq), ik)  # [B, bq, W]
+                k = min(cfg.index_topk, scores.shape[-1])
+                _, idx = jax.lax.top_k(jnp.where(vis, scores, -jnp.inf), k)  # [B, bq, k]
+                valid = jnp.take_along_axis(vis, idx, axis=-1)
+                picked = jax.vmap(lambda e, i: e[i])(entries, idx)  # [B, bq, k, H]
+                lc = jnp.einsum("BTNH,BTKH->BNTK", qb, picked, preferred_element_type=jnp.float32)
+                parts.append(
+                    (jnp.where(valid[:, None], lc * scale, -jnp.inf), picked, "BNTK,BTKH->BTNH")
+                )
+        sizes = [p[0].shape[-1] for p in parts]
+        probs = _softmax_with_sink(jnp.concatenate([p[0] for p in parts], axis=-1), sinks)
+        out, at = 0.0, 0
+        for (_, vals, spec), n in zip(parts, sizes):
+            pr = probs[..., at : at + n]
+            out = out + jnp.einsum(
+                spec, pr.astype(qb.dtype), vals, preferred_element_type=jnp.float32
+            )
+            at += n
+        if comp is not None and comp[2] is not None:
+            target = pr.sum(axis=1)  # [B, bq, k]: the chosen entries' share, over heads
+            target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30)
+            score_k = jnp.take_along_axis(scores, idx, axis=-1)
+            kl = kl + dsa.indexer_kl(score_k, jax.lax.stop_gradient(target), valid)
+        return kl, out
+
+    body = jax.checkpoint(body, prevent_cse=False)
+    kl, out = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(0, T, bq))
+    return out.swapaxes(0, 1).reshape(B, T, N, H), kl
 
 
 # ------------------------------------------------------------------------------- hyper-connections

@@ -43,26 +43,41 @@ def attention_score_bytes(ex, B: float, H: float, T: int) -> float:
     return B * H * T * 4
 
 
-def _v4_layer_bytes(m, layer_type: str, B, T: int, H, tp: int, cb: int, scores_only=False) -> float:
-    """One DeepSeek-V4 layer's activations per device in its reference form (model/v4.py): the
-    float32 logits, exponentials and probabilities over [T, T + entries] per head and the key
-    mask; on CSA the indexer's ReLU inputs [T, Hi, entries] and its scores and target (float32);
-    queries, outputs and their gradients over the 512-wide head; the compressors' raw float32
-    projections; the grouped output projection; the hyper-connections' float32 streams."""
+def _v4_layer_bytes(
+    m, ex, layer_type: str, B, T: int, H, tp: int, cb: int, scores_only=False
+) -> float:
+    """One DeepSeek-V4 layer's activations per device (model/v4.py). Attention scores: in the
+    reference form the float32 logits, exponentials and probabilities over [T, T + entries] per
+    head and the key mask (on CSA also the indexer's ReLU inputs [T, Hi, entries]); in the blocked
+    training form the same for one query block at a time over its window rows and the entries it
+    reads (HCA: all, CSA: index_topk gathered), plus the block's indexer scores. Besides: queries,
+    outputs and their gradients over the wide head; the compressors' raw float32 projections and
+    entries; the indexer's float32 queries; the grouped output projection; the hyper-connections'
+    float32 streams."""
     rate = m.compress_rate(layer_type)
     entries = T // rate if rate else 0
-    keys = T + entries
-    scores = B * T * keys * (H * 4 * 3 + 1)
-    if layer_type == "compressed_sparse_attention":
-        scores += B * T * entries * (m.index_n_heads * 4 * 2 + 4 * 3)
+    csa = layer_type == "compressed_sparse_attention"
+    Hi = m.index_n_heads
+    if ex.attention_impl == "reference":
+        scores = B * T * (T + entries) * (H * 4 * 3 + 1)
+        if csa:
+            scores += B * T * entries * (Hi * 4 * 2 + 4 * 3)
+    else:
+        block = ex.attention_block or 128
+        bq = block if T % block == 0 else T
+        read = min(m.index_topk, entries) if csa else entries
+        scores = B * bq * (bq + m.sliding_window - 1 + read) * (H * 4 * 3 + 1)
+        if csa:
+            scores += B * bq * (entries * (Hi * 4 * 2 + 4 * 3) + read * m.head_dim * cb)
     if scores_only:
         return scores
     tokens, Hd, D = B * T, m.head_dim, m.hidden_size
-    c = 2 if layer_type == "compressed_sparse_attention" else 1
-    raw = (2 * c * Hd if rate else 0) + (
-        2 * 2 * m.index_head_dim if layer_type == "compressed_sparse_attention" else 0
-    )
+    c = 2 if csa else 1
+    raw = (2 * c * Hd if rate else 0) + (2 * 2 * m.index_head_dim if csa else 0)
     proj = tokens * ((m.q_lora_rank + Hd) * cb + raw * 4 + m.o_groups * m.o_lora_rank / tp * cb)
+    proj += B * entries * (Hd + (m.index_head_dim if csa else 0)) * 4
+    if csa:  # the indexer's queries and head weights, float32
+        proj += tokens * Hi * (m.index_head_dim + 1) * 4
     streams = 2 * tokens * m.hc_mult * D * 4 * 2  # two sublayers: normed streams and the mix
     return tokens * H * 4 * Hd * cb + proj + scores + streams + 2 * tokens * D * cb + tokens * D * 8
 
@@ -155,15 +170,21 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     layers = [per_layer[k] for k in kinds] + [
         per_layer["moe" if m.n_routed_experts else "dense"]
     ] * m.mtp_depth
-    carry = tokens * D * 4  # what remat 'full' keeps per layer: its input
-    if m.attention_type == "v4":
-        layers = [_v4_layer_bytes(m, t, B, T, H, tp, cb) + moe for t in m.v4_layer_types]
-        scores = max(
-            _v4_layer_bytes(m, t, B, T, H, tp, cb, scores_only=True) for t in m.v4_layer_types
-        )
-        carry = tokens * m.hc_mult * D * 4
+    # remat 'full' keeps each scanned body's input and rebuilds one body (with its gradients)
+    carry, bodies = tokens * D * 4, [[x] for x in layers]
+    if m.attention_type == "v4":  # a body is one group of layers (v4.groups), streams its input
+        from moejax.model import v4 as v4_lib
+
+        types = m.v4_layer_types
+        layers = [_v4_layer_bytes(m, ex, t, B, T, H, tp, cb) + moe for t in types]
+        scores = max(_v4_layer_bytes(m, ex, t, B, T, H, tp, cb, scores_only=True) for t in types)
+        carry, bodies, i = tokens * m.hc_mult * D * 4, [], 0
+        for kinds, repeats in v4_lib.groups(m):
+            for _ in range(repeats):
+                bodies.append(layers[i : i + len(kinds)])
+                i += len(kinds)
     if ex.remat_policy == "full":
-        kept = carry * len(layers) + 2 * max(layers)
+        kept = carry * len(bodies) + 2 * max(sum(b) for b in bodies)
     elif ex.remat_policy == "none":
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax

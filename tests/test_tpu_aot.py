@@ -293,3 +293,41 @@ def test_sparse_attention_train_step_compiles_for_tpu_without_a_dense_score_matr
         f"temporaries per device: {fast / 2**20:.1f} MiB gathered, {ref / 2**20:.1f} MiB reference"
     )
     assert 0 < fast < ref - dense_scores, (fast, ref, dense_scores)
+
+
+@pytest.mark.slow
+def test_v4_blocked_attention_compiles_for_tpu_within_less_memory():
+    """DeepSeek-V4's blocked training attention (query blocks over their window rows and entries)
+    compiles for v5e with expert parallelism, and needs less temporary memory than the reference
+    form by more than one layer's dense float32 scores [B, N, T, T]."""
+    import dataclasses
+    import os
+
+    from moejax import pod, sharding
+    from moejax.config import Config, MeshConfig
+    from moejax.experiment import load_config_file
+    from tests.helpers import ROOT
+
+    cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v4_tiny.py"))
+    cd.model.num_layers = 2  # sliding, then CSA (its indexer's scores are blocked too)
+    cd.model.layer_types = cd.model.layer_types[:2]
+    cd.data.seq_len = 1024
+    cd.train.batch_size = 4
+    mesh_cfg = MeshConfig(fsdp=-1, expert=2)
+    _, devices = pod.tpu_devices("v5e:2x2")
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+
+    def temp_bytes(impl):
+        cfg = dataclasses.replace(Config.from_dict(cd), mesh=mesh_cfg)
+        cfg = dataclasses.replace(cfg, execution=cfg.execution.replace(attention_impl=impl))
+        step, state, batch = pod.abstract_train_step(cfg, mesh)
+        with kernels.target_platform("tpu"), jax.set_mesh(mesh):
+            return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    fast, ref = temp_bytes("auto"), temp_bytes("reference")
+    T, N = cd.data.seq_len, cd.model.num_heads
+    dense_scores = cd.train.batch_size * N * T * T * 4 // len(devices)  # one layer, per device
+    print(
+        f"temporaries per device: {fast / 2**20:.1f} MiB blocked, {ref / 2**20:.1f} MiB reference"
+    )
+    assert 0 < fast < ref - dense_scores, (fast, ref, dense_scores)

@@ -257,24 +257,15 @@ def test_fp8_train_step_compiles_for_tpu():
     assert "f8e4m3fn" in text and "moejax_gmm" in text
 
 
-def test_sparse_attention_train_step_compiles_for_tpu_without_a_dense_score_matrix():
-    """DeepSeek Sparse Attention's train step (the gathered MQA form, top 128 of 2048 keys per
-    query) compiles for v5e with expert parallelism, and needs less temporary memory than the
-    reference form by more than one layer's dense float32 score matrix [B, N, T, T]: nothing of
-    size [T, S] outlives a query block."""
+def _temporaries_fast_and_reference(cd):
+    """Per-device temporary bytes of `cd`'s train step compiled for v5e:2x2 (fsdp x expert=2) with
+    the default attention and with attention_impl='reference', and one layer's dense float32
+    scores [B, N, T, T] per device."""
     import dataclasses
-    import os
 
     from moejax import pod, sharding
     from moejax.config import Config, MeshConfig
-    from moejax.experiment import load_config_file
-    from tests.helpers import ROOT
 
-    cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v32_tiny.py"))
-    cd.model.num_layers = 2
-    cd.model.index_topk = 128
-    cd.data.seq_len = 2048
-    cd.train.batch_size = 4
     mesh_cfg = MeshConfig(fsdp=-1, expert=2)
     _, devices = pod.tpu_devices("v5e:2x2")
     mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -286,9 +277,27 @@ def test_sparse_attention_train_step_compiles_for_tpu_without_a_dense_score_matr
         with kernels.target_platform("tpu"), jax.set_mesh(mesh):
             return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
-    fast, ref = temp_bytes("auto"), temp_bytes("reference")
     T, N = cd.data.seq_len, cd.model.num_heads
     dense_scores = cd.train.batch_size * N * T * T * 4 // len(devices)  # one layer, per device
+    return temp_bytes("auto"), temp_bytes("reference"), dense_scores
+
+
+def test_sparse_attention_train_step_compiles_for_tpu_without_a_dense_score_matrix():
+    """DeepSeek Sparse Attention's train step (the gathered MQA form, top 128 of 2048 keys per
+    query) compiles for v5e with expert parallelism, and needs less temporary memory than the
+    reference form by more than one layer's dense float32 score matrix [B, N, T, T]: nothing of
+    size [T, S] outlives a query block."""
+    import os
+
+    from moejax.experiment import load_config_file
+    from tests.helpers import ROOT
+
+    cd = load_config_file(os.path.join(ROOT, "experiments", "deepseek_v32_tiny.py"))
+    cd.model.num_layers = 2
+    cd.model.index_topk = 128
+    cd.data.seq_len = 2048
+    cd.train.batch_size = 4
+    fast, ref, dense_scores = _temporaries_fast_and_reference(cd)
     print(
         f"temporaries per device: {fast / 2**20:.1f} MiB gathered, {ref / 2**20:.1f} MiB reference"
     )
@@ -300,11 +309,8 @@ def test_v4_blocked_attention_compiles_for_tpu_within_less_memory():
     """DeepSeek-V4's blocked training attention (query blocks over their window rows and entries)
     compiles for v5e with expert parallelism, and needs less temporary memory than the reference
     form by more than one layer's dense float32 scores [B, N, T, T]."""
-    import dataclasses
     import os
 
-    from moejax import pod, sharding
-    from moejax.config import Config, MeshConfig
     from moejax.experiment import load_config_file
     from tests.helpers import ROOT
 
@@ -313,20 +319,7 @@ def test_v4_blocked_attention_compiles_for_tpu_within_less_memory():
     cd.model.layer_types = cd.model.layer_types[:2]
     cd.data.seq_len = 1024
     cd.train.batch_size = 4
-    mesh_cfg = MeshConfig(fsdp=-1, expert=2)
-    _, devices = pod.tpu_devices("v5e:2x2")
-    mesh = sharding.make_mesh(mesh_cfg, devices)
-
-    def temp_bytes(impl):
-        cfg = dataclasses.replace(Config.from_dict(cd), mesh=mesh_cfg)
-        cfg = dataclasses.replace(cfg, execution=cfg.execution.replace(attention_impl=impl))
-        step, state, batch = pod.abstract_train_step(cfg, mesh)
-        with kernels.target_platform("tpu"), jax.set_mesh(mesh):
-            return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-
-    fast, ref = temp_bytes("auto"), temp_bytes("reference")
-    T, N = cd.data.seq_len, cd.model.num_heads
-    dense_scores = cd.train.batch_size * N * T * T * 4 // len(devices)  # one layer, per device
+    fast, ref, dense_scores = _temporaries_fast_and_reference(cd)
     print(
         f"temporaries per device: {fast / 2**20:.1f} MiB blocked, {ref / 2**20:.1f} MiB reference"
     )

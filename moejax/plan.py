@@ -64,7 +64,7 @@ def _v4_layer_bytes(
             scores += B * T * entries * (Hi * 4 * 2 + 4 * 3)
     else:
         block = ex.attention_block or 128
-        bq = block if T % block == 0 else T
+        bq = min(block, T)  # (a last partial block is padded)
         read = min(m.index_topk, entries) if csa else entries
         scores = B * bq * (bq + m.sliding_window - 1 + read) * (H * 4 * 3 + 1)
         if csa:
@@ -172,12 +172,13 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     ] * m.mtp_depth
     # remat 'full' keeps each scanned body's input and rebuilds one body (with its gradients)
     carry, bodies = tokens * D * 4, [[x] for x in layers]
+    layer_scores = [scores] * len(layers)
     if m.attention_type == "v4":  # a body is one group of layers (v4.groups), streams its input
         from moejax.model import v4 as v4_lib
 
         types = m.v4_layer_types
         layers = [_v4_layer_bytes(m, ex, t, B, T, H, tp, cb) + moe for t in types]
-        scores = max(_v4_layer_bytes(m, ex, t, B, T, H, tp, cb, scores_only=True) for t in types)
+        layer_scores = [_v4_layer_bytes(m, ex, t, B, T, H, tp, cb, scores_only=True) for t in types]
         carry, bodies, i = tokens * m.hc_mult * D * 4, [], 0
         for kinds, repeats in v4_lib.groups(m):
             for _ in range(repeats):
@@ -188,7 +189,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     elif ex.remat_policy == "none":
         kept = sum(layers)
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
-        kept = sum(layers) - len(layers) * scores + 2 * max(layers)
+        kept = sum(layers) - sum(layer_scores) + 2 * max(layers)
     kept += kv_elems * (3 * cb + 4)  # the one layer's gather transients (above)
     logits = tokens * m.vocab_size / tp * 4 * 2 * (1 + m.mtp_depth)
     return {"activations": int(kept), "logits": int(logits)}

@@ -124,6 +124,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     if mt == "deepseek_v4":
         return _deepseek_v4_config(d)
     problems: list[str] = []
+    if d.get("scoring_func", "softmax") not in ("softmax", "sigmoid"):
+        problems.append(f"scoring_func={d.get('scoring_func')!r} (only 'softmax' or 'sigmoid')")
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={d.get('hidden_act')!r} (only 'silu')")
     if d.get("attention_bias"):
@@ -287,7 +289,13 @@ _V4_IGNORED = _IGNORED | {
     "compress_rate_hca",
     "num_hash_layers",
 }
-V4_SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+# what transformers' deepseek_v4 routers can compute (its activation table has no softmax)
+V4_SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")
+V4_RATIO_TYPES = {  # legacy compress_ratios, as transformers maps them
+    0: "sliding_attention",
+    4: "compressed_sparse_attention",
+    128: "heavily_compressed_attention",
+}
 
 
 def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
@@ -325,6 +333,12 @@ def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
     ):
         if d.get(key, want) != want:
             problems.append(f"{key}={d.get(key)!r} (deepseek_v4: {want!r})")
+    if not (d.get("swiglu_limit", 10.0) or 0) > 0:
+        problems.append(
+            f"swiglu_limit={d.get('swiglu_limit')!r} (transformers clamps at it: must be > 0)"
+        )
+    if d.get("norm_topk_prob", True) is not True:
+        problems.append("norm_topk_prob=false (transformers' deepseek_v4 always normalizes)")
     if d.get("scoring_func", "sqrtsoftplus") not in V4_SCORE_FUNCS:
         problems.append(
             f"scoring_func={d.get('scoring_func')!r} (moejax: {', '.join(V4_SCORE_FUNCS)})"
@@ -345,13 +359,10 @@ def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
             problems.append(f"compress_rates[{t!r}]={r!r} (a rate is an integer >= 1)")
     types = d.get("layer_types")
     if types is None and d.get("compress_ratios") is not None:
-        by_rate = {0: "sliding_attention"}
-        by_rate[rates.get("compressed_sparse_attention", 4)] = "compressed_sparse_attention"
-        by_rate[rates.get("heavily_compressed_attention", 128)] = "heavily_compressed_attention"
-        bad = sorted({r for r in d["compress_ratios"] if r not in by_rate})
+        bad = sorted({r for r in d["compress_ratios"] if r not in V4_RATIO_TYPES})
         if bad:
-            problems.append(f"compress_ratios with {bad} (moejax: {sorted(by_rate)})")
-        types = [by_rate.get(r, "?") for r in d["compress_ratios"]]
+            problems.append(f"compress_ratios with {bad} (allowed: {sorted(V4_RATIO_TYPES)})")
+        types = [V4_RATIO_TYPES.get(r, "?") for r in d["compress_ratios"]]
     if types is None:  # transformers' default: 2 HCA, then CSA / HCA alternating
         types = ["heavily_compressed_attention"] * min(n, 2) + [
             "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
@@ -371,26 +382,37 @@ def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
     if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
         problems.append(f"mlp_layer_types={mlp} (moejax: hash_moe layers first, then moe)")
     head_dim = d["head_dim"]
-    if d.get("qk_rope_head_dim") is not None:
-        rope_dim = int(d["qk_rope_head_dim"])
-    else:
-        rope_dim = int(head_dim * (d.get("partial_rotary_factor") or 64 / 512))
-    # rope: 'main' (sliding layers) must be the plain rope; 'compress' may be YaRN
+    prf = d.get("partial_rotary_factor")  # (transformers: it wins over qk_rope_head_dim)
+    if prf is None:
+        prf = d["qk_rope_head_dim"] / head_dim if d.get("qk_rope_head_dim") else 64 / 512
+    rope_dim = int(head_dim * prf)
+    # rope: 'main' (sliding layers) must be the plain rope; 'compress' may be YaRN without its
+    # attention factor (transformers sets it to 1 for the flat form; moejax applies none)
     rp = dict(d.get("rope_parameters") or {})
     if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
         main, comp = dict(rp["main"]), dict(rp["compress"])
+        for name, sub in (("main", main), ("compress", comp)):
+            width = int(head_dim * sub.get("partial_rotary_factor", 1.0))
+            if width != rope_dim:
+                problems.append(
+                    f"rope_parameters.{name}.partial_rotary_factor gives {width} rotary dims, "
+                    f"not the model's {rope_dim}"
+                )
+        nested = True
     else:
         flat = {k: v for k, v in (rp or dict(d.get("rope_scaling") or {})).items()}
         main = {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
         comp = {**flat, "rope_theta": d.get("compress_rope_theta", 160000.0)}
+        nested = False
     if main.get("rope_type", main.get("type", "default")) != "default":
         problems.append(
             f"rope_parameters.main.rope_type={main.get('rope_type')!r} (only 'default')"
         )
-    comp_attention_factor = comp.pop("attention_factor", 1.0)
-    if comp_attention_factor not in (None, 1.0):
+    yarn = comp.get("rope_type", comp.get("type")) == "yarn"
+    factor = comp.pop("attention_factor", None if nested else 1.0)
+    if yarn and factor != 1.0:
         problems.append(
-            f"rope_parameters.compress.attention_factor={comp_attention_factor} (V4 applies none)"
+            f"rope_parameters.compress.attention_factor={factor} (moejax applies none: 1.0)"
         )
     comp.pop("partial_rotary_factor", None)
     main_theta = float(main.get("rope_theta", d.get("rope_theta", 10000.0)))
@@ -432,7 +454,7 @@ def _deepseek_v4_config(d: dict[str, Any]) -> ModelConfig:
         hc_mult=d.get("hc_mult", 4),
         hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
         hc_eps=float(d.get("hc_eps", 1e-6)),
-        swiglu_limit=float(d.get("swiglu_limit", 10.0) or 0.0),
+        swiglu_limit=float(d.get("swiglu_limit", 10.0)),
         n_routed_experts=d["n_routed_experts"],
         num_experts_per_tok=d["num_experts_per_tok"],
         n_shared_experts=1,
@@ -500,8 +522,22 @@ _V4_KEYS = {
 
 def _deepseek_v4_out(cfg: ModelConfig) -> dict[str, Any]:
     """The deepseek_v4 config.json of a V4 ModelConfig (transformers' nested rope form)."""
+    problems = []
     if cfg.attention_type != "v4":
-        raise UnsupportedConfig("cannot export to deepseek_v4: attention_type must be 'v4'")
+        problems.append("attention_type must be 'v4'")
+    if cfg.swiglu_limit <= 0:
+        problems.append("swiglu_limit must be > 0 (transformers always clamps; 0 zeroes experts)")
+    if not cfg.router.norm_topk_prob:
+        problems.append("norm_topk_prob must be true (transformers always normalizes)")
+    if cfg.router.score_func not in V4_SCORE_FUNCS:
+        problems.append(f"score_func must be one of {', '.join(V4_SCORE_FUNCS)}")
+    if int(cfg.head_dim * (cfg.qk_rope_head_dim / cfg.head_dim)) != cfg.qk_rope_head_dim:
+        problems.append(
+            f"qk_rope_head_dim={cfg.qk_rope_head_dim} is not int(head_dim x a float factor): "
+            "transformers would rotate one dim fewer"
+        )
+    if problems:
+        raise UnsupportedConfig(f"cannot export to deepseek_v4: {'; '.join(problems)}")
     comp = {k: v for k, v in _rope_out(cfg).items() if k not in ("mscale", "mscale_all_dim")}
     comp["rope_theta"] = cfg.compress_rope_theta
     prf = cfg.qk_rope_head_dim / cfg.head_dim
@@ -721,6 +757,10 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
         num_experts_per_tok=cfg.num_experts_per_tok,
         dtype="float32",
     )
+    if cfg.swiglu_limit:
+        problems.append(f"swiglu_limit={cfg.swiglu_limit} (a DeepSeek-V4 setting: {mt} has none)")
+    if cfg.router.score_func == "sqrtsoftplus":
+        problems.append(f"score_func='sqrtsoftplus' (DeepSeek-V4's: {mt} has none)")
     if bool(cfg.index_topk) != (mt == "deepseek_v32"):
         problems.append(
             "DeepSeek Sparse Attention (model.index_topk > 0) exports to deepseek_v32 only"

@@ -195,7 +195,7 @@ def merge(model):
     """A plain model (nnx.Params, router biases) with W + (alpha / Z) A B in every adapted weight;
     the argument is unchanged. Inference, export and to_hf take this."""
     from moejax.model import RouterBias
-    from moejax.model.router import Router
+    from moejax.model.router import HashTable, Router
 
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)  # a copy of the structure over the same arrays
@@ -211,7 +211,11 @@ def merge(model):
     for _, module in nnx.iter_modules(out):
         for name, var in list(vars(module).items()):
             if isinstance(var, Frozen):
-                kind = RouterBias if isinstance(module, Router) and name == "bias" else nnx.Param
+                kind = nnx.Param
+                if isinstance(module, Router) and name == "bias":
+                    kind = RouterBias
+                elif isinstance(module, Router) and name == "table":  # V4's hash routing
+                    kind = HashTable
                 setattr(module, name, kind(var.get_value(), **_meta(var)))
     return out
 

@@ -123,6 +123,12 @@ def segments_of(cfg: ModelConfig) -> list[tuple[str, int]]:
     return [(k, len(list(g))) for k, g in itertools.groupby(cfg.layer_kinds())]
 
 
+def stack_depths(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """segments_of with each segment's stacked depth: its layers, or for DeepSeek-V4 its groups
+    (what a pipeline splits over 'stage')."""
+    return [(k, n // len(v) if v else n) for (k, n), v in zip(segments_of(cfg), v4_kinds(cfg))]
+
+
 def v4_kinds(cfg: ModelConfig) -> list:
     """Each segment's v4_kind for make_stack: the (attention type, hash-routed) of each layer of
     one DeepSeek-V4 group (None for every segment of other models)."""
@@ -285,9 +291,14 @@ def run_stack_pipelined(
         axis_names={"stage"},
         check_vma=False,
     )(state, rngs, per_mb)
-    if aux:
+    kl = aux.get("indexer_kl")  # sparse attention's indexer KL: a sum over query tokens
+    if "expert_counts" in aux:
         aux = {k: aux[k] for k in moe_lib.SUM_STATS} | {k: aux[k] / M for k in moe_lib.MEAN_STATS}
         aux = moe_lib.with_means(aux, cfg)
+    else:
+        aux = {}
+    if kl is not None:
+        aux["indexer_kl"] = kl
     return outs.swapaxes(0, 1).reshape((B,) + outs.shape[2:]), aux
 
 
@@ -358,19 +369,17 @@ class Transformer(nnx.Module):
         layout = sharding.layout(mesh if mesh is not None else sharding.context_mesh(), rules)
         self.layout = layout
         if (cfg.index_topk or cfg.attention_type == "v4") and layout is not None:
-            stage = layout.mesh.shape.get("stage", 1)
             seq = sharding.sequence_axes(layout.mesh, layout.rule_table)
-            if stage > 1 or seq:
+            if seq:
                 what = (
                     "model.attention_type='v4' (DeepSeek-V4)"
                     if cfg.attention_type == "v4"
                     else "model.index_topk (DeepSeek Sparse Attention)"
                 )
                 raise config_lib.ConfigError(
-                    f"{what} runs on data / fsdp / expert / "
-                    f"tensor meshes for now, not with mesh.stage={stage} or a context axis "
-                    f"({'+'.join(seq) or 'none'}): its indexer loss is not carried through a "
-                    "pipeline and its keys are not gathered over the sequence"
+                    f"{what} runs on data / fsdp / expert / tensor / stage meshes for now, not "
+                    f"with a context axis ({'+'.join(seq)}): its keys (and V4's compressed "
+                    "entries) are not gathered over the sequence"
                 )
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), cfg)  # [V, D]

@@ -40,8 +40,11 @@ MoE: all layers; the first num_hash_layers route by a frozen token -> experts ta
 (router.HashRouter), the rest by sqrt(softplus(logits)) top-k with the aux-loss-free bias; the
 routed and shared experts clamp their SwiGLU pre-activations at swiglu_limit.
 
-This is the reference form: each layer materializes its [T, T + entries] scores (the tiny presets,
-parity, training on CPU). A blockwise / gathered form for long sequences is future work.
+Two forms compute the same function: `blocked_attention` (training: query blocks under a
+rematerialized scan, each reading its window rows, on HCA every entry, on CSA its gathered top-k;
+nothing of size [T, T]) and `reference_attention` (the [T, T + entries] scores materialized: the
+tests' oracle, execution.attention_impl='reference', and the generator, whose queries are few).
+No Pallas kernel: the gathers and the block scan are XLA's.
 """
 
 from __future__ import annotations
@@ -441,7 +444,16 @@ def blocked_attention(q, kv, pos, seg, comp, sinks, cfg: ModelConfig, m: int, bl
     same function as the reference (tested), at O(T (W + entries read)) attention cost."""
     B, T, N, H = q.shape
     W = cfg.sliding_window
-    bq = block if T % block == 0 else T
+    bq = min(block, T)
+    pad = -T % bq  # queries (and keys) past T: segment 0, they see nothing and are dropped
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        kv = jnp.pad(kv, ((0, 0), (0, pad), (0, 0)))
+        pos, seg = jnp.pad(pos, ((0, 0), (0, pad))), jnp.pad(seg, ((0, 0), (0, pad)))
+        if comp is not None and comp[2] is not None:
+            iq, iw, ik = comp[2]
+            iq = jnp.pad(iq, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            comp = (comp[0], comp[1], (iq, jnp.pad(iw, ((0, 0), (0, pad), (0, 0))), ik))
     P = W - 1  # rows before a block that its window reaches
     kvp = jnp.pad(kv, ((0, 0), (P, 0), (0, 0)))
     posp = jnp.pad(pos, ((0, 0), (P, 0)))
@@ -498,8 +510,8 @@ def blocked_attention(q, kv, pos, seg, comp, sinks, cfg: ModelConfig, m: int, bl
         return kl, out
 
     body = jax.checkpoint(body, prevent_cse=False)
-    kl, out = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(0, T, bq))
-    return out.swapaxes(0, 1).reshape(B, T, N, H), kl
+    kl, out = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(0, T + pad, bq))
+    return out.swapaxes(0, 1).reshape(B, T + pad, N, H)[:, :T], kl
 
 
 # ------------------------------------------------------------------------------- hyper-connections

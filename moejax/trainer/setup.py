@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from moejax import sharding
 from moejax.config import Config
 from moejax.model import Transformer
-from moejax.model.transformer import segments_of
+from moejax.model.transformer import stack_depths
 from moejax.trainer.optim import make_optimizer
 from moejax.trainer.step import make_eval_step, make_train_step, split_model
 
@@ -205,7 +205,7 @@ def build(cfg: Config, mesh: Mesh | None = None) -> TrainSetup:
         mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_for(cfg.mesh)
     sharding.check_context(mesh, rules, cfg.data.seq_len)
-    sharding.check_pipeline(mesh.shape.get("stage", 1), segments_of(cfg.model))
+    sharding.check_pipeline(mesh.shape.get("stage", 1), stack_depths(cfg.model))
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, cfg.train.seed))
     graphdef, params, _, rest = split_model(abstract_model)
     tx, sched = make_optimizer(cfg.optim, params, cfg.train.steps, trainable=_trainable(cfg))

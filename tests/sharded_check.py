@@ -73,13 +73,16 @@ def one_step(cfg, mesh_cfg, devices=None):
     return state, m, ts
 
 
-def _close(state, m, ref_state, ref_m, name):
+def _close(state, m, ref_state, ref_m, name, atol=3e-5):
+    """Loss and gradient norm after two steps, then every parameter (atol: Adam's normalized
+    update turns a gradient's last-bit differences into up to ~lr-sized ones where the gradient is
+    near zero; V4's checks allow 1e-4)."""
     np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=2e-5, err_msg=name)
     np.testing.assert_allclose(
         float(m["grad_norm"]), float(ref_m["grad_norm"]), rtol=2e-4, err_msg=name
     )
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=3e-5, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-4, err_msg=name)
     for a, b in zip(jax.tree.leaves(state["router"]), jax.tree.leaves(ref_state["router"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
@@ -455,7 +458,7 @@ def check_v4():
         ("pipeline", PRESETS["pipeline"]),  # the two [CSA, HCA] groups as a pipeline
     ):
         state, metrics, _ = one_step(cfg, mesh)
-        _close(state, metrics, ref_state, ref_m, f"v4 {name}")
+        _close(state, metrics, ref_state, ref_m, f"v4 {name}", atol=1e-4)
         wo_a = state["params"]["segments"][1]["blocks"][0]["attn"]["wo_a"].get_value()
         out[name] = str(wo_a.sharding.spec)
     try:

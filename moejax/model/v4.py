@@ -444,6 +444,8 @@ def blocked_attention(q, kv, pos, seg, comp, sinks, cfg: ModelConfig, m: int, bl
     same function as the reference (tested), at O(T (W + entries read)) attention cost."""
     B, T, N, H = q.shape
     W = cfg.sliding_window
+    if comp is not None and comp[0].shape[1] == 0:  # a row shorter than one window: no entries
+        comp = None
     bq = min(block, T)
     pad = -T % bq  # queries (and keys) past T: segment 0, they see nothing and are dropped
     if pad:

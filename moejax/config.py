@@ -101,6 +101,11 @@ class ExecutionConfig:
     # group: the ragged exchange then receives at most ~capacity_factor x its own rows, the bound a
     # pod needs; equal to 'global' when the expert axes split the whole batch).
     capacity_scope: str = "global"
+    # The dropless exchange's rows per pair of devices and round, as a multiple of the even share
+    # (a device's assignments / the expert-parallel size): a pair with more takes further rounds,
+    # so nothing is dropped and the buffers stay that size (moejax.model.moe_ep). 0 = one round of
+    # worst-case buffers (every assignment to one device), n_ep x the memory.
+    dropless_buffer: float = 2.0
     # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU,
     # pallas_gpu on GPU; 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed
     # rows.
@@ -133,6 +138,11 @@ class ExecutionConfig:
                 fail(field, f"got {v!r}, allowed: {', '.join(map(repr, allowed))}")
         if self.capacity_factor <= 0:
             fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        if self.dropless_buffer < 0:
+            fail(
+                "dropless_buffer",
+                f"must be >= 0 (0 = one round of worst-case buffers), got {self.dropless_buffer}",
+            )
         if self.attention_block < 0:
             fail(
                 "attention_block",

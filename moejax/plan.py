@@ -33,6 +33,46 @@ def _shard_bytes(tree) -> int:
     )
 
 
+def gathered_weight_bytes(params, mesh_shape, cfg: Config) -> int:
+    """Weights as the matmuls read them, per device, with their float32 gradients before the
+    reduce-scatter: the FSDP axes (those of the 'batch' rule) are gathered, the expert and tensor
+    splits stay. Counted: the largest scanned layer body's (one layer's backward pass holds them
+    beside its activations), and the embedding and output head, whose whole gathered tables and
+    gradients the compiled V2-Lite and V3 steps hold at once (XLA's buffer reports)."""
+    from moejax import sharding
+
+    shape_only = type("S", (), {"shape": mesh_shape})
+    rules = sharding.rules_for(cfg.mesh)
+    gathered = set(sharding.batch_axes(shape_only, rules))
+    kept = set(sharding.expert_axes(shape_only, rules))
+    cb = jnp.dtype(cfg.model.compute_dtype).itemsize
+
+    def size(x, stacked: bool) -> float:
+        if not hasattr(x, "sharding") or x.ndim < 1 + stacked:
+            return 0.0
+        spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        shape, spec = (x.shape[1:], spec[1:]) if stacked else (x.shape, spec)
+        split = 1
+        for i, entry in enumerate(spec):
+            axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+            expert_dim = stacked and i == 0 and shape[0] == cfg.model.n_routed_experts
+            split *= math.prod(
+                mesh_shape[a] for a in axes if a not in gathered or (expert_dim and a in kept)
+            )
+        return math.prod(shape) / split * (cb + 4)
+
+    segments = params["segments"] if "segments" in params else {}
+    segments = segments.values() if hasattr(segments, "values") else segments
+    body = max((sum(size(x, True) for x in jax.tree.leaves(seg)) for seg in segments), default=0.0)
+    tables = sum(
+        size(x, False)
+        for k in ("embed", "lm_head")
+        if k in params
+        for x in jax.tree.leaves(params[k])
+    )
+    return int(body + tables)
+
+
 def attention_score_bytes(ex, B: float, H: float, T: int) -> float:
     """What attention keeps per layer beyond its inputs and output, per device: the reference's
     float32 probabilities [B, H, T, T]; the flash-style backends (blockwise, splash, Triton, cuDNN;
@@ -150,18 +190,32 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
             kept = (
                 ex.capacity_factor * A * n_scope / n_ep
             )  # rows one device's experts may keep (E_local x C)
-            if (
-                ex.ep_exchange == "ragged"
-            ):  # send A rows, receive at most `kept`, and the results back
-                exchange = 2 * (A + min(n_ep * A, kept)) * D * cb
-            else:  # fixed [n_ep, rows] buffers: send, receive, results, results back
-                rows = A if ex.ep_exchange == "dropless" else min(A, kept)
-                exchange = 4 * n_ep * rows * D * cb
+            if ex.ep_exchange == "ragged":
+                # send A rows, receive at most `kept`, and the results back
+                rows = min(n_ep * A, kept)
+                exchange = 2 * (A + rows) * D * cb
+            else:
+                # fixed [n_ep, per_pair] buffers (moe_ep._exchange_rounds): a round keeps six
+                # [rows, D] arrays (sent, received, sorted by expert, expert outputs, back in
+                # arrival order, returned; their gradients are the doubled body below)
+                if ex.ep_exchange == "dropless":
+                    buf = ex.dropless_buffer
+                    per_pair = A if buf <= 0 else min(A, buf * A / n_ep)
+                    # in rounds, the loop carries: the float32 sum of their results, and in the
+                    # backward pass the sum of the rows' gradient over the rounds
+                    exchange = A * D * (4 + cb) if per_pair < A else 0
+                else:
+                    per_pair, exchange = min(A, kept), 0
+                rows = n_ep * per_pair
+                exchange += 6 * rows * D * cb
+            expert_rows = rows  # the grouped matmuls run on the whole receive buffer
         elif ex.moe_impl == "capacity":
             exchange = 2 * A * ex.capacity_factor * D * cb
+            expert_rows = A
         else:
             exchange = 2 * A * D * cb
-        moe = exchange + A * Fl * (2 * 4 + cb) + tokens * m.n_routed_experts * 4 * 3
+            expert_rows = A
+        moe = exchange + expert_rows * Fl * (2 * 4 + cb) + tokens * m.n_routed_experts * 4 * 3
         moe += tokens * m.n_shared_experts * m.moe_intermediate_size / tp * (2 * 4 + cb)
     else:
         moe = 0
@@ -171,7 +225,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
         per_layer["moe" if m.n_routed_experts else "dense"]
     ] * m.mtp_depth
     # remat 'full' keeps each scanned body's input and rebuilds one body (with its gradients)
-    carry, bodies = tokens * D * 4, [[x] for x in layers]
+    carry, bodies = tokens * D * cb, [[x] for x in layers]
     layer_scores = [scores] * len(layers)
     if m.attention_type == "v4":  # a body is one group of layers (v4.groups), streams its input
         from moejax.model import v4 as v4_lib
@@ -191,7 +245,9 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     else:  # dots policies keep the matmul outputs but recompute the elementwise work and softmax
         kept = sum(layers) - sum(layer_scores) + 2 * max(layers)
     kept += kv_elems * (3 * cb + 4)  # the one layer's gather transients (above)
-    logits = tokens * m.vocab_size / tp * 4 * 2 * (1 + m.mtp_depth)
+    # the float32 logits of each head (main + MTP); their gradient takes the same buffer (one
+    # [tokens, V] buffer per head in the compiled V2-Lite and V3 steps)
+    logits = tokens * m.vocab_size / tp * 4 * (1 + m.mtp_depth)
     return {"activations": int(kept), "logits": int(logits)}
 
 
@@ -224,6 +280,8 @@ def plan(
         comp["frozen"] = _shard_bytes(state["frozen"])
     comp["grads"] = comp["params"]
     comp.update(activation_bytes(cfg, mesh_shape))
+    if chips > 1:
+        comp["gathered weights"] = gathered_weight_bytes(state["params"], mesh_shape, cfg)
     total = sum(comp.values())
     counts = param_counts(cfg.model)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)

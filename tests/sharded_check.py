@@ -3,9 +3,10 @@
   init      the train state is created by one jitted, sharded program (DeepSeek-V2-Lite tiny,
             fsdp x expert)
   exchange  the expert-parallel layer under every exchange and expert rule equals the single-device
-            layer (dropless: the dropless path; capacity, ragged: `experts_capacity` on a routing
-            that overflows), forward, gradients and drop fraction; a rule the exchange cannot honour
-            is refused
+            layer (dropless: the dropless path, in one round or several; capacity, ragged:
+            `experts_capacity` on a routing that overflows), forward, gradients and drop fraction;
+            the dropless rounds' temporaries shrink with their buffers; a rule the exchange cannot
+            honour is refused
   presets   every mesh preset's train step (the pipeline's two stages too) matches one device, with
             the shardings the rules give
   restore   a checkpoint saved on one mesh restores onto another (Orbax resharding)
@@ -216,13 +217,18 @@ def check_exchanges():
             )
         out[tag] = float(dropped)
 
-    for exchange, cf, scope in (
-        ("dropless", 1.0, "global"),
-        ("capacity", 0.5, "global"),
-        ("ragged", 0.5, "global"),
-        ("capacity", 8.0, "global"),
-        ("capacity", 0.5, "group"),
-        ("ragged", 0.5, "group"),
+    # dropless_buffer: 0 is one round of [n, A] buffers; 0.25 is [n, A / 16] with 4 expert shards,
+    # and some pair of shards carries at least the even share A / 4, so at least 4 rounds run
+    # (more for the fuller pairs of this skewed routing); 2.0 is the default
+    for exchange, cf, scope, buf in (
+        ("dropless", 1.0, "global", 0.0),
+        ("dropless", 1.0, "global", 0.25),
+        ("dropless", 1.0, "global", 2.0),
+        ("capacity", 0.5, "global", 0.0),
+        ("ragged", 0.5, "global", 0.0),
+        ("capacity", 8.0, "global", 0.0),
+        ("capacity", 0.5, "group", 0.0),
+        ("ragged", 0.5, "group", 0.0),
     ):
         ref_ex = ExecutionConfig(
             moe_impl="dropless" if exchange == "dropless" else "capacity", capacity_factor=cf
@@ -231,6 +237,8 @@ def check_exchanges():
             cases = RULES
         elif scope == "group":
             cases = {k: RULES[k] for k in ("default", "expert8")}
+        elif exchange == "dropless" and buf != 0.25:
+            cases = {k: RULES[k] for k in ("default",)}
         else:
             cases = {k: RULES[k] for k in ("default", "expert=expert+fsdp")}
         for name, (rule_str, mc) in cases.items():
@@ -240,13 +248,14 @@ def check_exchanges():
                 refs[key] = per_group(ref_ex) if split else run(ref_ex, None, None)
             rules = sharding.rules_for(dataclasses.replace(mc, rules=rule_str))
             ex = ExecutionConfig(
-                moe_impl="dropless", ep_exchange=exchange, capacity_factor=cf, capacity_scope=scope
+                moe_impl="dropless",
+                ep_exchange=exchange,
+                capacity_factor=cf,
+                capacity_scope=scope,
+                dropless_buffer=buf,
             )
-            check(
-                f"{exchange} cf={cf} {scope} {name}",
-                run(ex, sharding.make_mesh(mc), rules),
-                refs[key],
-            )
+            tag = f"{exchange} cf={cf} {scope} {name}" + (f" buffer={buf}" if buf else "")
+            check(tag, run(ex, sharding.make_mesh(mc), rules), refs[key])
     assert out["capacity cf=0.5 global default"] > 5  # the routing overflows
     assert out["capacity cf=8.0 global default"] == 0.0
     y_group, y_global = (
@@ -256,6 +265,7 @@ def check_exchanges():
     # the two scopes keep different assignments
     assert float(jnp.abs(y_group - y_global).max()) > 0.05 * float(jnp.abs(y_global).max())
     out["ties across shards"] = check_capacity_ties()
+    out["dropless temporaries MiB"] = check_dropless_memory()
     # a rule the exchange cannot honour is refused at construction, with one line
     try:
         MoE(
@@ -272,6 +282,41 @@ def check_exchanges():
     else:
         raise AssertionError("expert=tensor was not refused")
     return out
+
+
+def check_dropless_memory():
+    """The dropless exchange in rounds holds one round's buffers: on 8 expert shards with 1024
+    assignments of width 256 per device (float32), one round of worst-case buffers is [8, 1024,
+    256] = 8 MiB each (send, receive, results, results back), rounds of the even share (buffer
+    1.0) are [8, 128, 256]. The compiled layer's forward + backward temporaries must shrink with
+    them."""
+    model = tiny_config().model
+    cfg = model.replace(
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        router=model.router.replace(n_group=1, topk_group=1),
+        hidden_size=256,
+        moe_intermediate_size=64,
+        n_shared_experts=0,
+    )
+    mc = MeshConfig(fsdp=1, expert=8)
+    layout = sharding.layout(sharding.make_mesh(mc), sharding.rules_for(mc))
+    x = jax.ShapeDtypeStruct((8, 256, 256), jnp.float32)
+    temp = {}
+    for buf in (0.0, 1.0):
+        ex = ExecutionConfig(moe_impl="dropless", dropless_buffer=buf)
+        graphdef, state = nnx.split(
+            nnx.eval_shape(lambda ex=ex: MoE(cfg, rngs=nnx.Rngs(0), layout=layout, execution=ex))
+        )
+
+        def f(state, x, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
+
+        compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(state, x).compile()
+        temp[buf] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    # one round's four buffers alone are 32 MiB; the rounds' are 4 MiB
+    assert temp[0.0] > 32 and temp[1.0] < temp[0.0] - 24, temp
+    return temp
 
 
 def check_capacity_ties():

@@ -114,11 +114,14 @@ def test_dropless_moe_layer_forward_backward_compiles_for_tpu():
     )  # forward, input and weight gradients
 
 
-@pytest.mark.parametrize("exchange,rule", [("ragged", ""), ("ragged", "expert=expert+fsdp")])
+@pytest.mark.parametrize(
+    "exchange,rule", [("ragged", ""), ("ragged", "expert=expert+fsdp"), ("dropless", "")]
+)
 def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule):
     """The expert-parallel layer (moe_ep.py) as the train step uses it: experts over the 'expert'
     axis (or over expert x fsdp, a tuple of axes), jax.lax.ragged_all_to_all (not its CPU emulation)
-    for the ragged exchange with the capacity policy's radix select."""
+    for the ragged exchange with the capacity policy's radix select; the dropless exchange in
+    rounds (all-to-alls inside a conditional inside a loop, forward and backward)."""
     mesh = _mesh("v5p:2x2x1")
     from moejax import sharding
     from moejax.config import MeshConfig
@@ -134,7 +137,9 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
         n_shared_experts=0,
         compute_dtype="bfloat16",
     )
-    ex = ExecutionConfig(moe_impl="dropless", ep_exchange=exchange, capacity_factor=2.0)
+    ex = ExecutionConfig(
+        moe_impl="dropless", ep_exchange=exchange, capacity_factor=2.0, dropless_buffer=1.0
+    )
     layout = sharding.layout(ep_mesh, sharding.rules_for(mesh_cfg))
     graphdef, abstract_state = nnx.split(
         nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0), layout=layout, execution=ex))
@@ -162,6 +167,8 @@ def test_expert_parallel_moe_compiles_for_tpu_with_each_exchange(exchange, rule)
     text = _compile(step, state, x)
     assert ("ragged-all-to-all" in text) == (exchange == "ragged")
     assert "all-to-all" in text and "moejax_gmm" in text
+    if exchange == "dropless":  # 512 assignments per device, rounds of 128 per pair of 4 shards
+        assert "conditional" in text and "while" in text
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from moejax.kernels.gmm.ops import (
     tgmm,
 )
 from moejax.kernels.gmm.reference import gmm_reference, tgmm_reference
-from moejax.kernels.permute.ops import permute, unpermute
+from moejax.kernels.permute.ops import gather_rows, inverse, permute, permute_rows, unpermute
 
 __all__ = [
     "IMPLS",
@@ -20,6 +20,9 @@ __all__ = [
     "tgmm",
     "gmm_reference",
     "tgmm_reference",
+    "gather_rows",
+    "inverse",
     "permute",
+    "permute_rows",
     "unpermute",
 ]

@@ -367,6 +367,7 @@ class MoE(nnx.Module):
                 exchange=ex.ep_exchange,
                 capacity_factor=ex.capacity_factor,
                 capacity_scope=ex.capacity_scope,
+                dropless_buffer=ex.dropless_buffer,
                 gmm_impl=impl,
                 lora=lora,
                 fp8=ex.fp8,

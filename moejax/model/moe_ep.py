@@ -16,8 +16,14 @@ device:
   5. send the results back the same way and combine them per token with the routing weights.
 
 Exchange modes:
-  'dropless'  every assignment travels, in fixed [n, A] buffers (A = local assignments): nothing is
-              ever dropped, at n x buffer memory
+  'dropless'  every assignment travels, nothing is ever dropped. Each round sends at most `rows`
+              of a device's rows to each expert shard in fixed [n, rows] buffers, rows =
+              ceil(dropless_buffer x A / n) (A = local assignments, A / n the even share); a pair
+              of shards with more rows than that takes further rounds, as many as the fullest pair
+              needs (the same count on every device, so every round is a collective all of them
+              run). The rounds run under a scan whose body recomputes in the backward pass, so the
+              exchange's memory is that of one round: [n, rows] instead of the worst case [n, A]
+              (dropless_buffer 0, or >= n: one round of [n, A], the old fixed exchange)
   'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
               C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing
               weights first (ties: the earlier assignment), padding never dispatched nor counted.
@@ -88,11 +94,13 @@ def experts_ep(
     lora: ExpertLoRA | None = None,
     fp8: bool = False,
     limit: float = 0.0,
+    dropless_buffer: float = 0.0,
 ):
     """Routed experts with the experts split over the expert axes (limit: swiglu's clamp).
 
     capacity_scope: the tokens an expert's capacity is shared by, 'global' (the whole batch) or
-    'group' (the devices of one expert-parallel exchange).
+    'group' (the devices of one expert-parallel exchange). dropless_buffer: the dropless
+    exchange's rows per shard pair and round, as a multiple of the even share (0: one round).
 
     Args:
       x: [B, T, D]; expert_ids, weights: [B, T, K]; token_mask: [B, T] (0 = padding);
@@ -167,6 +175,7 @@ def experts_ep(
             lora=local_lora,
             fp8=fp8,
             limit=limit,
+            dropless_buffer=dropless_buffer,
         )
         return y.reshape(Bl, T, D), dropped
 
@@ -205,6 +214,7 @@ def _local(
     lora=None,
     fp8=False,
     limit=0.0,
+    dropless_buffer=0.0,
 ):
     """One device: x [M, D], ids / w [M, K], valid [M*K] -> (y [M, D] float32, global dropped
     count)."""
@@ -230,9 +240,13 @@ def _local(
         lora=lora,
         fp8=fp8,
         limit=limit,
+        out_dtype=x.dtype,  # the results travel back in the compute dtype
     )
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
+    elif exchange == "dropless" and dropless_rows(A, n, dropless_buffer) < A:
+        rows = dropless_rows(A, n, dropless_buffer)
+        ys = _exchange_rounds(xs, per_dst, experts, ep_axes, rows)
     else:
         rows = (
             A if exchange == "dropless" else min(A, El * C)
@@ -353,12 +367,16 @@ def expert_ffn(
     lora: ExpertLoRA | None = None,
     fp8: bool = False,
     limit: float = 0.0,
+    out_dtype=jnp.float32,
 ):
     """The local experts on rows grouped by expert (rows past the groups give zeros): rows [A,
-    D] -> [A, D] float32. With tensor-parallel experts (tp_axes) each device holds an F slice and
-    the down projection's partial sums (and the adapter's, which is linear in the slice) are summed
-    once at the end. fp8: the experts' own two matmuls in FP8 (kernels.fp8.fp8_gmm; adapters
-    stay in the compute dtype)."""
+    D] -> [A, D] in out_dtype (the down projection accumulates in float32 either way; with tensor
+    parallelism or adapters the result stays float32, as their sums do).
+
+    With tensor-parallel experts (tp_axes) each device holds an F slice and the down projection's
+    partial sums (and the adapter's, which is linear in the slice) are summed once at the end.
+    fp8: the experts' own two matmuls in FP8 (kernels.fp8.fp8_gmm; adapters stay in the compute
+    dtype)."""
     El, D, _, Fl = wgu.shape
     cd = rows.dtype
 
@@ -367,10 +385,10 @@ def expert_ffn(
             x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl
         )
 
-    def base(x, w):
+    def base(x, w, out=jnp.float32):
         if fp8:
-            return fp8_gmm(x, w.astype(cd), group_sizes, jnp.dtype(jnp.float32), gmm_impl)
-        return gmm(x, w)
+            return fp8_gmm(x, w.astype(cd), group_sizes, jnp.dtype(out), gmm_impl)
+        return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=out, impl=gmm_impl)
 
     h = base(rows, wgu.reshape(El, D, 2 * Fl))
     if lora is not None:
@@ -378,6 +396,8 @@ def expert_ffn(
         z = gmm(_dropped_out(rows, lora.dropout, r0), lora.a_gu).astype(cd)  # [A, Z]
         h = h + lora.scale * gmm(z, lora.b_gu.reshape(El, -1, 2 * Fl))
     h = swiglu(h.reshape(-1, 2, Fl), limit).astype(cd)
+    if lora is None and not tp_axes:
+        return base(h, wd, out_dtype)
     y = base(h, wd)
     if lora is not None:
         z = gmm(_dropped_out(h, lora.dropout, r1), lora.a_d).astype(
@@ -392,45 +412,90 @@ def _all_to_all(x, axes):
     return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
 
 
+def dropless_rows(A: int, n: int, buffer: float) -> int:
+    """Rows per shard pair and round of the dropless exchange: `buffer` x the even share A / n,
+    at most A (one round; also for buffer 0)."""
+    return A if buffer <= 0 else max(1, min(A, math.ceil(buffer * A / n)))
+
+
 def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
     """Fixed-size exchange: `rows` slots per destination shard ([n, rows, D] buffers).
 
     xs [A, D] holds the kept rows sorted by expert first (per_dst [n, El] of them), dropped rows
-    after. Returns the expert outputs [A, D] float32 in the same order (zeros for dropped rows).
+    after. Returns the expert outputs [A, D] in the compute dtype, in the same order (zeros for
+    dropped rows).
+    """
+    return _exchange_rounds(xs, per_dst, experts, axes, rows, rounds=1)
+
+
+def _exchange_rounds(xs, per_dst, experts, axes, rows: int, rounds: int | None = None):
+    """Dropless exchange in rounds of fixed [n, rows] buffers (see the module docstring); with
+    rounds=1 the one-round fixed exchange (rows must then hold every destination's rows).
+
+    Round r carries positions [r * rows, (r + 1) * rows) of each destination's contiguous block
+    of xs (sorted by expert); the receiver knows from the per-expert counts which of its local
+    experts each arriving row belongs to. Rounds past the fullest pair's need are skipped by a
+    cond whose predicate is the same on every device. The results travel back in the compute
+    dtype, as the rows went. Every row movement is a gather with a known inverse
+    (kernels.gather_rows), so the backward pass has no scatters. Returns [A, D].
     """
     A, D = xs.shape
     n, El = per_dst.shape
-    dst_count = per_dst.sum(1)  # [n]; <= rows by construction
+    cd = xs.dtype
+    dst_count = per_dst.sum(1)  # [n] rows I send to each shard
     dst_start = jnp.cumsum(dst_count) - dst_count
+    recv_ends = jnp.cumsum(_all_to_all(per_dst, axes), axis=1)  # [n (source), El]
     slot = jnp.arange(rows)
-    src_row = jnp.clip(dst_start[:, None] + slot[None], 0, A - 1)  # [n, rows]
-    sent = slot[None] < dst_count[:, None]
-    send = jnp.where(sent[..., None], jnp.take(xs, src_row, axis=0), 0)  # [n, rows, D]
-    recv = _all_to_all(send, axes)  # [n (source), rows, D]
-    recv_sizes = _all_to_all(per_dst, axes)  # [n (source), El]
-    # order the received rows by local expert (padding last), run the experts, restore arrival order
-    ends = jnp.cumsum(recv_sizes, axis=1)  # [n, El]
-    expert_of = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(
-        ends
-    )  # [n, rows]; El = padding
-    perm = jnp.argsort(expert_of.reshape(n * rows), stable=True)
-    y = experts(
-        jnp.take(recv.reshape(n * rows, D), perm, axis=0), recv_sizes.sum(0).astype(jnp.int32)
-    )
-    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(n * rows, dtype=perm.dtype))
-    back = _all_to_all(
-        jnp.take(y, inv, axis=0).reshape(n, rows, D), axes
-    )  # [n (destination), rows, D]
-    # sorted row a < (rows kept) belongs to destination dst(a), at slot a - dst_start[dst]
     a = jnp.arange(A)
     dst = jnp.minimum(jnp.searchsorted(jnp.cumsum(dst_count), a, side="right"), n - 1)
-    c = jnp.clip(a - dst_start[dst], 0, rows - 1)
-    return jnp.where((a < dst_count.sum())[:, None], back.reshape(n * rows, D)[dst * rows + c], 0.0)
+    pos = a - dst_start[dst]  # row a's position in its destination's block
+    kept = a < dst_count.sum()
+
+    def one_round(r):
+        at = r * rows + slot  # block positions this round carries
+        sent = (at[None] < dst_count[:, None]).reshape(n * rows)  # [n * rows]
+        src_row = (dst_start[:, None] + at[None]).reshape(n * rows)
+        mine = kept & (pos >= r * rows) & (pos < (r + 1) * rows)  # my rows in this round
+        my_slot = dst * rows + pos - r * rows  # where they sit in the [n, rows] buffers
+        send = kernels.gather_rows(xs, src_row, sent, my_slot, mine)  # [n * rows, D]
+        recv = _all_to_all(send.reshape(n, rows, D), axes)  # [n (source), rows, D]
+        # arriving position `at` of source s's block belongs to local expert searchsorted(ends[s])
+        expert_of = jax.vmap(lambda e: jnp.searchsorted(e, at, side="right"))(recv_ends)
+        expert_of = expert_of.reshape(n * rows)  # El: past the source's block (padding)
+        perm = jnp.argsort(expert_of, stable=True)
+        inv = kernels.inverse(perm)
+        sizes = jnp.bincount(expert_of, length=El + 1)[:El].astype(jnp.int32)
+        y = experts(kernels.permute_rows(recv.reshape(n * rows, D), perm, inv), sizes)
+        y = kernels.permute_rows(y.astype(cd), inv, perm)  # back to arrival order
+        back = _all_to_all(y.reshape(n, rows, D), axes)  # [n (destination), rows, D]
+        return kernels.gather_rows(back.reshape(n * rows, D), my_slot, mine, src_row, sent)
+
+    if rounds == 1:
+        return one_round(0)
+    # the number of rounds the fullest pair needs, agreed by every device of the exchange
+    need = (jnp.max(dst_count) + rows - 1) // rows
+    if axes:
+        need = jax.lax.pmax(need, axes)
+    # Only the round index is a per-iteration input: the scan keeps no per-round residual but the
+    # index (xs and the tables are loop-invariant), and the backward pass recomputes one round at
+    # a time. The float32 sum of the rounds is linear, so it is not kept either (summing in the
+    # compute dtype, exact since each row comes from one round, compiled to more memory on TPU).
+    body = jax.checkpoint(
+        lambda r: jax.lax.cond(
+            r < need, lambda r: one_round(r).astype(jnp.float32), lambda r: jnp.zeros((A, D)), r
+        )
+    )
+
+    def step(out, r):
+        return out + body(r), None
+
+    out, _ = jax.lax.scan(step, jnp.zeros((A, D), jnp.float32), jnp.arange(-(-A // rows)))
+    return out
 
 
 def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     """Exact-size exchange: rows bound for shard j travel as one ragged slice into a receive buffer
-    of recv_rows rows; results come back the same way. Returns [A, D] float32 like
+    of recv_rows rows; results come back the same way (in the compute dtype). Returns [A, D] like
     `_exchange_fixed`."""
     A, D = xs.shape
     n, El = per_dst.shape
@@ -464,10 +529,10 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
         arrived, jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends[src], c), El
     )
     perm = jnp.argsort(expert, stable=True)
+    inv = kernels.inverse(perm)
     group_sizes = jnp.bincount(expert, length=El + 1)[:El].astype(jnp.int32)
-    y = experts(jnp.take(rows, perm, axis=0), group_sizes)  # [R, D] float32
-    inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(R, dtype=perm.dtype))
-    y = jnp.take(y, inv, axis=0)  # back to arrival order
+    y = experts(kernels.permute_rows(rows, perm, inv), group_sizes)  # [R, D] float32
+    y = kernels.permute_rows(y.astype(xs.dtype), inv, perm)  # back to arrival order
     # the results return to where each row came from: sender's offset send_start, as many as were
     # kept
     back_at = a2a(send_start)

@@ -104,7 +104,9 @@ class ExecutionConfig:
     # The dropless exchange's rows per pair of devices and round, as a multiple of the even share
     # (a device's assignments / the expert-parallel size): a pair with more takes further rounds,
     # so nothing is dropped and the buffers stay that size (moejax.model.moe_ep). 0 = one round of
-    # worst-case buffers (every assignment to one device), n_ep x the memory.
+    # worst-case buffers (every assignment to one device), n_ep x the memory; so is a share
+    # above a quarter of the device's assignments (e.g. 2 with fewer than 8 expert shards), where
+    # rounds save nothing.
     dropless_buffer: float = 2.0
     # Attention backend (moejax.kernels.attention): 'auto' is blockwise on CPU, splash on TPU,
     # pallas_gpu on GPU; 'reference' materializes the [T, T] scores; 'cudnn' (GPU) takes no packed
@@ -138,10 +140,11 @@ class ExecutionConfig:
                 fail(field, f"got {v!r}, allowed: {', '.join(map(repr, allowed))}")
         if self.capacity_factor <= 0:
             fail("capacity_factor", f"must be > 0, got {self.capacity_factor}")
-        if self.dropless_buffer < 0:
+        if not (math.isfinite(self.dropless_buffer) and self.dropless_buffer >= 0):
             fail(
                 "dropless_buffer",
-                f"must be >= 0 (0 = one round of worst-case buffers), got {self.dropless_buffer}",
+                "must be a finite number >= 0 (0 = one round of worst-case buffers), got "
+                f"{self.dropless_buffer}",
             )
         if self.attention_block < 0:
             fail(

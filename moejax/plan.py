@@ -33,12 +33,13 @@ def _shard_bytes(tree) -> int:
     )
 
 
-def gathered_weight_bytes(params, mesh_shape, cfg: Config) -> int:
+def gathered_weight_bytes(params, mesh_shape, cfg: Config, grads: bool = True) -> int:
     """Weights as the matmuls read them, per device, with their float32 gradients before the
     reduce-scatter: the FSDP axes (those of the 'batch' rule) are gathered, the expert and tensor
-    splits stay. Counted: the largest scanned layer body's (one layer's backward pass holds them
-    beside its activations), and the embedding and output head, whose whole gathered tables and
-    gradients the compiled V2-Lite and V3 steps hold at once (XLA's buffer reports)."""
+    splits stay (grads=False: frozen weights, gathered without gradients). Counted: the largest
+    scanned layer body's (one layer's backward pass holds them beside its activations), and the
+    embedding and output head, whose whole gathered tables and gradients the compiled V2-Lite and
+    V3 steps hold at once (XLA's buffer reports)."""
     from moejax import sharding
 
     shape_only = type("S", (), {"shape": mesh_shape})
@@ -59,7 +60,7 @@ def gathered_weight_bytes(params, mesh_shape, cfg: Config) -> int:
             split *= math.prod(
                 mesh_shape[a] for a in axes if a not in gathered or (expert_dim and a in kept)
             )
-        return math.prod(shape) / split * (cb + 4)
+        return math.prod(shape) / split * (cb + (4 if grads else 0))
 
     segments = params["segments"] if "segments" in params else {}
     segments = segments.values() if hasattr(segments, "values") else segments
@@ -127,9 +128,10 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
 
     Per layer the forward keeps (remat 'none') the attention inputs and outputs, the attention's own
     residuals (attention_score_bytes), the MoE dispatch rows (k per token, expert-parallel send and
-    receive buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's float32
-    input is kept and one layer's set is rebuilt (plus its gradients) during its backward pass.
-    Logits are float32 [B, T, V] per output head (main + MTP), kept with their gradient.
+    receive buffers) and the SwiGLU pre-activations; with remat 'full' only each layer's input (in
+    the compute dtype) is kept and one layer's set is rebuilt (plus its gradients, counted as the
+    set again) during its backward pass. Logits are float32 [B, T, V] per output head (main + MTP);
+    their gradient takes the same buffer.
     """
     from moejax import sharding
 
@@ -200,9 +202,12 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
                 # arrival order, returned; their gradients are the doubled body below)
                 if ex.ep_exchange == "dropless":
                     buf = ex.dropless_buffer
-                    per_pair = A if buf <= 0 else min(A, buf * A / n_ep)
+                    per_pair = buf * A / n_ep  # as moe_ep.dropless_rows
+                    per_pair = A if buf <= 0 or 4 * per_pair > A else per_pair
                     # in rounds, the loop carries: the float32 sum of their results, and in the
-                    # backward pass the sum of the rows' gradient over the rounds
+                    # backward pass the sum of the rows' gradient over the rounds (fitted, like
+                    # every term here, under the body's doubling below: the V3 compiles' rounds
+                    # cost ~31 bytes per row and D, of which this and the six arrays make 24)
                     exchange = A * D * (4 + cb) if per_pair < A else 0
                 else:
                     per_pair, exchange = min(A, kept), 0
@@ -282,6 +287,10 @@ def plan(
     comp.update(activation_bytes(cfg, mesh_shape))
     if chips > 1:
         comp["gathered weights"] = gathered_weight_bytes(state["params"], mesh_shape, cfg)
+        if "frozen" in state:  # LoRA: the base weights are gathered too, with no gradient
+            comp["gathered weights"] += gathered_weight_bytes(
+                state["frozen"], mesh_shape, cfg, grads=False
+            )
     total = sum(comp.values())
     counts = param_counts(cfg.model)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)

@@ -20,10 +20,11 @@ Exchange modes:
               of a device's rows to each expert shard in fixed [n, rows] buffers, rows =
               ceil(dropless_buffer x A / n) (A = local assignments, A / n the even share); a pair
               of shards with more rows than that takes further rounds, as many as the fullest pair
-              needs (the same count on every device, so every round is a collective all of them
-              run). The rounds run under a scan whose body recomputes in the backward pass, so the
-              exchange's memory is that of one round: [n, rows] instead of the worst case [n, A]
-              (dropless_buffer 0, or >= n: one round of [n, A], the old fixed exchange)
+              needs (the same count on every device of the layer, so every round is a collective
+              all of them run). The rounds run under a scan whose body recomputes in the
+              backward pass, so the exchange's memory is that of one round: [n, rows] instead
+              of the worst case [n, A] (dropless_buffer 0, or a share above A / 4: one round of
+              [n, A], the old fixed exchange)
   'capacity'  the capacity policy of `moe.experts_capacity`, exactly: each expert keeps at most
               C = ceil(capacity_factor * A_scope / E) assignments of its scope, the highest routing
               weights first (ties: the earlier assignment), padding never dispatched nor counted.
@@ -161,6 +162,9 @@ def experts_ep(
             ids,
             w,
             valid,
+            # cast once, outside the dropless rounds: their scan sums the weights' gradient over
+            # the rounds in the compute dtype, as one round's gradient (of the cast weights)
+            # already is; float32 weights in the loop cost DeepSeek-V3 3.9 GiB more per chip
             wgu.astype(compute_dtype),
             wd.astype(compute_dtype),
             E=E,
@@ -231,22 +235,30 @@ def _local(
     )  # dropped assignments sort last, outside every group
     xs, order, sizes = kernels.permute(x, ids_kept, E)  # [A, D] kept rows by expert; sizes [E]
     per_dst = sizes.reshape(n, El)  # rows I send to each expert shard, per its local expert
-    experts = functools.partial(
-        expert_ffn,
-        wgu=wgu,
-        wd=wd,
-        tp_axes=tp_axes,
-        gmm_impl=gmm_impl,
-        lora=lora,
-        fp8=fp8,
-        limit=limit,
-        out_dtype=x.dtype,  # the results travel back in the compute dtype
-    )
+
+    def experts(rows, group_sizes, salt=None):
+        lo = lora
+        if salt is not None and lo is not None and lo.rng is not None:  # a new mask each round
+            lo = lo._replace(rng=jax.random.fold_in(lo.rng, salt))
+        return expert_ffn(
+            rows,
+            group_sizes,
+            wgu=wgu,
+            wd=wd,
+            tp_axes=tp_axes,
+            gmm_impl=gmm_impl,
+            lora=lo,
+            fp8=fp8,
+            limit=limit,
+            out_dtype=x.dtype,  # the results travel back in the compute dtype
+        )
+
+    rows = dropless_rows(A, n, dropless_buffer)
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
-    elif exchange == "dropless" and dropless_rows(A, n, dropless_buffer) < A:
-        rows = dropless_rows(A, n, dropless_buffer)
-        ys = _exchange_rounds(xs, per_dst, experts, ep_axes, rows)
+    elif exchange == "dropless" and rows < A:
+        # every device of the layer agrees on the number of rounds (all its token axes)
+        ys = _exchange_rounds(xs, per_dst, experts, ep_axes, rows, agree=b_axes)
     else:
         rows = (
             A if exchange == "dropless" else min(A, El * C)
@@ -413,9 +425,12 @@ def _all_to_all(x, axes):
 
 
 def dropless_rows(A: int, n: int, buffer: float) -> int:
-    """Rows per shard pair and round of the dropless exchange: `buffer` x the even share A / n,
-    at most A (one round; also for buffer 0)."""
-    return A if buffer <= 0 else max(1, min(A, math.ceil(buffer * A / n)))
+    """Rows per shard pair and round of the dropless exchange: `buffer` x the even share A / n;
+    A (one round of worst-case buffers) for buffer 0, and when that share exceeds A / 4: a round
+    in the loop holds about twice a single round's memory per row (the rebuilt round's arrays and
+    their gradients together; measured on TPU), so rounds that large would save nothing."""
+    rows = math.ceil(buffer * A / n)
+    return A if buffer <= 0 or 4 * rows > A else max(1, rows)
 
 
 def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
@@ -428,7 +443,9 @@ def _exchange_fixed(xs, per_dst, experts, axes, rows: int):
     return _exchange_rounds(xs, per_dst, experts, axes, rows, rounds=1)
 
 
-def _exchange_rounds(xs, per_dst, experts, axes, rows: int, rounds: int | None = None):
+def _exchange_rounds(
+    xs, per_dst, experts, axes, rows: int, rounds: int | None = None, agree: tuple = ()
+):
     """Dropless exchange in rounds of fixed [n, rows] buffers (see the module docstring); with
     rounds=1 the one-round fixed exchange (rows must then hold every destination's rows).
 
@@ -437,7 +454,10 @@ def _exchange_rounds(xs, per_dst, experts, axes, rows: int, rounds: int | None =
     experts each arriving row belongs to. Rounds past the fullest pair's need are skipped by a
     cond whose predicate is the same on every device. The results travel back in the compute
     dtype, as the rows went. Every row movement is a gather with a known inverse
-    (kernels.gather_rows), so the backward pass has no scatters. Returns [A, D].
+    (kernels.gather_rows), so the backward pass has no scatters. agree: further axes (beyond the
+    exchange's) over which the round count is made the same, so that every device of the layer
+    takes the same branches. Returns [A, D]: in the compute dtype for one round, float32 (their
+    sum) for several.
     """
     A, D = xs.shape
     n, El = per_dst.shape
@@ -465,7 +485,11 @@ def _exchange_rounds(xs, per_dst, experts, axes, rows: int, rounds: int | None =
         perm = jnp.argsort(expert_of, stable=True)
         inv = kernels.inverse(perm)
         sizes = jnp.bincount(expert_of, length=El + 1)[:El].astype(jnp.int32)
-        y = experts(kernels.permute_rows(recv.reshape(n * rows, D), perm, inv), sizes)
+        y = experts(
+            kernels.permute_rows(recv.reshape(n * rows, D), perm, inv),
+            sizes,
+            salt=None if rounds == 1 else r,
+        )
         y = kernels.permute_rows(y.astype(cd), inv, perm)  # back to arrival order
         back = _all_to_all(y.reshape(n, rows, D), axes)  # [n (destination), rows, D]
         return kernels.gather_rows(back.reshape(n * rows, D), my_slot, mine, src_row, sent)
@@ -474,15 +498,19 @@ def _exchange_rounds(xs, per_dst, experts, axes, rows: int, rounds: int | None =
         return one_round(0)
     # the number of rounds the fullest pair needs, agreed by every device of the exchange
     need = (jnp.max(dst_count) + rows - 1) // rows
-    if axes:
-        need = jax.lax.pmax(need, axes)
+    every = tuple(dict.fromkeys(tuple(agree) + tuple(axes)))
+    if every:
+        need = jax.lax.pmax(need, every)
     # Only the round index is a per-iteration input: the scan keeps no per-round residual but the
     # index (xs and the tables are loop-invariant), and the backward pass recomputes one round at
     # a time. The float32 sum of the rounds is linear, so it is not kept either (summing in the
     # compute dtype, exact since each row comes from one round, compiled to more memory on TPU).
     body = jax.checkpoint(
         lambda r: jax.lax.cond(
-            r < need, lambda r: one_round(r).astype(jnp.float32), lambda r: jnp.zeros((A, D)), r
+            r < need,
+            lambda r: one_round(r).astype(jnp.float32),
+            lambda r: jnp.zeros((A, D), jnp.float32),
+            r,
         )
     )
 

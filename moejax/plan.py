@@ -134,6 +134,7 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
     their gradient takes the same buffer.
     """
     from moejax import sharding
+    from moejax.model import moe_ep
 
     m, ex = cfg.model, cfg.execution
     shape_only = type("S", (), {"shape": mesh_shape})  # the rule helpers read only mesh.shape
@@ -201,14 +202,12 @@ def activation_bytes(cfg: Config, mesh_shape) -> dict[str, int]:
                 # [rows, D] arrays (sent, received, sorted by expert, expert outputs, back in
                 # arrival order, returned; their gradients are the doubled body below)
                 if ex.ep_exchange == "dropless":
-                    buf = ex.dropless_buffer
-                    per_pair = buf * A / n_ep  # as moe_ep.dropless_rows
-                    per_pair = A if buf <= 0 or 4 * per_pair > A else per_pair
+                    per_pair = moe_ep.dropless_rows(math.ceil(A), n_ep, ex.dropless_buffer)
                     # in rounds, the loop carries: the float32 sum of their results, and in the
                     # backward pass the sum of the rows' gradient over the rounds (fitted, like
                     # every term here, under the body's doubling below: the V3 compiles' rounds
                     # cost ~31 bytes per row and D, of which this and the six arrays make 24)
-                    exchange = A * D * (4 + cb) if per_pair < A else 0
+                    exchange = A * D * (4 + cb) if per_pair < math.ceil(A) else 0
                 else:
                     per_pair, exchange = min(A, kept), 0
                 rows = n_ep * per_pair

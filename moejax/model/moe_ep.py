@@ -253,16 +253,14 @@ def _local(
             out_dtype=x.dtype,  # the results travel back in the compute dtype
         )
 
-    rows = dropless_rows(A, n, dropless_buffer)
+    round_rows = dropless_rows(A, n, dropless_buffer)
     if exchange == "ragged":
         ys = _exchange_ragged(xs, per_dst, experts, ep_axes, recv_rows=min(n * A, El * C))
-    elif exchange == "dropless" and rows < A:
+    elif exchange == "dropless" and round_rows < A:
         # every device of the layer agrees on the number of rounds (all its token axes)
-        ys = _exchange_rounds(xs, per_dst, experts, ep_axes, rows, agree=b_axes)
-    else:
-        rows = (
-            A if exchange == "dropless" else min(A, El * C)
-        )  # holds every kept row for one destination
+        ys = _exchange_rounds(xs, per_dst, experts, ep_axes, round_rows, agree=b_axes)
+    else:  # one round whose buffers hold every kept row for one destination
+        rows = A if exchange == "dropless" else min(A, El * C)
         ys = _exchange_fixed(xs, per_dst, experts, ep_axes, rows)
     out = kernels.unpermute(ys, order, jnp.where(keep.reshape(M, K), w, 0.0))
     dropped = _psum(jnp.sum(valid & ~keep).astype(jnp.float32), b_axes)
@@ -392,15 +390,13 @@ def expert_ffn(
     El, D, _, Fl = wgu.shape
     cd = rows.dtype
 
-    def gmm(x, w):
-        return kernels.gmm(
-            x, w.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl
-        )
+    def gmm(x, w, out=jnp.float32):
+        return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=out, impl=gmm_impl)
 
-    def base(x, w, out=jnp.float32):
+    def base(x, w, out=jnp.float32):  # the experts' own matmuls (FP8 if asked; adapters never)
         if fp8:
             return fp8_gmm(x, w.astype(cd), group_sizes, jnp.dtype(out), gmm_impl)
-        return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=out, impl=gmm_impl)
+        return gmm(x, w, out)
 
     h = base(rows, wgu.reshape(El, D, 2 * Fl))
     if lora is not None:
@@ -496,7 +492,7 @@ def _exchange_rounds(
 
     if rounds == 1:
         return one_round(0)
-    # the number of rounds the fullest pair needs, agreed by every device of the exchange
+    # the number of rounds the fullest pair needs, agreed over the exchange's and `agree`'s axes
     need = (jnp.max(dst_count) + rows - 1) // rows
     every = tuple(dict.fromkeys(tuple(agree) + tuple(axes)))
     if every:
@@ -559,7 +555,7 @@ def _exchange_ragged(xs, per_dst, experts, axis, recv_rows: int):
     perm = jnp.argsort(expert, stable=True)
     inv = kernels.inverse(perm)
     group_sizes = jnp.bincount(expert, length=El + 1)[:El].astype(jnp.int32)
-    y = experts(kernels.permute_rows(rows, perm, inv), group_sizes)  # [R, D] float32
+    y = experts(kernels.permute_rows(rows, perm, inv), group_sizes)  # [R, D]
     y = kernels.permute_rows(y.astype(xs.dtype), inv, perm)  # back to arrival order
     # the results return to where each row came from: sender's offset send_start, as many as were
     # kept

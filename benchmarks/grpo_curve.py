@@ -9,6 +9,11 @@ expert assignments the policy pass's router would change) and the mean |log pi -
 over completion tokens. Then two short runs in bfloat16 compute with one step per round (on-policy:
 every difference between the policy pass and the sampler is numerics and routing), without and with
 replay. The runs go one after the other (never at once).
+
+  python -m benchmarks.grpo_curve --errors WORKDIR [WORKDIR ...] [--max_value 20]
+
+prints, instead, each workdir's held-out completions by outcome (exact, the first operand copied,
+other), sampled at temperature 1.
 """
 
 from __future__ import annotations
@@ -76,6 +81,42 @@ def _curves(workdir: str, window: int):
     return evals, windows
 
 
+def error_breakdown(workdir: str, max_value: int, held_out: int, samples: int = 4) -> dict:
+    """Held-out completions of a workdir's model sampled at temperature 1 (`samples` per problem,
+    the evaluation's seeds), by outcome: exact, the first operand copied (the slip
+    `grpo.demo_copy` plants in SFT data) or another wrong answer. Shares of all completions."""
+    import collections
+
+    from moejax.data import chat
+    from moejax.finetune import rewards
+    from moejax.infer import Generator, SamplingParams
+    from moejax.infer.load import load
+
+    _, problems = rewards.arithmetic_split(max_value, "+-", held_out)
+    model, tok = load(workdir)
+    gen = Generator(model, tok, eos_ids=[tok.eos_id])
+
+    def encode(p):
+        text = chat.render_chat(chat.DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": p}])
+        return [tok.bos_id] + list(tok.encode(text))
+
+    prompts = [encode(p["prompt"]) for p in problems for _ in range(samples)]
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=1_000_000 + j)
+        for j in range(len(prompts))
+    ]
+    outs = []
+    for i in range(0, len(prompts), 128):
+        outs += gen.generate(prompts[i : i + 128], params[i : i + 128])
+    counts = collections.Counter()
+    for j, o in enumerate(outs):
+        p = problems[j // samples]
+        got = rewards.extract_answer(o.text)
+        first = rewards.PROBLEM.match(p["prompt"]).group(1)
+        counts["exact" if got == p["answer"] else "copied" if got == first else "other"] += 1
+    return {k: v / len(outs) for k, v in sorted(counts.items())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--base", default="runs/sft_arithmetic")
@@ -91,7 +132,20 @@ def main(argv=None):
         default=6,
         help="on-policy steps of the bfloat16 mismatch check (0: skip)",
     )
+    p.add_argument(
+        "--errors",
+        nargs="+",
+        default=None,
+        help="only print the held-out error breakdown of these workdirs (no GRPO run)",
+    )
+    p.add_argument("--max_value", type=int, default=20, help="with --errors: grpo.max_value")
+    p.add_argument("--held_out", type=int, default=256, help="with --errors: grpo.held_out")
     a = p.parse_args(argv)
+    if a.errors:
+        for w in a.errors:
+            shares = error_breakdown(w, a.max_value, a.held_out)
+            print(w, ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
+        return
     times, curves = {}, {}
     for replay in (False, True):
         name = "replay" if replay else "no_replay"

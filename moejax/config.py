@@ -955,6 +955,9 @@ class GRPOConfig:
     task: str = "arithmetic"  # 'arithmetic' (built in) or a JSONL file of {"prompt", "answer"} rows
     max_value: int = 20  # arithmetic: operands in [0, max_value)
     ops: str = "+-"  # arithmetic: operators
+    # arithmetic SFT (sft.data='arithmetic'): the share of demonstrations answered with the first
+    # operand (an annotator's systematic slip); GRPO's rewards still check the true answer
+    demo_copy: float = 0.0
     # problems kept out of training, scored at every evaluation (val_reward: greedy;
     # val_reward_sampled: the mean of eval_samples completions at the rollout temperature)
     held_out: int = 64
@@ -1003,6 +1006,7 @@ class GRPOConfig:
             "temperature": (self.temperature > 0, "> 0"),
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
             "held_out": (self.held_out >= 0, ">= 0"),
+            "demo_copy": (0 <= self.demo_copy <= 1, "in [0, 1]"),
             "reward_model_weight": (math.isfinite(self.reward_model_weight), "finite"),
         }
         for name, (ok, want) in checks.items():

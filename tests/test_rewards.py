@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import pytest
 
+from moejax.config import ConfigError, GRPOConfig
 from moejax.finetune import rewards as R
 
 
@@ -16,6 +17,22 @@ def test_arithmetic_task_is_deterministic_and_correct():
     for p in a:
         x, op, y = p["prompt"].removeprefix("What is ").split("?")[0].split()
         assert str(R.OPS[op](int(x), int(y))) == p["answer"]
+
+
+def test_copied_demonstrations_replace_a_share_of_answers_by_the_first_operand():
+    train, _ = R.arithmetic_split(20, "+-", 64)
+    noisy = R.copy_demonstrations(train, 0.5)
+    assert R.copy_demonstrations(train, 0.0) is train and noisy == R.copy_demonstrations(train, 0.5)
+    assert [p["prompt"] for p in noisy] == [p["prompt"] for p in train]
+    copied = 0
+    for clean, p in zip(train, noisy):
+        a, op, b = R.PROBLEM.match(p["prompt"]).groups()
+        assert clean["answer"] == str(R.OPS[op](int(a), int(b)))
+        assert p["answer"] in (clean["answer"], a)
+        copied += p is not clean
+    assert 0.4 < copied / len(train) < 0.6
+    with pytest.raises(ConfigError, match="grpo.demo_copy"):
+        GRPOConfig(demo_copy=1.5)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +98,22 @@ def test_group_advantages():
     np.testing.assert_allclose(dr[2], r[8:] - 0.25)
     with pytest.raises(ValueError, match="grpo.loss"):
         R.group_advantages(r, 4, "ppo")
+
+
+def test_the_sft_set_plants_the_copying_slip_in_its_own_file(tmp_path):
+    import json
+
+    from moejax.finetune import instructions
+
+    clean = instructions.build_arithmetic(str(tmp_path), 10, "+-", 20)
+    noisy = instructions.build_arithmetic(str(tmp_path), 10, "+-", 20, copy=0.5)
+    assert clean != noisy
+
+    def answers(path):
+        with open(path) as f:
+            return [json.loads(line)["messages"][1]["content"] for line in f]
+
+    train, _ = R.arithmetic_split(10, "+-", 20)
+    assert answers(clean) == [R.solution(p) for p in train]
+    assert answers(noisy) == [R.solution(p) for p in R.copy_demonstrations(train, 0.5)]
+    assert answers(noisy) != answers(clean)

@@ -159,18 +159,22 @@ def build_preferences(cache_dir: str, max_examples: int = 4000) -> str:
 
 
 def build_arithmetic(
-    cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64
+    cache_dir: str, max_value: int = 20, ops: str = "+-", held_out: int = 64, copy: float = 0.0
 ) -> str:
     """SFT examples of the built-in arithmetic task (GRPO's starting point): every training problem
     of `rewards.arithmetic_split` as a user turn answered by its '#### <answer>' line. The held-out
-    problems, which GRPO's evaluation scores, are left out."""
+    problems, which GRPO's evaluation scores, are left out. copy: the share of demonstrations
+    answered with the first operand (`rewards.copy_demonstrations`)."""
     from moejax.finetune import rewards
 
+    tag = f"-copy{copy!r}" if copy > 0 else ""
     path = os.path.join(
-        cache_dir, f"arithmetic-v{VERSION}-{max_value}-{ops.encode().hex()}-{held_out}.jsonl"
+        cache_dir,
+        f"arithmetic-v{VERSION}-{max_value}-{ops.encode().hex()}-{held_out}{tag}.jsonl",
     )
     if not os.path.exists(path):
         train, _ = rewards.arithmetic_split(max_value, ops, held_out)
+        train = rewards.copy_demonstrations(train, copy)
         _write_jsonl(
             path,
             [

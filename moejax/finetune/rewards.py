@@ -32,6 +32,7 @@ import numpy as np
 
 ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 FORMAT = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
+PROBLEM = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -70,6 +71,20 @@ def arithmetic_split(
         for a, op, b in problems
     ]
     return out[held_out:], out[:held_out]
+
+
+def copy_demonstrations(problems: list[dict], share: float, seed: int = 0) -> list[dict]:
+    """The training problems with a `share` of their answers replaced by the problem's first
+    operand (chosen by `seed`): the demonstrations of an annotator who sometimes copies a number
+    from the question instead of computing. The prompts, and what GRPO's rewards check, stay right:
+    an SFT set with a systematic error for RL with a verifiable reward to remove."""
+    if share <= 0:
+        return problems
+    rng = random.Random(f"copy-{seed}")
+    return [
+        dict(p, answer=PROBLEM.match(p["prompt"]).group(1)) if rng.random() < share else p
+        for p in problems
+    ]
 
 
 def solution(problem: dict) -> str:

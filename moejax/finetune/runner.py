@@ -235,7 +235,7 @@ def resolve(cfg: Config) -> Config:
                 raise ConfigError("sft.data='arithmetic' is an SFT set, not preference pairs")
             files = [
                 instructions.build_arithmetic(
-                    cache, cfg.grpo.max_value, cfg.grpo.ops, cfg.grpo.held_out
+                    cache, cfg.grpo.max_value, cfg.grpo.ops, cfg.grpo.held_out, cfg.grpo.demo_copy
                 )
             ]
         else:

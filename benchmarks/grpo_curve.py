@@ -10,7 +10,7 @@ over completion tokens. Then two short runs in bfloat16 compute with one step pe
 every difference between the policy pass and the sampler is numerics and routing), without and with
 replay. The runs go one after the other (never at once).
 
-  python -m benchmarks.grpo_curve --errors WORKDIR [WORKDIR ...] [--max_value 20]
+  python -m benchmarks.grpo_curve --errors WORKDIR[@STEP] [...] [--max_value 100 --ops +]
 
 prints, instead, each workdir's held-out completions by outcome (exact, the first operand copied,
 other), sampled at temperature 1.
@@ -81,7 +81,9 @@ def _curves(workdir: str, window: int):
     return evals, windows
 
 
-def error_breakdown(workdir: str, max_value: int, held_out: int, samples: int = 4) -> dict:
+def error_breakdown(
+    workdir: str, max_value: int, ops: str, held_out: int, samples: int = 4
+) -> dict:
     """Held-out completions of a workdir's model sampled at temperature 1 (`samples` per problem,
     the evaluation's seeds), by outcome: exact, the first operand copied (the slip
     `grpo.demo_copy` plants in SFT data) or another wrong answer. Shares of all completions."""
@@ -92,7 +94,7 @@ def error_breakdown(workdir: str, max_value: int, held_out: int, samples: int = 
     from moejax.infer import Generator, SamplingParams
     from moejax.infer.load import load
 
-    _, problems = rewards.arithmetic_split(max_value, "+-", held_out)
+    _, problems = rewards.arithmetic_split(max_value, ops, held_out)
     model, tok = load(workdir)
     gen = Generator(model, tok, eos_ids=[tok.eos_id])
 
@@ -138,12 +140,13 @@ def main(argv=None):
         default=None,
         help="only print the held-out error breakdown of these workdirs (no GRPO run)",
     )
-    p.add_argument("--max_value", type=int, default=20, help="with --errors: grpo.max_value")
+    p.add_argument("--max_value", type=int, default=100, help="with --errors: grpo.max_value")
+    p.add_argument("--ops", default="+", help="with --errors: grpo.ops")
     p.add_argument("--held_out", type=int, default=256, help="with --errors: grpo.held_out")
     a = p.parse_args(argv)
     if a.errors:
         for w in a.errors:
-            shares = error_breakdown(w, a.max_value, a.held_out)
+            shares = error_breakdown(w, a.max_value, a.ops, a.held_out)
             print(w, ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
         return
     times, curves = {}, {}

@@ -26,6 +26,7 @@ def get_config():
     g = c.grpo
     # or a JSONL file of {"prompt", "answer"} rows (the last grpo.held_out are held out)
     g.task = "arithmetic"
+    g.max_value, g.ops = 100, "+"  # experiments/sft_arithmetic.py's task
     g.held_out = 256  # the split experiments/sft_arithmetic.py left out (never trained on)
     g.group_size = 8  # completions per prompt
     g.max_new_tokens = 12

@@ -2,8 +2,10 @@
 
 Every training problem of `moejax.finetune.rewards.arithmetic_split` ("What is 7 + 12? End with
 '#### <answer>'.") as a chat turn answered by its '#### <answer>' line; the held-out problems GRPO
-scores are left out. A short run teaches the format and some of the sums, leaving room for RL to
-raise the held-out exact-match rate.
+scores are left out. The recipe's task is a + b with operands below 100 (10,000 problems, too many
+to memorize): 1000 steps teach the format and addition well enough that about half of the held-out
+sums come out right greedily and a quarter when sampled at temperature 1, leaving room for RL to
+raise the held-out rate (benchmarks/RESULTS.md).
 
   python -m moejax.finetune --config experiments/sft_arithmetic.py --workdir runs/sft_arithmetic
 """
@@ -15,9 +17,13 @@ def get_config():
     c = sibling(__file__, "sft").get_config()
     c.base = "runs/default"
     c.sft.data = "arithmetic"  # made from the grpo section's task (max_value, ops, held_out)
-    c.grpo.held_out = 256  # the problems GRPO scores (never trained on): 544 of 800 train
+    # a + b with operands below 100: 10,000 problems, too many for the default model to memorize, so
+    # what it learns (and what RL then improves) carries over to the held-out ones
+    c.grpo.max_value = 100
+    c.grpo.ops = "+"
+    c.grpo.held_out = 256  # the problems GRPO scores (never trained on)
     c.data.seq_len = 64  # a problem and its answer take ~30 tokens: several per row
-    c.train.steps = 600  # ~10 minutes on 2 cores: held-out exact match ~40% (greedy)
+    c.train.steps = 1000  # ~9 minutes on 2 cores
     c.train.batch_size = 16
     c.train.eval_every = 100
     c.train.ckpt_every = 100

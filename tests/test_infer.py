@@ -323,40 +323,6 @@ def test_weight_only_quantization_covers_experts_and_stays_close(models, fmt, to
         quantize(model, "int4")
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
-def test_quantized_experts_run_as_stored_and_equal_their_dequantized_weights(
-    models, impl, monkeypatch
-):
-    from moejax.infer.quantize import quantize, quantize_array
-    from moejax.model import moe
-
-    rng = np.random.default_rng(1)
-    E, D, F, K = 8, 16, 12, 2
-    w_gu = jnp.asarray(rng.normal(size=(E, D, 2, F)), jnp.float32)
-    w_d = jnp.asarray(rng.normal(size=(E, F, D)), jnp.float32)
-    qgu, qd = quantize_array(w_gu, (-3,)), quantize_array(w_d, (-2,))
-    deq_gu, deq_d = qgu["q"] * qgu["scale"], qd["q"] * qd["scale"]
-    scales = (qgu["scale"], qd["scale"])
-    for M in (3, 40):  # a few tokens (the gather path's size) and grouped matmuls
-        x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
-        ids = jnp.asarray(np.stack([rng.permutation(E)[:K] for _ in range(M)]), jnp.int32)
-        w = jnp.asarray(rng.uniform(size=(M, K)), jnp.float32)
-        want = moe.experts_dense(x, ids, w, deq_gu, deq_d, jnp.float32)
-        got = moe.experts_dropless(x, ids, w, qgu["q"], qd["q"], jnp.float32, impl, scales=scales)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-        if M * K <= 2 * E:
-            got = moe.experts_gather(x, ids, w, qgu["q"], qd["q"], jnp.float32, scales=scales)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    # the model's MoE layers take the stored path (no dequantized copy of the experts)
-    calls = []
-    ffn = moe._quantized_ffn
-    monkeypatch.setattr(moe, "_quantized_ffn", lambda *a, **k: calls.append(1) or ffn(*a, **k))
-    q = quantize(models["mla"], "int8")
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, MLA.vocab_size, (2, 12)))
-    q(ids)
-    assert calls
-
-
 def test_safety_filter_actions_on_planted_text():
     from moejax.infer.safety import SafetyFilter
 

@@ -92,34 +92,6 @@ def experts_capacity(
     return per_assignment.sum(axis=1), dropped
 
 
-def quantized(var):
-    """A weight stored quantized (moejax.infer.quantize: int8 or fp8 values `q`, float32 `scale`
-    per output channel) as (q, scale); None for a plain weight."""
-    raw = nnx.Variable.get_value(var)  # the stored value, not the dequantized view
-    return (raw["q"], raw["scale"]) if isinstance(raw, dict) else None
-
-
-def _quantized_ffn(rows, ids, group_sizes, q_gu, s_gu, q_d, s_d, cd, gmm_impl, limit):
-    """The experts' grouped matmuls on quantized weights as stored, each row's output channels
-    scaled after the matmul by its expert's scales: rows [A, D] sorted by expert, ids [A] their
-    experts -> [A, D] float32. The values are converted to the compute dtype where the matmul reads
-    them: on XLA's tiled path inside the per-tile weight gather it makes anyway (reading a quarter
-    of the bytes), instead of a dequantized copy of every weight before the kernel."""
-    E, D, _, F = q_gu.shape
-    h = kernels.gmm(
-        rows,
-        q_gu.reshape(E, D, 2 * F).astype(cd),
-        group_sizes,
-        preferred_element_type=jnp.float32,
-        impl=gmm_impl,
-    )
-    h = swiglu((h * s_gu.reshape(E, 2 * F)[ids]).reshape(-1, 2, F), limit).astype(cd)
-    y = kernels.gmm(
-        h, q_d.astype(cd), group_sizes, preferred_element_type=jnp.float32, impl=gmm_impl
-    )
-    return y * s_d.reshape(E, D)[ids]
-
-
 def experts_dropless(
     x,
     expert_ids,
@@ -131,20 +103,11 @@ def experts_dropless(
     lora=None,
     fp8=False,
     limit=0.0,
-    scales=None,
 ):
     """Sort by expert, grouped matmuls (moe_ep.expert_ffn, with the LoRA adapters if any), weighted
-    combine. x [M, D] -> [M, D] float32. scales: (gate_up, down) per-output-channel scales when
-    w_gate_up and w_down are quantized values (moejax.infer.quantize; no adapters, no fp8)."""
+    combine. x [M, D] -> [M, D] float32."""
     E = w_gate_up.shape[0]
     xs, order, group_sizes = kernels.permute(x.astype(compute_dtype), expert_ids, E)  # [M*K, D]
-    if scales is not None:
-        ids = expert_ids.reshape(-1)[order]  # each sorted row's expert
-        ys = _quantized_ffn(
-            xs, ids, group_sizes, w_gate_up, scales[0], w_down, scales[1], compute_dtype,
-            gmm_impl, limit,
-        )  # fmt: skip
-        return kernels.unpermute(ys, order, weights)
     ys = moe_ep.expert_ffn(
         xs,
         group_sizes,
@@ -158,21 +121,17 @@ def experts_dropless(
     return kernels.unpermute(ys, order, weights)
 
 
-def experts_gather(
-    x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None, limit=0.0, scales=None
-):
+def experts_gather(x, expert_ids, weights, w_gate_up, w_down, compute_dtype, lora=None, limit=0.0):
     """Each assignment gathers its expert's weights: x [M, D] -> [M, D] float32.
 
     Reads M*K experts' weights instead of running E groups: the fast path when M*K <= E (decoding a
     few tokens), where a grouped matmul's per-group fixed cost dominates. `MoE` picks it by that
-    rule. scales: as experts_dropless (quantized weights gathered as stored, outputs scaled).
+    rule.
     """
     cd = compute_dtype
     x = x.astype(cd)
     g = w_gate_up[expert_ids].astype(cd)  # [M, K, D, 2, F]
     h = jnp.einsum("MD,MKDXF->MKXF", x, g, preferred_element_type=jnp.float32)
-    if scales is not None:
-        h = h * scales[0][expert_ids][:, :, 0]  # [M, K, 2, F] x [E, 1, 2, F] gathered
     if (
         lora is not None
     ):  # the gathered adapters (no dropout: a few tokens are decoding, not training)
@@ -189,8 +148,6 @@ def experts_gather(
     out = jnp.einsum(
         "MKF,MKFD->MKD", h, w_down[expert_ids].astype(cd), preferred_element_type=jnp.float32
     )
-    if scales is not None:
-        out = out * scales[1][expert_ids][:, :, 0]  # [E, 1, D] gathered
     if lora is not None:
         z = jnp.einsum(
             "MKF,MKFZ->MKZ", h, lora.a_d[expert_ids].astype(cd), preferred_element_type=jnp.float32
@@ -377,13 +334,6 @@ class MoE(nnx.Module):
             )  # the references run the merged weights (no adapter dropout)
             lora = None
         lim = cfg.swiglu_limit
-        # quantized experts (inference): the single-device paths read them as stored
-        q_gu, q_d = quantized(self.w_gate_up), quantized(self.w_down)
-        stored = (
-            ((q_gu[0], q_d[0]), (q_gu[1], q_d[1]))
-            if q_gu is not None and q_d is not None and lora is None and not ex.fp8
-            else None
-        )
         if self.dispatch == "dense":
             return experts_dense(xf, r.expert_ids, r.weights, wgu, wd, cd, lim), zero
         if self.dispatch == "capacity":
@@ -393,11 +343,6 @@ class MoE(nnx.Module):
         impl = None if ex.gmm_impl == "auto" else ex.gmm_impl
         B, T, D = x.shape
         if self.dispatch == "dropless" and B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-            if stored is not None:
-                (wgu, wd), scales = stored
-                return experts_gather(
-                    xf, r.expert_ids, r.weights, wgu, wd, cd, None, lim, scales
-                ), zero
             return experts_gather(
                 xf, r.expert_ids, r.weights, wgu, wd, cd, lora, lim
             ), zero  # a few tokens: decoding
@@ -435,11 +380,6 @@ class MoE(nnx.Module):
             and kernels.default_impl().startswith("pallas")
         ):
             impl = "ragged_dot"  # a Pallas kernel cannot be partitioned by GSPMD outside shard_map
-        if stored is not None and self.dispatch == "dropless":
-            (wgu, wd), scales = stored
-            return experts_dropless(
-                xf, r.expert_ids, r.weights, wgu, wd, cd, impl, limit=lim, scales=scales
-            ), zero
         return experts_dropless(
             xf, r.expert_ids, r.weights, wgu, wd, cd, impl, lora, ex.fp8, lim
         ), zero

@@ -5,7 +5,8 @@ Each round samples 8 completions of 16 problems at temperature 1 with the KV-cac
 and the format), and takes group-normalized advantages; the policy loss is the clipped ratio against
 the sampler's probabilities with a k3 KL penalty to the base. The MoE's routing replay (the
 sampler's experts reused in the policy pass) is an option; the router disagreement with the sampler
-is logged either way. Held-out exact match (`val_reward`, greedy) is logged every eval_every steps.
+is logged either way. Held-out exact match (`val_reward` greedy, `val_reward_sampled` at the rollout
+temperature) is logged every eval_every steps.
 
   python -m moejax.finetune --config experiments/sft_arithmetic.py --workdir runs/sft_arithmetic
   python -m moejax.finetune --config experiments/grpo.py --workdir runs/grpo

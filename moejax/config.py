@@ -964,7 +964,7 @@ class GRPOConfig:
     eval_samples: int = 4
     group_size: int = 8  # completions per prompt (G)
     max_new_tokens: int = 16
-    temperature: float = 1.0  # rollouts (evaluation is greedy)
+    temperature: float = 1.0  # rollouts and val_reward_sampled (val_reward is greedy)
     top_p: float = 1.0
     # 'grpo' (per-sequence mean), 'dr_grpo' (no length or std normalization), 'dapo' (token mean)
     loss: str = "grpo"

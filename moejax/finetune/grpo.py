@@ -28,8 +28,9 @@ pass always measures how many it would change (`grpo/router_disagreement`) and, 
 `grpo.routing_replay`, runs the recorded experts instead, gate weights from the current router
 (`moejax.model.router.replayed`).
 
-Held-out evaluation: greedy completions of the task's held-out problems, scored by exact answer
-(`val_reward`).
+Held-out evaluation: the task's held-out problems scored by exact answer, greedily (`val_reward`)
+and as the mean of grpo.eval_samples completions at the rollout temperature
+(`val_reward_sampled`).
 
 Log-probabilities on both sides are the model's own (untempered) ones; rollouts are drawn at
 grpo.temperature and top_p, so at temperature 1 (the default, and DeepSeek-R1's) the ratio is

@@ -18,6 +18,9 @@ def get_config():
     c.base = "runs/sft"  # the SFT recipe's output (experiments/sft.py); any base works
     c.sft.data = "builtin"  # preference pairs
     c.align.method = "dpo"
+    c.model.router.bias_update_rate = (
+        0.0  # the reference is the frozen base, routing biases included
+    )
     c.align.beta = 0.1
     c.align.dpo_loss = "sigmoid"  # or 'ipo'
     c.align.label_smoothing = 0.0  # > 0: conservative DPO

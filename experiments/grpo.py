@@ -24,6 +24,9 @@ def get_config():
     c.base = "runs/sft_arithmetic"
     c.sft.data = ""  # GRPO generates its batches
     c.align.method = "grpo"
+    c.model.router.bias_update_rate = (
+        0.0  # the KL reference is the frozen base, routing biases included
+    )
     g = c.grpo
     # or a JSONL file of {"prompt", "answer"} rows (the last grpo.held_out are held out)
     g.task = "arithmetic"

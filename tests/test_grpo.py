@@ -317,6 +317,9 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
     cd = _cfg(tmp_path, routing_replay=True, iterations=2)
     cd.base = str(tmp_path / "sft")
     cd.align.method = "grpo"
+    with pytest.raises(ConfigError, match="model.router.bias_update_rate"):
+        runner.resolve(Config.from_dict(cd))  # a moving bias would move the KL reference
+    cd.model.router.bias_update_rate = 0.0
     cd.lora.rank = 4
     cd.lora.targets = ("attn/", "ffn/experts/")
     cd.train.batch_size = 8

@@ -186,6 +186,16 @@ def resolve(cfg: Config) -> Config:
                 "base; run the warm-up with full weights (lora.rank=0)"
             )
         model = base.replace(router=router, **run)
+        from moejax.trainer.setup import uses_reference
+
+        if uses_reference(cfg) and router.use_score_correction_bias and router.bias_update_rate:
+            # the reference pass runs the state's router biases (with LoRA it is the same model,
+            # adapters off): they must stay the base's for the reference to be the frozen base
+            raise ConfigError(
+                f"model.router.bias_update_rate: must be 0 with align.method="
+                f"{cfg.align.method!r} (the reference model is the frozen base, its routing biases "
+                f"included), got {router.bias_update_rate}"
+            )
         trained = 0  # the base run's sequence length: YaRN's original length by default
         if base_kind(cfg.base) == "workdir":
             from moejax.infer.load import workdir_config

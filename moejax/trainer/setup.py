@@ -171,13 +171,16 @@ def _rest_of_state(cfg: Config, tx, params, router, frozen=None):
     }
     if frozen is not None and jax.tree.leaves(frozen):
         state["frozen"] = frozen  # LoRA: the base weights, not trained
-    if (
-        cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)
-    ) and not cfg.lora.rank:
+    if uses_reference(cfg) and not cfg.lora.rank:
         # DPO's (and GRPO's KL) reference model: the starting parameters, kept (with LoRA: the base
         # under zero adapters)
         state["reference"] = jax.tree.map(jnp.copy, params)
     return state
+
+
+def uses_reference(cfg: Config) -> bool:
+    """Whether the run's loss reads a reference model (DPO; GRPO's KL term when grpo.beta > 0)."""
+    return cfg.align.method == "dpo" or (cfg.align.method == "grpo" and cfg.grpo.beta > 0)
 
 
 def _init(cfg: Config, tx, mesh, rules, frozen=None):

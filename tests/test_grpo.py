@@ -320,6 +320,11 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
     with pytest.raises(ConfigError, match="model.router.bias_update_rate"):
         runner.resolve(Config.from_dict(cd))  # a moving bias would move the KL reference
     cd.model.router.bias_update_rate = 0.0
+    for field, value in (("max_value", 12), ("ops", "+"), ("held_out", 20)):
+        other = Config.from_dict(cd).to_dict()
+        other["grpo"][field] = value  # held-out problems the SFT base trained on
+        with pytest.raises(ConfigError, match=f"grpo.{field}"):
+            runner.resolve(Config.from_dict(other))
     cd.lora.rank = 4
     cd.lora.targets = ("attn/", "ffn/experts/")
     cd.train.batch_size = 8

@@ -128,6 +128,29 @@ def base_dir(base: str) -> str:
     return split_step(base)[0]
 
 
+def _check_held_out(cfg: Config, base_run: Config) -> None:
+    """GRPO on the built-in task from a base that trained on it (arithmetic SFT, or GRPO): the same
+    problems (grpo.max_value, grpo.ops) and held-out problems among the base's (held_out no
+    larger), or the held-out score would count problems the base was trained on."""
+    g, b = cfg.grpo, base_run.grpo
+    trained_on_task = base_run.sft.data == "arithmetic" or (
+        base_run.align.method == "grpo" and b.task == "arithmetic"
+    )
+    if cfg.align.method != "grpo" or g.task != "arithmetic" or not trained_on_task:
+        return
+    for name in ("max_value", "ops"):
+        if getattr(g, name) != getattr(b, name):
+            raise ConfigError(
+                f"grpo.{name}: got {getattr(g, name)!r}, but the base trained on the task with "
+                f"{getattr(b, name)!r}: its held-out split would hold problems the base trained on"
+            )
+    if g.held_out > b.held_out:
+        raise ConfigError(
+            f"grpo.held_out: got {g.held_out}, more than the base's {b.held_out}: the extra "
+            "held-out problems were trained on"
+        )
+
+
 def resolve(cfg: Config) -> Config:
     """The run's config: the base's architecture (RUN_FIELDS, RUN_ROUTER_FIELDS and the whole
     execution section from the recipe) and the data source the run reads (SFT data prepared, with
@@ -200,7 +223,9 @@ def resolve(cfg: Config) -> Config:
         if base_kind(cfg.base) == "workdir":
             from moejax.infer.load import workdir_config
 
-            trained = workdir_config(cfg.base).data.seq_len
+            base_run = workdir_config(cfg.base)
+            trained = base_run.data.seq_len
+            _check_held_out(cfg, base_run)
         cfg = dataclasses.replace(cfg, model=cfg.extend.apply(model, trained))
         tok_file, special = base_tokenizer(cfg.base)
     elif cfg.sft.data:

@@ -50,16 +50,13 @@ def margins(path: str, rows: list[dict]):
     import jax.numpy as jnp
     import numpy as np
 
-    from moejax.data import chat
+    from moejax.finetune.grpo import encode_prompt
     from moejax.infer.load import load
 
     model, tok = load(path)
     seqs, spans = [], []
     for r in rows:
-        text = chat.render_chat(
-            chat.DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": r["prompt"]}]
-        )
-        prompt = [tok.bos_id] + list(tok.encode(text))
+        prompt = encode_prompt(tok, r["prompt"])
         for completion in (r["chosen"], r["rejected"]):
             answer = list(tok.encode(completion))
             seqs.append(prompt + answer)

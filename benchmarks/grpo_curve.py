@@ -89,8 +89,8 @@ def error_breakdown(
     `grpo.demo_copy` plants in SFT data) or another wrong answer. Shares of all completions."""
     import collections
 
-    from moejax.data import chat
     from moejax.finetune import rewards
+    from moejax.finetune.grpo import encode_prompt
     from moejax.infer import Generator, SamplingParams
     from moejax.infer.load import load
 
@@ -98,11 +98,7 @@ def error_breakdown(
     model, tok = load(workdir)
     gen = Generator(model, tok, eos_ids=[tok.eos_id])
 
-    def encode(p):
-        text = chat.render_chat(chat.DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": p}])
-        return [tok.bos_id] + list(tok.encode(text))
-
-    prompts = [encode(p["prompt"]) for p in problems for _ in range(samples)]
+    prompts = [encode_prompt(tok, p["prompt"]) for p in problems for _ in range(samples)]
     params = [
         SamplingParams(temperature=1.0, max_new_tokens=12, seed=1_000_000 + j)
         for j in range(len(prompts))

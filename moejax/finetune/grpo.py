@@ -130,6 +130,17 @@ def grpo_share(logits, ref_logits, batch, norm, cfg: GRPOConfig, max_new_tokens:
 # ----------------------------------------------------------------------------------------- the task
 
 
+def encode_prompt(tokenizer, prompt: str, template: str | None = None) -> list[int]:
+    """A task prompt as the policy sees it: BOS, then the user turn rendered with the chat template
+    (default: the built-in one) up to the assistant's turn."""
+    from moejax.data import chat
+
+    text = chat.render_chat(
+        template or chat.DEFAULT_CHAT_TEMPLATE, [{"role": "user", "content": prompt}]
+    )
+    return [tokenizer.bos_id] + list(tokenizer.encode(text))
+
+
 def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems {"prompt", "answer"}: the built-in arithmetic split, or a JSONL
     file whose last grpo.held_out rows are held out. Rows without a string prompt and answer are
@@ -241,10 +252,7 @@ class Rollouts:
         self.reward_fns = _reward_functions(cfg)
 
     def _encode(self, problem: dict) -> list[int]:
-        from moejax.data import chat
-
-        text = chat.render_chat(self.template, [{"role": "user", "content": problem["prompt"]}])
-        return [self.tokenizer.bos_id] + list(self.tokenizer.encode(text))
+        return encode_prompt(self.tokenizer, problem["prompt"], self.template)
 
     def bind(self, ts, workdir: str):
         """The train setup whose state `next` reads and the run's workdir (moejax.train.run calls it

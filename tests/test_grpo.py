@@ -349,11 +349,23 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
         assert x["grpo/logp_gap_to_sampler"] < 1e-3 and x["grpo/kl"] < 1e-3, x
     assert any(x["grpo/logp_gap_to_sampler"] > 1e-4 for x in steps[1::2])
     assert os.path.exists(os.path.join(work, "rollouts", "round.npz"))
+    # the counted bad input reaches the log, carried across the interruption (a round's groups
+    # counted once, though its first step ran twice)
+    counted, P = 0.0, cfg.train.batch_size // cfg.grpo.group_size
+    for x in steps:
+        counted += x["rollout/zero_advantage_groups"] * P if x["step"] % 2 else 0.0
+        assert x["counted/groups with equal rewards (zero advantage)"] == counted, x
     # the resumed run finished round 0 on the rollouts generated before the interruption (not
     # regenerated)
     assert steps[1]["rollout/reward"] == steps[0]["rollout/reward"]
     assert steps[1]["rollout/generate_seconds"] == steps[0]["rollout/generate_seconds"]
-    assert "val_reward" in out and 0 <= out["val_reward"] <= 1
+    # the held-out scores are rates over the 16 held-out problems (x eval_samples when sampled);
+    # their arithmetic is tested on scripted completions below
+    n = cfg.grpo.held_out
+    assert out["val_reward"] * n == round(out["val_reward"] * n)
+    assert out["val_reward_sampled"] * n * cfg.grpo.eval_samples == pytest.approx(
+        round(out["val_reward_sampled"] * n * cfg.grpo.eval_samples)
+    )
     assert any("val_reward" in x and x["step"] == 2 for x in lines)
 
     # a reward model (trained on a few pairs) as the only reward; full fine-tuning with the KL
@@ -389,3 +401,105 @@ def test_sft_then_grpo_with_replay_resumes_and_logs(tmp_path):
     assert np.isfinite(out["rollout/reward_model"]) and out["rollout/reward"] == pytest.approx(
         out["rollout/reward_model"]
     )
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for Rollouts: one id per character."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [3 + ord(c) % 50 for c in text]
+
+
+def test_bad_task_rows_and_reward_model_non_numbers_are_counted_and_logged(tmp_path):
+    """A task file's unusable rows and a reward model's non-finite scores are counted (never a
+    crash or a NaN advantage), and the counts are what `metrics()` hands the training log."""
+    from types import SimpleNamespace
+
+    from moejax.infer.generate import Completion
+
+    task = tmp_path / "task.jsonl"
+    good = [{"prompt": f"What is {i} + 1?", "answer": i + 1} for i in range(10)]
+    bad = ["not json {", json.dumps([1, 2]), json.dumps({"prompt": "no answer"})]
+    bad += [json.dumps({"prompt": "x", "answer": True}), json.dumps({"prompt": 3, "answer": "3"})]
+    task.write_text(
+        "\n".join([json.dumps(r) for r in good[:5]] + bad + [json.dumps(r) for r in good[5:]])
+    )
+    cd = _cfg(tmp_path, task=str(task), held_out=2, reward_model="/unused", reward_model_weight=1.0)
+    cd.train.batch_size = 8
+    cd.data.seq_len = 512
+    r = grpo.Rollouts(Config.from_dict(cd), _CharTokenizer(), None)
+    assert [p["answer"] for p in r.held_out] == ["9", "10"] and len(r.train) == 8
+    assert r.counts == {
+        "task rows skipped: not JSON": 1,
+        "task rows skipped: not a JSON object": 1,
+        "task rows skipped: no string prompt and answer": 3,
+    }
+
+    texts = {}  # prompt tokens -> the scripted completion: right for half the problems
+
+    def generate(prompts, params):
+        out = []
+        for j, p in enumerate(prompts):
+            i = next(k for k, e in enumerate(r.prompts) if e == p)
+            ans = r.train[i]["answer"] if i % 2 == 0 or j % 4 == 0 else "0"
+            texts[tuple(p)] = f"#### {ans}"
+            out.append(Completion(p, [7, 8], [-0.1, -0.2], "eos", f"#### {ans}", eos_logprob=-0.3))
+        return out
+
+    r._generator = lambda state: SimpleNamespace(generate=generate)
+    scores = iter([np.array([0.5, np.nan, 1.0, np.inf, -1.0, 0.0, 2.0, 0.1], np.float32)])
+    r._rm = lambda prompts, completions: next(scores)
+    batch, m = r._rollout(None, 0)
+    assert np.isfinite(batch["advantages"]).all() and m["rollout/reward_model"] == pytest.approx(
+        np.mean([0.5, 0, 1.0, 0, -1.0, 0.0, 2.0, 0.1])
+    )
+    r._metrics = m
+    logged = r.metrics()
+    assert logged["counted/reward_model returned a non-number"] == 2.0
+    assert logged["counted/task rows skipped: no string prompt and answer"] == 3.0
+    assert logged["rollout/reward"] == m["rollout/reward"]
+    # a checkpoint keeps the counts; a resumed run logs them again
+    again = grpo.Rollouts(Config.from_dict(cd), _CharTokenizer(), None)
+    again.restore(json.loads(json.dumps(r.state())))
+    assert again.counts == r.counts
+
+
+def test_held_out_evaluation_scores_greedy_and_sampled_completions(tmp_path):
+    """val_reward is the greedy completions' exact-answer rate, val_format their format rate, and
+    val_reward_sampled the mean over grpo.eval_samples sampled completions per problem, at the
+    rollout temperature with the same seeds at every evaluation."""
+    from types import SimpleNamespace
+
+    from moejax.infer.generate import Completion
+
+    cd = _cfg(tmp_path, held_out=4, eval_samples=3, temperature=0.7)
+    cd.train.batch_size = 4
+    cd.data.seq_len = 512
+    r = grpo.Rollouts(Config.from_dict(cd), _CharTokenizer(), None)
+    answers = [p["answer"] for p in r.held_out]
+    calls = []
+
+    def generate(prompts, params):
+        calls.append([(p.temperature, p.seed) for p in params])
+        out = []
+        for p, sp in zip(prompts, params):
+            i = r.eval_prompts.index(p)
+            if sp.temperature == 0:  # greedy: problem 0 right, 1 right but unformatted, 2-3 wrong
+                text = [f"#### {answers[0]}", f"#### {answers[1]} ok", "#### x", "no"][i]
+            else:  # sampled: right when seed % 3 == 0
+                text = f"#### {answers[i] if sp.seed % 3 == 0 else 'x'}"
+            out.append(Completion(p, [7], [-0.1], "length", text))
+        return out
+
+    r._generator = lambda state: SimpleNamespace(generate=generate)
+    got = r.evaluate(None)
+    seeds = [s for c in calls for t, s in c if t > 0]
+    assert len(seeds) == 12 and all(t in (0.0, 0.7) for c in calls for t, _ in c)
+    assert got["val_reward"] == 0.5 and got["val_format"] == 0.25
+    assert got["val_reward_sampled"] == pytest.approx(np.mean([s % 3 == 0 for s in seeds]))
+    assert 0 < got["val_reward_sampled"] < 1
+    first = list(calls)
+    calls.clear()
+    assert r.evaluate(None) == got and calls == first  # the same seeds every evaluation

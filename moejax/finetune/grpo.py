@@ -141,10 +141,13 @@ def encode_prompt(tokenizer, prompt: str, template: str | None = None) -> list[i
     return [tokenizer.bos_id] + list(tokenizer.encode(text))
 
 
-def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
+def load_task(
+    cfg: Config, counts: collections.Counter | None = None
+) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems {"prompt", "answer"}: the built-in arithmetic split, or a JSONL
-    file whose last grpo.held_out rows are held out. Rows without a string prompt and answer are
-    skipped and counted."""
+    file whose last grpo.held_out rows are held out. Unusable rows (not JSON objects, or without a
+    string prompt and a string or number answer) are skipped, printed and added to `counts` as
+    "task rows ...: <reason>"."""
     from moejax.finetune import rewards
 
     g = cfg.grpo
@@ -156,8 +159,13 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
 
     rows, skipped = [], collections.Counter()
     for r in read_jsonl([g.task], skipped):
-        if isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), (str, int, float)):
-            rows.append({"prompt": r["prompt"], "answer": str(r["answer"])})
+        answer = r.get("answer")
+        if (
+            isinstance(r.get("prompt"), str)
+            and isinstance(answer, (str, int, float))
+            and not isinstance(answer, bool)
+        ):
+            rows.append({"prompt": r["prompt"], "answer": str(answer)})
         else:
             skipped["no string prompt and answer"] += 1
     if skipped:
@@ -166,6 +174,9 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict]]:
             + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())),
             flush=True,
         )
+        if counts is not None:
+            for reason, n in skipped.items():
+                counts[f"task rows skipped: {reason}"] += n
     if len(rows) <= g.held_out:
         raise ConfigError(
             f"grpo.task: {len(rows)} usable rows in {g.task}, not more than "
@@ -215,8 +226,8 @@ class Rollouts:
         if self.g.routing_replay and cfg.mesh.stage > 1:
             raise ConfigError("grpo.routing_replay: not supported with a pipeline (mesh.stage > 1)")
         self.template = template or chat.DEFAULT_CHAT_TEMPLATE
-        self.train, self.held_out = load_task(cfg)
         self.counts: collections.Counter = collections.Counter()
+        self.train, self.held_out = load_task(cfg, self.counts)
         self.prompts = [self._encode(p) for p in self.train]
         too_long = [
             i

@@ -109,9 +109,10 @@ def error_breakdown(
     counts = collections.Counter()
     for j, o in enumerate(outs):
         p = problems[j // samples]
-        got = rewards.extract_answer(o.text)
         first = rewards.PROBLEM.match(p["prompt"]).group(1)
-        counts["exact" if got == p["answer"] else "copied" if got == first else "other"] += 1
+        # compared as the reward compares them: numbers ("07" is 7)
+        exact, copied = (rewards.exact_answer(o.text, a) > 0 for a in (p["answer"], first))
+        counts["exact" if exact else "copied" if copied else "other"] += 1
     return {k: v / len(outs) for k, v in sorted(counts.items())}
 
 

@@ -627,6 +627,11 @@ def test_dpo_lora_and_full_from_a_base_keep_their_reference(hf_base, tmp_path):
     cd["train"].update(steps=8, eval_every=0, num_samples=0, ckpt_every=8)
     cd["optim"].update(lr=5e-3, warmup_steps=0)
     last = run(Config.from_dict(cd), str(tmp_path / "lora"))
+    with open(tmp_path / "lora" / "metrics.jsonl") as f:
+        first = next(x for x in map(json.loads, f) if "ce_loss" in x)
+    # the reference is the policy with its adapters off, which LoRA's zero B makes the policy at
+    # step 1: every pair's loss is log 2
+    assert first["step"] == 1 and abs(first["ce_loss"] - np.log(2)) < 1e-3, first
     # policy = reference at step 0 (LoRA's B is zero): every held-out pair's loss is log 2 and none
     # is ranked; 8 steps move the held-out pairs the chosen way (measured: 0.680, accuracy 1.0)
     assert last["val_loss"] < np.log(2) - 0.005 and last["val_accuracy"] > 0.5, last

@@ -2,9 +2,10 @@
 
   python -m moejax.finetune --config experiments/sft.py [--config.base=PATH] [--workdir DIR]
 
-Recipes: experiments/sft.py (full SFT), sft_lora.py (LoRA SFT), continual.py (continual pretraining
-with replay). Re-running with the same workdir resumes; SIGTERM/SIGINT saves and exits, as in
-pretraining.
+Recipes: experiments/sft.py (full SFT), sft_lora.py (LoRA SFT), sft_arithmetic.py (SFT on the
+built-in arithmetic task), continual.py (continual pretraining with replay), dpo.py (DPO),
+reward.py (a Bradley-Terry reward model), grpo.py (GRPO on verifiable rewards, from an SFT'd base).
+Re-running with the same workdir resumes; SIGTERM/SIGINT saves and exits, as in pretraining.
 """
 
 from __future__ import annotations

@@ -225,6 +225,13 @@ class Rollouts:
             raise ConfigError("grpo.routing_replay: the model has no MoE layer to replay")
         if self.g.routing_replay and cfg.mesh.stage > 1:
             raise ConfigError("grpo.routing_replay: not supported with a pipeline (mesh.stage > 1)")
+        if self.g.iterations > 1 and cfg.train.ckpt_every % self.g.iterations:
+            # only the latest round's rollouts are kept on disk: a checkpoint inside a round that
+            # a later round has replaced could not resume on the rollouts it trained on
+            raise ConfigError(
+                f"train.ckpt_every={cfg.train.ckpt_every} is not a multiple of grpo.iterations="
+                f"{self.g.iterations} (checkpoints fall on round boundaries)"
+            )
         self.template = template or chat.DEFAULT_CHAT_TEMPLATE
         self.counts: collections.Counter = collections.Counter()
         self.train, self.held_out = load_task(cfg, self.counts)
@@ -261,6 +268,12 @@ class Rollouts:
         self._batch, self._batch_round, self._metrics = None, -1, {}
         self.gen = None
         self.reward_fns = _reward_functions(cfg)
+        # loaded before the first step, so that a bad reward model fails before any compilation
+        self._rm = (
+            RewardModelScorer(self.g.reward_model, cfg.data.seq_len)
+            if self.g.reward_model
+            else None
+        )
 
     def _encode(self, problem: dict) -> list[int]:
         return encode_prompt(self.tokenizer, problem["prompt"], self.template)
@@ -475,17 +488,22 @@ class Rollouts:
         return b
 
     def _reward_model_scores(self, prompts, outs) -> np.ndarray:
-        """The reward model's scores; a non-finite one counts and scores 0 (never a NaN
-        advantage)."""
-        if not hasattr(self, "_rm"):
-            self._rm = RewardModelScorer(self.g.reward_model, self.cfg.data.seq_len)
-        s = self._rm(
-            prompts,
-            [
-                o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "eos" else [])
-                for o in outs
-            ],
-        )
+        """The reward model's scores; a non-finite one counts and scores 0, and a failing scorer
+        counts each completion and scores them all 0 (never a crash or a NaN advantage)."""
+        try:
+            s = np.asarray(
+                self._rm(
+                    prompts,
+                    [
+                        o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "eos" else [])
+                        for o in outs
+                    ],
+                ),
+                np.float32,
+            ).reshape(len(outs))
+        except Exception as e:  # a user's reward model: any failure is counted, not raised
+            self.counts[f"reward_model raised {type(e).__name__}"] += len(outs)
+            return np.zeros(len(outs), np.float32)
         bad = ~np.isfinite(s)
         if bad.any():
             self.counts["reward_model returned a non-number"] += int(bad.sum())
@@ -574,14 +592,9 @@ class RewardModelScorer:
         from flax import nnx
 
         from moejax.finetune import reward
-        from moejax.infer.load import load, split_step, workdir_config
+        from moejax.infer.load import load
 
-        if not os.path.isdir(os.path.join(split_step(os.path.abspath(workdir))[0], "checkpoints")):
-            raise ConfigError(f"grpo.reward_model: {workdir!r} is not a training workdir")
-        if workdir_config(workdir).align.method != "reward":
-            raise ConfigError(
-                f"grpo.reward_model: {workdir} is not a reward-model run (align.method='reward')"
-            )
+        # (that it is a reward-model run on the policy's tokens: runner._check_reward_model)
         # parameters and router biases only (no optimizer state); LoRA adapters merged, the head
         # kept
         self.model = load(workdir)[0]

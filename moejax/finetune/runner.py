@@ -211,6 +211,11 @@ def resolve(cfg: Config) -> Config:
         model = base.replace(router=router, **run)
         from moejax.trainer.setup import uses_reference
 
+        if uses_reference(cfg) and router.jitter > 0:
+            raise ConfigError(
+                f"model.router.jitter: must be 0 with align.method={cfg.align.method!r} (the "
+                f"policy and its reference must route alike), got {router.jitter}"
+            )
         if uses_reference(cfg) and router.use_score_correction_bias and router.bias_update_rate:
             # the reference pass runs the state's router biases (with LoRA it is the same model,
             # adapters off): they must stay the base's for the reference to be the frozen base
@@ -397,7 +402,34 @@ class GRPOStart(BaseStart):
         from moejax.finetune.grpo import Rollouts
 
         tok_file, special = base_tokenizer(cfg.base)
+        if cfg.grpo.reward_model:
+            _check_reward_model(cfg, tok_file)
         self.rollouts = Rollouts(cfg, tokenizer_lib.load(tok_file, special), chat_template(cfg))
+
+
+def _check_reward_model(cfg: Config, tok_file: str) -> None:
+    """grpo.reward_model must be a reward-model run that reads the policy's tokens: the same
+    tokenizer file and vocabulary (else its scores would be of other tokens, silently)."""
+    from moejax.infer.load import split_step, workdir_config
+
+    rm = cfg.grpo.reward_model
+    if not os.path.isdir(os.path.join(split_step(os.path.abspath(rm))[0], "checkpoints")):
+        raise ConfigError(f"grpo.reward_model: {rm!r} is not a training workdir")
+    rm_cfg = workdir_config(rm)
+    if rm_cfg.align.method != "reward":
+        raise ConfigError(
+            f"grpo.reward_model: {rm} is not a reward-model run (align.method='reward', got "
+            f"{rm_cfg.align.method!r})"
+        )
+    rm_tok = base_tokenizer(rm)[0]
+    if rm_cfg.model.vocab_size != cfg.model.vocab_size or file_digest(rm_tok) != file_digest(
+        tok_file
+    ):
+        raise ConfigError(
+            f"grpo.reward_model: {rm} reads other tokens than the policy (its tokenizer {rm_tok}, "
+            f"vocabulary {rm_cfg.model.vocab_size}; the policy's {tok_file}, "
+            f"{cfg.model.vocab_size}); train the reward model from the policy's base"
+        )
 
 
 def validation_loss(model, path: str, seq_len: int, batch_size: int, batches: int) -> float:

@@ -86,8 +86,9 @@ def compile_for_topology(cfg, topology: str, *, quiet: bool = False) -> dict:
 
         p = plan(cfg, topology)
         c = p["components"]
-        args_est = c["params"] + c["optimizer"] + c["router"]
-        temp_est = c["grads"] + c["activations"] + c["logits"]
+        args_est = c["params"] + c["optimizer"] + c["router"] + c.get("frozen", 0)
+        # everything the step allocates beyond its arguments (the gathered weights included)
+        temp_est = p["total"] - args_est
         print(
             f"[compile] planner estimate (python -m moejax.plan): state {args_est / GiB:.2f} GiB "
             f"({_pct(args_est, mem.argument_size_in_bytes)}), temporaries {temp_est / GiB:.2f} GiB "

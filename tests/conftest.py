@@ -8,6 +8,20 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
+# One persistent compilation cache per test session, fresh each run (nothing carries over between
+# runs) and removed at exit: the suite compiles the same tiny-model programs in many modules
+# (jax.clear_caches() below drops only the in-memory cache), in the `python -m ...` subprocesses
+# and in the notebook kernels, which inherit the variables. Programs that compile in under half a
+# second are not worth a file.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _jit_cache = tempfile.mkdtemp(prefix="moejax-test-jit-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jit_cache
+    atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # libtpu (the tpu extra) locks a machine-wide file on load; AOT tests in several processes need
 # this.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -3,9 +3,9 @@
 Every training problem of `moejax.finetune.rewards.arithmetic_split` ("What is 7 + 12? End with
 '#### <answer>'.") as a chat turn answered by its '#### <answer>' line; the held-out problems GRPO
 scores are left out. The recipe's task is a + b with operands below 100 (10,000 problems, too many
-to memorize): 1000 steps teach the format and addition well enough that about half of the held-out
-sums come out right greedily and a quarter when sampled at temperature 1, leaving room for RL to
-raise the held-out rate (benchmarks/RESULTS.md).
+to memorize): 1000 steps teach the format and addition (measured: 95% of the held-out sums right
+greedily, 88% when sampled at temperature 1), and GRPO then raises the held-out rates
+(benchmarks/RESULTS.md).
 
   python -m moejax.finetune --config experiments/sft_arithmetic.py --workdir runs/sft_arithmetic
 """

@@ -328,6 +328,12 @@ def prepare(
         raise ValueError(f"sft data {files}: no usable example (skipped: {counts['skipped']})")
     for a, b in (("train", "validation"), ("validation", "train")):
         if not len(rows[a]):
+            # a split needs a row to be read; said, since its metrics then score the other split's
+            print(
+                f"[sft] {files}: no {a} row (data.val_fraction={val_fraction}); one {b} row stands "
+                f"in, so the {a} metrics are not of {a} data",
+                flush=True,
+            )
             rows[a] = rows[b][:1]
     tmp = (
         f"{out}.tmp{os.getpid()}"  # one per process: several hosts may prepare into shared storage

@@ -69,6 +69,67 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
     np.testing.assert_allclose(np.asarray(g_got[1], np.float32), tg, atol=tol * 4, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["random_with_empty", "one_group_all_rows", "short_sum"])
+@pytest.mark.parametrize("tile,limit", [(8, 0.0), (16, 1.5), (None, 0.0)])
+def test_grouped_swiglu_matches_two_reference_gmms_forward_and_grads(dtype, kind, tile, limit):
+    """The CPU expert FFN (one loop over row tiles, kernels.grouped_swiglu) against the reference
+    grouped matmuls and activation: rows past the groups and a group past the local ones give
+    zeros; tiles of 8 and 16 rows leave partial tiles; limit clamps as DeepSeek-V4's does."""
+    from moejax.model.layers import swiglu
+
+    rng = np.random.default_rng(
+        ["random_with_empty", "one_group_all_rows", "short_sum"].index(kind)
+    )
+    M, D, F, G = 37, 24, 10, 5
+    sizes = jnp.asarray(list(_group_sizes(rng, M, G, kind)) + [3], jnp.int32)  # + a remote group
+    rows = jnp.asarray(rng.normal(size=(M, D)), dtype)
+    wgu = jnp.asarray(rng.normal(size=(G, D, 2, F)) / np.sqrt(D), dtype)
+    wd = jnp.asarray(rng.normal(size=(G, F, D)) / np.sqrt(F), dtype)
+
+    def ref(x, a, b):
+        h = kernels.gmm(
+            x, a.reshape(G, D, 2 * F), sizes, preferred_element_type=jnp.float32, impl="reference"
+        )
+        act = swiglu(h.reshape(M, 2, F), limit).astype(dtype)
+        return kernels.gmm(act, b, sizes, preferred_element_type=jnp.float32, impl="reference")
+
+    def got(x, a, b):
+        return kernels.grouped_swiglu(x, sizes, a, b, limit=limit, tile=tile)
+
+    tol = TOL[dtype] * D
+    out = got(rows, wgu, wd)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref(rows, wgu, wd), atol=tol, rtol=TOL[dtype])
+    end = int(np.minimum(np.cumsum(np.asarray(sizes)[:G]), M)[-1])
+    assert (out[end:] == 0).all()
+    cot = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+    g_ref = jax.vjp(ref, rows, wgu, wd)[1](cot)
+    g_got = jax.vjp(got, rows, wgu, wd)[1](cot)
+    for a, b in zip(g_got, g_ref):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=TOL[dtype]
+        )
+    empty = kernels.grouped_swiglu(rows[:0], sizes * 0, wgu, wd)
+    assert empty.shape == (0, D) and empty.dtype == jnp.float32
+    with pytest.raises(ValueError, match="grouped_swiglu: group_sizes must be int"):
+        kernels.grouped_swiglu(rows, sizes[:3], wgu, wd)
+    with pytest.raises(ValueError, match="grouped_swiglu: rows and weights dtypes differ"):
+        kernels.grouped_swiglu(rows.astype(jnp.float16), sizes, wgu, wd)
+    with pytest.raises(ValueError, match=r"grouped_swiglu: rows \[M, 24\]"):
+        kernels.grouped_swiglu(rows, sizes, wgu, wd[:, :, :3])
+
+
+def test_loop_tile_sizes():
+    from moejax.kernels.gmm.looped import MAX_TILE, loop_tile
+    from moejax.kernels.gmm.ops import default_tile
+
+    assert loop_tile(65536, 128) == 256  # 512 rows per group
+    assert loop_tile(49152, 64) == 256 and loop_tile(16384, 8) == MAX_TILE  # 768, 2048 per group
+    assert loop_tile(16, 8) == default_tile(16, 8) == 8  # decoding: small tiles
+
+
 # Pallas kernels: compiled on their own platform, Pallas interpret mode elsewhere
 # (pltpu.InterpretParams for the Mosaic TPU kernels, interpret=True for the Triton GPU kernels).
 # Shapes give several row tiles with a partial last one, and (GPU) partial K and N tiles; (TPU)

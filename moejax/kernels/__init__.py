@@ -1,5 +1,6 @@
 """Routing and dispatch kernels behind stable public ops (one folder per kernel)."""
 
+from moejax.kernels.gmm.looped import grouped_swiglu
 from moejax.kernels.gmm.ops import (
     IMPLS,
     default_impl,
@@ -18,6 +19,7 @@ __all__ = [
     "target_platform",
     "gmm",
     "tgmm",
+    "grouped_swiglu",
     "gmm_reference",
     "tgmm_reference",
     "gather_rows",

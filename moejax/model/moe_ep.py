@@ -389,6 +389,13 @@ def expert_ffn(
     dtype)."""
     El, D, _, Fl = wgu.shape
     cd = rows.dtype
+    looped = gmm_impl is None and kernels.default_impl() == "tiled"
+    if looped and lora is None and not fp8 and not tp_axes:
+        # the CPU default: both matmuls and the activation in one loop over row tiles (an explicit
+        # execution.gmm_impl runs two grouped matmuls of that backend)
+        return kernels.grouped_swiglu(
+            rows, group_sizes, wgu.astype(cd), wd.astype(cd), limit=limit
+        ).astype(out_dtype)
 
     def gmm(x, w, out=jnp.float32):
         return kernels.gmm(x, w.astype(cd), group_sizes, preferred_element_type=out, impl=gmm_impl)

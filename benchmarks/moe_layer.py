@@ -94,7 +94,7 @@ def main(argv=None):
     ragged_max = args.ragged_max_experts or 8
     skip = set(filter(None, args.skip.split(",")))
     rows = [
-        # on CPU, 'auto' runs the expert FFN as one loop over row tiles (kernels.grouped_swiglu)
+        # on CPU, 'auto' runs the expert FFN as loops over row chunks (kernels.grouped_swiglu)
         (f"dropless ({'looped FFN' if default == 'tiled' else default})", "dropless", "auto"),
     ]
     if default == "tiled":  # the two grouped matmuls it replaced, side by side

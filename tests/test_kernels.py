@@ -73,11 +73,12 @@ def test_gmm_matches_reference_forward_and_grads(dtype, kind, offset, local, imp
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kind", ["random_with_empty", "one_group_all_rows", "short_sum"])
-@pytest.mark.parametrize("tile,limit", [(8, 0.0), (16, 1.5), (None, 0.0)])
+@pytest.mark.parametrize("tile,limit", [(8, 0.0), (16, 1.5), (32, 0.0), (None, 0.0)])
 def test_grouped_swiglu_matches_two_reference_gmms_forward_and_grads(dtype, kind, tile, limit):
-    """The CPU expert FFN (one loop over row tiles, kernels.grouped_swiglu) against the reference
+    """The CPU expert FFN (loops over row chunks, kernels.grouped_swiglu) against the reference
     grouped matmuls and activation: rows past the groups and a group past the local ones give
-    zeros; tiles of 8 and 16 rows leave partial tiles; limit clamps as DeepSeek-V4's does."""
+    zeros; chunks of 8 to 32 rows leave masked chunks, the last one clamped to the array's end;
+    limit clamps as DeepSeek-V4's does."""
     from moejax.model.layers import swiglu
 
     rng = np.random.default_rng(
@@ -123,10 +124,42 @@ def test_grouped_swiglu_matches_two_reference_gmms_forward_and_grads(dtype, kind
         kernels.grouped_swiglu(rows, sizes, wgu, wd[:, :, :3])
 
 
+def test_grouped_swiglu_chunks_cover_every_remainder():
+    """Every remainder pattern of the three chunk sizes (64, 32, 16): group sizes 0..200 in one
+    call, forward and the three gradients against the reference gmms."""
+    from moejax.model.layers import swiglu
+
+    rng = np.random.default_rng(7)
+    n = np.concatenate([np.arange(0, 130, 3), [1, 15, 16, 17, 63, 64, 65, 200]]).astype(np.int32)
+    rng.shuffle(n)
+    G, D, F, M = len(n), 8, 4, int(n.sum()) + 5
+    sizes = jnp.asarray(n)
+    rows = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+    wgu = jnp.asarray(rng.normal(size=(G, D, 2, F)) / np.sqrt(D), jnp.float32)
+    wd = jnp.asarray(rng.normal(size=(G, F, D)) / np.sqrt(F), jnp.float32)
+
+    def ref(x, a, b):
+        gmm = functools.partial(kernels.gmm, preferred_element_type=jnp.float32, impl="reference")
+        h = gmm(x, a.reshape(G, D, 2 * F), sizes)
+        return gmm(swiglu(h.reshape(M, 2, F)), b, sizes)
+
+    def got(x, a, b):
+        return kernels.grouped_swiglu(x, sizes, a, b, tile=64)
+
+    cot = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+    (o1, v1), (o2, v2) = (jax.vjp(f, rows, wgu, wd) for f in (got, ref))
+    np.testing.assert_allclose(o1, o2, atol=1e-5, rtol=1e-5)
+    assert (o1[-5:] == 0).all()
+    for a, b in zip(v1(cot), v2(cot)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="tile must be a power of two"):
+        kernels.grouped_swiglu(rows, sizes, wgu, wd, tile=48)
+
+
 def test_grouped_swiglu_keeps_no_rows_by_f_activation():
     """Memory bound: the compiled forward + backward holds less than one [rows, 2F] float32 gate/up
-    activation (the loop rebuilds each tile's in the backward pass); two 'tiled' gmms keep several
-    (measured: 20 MiB against 134 MiB, one activation being 32 MiB)."""
+    activation (the loops rebuild each chunk's in the backward pass); two 'tiled' gmms keep several
+    (measured: 15 MiB against 134 MiB, one activation being 32 MiB)."""
     from moejax.model.layers import swiglu
 
     M, D, F, G = 8192, 64, 512, 4

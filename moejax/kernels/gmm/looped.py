@@ -1,19 +1,25 @@
-"""The experts' SwiGLU FFN over rows grouped by expert, as one loop over row tiles (the CPU path).
+"""The experts' SwiGLU FFN over rows grouped by expert, as loops over contiguous row chunks (the
+CPU path).
 
     y[r] = (silu(x[r] @ Wg[e]) * (x[r] @ Wu[e])) @ Wd[e]     for the rows r of each group e
 
-Rows are laid out as the 'tiled' gmm backend lays them (ops._tile_layout: every group starts on a
-tile boundary), but instead of one batched einsum per matmul over tiles with their weights gathered
-([tiles, K, N] copies of the weights, padding tiles included), a `fori_loop` visits only the tiles
-that hold rows and runs both matmuls and the activation of one tile while its rows are in cache,
-reading each weight in place. The backward pass is the same loop: it rebuilds the tile's gate/up
-activations (nothing of size [rows, F] is kept), and adds each tile's weight gradient (in the
-weights' dtype) into its group's float32 sum. Rows past the groups give zeros, as in `gmm`.
+Each group's rows are cut where they lie in the sorted array (no copy into a padded tile layout)
+into chunks of three power-of-two sizes: as many chunks of `tile` rows as fit, then at most one
+chunk each of tile / 2 and tile / 4 rows (the remainder's binary digits), then one chunk of
+tile / 4 rows, masked, for the rows left. So fewer than tile / 4 rows per group are computed in
+vain, where the 'tiled'
+layout pads every group to a whole tile (a quarter of the rows at 512 rows per group and tiles of
+256). A chunk runs both matmuls and the activation while its rows are in cache and reads its
+expert's weights in place; every chunk size is one `fori_loop` over the chunks of that size (one
+static shape per loop) that visits only the chunks that exist.
 
-On the 2-core CPU machine the MoE layer's forward + backward at 8 experts takes 1.24x the dense
-FFN's time with this loop, against 1.51x with two 'tiled' gmms; 2.10x against 2.27x at 128
-experts; about the same at 64 (benchmarks/moe_layer.py, RESULTS.md). On TPU and GPU the Pallas
-gmm kernels run instead (moe_ep.expert_ffn picks).
+The backward pass is the same loops. It recomputes a chunk's gate/up activations (nothing of size
+[rows, F] is kept between the passes; keeping them, as PyTorch's autograd does, measured no
+faster) and adds each chunk's weight gradient into its group's float32 sum. Rows past the groups
+give zeros, as in `gmm`.
+
+On TPU and GPU the Pallas gmm kernels run instead (moe_ep.expert_ffn picks). Measurements are in
+benchmarks/RESULTS.md (benchmarks/moe_layer.py, train_throughput.py).
 """
 
 from __future__ import annotations
@@ -26,32 +32,62 @@ import jax.numpy as jnp
 from moejax.kernels.gmm import ops
 
 MAX_TILE = 1024
+MIN_CHUNK = 8
+# chunk sizes per call: tile, tile / 2, tile / 4 (not below MIN_CHUNK). Measured at the small
+# benchmark's expert shape (512 rows per group, tile 256): (256, 128, 64) 403 ms, down to 8 (six
+# loops) 427 ms, (256, 128) 436 ms; more loops cost more in weight reads than they save in rows.
+LEVELS = 3
 
 
 def loop_tile(rows: int, groups: int) -> int:
-    """Rows per tile: the largest power of two up to half the groups' mean size (padding then
-    costs at most a quarter of the rows on average), from 256 (smaller tiles cost more per row
-    than their padding saves, measured at 128 experts) to MAX_TILE; fewer rows (decoding) take
-    ops.default_tile's small tiles."""
+    """Rows of the largest chunk: the largest power of two up to half the groups' mean size, from
+    MIN_CHUNK to MAX_TILE (smaller remainders take the smaller chunk sizes)."""
     per_group = max(1, -(-rows // groups))
-    if per_group < 512:
-        return ops.default_tile(rows, groups)
-    return min(MAX_TILE, 1 << ((per_group // 2).bit_length() - 1))
+    return max(MIN_CHUNK, min(MAX_TILE, 1 << max(0, (per_group // 2).bit_length() - 1)))
 
 
-def _tile_ffn(x, wgu, wd, limit):
-    """One tile: x [R, D], wgu [D, 2F], wd [F, D] -> [R, D] float32."""
+def _swiglu(h, limit, dtype):
     from moejax.model.layers import swiglu  # (the model's activation; model imports kernels)
 
-    h = jnp.dot(x, wgu, preferred_element_type=jnp.float32)
-    a = swiglu(h.reshape(h.shape[0], 2, -1), limit).astype(x.dtype)
-    return jnp.dot(a, wd, preferred_element_type=jnp.float32)
+    return swiglu(h.reshape(h.shape[0], 2, -1), limit).astype(dtype)
 
 
-def grouped_swiglu(rows, group_sizes, wgu, wd, *, limit: float = 0.0, tile: int | None = None):
+def _up(x, w1):
+    return jnp.dot(x, w1, preferred_element_type=jnp.float32)
+
+
+def _contract(a, b, dims):
+    """a and b contracted over dims ((a's,), (b's,)) in float32, the operands promoted to one
+    dtype (float32 gradients meet bfloat16 rows and weights)."""
+    dt = jnp.promote_types(a.dtype, b.dtype)
+    return jax.lax.dot_general(
+        a.astype(dt), b.astype(dt), (dims, ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def _dot_nt(a, b):
+    """a @ b.T (XLA:CPU takes the transposed operand as it lies)."""
+    return _contract(a, b, ((1,), (1,)))
+
+
+def _dot_tn(a, b):
+    """a.T @ b: a weight gradient summed over a chunk's rows."""
+    return _contract(a, b, ((0,), (0,)))
+
+
+def grouped_swiglu(
+    rows,
+    group_sizes,
+    wgu,
+    wd,
+    *,
+    limit: float = 0.0,
+    tile: int | None = None,
+):
     """rows [M, D] sorted by group; group_sizes int [G_total >= G] (groups past G and rows past the
     groups give zeros); wgu [G, D, 2, F] (gate, up); wd [G, F, D] -> [M, D] float32. rows and the
-    weights share one dtype (the matmuls accumulate in float32)."""
+    weights share one dtype (the matmuls accumulate in float32). tile: rows of the largest chunk
+    (a power of two; default loop_tile)."""
     G, D, two, F = wgu.shape
     if rows.ndim != 2 or rows.shape[1] != D or two != 2 or wd.shape != (G, F, D):
         raise ValueError(
@@ -72,64 +108,118 @@ def grouped_swiglu(rows, group_sizes, wgu, wd, *, limit: float = 0.0, tile: int 
             f"grouped_swiglu: rows and weights dtypes differ ({rows.dtype}, {wgu.dtype}, "
             f"{wd.dtype})"
         )
-    if rows.shape[0] == 0:
+    if tile is not None and (tile < 1 or tile & (tile - 1)):
+        raise ValueError(f"grouped_swiglu: tile must be a power of two, got {tile}")
+    M = rows.shape[0]
+    if M == 0:
         return jnp.zeros(rows.shape, jnp.float32)
-    tile = tile or loop_tile(rows.shape[0], G)
-    return _looped(rows, group_sizes, wgu, wd, float(limit), tile)
+    tile = tile or loop_tile(M, G)
+    c = min(tile, 1 << (M.bit_length() - 1))  # no chunk longer than the rows
+    sizes = [c]
+    while len(sizes) < LEVELS and sizes[-1] // 2 >= MIN_CHUNK:
+        sizes.append(sizes[-1] // 2)
+    return _looped(rows, group_sizes, wgu, wd, float(limit), tuple(sizes))
 
 
-def _layout(rows, group_sizes, G: int, tile: int):
-    lay = ops._tile_layout(group_sizes, 0, rows.shape[0], G, tile)
-    sizes = ops._clipped_sizes(group_sizes, rows.shape[0])[:G]
-    return lay, jnp.sum((sizes + tile - 1) // tile)  # the tiles that hold rows
+def _chunks(group_sizes, M: int, G: int, sizes: tuple[int, ...]):
+    """The chunk lists, one per loop: (chunk rows c, first rows, groups, valid rows or None for
+    whole chunks, count). The first size repeats within a group; each smaller one is used once by
+    the groups whose remainder has that binary digit; a last loop of the smallest size takes the
+    rows left, masked (valid rows < c)."""
+    n = ops._clipped_sizes(group_sizes, M)[:G]
+    start = jnp.cumsum(n) - n
+    c0 = sizes[0]
+    q = n // c0
+    cum = jnp.cumsum(q)
+    i = jnp.arange(max(1, M // c0), dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cum, i, side="right"), G - 1).astype(jnp.int32)
+    out = [(c0, start[g] + (i - (cum - q)[g]) * c0, g, None, cum[-1])]
+    off, rem = start + q * c0, n - q * c0
+    for c in sizes[1:]:
+        has = rem >= c
+        (idx,) = jnp.nonzero(has, size=G, fill_value=0)
+        out.append((c, off[idx], idx.astype(jnp.int32), None, jnp.sum(has)))
+        off, rem = off + has * c, rem - has * c
+    c = sizes[-1]
+    has = rem > 0
+    (idx,) = jnp.nonzero(has, size=G, fill_value=0)
+    out.append((c, off[idx], idx.astype(jnp.int32), rem[idx], jnp.sum(has)))
+    return out
+
+
+def _window(M: int, c: int, s, valid):
+    """Where a chunk of c rows starting at row s reads and writes (clamped so that it stays within
+    the M rows) and, for a masked chunk, which of its rows are the group's ([c, 1] bool)."""
+    if valid is None:
+        return s, None
+    at = jnp.minimum(s, M - c)
+    r = at + jnp.arange(c) - s
+    return at, ((r >= 0) & (r < valid))[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _looped(rows, group_sizes, wgu, wd, limit, tile):
-    return _looped_fwd(rows, group_sizes, wgu, wd, limit, tile)[0]
+def _looped(rows, group_sizes, wgu, wd, limit, sizes):
+    return _looped_fwd(rows, group_sizes, wgu, wd, limit, sizes)[0]
 
 
-def _looped_fwd(rows, group_sizes, wgu, wd, limit, tile):
+def _looped_fwd(rows, group_sizes, wgu, wd, limit, sizes):
     G, D, _, F = wgu.shape
+    M = rows.shape[0]
     w1 = wgu.reshape(G, D, 2 * F)
-    lay, used = _layout(rows, group_sizes, G, tile)
-    x_t = ops._to_tiles(rows, lay, tile)  # [I, R, D]
-    out = jnp.zeros(x_t.shape, jnp.float32)
+    out = jnp.zeros((M, D), jnp.float32)
+    for c, starts, groups, valid, count in _chunks(group_sizes, M, G, sizes):
 
-    def body(i, out):
-        g = lay.tile_group[i]
-        return jax.lax.dynamic_update_index_in_dim(
-            out, _tile_ffn(x_t[i], w1[g], wd[g], limit), i, 0
-        )
+        def body(i, out, c=c, starts=starts, groups=groups, valid=valid):
+            g = groups[i]
+            at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
+            h = _up(jax.lax.dynamic_slice_in_dim(rows, at, c), w1[g])
+            y = jnp.dot(_swiglu(h, limit, rows.dtype), wd[g], preferred_element_type=jnp.float32)
+            if mask is not None:
+                y = jnp.where(mask, y, jax.lax.dynamic_slice_in_dim(out, at, c))
+            return jax.lax.dynamic_update_slice_in_dim(out, y, at, 0)
 
-    out = jax.lax.fori_loop(0, used, body, out)
-    return ops._from_tiles(out, lay, jnp.float32), (x_t, wgu, wd, lay, used)
+        out = jax.lax.fori_loop(0, count, body, out)
+    return out, (rows, group_sizes, wgu, wd)
 
 
-def _looped_bwd(limit, tile, res, dy):
-    x_t, wgu, wd, lay, used = res
+def _looped_bwd(limit, sizes, res, dy):
+    rows, group_sizes, wgu, wd = res
     G, D, _, F = wgu.shape
+    M = rows.shape[0]
     w1 = wgu.reshape(G, D, 2 * F)
-    dy_t = ops._to_tiles(dy.astype(jnp.float32), lay, tile)
-
-    def body(i, carry):
-        dx_t, dw1, dwd = carry
-        g = lay.tile_group[i]
-        _, vjp = jax.vjp(lambda x, a, b: _tile_ffn(x, a, b, limit), x_t[i], w1[g], wd[g])
-        dx, d1, d2 = vjp(dy_t[i])
-        dx_t = jax.lax.dynamic_update_index_in_dim(dx_t, dx.astype(jnp.float32), i, 0)
-        dw1 = jax.lax.dynamic_update_index_in_dim(dw1, dw1[g] + d1, g, 0)
-        dwd = jax.lax.dynamic_update_index_in_dim(dwd, dwd[g] + d2, g, 0)
-        return dx_t, dw1, dwd
-
-    zeros = (
-        jnp.zeros(x_t.shape, jnp.float32),
+    dy = dy.astype(jnp.float32)
+    carry = (
+        jnp.zeros((M, D), jnp.float32),
         jnp.zeros(w1.shape, jnp.float32),
         jnp.zeros(wd.shape, jnp.float32),
     )
-    dx_t, dw1, dwd = jax.lax.fori_loop(0, used, body, zeros)
+    for c, starts, groups, valid, count in _chunks(group_sizes, M, G, sizes):
+
+        def body(i, carry, c=c, starts=starts, groups=groups, valid=valid):
+            dx_all, dw1, dwd = carry
+            g = groups[i]
+            at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
+            x = jax.lax.dynamic_slice_in_dim(rows, at, c)
+            dyc = jax.lax.dynamic_slice_in_dim(dy, at, c)
+            if mask is not None:
+                dyc = jnp.where(mask, dyc, 0.0)
+            a, act_vjp = jax.vjp(lambda h: _swiglu(h, limit, rows.dtype), _up(x, w1[g]))
+            (dh,) = act_vjp(_dot_nt(dyc, wd[g]).astype(a.dtype))
+            d2 = _dot_tn(a, dyc)
+            dx = _dot_nt(dh, w1[g])
+            d1 = _dot_tn(x, dh)
+            dx = dx.astype(jnp.float32)
+            if mask is not None:
+                dx = jnp.where(mask, dx, jax.lax.dynamic_slice_in_dim(dx_all, at, c))
+            dx_all = jax.lax.dynamic_update_slice_in_dim(dx_all, dx, at, 0)
+            dw1 = jax.lax.dynamic_update_index_in_dim(dw1, dw1[g] + d1, g, 0)
+            dwd = jax.lax.dynamic_update_index_in_dim(dwd, dwd[g] + d2, g, 0)
+            return dx_all, dw1, dwd
+
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    dx, dw1, dwd = carry
     return (
-        ops._from_tiles(dx_t, lay, x_t.dtype),
+        dx.astype(rows.dtype),
         None,
         dw1.reshape(wgu.shape).astype(wgu.dtype),
         dwd.astype(wd.dtype),

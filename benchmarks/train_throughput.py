@@ -1,11 +1,14 @@
 """Training throughput of moejax against transformers' DeepseekV3ForCausalLM, side by side.
 
-  python -m benchmarks.train_throughput [--steps 6] [--configs tiny,small] [--no-hf]
+  python -m benchmarks.train_throughput [--rounds 3] [--steps 2] [--configs tiny,small] [--no-hf]
 
 Prints tokens/s, step time and MFU (against the CPU matmul peak measured in the same run) for the
 issue's `tiny` and `small` configs, and, when torch + transformers are installed, trains the
-identical architecture in transformers (the better of its eager and grouped_mm expert paths)
-and prints the ratio. Synthetic token batches; MTP off on both sides (transformers has none).
+identical architecture in transformers (its eager and grouped_mm expert paths) and prints the
+ratio against the better one. Every variant is compiled and warmed up first; then they take turns,
+`--steps` steps each per round, and each one's best round is reported (a slow spell of this shared
+machine falls on all of them alike). Synthetic token batches; MTP off on both sides (transformers
+has none).
 """
 
 from __future__ import annotations
@@ -109,22 +112,25 @@ def batch(cfg: Config, seed: int = 0):
     }
 
 
-def time_moejax(cfg: Config, steps: int) -> float:
+def moejax_runner(cfg: Config):
+    """A function running n train steps of cfg (compiled and warmed up here) until their results
+    are ready."""
     from moejax import sharding
     from moejax.config import MeshConfig
     from moejax.trainer import setup
 
     ts = setup.build(cfg, sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
-    state = ts.init_state()
+    box = [ts.init_state()]
     step = ts.train_step()
     b = jax.tree.map(jnp.asarray, batch(cfg))
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, b)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t) / steps
+
+    def run(n: int):
+        for _ in range(n):
+            box[0], m = step(box[0], b)
+        jax.block_until_ready(m)
+
+    run(1)
+    return run
 
 
 def hf_config(cfg: Config):
@@ -157,7 +163,8 @@ def hf_config(cfg: Config):
     )
 
 
-def time_hf(cfg: Config, steps: int, impl: str) -> float:
+def hf_runner(cfg: Config, impl: str):
+    """As moejax_runner, for transformers' DeepseekV3ForCausalLM with AdamW and clipping."""
     import torch
     from transformers import DeepseekV3ForCausalLM
 
@@ -167,23 +174,34 @@ def time_hf(cfg: Config, steps: int, impl: str) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.tensor(batch(cfg)["tokens"], dtype=torch.long)
 
-    def one():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def run(n: int):
+        for _ in range(n):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    one()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return (time.perf_counter() - t) / steps
+    run(1)
+    return run
+
+
+def interleaved(runners: dict, rounds: int, steps: int) -> dict:
+    """Seconds per step of each runner: the best of `rounds` rounds of `steps` steps, the runners
+    taking turns within each round (so that a slow spell of this shared machine falls on all)."""
+    best = {k: float("inf") for k in runners}
+    for _ in range(rounds):
+        for k, run in runners.items():
+            t = time.perf_counter()
+            run(steps)
+            best[k] = min(best[k], (time.perf_counter() - t) / steps)
+    return best
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2, help="steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runner's best is reported")
     p.add_argument("--configs", default="tiny,small")
     p.add_argument("--no-hf", action="store_true")
     args = p.parse_args(argv)
@@ -193,40 +211,45 @@ def main(argv=None):
         f"{peak / 1e9:.0f} GFLOP/s"
     )
     print(
-        f"{'config':8s} {'impl':28s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} "
+        f"{'config':8s} {'impl':32s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s} "
         f"{'vs moejax':>10s}"
     )
     for name in args.configs.split(","):
         cfg = moejax_config(name)
         tokens = cfg.train.batch_size * cfg.data.seq_len
         fpt = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        rows = []
+        runners = {}
         for label, over in (
-            ("moejax dropless (tiled gmm)", {}),
+            ("moejax dropless", {}),
             ("moejax dropless, reference attn", dict(attention_impl="reference")),
+            ("moejax dropless, unrolled layers", dict(scan_layers=False)),
             ("moejax capacity 1.25", dict(moe_impl="capacity")),
         ):
             ex = cfg.execution.replace(**over)
-            dt = time_moejax(dataclasses.replace(cfg, execution=ex), args.steps)
-            rows.append((label, dt))
-        base = rows[0][1]
+            runners[label] = moejax_runner(dataclasses.replace(cfg, execution=ex))
         if not args.no_hf:
             try:
                 import torch
 
                 torch.set_num_threads(len(os.sched_getaffinity(0)))
-                best = min(
-                    (time_hf(cfg, args.steps, impl), impl) for impl in ("eager", "grouped_mm")
-                )
-                rows.append((f"transformers ({best[1]})", best[0]))
+                for impl in ("eager", "grouped_mm"):
+                    runners[f"transformers ({impl})"] = hf_runner(cfg, impl)
             except ImportError:
                 print("(transformers/torch not installed: skipping the comparison)")
-        for label, dt in rows:
+        times = interleaved(runners, args.rounds, args.steps)
+        base = times["moejax dropless"]
+        for label, dt in times.items():
             print(
-                f"{name:8s} {label:28s} {dt:8.3f} {tokens / dt:10.0f} "
+                f"{name:8s} {label:32s} {dt:8.3f} {tokens / dt:10.0f} "
                 f"{fpt * tokens / dt / peak:7.1%} {dt / base:9.2f}x",
                 flush=True,
             )
+        hf = [dt for label, dt in times.items() if label.startswith("transformers")]
+        if hf:
+            print(
+                f"{name:8s} moejax dropless tokens/s vs transformers' best: {min(hf) / base:.2f}x"
+            )
+        del runners
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ GMM_IMPLS = ("auto",) + gmm_ops.IMPLS
 ATTENTION_IMPLS = ("auto",) + attention_ops.IMPLS
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-SCAN_LAYERS = ("auto", "scan", "unroll")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -118,11 +117,7 @@ class ExecutionConfig:
     attention_impl: str = "auto"
     attention_block: int = 0  # query/key block rows of the blockwise kernels; 0 = their default
     remat_policy: str = "none"  # what the backward pass recomputes (moejax.model.transformer)
-    # 'scan': one compiled layer body scanned over each stack (compile time independent of depth);
-    # 'unroll': every layer in the program (no stacked residual buffers to fill and slice: 15-20%
-    # faster train steps on XLA:CPU); 'auto': unroll stacks of up to UNROLL_MAX_LAYERS layers when
-    # building for CPU, scan otherwise. True / False (older configs) mean 'scan' / 'unroll'.
-    scan_layers: str | bool = "auto"
+    scan_layers: bool = True  # one compiled layer body scanned over each stack
     pipeline_microbatches: int = 0  # microbatches of the 'stage' pipeline; 0 = the stage count
     # FP8 (E4M3) matmuls with DeepSeek-V3's fine-grained scales in the attention projections, the
     # dense FFN and the dropless experts (moejax.kernels.fp8); master weights stay float32
@@ -135,9 +130,6 @@ class ExecutionConfig:
         def fail(field, msg):
             raise ConfigError(f"execution.{field}: {msg}")
 
-        if isinstance(self.scan_layers, bool):  # a config written when the field was a bool
-            object.__setattr__(self, "scan_layers", "scan" if self.scan_layers else "unroll")
-
         for field, allowed in (
             ("moe_impl", MOE_IMPLS),
             ("gmm_impl", GMM_IMPLS),
@@ -145,7 +137,6 @@ class ExecutionConfig:
             ("capacity_scope", CAPACITY_SCOPES),
             ("attention_impl", ATTENTION_IMPLS),
             ("remat_policy", REMAT_POLICIES),
-            ("scan_layers", SCAN_LAYERS),
         ):
             v = getattr(self, field)
             if v not in allowed:

@@ -131,34 +131,12 @@ def _loss_and_grads(cfg, ids, execution=None):
 
 def test_scan_unrolled_and_remat_agree():
     ids = jax.random.randint(jax.random.key(0), (2, 12), 0, TINY.vocab_size)
-    ref_val, ref_grad = _loss_and_grads(TINY, ids, ExecutionConfig(scan_layers="scan"))
-    for over in (
-        dict(scan_layers="unroll"),
-        dict(scan_layers=False),  # a config written when the field was a bool
-        dict(remat_policy="full"),
-        dict(remat_policy="dots"),
-    ):
-        val, grad = _loss_and_grads(TINY, ids, ExecutionConfig(**{"scan_layers": "scan", **over}))
+    ref_val, ref_grad = _loss_and_grads(TINY, ids)
+    for over in (dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")):
+        val, grad = _loss_and_grads(TINY, ids, ExecutionConfig(**over))
         assert float(val) == pytest.approx(float(ref_val), rel=1e-6), over
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-
-
-def test_scan_layers_auto_unrolls_short_cpu_stacks_only():
-    from moejax.config import ConfigError
-    from moejax.kernels.gmm import ops as gmm_ops
-    from moejax.model.transformer import UNROLL_MAX_LAYERS, unrolled
-
-    auto = ExecutionConfig()
-    assert auto.scan_layers == "auto"
-    with gmm_ops.target_platform("cpu"):
-        assert unrolled(auto, UNROLL_MAX_LAYERS) and not unrolled(auto, UNROLL_MAX_LAYERS + 1)
-    with gmm_ops.target_platform("tpu"):
-        assert not unrolled(auto, 2)
-        assert unrolled(ExecutionConfig(scan_layers="unroll"), 100)
-    assert not unrolled(ExecutionConfig(scan_layers=True), 2)
-    with pytest.raises(ConfigError, match="execution.scan_layers.*'auto', 'scan', 'unroll'"):
-        ExecutionConfig(scan_layers="loop")
 
 
 @pytest.mark.parametrize("attention_type", ["mla", "gqa"])

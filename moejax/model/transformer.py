@@ -2,8 +2,7 @@
 
 Layers are grouped into segments of consecutive layers of one kind ('dense' or 'moe'); each
 segment's parameters are stacked on a leading layer axis and applied with `jax.lax.scan`, so
-compile time does not grow with depth, or unrolled layer by layer from the same stacked parameters
-(execution.scan_layers; `unrolled`). DeepSeek-V3 is two segments: first_k_dense_replace dense
+compile time does not grow with depth. DeepSeek-V3 is two segments: first_k_dense_replace dense
 layers, then the MoE layers.
 """
 
@@ -21,7 +20,6 @@ from moejax import config as config_lib
 from moejax import sharding
 from moejax.config import ExecutionConfig, ModelConfig
 from moejax.kernels.attention import context
-from moejax.kernels.gmm import ops as gmm_ops
 from moejax.model import moe as moe_lib
 from moejax.model import v4 as v4_lib
 from moejax.model.attention import GQA, MLA
@@ -172,20 +170,6 @@ def run_stack(
     return _scan_stack(stack, n, x, cos, sin, segment_ids, token_mask, rng, ex, routes, replay)
 
 
-UNROLL_MAX_LAYERS = 16  # scan_layers='auto' unrolls CPU stacks up to this depth
-
-
-def unrolled(ex: ExecutionConfig, n: int) -> bool:
-    """Whether a stack of n layers runs unrolled: execution.scan_layers 'unroll', or 'auto' when
-    building for CPU and n <= UNROLL_MAX_LAYERS. On XLA:CPU the scan's stacked residual buffers
-    (zero-filled, written per layer, sliced again in the backward pass) cost 15-20% of the tiny
-    and small train steps (benchmarks/RESULTS.md); deeper stacks scan to bound compile time, and
-    accelerators scan as MaxText does (compile time, and XLA overlaps the buffer traffic)."""
-    if ex.scan_layers == "auto":
-        return gmm_ops.platform() == "cpu" and n <= UNROLL_MAX_LAYERS
-    return ex.scan_layers == "unroll"
-
-
 def _scan_stack(
     stack: Block,
     n: int,
@@ -209,7 +193,7 @@ def _scan_stack(
 
     if ex.remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[ex.remat_policy], prevent_cse=False)
-    if not unrolled(ex, n):
+    if ex.scan_layers:
         return jax.lax.scan(body, x, (state, rngs, routes))
     auxs = []
     for i in range(n):

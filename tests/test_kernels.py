@@ -189,8 +189,8 @@ def test_loop_tile_sizes():
     from moejax.kernels.gmm.looped import MAX_TILE, loop_tile
     from moejax.kernels.gmm.ops import default_tile
 
-    assert loop_tile(65536, 128) == 256  # 512 rows per group
-    assert loop_tile(49152, 64) == 256 and loop_tile(16384, 8) == MAX_TILE  # 768, 2048 per group
+    assert loop_tile(65536, 128) == 512  # 512 rows per group
+    assert loop_tile(49152, 64) == 512 and loop_tile(16384, 8) == MAX_TILE  # 768, 2048 per group
     assert loop_tile(16, 8) == default_tile(16, 8) == 8  # decoding: small tiles
 
 

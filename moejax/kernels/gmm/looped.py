@@ -40,10 +40,11 @@ LEVELS = 3
 
 
 def loop_tile(rows: int, groups: int) -> int:
-    """Rows of the largest chunk: the largest power of two up to half the groups' mean size, from
-    MIN_CHUNK to MAX_TILE (smaller remainders take the smaller chunk sizes)."""
+    """Rows of the largest chunk: the largest power of two up to the groups' mean size, from
+    MIN_CHUNK to MAX_TILE. Against half the mean (the tiles of the earlier padded layout), side by
+    side: 2-7% faster at 512-768 rows per group; 2048 rows per group run fastest with 1024."""
     per_group = max(1, -(-rows // groups))
-    return max(MIN_CHUNK, min(MAX_TILE, 1 << max(0, (per_group // 2).bit_length() - 1)))
+    return max(MIN_CHUNK, min(MAX_TILE, 1 << (per_group.bit_length() - 1)))
 
 
 def _swiglu(h, limit, dtype):
@@ -126,6 +127,7 @@ def _chunks(group_sizes, M: int, G: int, sizes: tuple[int, ...]):
     whole chunks, count). The first size repeats within a group; each smaller one is used once by
     the groups whose remainder has that binary digit; a last loop of the smallest size takes the
     rows left, masked (valid rows < c)."""
+    assert all(a == 2 * b for a, b in zip(sizes, sizes[1:])), sizes  # binary digits
     n = ops._clipped_sizes(group_sizes, M)[:G]
     start = jnp.cumsum(n) - n
     c0 = sizes[0]

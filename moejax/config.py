@@ -94,7 +94,7 @@ class ExecutionConfig:
     moe_impl: str = "dropless"  # 'dense' | 'capacity' | 'dropless' (moejax.model.moe)
     capacity_factor: float = 1.25  # expert buffer rows of capacity dispatch and exchanges
     # dropless grouped-matmul backend; 'auto' picks by platform (on CPU the experts' two matmuls and
-    # activation run as one loop over row tiles, kernels.grouped_swiglu, except under LoRA, FP8 or
+    # activation run per chunk of rows in place, kernels.grouped_swiglu, except under LoRA, FP8 or
     # tensor-parallel experts)
     gmm_impl: str = "auto"
     # expert-parallel all-to-all: 'dropless' | 'capacity' | 'ragged' (moejax.model.moe_ep)

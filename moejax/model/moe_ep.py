@@ -391,7 +391,7 @@ def expert_ffn(
     cd = rows.dtype
     looped = gmm_impl is None and kernels.default_impl() == "tiled"
     if looped and lora is None and not fp8 and not tp_axes:
-        # the CPU default: both matmuls and the activation in one loop over row tiles (an explicit
+        # the CPU default: both matmuls and the activation per chunk of rows (an explicit
         # execution.gmm_impl runs two grouped matmuls of that backend)
         return kernels.grouped_swiglu(
             rows, group_sizes, wgu.astype(cd), wd.astype(cd), limit=limit

@@ -155,6 +155,25 @@ def test_grouped_swiglu_chunks_cover_every_remainder():
     with pytest.raises(ValueError, match="tile must be a power of two"):
         kernels.grouped_swiglu(rows, sizes, wgu, wd, tile=48)
 
+    # a masked chunk clamped to the array's end over another group's rows, and padding rows of
+    # any value (inf) past the groups: the same results as zero padding, all finite
+    sizes = jnp.asarray([30, 3], jnp.int32)
+    rows = jnp.asarray(rng.normal(size=(36, D)), jnp.float32)
+    wgu, wd = wgu[:2], wd[:2]
+    grads = []
+    for pad in (0.0, np.inf):
+        x = rows.at[33:].set(pad)
+        y, vjp = jax.vjp(lambda x, a, b: kernels.grouped_swiglu(x, sizes, a, b, tile=8), x, wgu, wd)
+        grads.append((y, *vjp(cot[:36])))
+    for a, b in zip(*grads):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_array_equal(a, b)
+    G, M = 2, 33
+    y_ref, vjp_ref = jax.vjp(ref, rows[:33], wgu, wd)
+    np.testing.assert_allclose(grads[0][0][:33], y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][2:], vjp_ref(cot[:33])[1:]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
 
 def test_grouped_swiglu_keeps_no_rows_by_f_activation():
     """Memory bound: the compiled forward + backward holds less than one [rows, 2F] float32 gate/up

@@ -174,7 +174,10 @@ def _looped_fwd(rows, group_sizes, wgu, wd, limit, sizes):
         def body(i, out, c=c, starts=starts, groups=groups, valid=valid):
             g = groups[i]
             at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
-            h = _up(jax.lax.dynamic_slice_in_dim(rows, at, c), w1[g])
+            x = jax.lax.dynamic_slice_in_dim(rows, at, c)
+            if mask is not None:  # rows not the group's (another group's, or padding: any value)
+                x = jnp.where(mask, x, 0)
+            h = _up(x, w1[g])
             y = jnp.dot(_swiglu(h, limit, rows.dtype), wd[g], preferred_element_type=jnp.float32)
             if mask is not None:
                 y = jnp.where(mask, y, jax.lax.dynamic_slice_in_dim(out, at, c))
@@ -203,7 +206,8 @@ def _looped_bwd(limit, sizes, res, dy):
             at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
             x = jax.lax.dynamic_slice_in_dim(rows, at, c)
             dyc = jax.lax.dynamic_slice_in_dim(dy, at, c)
-            if mask is not None:
+            if mask is not None:  # (an inf in another row would make NaN weight gradients)
+                x = jnp.where(mask, x, 0)
                 dyc = jnp.where(mask, dyc, 0.0)
             a, act_vjp = jax.vjp(lambda h: _swiglu(h, limit, rows.dtype), _up(x, w1[g]))
             (dh,) = act_vjp(_dot_nt(dyc, wd[g]).astype(a.dtype))

@@ -7,11 +7,10 @@ Each group's rows are cut where they lie in the sorted array (no copy into a pad
 into chunks of three power-of-two sizes: as many chunks of `tile` rows as fit, then at most one
 chunk each of tile / 2 and tile / 4 rows (the remainder's binary digits), then one chunk of
 tile / 4 rows, masked, for the rows left. So fewer than tile / 4 rows per group are computed in
-vain, where the 'tiled'
-layout pads every group to a whole tile (a quarter of the rows at 512 rows per group and tiles of
-256). A chunk runs both matmuls and the activation while its rows are in cache and reads its
-expert's weights in place; every chunk size is one `fori_loop` over the chunks of that size (one
-static shape per loop) that visits only the chunks that exist.
+vain, where the 'tiled' layout pads every group to a whole tile (a quarter of the rows at 512 rows
+per group and tiles of 256). A chunk runs both matmuls and the activation while its rows are in
+cache and reads its expert's weights in place; every chunk size is one `fori_loop` over the chunks
+of that size (one static shape per loop) that visits only the chunks that exist.
 
 The backward pass is the same loops. It recomputes a chunk's gate/up activations (nothing of size
 [rows, F] is kept between the passes; keeping them, as PyTorch's autograd does, measured no
@@ -76,15 +75,7 @@ def _dot_tn(a, b):
     return _contract(a, b, ((0,), (0,)))
 
 
-def grouped_swiglu(
-    rows,
-    group_sizes,
-    wgu,
-    wd,
-    *,
-    limit: float = 0.0,
-    tile: int | None = None,
-):
+def grouped_swiglu(rows, group_sizes, wgu, wd, *, limit: float = 0.0, tile: int | None = None):
     """rows [M, D] sorted by group; group_sizes int [G_total >= G] (groups past G and rows past the
     groups give zeros); wgu [G, D, 2, F] (gate, up); wd [G, F, D] -> [M, D] float32. rows and the
     weights share one dtype (the matmuls accumulate in float32). tile: rows of the largest chunk
@@ -149,6 +140,17 @@ def _chunks(group_sizes, M: int, G: int, sizes: tuple[int, ...]):
     return out
 
 
+def _chunk_rows(rows, c: int, starts, groups, valid, i):
+    """Chunk i of a loop: its group, where it reads and writes, its mask (None for a whole chunk)
+    and its rows, zero where they are not the group's (another group's, or padding of any value:
+    an inf there would make NaN weight gradients)."""
+    at, mask = _window(rows.shape[0], c, starts[i], None if valid is None else valid[i])
+    x = jax.lax.dynamic_slice_in_dim(rows, at, c)
+    if mask is not None:
+        x = jnp.where(mask, x, 0)
+    return groups[i], at, mask, x
+
+
 def _window(M: int, c: int, s, valid):
     """Where a chunk of c rows starting at row s reads and writes (clamped so that it stays within
     the M rows) and, for a masked chunk, which of its rows are the group's ([c, 1] bool)."""
@@ -172,11 +174,7 @@ def _looped_fwd(rows, group_sizes, wgu, wd, limit, sizes):
     for c, starts, groups, valid, count in _chunks(group_sizes, M, G, sizes):
 
         def body(i, out, c=c, starts=starts, groups=groups, valid=valid):
-            g = groups[i]
-            at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
-            x = jax.lax.dynamic_slice_in_dim(rows, at, c)
-            if mask is not None:  # rows not the group's (another group's, or padding: any value)
-                x = jnp.where(mask, x, 0)
+            g, at, mask, x = _chunk_rows(rows, c, starts, groups, valid, i)
             h = _up(x, w1[g])
             y = jnp.dot(_swiglu(h, limit, rows.dtype), wd[g], preferred_element_type=jnp.float32)
             if mask is not None:
@@ -202,19 +200,15 @@ def _looped_bwd(limit, sizes, res, dy):
 
         def body(i, carry, c=c, starts=starts, groups=groups, valid=valid):
             dx_all, dw1, dwd = carry
-            g = groups[i]
-            at, mask = _window(M, c, starts[i], None if valid is None else valid[i])
-            x = jax.lax.dynamic_slice_in_dim(rows, at, c)
+            g, at, mask, x = _chunk_rows(rows, c, starts, groups, valid, i)
             dyc = jax.lax.dynamic_slice_in_dim(dy, at, c)
-            if mask is not None:  # (an inf in another row would make NaN weight gradients)
-                x = jnp.where(mask, x, 0)
+            if mask is not None:
                 dyc = jnp.where(mask, dyc, 0.0)
             a, act_vjp = jax.vjp(lambda h: _swiglu(h, limit, rows.dtype), _up(x, w1[g]))
             (dh,) = act_vjp(_dot_nt(dyc, wd[g]).astype(a.dtype))
             d2 = _dot_tn(a, dyc)
             dx = _dot_nt(dh, w1[g])
             d1 = _dot_tn(x, dh)
-            dx = dx.astype(jnp.float32)
             if mask is not None:
                 dx = jnp.where(mask, dx, jax.lax.dynamic_slice_in_dim(dx_all, at, c))
             dx_all = jax.lax.dynamic_update_slice_in_dim(dx_all, dx, at, 0)

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from moejax.config import Config
+from moejax.kernels.gmm.ops import platform
 from moejax.model import RouterBias, Transformer
 from moejax.model.moe import balance_loss
 from moejax.model.router import HashTable
@@ -240,6 +241,25 @@ def _tree_select(pred, a, b):
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def _skip_nonfinite(finite, tx, grads, opt_state, params):
+    """(params, opt_state) after tx's update where `finite`, else as they were.
+
+    On CPU a conditional skips the update: XLA:CPU ran the select over every parameter and moment
+    as a memory pass of its own (160 ms of the small benchmark's 9.4 s step, 116M parameters).
+    Accelerators fuse the select into the update's elementwise kernels, where it costs nothing,
+    while a conditional would read the predicate back to the host (GPU) and keep the state's
+    buffers from being updated in place, so they select."""
+
+    def update(_):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    if platform() == "cpu":
+        return jax.lax.cond(finite, update, lambda _: (params, opt_state), None)
+    new_params, new_opt = update(None)
+    return _tree_select(finite, new_params, params), _tree_select(finite, new_opt, opt_state)
+
+
 def applied_lr(opt_state, sched):
     """The learning rate the next update applies: the schedule at the optimizer's own step count
     (which does not advance on a skipped non-finite step, unlike state['step'])."""
@@ -312,8 +332,7 @@ def make_train_step(
             (grads, metrics, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params, new_opt = _skip_nonfinite(finite, tx, grads, state["opt_state"], params)
         new_router = router
         if (
             stats
@@ -328,9 +347,9 @@ def make_train_step(
             new_router = nnx.state(model, RouterBias)
         new_state = {
             "step": state["step"] + 1,
-            "params": _tree_select(finite, new_params, params),
+            "params": new_params,
             "router": _tree_select(finite, new_router, router),
-            "opt_state": _tree_select(finite, new_opt, state["opt_state"]),
+            "opt_state": new_opt,
             "rng": state["rng"],
             "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
         }

@@ -175,7 +175,13 @@ def test_losses_do_not_depend_on_the_microbatch_split():
         np.testing.assert_allclose(m["moe/drop_fraction"], m1["moe/drop_fraction"])
 
 
-def test_nonfinite_step_is_skipped_and_counted():
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_nonfinite_step_is_skipped_and_counted(platform, monkeypatch):
+    """On CPU a conditional skips the update; accelerators select (run here on CPU, as they would
+    trace it)."""
+    import moejax.trainer.step as step_module
+
+    monkeypatch.setattr(step_module, "platform", lambda: platform)
     cfg = tiny_config()
     step, state = _setup(cfg)
     state, m = step(state, _batch(cfg))

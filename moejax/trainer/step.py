@@ -245,10 +245,10 @@ def _skip_nonfinite(finite, tx, grads, opt_state, params):
     """(params, opt_state) after tx's update where `finite`, else as they were.
 
     On CPU a conditional skips the update: XLA:CPU ran the select over every parameter and moment
-    as a memory pass of its own (160 ms of the small benchmark's 9.4 s step, 116M parameters).
-    Accelerators fuse the select into the update's elementwise kernels, where it costs nothing,
-    while a conditional would read the predicate back to the host (GPU) and keep the state's
-    buffers from being updated in place, so they select."""
+    as a memory pass of its own (the small benchmark's optimizer, 116M parameters: 437 ms with it,
+    279 ms with the conditional, of a ~9 s step). Accelerators keep the select, which their
+    compilers fuse into the update's elementwise kernels; a conditional there would read the
+    predicate back to the host on GPU (not measured: no accelerator was at hand)."""
 
     def update(_):
         updates, new_opt = tx.update(grads, opt_state, params)

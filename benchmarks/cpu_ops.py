@@ -6,10 +6,11 @@ What `benchmarks.train_throughput` cannot say on its own: which operations make 
 step slower than transformers'. Every row is timed in turns with the others (this machine's speed
 drifts; each row's turn is one untimed call, then two timed ones), the best time reported,
 float32 on all threads:
-  dot        [4096, K] x [K, N] at the model's projection and FFN shapes: forward (x W), input
-             gradient (dy W^T), weight gradient (x^T dy); XLA against torch.mm
+  dot        [4096, K] x [K, N] at the model's projection, FFN and LM head shapes: forward
+             (x W), input gradient (dy W^T), weight gradient (x^T dy); XLA against torch.mm
   experts    32 experts x 512 rows, D 512, F 256, forward + backward: kernels.grouped_swiglu (the
-             CPU dropless FFN) against torch._grouped_mm doing the same three matmuls
+             CPU dropless FFN, which recomputes the gate/up product in its backward pass: 11/9
+             of the FLOPs counted here) against three torch._grouped_mm calls
   attention  B 8, T 512, 8 heads, q/k 96, v 64, causal, forward + backward: the blockwise kernel
              against torch's scaled_dot_product_attention
   loss       cross-entropy over [8, 512, 16384] logits, forward + backward: optax against torch
@@ -28,7 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SHAPES = [(512, 1536), (512, 192), (192, 768), (128, 1024), (512, 512), (512, 256), (256, 512)]
+# (K, N): q_a, q_b, kv_a, kv_b, o_proj, the dense FFN's gate/up, the experts' and shared FFN's
+# gate/up and down, and the LM head
+SHAPES = [
+    (512, 192),
+    (192, 768),
+    (512, 160),
+    (128, 1024),
+    (512, 512),
+    (512, 1536),
+    (512, 256),
+    (256, 512),
+    (512, 16384),
+]
 
 
 def _jax(fn, *args):
@@ -98,7 +111,8 @@ def attention_rows(rng, torch):
     q, k = (rng.standard_normal((B, T, N, H), np.float32) for _ in range(2))
     v, do = (rng.standard_normal((B, T, N, Hv), np.float32) for _ in range(2))
     seg = np.ones((B, T), np.int32)
-    flops = 0  # (the blockwise kernel and torch's skip different parts of the causal square)
+    flops = 0  # (at T = 512 both compute the whole square: one 512-row block here; torch's
+    # flash kernel needs equal q/k and v head dims, so SDPA takes its masked math path)
 
     def fwd_bwd(q, k, v, do, seg):
         _, vjp = jax.vjp(lambda *a: attention(*a, seg, scale=H**-0.5, impl="blockwise"), q, k, v)
@@ -114,6 +128,8 @@ def attention_rows(rng, torch):
             t.requires_grad_()
 
         def run():
+            for t in (tq, tk, tv):
+                t.grad = None
             out = torch.nn.functional.scaled_dot_product_attention(
                 tq, tk, tv, is_causal=True, scale=H**-0.5
             )

@@ -14,14 +14,16 @@ float32 on all threads:
   attention  B 8, T 512, 8 heads, q/k 96, v 64, causal, forward + backward: the blockwise kernel
              against torch's scaled_dot_product_attention
   loss       cross-entropy over [8, 512, 16384] logits, forward + backward: optax against torch
-  optimizer  AdamW + clipping over the small model's parameters, state donated: the update with
-             the non-finite skip as a select, as a conditional (moejax on CPU), and with no skip
+  optimizer  AdamW + clipping over the small model's parameters, state donated: the train step's
+             non-finite skip as traced for an accelerator (a select) and for CPU (a
+             conditional), and the update with no skip
 torch rows need the `hf` extra; without it they are left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -168,8 +170,10 @@ def optimizer_rows(rng, torch):
     from benchmarks.train_throughput import moejax_config
     from moejax import sharding
     from moejax.config import MeshConfig
+    from moejax.kernels import target_platform
     from moejax.trainer import setup
     from moejax.trainer.optim import make_optimizer
+    from moejax.trainer.step import _skip_nonfinite
 
     cfg = moejax_config("small")
     ts = setup.build(cfg, sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
@@ -181,19 +185,22 @@ def optimizer_rows(rng, torch):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    def select(p, o, g):
-        finite = jnp.isfinite(optax.tree.norm(g))
-        new = update(p, o, g)
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (p, o))
-
-    def cond(p, o, g):
-        finite = jnp.isfinite(optax.tree.norm(g))
-        return jax.lax.cond(finite, lambda _: update(p, o, g), lambda _: (p, o), None)
+    def skip(p, o, g):  # the train step's own skip, as traced for the given platform
+        return _skip_nonfinite(jnp.isfinite(optax.tree.norm(g)), tx, g, o, p)
 
     rows = {}
-    for name, fn in (("select", select), ("conditional", cond), ("no skip", update)):
-        f = jax.jit(fn, donate_argnums=(0, 1))
+    for name, fn, where in (
+        ("select", skip, "gpu"),
+        ("conditional", skip, "cpu"),
+        ("no skip", update, "cpu"),
+    ):
         box = [jax.tree.map(jnp.copy, (state["params"], state["opt_state"]))]
+        # a new function object each time: jit's trace cache would otherwise hand the second
+        # platform the first one's trace
+        fresh = functools.wraps(fn)(lambda *a, fn=fn: fn(*a))
+        with target_platform(where):
+            f = jax.jit(fresh, donate_argnums=(0, 1)).lower(*box[0], grads).compile()
+        assert ("conditional" in f.as_text()) == (name == "conditional"), name
 
         def run(f=f, box=box):
             box[0] = f(*box[0], grads)
